@@ -1,0 +1,5 @@
+"""`python -m minitrain` is the `minitrain` console command."""
+
+from minitrain.cli import main
+
+main()

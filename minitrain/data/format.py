@@ -1,0 +1,113 @@
+"""The tokenized-file contract: what `tokenize` writes and what `inspect`, the store and `train` read.
+
+For an output path `OUT.jsonl` the tokenize stage writes three files, each atomically (to a temporary
+name in the same directory, renamed into place when complete):
+
+    OUT.jsonl           one JSON object per written sample, in input order:
+                          input_ids                list[int]   token ids, length `len`
+                          labels                   list[int]   -100 where not trained, else == input_ids[i]
+                                                               (aligned, NOT shifted: the model shifts)
+                          len                      int         == len(input_ids)
+                          num_loss_counted_tokens  int         count of labels != -100
+                          source_line              int         1-based line number in the input JSONL
+    OUT.meta.json       the sidecar (`Sidecar` below): tokenizer, template hash, counts, version
+    OUT.rejects.jsonl   one object per dropped or rejected input line:
+                          {"line": int, "kind": "dropped"|"rejected", "reason": str, "detail": str}
+
+`read == written + dropped + rejected` holds in the sidecar's counts. The keys of OUT.jsonl are the ones
+mini_trainer uses, so its users can switch either way.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from minitrain.errors import UserError
+
+FORMAT_NAME = "minitrain.tokenized"
+FORMAT_VERSION = 1
+IGNORE_INDEX = -100
+REQUIRED_KEYS = ("input_ids", "labels", "len", "num_loss_counted_tokens")
+
+
+def _stem(out: Path) -> Path:
+    return out.with_suffix("") if out.suffix == ".jsonl" else out
+
+
+def sidecar_path(out: Path) -> Path:
+    """`OUT.jsonl` -> `OUT.meta.json`."""
+    return _stem(Path(out)).with_name(_stem(Path(out)).name + ".meta.json")
+
+
+def rejects_path(out: Path) -> Path:
+    """`OUT.jsonl` -> `OUT.rejects.jsonl`."""
+    return _stem(Path(out)).with_name(_stem(Path(out)).name + ".rejects.jsonl")
+
+
+def read_sidecar(out: Path) -> dict[str, Any] | None:
+    """The sidecar of a tokenized file, or None when there is none (e.g. a file written by mini_trainer).
+
+    Keys written by `tokenize` (version 1): format, format_version, minitrain_version, created,
+    input (path), tokenizer {path, class, vocab_size, bos_token_id, eos_token_id, pad_token_id,
+    end_of_turn_token_ids, fingerprint}, chat_template_sha256, max_sample_num_tokens,
+    counts {read, written, dropped, rejected, rejected_by_reason {reason: n}}, tokens, trained_tokens.
+    """
+    path = sidecar_path(out)
+    if not path.exists():
+        return None
+    try:
+        meta = orjson.loads(path.read_bytes())
+    except orjson.JSONDecodeError as err:
+        raise UserError(f"{path}: not a valid sidecar ({err})") from None
+    if meta.get("format") != FORMAT_NAME:
+        raise UserError(f"{path}: not a minitrain tokenize sidecar (format={meta.get('format')!r})")
+    return meta
+
+
+def parse_sample(raw: bytes, path: Path, line: int) -> dict[str, Any]:
+    """One line of a tokenized file, checked for the required keys; errors name `FILE:LINE`."""
+    try:
+        sample = orjson.loads(raw)
+    except orjson.JSONDecodeError as err:
+        raise UserError(f"{path}:{line}: malformed JSON ({err})") from None
+    if not isinstance(sample, dict):
+        raise UserError(f"{path}:{line}: expected a JSON object, got {type(sample).__name__}")
+    missing = [k for k in ("input_ids", "labels") if k not in sample]
+    if missing:
+        raise UserError(f"{path}:{line}: not a tokenized sample (missing {', '.join(missing)}); run `minitrain tokenize` first")
+    return sample
+
+
+def iter_samples(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Stream (1-based line number, sample) from a tokenized JSONL file; blank lines are skipped."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such file")
+    with path.open("rb") as f:
+        for line_no, raw in enumerate(f, 1):
+            if raw.strip():
+                yield line_no, parse_sample(raw, path, line_no)
+
+
+@contextmanager
+def atomic_write(path: Path, mode: str = "wb") -> Iterator[Any]:
+    """Open a temporary file beside `path`; rename it onto `path` only if the block completes."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
