@@ -36,7 +36,9 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version."
+    ),
 ) -> None:
     """Supervised fine-tuning of causal language models: tokenize, inspect, train, plot."""
 
@@ -51,7 +53,7 @@ app.command("demo")(demo.demo)
 def main() -> None:
     """Run the app; user errors become one line and exit code 1."""
     try:
-        app()
+        app(prog_name="minitrain")
     except UserError as err:
         if os.environ.get("MINITRAIN_DEBUG"):
             raise

@@ -81,7 +81,9 @@ def parse_sample(raw: bytes, path: Path, line: int) -> dict[str, Any]:
         raise UserError(f"{path}:{line}: expected a JSON object, got {type(sample).__name__}")
     missing = [k for k in ("input_ids", "labels") if k not in sample]
     if missing:
-        raise UserError(f"{path}:{line}: not a tokenized sample (missing {', '.join(missing)}); run `minitrain tokenize` first")
+        raise UserError(
+            f"{path}:{line}: not a tokenized sample (missing {', '.join(missing)}); run `minitrain tokenize` first"
+        )
     return sample
 
 

@@ -1,0 +1,1 @@
+complete --command minitrain --no-files --arguments "(env _MINITRAIN_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=get-args _TYPER_COMPLETE_ARGS=(commandline -cp) minitrain)" --condition "env _MINITRAIN_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=is-args _TYPER_COMPLETE_ARGS=(commandline -cp) minitrain"

@@ -1,0 +1,56 @@
+"""The assembled `minitrain` app: help surface, version, import cost, completion answers."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from typer.testing import CliRunner
+
+from minitrain import __version__
+from minitrain.cli import app
+
+COMMANDS = ("tokenize", "inspect", "train", "plot", "demo")
+
+
+def test_help_lists_every_command():
+    result = CliRunner().invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for command in COMMANDS:
+        assert command in result.output
+
+
+def test_every_command_has_help():
+    for command in COMMANDS:
+        result = CliRunner().invoke(app, [command, "--help"])
+        assert result.exit_code == 0, (command, result.output)
+        assert "Usage" in result.output
+
+
+def test_version():
+    result = CliRunner().invoke(app, ["--version"])
+    assert result.exit_code == 0
+    assert result.output.strip() == f"minitrain {__version__}"
+
+
+def test_importing_the_cli_imports_no_heavy_library():
+    code = (
+        "import sys, minitrain.cli\n"
+        "heavy = [m for m in ('torch', 'transformers', 'matplotlib', 'numpy', 'tokenizers') if m in sys.modules]\n"
+        "print(','.join(heavy))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == ""
+
+
+def test_help_through_python_dash_m():
+    out = subprocess.run([sys.executable, "-m", "minitrain", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0
+    assert "tokenize" in out.stdout
+
+
+def test_completion_request_answers_subcommands():
+    env = dict(os.environ, _MINITRAIN_COMPLETE="complete_bash", COMP_WORDS="minitrain tr", COMP_CWORD="1")
+    out = subprocess.run([sys.executable, "-m", "minitrain"], env=env, capture_output=True, text=True)
+    assert out.stdout.split() == ["train"]
