@@ -1,0 +1,153 @@
+"""The loss head: linear + token cross-entropy, summed, without ever holding the (tokens x vocab) logits.
+
+Owns `linear_cross_entropy_sum` (the seam: Liger's fused kernel on GPU when asked, else the chunked path),
+`chunked_cross_entropy_sum` (plain PyTorch) and `scale_for_fsdp` (the one line of distributed loss math).
+
+Trade-off of the chunked path: like Liger, it computes the gradients *in the forward pass*, chunk by chunk
+(one (chunk x vocab) fp32 buffer at a time, reused in place for logits -> softmax -> dlogits), and keeps only
+grad_hidden (T x H) and grad_weight (V x H, fp32) for backward. That costs 3 matmuls per chunk instead of the 4
+a recompute-in-backward design needs, and its extra memory is the gradients that backward must produce anyway.
+The price: backward may run once (no `retain_graph` double backward), and the gradient work is done even if
+the caller never calls backward while grad mode is on (use `torch.no_grad()` for evaluation: then only the
+value is computed). Only positions with labels != -100 are gathered and multiplied, so masked prompt tokens
+cost nothing in the head.
+
+Loss convention (see the data contract): `labels` are already shifted; the loss is the SUM over positions with
+labels != -100 of CE(hidden[t] @ weight.T, labels[t]). Dividing by the global trained-token count (and undoing
+FSDP2's gradient averaging) is `scale_for_fsdp`'s job, so every rank and minibatch adds up to the same loss.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import Tensor
+
+IGNORE_INDEX = -100
+
+
+def _chunk_logits(h: Tensor, weight: Tensor) -> Tensor:
+    """(C, H) @ (V, H).T -> (C, V) fp32 logits (matmul in the parameter dtype, as a plain lm_head would)."""
+    logits = h @ weight.T
+    return logits if logits.dtype == torch.float32 else logits.float()
+
+
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """Sum of CE over `rows` of hidden; gradients computed in forward, chunk by chunk."""
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, labels: Tensor, rows: Tensor, chunk_size: int) -> Tensor:
+        # hidden (T, H), weight (V, H), labels (T,), rows (N,) = positions with a trained label
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_hidden = torch.zeros_like(hidden) if need_h else None  # (T, H), rows outside `rows` stay 0
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_w else None  # (V, H) fp32 accum
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, rows.numel(), chunk_size):
+            idx = rows[start : start + chunk_size]  # (C,)
+            h = hidden.index_select(0, idx)  # (C, H)
+            y = labels.index_select(0, idx)  # (C,)
+            logits = _chunk_logits(h, weight)  # (C, V) fp32: the only vocab-sized buffer
+            lse = torch.logsumexp(logits, dim=-1)  # (C,)
+            total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
+            # dCE/dlogits = softmax - onehot, built in place in the logits buffer
+            grad_logits = logits.sub_(lse[:, None]).exp_()
+            grad_logits.scatter_add_(1, y[:, None], torch.full_like(lse[:, None], -1.0))
+            if need_h:
+                g = grad_logits.to(weight.dtype)  # no copy in fp32
+                grad_hidden.index_copy_(0, idx, (g @ weight).to(hidden.dtype))  # (C, H)
+                del g
+            if need_w:
+                # accumulate in fp32 (h.float() is a no-op in fp32; bf16 pays an fp32 matmul here - the GPU
+                # path is meant to be Liger's kernel)
+                grad_weight.addmm_(grad_logits.T, h.float())  # (V, C) @ (C, H)
+            del logits, grad_logits
+        if need_w and weight.dtype != torch.float32:
+            grad_weight = grad_weight.to(weight.dtype)
+        ctx.grads = (grad_hidden, grad_weight)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor):
+        if ctx.grads is None:
+            raise RuntimeError(
+                "chunked cross-entropy computes its gradients in forward; backward can run only once"
+            )
+        grad_hidden, grad_weight = ctx.grads
+        ctx.grads = None
+        # the loss is a scalar, so the chain rule is one multiplication (in place: these buffers are ours)
+        if grad_hidden is not None:
+            grad_hidden.mul_(grad_output.to(grad_hidden.dtype))
+        if grad_weight is not None:
+            grad_weight.mul_(grad_output.to(grad_weight.dtype))
+        return grad_hidden, grad_weight, None, None, None
+
+
+def chunked_cross_entropy_sum(
+    hidden: Tensor, weight: Tensor, labels: Tensor, chunk_size: int = 1024
+) -> Tensor:
+    """Sum over positions with labels != -100 of CE(hidden @ weight.T, labels); never holds all (T x V) logits.
+
+    hidden (..., H), weight (V, H), labels (...) int64 already shifted. Returns a 0-dim fp32 tensor.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    hidden = hidden.reshape(-1, hidden.shape[-1])  # (T, H)
+    labels = labels.reshape(-1)  # (T,)
+    if labels.numel() != hidden.shape[0]:
+        raise ValueError(f"labels has {labels.numel()} positions but hidden has {hidden.shape[0]}")
+    rows = (labels != IGNORE_INDEX).nonzero().squeeze(1)  # (N,) trained positions
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        return _ChunkedLinearCrossEntropy.apply(hidden, weight, labels, rows, chunk_size)
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    for start in range(0, rows.numel(), chunk_size):
+        idx = rows[start : start + chunk_size]
+        logits = _chunk_logits(hidden.index_select(0, idx), weight)
+        y = labels.index_select(0, idx)
+        total += (torch.logsumexp(logits, dim=-1) - logits.gather(1, y[:, None]).squeeze(1)).sum()
+    return total
+
+
+def liger_available(device: torch.device | str) -> bool:
+    """True when Liger's fused linear cross-entropy can run on `device` (a CUDA device with liger-kernel)."""
+    if torch.device(device).type != "cuda" or not torch.cuda.is_available():
+        return False
+    try:
+        import liger_kernel.transformers.functional  # noqa: F401
+    except Exception:  # ImportError, or triton failing to find a driver
+        return False
+    return True
+
+
+def linear_cross_entropy_sum(
+    hidden: Tensor, weight: Tensor, labels: Tensor, *, use_liger: bool, chunk_size: int = 1024
+) -> Tensor:
+    """The loss-head seam: Liger's fused kernel when asked and available, else `chunked_cross_entropy_sum`.
+
+    Same convention either way: the SUM of token CE over labels != -100, as a 0-dim fp32 tensor.
+    """
+    if use_liger:
+        if liger_available(hidden.device):
+            from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+            h = hidden.reshape(-1, hidden.shape[-1])
+            y = labels.reshape(-1)
+            loss = liger_fused_linear_cross_entropy(
+                h, weight, y, ignore_index=IGNORE_INDEX, reduction="sum", accum_dtype=torch.float32
+            )
+            return loss.float()
+        warnings.warn(
+            f"Liger kernels need a CUDA GPU with liger-kernel installed; using the chunked loss on {hidden.device}",
+            stacklevel=2,
+        )
+    return chunked_cross_entropy_sum(hidden, weight, labels, chunk_size)
+
+
+def scale_for_fsdp(loss_sum: Tensor, global_loss_tokens: int, world_size: int) -> Tensor:
+    """loss_sum / global_loss_tokens * world_size: FSDP2 averages gradients over ranks; this undoes it.
+
+    With `global_loss_tokens` the trained tokens of the whole global batch (all ranks, all minibatches), the
+    per-minibatch pieces add up to the global token-mean loss, whatever the split. A batch with no trained
+    token gives 0 (not NaN).
+    """
+    return loss_sum * (world_size / max(global_loss_tokens, 1))
