@@ -1,0 +1,193 @@
+"""LoRA, QLoRA and stacked adapters through PEFT, and their export.
+
+The adapters are PEFT's own, so what minitrain saves is what `PeftModel.from_pretrained` loads. Stacking
+keeps earlier adapters unmerged: each base adapter is loaded frozen under its own name, the new adapter is
+added beside them, and all of them are active at once, so the forward is exactly base + sum of deltas (no
+rounding from merging into bf16 weights). Only the new adapter's parameters require gradients, so only
+they reach the optimizer.
+
+Under FSDP2 the model's parameters are shards; every export here starts from a full state dict gathered
+on rank 0 (`torch.distributed.checkpoint.state_dict.get_model_state_dict(full_state_dict=True)`), keyed
+like the PEFT model's own `state_dict()`. Merging (`--merge-lora`) rebuilds the PEFT model on rank 0's
+CPU from that state dict, so it needs the full model in host memory once; the adapter export does not.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from minitrain import __version__
+from minitrain.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
+    from peft import PeftModel
+    from transformers import PreTrainedModel
+
+NEW_ADAPTER = "default"  # PEFT saves the adapter named "default" at the root of the directory
+STACK_FILE = "minitrain_adapter.json"  # beside adapter_config.json: what the adapter was trained on top of
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoraSettings:
+    """What to train: a new LoRA adapter, optionally on top of frozen earlier ones."""
+
+    rank: int
+    alpha: float | None = None  # None: 2 x rank
+    dropout: float = 0.0
+    target_modules: str | tuple[str, ...] = "all-linear"
+    base_adapters: tuple[Path, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        if self.rank <= 0:
+            raise UserError(f"--lora-rank must be positive, got {self.rank}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"--lora-dropout must be in [0, 1), got {self.dropout}")
+        if isinstance(self.target_modules, tuple) and not self.target_modules:
+            raise UserError("--lora-target-modules is empty: name modules (q_proj,v_proj) or all-linear")
+        for path in self.base_adapters:
+            if not (Path(path) / "adapter_config.json").is_file():
+                raise UserError(
+                    f"--base-adapter {path}: no adapter_config.json there (not a PEFT adapter directory)"
+                )
+
+    @property
+    def lora_alpha(self) -> float:
+        return self.alpha if self.alpha is not None else 2.0 * self.rank
+
+
+def parse_target_modules(text: str) -> str | tuple[str, ...]:
+    """`all-linear` or a comma-separated list of module names."""
+    text = text.strip()
+    if text == "all-linear":
+        return text
+    return tuple(name.strip() for name in text.split(",") if name.strip())
+
+
+def base_adapter_names(count: int) -> list[str]:
+    return [f"base_{i}" for i in range(count)]
+
+
+def _lora_config(settings: LoraSettings):
+    from peft import LoraConfig
+
+    targets = settings.target_modules
+    return LoraConfig(
+        r=settings.rank,
+        lora_alpha=settings.lora_alpha,
+        lora_dropout=settings.dropout,
+        target_modules=targets if isinstance(targets, str) else list(targets),
+        task_type="CAUSAL_LM",
+    )
+
+
+def add_adapters(lm: PreTrainedModel, settings: LoraSettings, *, load_base_weights: bool = True) -> PeftModel:
+    """Wrap `lm` with the frozen base adapters (in order) and a new trainable LoRA adapter, all active.
+
+    The structure is built from the adapters' configs; the base adapters' weights are then loaded from
+    disk unless `load_base_weights` is False (a rank on the meta device, which receives every weight from
+    rank 0 when the model is sharded, or a rebuild that loads a full state dict next).
+    """
+    from peft import PeftConfig, get_peft_model, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    names = base_adapter_names(len(settings.base_adapters))
+    configs = [PeftConfig.from_pretrained(str(path)) for path in settings.base_adapters]
+    try:
+        if names:
+            model = get_peft_model(lm, configs[0], adapter_name=names[0])
+            for name, config in zip(names[1:], configs[1:], strict=True):
+                model.add_adapter(name, config)
+            model.add_adapter(NEW_ADAPTER, _lora_config(settings))
+        else:
+            model = get_peft_model(lm, _lora_config(settings), adapter_name=NEW_ADAPTER)
+    except ValueError as err:  # e.g. target modules not found in the model
+        raise UserError(f"LoRA: {err}") from None
+    if load_base_weights:
+        for name, path in zip(names, settings.base_adapters, strict=True):
+            weights = Path(path) / "adapter_model.safetensors"
+            if not weights.is_file():
+                raise UserError(f"--base-adapter {path}: no adapter_model.safetensors there")
+            result = set_peft_model_state_dict(model, load_file(str(weights)), adapter_name=name)
+            if result.unexpected_keys:
+                raise UserError(
+                    f"--base-adapter {path}: weights do not fit this model ({result.unexpected_keys[0]} ...)"
+                )
+    activate_stack(model, names)
+    return model
+
+
+def activate_stack(model: PeftModel, base_names: Sequence[str]) -> None:
+    """Make the base adapters and the new one active together; only the new one trains."""
+    model.base_model.set_adapter([*base_names, NEW_ADAPTER])
+    for name, param in model.named_parameters():
+        param.requires_grad = f".{NEW_ADAPTER}." in name
+
+
+def trainable_parameter_count(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())
+
+
+def save_adapter(
+    model: PeftModel, full_state_dict: dict[str, torch.Tensor], out_dir: Path, settings: LoraSettings
+) -> None:
+    """Write the new adapter in PEFT's format (adapter_config.json, adapter_model.safetensors) + the stack record."""
+    from peft import get_peft_model_state_dict
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    adapter_sd = get_peft_model_state_dict(model, state_dict=full_state_dict, adapter_name=NEW_ADAPTER)
+    model.save_pretrained(str(out_dir), selected_adapters=[NEW_ADAPTER], state_dict=adapter_sd)
+    record = {
+        "minitrain_version": __version__,
+        "base_adapters": [str(Path(p).resolve()) for p in settings.base_adapters],
+        "load_order": "load each base adapter, then this one, and activate them all together",
+    }
+    (out_dir / STACK_FILE).write_text(json.dumps(record, indent=2) + "\n")
+
+
+def merged_state_dict(
+    config, settings: LoraSettings, full_state_dict: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """The base model's state dict with every adapter of the stack merged in, built on this rank's CPU.
+
+    `config` is the base model's config and `full_state_dict` the PEFT model's gathered state dict. The
+    PEFT structure is rebuilt on the CPU, filled from the state dict, and PEFT's `merge_and_unload` folds
+    every active adapter into the base weights. (Built on the meta device instead, PEFT's merge silently
+    skipped the adapters; a test guards this.) Costs one full copy of the model in host memory.
+    """
+    from transformers import AutoModelForCausalLM
+
+    skeleton = add_adapters(AutoModelForCausalLM.from_config(config), settings, load_base_weights=False)
+    skeleton.load_state_dict(full_state_dict, strict=True)
+    merged = skeleton.merge_and_unload()
+    return {k: v.contiguous() for k, v in merged.state_dict().items()}
+
+
+def require_qlora(device_type: str) -> None:
+    """QLoRA needs a CUDA GPU and bitsandbytes; refuse up front with the fix named."""
+    if device_type != "cuda":
+        raise UserError(
+            "--load-in-4bit (QLoRA) needs a CUDA GPU; none is visible. Drop the flag to train LoRA in full precision"
+        )
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise UserError("--load-in-4bit needs bitsandbytes: pip install 'minitrain[qlora]'")
+
+
+def quantization_config(compute_dtype: torch.dtype):
+    """bitsandbytes NF4 with double quantisation and bf16 compute, as QLoRA does."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+    )
