@@ -1,0 +1,113 @@
+"""The order in which samples are trained: an infinite, seeded, resumable stream of sample indices.
+
+Owns the one rule every rank follows: epoch `e` visits the samples in the order
+`numpy.random.default_rng([seed, e]).permutation(num_samples)`, and the epochs follow each other
+without a seam (a global batch may end one epoch and start the next). The sampler yields GLOBAL batches;
+ranks split them with `minitrain.data.packing.plan_minibatches`, so the sequence of samples does not
+depend on the number of ranks and a run resumed on a different world size trains exactly the samples
+the uninterrupted run would have.
+
+Trade-off: the state is three integers (seed, epoch, position) instead of a saved index list, at the
+price of recomputing one permutation (about 20 ms per million samples) per epoch and after a resume.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from minitrain.errors import UserError
+
+
+def epoch_permutation(num_samples: int, seed: int, epoch: int) -> np.ndarray:
+    """The visiting order of epoch `epoch`: int64 [num_samples], the same on every rank and machine."""
+    return np.random.default_rng([seed, epoch]).permutation(num_samples)
+
+
+@dataclass
+class InfiniteSampler:
+    """Seeded, reshuffled-every-epoch, endless sampler of sample indices; the same sequence on every rank."""
+
+    num_samples: int
+    seed: int
+    epoch: int = 0
+    position: int = 0  # index into the current epoch's permutation, 0 <= position < num_samples
+    _perm: np.ndarray | None = field(default=None, init=False, repr=False, compare=False)
+    _perm_epoch: int = field(default=-1, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.num_samples <= 0:
+            raise UserError("the sampler needs at least one sample; the data file has none left to train on")
+        if self.seed < 0:
+            raise UserError(f"seed must be >= 0, got {self.seed}")
+        if self.epoch < 0 or not 0 <= self.position <= self.num_samples:
+            raise UserError(
+                f"invalid sampler state epoch={self.epoch} position={self.position} for "
+                f"{self.num_samples} samples; the checkpoint does not belong to this data file"
+            )
+        if self.position == self.num_samples:  # normalise the end of an epoch to the start of the next
+            self.epoch, self.position = self.epoch + 1, 0
+
+    @classmethod
+    def at(cls, num_samples: int, seed: int, samples_consumed: int) -> InfiniteSampler:
+        """A sampler that has already handed out `samples_consumed` indices."""
+        if samples_consumed < 0:
+            raise UserError(f"samples_consumed must be >= 0, got {samples_consumed}")
+        epoch, position = divmod(samples_consumed, max(num_samples, 1))
+        return cls(num_samples=num_samples, seed=seed, epoch=epoch, position=position)
+
+    @property
+    def samples_consumed(self) -> int:
+        """Indices handed out since epoch 0, position 0."""
+        return self.epoch * self.num_samples + self.position
+
+    @property
+    def epochs_consumed(self) -> float:
+        """Fractional number of passes over the data (1.5 = one full epoch and half of the next)."""
+        return self.samples_consumed / self.num_samples
+
+    def permutation(self, epoch: int) -> np.ndarray:
+        """The order of `epoch` (cached for the current epoch)."""
+        if self._perm is None or self._perm_epoch != epoch:
+            self._perm = epoch_permutation(self.num_samples, self.seed, epoch)
+            self._perm_epoch = epoch
+        return self._perm
+
+    def next_batch(self, batch_size: int) -> list[int]:
+        """The next `batch_size` sample indices (a global batch); crosses epoch boundaries seamlessly."""
+        if batch_size <= 0:
+            raise UserError(f"batch size must be >= 1, got {batch_size}")
+        parts: list[np.ndarray] = []
+        need = batch_size
+        while need:
+            take = min(need, self.num_samples - self.position)
+            parts.append(self.permutation(self.epoch)[self.position : self.position + take])
+            self.position += take
+            need -= take
+            if self.position == self.num_samples:
+                self.epoch, self.position = self.epoch + 1, 0
+        return np.concatenate(parts).tolist()
+
+    def state_dict(self) -> dict[str, int]:
+        """Everything needed to resume: four integers, JSON-safe."""
+        return {
+            "num_samples": self.num_samples,
+            "seed": self.seed,
+            "epoch": self.epoch,
+            "position": self.position,
+        }
+
+    @classmethod
+    def from_state_dict(cls, d: dict[str, Any]) -> InfiniteSampler:
+        """Rebuild a sampler from `state_dict()`; independent of the number of ranks."""
+        try:
+            return cls(
+                num_samples=int(d["num_samples"]),
+                seed=int(d["seed"]),
+                epoch=int(d["epoch"]),
+                position=int(d["position"]),
+            )
+        except KeyError as err:
+            raise UserError(f"sampler state is missing {err}; the checkpoint is incomplete") from None

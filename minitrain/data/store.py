@@ -1,0 +1,325 @@
+"""Reading a tokenized file: a memory-mapped binary cache built once beside the JSONL.
+
+Owns the cache format and its life cycle. `TokenStore.open(OUT.jsonl)` converts the JSONL (the format
+in `minitrain.data.format`) on first use into one file, `OUT.mtcache/store.bin`, and memory-maps it:
+
+    [0, 4096)          header: b"MTSTORE1" + uint32 JSON length + JSON {version, fingerprint, n,
+                       num_tokens, max_token_id, layout {name: [byte offset, dtype, count]}}
+    tokens             int32 [T]   input_ids of every sample, concatenated (T = total tokens)
+    labels             int32 [T]   labels, aligned with tokens (-100 where masked, NOT shifted)
+    offsets            int64 [N+1] sample i is tokens[offsets[i]:offsets[i+1]]
+    num_loss_counted   int64 [N]   labels != -100 per sample
+    source_lines       int64 [N]   1-based JSONL line of each sample
+
+The cache is rebuilt when the JSONL's fingerprint changes (size, mtime_ns and a BLAKE2 hash of its first
+and last 1 MiB). It is built by one process while the others wait on `OUT.mtcache/build.lock`
+(`fcntl.flock`), written to a temporary file and renamed into place, so a crash never leaves a
+half-written cache and a reader never sees one. When the JSONL's folder is not writable the cache goes
+to `$MINITRAIN_CACHE` (default `$XDG_CACHE_HOME/minitrain` or `~/.cache/minitrain`), keyed by a hash
+of the JSONL's absolute path.
+
+Trade-off: a copy of the data on disk (8 bytes per token) buys constant RSS in the number of tokens (the
+page cache holds what is read, shared by every rank on a node) and start-up in milliseconds once the
+cache exists. The fingerprint hashes the ends of the file rather than all of it: an edit in the middle
+that keeps size and mtime is not detected (full hashing costs about 1 s per GB at every start; see
+benchmarks/bench_store.py).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import shutil
+import tempfile
+from array import array
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+
+from minitrain.data.format import IGNORE_INDEX, iter_samples, read_sidecar
+from minitrain.errors import UserError
+
+CACHE_VERSION = 1
+MAGIC = b"MTSTORE1"
+HEADER_BYTES = 4096
+HASH_SPAN = 1 << 20  # bytes hashed at each end of the JSONL for the fingerprint
+FLUSH_TOKENS = 1 << 22  # tokens buffered in memory while building (16 MiB per array)
+
+
+def fingerprint(jsonl_path: Path) -> dict[str, Any]:
+    """Identity of a JSONL file's content, cheap to compute: size, mtime_ns, hash of head and tail."""
+    st = os.stat(jsonl_path)
+    h = hashlib.blake2b(digest_size=16)
+    with open(jsonl_path, "rb") as f:
+        h.update(f.read(HASH_SPAN))
+        if st.st_size > HASH_SPAN:
+            f.seek(max(HASH_SPAN, st.st_size - HASH_SPAN))
+            h.update(f.read(HASH_SPAN))
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "head_tail_blake2b": h.hexdigest()}
+
+
+def default_cache_root() -> Path:
+    """Where caches go when the JSONL's own folder is read-only."""
+    env = os.environ.get("MINITRAIN_CACHE")
+    if env:
+        return Path(env)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "minitrain"
+
+
+def cache_dirs(jsonl_path: Path) -> tuple[Path, Path]:
+    """(`OUT.mtcache` beside the JSONL, the per-path fallback folder under the cache root)."""
+    jsonl_path = Path(jsonl_path).resolve()
+    beside = jsonl_path.with_name(jsonl_path.name.removesuffix(".jsonl") + ".mtcache")
+    key = hashlib.blake2b(str(jsonl_path).encode(), digest_size=8).hexdigest()
+    return beside, default_cache_root() / f"{jsonl_path.stem}-{key}.mtcache"
+
+
+def _writable(cache_dir: Path) -> bool:
+    if cache_dir.is_dir():
+        return os.access(cache_dir, os.W_OK)
+    return not cache_dir.exists() and os.access(cache_dir.parent, os.W_OK)
+
+
+@contextmanager
+def _exclusive(lock_path: Path) -> Iterator[None]:
+    with open(lock_path, "a+b") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)  # blocks while another process builds
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def _read_header(cache_file: Path) -> dict[str, Any] | None:
+    try:
+        with open(cache_file, "rb") as f:
+            head = f.read(HEADER_BYTES)
+    except OSError:
+        return None
+    if len(head) < HEADER_BYTES or head[:8] != MAGIC:
+        return None
+    size = int.from_bytes(head[8:12], "little")
+    try:
+        header = orjson.loads(head[12 : 12 + size])
+    except orjson.JSONDecodeError:
+        return None
+    return header if header.get("version") == CACHE_VERSION else None
+
+
+class _Builder:
+    """Streams JSONL samples into the cache file with bounded memory (labels go to a side file first)."""
+
+    def __init__(self, jsonl_path: Path, out, side) -> None:
+        self.path, self.out, self.side = jsonl_path, out, side
+        self.ids = array("i")
+        self.labels = array("i")
+        self.buf_lines: list[int] = []  # source lines of the samples in the buffer (for error messages)
+        self.buf_lens: list[int] = []
+        self.lengths = array("q")
+        self.num_loss = array("q")
+        self.lines = array("q")
+        self.max_token_id = -1
+        self.num_tokens = 0
+
+    def add(self, line: int, sample: dict[str, Any]) -> None:
+        ids, labels = sample["input_ids"], sample["labels"]
+        if not isinstance(ids, list) or not isinstance(labels, list):
+            raise UserError(f"{self.path}:{line}: input_ids and labels must be lists of integers")
+        n = len(ids)
+        if n == 0:
+            raise UserError(f"{self.path}:{line}: empty sample (no input_ids); re-run `minitrain tokenize`")
+        if len(labels) != n:
+            raise UserError(
+                f"{self.path}:{line}: {n} input_ids but {len(labels)} labels; the file is corrupt"
+            )
+        if "len" in sample and sample["len"] != n:
+            raise UserError(f"{self.path}:{line}: len={sample['len']} but {n} input_ids; the file is corrupt")
+        try:
+            self.ids.extend(ids)
+            self.labels.extend(labels)
+        except (TypeError, OverflowError):
+            raise UserError(f"{self.path}:{line}: token ids and labels must be 32-bit integers") from None
+        self.buf_lines.append(line)
+        self.buf_lens.append(n)
+        self.lines.append(line)
+        if len(self.ids) >= FLUSH_TOKENS:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.buf_lens:
+            return
+        ids = np.frombuffer(self.ids, dtype=np.int32)
+        labels = np.frombuffer(self.labels, dtype=np.int32)
+        bad = (ids < 0) | ((labels != IGNORE_INDEX) & (labels < 0))
+        if bad.any():
+            sample = int(np.searchsorted(np.cumsum(self.buf_lens), int(np.argmax(bad)), side="right"))
+            raise UserError(
+                f"{self.path}:{self.buf_lines[sample]}: negative token id or label (only -100 may be negative)"
+            )
+        trained = (labels != IGNORE_INDEX).astype(np.int64)
+        ends = np.cumsum(self.buf_lens)
+        per_sample = np.add.reduceat(trained, np.concatenate([[0], ends[:-1]])) if len(ids) else trained
+        self.num_loss.extend(per_sample.tolist())
+        self.lengths.extend(self.buf_lens)
+        self.max_token_id = max(self.max_token_id, int(ids.max()))
+        self.num_tokens += len(ids)
+        self.out.write(ids.tobytes())
+        self.side.write(labels.tobytes())
+        self.ids, self.labels = array("i"), array("i")
+        self.buf_lines, self.buf_lens = [], []
+
+
+def _build(jsonl_path: Path, cache_file: Path, fp: dict[str, Any]) -> None:
+    """Convert the JSONL into `cache_file` atomically (temporary file + rename)."""
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".store.", suffix=".tmp", dir=cache_file.parent)
+    side_fd, side_tmp = tempfile.mkstemp(prefix=".labels.", suffix=".tmp", dir=cache_file.parent)
+    try:
+        with os.fdopen(fd, "w+b") as out, os.fdopen(side_fd, "w+b") as side:
+            out.write(b"\0" * HEADER_BYTES)
+            builder = _Builder(jsonl_path, out, side)
+            for line, sample in iter_samples(jsonl_path):
+                builder.add(line, sample)
+            builder.flush()
+            n, t = len(builder.lengths), builder.num_tokens
+            if n == 0:
+                raise UserError(f"{jsonl_path}: no samples in the file; tokenize some data first")
+            layout: dict[str, list[Any]] = {"tokens": [HEADER_BYTES, "int32", t]}
+            pos = HEADER_BYTES + 4 * t
+            layout["labels"] = [pos, "int32", t]
+            side.seek(0)
+            shutil.copyfileobj(side, out, 1 << 24)
+            pos += 4 * t
+            pad = (-pos) % 8
+            out.write(b"\0" * pad)
+            pos += pad
+            lengths = np.frombuffer(builder.lengths, dtype=np.int64)
+            offsets = np.zeros(n + 1, dtype=np.int64)
+            np.cumsum(lengths, out=offsets[1:])
+            for name, arr in (
+                ("offsets", offsets),
+                ("num_loss_counted", np.frombuffer(builder.num_loss, dtype=np.int64)),
+                ("source_lines", np.frombuffer(builder.lines, dtype=np.int64)),
+            ):
+                layout[name] = [pos, "int64", len(arr)]
+                out.write(arr.tobytes())
+                pos += 8 * len(arr)
+            header = orjson.dumps(
+                {
+                    "version": CACHE_VERSION,
+                    "source": str(jsonl_path),
+                    "fingerprint": fp,
+                    "n": n,
+                    "num_tokens": t,
+                    "max_token_id": builder.max_token_id,
+                    "layout": layout,
+                }
+            )
+            if len(header) > HEADER_BYTES - 12:
+                raise RuntimeError(
+                    "cache header too long"
+                )  # cannot happen: the header is a few hundred bytes
+            out.seek(0)
+            out.write(MAGIC + len(header).to_bytes(4, "little") + header)
+            out.flush()
+            os.fsync(out.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; other users of a shared dataset must read it
+        os.replace(tmp, cache_file)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    finally:
+        Path(side_tmp).unlink(missing_ok=True)
+
+
+class TokenStore:
+    """A tokenized file, memory-mapped: per-sample arrays in memory (O(N)), tokens on disk (O(1) RSS)."""
+
+    path: Path
+    cache_path: Path
+    lengths: np.ndarray  # int64 [N] tokens per sample
+    num_loss_counted: np.ndarray  # int64 [N] labels != -100 per sample (unshifted)
+    source_lines: np.ndarray  # int64 [N] JSONL line numbers
+    offsets: np.ndarray  # int64 [N+1] (memory-mapped)
+    max_token_id: int
+    num_tokens: int
+    meta: dict[str, Any] | None
+
+    def __init__(self, path: Path, cache_path: Path, header: dict[str, Any]) -> None:
+        self.path, self.cache_path = path, cache_path
+        raw = np.memmap(cache_path, dtype=np.uint8, mode="r")
+        arrays = {}
+        for name, (offset, dtype, count) in header["layout"].items():
+            itemsize = np.dtype(dtype).itemsize
+            arrays[name] = raw[offset : offset + itemsize * count].view(dtype)
+        self._tokens, self._labels = arrays["tokens"], arrays["labels"]
+        self.offsets = arrays["offsets"]
+        self.lengths = np.diff(self.offsets)
+        self.num_loss_counted = np.array(arrays["num_loss_counted"])
+        self.source_lines = np.array(arrays["source_lines"])
+        self.max_token_id = int(header["max_token_id"])
+        self.num_tokens = int(header["num_tokens"])
+        self.meta = read_sidecar(path)
+
+    @classmethod
+    def open(cls, jsonl_path: Path) -> TokenStore:
+        """Open a tokenized JSONL through its cache, building or refreshing the cache first if needed."""
+        jsonl_path = Path(jsonl_path)
+        if not jsonl_path.is_file():
+            raise UserError(f"{jsonl_path}: no such file; pass the output of `minitrain tokenize`")
+        if jsonl_path.stat().st_size == 0:
+            raise UserError(f"{jsonl_path}: the file is empty; tokenize some data first")
+        fp = fingerprint(jsonl_path)
+        beside, fallback = cache_dirs(jsonl_path)
+        for cache_dir in (beside, fallback):  # an up-to-date cache anywhere is used, even read-only
+            header = _read_header(cache_dir / "store.bin")
+            if header is not None and header["fingerprint"] == fp:
+                return cls(jsonl_path, cache_dir / "store.bin", header)
+        cache_dir = beside if _writable(beside) else fallback
+        cache_file = cache_dir / "store.bin"
+        try:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise UserError(
+                f"cannot create the data cache {cache_dir} ({err}); set MINITRAIN_CACHE"
+            ) from None
+        with _exclusive(cache_dir / "build.lock"):
+            header = _read_header(cache_file)  # another process may have built it while we waited
+            if header is None or header["fingerprint"] != fp:
+                _build(jsonl_path, cache_file, fp)
+                header = _read_header(cache_file)
+        if header is None:
+            raise RuntimeError(f"{cache_file}: cache unreadable right after building it")
+        return cls(jsonl_path, cache_file, header)
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def input_ids(self, i: int) -> np.ndarray:
+        """int32 view of sample i's token ids (length lengths[i])."""
+        return self._tokens[self.offsets[i] : self.offsets[i + 1]]
+
+    def labels(self, i: int) -> np.ndarray:
+        """int32 view of sample i's labels, -100 where masked, aligned with input_ids (not shifted)."""
+        return self._labels[self.offsets[i] : self.offsets[i + 1]]
+
+    @property
+    def flat_input_ids(self) -> np.ndarray:
+        """int32 [T] memory-mapped token ids of all samples; sample i is [offsets[i]:offsets[i+1]]."""
+        return self._tokens
+
+    @property
+    def flat_labels(self) -> np.ndarray:
+        """int32 [T] memory-mapped labels of all samples, aligned with `flat_input_ids`."""
+        return self._labels
+
+    def __repr__(self) -> str:
+        return f"TokenStore({str(self.path)!r}, samples={len(self)}, tokens={self.num_tokens})"
