@@ -1,0 +1,155 @@
+"""Attention for packed minibatches: one row, several samples back to back, position_ids restarting at 0.
+
+    input_ids     [ a0 a1 a2 a3 | b0 b1 | c0 c1 c2 ]      (1, T), no padding
+    position_ids  [ 0  1  2  3  | 0  1  | 0  1  2  ]
+    cu_seqlens    [ 0,          4,      6,         9 ]    (num_samples + 1,) int32
+
+Owns the choice of attention implementation for training (`choose_attention`), the keyword arguments that
+carry the sample boundaries through the Hugging Face model forward (`packed_attention_kwargs`), and
+`minitrain_packed`, an attention function registered with transformers' `AttentionInterface` that runs causal
+SDPA on each sample on its own.
+
+The three ways to keep packed samples apart, and their trade-off:
+- `flash_attention_2` (GPU with flash-attn installed): flash varlen on `cu_seq_lens_q/k`; cost sum(len^2), no
+  mask. Always preferred when available.
+- `sdpa`: transformers 5 notices the restarting position_ids (only with no attention_mask and no KV cache) and
+  builds a block-diagonal causal (T x T) mask: one big kernel call per layer, but work and mask memory grow
+  with (sum len)^2.
+- `minitrain_packed`: slices q/k/v at cu_seqlens and calls causal SDPA per sample: cost sum(len^2) and no
+  mask, at the price of one kernel launch per sample per layer (Python overhead for packs of many tiny
+  samples). Measured by benchmarks/bench_train.py; `choose_attention` picks it off-flash because it was faster
+  than the block-diagonal mask there (see the README numbers).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+PACKED_ATTENTION = "minitrain_packed"
+
+
+def _sample_bounds(query: Tensor, kwargs: dict[str, Any]) -> list[int] | None:
+    """Sample boundaries [0, e1, ..., T] from cu_seq_lens_q, else from restarting position_ids, else None."""
+    cu = kwargs.get("cu_seq_lens_q")
+    if cu is not None:
+        return [int(x) for x in cu.tolist()]
+    position_ids = kwargs.get("position_ids")
+    if position_ids is None or query.shape[0] != 1:
+        return None
+    pos = position_ids.reshape(-1)  # (T,)
+    starts = (pos == 0).nonzero().reshape(-1).tolist()
+    if not starts or starts[0] != 0:
+        starts = [0, *starts]
+    return [*starts, pos.numel()]
+
+
+def packed_sdpa_attention_forward(
+    module: torch.nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    sliding_window: int | None = None,
+    **kwargs: Any,
+) -> tuple[Tensor, None]:
+    """Causal SDPA run on each packed sample alone. q (B, Hq, T, D), k/v (B, Hkv, T, D) -> (B, T, Hq, D).
+
+    Sample boundaries come from `cu_seq_lens_q` (passed through the model forward by CausalLMWithLoss), else
+    from position_ids restarting at 0; with neither (or B > 1), every row is one causal sequence.
+    """
+    if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
+        raise ValueError(
+            f"{PACKED_ATTENTION} attention supports neither softcap nor attention sinks; use eager"
+        )
+    if attention_mask is not None:
+        raise ValueError(f"{PACKED_ATTENTION} attention takes packed rows without an attention mask")
+    if not getattr(module, "is_causal", True):
+        raise ValueError(f"{PACKED_ATTENTION} attention is for causal decoders only")
+    gqa = query.shape[1] != key.shape[1]
+    total = query.shape[2]
+    bounds = _sample_bounds(query, kwargs) or [0, total]
+    if bounds[-1] != total:
+        raise ValueError(f"sample boundaries end at {bounds[-1]} but the packed row has {total} tokens")
+    outs = []
+    for start, end in zip(bounds[:-1], bounds[1:], strict=True):
+        q, k, v = query[:, :, start:end], key[:, :, start:end], value[:, :, start:end]
+        n = end - start
+        mask = None
+        if sliding_window is not None and n > sliding_window:
+            # transformers' sliding window: query i sees keys j with 0 <= i - j < window
+            i = torch.arange(n, device=query.device)
+            d = i[:, None] - i[None, :]
+            mask = (d >= 0) & (d < sliding_window)
+        outs.append(
+            F.scaled_dot_product_attention(
+                q,
+                k,
+                v,
+                attn_mask=mask,
+                dropout_p=dropout,
+                scale=scaling,
+                is_causal=mask is None,
+                enable_gqa=gqa,
+            )
+        )
+    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)  # (B, Hq, T, D)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _packed_mask(*args: Any, attention_mask: Tensor | None = None, **kwargs: Any) -> None:
+    """Mask interface for `minitrain_packed`: no (T x T) mask is ever built; padding masks are refused."""
+    if attention_mask is not None and not bool(attention_mask.all()):
+        raise ValueError(
+            f"{PACKED_ATTENTION} attention does not take padded batches; pack the samples into one row instead"
+        )
+    return None
+
+
+def register_packed_attention() -> str:
+    """Register `minitrain_packed` with transformers (idempotent) and return its name."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(PACKED_ATTENTION, packed_sdpa_attention_forward)
+    AttentionMaskInterface.register(PACKED_ATTENTION, _packed_mask)
+    return PACKED_ATTENTION
+
+
+def flash_attn_available(device: torch.device | str) -> bool:
+    """True on a CUDA device with the flash-attn package importable."""
+    return (
+        torch.device(device).type == "cuda"
+        and torch.cuda.is_available()
+        and importlib.util.find_spec("flash_attn") is not None
+    )
+
+
+def choose_attention(device: torch.device | str) -> str:
+    """The attention implementation for packed training on `device` (registers `minitrain_packed` if chosen)."""
+    if flash_attn_available(device):
+        return "flash_attention_2"
+    return register_packed_attention()
+
+
+def packed_attention_kwargs(cu_seqlens: Tensor, max_seqlen: int, attn_implementation: str) -> dict[str, Any]:
+    """Keyword arguments for the HF model forward that carry the sample boundaries to the attention function.
+
+    flash varlen and `minitrain_packed` read `cu_seq_lens_q/k` + `max_length_q/k` (the names transformers'
+    flash path uses); `sdpa`/`eager` get nothing and rely on the restarting position_ids instead.
+    """
+    if attn_implementation.startswith("flash_attention") or attn_implementation == PACKED_ATTENTION:
+        cu = cu_seqlens.to(torch.int32)
+        return {
+            "cu_seq_lens_q": cu,
+            "cu_seq_lens_k": cu,
+            "max_length_q": max_seqlen,
+            "max_length_k": max_seqlen,
+        }
+    return {}

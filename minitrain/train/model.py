@@ -1,0 +1,236 @@
+"""The model side of training: load a causal LM, wrap it with its loss, shard it with FSDP2.
+
+Owns `load_model` (config checks, attention choice, rank 0 loads / other ranks build on meta),
+`CausalLMWithLoss` (the root FSDP2 unit: decoder -> final hidden states -> chunked or Liger loss) and
+`shard_model` (FSDP2 `fully_shard` per decoder block then the root, strategy mapping, mixed precision, CPU
+offload, activation checkpointing, and the broadcast of rank 0's weights into every rank's shards).
+
+Trade-offs:
+- The loss head takes the decoder's final hidden states and the lm_head weight directly, so full logits are
+  never built; models whose head is not a plain `hidden @ W.T` (an lm_head bias, logit scaling or soft-capping)
+  are refused at load time instead of being trained with a silently different loss.
+- The wrapper, not the HF model, is the FSDP2 root: the embedding and lm_head weights (tied or not) live in the
+  root unit and are unsharded for the whole root forward, which is where the loss reads them. Calling
+  `lm.lm_head` from outside this forward would see sharded DTensors.
+- Weights travel once: only rank 0 reads the checkpoint (into CPU memory); every rank (rank 0 included) moves
+  its model to the meta device, shards it, allocates only its shards and receives them by broadcast. Host RAM
+  holds one full copy per node-0 process, not one per rank, and no GPU ever holds the full model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from transformers import PreTrainedModel
+
+from minitrain.data.batch import PackedMinibatch
+from minitrain.errors import UserError
+from minitrain.train.attention import choose_attention, packed_attention_kwargs
+from minitrain.train.dist import DistInfo
+from minitrain.train.loss import linear_cross_entropy_sum
+
+STRATEGIES = ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD")
+
+# config attributes of heads that are not a plain hidden @ W.T (the fused/chunked loss would differ)
+_UNSUPPORTED_HEAD_ATTRS = (
+    "final_logit_softcapping",
+    "logit_scale",
+    "logits_scaling",
+    "output_multiplier_scale",
+)
+
+
+class CausalLMWithLoss(nn.Module):
+    """Root FSDP2 unit: runs the decoder on a packed minibatch and returns the SUM of token CE."""
+
+    def __init__(self, lm: PreTrainedModel, *, use_liger: bool, chunk_size: int = 1024) -> None:
+        super().__init__()
+        self.lm = lm
+        self.use_liger = use_liger
+        self.chunk_size = chunk_size
+        # where inputs go: the parameters' device now; shard_model sets the compute device (CPU offload keeps
+        # the parameters on the CPU while computing on the GPU)
+        self.compute_device = next(lm.parameters()).device
+
+    def forward(self, batch: PackedMinibatch) -> Tensor:
+        batch = batch.to(self.compute_device)
+        attn = self.lm.config._attn_implementation
+        out = self.lm.get_decoder()(
+            input_ids=batch.input_ids,  # (1, T)
+            position_ids=batch.position_ids,  # (1, T), restarting per sample
+            use_cache=False,
+            **packed_attention_kwargs(batch.cu_seqlens, batch.max_seqlen, attn),
+        )
+        hidden = out.last_hidden_state  # (1, T, H), after the final norm
+        weight = self.lm.get_output_embeddings().weight  # (V, H); the embedding itself when tied
+        return linear_cross_entropy_sum(
+            hidden, weight, batch.labels, use_liger=self.use_liger, chunk_size=self.chunk_size
+        )
+
+
+def _load_config(model_name_or_path: str | Path):
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    path = Path(model_name_or_path)
+    looks_local = path.is_absolute() or str(model_name_or_path).startswith((".", "~")) or path.exists()
+    if looks_local and not path.expanduser().is_dir():
+        raise UserError(
+            f"model path {model_name_or_path} does not exist; pass a folder with config.json or a hub id"
+        )
+    try:
+        config = AutoConfig.from_pretrained(
+            str(path.expanduser()) if looks_local else str(model_name_or_path)
+        )
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(
+            f"cannot read a model config from {model_name_or_path} ({first}); pass a model folder"
+        ) from e
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        raise UserError(
+            f"{model_name_or_path} is a {config.model_type!r} model, not a causal LM; pass a decoder-only model"
+        )
+    for attr in _UNSUPPORTED_HEAD_ATTRS:
+        value = getattr(config, attr, None)
+        if value not in (None, 1, 1.0):
+            raise UserError(
+                f"{model_name_or_path} scales its logits ({attr}={value}), which minitrain's loss does not"
+            )
+    return config
+
+
+def load_model(
+    model_name_or_path: str | Path, *, from_scratch: bool, dtype: torch.dtype, dist: DistInfo
+) -> PreTrainedModel:
+    """Build the HF causal LM for packed training, on the CPU (rank 0) or the meta device (other ranks).
+
+    use_cache is off; the attention implementation is `choose_attention(dist.device)`. Rank 0 reads the weights
+    (or initialises them from the config with `from_scratch`); `shard_model` then broadcasts them.
+    """
+    from transformers import AutoModelForCausalLM
+
+    config = _load_config(model_name_or_path)
+    config.use_cache = False
+    attn = choose_attention(dist.device)
+    if not dist.is_main:
+        with torch.device("meta"):
+            lm = AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=dtype)
+    elif from_scratch:
+        lm = AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=dtype)
+    else:
+        try:
+            lm = AutoModelForCausalLM.from_pretrained(
+                str(model_name_or_path), config=config, attn_implementation=attn, dtype=dtype
+            )
+        except OSError as e:
+            first = str(e).strip().splitlines()[0]
+            raise UserError(
+                f"cannot load weights from {model_name_or_path} ({first}); use --from-scratch to start from the config"
+            ) from e
+    head = lm.get_output_embeddings()
+    if head is None or getattr(head, "bias", None) is not None:
+        raise UserError(f"{model_name_or_path} has no plain bias-free lm_head, which minitrain's loss needs")
+    lm.config.use_cache = False
+    return lm
+
+
+def decoder_blocks(lm: PreTrainedModel) -> nn.ModuleList:
+    """The repeated decoder blocks (one FSDP2 unit and one activation-checkpointing unit each)."""
+    layers = getattr(lm.get_decoder(), "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise UserError(
+            f"cannot find the decoder layers of {type(lm).__name__}; minitrain supports HF decoder models"
+        )
+    return layers
+
+
+def _mesh(dist: DistInfo, strategy: str):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    kind = dist.device.type
+    if strategy in ("FULL_SHARD", "SHARD_GRAD_OP"):
+        return init_device_mesh(kind, (dist.world_size,), mesh_dim_names=("shard",))
+    if strategy == "NO_SHARD":  # HSDP with shards of one rank: every rank holds everything, grads all-reduced
+        return init_device_mesh(kind, (dist.world_size, 1), mesh_dim_names=("replicate", "shard"))
+    if strategy == "HYBRID_SHARD":  # shard within a node, replicate across nodes
+        if dist.world_size % dist.local_world_size:
+            raise UserError(
+                f"HYBRID_SHARD needs the same number of processes per node ({dist.world_size} over "
+                f"{dist.local_world_size} per node); use FULL_SHARD"
+            )
+        shape = (dist.world_size // dist.local_world_size, dist.local_world_size)
+        return init_device_mesh(kind, shape, mesh_dim_names=("replicate", "shard"))
+    raise UserError(f"unknown FSDP sharding strategy {strategy!r}; pick one of {', '.join(STRATEGIES)}")
+
+
+def shard_model(
+    model: CausalLMWithLoss,
+    *,
+    dist: DistInfo,
+    strategy: str,
+    mixed_precision: bool,
+    master_dtype: torch.dtype,
+    cpu_offload: bool,
+    activation_checkpointing: bool,
+) -> CausalLMWithLoss:
+    """FSDP2: `fully_shard` per decoder block, then the root; rank 0's weights end up in every rank's shards.
+
+    Needs an initialised process group (also for a world of one). strategy: FULL_SHARD (reshard after
+    forward), SHARD_GRAD_OP (keep gathered until backward), NO_SHARD (2-D mesh world x 1: replicated, grads
+    all-reduced), HYBRID_SHARD (2-D mesh nodes x local ranks). Mixed precision (bf16 compute, fp32 reduce)
+    applies on CUDA only; on the CPU everything stays in `master_dtype`.
+    """
+    import torch.distributed as torch_dist
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+    mesh = _mesh(dist, strategy)
+    lm = model.lm
+    for p in lm.parameters():  # parameters only: buffers such as rotary inv_freq keep their fp32
+        p.data = p.data.to(master_dtype)
+
+    # 1. keep rank 0's weights and buffers on the CPU, then free every rank's full model (meta is free)
+    full_state = {k: v.cpu() for k, v in model.state_dict().items()} if dist.is_main else {}
+    buffers = {name: b.detach().cpu() for name, b in model.named_buffers()} if dist.is_main else {}
+    model.to("meta")
+    lm.tie_weights()  # moving devices replaces Parameters one module at a time, which unties tied weights
+
+    # 2. activation checkpointing wraps each block before sharding (state-dict names are unchanged)
+    blocks = decoder_blocks(lm)
+    if activation_checkpointing:
+        for i, block in enumerate(blocks):
+            blocks[i] = checkpoint_wrapper(block)
+
+    # 3. shard: each block is one unit (gathered for its forward/backward only), the root holds the rest
+    kwargs: dict = {"mesh": mesh}
+    if mixed_precision and dist.device.type == "cuda":
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    if cpu_offload:
+        kwargs["offload_policy"] = CPUOffloadPolicy()
+    reshard = strategy != "SHARD_GRAD_OP"
+    for block in blocks:
+        fully_shard(block, reshard_after_forward=reshard, **kwargs)
+    fully_shard(model, reshard_after_forward=reshard, **kwargs)
+
+    # 4. allocate the shards and receive rank 0's weights; buffers (rotary inv_freq, not in the state dict
+    #    when non-persistent) are plain replicated tensors: rank 0's copy is broadcast to all
+    model.to_empty(device="cpu" if cpu_offload else dist.device)
+    set_model_state_dict(
+        model,
+        full_state,
+        options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=True),
+    )
+    for name, buf in model.named_buffers():
+        module_name, _, attr = name.rpartition(".")
+        owner = model.get_submodule(module_name)
+        saved = buffers.get(name.replace("_checkpoint_wrapped_module.", ""))
+        value = saved.to(dist.device) if dist.is_main else torch.empty_like(buf, device=dist.device)
+        if dist.world_size > 1:
+            torch_dist.broadcast(value, src=0)
+        owner._buffers[attr] = value
+    model.compute_device = dist.device
+    return model

@@ -1,0 +1,229 @@
+"""CausalLMWithLoss, load_model and shard_model (one process) against per-sample runs of the plain HF model."""
+
+from __future__ import annotations
+
+import copy
+import socket
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from minitrain.data.batch import PackedMinibatch
+from minitrain.errors import UserError
+from minitrain.train.attention import PACKED_ATTENTION, register_packed_attention
+from minitrain.train.dist import DistInfo
+from minitrain.train.model import CausalLMWithLoss, load_model, shard_model
+from tests.conftest import tiny_llama_config
+
+CPU1 = DistInfo(
+    rank=0, local_rank=0, world_size=1, local_world_size=1, device=torch.device("cpu"), backend="gloo"
+)
+
+
+def make_samples(
+    lengths: list[int], vocab: int = 512, seed: int = 0
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(input_ids, aligned labels) per sample; the first ~third of each sample is a masked prompt."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for n in lengths:
+        ids = torch.randint(0, vocab, (n,), generator=g)
+        labels = ids.clone()
+        labels[: n // 3] = -100
+        out.append((ids, labels))
+    return out
+
+
+def pack(samples: list[tuple[torch.Tensor, torch.Tensor]]) -> PackedMinibatch:
+    """The data contract built by hand: concatenated, labels shifted within each sample, positions restarting."""
+    ids = torch.cat([s[0] for s in samples])[None]
+    shifted = torch.cat([torch.cat([s[1][1:], torch.tensor([-100])]) for s in samples])[None]
+    pos = torch.cat([torch.arange(len(s[0])) for s in samples])[None]
+    lens = torch.tensor([len(s[0]) for s in samples])
+    cu = torch.cat([torch.zeros(1, dtype=torch.int64), lens.cumsum(0)]).to(torch.int32)
+    return PackedMinibatch(
+        input_ids=ids,
+        labels=shifted,
+        position_ids=pos,
+        cu_seqlens=cu,
+        max_seqlen=int(lens.max()),
+        num_samples=len(samples),
+        num_tokens=int(lens.sum()),
+        num_loss_tokens=int((shifted != -100).sum()),
+    )
+
+
+def reference_loss(lm, samples) -> torch.Tensor:
+    """Each sample alone through the HF model, full logits, shifted CE, summed: the obviously-right loss."""
+    total = torch.zeros(())
+    for ids, labels in samples:
+        logits = lm(input_ids=ids[None]).logits[0]  # (n, V)
+        total = total + F.cross_entropy(logits[:-1], labels[1:], ignore_index=-100, reduction="sum")
+    return total
+
+
+def grads(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, p in module.named_parameters():
+        g = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+        out[name.replace("_checkpoint_wrapped_module.", "").removeprefix("lm.")] = g.detach().clone()
+    return out
+
+
+def build_lm(attn: str = "sdpa", **overrides):
+    from transformers import AutoModelForCausalLM
+
+    if attn == PACKED_ATTENTION:
+        register_packed_attention()
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(tiny_llama_config(**overrides), attn_implementation=attn)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", PACKED_ATTENTION])
+@pytest.mark.parametrize("tied", [False, True])
+def test_packed_loss_and_gradients_equal_per_sample_reference(attn: str, tied: bool) -> None:
+    lm = build_lm(attn, tie_word_embeddings=tied)
+    samples = make_samples([7, 3, 12, 5])
+    batch = pack(samples)
+
+    loss = CausalLMWithLoss(lm, use_liger=False, chunk_size=8)(batch)
+    loss.backward()
+    got = grads(lm)
+    lm.zero_grad()
+    ref = reference_loss(lm, samples)
+    ref.backward()
+    want = grads(lm)
+
+    torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-5)
+    assert got.keys() == want.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_dummy_batch_gives_zero_loss_and_zero_gradients() -> None:
+    lm = build_lm(PACKED_ATTENTION)
+    dummy = PackedMinibatch(
+        input_ids=torch.zeros((1, 1), dtype=torch.int64),
+        labels=torch.full((1, 1), -100),
+        position_ids=torch.zeros((1, 1), dtype=torch.int64),
+        cu_seqlens=torch.tensor([0, 1], dtype=torch.int32),
+        max_seqlen=1,
+        num_samples=0,
+        num_tokens=0,
+        num_loss_tokens=0,
+    )
+    loss = CausalLMWithLoss(lm, use_liger=False)(dummy)
+    loss.backward()
+    assert loss.item() == 0.0
+    assert all(torch.count_nonzero(p.grad) == 0 for p in lm.parameters() if p.grad is not None)
+
+
+def test_load_model_reads_a_saved_model_with_packed_attention(tmp_path) -> None:
+    lm = build_lm()
+    lm.save_pretrained(tmp_path / "m")
+    loaded = load_model(tmp_path / "m", from_scratch=False, dtype=torch.float32, dist=CPU1)
+    assert loaded.config.use_cache is False
+    assert loaded.config._attn_implementation == PACKED_ATTENTION  # no flash-attn on this machine
+    for (name, a), (_, b) in zip(lm.state_dict().items(), loaded.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    scratch = load_model(tmp_path / "m", from_scratch=True, dtype=torch.bfloat16, dist=CPU1)
+    assert next(scratch.parameters()).dtype == torch.bfloat16
+
+
+def test_load_model_builds_on_meta_on_other_ranks(tmp_path) -> None:
+    build_lm().save_pretrained(tmp_path / "m")
+    other = DistInfo(
+        rank=1, local_rank=1, world_size=2, local_world_size=2, device=torch.device("cpu"), backend="gloo"
+    )
+    lm = load_model(tmp_path / "m", from_scratch=False, dtype=torch.float32, dist=other)
+    assert all(p.is_meta for p in lm.parameters())
+
+
+def test_load_model_user_errors(tmp_path) -> None:
+    from transformers import Gemma2Config, ViTConfig
+
+    with pytest.raises(UserError, match="does not exist"):
+        load_model(tmp_path / "nope", from_scratch=False, dtype=torch.float32, dist=CPU1)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="cannot read a model config"):
+        load_model(tmp_path / "empty", from_scratch=False, dtype=torch.float32, dist=CPU1)
+    ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2).save_pretrained(tmp_path / "vit")
+    with pytest.raises(UserError, match="not a causal LM"):
+        load_model(tmp_path / "vit", from_scratch=True, dtype=torch.float32, dist=CPU1)
+    Gemma2Config(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        head_dim=16,
+    ).save_pretrained(tmp_path / "gemma2")
+    with pytest.raises(UserError, match="final_logit_softcapping"):
+        load_model(tmp_path / "gemma2", from_scratch=True, dtype=torch.float32, dist=CPU1)
+    tiny_llama_config().save_pretrained(tmp_path / "noweights")
+    with pytest.raises(UserError, match="--from-scratch"):
+        load_model(tmp_path / "noweights", from_scratch=False, dtype=torch.float32, dist=CPU1)
+
+
+@pytest.fixture(scope="module")
+def one_rank_group():
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        yield
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize(
+    ("strategy", "ac", "tied"),
+    [("FULL_SHARD", False, False), ("SHARD_GRAD_OP", True, True), ("NO_SHARD", False, True)],
+)
+def test_shard_model_one_rank_matches_unsharded(one_rank_group, strategy: str, ac: bool, tied: bool) -> None:
+    lm = build_lm(PACKED_ATTENTION, tie_word_embeddings=tied)
+    plain = copy.deepcopy(lm)
+    samples = make_samples([9, 4, 11])
+    batch = pack(samples)
+
+    ref = CausalLMWithLoss(plain, use_liger=False, chunk_size=8)(batch)
+    ref.backward()
+    want = grads(plain)
+
+    model = shard_model(
+        CausalLMWithLoss(lm, use_liger=False, chunk_size=8),
+        dist=CPU1,
+        strategy=strategy,
+        mixed_precision=True,  # ignored on the CPU: fp32 stays fp32
+        master_dtype=torch.float32,
+        cpu_offload=False,
+        activation_checkpointing=ac,
+    )
+    loss = model(batch)
+    loss.backward()
+    got = grads(model)
+    torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-5)
+    assert got.keys() == want.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6, msg=name)
+    # rotary buffers survived the trip through the meta device
+    for (name, a), (_, b) in zip(plain.named_buffers(), lm.named_buffers(), strict=True):
+        torch.testing.assert_close(a, b, msg=name)
+
+
+def test_shard_model_rejects_unknown_strategy(one_rank_group) -> None:
+    with pytest.raises(UserError, match="unknown FSDP sharding strategy"):
+        shard_model(
+            CausalLMWithLoss(build_lm(), use_liger=False),
+            dist=CPU1,
+            strategy="ZERO3",
+            mixed_precision=False,
+            master_dtype=torch.float32,
+            cpu_offload=False,
+            activation_checkpointing=False,
+        )
