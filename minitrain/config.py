@@ -1,0 +1,172 @@
+"""Stage configurations: one frozen, keyword-only dataclass per stage, validated once, saved with the run.
+
+Each config checks every value in `__post_init__` and raises `UserError` with a message that names the flag
+and the fix, so the CLI can refuse bad input before anything heavy starts (torch, a model, torchrun).
+Derived values are methods, not fields. The trade-off: validation here is only what can be checked from
+the values themselves; checks that need files (the data, the model's vocabulary) live with the stage that
+opens those files (`minitrain.train.launch.preflight` for training).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from minitrain.errors import UserError
+
+# ---------------------------------------------------------------------------------------------- train
+
+LR_SCHEDULERS = ("constant_with_warmup", "cosine", "linear", "constant")
+SHARDING_STRATEGIES = ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD")
+MASTER_DTYPES = ("fp32", "bf16")
+LOGGING_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+TRAINING_PARAMS_FILE = "training_params.json"
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """Everything `minitrain train` needs; written to OUT/training_params.json and read back by each worker.
+
+    Paths are stored absolute (the parent resolves them) so workers started elsewhere read the same files.
+    """
+
+    data_path: Path
+    model_name_or_path: str
+    output_dir: Path
+    # launch: processes per node and the multi-node rendezvous (torchrun's c10d backend)
+    nproc: int = 1
+    nnodes: int = 1
+    node_rank: int = 0
+    rdzv_endpoint: str | None = None
+    rdzv_id: str = "minitrain"
+    # batch: a global batch of `batch_size` samples, packed into minibatches of at most this many tokens per rank
+    batch_size: int = 128
+    max_tokens_per_gpu: int = 16384
+    # optimisation
+    learning_rate: float = 5e-6
+    num_warmup_steps: int = 10
+    lr_scheduler: str = "constant_with_warmup"
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    # when to stop (none: train until interrupted) and when to save
+    max_steps: int | None = None
+    max_samples: int | None = None
+    max_epochs: float | None = None
+    min_samples_per_checkpoint: int | None = None
+    seed: int = 42
+    # model and memory
+    use_liger_kernels: bool = False
+    fsdp_sharding_strategy: str = "FULL_SHARD"
+    activation_checkpointing: bool = False
+    from_scratch: bool = False
+    master_dtype: str = "fp32"
+    cpu_offload: bool = False
+    logging_level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "data_path", Path(self.data_path))
+        object.__setattr__(self, "output_dir", Path(self.output_dir))
+        object.__setattr__(self, "model_name_or_path", str(self.model_name_or_path))
+        object.__setattr__(self, "lr_scheduler", str(self.lr_scheduler).lower())
+        object.__setattr__(self, "fsdp_sharding_strategy", str(self.fsdp_sharding_strategy).upper())
+        object.__setattr__(self, "master_dtype", str(self.master_dtype).lower())
+        object.__setattr__(self, "logging_level", str(self.logging_level).upper())
+        _positive("--nproc", self.nproc)
+        _positive("--nnodes", self.nnodes)
+        if not 0 <= self.node_rank < self.nnodes:
+            raise UserError(
+                f"--node-rank must be in 0..{self.nnodes - 1} for --nnodes {self.nnodes}, got {self.node_rank}"
+            )
+        if self.nnodes > 1 and not self.rdzv_endpoint:
+            raise UserError(
+                "--nnodes > 1 needs --rdzv-endpoint HOST:PORT (the same on every node), e.g. node0:29500"
+            )
+        if self.rdzv_endpoint and not _is_endpoint(self.rdzv_endpoint):
+            raise UserError(f"--rdzv-endpoint must be HOST:PORT, got {self.rdzv_endpoint!r}")
+        _positive("--batch-size", self.batch_size)
+        _positive("--max-tokens-per-gpu", self.max_tokens_per_gpu)
+        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
+            raise UserError(f"--learning-rate must be a positive number, got {self.learning_rate}")
+        if self.num_warmup_steps < 0:
+            raise UserError(f"--num-warmup-steps must be >= 0, got {self.num_warmup_steps}")
+        if self.lr_scheduler not in LR_SCHEDULERS:
+            raise UserError(
+                f"--lr-scheduler must be one of {', '.join(LR_SCHEDULERS)}; got {self.lr_scheduler!r}"
+            )
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise UserError(f"--weight-decay must be >= 0, got {self.weight_decay}")
+        if not (self.max_grad_norm > 0):
+            raise UserError(f"--max-grad-norm must be > 0, got {self.max_grad_norm}")
+        stops = [f for f in ("max_steps", "max_samples", "max_epochs") if getattr(self, f) is not None]
+        if len(stops) > 1:
+            flags = " and ".join("--" + f.replace("_", "-") for f in stops)
+            raise UserError(f"give at most one stop criterion, not {flags}")
+        if self.max_steps is not None:
+            _positive("--max-steps", self.max_steps)
+        if self.max_samples is not None:
+            _positive("--max-samples", self.max_samples)
+        if self.max_epochs is not None and not (math.isfinite(self.max_epochs) and self.max_epochs > 0):
+            raise UserError(f"--max-epochs must be a positive number, got {self.max_epochs}")
+        if self.lr_scheduler in ("cosine", "linear") and not stops:
+            raise UserError(
+                f"--lr-scheduler {self.lr_scheduler} decays to 0 at the end of training, so it needs "
+                "--max-steps, --max-samples or --max-epochs (or use constant_with_warmup)"
+            )
+        if self.min_samples_per_checkpoint is not None:
+            _positive("--min-samples-per-checkpoint", self.min_samples_per_checkpoint)
+        if self.seed < 0:
+            raise UserError(f"--seed must be >= 0, got {self.seed}")
+        if self.fsdp_sharding_strategy not in SHARDING_STRATEGIES:
+            raise UserError(
+                f"--fsdp-sharding-strategy must be one of {', '.join(SHARDING_STRATEGIES)}; "
+                f"got {self.fsdp_sharding_strategy!r}"
+            )
+        if self.master_dtype not in MASTER_DTYPES:
+            raise UserError(f"--master-dtype must be fp32 or bf16, got {self.master_dtype!r}")
+        if self.logging_level not in LOGGING_LEVELS:
+            raise UserError(
+                f"--logging-level must be one of {', '.join(LOGGING_LEVELS)}; got {self.logging_level!r}"
+            )
+        if not self.model_name_or_path:
+            raise UserError("--model-name-or-path is empty; give a local model folder or a Hub id")
+
+    def world_size(self) -> int:
+        """Total number of training processes (ranks) over all nodes."""
+        return self.nproc * self.nnodes
+
+    def total_steps(self, num_samples: int) -> int | None:
+        """Optimizer steps until the stop criterion (None: train until interrupted); the LR schedule's length."""
+        if self.max_steps is not None:
+            return self.max_steps
+        if self.max_samples is not None:
+            return math.ceil(self.max_samples / self.batch_size)
+        if self.max_epochs is not None:
+            return math.ceil(self.max_epochs * num_samples / self.batch_size)
+        return None
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict of every field (paths as strings)."""
+        return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        """Inverse of `to_dict`; extra keys (versions, world size) are ignored, missing ones take defaults."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def _positive(flag: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise UserError(f"{flag} must be a positive integer, got {value!r}")
+
+
+def _is_endpoint(text: str) -> bool:
+    host, sep, port = text.rpartition(":")
+    return bool(sep and host and port.isdigit() and 0 < int(port) < 65536)
+
+
+def _jsonable(value: Any) -> Any:
+    return str(value) if isinstance(value, Path) else value

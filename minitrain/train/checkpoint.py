@@ -1,0 +1,111 @@
+"""Hugging Face export of the sharded model: OUT/hf_format/samples_<N>/, loadable by `from_pretrained`.
+
+Layout of one export (what `AutoModelForCausalLM.from_pretrained(path)` and `AutoTokenizer` read):
+
+    OUT/hf_format/samples_<N>/      N = samples trained when it was written
+        config.json  generation_config.json
+        model.safetensors | model-0000k-of-0000n.safetensors + model.safetensors.index.json
+        tokenizer.json  tokenizer_config.json  special_tokens_map.json  ...  (copied from the tokenizer source)
+
+Every rank takes part in gathering the full state dict (`get_model_state_dict(full_state_dict=True,
+cpu_offload=True)`: shards are all-gathered one tensor at a time and moved to CPU, so no GPU ever holds the
+whole model; rank 0 ends up with the full dict in host RAM, the others with an empty one). Rank 0 writes it
+into `.samples_<N>.tmp` and renames the folder into place only when complete, so a folder named
+`samples_<N>` is always a whole checkpoint. Trade-off: rank 0 needs host RAM for one full copy in the
+export dtype (bf16 for GPU training, 2 bytes per parameter; fp32 on CPU).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as torch_dist
+from torch import nn
+
+from minitrain.train.dist import DistInfo
+
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json",
+    "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+)  # fmt: skip
+
+
+def checkpoint_dir(output_dir: Path, samples: int) -> Path:
+    """OUT/hf_format/samples_<N>."""
+    return Path(output_dir) / "hf_format" / f"samples_{samples}"
+
+
+def gather_full_state_dict(model: nn.Module, *, prefix: str = "lm.") -> dict[str, torch.Tensor]:
+    """Full, CPU-resident state dict of the HF model inside `model` on rank 0 (empty elsewhere); collective."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k.removeprefix(prefix): v for k, v in state.items()}
+
+
+def save_hf_checkpoint(
+    model: nn.Module,
+    lm: nn.Module,
+    *,
+    output_dir: Path,
+    samples: int,
+    dist: DistInfo,
+    dtype: torch.dtype,
+    tokenizer_source: str | None,
+) -> Path:
+    """Write `model`'s weights (sharded or not) as a Hugging Face checkpoint; every rank must call this.
+
+    `model` is what was sharded (the `CausalLMWithLoss` root), `lm` the HF model inside it (whose config and
+    `save_pretrained` are used). Returns the checkpoint folder.
+    """
+    final = checkpoint_dir(output_dir, samples)
+    state = gather_full_state_dict(model)
+    if dist.is_main:
+        tmp = final.with_name(f".{final.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        state = {k: v.to(dtype) for k, v in state.items()}
+        _save_pretrained(lm, tmp, state, dtype)
+        _copy_tokenizer(tokenizer_source, tmp)
+        if final.exists():  # the same sample count saved twice (e.g. final save right after a periodic one)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    del state
+    if torch_dist.is_initialized():
+        torch_dist.barrier()
+    return final
+
+
+def _save_pretrained(lm: nn.Module, path: Path, state: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
+    """`lm.save_pretrained` with `state`, recording `dtype` and turning the KV cache back on for inference."""
+    from transformers.utils import logging as hf_logging
+
+    config = lm.config
+    saved = (config.use_cache, getattr(config, "dtype", None))
+    config.use_cache, config.dtype = True, dtype  # training runs without a cache; generation wants one
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # no "Writing model shards" bar between the metric lines
+    try:
+        lm.save_pretrained(path, state_dict=state, safe_serialization=True, max_shard_size="5GB")
+    finally:
+        config.use_cache, config.dtype = saved
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _copy_tokenizer(source: str | None, dest: Path) -> None:
+    """Tokenizer files beside the weights: copied from a folder, or saved from a Hub id's cached tokenizer."""
+    if source is None:
+        return
+    src = Path(source)
+    if src.is_dir():
+        for name in TOKENIZER_FILES:
+            if (src / name).is_file():
+                shutil.copy2(src / name, dest / name)
+        return
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(source).save_pretrained(dest)

@@ -1,0 +1,269 @@
+"""The one seam between `minitrain train` and torchrun: check, write the run's parameters, spawn, wait.
+
+`run_training(config)` is what the CLI calls. In the parent it checks everything that can be checked
+without a model in memory (`preflight`: the data file, token ids against the model's vocabulary, the
+tokenizer fingerprint, over-long samples, the output folder, GPUs), writes OUT/training_params.json, then
+runs `python -m torch.distributed.run ... -m minitrain.train.worker OUT` and returns its exit code,
+forwarding SIGINT/SIGTERM. When the process is already one rank of a launch (torchrun or a multi-task
+`srun` set the environment), it runs the worker in-process instead of nesting torchrun.
+
+Trade-off: the parent pays for opening the data once (it also builds the store's cache, so the ranks do
+not race to build it) and for reading the model's config, so a wrong flag or file fails in seconds with
+one line instead of after N processes have imported torch and loaded a model. This module imports torch
+only inside functions: building and asserting the command line is cheap.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from minitrain import __version__
+from minitrain.config import TRAINING_PARAMS_FILE, TrainConfig
+from minitrain.data.format import atomic_write
+from minitrain.errors import UserError
+
+
+@dataclass(frozen=True)
+class Preflight:
+    """What the parent learned before spawning: printed, and recorded in training_params.json."""
+
+    num_samples: int
+    num_too_long: int  # samples longer than --max-tokens-per-gpu: never trained
+    max_token_id: int
+    vocab_size: int
+    tokenizer_source: str | None  # where checkpoints copy tokenizer files from
+
+
+def in_launched_env(env: Mapping[str, str] | None = None) -> bool:
+    """True when this process is already one rank of a torchrun or multi-task srun launch."""
+    env = os.environ if env is None else env
+    if "TORCHELASTIC_RUN_ID" in env or ("RANK" in env and "WORLD_SIZE" in env and "LOCAL_RANK" in env):
+        return True
+    return "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1
+
+
+def default_nproc() -> int:
+    """Processes per node when --nproc is not given: the visible GPUs, or 1 without any."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 1
+
+
+def torchrun_command(config: TrainConfig, *, python: str = sys.executable) -> list[str]:
+    """The torchrun command line for `config`: standalone on one node, c10d rendezvous across several."""
+    cmd = [python, "-m", "torch.distributed.run", "--nproc-per-node", str(config.nproc)]
+    if config.nnodes == 1:
+        cmd += ["--standalone", "--nnodes", "1"]
+    else:
+        cmd += [
+            "--nnodes", str(config.nnodes),
+            "--node-rank", str(config.node_rank),
+            "--rdzv-backend", "c10d",
+            "--rdzv-endpoint", str(config.rdzv_endpoint),
+            "--rdzv-id", config.rdzv_id,
+        ]  # fmt: skip
+    return cmd + ["-m", "minitrain.train.worker", str(config.output_dir)]
+
+
+def run_command(cmd: Sequence[str], env: Mapping[str, str] | None = None) -> int:
+    """Run `cmd` in its own session, forward SIGINT/SIGTERM to it, and return its exit code (128+N for signal N).
+
+    Its own session, so a Ctrl+C in the terminal reaches the workers once (through torchrun, which forwards
+    the signal to every rank) rather than twice (directly from the terminal and again from us).
+    """
+    proc = subprocess.Popen(list(cmd), env=None if env is None else dict(env), start_new_session=True)
+
+    def forward(signum: int, _frame: Any) -> None:
+        if proc.poll() is None:
+            proc.send_signal(signum)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while True:
+            try:
+                code = proc.wait()
+                break
+            except InterruptedError:  # pragma: no cover - wait() retries on EINTR itself since 3.5
+                continue
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    return 128 - code if code < 0 else code
+
+
+def preflight(config: TrainConfig) -> Preflight:
+    """Check data, model and output folder; raise `UserError` naming the problem and the fix."""
+    import torch  # noqa: F401  (imported before transformers/the store on purpose: one import cost, paid here)
+
+    from minitrain.data.store import TokenStore
+
+    store = TokenStore.open(config.data_path)
+    if len(store) == 0:
+        raise UserError(f"{config.data_path}: no samples to train on; check the tokenize step's rejects file")
+    too_long = int((store.lengths > config.max_tokens_per_gpu).sum())
+    if too_long == len(store):
+        raise UserError(
+            f"every sample is longer than --max-tokens-per-gpu {config.max_tokens_per_gpu} (shortest: "
+            f"{int(store.lengths.min())} tokens); raise --max-tokens-per-gpu"
+        )
+    if too_long:
+        warnings.warn(
+            f"{too_long} of {len(store)} samples are longer than --max-tokens-per-gpu "
+            f"{config.max_tokens_per_gpu} and will be skipped",
+            stacklevel=2,
+        )
+    vocab_size = model_vocab_size(config.model_name_or_path)
+    if store.max_token_id >= vocab_size:
+        raise UserError(
+            f"{config.data_path}: token id {store.max_token_id} does not fit the vocabulary of "
+            f"{config.model_name_or_path} ({vocab_size} ids); tokenize with this model's tokenizer"
+        )
+    source = tokenizer_source(config.model_name_or_path, store.meta)
+    check_tokenizer_matches(store.meta, config.model_name_or_path, config.data_path)
+    _check_output_dir(config.output_dir)
+    if not in_launched_env():
+        import torch
+
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if gpus and config.nproc > gpus:
+            raise UserError(
+                f"--nproc {config.nproc} but only {gpus} GPUs are visible; use --nproc {gpus} or fewer"
+            )
+    return Preflight(len(store), too_long, int(store.max_token_id), vocab_size, source)
+
+
+def model_vocab_size(model_name_or_path: str) -> int:
+    """The model's vocabulary size from its config (no weights loaded)."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(model_name_or_path)
+    except (OSError, ValueError) as err:
+        raise UserError(
+            f"--model-name-or-path {model_name_or_path}: not a model folder or a Hub id available offline "
+            f"({str(err).splitlines()[0]})"
+        ) from None
+    return int(config.get_text_config().vocab_size)
+
+
+def tokenizer_source(model_name_or_path: str, meta: dict | None) -> str | None:
+    """Where checkpoints copy tokenizer files from: the model folder if it has them, else the one the data used."""
+    model_dir = Path(model_name_or_path)
+    if model_dir.is_dir():
+        if any(
+            (model_dir / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+        ):
+            return str(model_dir.resolve())
+    elif (
+        not model_dir.exists() and "/" in model_name_or_path and not model_name_or_path.startswith((".", "/"))
+    ):
+        return model_name_or_path  # a Hub id: AutoTokenizer resolves it from the local cache
+    recorded = ((meta or {}).get("tokenizer") or {}).get("path")
+    return str(recorded) if recorded and Path(recorded).is_dir() else None
+
+
+def check_tokenizer_matches(meta: dict | None, model_name_or_path: str, data_path: Path) -> None:
+    """Refuse data tokenized with another tokenizer than the model's (when both fingerprints are known)."""
+    recorded = ((meta or {}).get("tokenizer") or {}).get("fingerprint")
+    if not recorded:
+        return
+    model_dir = Path(model_name_or_path)
+    if model_dir.is_dir() and not any(
+        (model_dir / f).exists() for f in ("tokenizer.json", "tokenizer.model")
+    ):
+        return  # a bare config (e.g. --from-scratch): the data's tokenizer is the only one there is
+    from transformers import AutoTokenizer
+
+    from minitrain.data.chat import tokenizer_fingerprint
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_name_or_path)
+    except (OSError, ValueError):
+        return  # no tokenizer beside the model: nothing to compare with
+    actual = tokenizer_fingerprint(tokenizer)
+    if actual != recorded:
+        raise UserError(
+            f"{data_path} was tokenized with {meta['tokenizer'].get('path')} (fingerprint {recorded[:12]}), not "
+            f"with {model_name_or_path}'s tokenizer ({actual[:12]}); re-run `minitrain tokenize` with this model"
+        )
+
+
+def write_training_params(config: TrainConfig, *, world_size: int, preflight: Preflight | None) -> Path:
+    """OUT/training_params.json: every parameter, the versions that ran, the world size, the data summary."""
+    params: dict[str, Any] = config.to_dict()
+    params.update(
+        world_size=world_size,
+        minitrain_version=__version__,
+        torch_version=_version("torch"),
+        transformers_version=_version("transformers"),
+        python_version=sys.version.split()[0],
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
+    if preflight is not None:
+        params.update(
+            num_samples=preflight.num_samples,
+            num_samples_too_long=preflight.num_too_long,
+            tokenizer_source=preflight.tokenizer_source,
+        )
+    path = Path(config.output_dir) / TRAINING_PARAMS_FILE
+    with atomic_write(path) as f:
+        f.write(orjson.dumps(params, option=orjson.OPT_INDENT_2) + b"\n")
+    return path
+
+
+def read_training_params(run_dir: Path) -> dict[str, Any]:
+    """The parameters a run was started with (raises UserError when the file is missing or broken)."""
+    path = Path(run_dir) / TRAINING_PARAMS_FILE
+    try:
+        return orjson.loads(path.read_bytes())
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such file; start training with `minitrain train`") from None
+    except orjson.JSONDecodeError as err:
+        raise UserError(f"{path}: not valid JSON ({err})") from None
+
+
+def run_training(config: TrainConfig) -> int:
+    """Check, write training_params.json, and train: torchrun in a child, or in-process under a launcher."""
+    launched = in_launched_env()
+    info = preflight(config)
+    if launched:
+        from minitrain.train.dist import ranks_from_env
+        from minitrain.train.worker import run
+
+        rank, _, world, _ = ranks_from_env(os.environ)
+        if rank == 0:
+            write_training_params(config, world_size=world, preflight=info)
+        run(config, tokenizer_source=info.tokenizer_source)
+        return 0
+    write_training_params(config, world_size=config.world_size(), preflight=info)
+    return run_command(torchrun_command(config))
+
+
+def _check_output_dir(path: Path) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(
+            f"--output-dir {path}: cannot create it ({err.strerror}); choose a writable folder"
+        ) from None
+    if not os.access(path, os.W_OK):
+        raise UserError(f"--output-dir {path}: not writable; choose a writable folder")
+
+
+def _version(package: str) -> str | None:
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None

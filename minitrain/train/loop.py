@@ -1,0 +1,180 @@
+"""The training loop, top to bottom: one function, one optimizer step per global batch.
+
+One step, on every rank at once:
+
+    sampler.next_batch(B)              B sample indices, the same on every rank (the global batch)
+      -> plan_minibatches(lengths)     plan[m][r]: the samples rank r packs into minibatch m (<= token budget)
+      -> count_loss_tokens(all)        trained tokens of the whole global batch: the loss normaliser
+      -> for each minibatch m:         every rank runs len(plan) minibatches (an empty list packs a dummy
+           model(collate(plan[m][r]))    with no trained token, keeping FSDP's collectives in step)
+           (sum / global tokens * world).backward()
+      -> clip, optimizer step, scheduler step, metrics line, maybe a checkpoint
+
+Because the normaliser is the global count and FSDP2's gradient averaging is undone, the gradient of a step
+is the gradient of the mean token loss of the global batch, whatever the number of ranks or the token budget:
+`--nproc` and `--max-tokens-per-gpu` change speed and memory, never the numbers (tests/train/test_loop.py).
+There is no gradient-accumulation setting to tune. Trade-off: the plan is computed redundantly on every rank
+(microseconds) instead of once and broadcast, which keeps the loop free of data collectives.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+import torch.distributed as torch_dist
+from torch import nn
+from torch.optim.lr_scheduler import LRScheduler
+
+from minitrain.data.batch import collate, count_loss_tokens
+from minitrain.data.packing import plan_minibatches
+from minitrain.data.sampler import InfiniteSampler
+from minitrain.data.store import TokenStore
+from minitrain.train.dist import DistInfo
+from minitrain.train.loss import scale_for_fsdp
+from minitrain.train.metrics import MetricsWriter, ProgressDisplay, peak_memory_gb
+
+
+@dataclass
+class TrainState:
+    """Counters that survive a step (and, later, a resume)."""
+
+    step: int = 0  # optimizer steps taken
+    samples_seen: int = 0  # samples trained (over-long ones excluded): checkpoint names use it
+    tokens_seen: int = 0
+    last_checkpoint_samples: int = 0
+
+
+@dataclass(frozen=True)
+class StopRule:
+    """When training ends; all None means never (until interrupted)."""
+
+    max_steps: int | None = None
+    max_samples: int | None = None
+    max_epochs: float | None = None
+
+    def reached(self, state: TrainState, epochs: float) -> bool:
+        return (
+            (self.max_steps is not None and state.step >= self.max_steps)
+            or (self.max_samples is not None and state.samples_seen >= self.max_samples)
+            or (self.max_epochs is not None and epochs >= self.max_epochs - 1e-12)
+        )
+
+
+def train_loop(
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: LRScheduler,
+    store: TokenStore,
+    sampler: InfiniteSampler,
+    dist: DistInfo,
+    batch_size: int,
+    max_tokens_per_gpu: int,
+    max_grad_norm: float,
+    stop: StopRule,
+    min_samples_per_checkpoint: int | None,
+    save_checkpoint: Callable[[int], Path],
+    metrics: MetricsWriter,
+    display: ProgressDisplay,
+    mfu: Callable[[Sequence[int], float], float] | None = None,
+    state: TrainState | None = None,
+) -> TrainState:
+    """Train until `stop` is reached; save every `min_samples_per_checkpoint` samples and at the end.
+
+    `model(batch)` returns the SUM of token cross-entropy over the minibatch's trained tokens. `mfu(lengths,
+    seconds)` turns a step's real sample lengths and duration into model FLOPs utilisation (GPU only).
+    """
+    state = state or TrainState()
+    rank, world, device = dist.rank, dist.world_size, dist.device
+    model.train()
+    while not stop.reached(state, sampler.epochs_consumed):
+        start = time.perf_counter()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+
+        # --- the global batch and this step's plan: identical on every rank, no communication
+        indices = sampler.next_batch(batch_size)  # [B] sample ids
+        lengths = store.lengths[indices].tolist()  # [B] tokens per sample
+        plan = plan_minibatches(lengths, max_tokens_per_gpu, world)  # plan[m][r] = positions into `indices`
+        trained = [
+            indices[i] for minibatch in plan for ranks in minibatch for i in ranks
+        ]  # over-long: absent
+        global_loss_tokens = count_loss_tokens(store, trained)  # the normaliser of every rank's loss
+        if global_loss_tokens == 0:  # nothing to learn in this batch (all masked or too long): no step
+            display.print(f"skipping a batch of {len(indices)} samples with no trained token")
+            continue
+
+        # --- forward/backward over this rank's minibatches; gradients accumulate in the (sharded) grads
+        loss_sum = torch.zeros((), dtype=torch.float32, device=device)  # this rank's sum of token losses
+        for minibatch in plan:
+            batch = collate(store, [indices[i] for i in minibatch[rank]])  # (1, T) tensors, [] -> a dummy
+            minibatch_loss = model(
+                batch
+            )  # scalar: sum of CE over batch.labels != -100 (moves batch to device)
+            scale_for_fsdp(minibatch_loss, global_loss_tokens, world).backward()
+            loss_sum += minibatch_loss.detach().float()
+
+        # --- the optimizer step
+        grad_norm = _clip_grad_norm(model, max_grad_norm)  # global norm, before clipping
+        lr = scheduler.get_last_lr()[0]  # the rate this step is taken with
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if world > 1:
+            torch_dist.all_reduce(loss_sum)  # the only collective outside FSDP: the loss to report
+        loss = loss_sum.item() / global_loss_tokens  # mean token CE of the global batch
+        seconds = time.perf_counter() - start
+
+        # --- bookkeeping, metrics, checkpoint
+        trained_lengths = [lengths[i] for minibatch in plan for ranks in minibatch for i in ranks]
+        num_tokens = sum(trained_lengths)
+        state.step += 1
+        state.samples_seen += len(trained)
+        state.tokens_seen += num_tokens
+        record = {
+            "step": state.step,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "loss": loss,
+            "num_samples": len(trained),
+            "num_loss_counted_tokens": global_loss_tokens,
+            "num_total_tokens": num_tokens,
+            "grad_accum": len(plan),
+            "time_per_batch": seconds,
+            "tokens_per_second": num_tokens / seconds,
+            "samples_per_second": len(trained) / seconds,
+            "total_samples_accumulated": state.samples_seen,
+            "peak_memory_usage_GB": peak_memory_gb(device),
+            "epoch": sampler.epochs_consumed,
+            "timestamp": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+        }
+        if mfu is not None:
+            record["mfu"] = mfu(trained_lengths, seconds)
+        metrics.write(record)
+        display.update(record)
+        if (
+            min_samples_per_checkpoint is not None
+            and state.samples_seen - state.last_checkpoint_samples >= min_samples_per_checkpoint
+        ):
+            path = save_checkpoint(state.samples_seen)
+            state.last_checkpoint_samples = state.samples_seen
+            display.print(f"saved {path}")
+
+    if state.samples_seen != state.last_checkpoint_samples:  # the final weights, unless just saved
+        path = save_checkpoint(state.samples_seen)
+        state.last_checkpoint_samples = state.samples_seen
+        display.print(f"saved {path}")
+    return state
+
+
+def _clip_grad_norm(model: nn.Module, max_norm: float) -> float:
+    """Clip to `max_norm` and return the global norm before clipping (DTensor-aware: FSDP2 shards are summed)."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    if hasattr(norm, "full_tensor"):  # a DTensor when the parameters are FSDP2 shards
+        norm = norm.full_tensor()
+    return norm.item()

@@ -1,0 +1,175 @@
+"""Training metrics: the run's `training_metrics_0.jsonl` and what rank 0 shows while it trains.
+
+Format (read by `minitrain plot`; the keys are mini_trainer's so its plotting scripts keep working): one
+JSON object per optimizer step, written by rank 0 and flushed at once, so a crash loses at most the step
+in flight:
+
+    step                       int    1-based optimizer step
+    lr                         float  learning rate this step was taken with
+    grad_norm                  float  global gradient norm before clipping (over all ranks' shards)
+    loss                       float  mean token cross-entropy of the global batch (sum / trained tokens)
+    num_samples                int    samples trained this step (all ranks)
+    num_loss_counted_tokens    int    trained tokens (labels != -100 after the shift) this step
+    num_total_tokens           int    tokens fed to the model this step (no padding exists to count)
+    grad_accum                 int    minibatches per rank this step (forward/backward passes)
+    time_per_batch             float  seconds for the step (data, forward, backward, optimizer)
+    tokens_per_second          float  num_total_tokens / time_per_batch, all ranks together
+    samples_per_second         float  num_samples / time_per_batch
+    total_samples_accumulated  int    samples trained since the start of the run
+    peak_memory_usage_GB       float  peak GPU memory allocated on rank 0 in this step (on CPU: peak RSS of rank 0)
+    epoch                      float  passes over the data so far (1.5 = halfway through the second)
+    timestamp                  str    ISO 8601, UTC, when the step ended
+    mfu                        float  on GPU only: model FLOPs utilisation of real tokens (0..1)
+
+Display: a rich progress bar on a terminal (step, loss, lr, tokens/s, samples, ETA when the run has a stop
+criterion), one plain line per step otherwise (logs, pipes). Trade-off: metrics are written synchronously
+(a flush per step costs microseconds next to a training step) instead of through a background thread.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Any
+
+import orjson
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+METRICS_FILE = "training_metrics_0.jsonl"
+METRIC_KEYS = (
+    "step", "lr", "grad_norm", "loss", "num_samples", "num_loss_counted_tokens", "num_total_tokens",
+    "grad_accum", "time_per_batch", "tokens_per_second", "samples_per_second", "total_samples_accumulated",
+    "peak_memory_usage_GB", "epoch", "timestamp",
+)  # fmt: skip
+OPTIONAL_KEYS = ("mfu", "eval_loss")
+
+# dense bf16 peak FLOP/s per GPU (no sparsity), matched on the device name
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12,
+                   "L40S": 362e12, "A10G": 70e12, "L4": 121e12, "B200": 2250e12}  # fmt: skip
+
+
+class MetricsWriter:
+    """Appends one JSON object per line to `path`, flushed per line; a no-op object on ranks other than 0."""
+
+    def __init__(self, path: Path, *, enabled: bool = True, append: bool = False) -> None:
+        self.path = Path(path)
+        self._file: IO[bytes] | None = None
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = self.path.open("ab" if append else "wb")
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self._file is not None:
+            self._file.write(orjson.dumps(record, option=orjson.OPT_SERIALIZE_NUMPY) + b"\n")
+            self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def __enter__(self) -> MetricsWriter:
+        return self
+
+    def __exit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
+        self.close()
+
+
+def format_line(record: dict[str, Any], total_steps: int | None) -> str:
+    """The plain one-line form of a step's metrics (logs, pipes, the demo)."""
+    step = f"{record['step']}/{total_steps}" if total_steps else str(record["step"])
+    return (
+        f"step {step}  loss {record['loss']:.4f}  lr {record['lr']:.3g}  grad_norm {record['grad_norm']:.3g}  "
+        f"{record['tokens_per_second']:,.0f} tok/s  samples {record['total_samples_accumulated']:,}  "
+        f"{record['time_per_batch']:.2f}s"
+    )
+
+
+class ProgressDisplay:
+    """Rank 0's view of training: a rich bar on a terminal, plain lines elsewhere; silent when disabled."""
+
+    def __init__(
+        self, *, total_steps: int | None, enabled: bool = True, console: Console | None = None
+    ) -> None:
+        self.total_steps = total_steps
+        self.enabled = enabled
+        self.console = console or Console(file=sys.stdout)
+        self._progress: Progress | None = None
+        self._task: Any = None
+        if enabled and self.console.is_terminal:
+            columns = [TextColumn("[bold]step {task.completed}" + (f"/{total_steps}" if total_steps else ""))]
+            if total_steps:
+                columns.append(BarColumn())
+            columns += [TextColumn("{task.fields[stats]}"), TimeElapsedColumn()]
+            if total_steps:
+                columns.append(TimeRemainingColumn())
+            self._progress = Progress(*columns, console=self.console, transient=False)
+            self._task = self._progress.add_task("train", total=total_steps, stats="starting...")
+            self._progress.start()
+
+    def update(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        if self._progress is None:
+            print(format_line(record, self.total_steps), flush=True)
+            return
+        stats = (
+            f"loss {record['loss']:.4f}  lr {record['lr']:.3g}  {record['tokens_per_second']:,.0f} tok/s  "
+            f"samples {record['total_samples_accumulated']:,}"
+        )
+        self._progress.update(self._task, completed=record["step"], stats=stats)
+
+    def print(self, message: str) -> None:
+        """A message that does not break the bar."""
+        if self.enabled:
+            (self._progress.console.print if self._progress else print)(message)
+
+    def close(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+
+
+def step_flops(*, num_params: int, num_layers: int, hidden_size: int, lengths: Sequence[int]) -> float:
+    """FLOPs of forward + backward over packed samples of `lengths` (real tokens only).
+
+    6 * params per token for the matmuls, plus causal attention: 6 * layers * hidden * len^2 per sample
+    (QK^T and AV, 2 FLOPs per multiply-add, x3 for backward, halved by the causal mask).
+    """
+    tokens = sum(lengths)
+    attention = 6 * num_layers * hidden_size * sum(n * n for n in lengths)
+    return 6.0 * num_params * tokens + attention
+
+
+def peak_flops_per_device(device_name: str) -> float | None:
+    """Dense bf16 peak FLOP/s for a GPU name (e.g. 'NVIDIA H100 80GB HBM3'), None when unknown."""
+    for key, flops in PEAK_BF16_FLOPS.items():
+        if key in device_name.upper():
+            return flops
+    return None
+
+
+def peak_memory_gb(device: Any) -> float:
+    """Peak memory in GB since the last reset: GPU memory allocated on CUDA, the process's peak RSS on CPU."""
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # ru_maxrss is in KiB on Linux
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """Every record of a metrics file (a partially written last line is ignored)."""
+    records = []
+    with Path(path).open("rb") as f:
+        for line in f:
+            try:
+                records.append(orjson.loads(line))
+            except orjson.JSONDecodeError:
+                continue
+    return records

@@ -1,0 +1,179 @@
+"""The torchrun entry point: `python -m minitrain.train.worker RUN_DIR`, one process per rank.
+
+Reads RUN_DIR/training_params.json (written by the parent, `minitrain.train.launch`) and never re-parses
+command-line flags, so every rank trains with exactly the parameters that were validated and recorded.
+`run(config)` assembles the pieces - process group, data, model, sharding, optimizer, schedule, metrics,
+checkpoints - and hands them to `minitrain.train.loop.train_loop`. Trade-off: assembly is plain code in one
+function rather than a registry of components; swapping a piece means editing this file.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import sys
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from minitrain.config import TrainConfig
+from minitrain.data.sampler import InfiniteSampler
+from minitrain.data.store import TokenStore
+from minitrain.errors import UserError
+from minitrain.train.checkpoint import save_hf_checkpoint
+from minitrain.train.dist import DistInfo, close_distributed, init_distributed, print0
+from minitrain.train.launch import read_training_params
+from minitrain.train.loop import StopRule, TrainState, train_loop
+from minitrain.train.metrics import (
+    METRICS_FILE,
+    MetricsWriter,
+    ProgressDisplay,
+    peak_flops_per_device,
+    step_flops,
+)
+from minitrain.train.model import CausalLMWithLoss, load_model, shard_model
+from minitrain.train.optim import build_optimizer, build_scheduler
+
+
+def run(config: TrainConfig, *, tokenizer_source: str | None) -> TrainState:
+    """Train one rank's part of the run described by `config`; every rank calls this."""
+    dist = init_distributed()
+    try:
+        return _train(config, dist, tokenizer_source)
+    finally:
+        close_distributed()
+
+
+def _train(config: TrainConfig, dist: DistInfo, tokenizer_source: str | None) -> TrainState:
+    logging.basicConfig(level=config.logging_level if dist.is_main else "WARNING")
+    on_gpu = dist.device.type == "cuda"
+    torch.manual_seed(
+        config.seed
+    )  # from-scratch weights are drawn on rank 0 and broadcast: same on any world
+    store = TokenStore.open(config.data_path)
+
+    # master weights: fp32 (bf16 compute on GPU through FSDP2's mixed precision) or bf16 with --master-dtype bf16
+    master_dtype = torch.bfloat16 if config.master_dtype == "bf16" else torch.float32
+    lm = load_model(
+        config.model_name_or_path, from_scratch=config.from_scratch, dtype=master_dtype, dist=dist
+    )
+    num_params = _matmul_params(lm)
+    use_liger = config.use_liger_kernels and on_gpu
+    if config.use_liger_kernels and not on_gpu:
+        warnings.warn(
+            "--use-liger-kernels needs a GPU; using the chunked cross-entropy instead", stacklevel=2
+        )
+    model = CausalLMWithLoss(lm, use_liger=use_liger)
+    model = shard_model(
+        model,
+        dist=dist,
+        strategy=config.fsdp_sharding_strategy,
+        mixed_precision=on_gpu,
+        master_dtype=master_dtype,
+        cpu_offload=config.cpu_offload,
+        activation_checkpointing=config.activation_checkpointing,
+    )
+    optimizer = build_optimizer(
+        model, learning_rate=config.learning_rate, weight_decay=config.weight_decay, device=dist.device
+    )
+    total_steps = config.total_steps(len(store))
+    scheduler = build_scheduler(
+        optimizer,
+        name=config.lr_scheduler,
+        num_warmup_steps=config.num_warmup_steps,
+        num_training_steps=total_steps,
+    )
+    sampler = InfiniteSampler(num_samples=len(store), seed=config.seed)
+
+    export_dtype = torch.bfloat16 if on_gpu else master_dtype  # checkpoints in the compute dtype
+
+    def save(samples: int) -> Path:
+        return save_hf_checkpoint(
+            model, model.lm, output_dir=config.output_dir, samples=samples, dist=dist, dtype=export_dtype,
+            tokenizer_source=tokenizer_source,
+        )  # fmt: skip
+
+    mfu = None
+    peak = peak_flops_per_device(torch.cuda.get_device_name(dist.device)) if on_gpu else None
+    if peak is not None:
+        text = lm.config.get_text_config()
+        mfu = functools.partial(
+            _mfu, num_params=num_params, num_layers=text.num_hidden_layers, hidden_size=text.hidden_size,
+            peak_flops=peak * dist.world_size,
+        )  # fmt: skip
+    print0(
+        dist,
+        f"training {config.model_name_or_path} on {len(store):,} samples with {dist.world_size} "
+        f"{'GPU' if on_gpu else 'CPU process'}{'es' if dist.world_size > 1 and not on_gpu else ''}"
+        f"{'s' if dist.world_size > 1 and on_gpu else ''}; writing to {config.output_dir}",
+    )
+    with MetricsWriter(Path(config.output_dir) / METRICS_FILE, enabled=dist.is_main) as metrics:
+        display = ProgressDisplay(total_steps=total_steps, enabled=dist.is_main)
+        try:
+            return train_loop(
+                model=model,
+                optimizer=optimizer,
+                scheduler=scheduler,
+                store=store,
+                sampler=sampler,
+                dist=dist,
+                batch_size=config.batch_size,
+                max_tokens_per_gpu=config.max_tokens_per_gpu,
+                max_grad_norm=config.max_grad_norm,
+                stop=StopRule(config.max_steps, config.max_samples, config.max_epochs),
+                min_samples_per_checkpoint=config.min_samples_per_checkpoint,
+                save_checkpoint=save,
+                metrics=metrics,
+                display=display,
+                mfu=mfu,
+            )
+        finally:
+            display.close()
+
+
+def _matmul_params(lm: torch.nn.Module) -> int:
+    """Parameters that cost FLOPs per token: all but the input embedding table (a lookup), unless it is tied."""
+    total = sum(p.numel() for p in lm.parameters())
+    embedding = lm.get_input_embeddings().weight
+    output = lm.get_output_embeddings()
+    tied = output is not None and output.weight is embedding
+    return total if tied else total - embedding.numel()
+
+
+def _mfu(
+    lengths: Sequence[int],
+    seconds: float,
+    *,
+    num_params: int,
+    num_layers: int,
+    hidden_size: int,
+    peak_flops: float,
+) -> float:
+    flops = step_flops(num_params=num_params, num_layers=num_layers, hidden_size=hidden_size, lengths=lengths)
+    return flops / (seconds * peak_flops)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: read RUN_DIR/training_params.json and train; a user error is one line and exit 1."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if len(args) != 1:
+        print(
+            "usage: python -m minitrain.train.worker RUN_DIR  (started by `minitrain train`)", file=sys.stderr
+        )
+        return 2
+    try:
+        params = read_training_params(Path(args[0]))
+        run(TrainConfig.from_dict(params), tokenizer_source=params.get("tokenizer_source"))
+    except UserError as err:
+        if os.environ.get("MINITRAIN_DEBUG"):
+            raise
+        print(f"minitrain: error (rank {os.environ.get('RANK', 0)}): {err}", file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
