@@ -1,0 +1,293 @@
+"""How `minitrain inspect` shows things: trained vs masked spans, token cells, the stats and audit tables.
+
+A sample is shown as its decoded text cut into segments, each a run of tokens that are all trained or all
+masked, and all special or all ordinary. In colour, trained text is bold bright green, masked text dim,
+and special tokens (`<|im_start|>`, `</s>` ...) reversed so they stand out. Without colour (`--no-color`,
+or output that is not a terminal) the text is printed as it is, with every trained span enclosed in
+`SPAN_OPEN` ... `SPAN_CLOSE`:
+
+    <|im_start|>user\\nHi<|im_end|>\\n<|im_start|>assistant\\n⟦Hello!<|im_end|>⟧\\n
+
+The delimiters are U+27E6/U+27E7 (mathematical white square brackets): one character each, diff- and
+grep-friendly, and, unlike `[[ ]]` (bash, wiki links, Lua), practically absent from chat data.
+
+Trade-off: a segment's text is cut out of the decoded prefix (`decode(ids[:end])` minus
+`decode(ids[:start])`) instead of decoding the segment alone, because SentencePiece-style decoders drop
+the leading space of whatever they decode first; this costs O(segments x tokens) decode work per sample,
+which is nothing for the handful of samples a human looks at. The module only presents: it takes a
+tokenizer (anything with `decode` and `convert_ids_to_tokens`) and plain results, and reads no files.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+if TYPE_CHECKING:
+    from minitrain.data.stats import AuditReport, DatasetStats
+
+IGNORE_INDEX = -100
+SPAN_OPEN = "\u27e6"  # ⟦ opens a trained span in plain output
+SPAN_CLOSE = "\u27e7"  # ⟧ closes it
+
+TRAINED = "bold bright_green"
+MASKED = "dim"
+TRAINED_SPECIAL = "bold bright_green reverse"
+MASKED_SPECIAL = "dim magenta reverse"
+HEADER = "bold cyan"
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A run of tokens decoded together: all trained or all masked, all special or all ordinary."""
+
+    text: str
+    trained: bool
+    special: bool
+    start: int  # token positions [start, end)
+    end: int
+
+
+def _decode(tokenizer: Any, ids: Sequence[int]) -> str:
+    return tokenizer.decode(list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+
+def decode_segments(
+    tokenizer: Any, input_ids: Sequence[int], labels: Sequence[int], special_ids: Collection[int]
+) -> list[Segment]:
+    """Cut a sample into runs of equal (trained, special) and decode each as part of the whole text."""
+    segments: list[Segment] = []
+    n = len(input_ids)
+    start = 0
+    before = ""  # decode(input_ids[:start])
+    while start < n:
+        key = (labels[start] != IGNORE_INDEX, input_ids[start] in special_ids)
+        end = start + 1
+        while end < n and (labels[end] != IGNORE_INDEX, input_ids[end] in special_ids) == key:
+            end += 1
+        upto = _decode(tokenizer, input_ids[:end])
+        # The prefix property fails only when a multi-byte character is split across the boundary
+        # (byte-fallback pieces); then decode the run alone.
+        text = upto[len(before) :] if upto.startswith(before) else _decode(tokenizer, input_ids[start:end])
+        segments.append(Segment(text, key[0], key[1], start, end))
+        before, start = upto, end
+    return segments
+
+
+def sample_header(
+    index: int, source_line: int | None, num_tokens: int, num_trained: int, *, color: bool
+) -> Text:
+    """`=== sample I | source line L | N tokens | T trained (P%) ===`."""
+    pct = 100.0 * num_trained / num_tokens if num_tokens else 0.0
+    line = "?" if source_line is None else str(source_line)
+    return Text(
+        f"=== sample {index} | source line {line} | {num_tokens} tokens | {num_trained} trained ({pct:.1f}%) ===",
+        style=HEADER if color else "",
+    )
+
+
+def sample_text(segments: Sequence[Segment], *, color: bool) -> Text:
+    """The decoded sample: styled spans in colour, `⟦trained⟧` delimiters without."""
+    out = Text()
+    inside = False
+    for seg in segments:
+        if color:
+            style = (
+                (TRAINED_SPECIAL if seg.special else TRAINED)
+                if seg.trained
+                else (MASKED_SPECIAL if seg.special else MASKED)
+            )
+            out.append(seg.text, style=style)
+            continue
+        if seg.trained and not inside:
+            out.append(SPAN_OPEN)
+        elif not seg.trained and inside:
+            out.append(SPAN_CLOSE)
+        inside = seg.trained
+        out.append(seg.text)
+    if inside:
+        out.append(SPAN_CLOSE)
+    return out
+
+
+def _piece(tokenizer: Any, token_id: int) -> str:
+    piece = tokenizer.convert_ids_to_tokens(int(token_id))
+    piece = "<none>" if piece is None else str(piece)
+    return piece.replace("\\", "\\\\").replace("\n", "\\n").replace("\t", "\\t").replace("\r", "\\r")
+
+
+def token_cells(
+    tokenizer: Any,
+    input_ids: Sequence[int],
+    labels: Sequence[int],
+    special_ids: Collection[int],
+    *,
+    color: bool,
+) -> Text:
+    """One `id:piece` cell per token, separated by spaces; a line break after each token that decodes to a newline.
+
+    In colour trained cells are green and masked cells dim; without colour each run of trained cells is
+    enclosed in `⟦ ⟧` as in the text view.
+    """
+    out = Text()
+    inside = False
+    for pos, (tok, lab) in enumerate(zip(input_ids, labels, strict=False)):
+        trained = lab != IGNORE_INDEX
+        cell = f"{tok}:{_piece(tokenizer, tok)}"
+        newline = "\n" in _decode(tokenizer, [tok])
+        sep = "" if pos == 0 or out.plain.endswith("\n") else " "
+        if color:
+            special = tok in special_ids
+            style = (
+                (TRAINED_SPECIAL if special else TRAINED)
+                if trained
+                else (MASKED_SPECIAL if special else MASKED)
+            )
+            out.append(sep)
+            out.append(cell, style=style)
+        else:
+            if trained and not inside:
+                sep += SPAN_OPEN
+            elif not trained and inside:
+                out.append(SPAN_CLOSE)
+            out.append(sep + cell)
+            inside = trained
+        if newline:
+            if inside:
+                out.append(SPAN_CLOSE)
+                inside = False
+            out.append("\n")
+    if inside:
+        out.append(SPAN_CLOSE)
+    return out
+
+
+def render_sample(
+    console: Console,
+    tokenizer: Any,
+    index: int,
+    sample: dict[str, Any],
+    special_ids: Collection[int],
+    *,
+    tokens: bool,
+    color: bool,
+) -> None:
+    """Print one sample: its header, then its text (or its token cells with `tokens=True`), then a blank line."""
+    ids, labels = sample["input_ids"], sample["labels"]
+    trained = sum(1 for lab in labels if lab != IGNORE_INDEX)
+    console.print(
+        sample_header(index, sample.get("source_line"), len(ids), trained, color=color), soft_wrap=True
+    )
+    if tokens:
+        body = token_cells(tokenizer, ids, labels, special_ids, color=color)
+    else:
+        body = sample_text(decode_segments(tokenizer, ids, labels, special_ids), color=color)
+    # soft_wrap: no hard line breaks inserted by rich, so plain output is exactly the decoded text;
+    # then exactly one blank line before the next sample.
+    end = "" if body.plain.endswith("\n") else "\n"
+    console.print(body, soft_wrap=not color or not tokens, highlight=False, markup=False, end=end)
+    console.print()
+
+
+def _bar(count: int, peak: int, width: int = 40) -> str:
+    return "█" * (round(width * count / peak) if peak else 0)
+
+
+def render_stats(stats: DatasetStats, console: Console) -> None:
+    """Print `--stats`: totals, length percentiles, a length histogram, zero-trained and longest samples, packing."""
+    frac = stats.trained_tokens / stats.tokens if stats.tokens else 0.0
+    totals = Table(title=f"{stats.path}", show_header=False, title_justify="left")
+    totals.add_column(style="bold")
+    totals.add_column(justify="right")
+    totals.add_row("samples", f"{stats.samples:,}")
+    totals.add_row("tokens", f"{stats.tokens:,}")
+    totals.add_row("trained tokens", f"{stats.trained_tokens:,}")
+    totals.add_row("trained fraction", f"{frac:.1%}")
+    totals.add_row("mean length", f"{stats.mean_length:,.1f}")
+    for q, v in stats.percentiles.items():
+        totals.add_row(f"length p{q}", f"{v:,}")
+    totals.add_row("samples with zero trained tokens", f"{stats.zero_trained:,}")
+    console.print(totals)
+    if stats.zero_trained:
+        console.print(
+            f"  zero-trained sample indices (first {len(stats.zero_trained_examples)}): "
+            + ", ".join(str(i) for i in stats.zero_trained_examples)
+        )
+
+    if stats.histogram:
+        hist = Table(title="length histogram (tokens)", title_justify="left", box=None)
+        hist.add_column("tokens", justify="right")
+        hist.add_column("samples", justify="right")
+        hist.add_column("")
+        peak = max(c for _, _, c in stats.histogram)
+        for lo, hi, count in stats.histogram:
+            hist.add_row(f"{lo:,}-{hi:,}", f"{count:,}", Text(_bar(count, peak), style="green"))
+        console.print(hist)
+
+    longest = Table(title="longest samples", title_justify="left")
+    longest.add_column("index", justify="right")
+    longest.add_column("source line", justify="right")
+    longest.add_column("tokens", justify="right")
+    longest.add_column("trained", justify="right")
+    for length, index, line, trained in stats.longest:
+        longest.add_row(str(index), "?" if line is None else str(line), f"{length:,}", f"{trained:,}")
+    console.print(longest)
+
+    p = stats.packing
+    if p is not None:
+        pack = Table(
+            title=f"packing: batch size {p.batch_size}, {p.max_tokens_per_gpu:,} tokens per GPU, {p.nproc} GPU(s), "
+            f"seed {p.seed} (one epoch)",
+            title_justify="left",
+            show_header=False,
+        )
+        pack.add_column(style="bold")
+        pack.add_column(justify="right")
+        pack.add_row("steps per epoch", f"{p.steps:,}")
+        pack.add_row(
+            "minibatches per step (mean / min / max)",
+            f"{p.minibatches_mean:.2f} / {p.minibatches_min} / {p.minibatches_max}",
+        )
+        pack.add_row("token budget used", f"{p.utilization:.1%}")
+        pack.add_row("samples longer than the budget (never trained)", f"{p.too_long:,}")
+        console.print(pack)
+
+
+def render_audit(report: AuditReport, console: Console, *, color: bool) -> None:
+    """Print `--audit`: one row per kind of finding (severity, samples, example indices), then a verdict."""
+    from minitrain.data.stats import CHECKS
+
+    table = Table(title=f"audit of {report.path}: {report.samples:,} samples", title_justify="left")
+    table.add_column("check")
+    table.add_column("severity")
+    table.add_column("samples", justify="right")
+    table.add_column("examples (index: detail)")
+    for kind, check in CHECKS.items():
+        count = report.counts.get(kind, 0)
+        if count == 0:
+            continue
+        sev_style = ("bold red" if check.severity == "error" else "yellow") if color else ""
+        examples = "\n".join(
+            (f"{'file' if ex.index is None else ex.index}: {ex.detail}" if ex.detail else str(ex.index))
+            for ex in report.examples[kind]
+        )
+        table.add_row(kind, Text(check.severity, style=sev_style), f"{count:,}", Text(examples))
+    if report.counts:
+        console.print(table)
+    for note in report.notes:
+        console.print(Text(note), soft_wrap=True)
+    errors, warnings = report.num_errors, report.num_warnings
+    if errors:
+        verdict = Text(
+            f"FAIL: {errors:,} error finding(s), {warnings:,} warning(s)", style="bold red" if color else ""
+        )
+    elif warnings:
+        verdict = Text(f"OK with {warnings:,} warning(s)", style="yellow" if color else "")
+    else:
+        verdict = Text(f"OK: {report.samples:,} samples, no findings", style="bold green" if color else "")
+    console.print(verdict, soft_wrap=True)

@@ -1,0 +1,484 @@
+"""minitrain/data/stats.py: sample selection, --stats and --audit on tokenized files built from the fixtures.
+
+Tokenized files here are built by a reference masking that is right by construction: each piece of the
+template (role header, content + end-of-turn, separator) is encoded on its own and labelled on its own.
+Each audit check is then proven by corrupting such a file in exactly one way; a per-token reference
+audit, written as plainly as possible, must agree with the vectorised one on randomly corrupted files.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+import pytest
+
+from minitrain.data import stats as st
+from minitrain.errors import UserError
+from tests.conftest import DATA, FIXTURES, SMOLLM2, TINYLLAMA
+
+pytestmark = pytest.mark.skipif(not FIXTURES.is_dir(), reason=f"fixtures folder {FIXTURES} is absent")
+
+FASTCHAT = DATA / "fastchat_conversations.messages.jsonl"
+ALPACA = DATA / "alpaca_en_demo.messages.jsonl"
+SMOL_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+
+# Per tokenizer: (header of a turn, end-of-turn text, text after it, default system turn or None)
+LAYOUTS = {
+    "smollm2": (lambda role: f"<|im_start|>{role}\n", "<|im_end|>", "\n", SMOL_SYSTEM),
+    "tinyllama": (lambda role: f"<|{role}|>\n", "</s>", "\n", None),
+}
+TOKENIZER_DIRS = {"smollm2": SMOLLM2, "tinyllama": TINYLLAMA}
+
+
+_TOKENIZERS: dict[str, Any] = {}
+
+
+def tokenizer(name: str) -> Any:
+    from transformers import AutoTokenizer
+
+    if name not in _TOKENIZERS:
+        _TOKENIZERS[name] = AutoTokenizer.from_pretrained(TOKENIZER_DIRS[name])
+    return _TOKENIZERS[name]
+
+
+def reference_row(name: str, messages: list[dict[str, Any]], source_line: int) -> dict[str, Any]:
+    """One tokenized sample whose labels are right by construction (pieces encoded and labelled separately)."""
+    tok = tokenizer(name)
+    header, eot, after, default_system = LAYOUTS[name]
+    pieces: list[tuple[str, bool]] = []
+    if default_system is not None and messages[0]["role"] != "system":
+        pieces.append((header("system") + default_system + eot + after, False))
+    for m in messages:
+        trained = m["role"] == "assistant" and m.get("train", True) is not False
+        pieces += [(header(m["role"]), False), (m["content"] + eot, trained), (after, False)]
+    ids: list[int] = []
+    labels: list[int] = []
+    for text, trained in pieces:
+        enc = tok.encode(text, add_special_tokens=False)
+        ids += enc
+        labels += enc if trained else [-100] * len(enc)
+    return {
+        "input_ids": ids,
+        "labels": labels,
+        "len": len(ids),
+        "num_loss_counted_tokens": sum(lab != -100 for lab in labels),
+        "source_line": source_line,
+    }
+
+
+def reference_rows(name: str, source: Path, limit: int | None = None) -> list[dict[str, Any]]:
+    rows = []
+    with source.open() as f:
+        for line_no, line in enumerate(f, 1):
+            if limit is not None and len(rows) >= limit:
+                break
+            rows.append(reference_row(name, json.loads(line)["messages"], line_no))
+    return rows
+
+
+def write_tokenized(
+    out: Path, rows: list[dict[str, Any]], name: str | None, *, meta: dict | None = None
+) -> Path:
+    """Write OUT.jsonl and (when `name` is given) a sidecar naming the fixture tokenizer."""
+    out.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in rows))
+    if name is not None:
+        tok = tokenizer(name)
+        sidecar = {
+            "format": "minitrain.tokenized",
+            "format_version": 1,
+            "tokenizer": {
+                "path": str(TOKENIZER_DIRS[name]),
+                "vocab_size": len(tok),
+                "eos_token_id": tok.eos_token_id,
+                "end_of_turn_token_ids": [tok.convert_tokens_to_ids(LAYOUTS[name][1])],
+            },
+            "counts": {"read": len(rows), "written": len(rows), "dropped": 0, "rejected": 0},
+            "tokens": sum(len(r["input_ids"]) for r in rows),
+            "trained_tokens": sum(sum(lab != -100 for lab in r["labels"]) for r in rows),
+        }
+        sidecar.update(meta or {})
+        out.with_name(out.stem + ".meta.json").write_bytes(orjson.dumps(sidecar))
+    return out
+
+
+def audit(out: Path, name: str, source: Path | None = None) -> st.AuditReport:
+    return st.audit_file(out, tokenizer(name), st.read_sidecar(out), source=source)
+
+
+# ------------------------------------------------------------------------------------------- clean files
+
+
+@pytest.mark.parametrize("name", ["smollm2", "tinyllama"])
+@pytest.mark.parametrize("source", [FASTCHAT, ALPACA], ids=lambda p: p.name.split(".")[0])
+def test_reference_tokenization_audits_clean(tmp_path: Path, name: str, source: Path) -> None:
+    out = write_tokenized(tmp_path / "out.jsonl", reference_rows(name, source), name)
+    report = audit(out, name, source=source)
+    assert report.counts == {}, report.examples
+    assert report.ok and report.samples == sum(1 for _ in source.open())
+    assert "compared" in report.notes[0]
+
+
+# ------------------------------------------------------------------------------------------- corruptions
+
+
+def _span_ends(row: dict[str, Any]) -> list[int]:
+    lab = row["labels"]
+    return [i for i in range(len(lab)) if lab[i] != -100 and (i + 1 == len(lab) or lab[i + 1] == -100)]
+
+
+def _recount(row: dict[str, Any]) -> None:
+    row["num_loss_counted_tokens"] = sum(lab != -100 for lab in row["labels"])
+
+
+def corrupt_zero_trained(row: dict[str, Any], tok: Any) -> None:
+    row["labels"] = [-100] * len(row["labels"])
+    _recount(row)
+
+
+def corrupt_eot_masked(row: dict[str, Any], tok: Any) -> None:
+    row["labels"][_span_ends(row)[0]] = -100  # the bug peers shipped: end-of-turn not trained
+    _recount(row)
+
+
+def corrupt_role_header_trained(row: dict[str, Any], tok: Any) -> None:
+    start = tok.convert_tokens_to_ids("<|im_start|>")
+    last = max(i for i, t in enumerate(row["input_ids"]) if t == start)  # the assistant header's <|im_start|>
+    row["labels"][last] = start
+    _recount(row)
+
+
+def corrupt_label_not_input(row: dict[str, Any], tok: Any) -> None:
+    i = _span_ends(row)[0] - 1
+    row["labels"][i] = row["input_ids"][i] + 1
+
+
+def corrupt_len(row: dict[str, Any], tok: Any) -> None:
+    row["len"] += 1
+
+
+def corrupt_labels_short(row: dict[str, Any], tok: Any) -> None:
+    row["labels"] = row["labels"][:-1]
+
+
+def corrupt_loss_count(row: dict[str, Any], tok: Any) -> None:
+    row["num_loss_counted_tokens"] += 1
+
+
+def corrupt_out_of_vocab(row: dict[str, Any], tok: Any) -> None:
+    row["input_ids"][0] = len(tok) + 5
+
+
+def corrupt_user_trained(row: dict[str, Any], tok: Any) -> None:
+    """Train the first user turn's content + end-of-turn: a mask that trains on user text."""
+    ids, end = row["input_ids"], tok.convert_tokens_to_ids("<|im_end|>")
+    user_header_end = next(i for i in range(len(ids) - 2) if tok.decode(ids[i : i + 2]) == "user\n") + 2
+    user_eot = ids.index(end, user_header_end)
+    for i in range(user_header_end, user_eot + 1):
+        row["labels"][i] = ids[i]
+    _recount(row)
+
+
+CORRUPTIONS = [
+    (corrupt_zero_trained, "zero_trained"),
+    (corrupt_eot_masked, "eot_not_trained"),
+    (corrupt_role_header_trained, "trained_special"),
+    (corrupt_label_not_input, "label_not_input"),
+    (corrupt_len, "len_mismatch"),
+    (corrupt_labels_short, "len_mismatch"),
+    (corrupt_loss_count, "loss_count_mismatch"),
+    (corrupt_out_of_vocab, "token_out_of_vocab"),
+    (corrupt_user_trained, "text_mismatch"),
+]
+
+
+@pytest.fixture(scope="module")
+def clean_rows() -> list[dict[str, Any]]:
+    return reference_rows("smollm2", FASTCHAT, limit=8)
+
+
+@pytest.mark.parametrize(("corrupt", "kind"), CORRUPTIONS, ids=[c.__name__[8:] for c, _ in CORRUPTIONS])
+def test_each_corruption_is_found(tmp_path: Path, clean_rows, corrupt, kind: str) -> None:
+    rows = [dict(r, input_ids=list(r["input_ids"]), labels=list(r["labels"])) for r in clean_rows]
+    corrupt(rows[5], tokenizer("smollm2"))
+    out = write_tokenized(tmp_path / "out.jsonl", rows, "smollm2")
+    report = audit(out, "smollm2", source=FASTCHAT)
+    assert kind in report.counts, report.counts
+    assert report.counts[kind] == 1
+    assert [e.index for e in report.examples[kind]] == [5]
+    assert report.examples[kind][0].source_line == 6
+    assert (
+        not report.ok
+    )  # with --source even a zero-trained sample is an error: its assistant turn is missing
+    if kind != "text_mismatch":
+        assert audit(out, "smollm2").ok is (st.CHECKS[kind].severity == "warning")
+    # The sidecar was written from the corrupted rows, so only the corruption itself is reported.
+    extra = set(report.counts) - {kind, "eot_not_trained", "trained_special", "text_mismatch"}
+    assert not extra, report.counts
+
+
+def test_user_text_trained_is_a_text_mismatch_only(tmp_path: Path, clean_rows) -> None:
+    rows = [dict(r, labels=list(r["labels"])) for r in clean_rows]
+    corrupt_user_trained(rows[0], tokenizer("smollm2"))
+    out = write_tokenized(tmp_path / "out.jsonl", rows, "smollm2")
+    assert audit(out, "smollm2").ok  # without --source nothing mechanical is wrong ...
+    report = audit(out, "smollm2", source=FASTCHAT)  # ... with it, the extra trained turn shows
+    assert report.counts == {"text_mismatch": 1}
+    assert "trained span" in report.examples["text_mismatch"][0].detail
+
+
+def test_changed_assistant_content_is_a_text_mismatch(tmp_path: Path, clean_rows) -> None:
+    out = write_tokenized(tmp_path / "out.jsonl", clean_rows, "smollm2")
+    lines = FASTCHAT.read_text().splitlines()[: len(clean_rows)]
+    convo = json.loads(lines[3])
+    convo["messages"][1]["content"] = convo["messages"][1]["content"].replace("a", "@", 1)
+    lines[3] = json.dumps(convo)
+    source = tmp_path / "in.jsonl"
+    source.write_text("\n".join(lines) + "\n")
+    report = audit(out, "smollm2", source=source)
+    assert report.counts == {"text_mismatch": 1}
+    assert report.examples["text_mismatch"][0].index == 3
+    assert "'@" in report.examples["text_mismatch"][0].detail
+
+
+def test_malformed_line_in_the_middle_is_a_finding(tmp_path: Path, clean_rows) -> None:
+    out = write_tokenized(tmp_path / "out.jsonl", clean_rows, "smollm2")
+    lines = out.read_bytes().splitlines(keepends=True)
+    lines[2] = b'{"input_ids": [1, 2\n'
+    out.write_bytes(b"".join(lines))
+    report = audit(out, "smollm2")
+    assert report.counts == {"malformed_line": 1} and report.examples["malformed_line"][0].index == 2
+    assert not report.ok
+
+
+def test_source_lines_that_cannot_be_matched(tmp_path: Path, clean_rows) -> None:
+    rows = [dict(r) for r in clean_rows]
+    rows[1]["source_line"] = 10_000  # past the end of the source ...
+    del rows[2]["source_line"]  # ... absent (a mini_trainer file)
+    out = write_tokenized(tmp_path / "out.jsonl", rows[:3], "smollm2")
+    report = audit(out, "smollm2", source=FASTCHAT)
+    assert report.counts == {"source_unmatched": 2}
+    assert [e.index for e in report.examples["source_unmatched"]] == [1, 2]
+
+
+def test_sidecar_counts_that_disagree(tmp_path: Path, clean_rows) -> None:
+    out = write_tokenized(tmp_path / "out.jsonl", clean_rows, "smollm2", meta={"trained_tokens": 1})
+    report = audit(out, "smollm2")
+    assert report.counts == {"sidecar_mismatch": 1}
+    assert "trained_tokens: sidecar 1" in report.examples["sidecar_mismatch"][0].detail
+
+
+def reference_findings(row: dict[str, Any], special: set[int], eot: set[int], vocab: int) -> set[str]:
+    """The per-sample checks written token by token, as plainly as possible."""
+    ids, labels, found = row["input_ids"], row["labels"], set()
+    if row.get("len") != len(ids) or len(labels) != len(ids):
+        found.add("len_mismatch")
+    if len(labels) != len(ids):
+        return found
+    trained = [lab != -100 for lab in labels]
+    if row.get("num_loss_counted_tokens") != sum(trained):
+        found.add("loss_count_mismatch")
+    for i in range(len(ids)):
+        if trained[i] and labels[i] != ids[i]:
+            found.add("label_not_input")
+        if not 0 <= ids[i] < vocab:
+            found.add("token_out_of_vocab")
+    if not any(trained):
+        return found | {"zero_trained"}
+    for i in range(len(ids)):
+        if trained[i] and 0 <= ids[i] < vocab and ids[i] in special and ids[i] not in eot:
+            found.add("trained_special")
+        span_ends_here = trained[i] and (i + 1 == len(ids) or not trained[i + 1])
+        if span_ends_here and ids[i] not in eot:
+            found.add("eot_not_trained")
+    return found
+
+
+def test_audit_matches_a_per_token_reference_on_random_corruptions(tmp_path: Path, clean_rows) -> None:
+    tok = tokenizer("smollm2")
+    rng = random.Random(0)
+    rows = []
+    for k in range(120):
+        row = json.loads(json.dumps(clean_rows[k % len(clean_rows)]))
+        n = len(row["input_ids"])
+        for _ in range(rng.randrange(4)):  # 0-3 random edits of labels, ids and counts
+            i = rng.randrange(n)
+            what = rng.randrange(6)
+            if what == 0:
+                row["labels"][i] = -100
+            elif what == 1:
+                row["labels"][i] = row["input_ids"][i]
+            elif what == 2:
+                row["labels"][i] = rng.randrange(len(tok))
+            elif what == 3:
+                row["input_ids"][i] = rng.choice([0, 1, 2, 3, len(tok) + 1, rng.randrange(len(tok))])
+            elif what == 4:
+                row["num_loss_counted_tokens"] += rng.choice([-1, 1])
+            else:
+                row["len"] += rng.choice([-1, 1])
+        rows.append(row)
+    out = write_tokenized(tmp_path / "out.jsonl", rows, "smollm2")
+    report = audit(out, "smollm2")
+
+    special = set(st.special_token_ids(tok))
+    eot = {tok.convert_tokens_to_ids("<|im_end|>"), tok.eos_token_id}
+    expected: dict[str, set[int]] = {}
+    for k, row in enumerate(rows):
+        for kind in reference_findings(row, special, eot, len(tok)):
+            expected.setdefault(kind, set()).add(k)
+    assert len(expected) >= 5  # the random edits reach most checks
+    assert {k: c for k, c in report.counts.items() if k != "sidecar_mismatch"} == {
+        k: len(v) for k, v in expected.items()
+    }
+    for kind, examples in report.examples.items():
+        if kind != "sidecar_mismatch":
+            assert [e.index for e in examples] == sorted(expected[kind])[: st.NUM_EXAMPLES]
+
+
+# ------------------------------------------------------------------------------------------- stats
+
+
+def test_stats_match_a_direct_computation(tmp_path: Path) -> None:
+    rows = reference_rows("tinyllama", FASTCHAT, limit=200)
+    rows[7]["labels"] = [-100] * rows[7]["len"]
+    rows[7]["num_loss_counted_tokens"] = 0
+    out = write_tokenized(tmp_path / "out.jsonl", rows, "tinyllama")
+    s = st.compute_stats(out)
+    lengths = sorted(r["len"] for r in rows)
+    assert s.samples == 200 and s.tokens == sum(lengths)
+    assert s.trained_tokens == sum(r["num_loss_counted_tokens"] for r in rows)
+    for q in st.PERCENTILES:  # the smallest length with at least q% of samples at or below it
+        assert s.percentiles[q] == lengths[int(np.ceil(q / 100 * 199))]
+    assert sum(c for _, _, c in s.histogram) == 200
+    assert s.histogram[0][0] == lengths[0] and s.histogram[-1][0] <= lengths[-1] <= s.histogram[-1][1]
+    for lo, hi, c in s.histogram:
+        assert c == sum(lo <= x <= hi for x in lengths)
+    assert s.zero_trained == 1 and s.zero_trained_examples == [7]
+    by_len = sorted(range(200), key=lambda i: (-rows[i]["len"], i))[: st.NUM_LONGEST]
+    assert [i for _, i, _, _ in s.longest] == by_len
+    assert [line for _, _, line, _ in s.longest] == [i + 1 for i in by_len]
+    assert s.packing is None
+
+
+def test_packing_stats_use_the_planner(tmp_path: Path) -> None:
+    from minitrain.data.packing import plan_minibatches
+
+    rows = reference_rows("smollm2", ALPACA, limit=100)
+    out = write_tokenized(tmp_path / "out.jsonl", rows, "smollm2")
+    s = st.compute_stats(out, max_tokens_per_gpu=1024, batch_size=16, nproc=2, seed=3)
+    lengths = np.array([r["len"] for r in rows])
+    order = np.random.default_rng([3, 0]).permutation(100)
+    counts = [len(plan_minibatches(lengths[order[i : i + 16]].tolist(), 1024, 2)) for i in range(0, 100, 16)]
+    p = s.packing
+    assert p is not None and p.steps == 7 and p.minibatches_max == max(counts)
+    assert p.minibatches_mean == pytest.approx(sum(counts) / 7)
+    assert p.too_long == int((lengths > 1024).sum())
+    placed = int(lengths[lengths <= 1024].sum())
+    assert p.utilization == pytest.approx(placed / (sum(counts) * 2 * 1024))
+
+
+def test_audit_pass_gives_the_same_stats(tmp_path: Path) -> None:
+    out = write_tokenized(tmp_path / "out.jsonl", reference_rows("smollm2", FASTCHAT, limit=50), "smollm2")
+    acc = st.StatsAccumulator()
+    st.audit_file(out, tokenizer("smollm2"), st.read_sidecar(out), stats=acc)
+    assert acc.finish(out) == st.compute_stats(out)
+
+
+# ------------------------------------------------------------------------------------------- selection
+
+
+@pytest.fixture(scope="module")
+def small_file(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("sel") / "out.jsonl"
+    return write_tokenized(out, reference_rows("smollm2", FASTCHAT, limit=30), "smollm2")
+
+
+def test_first_n_and_indices(small_file: Path) -> None:
+    assert [s.index for s in st.select_samples(small_file)] == [0, 1, 2]
+    assert [s.index for s in st.select_samples(small_file, n=5)] == [0, 1, 2, 3, 4]
+    picked = st.select_samples(small_file, indices=(12, 3))
+    assert [(s.index, s.line, s.sample["source_line"]) for s in picked] == [(3, 4, 4), (12, 13, 13)]
+    with pytest.raises(UserError, match="only 30 samples"):
+        st.select_samples(small_file, indices=(30,))
+
+
+def test_selection_stops_reading_at_the_last_line_it_needs(small_file: Path, tmp_path: Path) -> None:
+    big = tmp_path / "big.jsonl"
+    big.write_bytes(small_file.read_bytes() + b"this line is never read\n")
+    assert [s.index for s in st.select_samples(big, indices=(29,))] == [29]
+    assert len(st.select_samples(big, n=3)) == 3
+    with pytest.raises(UserError, match="malformed JSON"):
+        st.compute_stats(big)
+
+
+def test_random_is_reproducible_and_covers_the_file(small_file: Path) -> None:
+    a = [s.index for s in st.select_samples(small_file, random_k=4, seed=1)]
+    assert a == [s.index for s in st.select_samples(small_file, random_k=4, seed=1)]
+    assert a == sorted(a) and len(set(a)) == 4
+    seen = {
+        i
+        for seed in range(40)
+        for i in (s.index for s in st.select_samples(small_file, random_k=4, seed=seed))
+    }
+    assert len(seen) >= 25  # uniform over 30 samples, not stuck at the front
+    assert [s.index for s in st.select_samples(small_file, random_k=100)] == list(range(30))
+
+
+def test_grep_filters_on_decoded_text(small_file: Path) -> None:
+    tok = tokenizer("smollm2")
+
+    def grep(sample: dict[str, Any]) -> bool:
+        return "Who are you" in tok.decode(sample["input_ids"])
+
+    rows = [json.loads(line) for line in small_file.read_text().splitlines()]
+    matching = [i for i, r in enumerate(rows) if "Who are you" in tok.decode(r["input_ids"])]
+    assert 3 <= len(matching) < 30
+    assert [s.index for s in st.select_samples(small_file, n=2, grep=grep)] == matching[:2]
+    assert {s.index for s in st.select_samples(small_file, random_k=2, grep=grep)} <= set(matching)
+    assert [s.index for s in st.select_samples(small_file, indices=(0, 29), grep=grep)] == [
+        i for i in (0, 29) if i in matching
+    ]
+
+
+# ------------------------------------------------------------------------------------------- errors
+
+
+def test_one_line_errors(tmp_path: Path, small_file: Path) -> None:
+    def message(**kwargs: Any) -> str:
+        with pytest.raises(UserError) as err:
+            st.inspect_file(st.InspectConfig(**kwargs))
+        assert "\n" not in str(err.value)
+        return str(err.value)
+
+    assert "no such file" in message(path=tmp_path / "missing.jsonl")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    assert "no samples" in message(path=empty)
+    assert "not a tokenized sample" in message(path=FASTCHAT)
+    bare = tmp_path / "bare.jsonl"
+    bare.write_bytes(small_file.read_bytes())
+    assert "--model-name-or-path" in message(path=bare)
+    assert "cannot load tokenizer" in message(path=bare, model_name_or_path=str(tmp_path / "nope"))
+    moved = write_tokenized(
+        tmp_path / "moved.jsonl", [], "smollm2", meta={"tokenizer": {"path": "/no/such/tok"}}
+    )
+    moved.write_bytes(small_file.read_bytes())
+    assert "recorded in moved.meta.json" in message(path=moved)
+    assert "pass only one" in message(path=small_file, n=2, indices=(1,))
+    assert "add --audit" in message(path=small_file, source=FASTCHAT)
+    assert "add --stats" in message(path=small_file, batch_size=4)
+    assert "both --max-tokens-per-gpu and --batch-size" in message(path=small_file, stats=True, batch_size=4)
+
+
+def test_without_a_sidecar_the_override_and_known_end_of_turn_tokens_are_used(
+    tmp_path: Path, small_file
+) -> None:
+    bare = tmp_path / "bare.jsonl"
+    bare.write_bytes(small_file.read_bytes())
+    result = st.inspect_file(st.InspectConfig(path=bare, model_name_or_path=str(SMOLLM2), audit=True))
+    assert result.meta is None and result.audit is not None and result.audit.counts == {}
+    assert st.end_of_turn_ids(result.tokenizer, None) == {0, 2}  # <|im_end|> (EOS) and <|endoftext|>
