@@ -11,11 +11,68 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from minitrain.errors import UserError
+
+# ------------------------------------------------------------------------------------------- tokenize
+
+
+@dataclass(frozen=True, kw_only=True)
+class TokenizeConfig:
+    """Everything `minitrain tokenize` needs; saved in the sidecar (OUT.meta.json) of the file it writes.
+
+    Files are checked by the stage (`minitrain.data.pipeline.tokenize_file`), not here.
+    """
+
+    input_file: Path
+    output_file: Path
+    model_name_or_path: str
+    max_sample_num_tokens: int | None = None  # longer samples are dropped (listed in OUT.rejects.jsonl)
+    chat_template: str | None = None  # None: the tokenizer's own; "chatml"; or a path to a Jinja file
+    num_workers: int | None = None  # None: every core this process may use
+    strict: bool = False  # stop at the first rejected line instead of listing it
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "input_file", Path(self.input_file))
+        object.__setattr__(self, "output_file", Path(self.output_file))
+        object.__setattr__(self, "model_name_or_path", str(self.model_name_or_path))
+        if not self.model_name_or_path:
+            raise UserError("--model-name-or-path is empty; give a tokenizer or model folder")
+        for flag, value in (
+            ("--max-sample-num-tokens", self.max_sample_num_tokens),
+            ("--num-workers", self.num_workers),
+        ):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise UserError(f"{flag} must be a positive integer, got {value!r}")
+        if self.output_file.resolve() == self.input_file.resolve():
+            raise UserError(f"the output {self.output_file} is the input file; choose another path with -o")
+        if self.output_file.suffix != ".jsonl":
+            raise UserError(
+                f"the output {self.output_file} must end in .jsonl (the sidecar and rejects sit beside it)"
+            )
+        if self.chat_template is not None and not self.chat_template.strip():
+            raise UserError("--chat-template is empty; give a built-in name (chatml) or a Jinja file")
+
+    def workers(self) -> int:
+        """Worker processes to use: `num_workers`, or every core this process may run on."""
+        if self.num_workers is not None:
+            return self.num_workers
+        try:
+            return max(1, len(os.sched_getaffinity(0)))
+        except AttributeError:  # macOS, Windows
+            return max(1, os.cpu_count() or 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict of every field (paths as strings)."""
+        return {
+            f.name: str(v) if isinstance(v := getattr(self, f.name), Path) else v
+            for f in dataclasses.fields(self)
+        }
+
 
 # ---------------------------------------------------------------------------------------------- train
 

@@ -1,10 +1,110 @@
-"""`minitrain tokenize` (not built yet)."""
+"""`minitrain tokenize`: JSONL conversations -> tokenized JSONL with exact loss masks (+ sidecar, rejects).
+
+Thin: parses flags (both minitrain's `INPUT -o OUT` and mini_trainer's `--input-file/--output-file`
+spellings), builds a `TokenizeConfig`, calls `minitrain.data.pipeline.tokenize_file`, renders the summary.
+The heavy imports (transformers, tokenizers) happen inside the command, so `minitrain --help` stays fast.
+"""
 
 from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
 
 from minitrain.errors import UserError
 
 
-def tokenize() -> None:
-    """Not built yet."""
-    raise UserError("'minitrain tokenize' is not built yet")
+def tokenize(
+    input_path: Annotated[
+        Path | None,
+        typer.Argument(
+            metavar="INPUT.jsonl",
+            help="JSONL input: messages, pretrain or prompt/generation lines.",
+            show_default=False,
+        ),
+    ] = None,
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "--output",
+            "-o",
+            "--output-file",
+            help="Tokenized JSONL to write (sidecar and rejects beside it).",
+            show_default=False,
+        ),
+    ] = None,
+    model_name_or_path: Annotated[
+        str | None,
+        typer.Option(
+            "--model-name-or-path",
+            help="Tokenizer or model folder whose tokenizer (and chat template) to use.",
+            show_default=False,
+        ),
+    ] = None,
+    input_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--input-file", help="Same as INPUT.jsonl (mini_trainer's spelling).", show_default=False
+        ),
+    ] = None,
+    max_sample_num_tokens: Annotated[
+        int | None,
+        typer.Option(
+            "--max-sample-num-tokens",
+            help="Drop samples longer than this many tokens (listed in the rejects file).",
+            show_default=False,
+        ),
+    ] = None,
+    chat_template: Annotated[
+        str | None,
+        typer.Option(
+            "--chat-template",
+            help="Template to use instead of the tokenizer's: 'chatml' or a path to a Jinja file.",
+            show_default=False,
+        ),
+    ] = None,
+    num_workers: Annotated[
+        int | None,
+        typer.Option("--num-workers", help="Worker processes [default: all cores].", show_default=False),
+    ] = None,
+    strict: Annotated[
+        bool,
+        typer.Option("--strict", help="Stop at the first rejected line with FILE:LINE: reason (exit 1)."),
+    ] = False,
+) -> None:
+    """Tokenize JSONL conversations with exact loss masks (assistant content + end-of-turn trained).
+
+    Examples:
+
+      minitrain tokenize data.jsonl -o data.tok.jsonl --model-name-or-path ./my-model
+
+      minitrain tokenize --input-file in.jsonl --output-file out.jsonl --model-name-or-path M --max-sample-num-tokens 32768
+    """
+    if input_path is not None and input_file is not None:
+        raise UserError("give the input once: either INPUT.jsonl or --input-file, not both")
+    source = input_path if input_path is not None else input_file
+    if source is None:
+        raise UserError("no input: pass INPUT.jsonl (or --input-file INPUT.jsonl)")
+    if output is None:
+        raise UserError("no output: pass -o OUT.jsonl (or --output-file OUT.jsonl)")
+    if model_name_or_path is None:
+        raise UserError("no tokenizer: pass --model-name-or-path with a tokenizer or model folder")
+
+    from rich.console import Console
+
+    from minitrain.config import TokenizeConfig
+    from minitrain.data.pipeline import render_summary, tokenize_file
+
+    config = TokenizeConfig(
+        input_file=source,
+        output_file=output,
+        model_name_or_path=model_name_or_path,
+        max_sample_num_tokens=max_sample_num_tokens,
+        chat_template=chat_template,
+        num_workers=num_workers,
+        strict=strict,
+    )
+    console = Console(stderr=True)
+    result = tokenize_file(config, console=console)
+    render_summary(result, Console())

@@ -1,0 +1,342 @@
+"""The `tokenize` stage: JSONL records in; tokenized JSONL, rejects and sidecar out (format: `format.py`).
+
+    INPUT.jsonl --(reader: chunks of raw lines)--> workers (ChatEncoder.encode, one per process)
+                --(results, in input order)--> OUT.jsonl + OUT.rejects.jsonl --> OUT.meta.json
+
+Streaming: the reader keeps at most a few chunks per worker in flight, so memory does not grow with the
+input. Workers do everything per line (UTF-8, JSON, encode, length check, serialising the output line);
+the parent only writes bytes in order. Every non-blank input line ends up written, dropped (longer than
+`max_sample_num_tokens`) or rejected with a reason, so `read == written + dropped + rejected`.
+Outputs are written atomically (temporary files renamed at the end): an interrupted or failed run
+leaves no partial OUT. The trade-off: one tokenizer per worker process (fork shares the parent's; a few
+MB each) and pickled bytes between processes, in exchange for near-linear scaling with cores.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import signal
+import time
+from collections import Counter, deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from minitrain import __version__
+from minitrain.config import TokenizeConfig
+from minitrain.data.chat import (
+    MALFORMED_JSON,
+    NOT_UTF8,
+    TOO_LONG,
+    ChatEncoder,
+    SampleRejected,
+    load_chat_encoder,
+)
+from minitrain.data.format import FORMAT_NAME, FORMAT_VERSION, atomic_write, rejects_path, sidecar_path
+from minitrain.errors import UserError
+
+CHUNK_LINES = 64  # lines per task sent to a worker
+CHUNK_BYTES = 1 << 20  # ... or fewer when the lines are long
+IN_FLIGHT_PER_WORKER = 4  # chunks queued per worker: enough to keep workers busy, little memory
+
+
+@dataclass
+class ChunkResult:
+    """What a worker returns for one chunk of lines (everything the parent needs, nothing more)."""
+
+    out: bytes = b""  # output JSONL lines, in order
+    rejects: list[tuple[int, str, str, str]] = field(default_factory=list)  # (line, kind, reason, detail)
+    written: int = 0
+    blank: int = 0
+    tokens: int = 0
+    trained_tokens: int = 0
+    num_bytes: int = 0
+
+
+@dataclass
+class TokenizeResult:
+    """Counts and timing of one `tokenize` run (also written to the sidecar)."""
+
+    input_file: Path
+    output_file: Path
+    rejects_file: Path
+    sidecar_file: Path
+    num_workers: int
+    read: int = 0
+    written: int = 0
+    dropped: int = 0
+    blank: int = 0
+    rejected_by_reason: dict[str, int] = field(default_factory=dict)
+    tokens: int = 0
+    trained_tokens: int = 0
+    elapsed_s: float = 0.0
+
+    @property
+    def rejected(self) -> int:
+        return sum(self.rejected_by_reason.values())
+
+    @property
+    def samples_per_s(self) -> float:
+        return self.written / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+
+def encode_lines(encoder: ChatEncoder, max_tokens: int | None, lines: list[tuple[int, bytes]]) -> ChunkResult:
+    """Encode raw input lines (1-based line number, bytes) into output bytes, rejects and counts."""
+    result = ChunkResult()
+    out: list[bytes] = []
+    for line_no, raw in lines:
+        result.num_bytes += len(raw)
+        if not raw.strip():
+            result.blank += 1
+            continue
+        try:
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise SampleRejected(NOT_UTF8, str(err)) from None
+            try:
+                record = orjson.loads(text)
+            except orjson.JSONDecodeError as err:
+                raise SampleRejected(MALFORMED_JSON, str(err)) from None
+            sample = encoder.encode(record)
+        except SampleRejected as rej:
+            result.rejects.append((line_no, "rejected", rej.reason, rej.detail))
+            continue
+        n = len(sample.input_ids)
+        if max_tokens is not None and n > max_tokens:
+            result.rejects.append(
+                (line_no, "dropped", TOO_LONG, f"{n} tokens > --max-sample-num-tokens {max_tokens}")
+            )
+            continue
+        trained = n - sample.labels.count(-100)
+        out.append(
+            orjson.dumps(
+                {
+                    "input_ids": sample.input_ids,
+                    "labels": sample.labels,
+                    "len": n,
+                    "num_loss_counted_tokens": trained,
+                    "source_line": line_no,
+                }
+            )
+        )
+        result.written += 1
+        result.tokens += n
+        result.trained_tokens += trained
+    if out:
+        out.append(b"")
+        result.out = b"\n".join(out)
+    return result
+
+
+# Worker-process state: set once by the pool initializer (fork: inherited without pickling).
+_WORKER: tuple[ChatEncoder, int | None] | None = None
+
+
+def _init_worker(encoder: ChatEncoder, max_tokens: int | None) -> None:
+    global _WORKER
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and terminates the pool
+    _WORKER = (encoder, max_tokens)
+
+
+def _encode_chunk(lines: list[tuple[int, bytes]]) -> ChunkResult:
+    assert _WORKER is not None, "worker not initialised"
+    return encode_lines(_WORKER[0], _WORKER[1], lines)
+
+
+def _read_chunks(path: Path) -> Iterator[list[tuple[int, bytes]]]:
+    """Stream the input as chunks of (1-based line number, raw bytes without the newline)."""
+    chunk: list[tuple[int, bytes]] = []
+    size = 0
+    with path.open("rb") as f:
+        for line_no, raw in enumerate(f, 1):
+            chunk.append((line_no, raw.rstrip(b"\r\n")))
+            size += len(raw)
+            if len(chunk) >= CHUNK_LINES or size >= CHUNK_BYTES:
+                yield chunk
+                chunk, size = [], 0
+    if chunk:
+        yield chunk
+
+
+def _results_in_order(
+    encoder: ChatEncoder, max_tokens: int | None, path: Path, workers: int
+) -> Iterator[ChunkResult]:
+    """ChunkResults in input order; a bounded number of chunks in flight (streaming, constant memory)."""
+    if workers == 1:
+        for chunk in _read_chunks(path):
+            yield encode_lines(encoder, max_tokens, chunk)
+        return
+    methods = multiprocessing.get_all_start_methods()
+    ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+    with ctx.Pool(workers, initializer=_init_worker, initargs=(encoder, max_tokens)) as pool:
+        pending: deque[Any] = deque()
+        for chunk in _read_chunks(path):
+            pending.append(pool.apply_async(_encode_chunk, (chunk,)))
+            if len(pending) >= workers * IN_FLIGHT_PER_WORKER:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+def _progress(console: Any, total_bytes: int) -> Any:
+    """A rich progress bar over input bytes, or None when the console is not a terminal."""
+    if console is None or not console.is_terminal:
+        return None
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress(
+        TextColumn("tokenize"),
+        BarColumn(),
+        TextColumn("{task.percentage:>3.0f}%"),
+        TextColumn("{task.fields[samples]} samples"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
+    )
+
+
+def tokenize_file(config: TokenizeConfig, *, console: Any = None) -> TokenizeResult:
+    """Run the tokenize stage; a progress bar on `console` when it is a terminal. UserError on bad input."""
+    inp, out = config.input_file, config.output_file
+    if not inp.is_file():
+        raise UserError(f"{inp}: no such file; give the JSONL file to tokenize")
+    total_bytes = inp.stat().st_size
+    if total_bytes == 0:
+        raise UserError(f"{inp}: the file is empty; nothing to tokenize")
+    loaded = load_chat_encoder(config.model_name_or_path, config.chat_template)
+    workers = config.workers()
+    result = TokenizeResult(
+        input_file=inp,
+        output_file=out,
+        rejects_file=rejects_path(out),
+        sidecar_file=sidecar_path(out),
+        num_workers=workers,
+    )
+    reasons: Counter[str] = Counter()
+    start = time.perf_counter()
+    progress = _progress(console, total_bytes)
+    with atomic_write(out) as f_out:  # OUT is renamed into place last: if it exists, so do its companions
+        with atomic_write(result.rejects_file) as f_rej:
+            # The pool is created (forked) inside the generator before the progress bar starts its thread.
+            results = _results_in_order(loaded.encoder, config.max_sample_num_tokens, inp, workers)
+            first = next(results, None)
+            task = None
+            if progress is not None:
+                progress.start()
+                task = progress.add_task("tokenize", total=total_bytes, samples=0)
+            try:
+                chunk = first
+                while chunk is not None:
+                    for line_no, kind, reason, detail in chunk.rejects:
+                        if kind == "rejected" and config.strict:
+                            raise UserError(
+                                f"{inp}:{line_no}: {reason}"
+                                + (f": {detail}" if detail else "")
+                                + " (without --strict such lines go to the rejects file)"
+                            )
+                        f_rej.write(
+                            orjson.dumps({"line": line_no, "kind": kind, "reason": reason, "detail": detail})
+                        )
+                        f_rej.write(b"\n")
+                        if kind == "dropped":
+                            result.dropped += 1
+                        else:
+                            reasons[reason] += 1
+                    f_out.write(chunk.out)
+                    result.written += chunk.written
+                    result.blank += chunk.blank
+                    result.tokens += chunk.tokens
+                    result.trained_tokens += chunk.trained_tokens
+                    if progress is not None:
+                        progress.update(task, advance=chunk.num_bytes, samples=result.written)
+                    chunk = next(results, None)
+            finally:
+                if progress is not None:
+                    progress.stop()
+                results.close()  # terminates the pool if we stop early
+            result.rejected_by_reason = dict(sorted(reasons.items()))
+            result.read = result.written + result.dropped + result.rejected
+            if result.read == 0:
+                raise UserError(f"{inp}: only blank lines; nothing to tokenize")
+        result.elapsed_s = time.perf_counter() - start
+        with atomic_write(result.sidecar_file) as f_meta:
+            f_meta.write(orjson.dumps(_sidecar(config, loaded, result), option=orjson.OPT_INDENT_2))
+    return result
+
+
+def _sidecar(config: TokenizeConfig, loaded: Any, result: TokenizeResult) -> dict[str, Any]:
+    """The OUT.meta.json content (keys as documented in `format.read_sidecar`)."""
+    return {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "minitrain_version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "input": str(config.input_file.resolve()),
+        "tokenizer": {
+            "path": str(config.model_name_or_path),
+            "class": loaded.tokenizer_class,
+            "vocab_size": loaded.vocab_size,
+            "bos_token_id": loaded.bos_token_id,
+            "eos_token_id": loaded.eos_token_id,
+            "pad_token_id": loaded.pad_token_id,
+            "end_of_turn_token_ids": loaded.end_of_turn_token_ids,
+            "fingerprint": loaded.fingerprint,
+        },
+        "chat_template_sha256": loaded.template_sha256,
+        "chat_template_origin": loaded.template_origin,
+        "end_of_turn_text": loaded.encoder.eot_text,
+        "max_sample_num_tokens": config.max_sample_num_tokens,
+        "counts": {
+            "read": result.read,
+            "written": result.written,
+            "dropped": result.dropped,
+            "rejected": result.rejected,
+            "rejected_by_reason": result.rejected_by_reason,
+            "blank_lines_skipped": result.blank,
+        },
+        "tokens": result.tokens,
+        "trained_tokens": result.trained_tokens,
+        "elapsed_s": round(result.elapsed_s, 3),
+        "num_workers": result.num_workers,
+        "config": config.to_dict(),
+    }
+
+
+def render_summary(result: TokenizeResult, console: Any) -> None:
+    """The end-of-run table: lines read/written/dropped/rejected (by reason), tokens, throughput."""
+    from rich.table import Table
+
+    table = Table(title=f"minitrain tokenize -> {result.output_file}", show_header=True, header_style="bold")
+    table.add_column("", style="bold")
+    table.add_column("count", justify="right")
+    table.add_row("lines read", f"{result.read:,}")
+    table.add_row("written", f"[green]{result.written:,}[/green]")
+    table.add_row(
+        "dropped (too long)",
+        f"{result.dropped:,}" if not result.dropped else f"[yellow]{result.dropped:,}[/yellow]",
+    )
+    table.add_row(
+        "rejected", f"{result.rejected:,}" if not result.rejected else f"[red]{result.rejected:,}[/red]"
+    )
+    for reason, n in result.rejected_by_reason.items():
+        table.add_row(f"  {reason}", f"{n:,}")
+    if result.blank:
+        table.add_row("blank lines skipped", f"{result.blank:,}")
+    table.add_row("tokens", f"{result.tokens:,}")
+    table.add_row("trained tokens", f"{result.trained_tokens:,}")
+    table.add_row("samples/s", f"{result.samples_per_s:,.0f}")
+    table.add_row("tokens/s", f"{result.tokens_per_s:,.0f}")
+    table.add_row("workers", str(result.num_workers))
+    console.print(table)
+    if result.dropped or result.rejected:
+        console.print(f"dropped and rejected lines (line number + reason): {result.rejects_file}")
