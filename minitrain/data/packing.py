@@ -74,14 +74,29 @@ def sample_costs(
 # bin[i] for each position of `order`, or None when it cannot fit everything within the token budget.
 
 
-def _lpt(tok: list[int], wt: list[int], K: int, budget: int) -> np.ndarray | None:
-    """Largest weight first into the least loaded bin (weights are non-negative ints)."""
+def _lpt(tok: np.ndarray, wt: np.ndarray, K: int, budget: int) -> np.ndarray | None:
+    """Largest weight first into the least loaded bin; None if a sample does not fit there.
+
+    With many bins the samples go in rounds of K (the i-th largest of a round into the i-th least loaded
+    bin), which is vectorised and nearly identical to exact LPT; with few bins, exact LPT on a heap.
+    """
+    if K >= 32:
+        loads = np.zeros(K, dtype=wt.dtype)
+        out = np.empty(len(wt), dtype=np.int64)
+        for start in range(0, len(wt), K):
+            block = wt[start : start + K]
+            target = np.argsort(loads, kind="stable")[: len(block)]
+            out[start : start + len(block)] = target
+            loads[target] += block
+        if np.bincount(out, weights=tok, minlength=K).max() > budget:
+            return None
+        return out
     # heap entries are load * K + bin: one int per bin, so ties break by bin index without tuples
     heap = list(range(K))
     room = [budget] * K
     out = np.empty(len(tok), dtype=np.int64)
     replace = heapq.heapreplace
-    for j, (t, w) in enumerate(zip(tok, wt, strict=True)):
+    for j, (t, w) in enumerate(zip(tok.tolist(), wt.tolist(), strict=True)):
         b = heap[0] % K
         if t > room[b]:
             return None
@@ -91,24 +106,39 @@ def _lpt(tok: list[int], wt: list[int], K: int, budget: int) -> np.ndarray | Non
     return out
 
 
-def _bfd(tok: list[int], K: int, budget: int, first_bins: np.ndarray | None = None) -> np.ndarray | None:
-    """Best-fit decreasing on tokens: each sample into the fullest bin that still has room."""
-    # sorted list of room * K + bin: bisect finds the tightest bin with room >= t
-    rooms = [budget * K + b for b in range(K)]
+def _bfd(tok: list[int], K: int | None, budget: int) -> np.ndarray | None:
+    """Best-fit decreasing on tokens: each sample into the fullest bin that still has room.
+
+    With K=None the bins are unlimited (a new one opens when nothing fits); otherwise None when K is short.
+    """
+    cap = len(tok) + 1 if K is None else K
+    # sorted list of room * cap + bin: bisect finds the tightest bin with room >= t (ties: lowest bin)
+    rooms = [] if K is None else [budget * cap + b for b in range(K)]
     out = np.empty(len(tok), dtype=np.int64)
     find, insert = bisect.bisect_left, bisect.insort
+    opened = 0
     for j, t in enumerate(tok):
-        k = find(rooms, t * K)
+        k = find(rooms, t * cap)
         if k == len(rooms):
-            return None
+            if K is not None:
+                return None
+            insert(rooms, (budget - t) * cap + opened)
+            out[j] = opened
+            opened += 1
+            continue
         v = rooms.pop(k)
-        insert(rooms, v - t * K)
-        out[j] = v % K
+        insert(rooms, v - t * cap)
+        out[j] = v % cap
     return out
 
 
-def _ffd(tok: list[int], K: int, budget: int) -> np.ndarray | None:
-    """First-fit decreasing on tokens: each sample into the lowest-numbered bin with room (segment tree)."""
+def _ffd(tok: list[int], K: int | None, budget: int) -> np.ndarray | None:
+    """First-fit decreasing on tokens: each sample into the lowest-numbered bin with room (segment tree).
+
+    With K=None the bins are unlimited; otherwise None when K bins are not enough.
+    """
+    if K is None:  # any-fit packing never leaves two bins at most half full: <= 2 * sum / budget + 1 bins
+        K = min(len(tok), 2 * (-(-sum(tok) // budget)) + 1)
     size = 1
     while size < K:
         size *= 2
@@ -128,7 +158,8 @@ def _ffd(tok: list[int], K: int, budget: int) -> np.ndarray | None:
         tree[node] -= t
         node //= 2
         while node:
-            tree[node] = max(tree[2 * node], tree[2 * node + 1])
+            left, right = tree[2 * node], tree[2 * node + 1]
+            tree[node] = left if left > right else right
             node //= 2
     return out
 
@@ -139,36 +170,9 @@ def ffd_bins(lengths: Sequence[int] | np.ndarray, budget: int) -> int:
     lens = np.sort(lens[lens <= budget])[::-1]
     if lens.size == 0:
         return 0
-    # FFD never opens more bins than samples; restricted to K bins it places items exactly as unlimited
-    used = _ffd(lens.tolist(), int(lens.size), budget)
+    used = _ffd(lens.tolist(), None, budget)
     assert used is not None
     return int(used.max()) + 1
-
-
-def _split(tok: list[int], wt: list[int], K: int, budget: int, threshold: int) -> np.ndarray | None:
-    """BFD for samples longer than `threshold` tokens, then LPT (with room check) for the rest."""
-    n_large = bisect.bisect_left([-t for t in tok], -threshold)  # tok is sorted decreasing
-    large = _bfd(tok[:n_large], K, budget)
-    if large is None:
-        return None
-    loads = [0] * K
-    room = [budget] * K
-    for j in range(n_large):
-        b = int(large[j])
-        loads[b] += wt[j]
-        room[b] -= tok[j]
-    heap = sorted(loads[b] * K + b for b in range(K))
-    out = np.empty(len(tok), dtype=np.int64)
-    out[:n_large] = large
-    replace = heapq.heapreplace
-    for j in range(n_large, len(tok)):
-        b = heap[0] % K
-        if tok[j] > room[b]:
-            return None
-        room[b] -= tok[j]
-        replace(heap, heap[0] + wt[j] * K)
-        out[j] = b
-    return out
 
 
 def _even_out(bins: np.ndarray, tok: np.ndarray, wt: np.ndarray, K: int, budget: int) -> np.ndarray:
@@ -214,60 +218,86 @@ def _even_out(bins: np.ndarray, tok: np.ndarray, wt: np.ndarray, K: int, budget:
 
 
 def _polish(
-    groups: list[list[int]], members: list[list[int]], tok: np.ndarray, wt: np.ndarray, budget: int
+    ranks: list[int],
+    members: list[list[int]],
+    wl: list[float],
+    tl: list[int],
+    tok: np.ndarray,
+    wt: np.ndarray,
+    budget: int,
 ) -> None:
-    """Within each minibatch, move/swap samples between the busiest and idlest rank while it helps."""
-    for ranks in groups:
-        if len(ranks) < 2:
-            continue
-        for _ in range(4 * len(ranks)):
-            loads = [int(wt[members[b]].sum()) if members[b] else 0 for b in ranks]
-            hi = max(range(len(ranks)), key=loads.__getitem__)
-            lo = min(range(len(ranks)), key=loads.__getitem__)
-            gap = loads[hi] - loads[lo]
-            if gap <= 0 or gap * 200 <= loads[hi]:
-                break
-            a, b = ranks[hi], ranks[lo]
-            ia = np.asarray(members[a], dtype=np.int64)
-            ib = np.asarray(members[b], dtype=np.int64)
-            room_b = budget - int(tok[ib].sum()) if ib.size else budget
-            room_a = budget - int(tok[ia].sum())
-            best, best_delta = None, 0
-            # move x from a to b: improves when 0 < w_x < gap; best at w_x = gap / 2
-            ok = (wt[ia] < gap) & (wt[ia] > 0) & (tok[ia] <= room_b)
-            if ok.any():
-                cand = np.flatnonzero(ok)
-                k = cand[np.argmin(np.abs(2 * wt[ia][cand] - gap))]
-                best, best_delta = ("move", int(k), -1), min(int(wt[ia][k]), gap - int(wt[ia][k]))
-            if ib.size:
-                d = wt[ia][:, None] - wt[ib][None, :]  # weight moved from a to b by swapping x, y
-                dt = tok[ia][:, None] - tok[ib][None, :]
-                ok = (d > 0) & (d < gap) & (dt <= room_b) & (-dt <= room_a)
-                if ok.any():
-                    score = np.where(ok, np.minimum(d, gap - d), -1)
-                    k, m = np.unravel_index(int(np.argmax(score)), score.shape)
-                    if score[k, m] > best_delta:
-                        best, best_delta = ("swap", int(k), int(m)), int(score[k, m])
-            if best is None:
-                break
-            kind, k, m = best
-            x = members[a].pop(k)
-            members[b].append(x)
-            if kind == "swap":
-                y = members[b].pop(m)
-                members[a].append(y)
+    """Within one minibatch, move or swap samples between the busiest and idlest rank while that helps.
+
+    Moving weight d from a to b with 0 < d < gap lowers max(load_a, load_b); the token room of each side
+    is checked as well (tokens and weights differ under cost="compute").
+    """
+    for _ in range(2 * len(ranks)):
+        a = max(ranks, key=wl.__getitem__)
+        b = min(ranks, key=wl.__getitem__)
+        gap = wl[a] - wl[b]
+        if gap * 500 <= wl[a]:  # within 0.2%: good enough
+            return
+        ia = np.asarray(members[a], dtype=np.int64)
+        ib = np.asarray(members[b], dtype=np.int64)
+        wa, ta = wt[ia], tok[ia]
+        room_a, room_b = budget - tl[a], budget - tl[b]
+        best, best_gain = None, 0.0
+        # move x from a to b: the pair's max drops by min(w_x, gap - w_x)
+        gain = np.where((wa < gap) & (ta <= room_b), np.minimum(wa, gap - wa), 0.0)
+        k = int(np.argmax(gain))
+        if gain[k] > 0:
+            best, best_gain = (k, -1), float(gain[k])
+        if ib.size:
+            d = wa[:, None] - wt[ib][None, :]  # weight moved from a to b by swapping x and y
+            dt = ta[:, None] - tok[ib][None, :]
+            ok = (d > 0) & (d < gap) & (dt <= room_b) & (-dt <= room_a)
+            gain2 = np.where(ok, np.minimum(d, gap - d), 0.0)
+            k2 = int(np.argmax(gain2))
+            if gain2.flat[k2] > best_gain:
+                best = (k2 // ib.size, k2 % ib.size)
+        if best is None:
+            return
+        k, m = best
+        moves = [(members[a][k], a, b)] + ([(members[b][m], b, a)] if m >= 0 else [])
+        for x, src, dst in moves:
+            members[src].remove(x)
+            members[dst].append(x)
+            wl[src] -= float(wt[x])
+            wl[dst] += float(wt[x])
+            tl[src] -= int(tok[x])
+            tl[dst] += int(tok[x])
 
 
-def _group(bins: np.ndarray, wt: np.ndarray, K: int, world: int) -> list[list[int]]:
-    """Bins sorted by load, heaviest first, cut into minibatches of `world` consecutive bins."""
-    loads = np.bincount(bins, weights=wt, minlength=K)
-    by_load = np.lexsort((np.arange(K), -loads))
-    return [by_load[g * world : (g + 1) * world].tolist() for g in range(K // world)]
+def _arrange(
+    bins: np.ndarray, tok: np.ndarray, wt: np.ndarray, K: int, world: int, budget: int
+) -> tuple[float, np.ndarray]:
+    """Group bins into minibatches (heaviest with heaviest) and polish the unbalanced ones.
 
-
-def _score(groups: list[list[int]], members: list[list[int]], wt: np.ndarray) -> float:
-    """Sum over minibatches of the busiest rank's weight (lower is better)."""
-    return float(sum(max(float(wt[members[b]].sum()) if members[b] else 0.0 for b in g) for g in groups))
+    Returns (sum over minibatches of the busiest rank's weight, slot of each sample), where slot =
+    minibatch * world + rank.
+    """
+    wl_arr = np.bincount(bins, weights=wt, minlength=K)
+    by_load = np.lexsort((np.arange(K), -wl_arr))  # slot s holds bin by_load[s]
+    slot_of_bin = np.empty(K, dtype=np.int64)
+    slot_of_bin[by_load] = np.arange(K)
+    slots = slot_of_bin[bins]
+    group_w = wl_arr[by_load].reshape(-1, world)
+    # polish only minibatches whose busiest rank is more than 0.2% above the idlest
+    todo = np.flatnonzero((group_w.max(1) - group_w.min(1)) * 500 > group_w.max(1))
+    if todo.size and world > 1:
+        wl = wl_arr[by_load].tolist()
+        tl = np.bincount(slots, weights=tok, minlength=K).astype(np.int64).tolist()
+        members: list[list[int]] = [[] for _ in range(K)]
+        in_todo = np.isin(slots // world, todo)
+        for j, sl in zip(np.flatnonzero(in_todo).tolist(), slots[in_todo].tolist(), strict=True):
+            members[sl].append(j)
+        for g in todo.tolist():
+            ranks = list(range(g * world, (g + 1) * world))
+            _polish(ranks, members, wl, tl, tok, wt, budget)
+            for sl in ranks:
+                slots[members[sl]] = sl
+        group_w = np.asarray(wl).reshape(-1, world)
+    return float(group_w.max(1).sum()), slots
 
 
 def plan_minibatches(
@@ -283,6 +313,7 @@ def plan_minibatches(
     Every index with `lengths[i] <= max_tokens_per_rank` appears exactly once; longer ones appear nowhere
     (the caller counts and reports them). Every minibatch has `world_size` lists (possibly empty) and every
     rank's token sum is <= max_tokens_per_rank. Returns [] when no sample fits. Deterministic.
+    `cost="compute"` balances ranks by `a * len + b * len**2` with `(a, b) = compute_coeffs`.
     """
     if max_tokens_per_rank <= 0:
         raise UserError(f"max tokens per GPU must be >= 1, got {max_tokens_per_rank}")
@@ -298,50 +329,39 @@ def plan_minibatches(
     weights = sample_costs(lens[fit], cost, compute_coeffs)
     if cost == "compute":  # integer weights for the int-encoded heaps; relative precision 1e-6 suffices
         weights = np.rint(weights * (1e6 / max(float(weights.max()), 1.0))).astype(np.int64)
-    tok_all = lens[fit]
     order = np.lexsort((np.arange(fit.size), -weights))  # decreasing weight, ties by index: deterministic
-    tok = tok_all[order]
+    tok = lens[fit][order]
     wt = np.asarray(weights[order], dtype=np.int64)
-    tok_l, wt_l = tok.tolist(), wt.tolist()
+    by_tok = np.lexsort((np.arange(fit.size), -tok))  # the bin packers want decreasing tokens
+    tok_sorted = tok[by_tok].tolist()
+
+    def unsort(bins: np.ndarray | None) -> np.ndarray | None:  # bins by decreasing tokens -> by weight
+        if bins is None or cost == "tokens":
+            return bins
+        out = np.empty_like(bins)
+        out[by_tok] = bins
+        return out
 
     m = lower_bound(tok, budget, world)
-    m_ffd: int | None = None
-    while True:
-        K = m * world
-        candidates = []
-        lpt = _lpt(tok_l, wt_l, K, budget)
-        if lpt is not None:
-            candidates.append(lpt)
-        else:
-            for bins in (
-                _split(tok_l, wt_l, K, budget, budget // 2),
-                _split(tok_l, wt_l, K, budget, budget // 8),
-                _bfd(tok_l, K, budget),
-            ):
-                if bins is not None:
-                    candidates.append(_even_out(bins, tok, wt, K, budget))
-            if not candidates:
-                if m_ffd is None:
-                    m_ffd = -(-ffd_bins(tok, budget) // world)
-                if m >= m_ffd:
-                    bins = _ffd(tok_l, K, budget)
-                    assert bins is not None
-                    candidates.append(_even_out(bins, tok, wt, K, budget))
-        if candidates:
-            break
-        m += 1
-
-    best: tuple[float, list[list[int]], list[list[int]]] | None = None
-    for bins in candidates:
-        groups = _group(bins, wt, K, world)
-        members: list[list[int]] = [[] for _ in range(K)]
-        for j, b in enumerate(bins.tolist()):
-            members[b].append(j)
-        _polish(groups, members, tok, wt, budget)
-        score = _score(groups, members, wt)
-        if best is None or score < best[0]:
-            best = (score, groups, members)
-    assert best is not None
-    _, groups, members = best
-    index = fit[order]  # position in sorted order -> original index
-    return [[sorted(index[members[b]].tolist()) for b in g] for g in groups]
+    candidates: list[np.ndarray] = []
+    lpt = _lpt(tok, wt, m * world, budget)
+    if lpt is not None:  # balanced by construction: nothing else needed
+        candidates.append(lpt)
+    else:
+        bfd = unsort(_bfd(tok_sorted, m * world, budget))
+        if bfd is not None:
+            candidates.append(_even_out(bfd, tok, wt, m * world, budget))
+    if not candidates:  # the lower bound is out of reach: take the better of unlimited BFD and FFD
+        packed = [unsort(_bfd(tok_sorted, None, budget)), unsort(_ffd(tok_sorted, None, budget))]
+        counts = [-(-(int(b.max()) + 1) // world) for b in packed]
+        best_bins = packed[counts.index(min(counts))]
+        m = min(counts)
+        lpt = _lpt(tok, wt, m * world, budget)
+        candidates = [lpt] if lpt is not None else [_even_out(best_bins, tok, wt, m * world, budget)]
+    K = m * world
+    _, slots = min((_arrange(bins, tok, wt, K, world, budget) for bins in candidates), key=lambda r: r[0])
+    index = fit[order]  # position in weight order -> original index
+    by_slot = np.lexsort((index, slots))
+    cuts = np.searchsorted(slots[by_slot], np.arange(K + 1)).tolist()
+    flat = index[by_slot].tolist()
+    return [[flat[cuts[s] : cuts[s + 1]] for s in range(g * world, (g + 1) * world)] for g in range(m)]
