@@ -1,0 +1,223 @@
+"""minitrain/render.py: the sample view on the fixture tokenizers, plain output exactly, colour by style."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from minitrain import render
+from minitrain.data import stats as st
+from tests.conftest import FIXTURES, SMOLLM2, TINYLLAMA
+
+pytestmark = pytest.mark.skipif(not FIXTURES.is_dir(), reason=f"fixtures folder {FIXTURES} is absent")
+
+# apply_chat_template([user "Hi", assistant "Café ☕ ok."]) with each fixture tokenizer; the assistant's
+# content and end-of-turn token are trained. "☕" is split over several byte-level tokens in both.
+SMOL_IDS = [
+    1,
+    9690,
+    198,
+    2683,
+    359,
+    253,
+    5356,
+    5646,
+    11173,
+    3365,
+    3511,
+    308,
+    34519,
+    28,
+    7018,
+    411,
+    407,
+    19712,
+]
+SMOL_IDS += [
+    8182,
+    2,
+    198,
+    1,
+    4093,
+    198,
+    26843,
+    2,
+    198,
+    1,
+    520,
+    9531,
+    198,
+    51,
+    1939,
+    2756,
+    4636,
+    242,
+    239,
+    10907,
+]
+SMOL_IDS += [30, 2, 198]
+SMOL_TRAINED = range(31, 40)  # "Café ☕ ok." + <|im_end|>
+TINY_IDS = [
+    529,
+    29989,
+    1792,
+    29989,
+    29958,
+    13,
+    18567,
+    2,
+    13,
+    29966,
+    29989,
+    465,
+    22137,
+    29989,
+    29958,
+    13,
+    29907,
+]
+TINY_IDS += [28059, 29871, 229, 155, 152, 3431, 29889, 2, 13]
+TINY_TRAINED = range(16, 25)  # "Café ☕ ok." + </s>
+
+SMOL_PLAIN = (
+    "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+    "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n⟦Café ☕ ok.<|im_end|>⟧\n"
+)
+TINY_PLAIN = "<|user|>\nHi</s>\n<|assistant|>\n⟦Café ☕ ok.</s>⟧\n"
+
+
+def _tok(path: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+@pytest.fixture(scope="module")
+def smol():
+    return _tok(SMOLLM2)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return _tok(TINYLLAMA)
+
+
+def _labels(ids: list[int], trained: range) -> list[int]:
+    return [t if i in trained else -100 for i, t in enumerate(ids)]
+
+
+@pytest.mark.parametrize(
+    ("which", "ids", "trained", "expected"),
+    [("smol", SMOL_IDS, SMOL_TRAINED, SMOL_PLAIN), ("tiny", TINY_IDS, TINY_TRAINED, TINY_PLAIN)],
+)
+def test_plain_text_marks_trained_spans_exactly(request, which, ids, trained, expected) -> None:
+    tok = request.getfixturevalue(which)
+    assert (
+        tok.apply_chat_template(
+            [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Café ☕ ok."}],
+            tokenize=True,
+        )["input_ids"]
+        == ids
+    )  # the constants above are what the fixture tokenizer gives
+    segments = render.decode_segments(tok, ids, _labels(ids, trained), st.special_token_ids(tok))
+    assert render.sample_text(segments, color=False).plain == expected
+    assert "".join(s.text for s in segments) == tok.decode(ids)  # nothing lost or doubled at the cuts
+    assert [(s.start, s.end) for s in segments] == list(
+        zip([0] + [s.end for s in segments[:-1]], [s.end for s in segments], strict=True)
+    )
+
+
+def test_whole_sample_plain_output(smol) -> None:
+    out = io.StringIO()
+    console = Console(file=out, no_color=True, color_system=None, width=40)
+    sample = {"input_ids": SMOL_IDS, "labels": _labels(SMOL_IDS, SMOL_TRAINED), "source_line": 7}
+    render.render_sample(console, smol, 3, sample, st.special_token_ids(smol), tokens=False, color=False)
+    header = "=== sample 3 | source line 7 | 41 tokens | 9 trained (22.0%) ==="
+    assert (
+        out.getvalue() == header + "\n" + SMOL_PLAIN + "\n"
+    )  # no wrapping at width 40, one blank line after
+
+
+def test_token_cells_plain_exactly(tiny) -> None:
+    ids = TINY_IDS[9:]
+    text = render.token_cells(
+        tiny, ids, _labels(TINY_IDS, TINY_TRAINED)[9:], st.special_token_ids(tiny), color=False
+    )
+    assert text.plain == (
+        "29966:< 29989:| 465:ass 22137:istant 29989:| 29958:> 13:<0x0A>\n"
+        "⟦29907:C 28059:afé 29871:▁ 229:<0xE2> 155:<0x98> 152:<0x95> 3431:▁ok 29889:. 2:</s>⟧ 13:<0x0A>\n"
+    )
+
+
+def test_colour_gives_trained_and_masked_text_distinct_styles(smol) -> None:
+    labels = _labels(SMOL_IDS, SMOL_TRAINED)
+    text = render.sample_text(
+        render.decode_segments(smol, SMOL_IDS, labels, st.special_token_ids(smol)), color=True
+    )
+    assert "⟦" not in text.plain and text.plain == smol.decode(SMOL_IDS)
+
+    def style_at(sub: str) -> str:
+        at = text.plain.index(sub)
+        return next(str(span.style) for span in text.spans if span.start <= at < span.end)
+
+    assert style_at("Café") == render.TRAINED
+    assert style_at("Hi") == style_at("You are") == render.MASKED
+    assert style_at("<|im_start|>") == render.MASKED_SPECIAL
+    assert (
+        style_at(
+            "<|im_end|>\n",
+        )
+        == render.MASKED_SPECIAL
+    )
+    assert len({render.TRAINED, render.MASKED, render.TRAINED_SPECIAL, render.MASKED_SPECIAL}) == 4
+
+    out = io.StringIO()
+    Console(file=out, force_terminal=True, color_system="standard", width=200).print(text)
+    ansi = out.getvalue()
+    assert "\x1b[1;92mCafé ☕ ok.\x1b[0m" in ansi  # bold bright green
+    assert "\x1b[2mHi\x1b[0m" in ansi  # dim
+    assert "\x1b[1;7;92m<|im_end|>\x1b[0m" in ansi  # the trained end-of-turn: reversed bright green
+
+
+def test_a_label_boundary_inside_a_character_still_covers_every_token(tiny) -> None:
+    labels = _labels(TINY_IDS, range(20, 25))  # starts at the second byte of "☕"
+    segments = render.decode_segments(tiny, TINY_IDS, labels, st.special_token_ids(tiny))
+    assert segments[0].start == 0 and segments[-1].end == len(TINY_IDS)
+    assert all(a.end == b.start for a, b in zip(segments, segments[1:], strict=False))
+    assert "ok.</s>⟧" in render.sample_text(segments, color=False).plain
+
+
+def test_stats_and_audit_tables_render(tmp_path: Path) -> None:
+    s = st.DatasetStats(
+        path=tmp_path / "x.jsonl",
+        samples=2,
+        tokens=30,
+        trained_tokens=10,
+        mean_length=15.0,
+        percentiles={50: 10, 100: 20},
+        histogram=[(10, 14, 1), (15, 19, 0), (20, 24, 1)],
+        zero_trained=1,
+        zero_trained_examples=[1],
+        longest=[(20, 1, 2, 0), (10, 0, 1, 10)],
+    )
+    report = st.AuditReport(path=tmp_path / "x.jsonl", samples=2)
+    report.add("zero_trained", 1, 2)
+    report.add("eot_not_trained", 0, 1, "1 span(s), first ends at 9 with 'x'")
+    out = io.StringIO()
+    console = Console(file=out, no_color=True, color_system=None, width=120)
+    render.render_stats(s, console)
+    render.render_audit(report, console, color=False)
+    text = out.getvalue()
+    for needle in (
+        "trained fraction",
+        "33.3%",
+        "length p50",
+        "20-24",
+        "zero-trained sample indices",
+        "eot_not_trained",
+    ):
+        assert needle in text, needle
+    assert "FAIL: 1 error finding(s), 1 warning(s)" in text
