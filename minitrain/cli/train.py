@@ -1,10 +1,222 @@
-"""`minitrain train` (not built yet)."""
+"""`minitrain train`: parse the flags into a `TrainConfig`, check everything, launch torchrun, report.
+
+Flag names are mini_trainer's (`--data-path`, `--max-tokens-per-gpu`, `--min-samples-per-checkpoint`, ...),
+so its users' command works with `torchrun --nnodes=1 --nproc-per-node=8 train.py` replaced by
+`minitrain train --nproc 8`. Every value is validated here, in the parent, before any process is spawned
+(`TrainConfig.__post_init__`, then `minitrain.train.launch.preflight`); torch is imported inside the function.
+"""
 
 from __future__ import annotations
 
-from minitrain.errors import UserError
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+_LAUNCH = "Launch"
+_BATCH = "Batch"
+_OPTIM = "Optimisation"
+_STOP = "Stop and save"
+_MODEL = "Model and memory"
 
 
-def train() -> None:
-    """Not built yet."""
-    raise UserError("'minitrain train' is not built yet")
+def train(
+    data_path: Annotated[
+        Path,
+        typer.Option(
+            help="Tokenized JSONL written by `minitrain tokenize` (or mini_trainer).", show_default=False
+        ),
+    ],
+    model_name_or_path: Annotated[
+        str,
+        typer.Option(
+            help="Model folder or Hub id (from the local cache: nothing downloads).", show_default=False
+        ),
+    ],
+    output_dir: Annotated[
+        Path,
+        typer.Option(
+            help="Run directory: training_params.json, training_metrics_0.jsonl, hf_format/.",
+            show_default=False,
+        ),
+    ],
+    nproc: Annotated[
+        int | None,
+        typer.Option(
+            help="Processes (GPUs) per node. [default: the visible GPUs, or 1 without a GPU]",
+            show_default=False,
+            rich_help_panel=_LAUNCH,
+        ),
+    ] = None,
+    nnodes: Annotated[int, typer.Option(help="Number of nodes.", rich_help_panel=_LAUNCH)] = 1,
+    node_rank: Annotated[
+        int, typer.Option(help="This node's rank (0..nnodes-1).", rich_help_panel=_LAUNCH)
+    ] = 0,
+    rdzv_endpoint: Annotated[
+        str | None,
+        typer.Option(
+            help="HOST:PORT of the rendezvous (node 0), the same on every node.", rich_help_panel=_LAUNCH
+        ),
+    ] = None,
+    rdzv_id: Annotated[
+        str, typer.Option(help="Job id shared by all nodes.", rich_help_panel=_LAUNCH)
+    ] = "minitrain",
+    batch_size: Annotated[
+        int,
+        typer.Option(help="Samples per optimizer step (the global batch, all GPUs).", rich_help_panel=_BATCH),
+    ] = 128,
+    max_tokens_per_gpu: Annotated[
+        int,
+        typer.Option(
+            help="Token budget of one GPU's minibatch; changes speed and memory, never the result.",
+            rich_help_panel=_BATCH,
+        ),
+    ] = 16384,
+    learning_rate: Annotated[float, typer.Option(help="Peak learning rate.", rich_help_panel=_OPTIM)] = 5e-6,
+    num_warmup_steps: Annotated[int, typer.Option(help="Linear warm-up steps.", rich_help_panel=_OPTIM)] = 10,
+    lr_scheduler: Annotated[
+        str, typer.Option(help="constant_with_warmup, cosine, linear or constant.", rich_help_panel=_OPTIM)
+    ] = "constant_with_warmup",
+    weight_decay: Annotated[
+        float, typer.Option(help="AdamW weight decay (matrices only).", rich_help_panel=_OPTIM)
+    ] = 0.0,
+    max_grad_norm: Annotated[
+        float, typer.Option(help="Gradient clipping norm.", rich_help_panel=_OPTIM)
+    ] = 1.0,
+    max_steps: Annotated[
+        int | None, typer.Option(help="Stop after this many optimizer steps.", rich_help_panel=_STOP)
+    ] = None,
+    max_samples: Annotated[
+        int | None, typer.Option(help="Stop after training this many samples.", rich_help_panel=_STOP)
+    ] = None,
+    max_epochs: Annotated[
+        float | None,
+        typer.Option(
+            help="Stop after this many passes over the data (fractions allowed).", rich_help_panel=_STOP
+        ),
+    ] = None,
+    min_samples_per_checkpoint: Annotated[
+        int | None,
+        typer.Option(
+            help="Save a checkpoint each time this many more samples are trained (always one at the end).",
+            rich_help_panel=_STOP,
+        ),
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the data order and of --from-scratch weights.")] = 42,
+    use_liger_kernels: Annotated[
+        bool, typer.Option(help="Liger's fused linear cross-entropy (GPU only).", rich_help_panel=_MODEL)
+    ] = False,
+    fsdp_sharding_strategy: Annotated[
+        str,
+        typer.Option(help="FULL_SHARD, SHARD_GRAD_OP, NO_SHARD or HYBRID_SHARD.", rich_help_panel=_MODEL),
+    ] = "FULL_SHARD",
+    activation_checkpointing: Annotated[
+        bool,
+        typer.Option(
+            "--activation-checkpointing/--no-activation-checkpointing",
+            help="Recompute each decoder block in backward (less memory, ~30% more compute).",
+            rich_help_panel=_MODEL,
+        ),
+    ] = False,
+    from_scratch: Annotated[
+        bool,
+        typer.Option(
+            help="Initialise the weights from the model's config (pretraining).", rich_help_panel=_MODEL
+        ),
+    ] = False,
+    master_dtype: Annotated[
+        str,
+        typer.Option(help="fp32 or bf16 master weights and optimizer state (GPU).", rich_help_panel=_MODEL),
+    ] = "fp32",
+    cpu_offload: Annotated[
+        bool, typer.Option(help="Keep parameters and optimizer state in CPU memory.", rich_help_panel=_MODEL)
+    ] = False,
+    dry_run: Annotated[
+        bool, typer.Option(help="Plan the run (steps, minibatches, balance) without training, then exit.")
+    ] = False,
+    dry_run_report: Annotated[
+        Path | None,
+        typer.Option(help="With --dry-run: also write the plan as JSON here.", show_default=False),
+    ] = None,
+    logging_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING, ERROR or CRITICAL.")] = "INFO",
+) -> None:
+    """Train a causal LM on tokenized data with FSDP2, no padding, on every visible GPU (or the CPU).
+
+    Example: minitrain train --data-path tok.jsonl --model-name-or-path Qwen/Qwen2.5-1.5B-Instruct
+    --output-dir runs/qwen --max-epochs 3 --learning-rate 6e-6
+    """
+    from minitrain.config import TrainConfig
+    from minitrain.errors import UserError
+    from minitrain.train.launch import default_nproc, in_launched_env, run_training
+
+    console = Console(stderr=False)
+    model = Path(model_name_or_path).expanduser()
+    config = TrainConfig(
+        data_path=data_path.expanduser().resolve(),
+        model_name_or_path=str(model.resolve()) if model.exists() else model_name_or_path,
+        output_dir=output_dir.expanduser().resolve(),
+        nproc=nproc if nproc is not None else default_nproc(),
+        nnodes=nnodes,
+        node_rank=node_rank,
+        rdzv_endpoint=rdzv_endpoint,
+        rdzv_id=rdzv_id,
+        batch_size=batch_size,
+        max_tokens_per_gpu=max_tokens_per_gpu,
+        learning_rate=learning_rate,
+        num_warmup_steps=num_warmup_steps,
+        lr_scheduler=lr_scheduler,
+        weight_decay=weight_decay,
+        max_grad_norm=max_grad_norm,
+        max_steps=max_steps,
+        max_samples=max_samples,
+        max_epochs=max_epochs,
+        min_samples_per_checkpoint=min_samples_per_checkpoint,
+        seed=seed,
+        use_liger_kernels=use_liger_kernels,
+        fsdp_sharding_strategy=fsdp_sharding_strategy,
+        activation_checkpointing=activation_checkpointing,
+        from_scratch=from_scratch,
+        master_dtype=master_dtype,
+        cpu_offload=cpu_offload,
+        logging_level=logging_level,
+    )
+    if dry_run_report is not None and not dry_run:
+        raise UserError("--dry-run-report needs --dry-run")
+    if dry_run:
+        from minitrain.data.dryrun import dry_run as plan_run
+        from minitrain.data.dryrun import render_dry_run
+
+        report = plan_run(
+            data_path=config.data_path,
+            batch_size=config.batch_size,
+            max_tokens_per_gpu=config.max_tokens_per_gpu,
+            world_size=config.world_size(),
+            seed=config.seed,
+            max_steps=config.max_steps,
+            max_samples=config.max_samples,
+            max_epochs=config.max_epochs,
+            model_name_or_path=config.model_name_or_path,
+            report_path=dry_run_report,
+        )
+        render_dry_run(report, console)
+        return
+    is_main = not in_launched_env() or os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0"
+    code = run_training(config)
+    if code == 0:
+        if is_main:
+            console.print(
+                f"[green]done[/]: checkpoints in {config.output_dir / 'hf_format'}, metrics in "
+                f"{config.output_dir / 'training_metrics_0.jsonl'} (plot: minitrain plot {config.output_dir})"
+            )
+        return
+    if code in (130, 143):
+        print(f"minitrain: training interrupted (exit {code})", file=sys.stderr)
+    else:
+        print(
+            f"minitrain: error: training failed (exit {code}); the failing rank's message is above",
+            file=sys.stderr,
+        )
+    raise typer.Exit(code)
