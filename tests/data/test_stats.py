@@ -19,7 +19,7 @@ import pytest
 
 from minitrain.data import stats as st
 from minitrain.errors import UserError
-from tests.conftest import DATA, FIXTURES, SMOLLM2, TINYLLAMA
+from tests.conftest import DATA, FIXTURES, MESSAGES_FILES, SMOLLM2, TINYLLAMA
 
 pytestmark = pytest.mark.skipif(not FIXTURES.is_dir(), reason=f"fixtures folder {FIXTURES} is absent")
 
@@ -482,3 +482,65 @@ def test_without_a_sidecar_the_override_and_known_end_of_turn_tokens_are_used(
     result = st.inspect_file(st.InspectConfig(path=bare, model_name_or_path=str(SMOLLM2), audit=True))
     assert result.meta is None and result.audit is not None and result.audit.counts == {}
     assert st.end_of_turn_ids(result.tokenizer, None) == {0, 2}  # <|im_end|> (EOS) and <|endoftext|>
+
+
+# ------------------------------------------------------------------------------------------- tokenize output
+
+
+def _tokenize(inp: Path, out: Path, name: str) -> Path:
+    from minitrain.config import TokenizeConfig
+    from minitrain.data.pipeline import tokenize_file
+
+    config = TokenizeConfig(
+        input_file=inp, output_file=out, model_name_or_path=str(TOKENIZER_DIRS[name]), num_workers=1
+    )
+    tokenize_file(config)
+    return out
+
+
+@pytest.mark.parametrize("name", ["smollm2", "tinyllama"])
+@pytest.mark.parametrize("source", MESSAGES_FILES, ids=lambda p: p.name.split(".")[0])
+def test_a_clean_file_from_tokenize_audits_clean(tmp_path: Path, name: str, source: Path) -> None:
+    out = _tokenize(source, tmp_path / "out.jsonl", name)
+    result = st.inspect_file(
+        st.InspectConfig(path=out, audit=True, source=source)
+    )  # tokenizer from the sidecar
+    assert result.audit is not None and result.audit.counts == {}, result.audit.examples
+    assert result.audit.samples == sum(1 for _ in source.open())
+    assert f"{result.audit.samples:,} samples compared" in result.audit.notes[0]
+
+
+@pytest.mark.parametrize("name", ["smollm2", "tinyllama"])
+def test_every_input_shape_from_tokenize_audits_clean(tmp_path: Path, name: str) -> None:
+    lines = [
+        {
+            "messages": [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello."},
+            ]
+        },
+        {
+            "messages": [
+                {"role": "user", "content": "a"},
+                {"role": "assistant", "content": "not this", "train": False},
+                {"role": "user", "content": "b"},
+                {"role": "assistant", "content": "this"},
+            ]
+        },
+        {
+            "messages": [
+                {"role": "user", "content": "a"},
+                {"role": "assistant", "content": "masked", "train": False},
+            ]
+        },
+        {"messages": [{"role": "pretrain", "content": "Plain text to continue."}]},
+        {"prompt": "2 + 2 =", "generation": " 4"},
+    ]
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    out = _tokenize(inp, tmp_path / "out.jsonl", name)
+    report = audit(out, name, source=inp)
+    assert report.samples == 5
+    assert report.counts == {"zero_trained": 1} and report.examples["zero_trained"][0].index == 2
+    assert report.ok and "5 samples compared" in report.notes[0]
