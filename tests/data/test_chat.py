@@ -1,0 +1,482 @@
+"""Tests for minitrain/data/chat.py: exact masks on every fixture sample, real and test-built templates.
+
+The reference is independent of the masking code: the full token sequence must equal transformers'
+`apply_chat_template(..., tokenize=True)` (plus the tokenizer's BOS), and decoding each run of trained
+tokens must give exactly one assistant content followed by the end-of-turn token, one run per trained turn.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import orjson
+import pytest
+
+from minitrain.data import chat
+from minitrain.data.chat import IGNORE_INDEX, SampleRejected, load_chat_encoder
+from minitrain.errors import UserError
+from tests.conftest import MESSAGES_FILES, SMOLLM2, TINYLLAMA, needs_fixtures
+
+pytestmark = needs_fixtures
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return load_chat_encoder(str(SMOLLM2))
+
+
+@pytest.fixture(scope="module")
+def tinyllama():
+    return load_chat_encoder(str(TINYLLAMA))
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizers():
+    from transformers import AutoTokenizer
+
+    return {
+        SMOLLM2: AutoTokenizer.from_pretrained(str(SMOLLM2)),
+        TINYLLAMA: AutoTokenizer.from_pretrained(str(TINYLLAMA)),
+    }
+
+
+def trained_runs(sample: chat.EncodedSample) -> list[list[int]]:
+    """Maximal runs of consecutive trained positions, as token ids."""
+    runs: list[list[int]] = []
+    previous = False
+    for token, label in zip(sample.input_ids, sample.labels, strict=True):
+        trained = label != IGNORE_INDEX
+        if trained:
+            assert label == token, "labels must be aligned with input_ids (not shifted)"
+            if not previous:
+                runs.append([])
+            runs[-1].append(token)
+        previous = trained
+    return runs
+
+
+def assert_exact(sample: chat.EncodedSample, tokenizer, contents: list[str], eot: str) -> None:
+    """One trained run per trained assistant content, decoding to exactly content + end-of-turn."""
+    assert len(sample.labels) == len(sample.input_ids)
+    runs = trained_runs(sample)
+    decoded = [
+        tokenizer.decode(run, skip_special_tokens=False, clean_up_tokenization_spaces=False) for run in runs
+    ]
+    assert decoded == [c + eot for c in contents]
+
+
+def reference_ids(tok, messages, **kwargs) -> list[int]:
+    """transformers' own token ids for a conversation (the template rendered and encoded in one call)."""
+    return list(tok.apply_chat_template(messages, tokenize=True, return_dict=False, **kwargs))
+
+
+def write_tokenizer(tmp_path: Path, source: Path, chat_template: str | None) -> Path:
+    """A copy of a fixture tokenizer folder with its chat template replaced (None: removed)."""
+    folder = tmp_path / f"{source.name}-custom"
+    folder.mkdir()
+    for f in source.iterdir():
+        (folder / f.name).write_bytes(f.read_bytes())
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    if chat_template is not None:
+        config["chat_template"] = chat_template
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return folder
+
+
+# ----------------------------------------------------------------------------- every fixture sample, exact
+
+
+@pytest.mark.parametrize("tokenizer_path", [SMOLLM2, TINYLLAMA], ids=["smollm2", "tinyllama"])
+def test_every_fixture_sample_is_exact(tokenizer_path, hf_tokenizers, smollm2, tinyllama):
+    loaded = smollm2 if tokenizer_path == SMOLLM2 else tinyllama
+    tok = hf_tokenizers[tokenizer_path]
+    eot = {SMOLLM2: "<|im_end|>", TINYLLAMA: "</s>"}[tokenizer_path]
+    bos = (
+        [tok.bos_token_id] if tokenizer_path == TINYLLAMA else []
+    )  # zephyr: BOS added by the tokenizer, masked
+    assert MESSAGES_FILES, "no fixture *.messages.jsonl files"
+    checked = 0
+    for path in MESSAGES_FILES:
+        for line in path.read_bytes().splitlines():
+            record = orjson.loads(line)
+            sample = loaded.encoder.encode(record)  # raises SampleRejected: no fixture sample may be rejected
+            assert sample.input_ids == bos + reference_ids(tok, record["messages"])
+            contents = [m["content"] for m in record["messages"] if m["role"] == "assistant"]
+            assert_exact(sample, tok, contents, eot)
+            checked += 1
+    assert checked == 1499
+
+
+def test_injected_system_prompt_and_headers_are_masked(smollm2, hf_tokenizers):
+    tok = hf_tokenizers[SMOLLM2]
+    record = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]}
+    sample = smollm2.encoder.encode(record)
+    text = tok.decode(sample.input_ids)
+    assert "You are a helpful AI assistant named SmolLM" in text  # the template injected it
+    assert trained_runs(sample) == [tok.encode("Hello!<|im_end|>", add_special_tokens=False)]
+    # the newline after <|im_end|> is the last token and is masked
+    assert sample.input_ids[-1] == tok.encode("\n")[0] and sample.labels[-1] == IGNORE_INDEX
+
+
+def test_bos_is_added_once_and_masked(tinyllama):
+    record = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
+    sample = tinyllama.encoder.encode(record)
+    assert sample.input_ids[0] == 1 and sample.input_ids.count(1) == 1 and sample.labels[0] == IGNORE_INDEX
+
+
+def test_multi_turn_system_and_train_false(smollm2, tinyllama, hf_tokenizers):
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "One?"},
+        {"role": "assistant", "content": "Uno.", "train": False},
+        {"role": "user", "content": "Two?"},
+        {"role": "assistant", "content": "Dos."},
+        {"role": "user", "content": "Three?"},
+        {"role": "assistant", "content": "Tres."},
+    ]
+    for loaded, path, eot in ((smollm2, SMOLLM2, "<|im_end|>"), (tinyllama, TINYLLAMA, "</s>")):
+        sample = loaded.encoder.encode({"id": "x", "messages": messages})
+        assert_exact(sample, hf_tokenizers[path], ["Dos.", "Tres."], eot)
+        assert "Be brief." not in hf_tokenizers[path].decode(
+            [t for t, lab in zip(sample.input_ids, sample.labels, strict=True) if lab != -100]
+        )
+
+
+def test_all_train_false_trains_nothing(smollm2):
+    record = {
+        "messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b", "train": False}]
+    }
+    assert set(smollm2.encoder.encode(record).labels) == {IGNORE_INDEX}
+
+
+# --------------------------------------------------------------------------------- pretrain and prompt/generation
+
+
+def test_pretrain_trains_content_and_eos(smollm2, tinyllama, hf_tokenizers):
+    for loaded, path in ((smollm2, SMOLLM2), (tinyllama, TINYLLAMA)):
+        tok = hf_tokenizers[path]
+        sample = loaded.encoder.encode({"messages": [{"role": "pretrain", "content": "The cat sat."}]})
+        body = tok.encode("The cat sat.", add_special_tokens=False) + [tok.eos_token_id]
+        bos = [tok.bos_token_id] if path == TINYLLAMA else []
+        assert sample.input_ids == bos + body
+        assert sample.labels == [IGNORE_INDEX] * len(bos) + body
+
+
+def test_prompt_generation_masks_prompt_trains_generation_and_eos(smollm2, tinyllama, hf_tokenizers):
+    for loaded, path in ((smollm2, SMOLLM2), (tinyllama, TINYLLAMA)):
+        tok = hf_tokenizers[path]
+        sample = loaded.encoder.encode({"prompt": "Question: 2+2?\nAnswer:", "generation": " four"})
+        assert sample.input_ids == tok("Question: 2+2?\nAnswer: four").input_ids + [tok.eos_token_id]
+        trained = [t for t, lab in zip(sample.input_ids, sample.labels, strict=True) if lab != IGNORE_INDEX]
+        assert tok.decode(trained).strip() == "four" + tok.eos_token
+        assert len(trained) == len(tok.encode(" four", add_special_tokens=False)) + 1
+
+
+# ------------------------------------------------------------------- a tokenizer built in the test (Llama 3 style)
+
+LLAMA3_TEMPLATE = (
+    "{{- bos_token }}{%- for message in messages %}"
+    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}"
+    "{%- endfor %}{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def llama3_dir(tmp_path_factory) -> Path:
+    """A small byte-level BPE trained here, with Llama-3 special tokens; EOS (<|end_of_text|>) != end of turn."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = [
+        "<|begin_of_text|>",
+        "<|end_of_text|>",
+        "<|start_header_id|>",
+        "<|end_header_id|>",
+        "<|eot_id|>",
+    ]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    corpus = [
+        "the quick brown fox jumps over the lazy dog",
+        "hello world, how are you today?",
+        "user assistant system",
+    ] * 20
+    bpe.train_from_iterator(
+        corpus,
+        trainers.BpeTrainer(
+            vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        ),
+    )
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>"
+    )
+    tok.chat_template = LLAMA3_TEMPLATE
+    folder = tmp_path_factory.mktemp("llama3-style")
+    tok.save_pretrained(folder)
+    return folder
+
+
+def test_llama3_style_tokenizer_built_in_test(llama3_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(llama3_dir))
+    loaded = load_chat_encoder(str(llama3_dir))
+    assert loaded.encoder.eot_text == "<|eot_id|>"
+    assert loaded.end_of_turn_token_ids == [tok.convert_tokens_to_ids("<|eot_id|>")]
+    messages = [
+        {"role": "system", "content": "be nice"},
+        {"role": "user", "content": "hello"},
+        {"role": "assistant", "content": "hello world, how are you?"},
+        {"role": "user", "content": "the fox"},
+        {"role": "assistant", "content": "  jumps over the lazy dog \n"},  # the template trims it
+    ]
+    sample = loaded.encoder.encode({"messages": messages})
+    assert sample.input_ids == reference_ids(tok, messages)
+    assert_exact(sample, tok, ["hello world, how are you?", "jumps over the lazy dog"], "<|eot_id|>")
+
+
+# ----------------------------------------------------------- templates that break the "prefix renders a prefix" rule
+
+
+def test_template_that_renders_the_last_turn_differently(tmp_path, hf_tokenizers):
+    """A prefix of the conversation does not render to a prefix of the text; masks must still be exact."""
+    template = "{% for m in messages %}{{ '<|im_start|>' + m['role'] + ('-final' if loop.last else '') + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+    loaded = load_chat_encoder(str(write_tokenizer(tmp_path, SMOLLM2, template)))
+    messages = [
+        {"role": "user", "content": "a"},
+        {"role": "assistant", "content": "first"},
+        {"role": "user", "content": "b"},
+        {"role": "assistant", "content": "second"},
+    ]
+    assert_exact(
+        loaded.encoder.encode({"messages": messages}),
+        hf_tokenizers[SMOLLM2],
+        ["first", "second"],
+        "<|im_end|>",
+    )
+
+
+def test_template_that_rewrites_an_earlier_turn_is_rejected(tmp_path):
+    """Qwen3-style: earlier assistant turns lose their reasoning; that content is not in the text -> reject."""
+    template = (
+        "{% for m in messages %}{% set c = m['content'] %}"
+        "{% if m['role'] == 'assistant' and not loop.last %}{% set c = c.split('</think>')[-1] %}{% endif %}"
+        "{{ '<|im_start|>' + m['role'] + '\\n' + c + '<|im_end|>\\n' }}{% endfor %}"
+    )
+    loaded = load_chat_encoder(str(write_tokenizer(tmp_path, SMOLLM2, template)))
+    ok = [
+        {"role": "user", "content": "a"},
+        {"role": "assistant", "content": "x"},
+        {"role": "user", "content": "b"},
+        {"role": "assistant", "content": "<think>r</think>y"},
+    ]
+    loaded.encoder.encode({"messages": ok})  # the last turn keeps its reasoning: fine
+    bad = [ok[0], {"role": "assistant", "content": "<think>r</think>x"}, *ok[2:]]
+    with pytest.raises(SampleRejected) as err:
+        loaded.encoder.encode({"messages": bad})
+    assert err.value.reason == chat.ALIGNMENT_FAILURE
+
+
+def test_token_crossing_the_content_start_is_rejected(tmp_path):
+    """Header "assist" + content "ant ..." tokenizes as "ass" "istant": no exact mask exists -> reject."""
+    template = "{% for m in messages %}{{ '<|im_start|>' + ('assist' if m['role'] == 'assistant' else m['role']) + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+    loaded = load_chat_encoder(str(write_tokenizer(tmp_path, SMOLLM2, template)))
+    with pytest.raises(SampleRejected) as err:
+        loaded.encoder.encode(
+            {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "ant is here"}]}
+        )
+    assert err.value.reason == chat.ALIGNMENT_FAILURE
+
+
+def test_sentencepiece_space_merged_into_first_content_token(tmp_path, hf_tokenizers):
+    """Llama-2 style "[/INST] Hello": the token "▁Hello" starts on the template's space; it is trained."""
+    template = (
+        "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}{{ '[INST] ' + m['content'] + ' [/INST]' }}"
+        "{% elif m['role'] == 'assistant' %}{{ ' ' + m['content'].strip() + ' ' + eos_token }}{% endif %}{% endfor %}"
+    )
+    loaded = load_chat_encoder(str(write_tokenizer(tmp_path, TINYLLAMA, template)))
+    assert loaded.encoder.eot_text == " </s>"
+    tok = hf_tokenizers[TINYLLAMA]
+    sample = loaded.encoder.encode(
+        {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello world"}]}
+    )
+    assert sample.input_ids == reference_ids(
+        tok,
+        [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello world"}],
+        chat_template=template,
+    )
+    # SentencePiece decoding drops the leading "▁" of a sequence; the run is exactly "▁Hello ▁world ▁ </s>"
+    assert [tok.convert_ids_to_tokens(run) for run in trained_runs(sample)] == [
+        ["▁Hello", "▁world", "▁", "</s>"]
+    ]
+
+
+# ------------------------------------------------------------------------------------------------- tool calls
+
+TOOL_TEMPLATE = (
+    "{%- if tools %}{{- '<|im_start|>system\\nTools: ' + (tools | tojson) + '<|im_end|>\\n' }}{%- endif %}"
+    "{%- for m in messages %}"
+    "{%- if m['role'] == 'assistant' %}{{- '<|im_start|>assistant\\n' }}{%- if m['content'] %}{{- m['content'] }}{%- endif %}"
+    "{%- for call in m.get('tool_calls', []) %}{{- '\\n<tool_call>\\n' + (call['function'] | tojson) + '\\n</tool_call>' }}{%- endfor %}"
+    "{{- '<|im_end|>\\n' }}"
+    "{%- else %}{{- '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{%- endif %}"
+    "{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+CALL = {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+
+
+@pytest.fixture(scope="module")
+def tool_loaded(tmp_path_factory):
+    return load_chat_encoder(str(write_tokenizer(tmp_path_factory.mktemp("tools"), SMOLLM2, TOOL_TEMPLATE)))
+
+
+@pytest.mark.parametrize("content", [None, "", "Let me check."])
+def test_tool_calls_are_trained_like_content(tool_loaded, hf_tokenizers, content):
+    tok = hf_tokenizers[SMOLLM2]
+    messages = [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": content, "tool_calls": [CALL]},
+        {"role": "tool", "content": "18C", "tool_call_id": "c1"},
+        {"role": "assistant", "content": "It is 18C."},
+    ]
+    sample = tool_loaded.encoder.encode({"messages": messages, "tools": TOOLS})
+    assert sample.input_ids == reference_ids(tok, messages, tools=TOOLS, chat_template=TOOL_TEMPLATE)
+    rendered_call = "\n<tool_call>\n" + json.dumps(CALL["function"]) + "\n</tool_call>"
+    assert_exact(sample, tok, [(content or "") + rendered_call, "It is 18C."], "<|im_end|>")
+    assert "Tools:" in tok.decode(sample.input_ids) and "18C<|im_end|>" not in tok.decode(
+        trained_runs(sample)[0]
+    )
+
+
+def test_tool_calls_dropped_by_the_template_are_rejected(smollm2):
+    """SmolLM2's template ignores tool_calls: training an empty turn would lose them -> template error."""
+    for content in ("", None):
+        record = {
+            "messages": [
+                {"role": "user", "content": "q"},
+                {"role": "assistant", "content": content, "tool_calls": [CALL]},
+            ]
+        }
+        with pytest.raises(SampleRejected) as err:
+            smollm2.encoder.encode(record)
+        assert err.value.reason == chat.TEMPLATE_ERROR
+
+
+# ---------------------------------------------------------------------------------------------- rejections
+
+
+@pytest.mark.parametrize(
+    ("record", "reason"),
+    [
+        ([1, 2], chat.NO_KNOWN_SHAPE),
+        ({"text": "hi"}, chat.NO_KNOWN_SHAPE),
+        ({"messages": []}, chat.NO_KNOWN_SHAPE),
+        ({"messages": ["hi"]}, chat.NO_KNOWN_SHAPE),
+        ({"messages": [{"role": "robot", "content": "x"}]}, chat.UNKNOWN_ROLE),
+        (
+            {"messages": [{"role": "user", "content": ["x"]}, {"role": "assistant", "content": "y"}]},
+            chat.NON_STRING_CONTENT,
+        ),
+        ({"messages": [{"role": "pretrain", "content": 3}]}, chat.NON_STRING_CONTENT),
+        ({"prompt": "a", "generation": 7}, chat.NON_STRING_CONTENT),
+        (
+            {"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "  "}]},
+            chat.EMPTY_ASSISTANT,
+        ),
+        (
+            {"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": None}]},
+            chat.EMPTY_ASSISTANT,
+        ),
+        ({"prompt": "a", "generation": ""}, chat.EMPTY_ASSISTANT),
+        (
+            {"messages": [{"role": "pretrain", "content": "x"}, {"role": "user", "content": "y"}]},
+            chat.PRETRAIN_MIXED,
+        ),
+        (
+            {"messages": [{"role": "user", "content": None}, {"role": "assistant", "content": "y"}]},
+            chat.TEMPLATE_ERROR,
+        ),
+        (
+            {"messages": [{"role": "user", "content": "a\U0010fff0"}, {"role": "assistant", "content": "y"}]},
+            chat.ALIGNMENT_FAILURE,
+        ),
+    ],
+)
+def test_rejection_reasons(smollm2, record, reason):
+    with pytest.raises(SampleRejected) as err:
+        smollm2.encoder.encode(record)
+    assert err.value.reason == reason
+
+
+def test_template_raise_exception_is_a_template_error(tmp_path):
+    template = (
+        "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system role') }}{% endif %}"
+        "{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+    )
+    loaded = load_chat_encoder(str(write_tokenizer(tmp_path, SMOLLM2, template)))
+    with pytest.raises(SampleRejected) as err:
+        loaded.encoder.encode(
+            {
+                "messages": [
+                    {"role": "system", "content": "s"},
+                    {"role": "user", "content": "u"},
+                    {"role": "assistant", "content": "a"},
+                ]
+            }
+        )
+    assert err.value.reason == chat.TEMPLATE_ERROR and "no system role" in err.value.detail
+
+
+# ----------------------------------------------------------------------------------- templates chosen up front
+
+
+def test_tokenizer_without_template_is_refused_with_a_hint(tmp_path, hf_tokenizers):
+    folder = write_tokenizer(tmp_path, SMOLLM2, None)
+    with pytest.raises(UserError, match="--chat-template"):
+        load_chat_encoder(str(folder))
+    builtin = load_chat_encoder(str(folder), "chatml")
+    assert builtin.template_origin == "chatml" and builtin.encoder.eot_text == "<|im_end|>"
+    record = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
+    sample = builtin.encoder.encode(record)
+    assert (
+        hf_tokenizers[SMOLLM2].decode(sample.input_ids)
+        == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello<|im_end|>\n"
+    )
+    assert_exact(sample, hf_tokenizers[SMOLLM2], ["Hello"], "<|im_end|>")
+    jinja = tmp_path / "mine.jinja"
+    jinja.write_text(
+        "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + eos_token + '\\n' }}{% endfor %}"
+    )
+    from_file = load_chat_encoder(str(folder), str(jinja))
+    assert from_file.template_origin == str(jinja) and from_file.encoder.eot_text == "<|im_end|>"
+
+
+def test_unknown_template_name_and_template_without_end_of_turn_token(tmp_path):
+    with pytest.raises(UserError, match="not a built-in template"):
+        load_chat_encoder(str(SMOLLM2), "vicuna")
+    jinja = tmp_path / "plain.jinja"
+    jinja.write_text("{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\\n\\n' }}{% endfor %}")
+    with pytest.raises(UserError, match="no special end-of-turn token"):
+        load_chat_encoder(str(SMOLLM2), str(jinja))
+    with pytest.raises(UserError, match="cannot load a tokenizer"):
+        load_chat_encoder(str(tmp_path / "missing"))
+
+
+def test_encoder_survives_pickling(smollm2):
+    import pickle
+
+    clone = pickle.loads(pickle.dumps(smollm2.encoder))
+    record = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
+    assert clone.encode(record) == smollm2.encoder.encode(record)
+
+
+def test_fingerprint_is_stable_and_distinguishes_tokenizers(hf_tokenizers, smollm2, tinyllama):
+    assert chat.tokenizer_fingerprint(hf_tokenizers[SMOLLM2]) == smollm2.fingerprint
+    assert smollm2.fingerprint != tinyllama.fingerprint

@@ -1,0 +1,253 @@
+"""Tests for minitrain/data/pipeline.py: counts identity, rejects, order over workers, atomicity, sidecar."""
+
+from __future__ import annotations
+
+import pytest
+
+from minitrain.config import TokenizeConfig
+from minitrain.data import chat, pipeline
+from minitrain.data.chat import load_chat_encoder
+from minitrain.data.format import iter_samples, read_sidecar, rejects_path, sidecar_path
+from minitrain.errors import UserError
+from tests.conftest import MESSAGES_FILES, SMOLLM2, TINYLLAMA, needs_fixtures
+
+pytestmark = needs_fixtures
+
+GOOD = b'{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there."}]}'
+# One line per reason, in this order, with the line numbers the rejects file must name.
+BAD_LINES = [
+    (b"{not json", chat.MALFORMED_JSON),
+    (b'{"messages": [{"role": "user", "content": "caf\xe9"}]}', chat.NOT_UTF8),
+    (b'{"text": "no shape"}', chat.NO_KNOWN_SHAPE),
+    (b'{"messages": [{"role": "robot", "content": "x"}]}', chat.UNKNOWN_ROLE),
+    (
+        b'{"messages": [{"role": "user", "content": 5}, {"role": "assistant", "content": "y"}]}',
+        chat.NON_STRING_CONTENT,
+    ),
+    (
+        b'{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": ""}]}',
+        chat.EMPTY_ASSISTANT,
+    ),
+    (
+        b'{"messages": [{"role": "pretrain", "content": "x"}, {"role": "user", "content": "y"}]}',
+        chat.PRETRAIN_MIXED,
+    ),
+    (
+        b'{"messages": [{"role": "user", "content": null}, {"role": "assistant", "content": "y"}]}',
+        chat.TEMPLATE_ERROR,
+    ),
+    (
+        b'{"messages": [{"role": "user", "content": "\xf4\x8f\xbf\xb0"}, {"role": "assistant", "content": "y"}]}',
+        chat.ALIGNMENT_FAILURE,
+    ),
+]
+LONG = b'{"prompt": "' + b"word " * 300 + b'", "generation": "end"}'
+
+
+def mixed_file(tmp_path):
+    """GOOD, each bad line, a blank line, a too-long line, pretrain and prompt/generation lines."""
+    lines = (
+        [GOOD]
+        + [line for line, _ in BAD_LINES]
+        + [
+            b"",
+            LONG,
+            b'{"messages": [{"role": "pretrain", "content": "Plain text."}]}',
+            b'{"prompt": "Q:", "generation": " A"}',
+            GOOD,
+        ]
+    )
+    path = tmp_path / "mixed.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    return path
+
+
+def run(tmp_path, inp, *, workers=1, out_name="out.jsonl", **kwargs):
+    config = TokenizeConfig(
+        input_file=inp,
+        output_file=tmp_path / out_name,
+        model_name_or_path=str(SMOLLM2),
+        num_workers=workers,
+        **kwargs,
+    )
+    return pipeline.tokenize_file(config), config.output_file
+
+
+def test_every_line_is_written_dropped_or_rejected(tmp_path):
+    import orjson
+
+    result, out = run(tmp_path, mixed_file(tmp_path), max_sample_num_tokens=200)
+    assert result.read == result.written + result.dropped + result.rejected == 14
+    assert (result.written, result.dropped, result.rejected, result.blank) == (4, 1, len(BAD_LINES), 1)
+    assert result.rejected_by_reason == {reason: 1 for _, reason in sorted(BAD_LINES, key=lambda x: x[1])}
+    rejects = [orjson.loads(line) for line in rejects_path(out).read_bytes().splitlines()]
+    assert [(r["line"], r["reason"]) for r in rejects] == [
+        (i + 2, reason) for i, (_, reason) in enumerate(BAD_LINES)
+    ] + [(12, chat.TOO_LONG)]
+    assert all(r["kind"] == "rejected" for r in rejects[:-1]) and rejects[-1]["kind"] == "dropped"
+    samples = list(iter_samples(out))
+    assert [s["source_line"] for _, s in samples] == [1, 13, 14, 15]
+    for _, s in samples:
+        assert s["len"] == len(s["input_ids"]) == len(s["labels"])
+        assert s["num_loss_counted_tokens"] == sum(label != -100 for label in s["labels"])
+        assert all(label in (-100, tok) for label, tok in zip(s["labels"], s["input_ids"], strict=True))
+    assert result.tokens == sum(s["len"] for _, s in samples)
+    assert result.trained_tokens == sum(s["num_loss_counted_tokens"] for _, s in samples)
+
+
+def test_sidecar_has_the_documented_keys(tmp_path):
+    result, out = run(tmp_path, mixed_file(tmp_path), max_sample_num_tokens=200)
+    meta = read_sidecar(out)
+    assert meta is not None and sidecar_path(out).is_file()
+    for key in (
+        "format",
+        "format_version",
+        "minitrain_version",
+        "created",
+        "input",
+        "tokenizer",
+        "chat_template_sha256",
+        "max_sample_num_tokens",
+        "counts",
+        "tokens",
+        "trained_tokens",
+    ):
+        assert key in meta, key
+    for key in (
+        "path",
+        "class",
+        "vocab_size",
+        "bos_token_id",
+        "eos_token_id",
+        "pad_token_id",
+        "end_of_turn_token_ids",
+        "fingerprint",
+    ):
+        assert key in meta["tokenizer"], key
+    loaded = load_chat_encoder(str(SMOLLM2))
+    assert (
+        meta["tokenizer"]["end_of_turn_token_ids"] == [2]
+        and meta["tokenizer"]["fingerprint"] == loaded.fingerprint
+    )
+    assert meta["chat_template_sha256"] == loaded.template_sha256
+    counts = meta["counts"]
+    assert counts["read"] == counts["written"] + counts["dropped"] + counts["rejected"] == result.read
+    assert counts["rejected_by_reason"] == result.rejected_by_reason
+    assert meta["tokens"] == result.tokens and meta["max_sample_num_tokens"] == 200
+
+
+def test_two_workers_write_the_same_bytes_in_input_order(tmp_path, monkeypatch):
+    monkeypatch.setattr(pipeline, "CHUNK_LINES", 7)  # many small chunks, so order across workers is exercised
+    inp = tmp_path / "all.jsonl"
+    inp.write_bytes(b"".join(p.read_bytes() for p in MESSAGES_FILES) + mixed_file(tmp_path).read_bytes())
+    one, out1 = run(tmp_path, inp, workers=1, out_name="one.jsonl", max_sample_num_tokens=1000)
+    two, out2 = run(tmp_path, inp, workers=2, out_name="two.jsonl", max_sample_num_tokens=1000)
+    assert out1.read_bytes() == out2.read_bytes()
+    assert rejects_path(out1).read_bytes() == rejects_path(out2).read_bytes()
+    assert (one.read, one.written, one.dropped, one.rejected_by_reason) == (
+        two.read,
+        two.written,
+        two.dropped,
+        two.rejected_by_reason,
+    )
+    lines = [n for n, _ in iter_samples(out1)]
+    sources = [s["source_line"] for _, s in iter_samples(out1)]
+    assert sources == sorted(sources) and len(lines) == one.written
+
+
+def test_fixture_data_reject_counts(tmp_path):
+    """Nothing in the fixture conversations is rejected, with either tokenizer (the numbers in the report)."""
+    inp = tmp_path / "fixtures.jsonl"
+    inp.write_bytes(b"".join(p.read_bytes() for p in MESSAGES_FILES))
+    for tokenizer in (SMOLLM2, TINYLLAMA):
+        config = TokenizeConfig(
+            input_file=inp,
+            output_file=tmp_path / f"{tokenizer.name}.jsonl",
+            model_name_or_path=str(tokenizer),
+            num_workers=1,
+        )
+        result = pipeline.tokenize_file(config)
+        assert (result.read, result.written, result.rejected, result.dropped) == (1499, 1499, 0, 0)
+
+
+def test_strict_stops_at_the_first_bad_line(tmp_path):
+    inp = mixed_file(tmp_path)
+    with pytest.raises(UserError, match=rf"^{inp}:2: malformed JSON"):
+        run(tmp_path, inp, strict=True)
+    assert not (tmp_path / "out.jsonl").exists()
+    good = tmp_path / "good.jsonl"
+    good.write_bytes(GOOD + b"\n" + LONG + b"\n")
+    result, _ = run(tmp_path, good, strict=True, max_sample_num_tokens=100)  # dropped lines are not errors
+    assert (result.written, result.dropped) == (1, 1)
+
+
+def test_failure_mid_run_leaves_no_output_and_keeps_an_old_one(tmp_path, monkeypatch):
+    inp = tmp_path / "in.jsonl"
+    inp.write_bytes((GOOD + b"\n") * 20)
+    out = tmp_path / "out.jsonl"
+    out.write_bytes(b"previous run\n")
+    monkeypatch.setattr(pipeline, "CHUNK_LINES", 5)
+    real = pipeline.encode_lines
+    calls = []
+
+    def failing(encoder, max_tokens, lines):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # as if Ctrl-C arrived mid-run
+        return real(encoder, max_tokens, lines)
+
+    monkeypatch.setattr(pipeline, "encode_lines", failing)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, inp)
+    assert out.read_bytes() == b"previous run\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "out.jsonl"]  # no temporary files left
+
+
+def test_missing_empty_and_blank_inputs_are_one_line_errors(tmp_path):
+    with pytest.raises(UserError, match="no such file"):
+        run(tmp_path, tmp_path / "missing.jsonl")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_bytes(b"")
+    with pytest.raises(UserError, match="empty"):
+        run(tmp_path, empty)
+    blank = tmp_path / "blank.jsonl"
+    blank.write_bytes(b"\n  \n")
+    with pytest.raises(UserError, match="only blank lines"):
+        run(tmp_path, blank)
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_config_validation():
+    with pytest.raises(UserError, match="--num-workers"):
+        TokenizeConfig(input_file="a.jsonl", output_file="b.jsonl", model_name_or_path="m", num_workers=0)
+    with pytest.raises(UserError, match="--max-sample-num-tokens"):
+        TokenizeConfig(
+            input_file="a.jsonl", output_file="b.jsonl", model_name_or_path="m", max_sample_num_tokens=-1
+        )
+    with pytest.raises(UserError, match="is the input"):
+        TokenizeConfig(input_file="a.jsonl", output_file="a.jsonl", model_name_or_path="m")
+    with pytest.raises(UserError, match=".jsonl"):
+        TokenizeConfig(input_file="a.jsonl", output_file="b.json", model_name_or_path="m")
+    config = TokenizeConfig(input_file="a.jsonl", output_file="b.jsonl", model_name_or_path="m")
+    assert config.workers() >= 1 and config.to_dict()["input_file"] == "a.jsonl"
+
+
+def test_summary_renders_every_count(tmp_path):
+    from rich.console import Console
+
+    result, _ = run(tmp_path, mixed_file(tmp_path), max_sample_num_tokens=200)
+    console = Console(record=True, width=120)
+    pipeline.render_summary(result, console)
+    text = console.export_text()
+    for label in (
+        "lines read",
+        "written",
+        "dropped",
+        "rejected",
+        "tokens",
+        "trained tokens",
+        "samples/s",
+        "tokens/s",
+        chat.ALIGNMENT_FAILURE,
+    ):
+        assert label in text
