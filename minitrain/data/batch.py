@@ -108,11 +108,7 @@ def count_loss_tokens(store: TokenStore, indices: Sequence[int]) -> int:
     """Trained tokens of the samples `indices` after the shift (the global loss normaliser).
 
     Equals the sum of `num_loss_tokens` over the minibatches these samples are packed into: a sample
-    trains every label except its first one (no position predicts it), so its count is
-    `num_loss_counted - (labels[0] != -100)`. Cheap: reads one label per sample.
+    trains every label except its first one (no position predicts it). Reads a per-sample array only.
     """
     idx = np.asarray(indices, dtype=np.int64)
-    if idx.size == 0:
-        return 0
-    first_trained = store.flat_labels[store.offsets[idx]] != IGNORE_INDEX
-    return int(store.num_loss_counted[idx].sum() - first_trained.sum())
+    return int(store.num_trained[idx].sum()) if idx.size else 0

@@ -9,6 +9,7 @@ in `minitrain.data.format`) on first use into one file, `OUT.mtcache/store.bin`,
     labels             int32 [T]   labels, aligned with tokens (-100 where masked, NOT shifted)
     offsets            int64 [N+1] sample i is tokens[offsets[i]:offsets[i+1]]
     num_loss_counted   int64 [N]   labels != -100 per sample
+    num_trained        int64 [N]   labels != -100 after the in-sample shift (the first label never trains)
     source_lines       int64 [N]   1-based JSONL line of each sample
 
 The cache is rebuilt when the JSONL's fingerprint changes (size, mtime_ns and a BLAKE2 hash of its first
@@ -44,7 +45,7 @@ import orjson
 from minitrain.data.format import IGNORE_INDEX, iter_samples, read_sidecar
 from minitrain.errors import UserError
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 MAGIC = b"MTSTORE1"
 HEADER_BYTES = 4096
 HASH_SPAN = 1 << 20  # bytes hashed at each end of the JSONL for the fingerprint
@@ -123,6 +124,7 @@ class _Builder:
         self.buf_lens: list[int] = []
         self.lengths = array("q")
         self.num_loss = array("q")
+        self.num_trained = array("q")
         self.lines = array("q")
         self.max_token_id = -1
         self.num_tokens = 0
@@ -164,8 +166,10 @@ class _Builder:
             )
         trained = (labels != IGNORE_INDEX).astype(np.int64)
         ends = np.cumsum(self.buf_lens)
-        per_sample = np.add.reduceat(trained, np.concatenate([[0], ends[:-1]])) if len(ids) else trained
+        starts = np.concatenate([[0], ends[:-1]])
+        per_sample = np.add.reduceat(trained, starts)
         self.num_loss.extend(per_sample.tolist())
+        self.num_trained.extend((per_sample - trained[starts]).tolist())
         self.lengths.extend(self.buf_lens)
         self.max_token_id = max(self.max_token_id, int(ids.max()))
         self.num_tokens += len(ids)
@@ -205,6 +209,7 @@ def _build(jsonl_path: Path, cache_file: Path, fp: dict[str, Any]) -> None:
             for name, arr in (
                 ("offsets", offsets),
                 ("num_loss_counted", np.frombuffer(builder.num_loss, dtype=np.int64)),
+                ("num_trained", np.frombuffer(builder.num_trained, dtype=np.int64)),
                 ("source_lines", np.frombuffer(builder.lines, dtype=np.int64)),
             ):
                 layout[name] = [pos, "int64", len(arr)]
@@ -247,6 +252,7 @@ class TokenStore:
     cache_path: Path
     lengths: np.ndarray  # int64 [N] tokens per sample
     num_loss_counted: np.ndarray  # int64 [N] labels != -100 per sample (unshifted)
+    num_trained: np.ndarray  # int64 [N] trained tokens after the in-sample shift (the loss normaliser)
     source_lines: np.ndarray  # int64 [N] JSONL line numbers
     offsets: np.ndarray  # int64 [N+1] (memory-mapped)
     max_token_id: int
@@ -264,6 +270,7 @@ class TokenStore:
         self.offsets = arrays["offsets"]
         self.lengths = np.diff(self.offsets)
         self.num_loss_counted = np.array(arrays["num_loss_counted"])
+        self.num_trained = np.array(arrays["num_trained"])
         self.source_lines = np.array(arrays["source_lines"])
         self.max_token_id = int(header["max_token_id"])
         self.num_tokens = int(header["num_tokens"])

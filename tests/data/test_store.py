@@ -52,6 +52,7 @@ def assert_store_equals(store: TokenStore, samples: list[dict]) -> None:
         assert store.input_ids(i).dtype == np.int32
     assert store.lengths.tolist() == [s["len"] for s in samples]
     assert store.num_loss_counted.tolist() == [s["num_loss_counted_tokens"] for s in samples]
+    assert store.num_trained.tolist() == [sum(x != -100 for x in s["labels"][1:]) for s in samples]
     assert store.max_token_id == max(max(s["input_ids"]) for s in samples)
 
 
