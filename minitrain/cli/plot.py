@@ -18,6 +18,7 @@ def plot(
         list[Path],
         typer.Argument(
             help="Training output directories (reads RUN/training_metrics_0.jsonl) or metrics .jsonl files.",
+            metavar="RUN",
             show_default=False,
         ),
     ],
@@ -27,7 +28,7 @@ def plot(
             "--metric",
             "-m",
             help="Metric to plot, one panel each; repeat for several. "
-            "[default: loss (with eval_loss), lr, grad_norm, tokens_per_second]",
+            "\\[default: loss (with eval_loss), lr, grad_norm, tokens_per_second]",
             show_default=False,
         ),
     ] = None,
