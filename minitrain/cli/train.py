@@ -8,6 +8,7 @@ so its users' command works with `torchrun --nnodes=1 --nproc-per-node=8 train.p
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -158,7 +159,7 @@ def train(
         data_path=data_path.expanduser().resolve(),
         model_name_or_path=str(model.resolve()) if model.exists() else model_name_or_path,
         output_dir=output_dir.expanduser().resolve(),
-        nproc=nproc if nproc is not None else default_nproc(),
+        nproc=nproc if nproc is not None else 1,  # resolved below, after the cheap checks
         nnodes=nnodes,
         node_rank=node_rank,
         rdzv_endpoint=rdzv_endpoint,
@@ -183,6 +184,8 @@ def train(
         cpu_offload=cpu_offload,
         logging_level=logging_level,
     )
+    if nproc is None:
+        config = dataclasses.replace(config, nproc=default_nproc())  # imports torch: after validation
     if dry_run_report is not None and not dry_run:
         raise UserError("--dry-run-report needs --dry-run")
     if dry_run:
