@@ -460,6 +460,8 @@ def draw_image(curves: Curves, output: Path, *, buckets: int | None = IMAGE_BUCK
             gid = f"{line.run}:{line.metric}"  # tests and scripts find the lines by it
             if line.is_eval:
                 ax.plot(line.x, line.y, color=line.color, ls="--", marker="o", ms=3, lw=1.0, gid=gid)
+            elif len(line.x) == 1:  # a run one step old: a line through one point would draw nothing
+                ax.plot(line.x, line.y, color=line.color, marker="o", ms=4, gid=gid)
             elif line.smoothed is not None:
                 ax.plot(*thin(line.x, line.y), color=line.color, alpha=0.25, lw=0.8, gid=gid + ":raw")
                 ax.plot(*thin(line.x, line.smoothed), color=line.color, lw=1.5, gid=gid)
@@ -640,7 +642,7 @@ def _panel_rows(panel: Panel, curves: Curves, width: int, height: int) -> list[T
         if line.smoothed is not None:
             canvas.line(line.x, line.y, f"dim {line.color}", faded=True)
     for line in panel.lines:
-        if line.is_eval:
+        if line.is_eval or len(line.x) == 1:  # a single point would be one dot: mark it
             canvas.points(line.x, line.y, f"bold {line.color}")
         else:
             canvas.line(line.x, line.y if line.smoothed is None else line.smoothed, line.color)

@@ -345,6 +345,15 @@ def test_image_lines_carry_the_data(tmp_path):
     assert line.get_ydata().tolist() == [r["lr"] for r in rows]
 
 
+def test_a_run_with_a_single_step_is_marked(tmp_path):
+    one = write_metrics(tmp_path / "one.jsonl", metrics_rows(1))
+    out = tmp_path / "c.png"
+    result = lib.plot(lib.PlotConfig(runs=(one,), metrics=("loss",), smooth=0.5, output=out, terminal=True))
+    (line,) = result.figure.axes[0].get_lines()
+    assert line.get_marker() == "o" and line.get_gid() == "one:loss"
+    assert "●" in render(result.terminal)
+
+
 def test_image_into_a_missing_directory_is_an_error(tmp_path):
     path = write_metrics(tmp_path / "m.jsonl", metrics_rows(3))
     with pytest.raises(UserError, match="does not exist; create it first"):
