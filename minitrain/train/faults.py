@@ -1,0 +1,227 @@
+"""Stopping a run on purpose or by accident without losing it: signals, non-finite values, dying processes.
+
+Owns four small pieces, one per fault:
+
+- `StopFlag` (in every worker): the first SIGINT/SIGTERM only *asks* for a stop; `should_stop(dist)` is
+  called once per step boundary and all-reduces (MAX) the signal number, so every rank sees the request at
+  the same step even when the signal reached them a few milliseconds apart. The loop then saves a checkpoint
+  and exits with `exit_code` (128 + signal: 130 for SIGINT, 143 for SIGTERM). A second signal to the same
+  worker ends it at once (default action).
+- `check_finite(loss, grad_norm, step)`: called after clipping and BEFORE `optimizer.step()`, so a diverged
+  step raises `NonFiniteError` (one line, the step number) and no NaN ever reaches the weights or a checkpoint.
+- `die_with_parent()` (in every worker): the kernel sends SIGKILL to the worker if its parent (torchrun)
+  dies, so killing the launcher never leaves orphans training on.
+- `wait_forwarding_signals(proc)` (in the launcher): the first SIGINT/SIGTERM is forwarded to torchrun (which
+  forwards it to every rank); a second one kills torchrun and every process under it at once.
+
+A rank that dies (killed, out of memory) ends the run through torchrun: with `--max-restarts 0` (the default)
+its agent notices within `--monitor-interval` (0.1 s), sends SIGTERM to the other ranks and SIGKILL after
+`--shutdown-timeout` seconds. Survivors blocked in a collective see the dead peer's closed connection (gloo:
+at once) or the process group's timeout (NCCL). Measured here: SIGKILL of one of two gloo ranks ends the
+torchrun in about a second (tests/train/test_faults.py). Trade-off: the shutdown timeout bounds both the time a
+graceful stop has to save and the time a hung NCCL rank survives a dead peer; one number serves both.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Callable, Iterable
+from types import FrameType, TracebackType
+from typing import Any
+
+from minitrain.errors import UserError
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class NonFiniteError(UserError):
+    """The loss or gradient norm of a step is NaN or infinite; the step was not taken."""
+
+
+class StopFlag:
+    """Graceful-stop request from SIGINT/SIGTERM, agreed across ranks at step boundaries.
+
+    Use as `with StopFlag(announce=dist.is_main) as stop:` around the loop (main thread only), and at the end
+    of every step: `if stop.should_stop(dist): save(); return stop.exit_code`.
+    """
+
+    def __init__(self, signals: Iterable[int] = STOP_SIGNALS, *, announce: bool = True) -> None:
+        self.signals = tuple(signals)
+        self.announce = announce
+        self.received = 0  # first signal this process got (0: none)
+        self.agreed = 0  # the signal all ranks agreed on at the last `should_stop` (0: keep going)
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> StopFlag:
+        for sig in self.signals:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def __enter__(self) -> StopFlag:
+        return self.install()
+
+    def __exit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
+        self.restore()
+
+    def request(self, signum: int = signal.SIGTERM) -> None:
+        """Ask for a stop as if `signum` had arrived (tests, or a stop decided by the program)."""
+        self.received = self.received or int(signum)
+
+    def should_stop(self, dist: Any) -> bool:
+        """Collective (once per step, on every rank): True on all ranks if any rank was asked to stop."""
+        import torch
+        import torch.distributed as torch_dist
+
+        if dist.world_size > 1 and torch_dist.is_available() and torch_dist.is_initialized():
+            flag = torch.tensor([self.received], dtype=torch.int64, device=dist.device)
+            torch_dist.all_reduce(flag, op=torch_dist.ReduceOp.MAX)  # one int per step: negligible
+            self.agreed = int(flag.item())
+        else:
+            self.agreed = self.received
+        return self.agreed != 0
+
+    @property
+    def exit_code(self) -> int:
+        """128 + the agreed signal (130 SIGINT, 143 SIGTERM), as a shell reports a process it killed; 0 if none."""
+        return 128 + self.agreed if self.agreed else 0
+
+    @property
+    def signal_name(self) -> str | None:
+        return signal.Signals(self.agreed).name if self.agreed else None
+
+    def _handle(self, signum: int, _frame: FrameType | None) -> None:
+        if self.received:  # second signal: do not wait for the step boundary
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        self.received = signum
+        if self.announce:  # os.write: safe even if the signal interrupted a print
+            name = signal.Signals(signum).name
+            os.write(
+                2, f"minitrain: {name} received; stopping after this step to save a checkpoint\n".encode()
+            )
+
+
+def check_finite(loss: Any, grad_norm: Any, step: int) -> None:
+    """Raise `NonFiniteError` if `loss` or `grad_norm` is NaN/inf; call before `optimizer.step()`.
+
+    Pass the values every rank shares (the global loss, the total norm from clipping), so that all ranks
+    raise at the same step instead of some waiting in the next collective.
+    """
+    loss_value, norm_value = _as_float(loss), _as_float(grad_norm)
+    bad = [name for name, v in (("loss", loss_value), ("gradient norm", norm_value)) if not math.isfinite(v)]
+    if bad:
+        raise NonFiniteError(
+            f"step {step}: the {' and the '.join(bad)} became non-finite (loss {loss_value}, grad norm "
+            f"{norm_value}); stopped before the optimizer step, so no NaN weights were saved; lower "
+            f"--learning-rate (or raise --num-warmup-steps) and resume from the last checkpoint"
+        )
+
+
+def die_with_parent(sig: int = signal.SIGKILL) -> bool:
+    """Ask Linux to send `sig` to this process when its parent dies; False where unsupported."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    parent = os.getppid()
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(1, int(sig), 0, 0, 0) != 0:  # 1 = PR_SET_PDEATHSIG
+        return False
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os.kill(os.getpid(), sig)
+    return True
+
+
+def wait_forwarding_signals(
+    proc: subprocess.Popen, *, notify: Callable[[str], None] | None = None
+) -> tuple[int, int | None]:
+    """Wait for `proc`, forwarding the first SIGINT/SIGTERM to it and killing its tree on the second.
+
+    Returns (exit code, first signal or None). The code is the child's, or 128 + N for death by signal N;
+    when the user sent a signal and the child exited non-zero, it is 128 + that signal (torchrun itself
+    reports a forwarded signal as a plain failure). Start `proc` with `start_new_session=True` so a terminal
+    Ctrl+C reaches it only through here.
+    """
+    received: list[int] = []
+
+    def handle(signum: int, _frame: FrameType | None) -> None:
+        received.append(signum)
+        name = signal.Signals(signum).name
+        if len(received) == 1:
+            if proc.poll() is None:
+                proc.send_signal(signum)
+            if notify:
+                notify(
+                    f"{name}: stopping at the next step and saving a checkpoint; press Ctrl+C again to abort"
+                )
+        elif len(received) == 2:
+            kill_process_tree(proc.pid)
+            if notify:
+                notify(f"{name} again: aborting now (the last complete checkpoint is kept)")
+
+    previous = {sig: signal.signal(sig, handle) for sig in STOP_SIGNALS}
+    try:
+        code = proc.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    code = 128 - code if code < 0 else code
+    first = received[0] if received else None
+    if first is not None and code != 0:
+        code = 128 + first
+    return code, first
+
+
+def kill_process_tree(pid: int, sig: int = signal.SIGKILL) -> list[int]:
+    """Send `sig` to `pid` and every descendant (torchrun starts its workers in sessions of their own, so
+    a process-group kill would miss them). Returns the pids signalled."""
+    pids = [pid, *_descendants(pid)]
+    for p in pids:
+        try:
+            os.kill(p, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+    return pids
+
+
+def _descendants(pid: int) -> list[int]:
+    """All descendants of `pid`, from /proc (Linux); [] elsewhere."""
+    children: dict[int, list[int]] = {}
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return []
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        ppid = int(stat[stat.rindex(b")") + 2 :].split()[1])  # after "pid (comm) state": ppid
+        children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _as_float(value: Any) -> float:
+    if hasattr(value, "full_tensor"):  # a DTensor (FSDP2 total norm)
+        value = value.full_tensor()
+    if hasattr(value, "item"):
+        value = value.item()
+    return float(value)

@@ -1,0 +1,497 @@
+"""Full training-state checkpoints: everything `--resume` needs to continue a run as if it never stopped.
+
+Layout (the Hugging Face export of the same moment lives apart, in OUT/hf_format/samples_<N>/):
+
+    OUT/checkpoints/
+        samples_<N>/                N = samples trained when it was written
+            state/                  model + optimizer, sharded by torch.distributed.checkpoint (DCP):
+                                    .metadata + __<rank>_0.distcp per saving rank; reloads on any world size
+            rng/rank_<r>.json       torch (CPU, CUDA), python and numpy RNG states of rank r
+            trainer_state.json      counters (step, samples_seen, tokens_seen, ...), sampler (seed, epoch,
+                                    position), LR-scheduler state, world size, format version
+            COMPLETE                written last, before the rename: its presence is what "complete" means
+        .tmp-samples_<N>/           being written, or left by a crash: never resumed from, removed by pruning
+        latest                      one line, the name of the newest complete checkpoint; replaced last
+
+Writing (`save_training_state`, every rank): rank 0 creates `.tmp-samples_<N>`; all ranks write their DCP
+shards and RNG file; rank 0 writes trainer_state.json and COMPLETE (each fsynced), renames the folder into
+place, fsyncs the parent, then atomically rewrites `latest`. A crash at any point leaves either the previous
+state untouched or a `.tmp-` folder that resume ignores (and reports). Pruning (`--keep-last K`) runs only
+after the new checkpoint is complete. Any failure is agreed on by all ranks (one collective per phase), so no
+rank is left waiting; an OSError (disk full, permission) becomes a one-line `CheckpointSaveError` naming the
+path, after the half-written folder is removed - the previous checkpoint is never touched.
+
+Reading (`load_training_state`): DCP loads into the model's and optimizer's *current* sharding, so a run saved
+on 8 ranks resumes on 4 or 1. RNG states: on the same world size every rank gets its own back exactly; on
+another world size there is no meaningful mapping (ranks see other samples), so every rank is reseeded from
+(seed, step, rank) instead - reproducible, and irrelevant to the losses: minitrain's training math draws no
+random numbers after initialisation (the sampler is counter-based, dropout is off in the models it targets).
+
+Trade-off: all ranks must see one shared filesystem (DCP's own requirement for resharding), and a checkpoint
+stores the full optimizer state (3x the fp32 weights) - that is the price of an exact resume.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import random
+import re
+import shutil
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+import torch
+import torch.distributed as torch_dist
+from torch import nn
+from torch.optim.lr_scheduler import LRScheduler
+
+from minitrain import __version__
+from minitrain.errors import UserError
+from minitrain.train.dist import DistInfo
+
+CHECKPOINTS_DIR = "checkpoints"
+LATEST_FILE = "latest"
+COMPLETE_FILE = "COMPLETE"
+STATE_DIR = "state"
+RNG_DIR = "rng"
+TRAINER_STATE_FILE = "trainer_state.json"
+TMP_PREFIX = ".tmp-"
+OLD_PREFIX = ".old-"
+FORMAT_VERSION = 1
+_NAME = re.compile(r"samples_(\d+)")
+
+
+class CheckpointSaveError(UserError):
+    """A checkpoint could not be written (disk full, no permission); the previous one is intact."""
+
+
+@dataclass(frozen=True)
+class CheckpointScan:
+    """What OUT/checkpoints holds: complete checkpoints, leftovers of interrupted writes, the one to resume."""
+
+    complete: tuple[Path, ...]  # oldest first (by samples)
+    incomplete: tuple[Path, ...]  # .tmp-/.old- folders and samples_<N> without COMPLETE: never resumed from
+    latest: Path | None  # the `latest` marker's target if complete, else the newest complete one
+    note: str | None = None  # why the marker was not followed, when it was not
+
+
+def checkpoints_root(out_dir: Path) -> Path:
+    """OUT/checkpoints."""
+    return Path(out_dir) / CHECKPOINTS_DIR
+
+
+def training_state_dir(out_dir: Path, samples: int) -> Path:
+    """OUT/checkpoints/samples_<N>."""
+    return checkpoints_root(out_dir) / f"samples_{samples}"
+
+
+def is_complete(path: Path) -> bool:
+    """True when `path` is a whole checkpoint (COMPLETE, trainer_state.json and DCP metadata all present)."""
+    path = Path(path)
+    return all((path / p).is_file() for p in (COMPLETE_FILE, TRAINER_STATE_FILE, f"{STATE_DIR}/.metadata"))
+
+
+def scan_checkpoints(out_dir: Path) -> CheckpointScan:
+    """Classify OUT/checkpoints/*; a missing folder is an empty scan."""
+    root = checkpoints_root(out_dir)
+    complete: list[tuple[int, Path]] = []
+    incomplete: list[Path] = []
+    if root.is_dir():
+        for entry in sorted(root.iterdir()):
+            if not entry.is_dir():
+                continue
+            if entry.name.startswith((TMP_PREFIX, OLD_PREFIX)):
+                incomplete.append(entry)
+            elif (m := _NAME.fullmatch(entry.name)) is not None:
+                if is_complete(entry):
+                    complete.append((int(m.group(1)), entry))
+                else:
+                    incomplete.append(entry)
+    complete.sort()
+    ordered = tuple(p for _, p in complete)
+    latest, note = (ordered[-1] if ordered else None), None
+    marker = root / LATEST_FILE
+    if marker.is_file():
+        name = marker.read_text().strip()
+        target = root / name
+        if _NAME.fullmatch(name) and target in ordered:
+            latest = target  # the marker wins: after `--resume PATH` to an older one, newer folders are stale
+        else:
+            note = f"{marker} names {name!r}, which is not a complete checkpoint; using {latest}"
+    return CheckpointScan(ordered, tuple(incomplete), latest, note)
+
+
+def find_latest_checkpoint(out_dir: Path) -> Path | None:
+    """The checkpoint `--resume` continues from, or None; see `scan_checkpoints` for the ignored leftovers."""
+    return scan_checkpoints(out_dir).latest
+
+
+def resolve_resume(out_dir: Path, resume: Path | None) -> Path:
+    """The checkpoint to resume from: `resume` itself (checked), or the latest complete one in `out_dir`."""
+    if resume is None:
+        scan = scan_checkpoints(out_dir)
+        if scan.latest is None:
+            found = (
+                f" (only incomplete ones: {', '.join(p.name for p in scan.incomplete)})"
+                if scan.incomplete
+                else ""
+            )
+            raise UserError(
+                f"--resume: no complete checkpoint in {checkpoints_root(out_dir)}{found}; start without --resume"
+            )
+        return scan.latest
+    path = Path(resume)
+    if path.parent.name == "hf_format" and (path.parent.parent / CHECKPOINTS_DIR / path.name).is_dir():
+        raise UserError(
+            f"--resume {path}: that is a Hugging Face export; resume from "
+            f"{path.parent.parent / CHECKPOINTS_DIR / path.name} (or give --resume without a path)"
+        )
+    if not path.is_dir():
+        raise UserError(f"--resume {path}: no such checkpoint folder; give OUT/checkpoints/samples_<N>")
+    if not is_complete(path):
+        raise UserError(
+            f"--resume {path}: incomplete checkpoint (its write was interrupted); resume from another one "
+            f"or give --resume without a path to take the latest complete one"
+        )
+    return path
+
+
+def save_training_state(
+    out_dir: Path,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: LRScheduler | None,
+    sampler: Any,
+    counters: Mapping[str, Any],
+    dist: DistInfo,
+    keep_last: int | None = None,
+) -> Path:
+    """Write OUT/checkpoints/samples_<counters['samples_seen']> atomically; every rank must call this.
+
+    `sampler` has `state_dict()` (InfiniteSampler); `counters` is JSON-safe and holds at least `step` and
+    `samples_seen`. With `keep_last`, older checkpoints beyond the newest `keep_last` are removed afterwards.
+    Raises `CheckpointSaveError` (on every rank) when the filesystem refuses; the previous checkpoint stays.
+    """
+    from torch.distributed.checkpoint import CheckpointException
+    from torch.distributed.checkpoint import save as dcp_save
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    for key in ("step", "samples_seen"):
+        if not isinstance(counters.get(key), int):
+            raise ValueError(f"counters[{key!r}] must be an int, got {counters.get(key)!r}")
+    if keep_last is not None and keep_last < 1:
+        raise UserError(f"--keep-last must be >= 1, got {keep_last}")
+    final = training_state_dir(out_dir, counters["samples_seen"])
+    tmp = final.parent / f"{TMP_PREFIX}{final.name}"
+    trainer_state = {
+        "format_version": FORMAT_VERSION,
+        "minitrain_version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "world_size": dist.world_size,
+        "counters": dict(counters),
+        "sampler": sampler.state_dict(),
+        "scheduler": None if scheduler is None else scheduler.state_dict(),
+    }
+    payload = _dumps(trainer_state)  # fails here, before any file exists, if something is not JSON-safe
+
+    # phase 1: rank 0 prepares the temporary folder
+    _agree(dist, _attempt(dist.is_main, lambda: _fresh_dir(tmp)), final, out_dir)
+    # phase 2: every rank writes its shards (DCP agrees on failures itself) and its RNG states
+    try:
+        model_state, optim_state = get_state_dict(model, optimizer)
+        _dcp(dcp_save, {"model": model_state, "optim": optim_state}, tmp / STATE_DIR)
+    except (Exception, CheckpointException) as err:  # DCP wraps the ranks' errors, raises on every rank
+        cause = _os_error(err)
+        if cause is None:
+            _remove_quietly(tmp, dist)
+            raise
+        _remove_quietly(tmp, dist)
+        raise _save_error(final, out_dir, cause) from None
+    _agree(
+        dist,
+        _attempt(True, lambda: _write_rng(tmp / RNG_DIR / f"rank_{dist.rank}.json")),
+        final,
+        out_dir,
+        tmp,
+    )
+    # phase 3: rank 0 seals, publishes, points `latest` at it, and prunes
+    _agree(dist, _attempt(dist.is_main, lambda: _publish(tmp, final, payload)), final, out_dir, tmp)
+    if keep_last is not None and dist.is_main:
+        try:
+            prune_checkpoints(out_dir, keep_last)
+        except OSError as err:  # a failed cleanup must not fail a run whose checkpoint is safe
+            print(f"minitrain: warning: could not prune old checkpoints ({err})", flush=True)
+    return final
+
+
+def load_training_state(
+    checkpoint: Path,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: LRScheduler | None,
+    dist: DistInfo,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Load a checkpoint into `model` (any sharding), `optimizer`, `scheduler` and this rank's RNGs.
+
+    Returns (sampler_state, counters): build the sampler with `InfiniteSampler.from_state_dict(sampler_state)`.
+    Every rank must call this.
+    """
+    from torch.distributed.checkpoint import CheckpointException
+    from torch.distributed.checkpoint import load as dcp_load
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    checkpoint = Path(checkpoint)
+    if not is_complete(checkpoint):
+        raise UserError(f"{checkpoint}: not a complete minitrain checkpoint; resume from another one")
+    try:
+        trainer_state = orjson.loads((checkpoint / TRAINER_STATE_FILE).read_bytes())
+    except (OSError, orjson.JSONDecodeError) as err:
+        raise UserError(
+            f"{checkpoint / TRAINER_STATE_FILE}: unreadable ({err}); resume from another one"
+        ) from None
+    if trainer_state.get("format_version") != FORMAT_VERSION:
+        raise UserError(
+            f"{checkpoint}: checkpoint format {trainer_state.get('format_version')} is not the format "
+            f"{FORMAT_VERSION} this minitrain {__version__} reads; resume with the version that wrote it"
+        )
+
+    model_state, optim_state = get_state_dict(model, optimizer)  # the current sharding: DCP reshards into it
+    state = {"model": model_state, "optim": optim_state}
+    try:
+        _dcp(dcp_load, state, checkpoint / STATE_DIR)
+    except (Exception, CheckpointException) as err:  # other keys or shapes: another model's checkpoint
+        if _os_error(err) is not None:
+            raise UserError(
+                f"{checkpoint}: cannot read it ({_os_error(err)}); resume from another one"
+            ) from None
+        raise UserError(
+            f"{checkpoint}: does not fit this model and optimizer ({_describe(err)}); resume with the same "
+            f"--model-name-or-path (and adapter settings) as the run that wrote it"
+        ) from err
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    if scheduler is not None and trainer_state["scheduler"] is not None:
+        scheduler.load_state_dict(trainer_state["scheduler"])
+
+    counters, sampler_state = trainer_state["counters"], trainer_state["sampler"]
+    rng_file = checkpoint / RNG_DIR / f"rank_{dist.rank}.json"
+    if trainer_state["world_size"] == dist.world_size and rng_file.is_file():
+        _restore_rng(orjson.loads(rng_file.read_bytes()), dist)
+    else:  # another world size: no rank's stream continues; reseed reproducibly instead
+        _reseed(int(sampler_state.get("seed", 0)), int(counters["step"]), dist.rank)
+    return sampler_state, counters
+
+
+def prune_checkpoints(out_dir: Path, keep_last: int) -> list[Path]:
+    """Remove all but the newest `keep_last` complete checkpoints (never the `latest` one) and every leftover
+    of an interrupted write. Call only after a save completed (rank 0). Returns what was removed."""
+    if keep_last < 1:
+        raise UserError(f"--keep-last must be >= 1, got {keep_last}")
+    scan = scan_checkpoints(out_dir)
+    keep = set(scan.complete[-keep_last:]) | ({scan.latest} if scan.latest else set())
+    removed = [p for p in scan.complete if p not in keep] + list(scan.incomplete)
+    for path in removed:
+        shutil.rmtree(path)
+    return removed
+
+
+# --- writing ---------------------------------------------------------------------------------------------
+
+
+def _publish(tmp: Path, final: Path, payload: bytes) -> None:
+    """Seal `tmp` (trainer_state.json, then COMPLETE), rename it to `final`, then point `latest` at it."""
+    _write_durably(tmp / TRAINER_STATE_FILE, payload)
+    _write_durably(tmp / COMPLETE_FILE, b"ok\n")
+    _fsync_dir(tmp)
+    if (
+        final.exists()
+    ):  # the same sample count saved again (e.g. the final save): swap, never a gap of nothing
+        old = final.parent / f"{OLD_PREFIX}{final.name}"
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(final, old)
+        os.rename(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, final)
+    _fsync_dir(final.parent)
+    _write_durably(final.parent / LATEST_FILE, f"{final.name}\n".encode())
+
+
+def _fresh_dir(path: Path) -> None:
+    if path.exists():  # a leftover of a crash at this very sample count
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+
+
+def _write_rng(path: Path) -> None:
+    state: dict[str, Any] = {
+        "torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
+        "python": _jsonable(random.getstate()),
+        "numpy": _jsonable(np.random.get_state()),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = base64.b64encode(torch.cuda.get_rng_state().numpy().tobytes()).decode()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write_durably(path, orjson.dumps(state))
+
+
+def _restore_rng(state: dict[str, Any], dist: DistInfo) -> None:
+    torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["torch"])), dtype=torch.uint8))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    if "cuda" in state and dist.device.type == "cuda":
+        cuda = torch.frombuffer(bytearray(base64.b64decode(state["cuda"])), dtype=torch.uint8)
+        torch.cuda.set_rng_state(cuda, dist.device)
+
+
+def _reseed(seed: int, step: int, rank: int) -> None:
+    mixed = int(np.random.SeedSequence([seed, step, rank]).generate_state(1, dtype=np.uint32)[0])
+    torch.manual_seed(mixed)  # also seeds every CUDA device
+    random.seed(mixed)
+    np.random.seed(mixed)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, tuple | list):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return value
+
+
+def _dumps(value: Any) -> bytes:
+    def reject(obj: Any) -> Any:
+        if isinstance(obj, torch.Tensor) and obj.numel() == 1:
+            return obj.item()
+        raise TypeError(f"cannot store {type(obj).__name__} in {TRAINER_STATE_FILE}")
+
+    return orjson.dumps(value, default=reject, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY)
+
+
+def _write_durably(path: Path, data: bytes) -> None:
+    """Write `data` to a temporary file beside `path`, fsync, rename: readers see the old or the new file.
+
+    (Not `tempfile.mkstemp`: its 0600 mode would hide checkpoints from a shared group; this respects umask.)
+    """
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# --- agreeing on failures across ranks ------------------------------------------------------------------
+
+
+def _attempt(run: bool, action: Any) -> BaseException | None:
+    """Run `action` when `run`; return the exception it raised (the ranks then agree on it)."""
+    if not run:
+        return None
+    try:
+        action()
+    except Exception as err:
+        return err
+    return None
+
+
+def _agree(
+    dist: DistInfo, error: BaseException | None, final: Path, out_dir: Path, tmp: Path | None = None
+) -> None:
+    """Collective: if any rank failed, every rank raises (an OSError as CheckpointSaveError), after cleanup."""
+    if _initialized() and dist.world_size > 1:
+        errors: list[Any] = [None] * dist.world_size
+        torch_dist.all_gather_object(errors, None if error is None else (repr(error), _os_error(error)))
+        failed = [(rank, e) for rank, e in enumerate(errors) if e is not None]
+    else:
+        failed = [] if error is None else [(dist.rank, (repr(error), _os_error(error)))]
+    if not failed:
+        return
+    if tmp is not None:
+        _remove_quietly(tmp, dist)
+    if error is not None and _os_error(error) is None:
+        raise error  # a bug, not the filesystem: keep the traceback
+    rank, (text, cause) = failed[0]
+    if cause is None:
+        raise RuntimeError(f"saving {final} failed on rank {rank}: {text}")
+    raise _save_error(final, out_dir, cause) from None
+
+
+def _causes(err: BaseException | None) -> list[BaseException]:
+    """`err`, its causes, and the per-rank exceptions inside DCP's CheckpointException (rank -> (exc, tb))."""
+    found: list[BaseException] = []
+    todo = [err]
+    while todo and len(found) < 32:
+        e = todo.pop(0)
+        if not isinstance(e, BaseException) or e in found:
+            continue
+        found.append(e)
+        failures = getattr(e, "failures", None)
+        if isinstance(failures, dict):
+            todo += [f[0] if isinstance(f, tuple) else f for f in failures.values()]
+        todo += [e.__cause__, e.__context__]
+    return found
+
+
+def _os_error(err: BaseException | None) -> OSError | None:
+    """The OSError behind `err`, if any (also inside DCP's CheckpointException)."""
+    return next((e for e in _causes(err) if isinstance(e, OSError)), None)
+
+
+def _describe(err: BaseException) -> str:
+    """One line for the innermost cause of `err` (DCP's own message is a multi-rank traceback)."""
+    inner = next((e for e in _causes(err) if not hasattr(e, "failures")), err)
+    text = next((line for line in str(inner).splitlines() if line.strip()), type(inner).__name__)
+    return f"{type(inner).__name__}: {text[:200]}"
+
+
+def _save_error(final: Path, out_dir: Path, cause: OSError) -> CheckpointSaveError:
+    reason = cause.strerror or str(cause)
+    where = f" ({cause.filename})" if cause.filename else ""
+    previous = find_latest_checkpoint(out_dir)
+    kept = f"; the previous checkpoint {previous} is intact" if previous else ""
+    return CheckpointSaveError(
+        f"cannot write checkpoint {final}: {reason}{where}; free disk space or make "
+        f"{checkpoints_root(out_dir)} writable{kept}"
+    )
+
+
+def _remove_quietly(tmp: Path, dist: DistInfo) -> None:
+    if dist.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _initialized() -> bool:
+    return torch_dist.is_available() and torch_dist.is_initialized()
+
+
+def _dcp(action: Any, state: dict[str, Any], path: Path) -> None:
+    """dcp.save / dcp.load; without a process group (one plain process) in DCP's no-dist mode, quietly."""
+    if _initialized():
+        action(state, checkpoint_id=path)
+        return
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        action(state, checkpoint_id=path, no_dist=True)
