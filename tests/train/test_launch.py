@@ -1,0 +1,172 @@
+"""minitrain/train/launch.py: the torchrun command line (asserted, not spawned), exit codes, signal
+forwarding, detection of an outer launcher, and the parent's refusals before anything is spawned."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import orjson
+import pytest
+
+from minitrain.config import TrainConfig
+from minitrain.errors import UserError
+from minitrain.train.launch import in_launched_env, preflight, run_command, torchrun_command
+from tests.conftest import SMOLLM2, needs_fixtures, tiny_llama_config
+from tests.train.test_loop import write_tokenized
+
+
+def _config(**kw) -> TrainConfig:
+    return TrainConfig(
+        **{"data_path": Path("/d.jsonl"), "model_name_or_path": "m", "output_dir": Path("/out"), **kw}
+    )
+
+
+def test_one_node_is_standalone():
+    assert torchrun_command(_config(nproc=4), python="py") == [
+        "py", "-m", "torch.distributed.run", "--nproc-per-node", "4", "--standalone", "--nnodes", "1",
+        "-m", "minitrain.train.worker", "/out",
+    ]  # fmt: skip
+
+
+def test_several_nodes_use_a_c10d_rendezvous():
+    config = _config(nproc=8, nnodes=2, node_rank=1, rdzv_endpoint="node0:29400", rdzv_id="job7")
+    assert torchrun_command(config, python="py") == [
+        "py", "-m", "torch.distributed.run", "--nproc-per-node", "8", "--nnodes", "2", "--node-rank", "1",
+        "--rdzv-backend", "c10d", "--rdzv-endpoint", "node0:29400", "--rdzv-id", "job7",
+        "-m", "minitrain.train.worker", "/out",
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("env", "launched"),
+    [
+        ({}, False),
+        ({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}, True),
+        ({"TORCHELASTIC_RUN_ID": "x"}, True),
+        ({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"}, False),  # a batch script: we still launch torchrun
+        ({"SLURM_PROCID": "3", "SLURM_NTASKS": "8"}, True),  # srun with one task per GPU
+    ],
+)
+def test_detects_an_outer_launcher(env, launched):
+    assert in_launched_env(env) is launched
+
+
+def test_slurm_tasks_map_to_ranks():
+    from minitrain.train.dist import ranks_from_env
+
+    env = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_NTASKS_PER_NODE": "4(x2)"}
+    assert ranks_from_env(env) == (5, 1, 8, 4)
+    assert ranks_from_env({}) == (0, 0, 1, 1)
+
+
+def test_exit_codes_pass_through():
+    assert run_command([sys.executable, "-c", "raise SystemExit(0)"]) == 0
+    assert run_command([sys.executable, "-c", "raise SystemExit(3)"]) == 3
+    kill = "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"
+    assert run_command([sys.executable, "-c", kill]) == 128 + signal.SIGKILL
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signals_are_forwarded_to_the_child(tmp_path, signum):
+    child = textwrap.dedent(f"""
+        import pathlib, signal, sys, time
+        def stop(signum, frame):
+            pathlib.Path({str(tmp_path / "got")!r}).write_text(str(signum))
+            sys.exit(128 + signum)
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+        pathlib.Path({str(tmp_path / "ready")!r}).touch()
+        time.sleep(60)
+    """)
+    parent = (
+        "import sys; from minitrain.train.launch import run_command; "
+        f"sys.exit(run_command([sys.executable, '-c', {child!r}]))"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", parent], cwd=Path(__file__).resolve().parents[2])
+    deadline = time.monotonic() + 30
+    while not (tmp_path / "ready").exists():
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    proc.send_signal(signum)
+    assert proc.wait(timeout=30) == 128 + signum
+    assert (tmp_path / "got").read_text() == str(int(signum))
+
+
+# --- the parent refuses before spawning ---------------------------------------------------------------
+
+
+def _model(tmp_path: Path, vocab: int, tokenizer: Path | None = None) -> Path:
+    model = tmp_path / "model"
+    tiny_llama_config(vocab_size=vocab).save_pretrained(model)
+    if tokenizer is not None:
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(tokenizer / name, model / name)
+    return model
+
+
+def test_refuses_token_ids_outside_the_vocabulary(tmp_path):
+    data = write_tokenized(tmp_path / "d.jsonl", num=4, vocab=300, seed=0)
+    config = _config(data_path=data, model_name_or_path=str(_model(tmp_path, 128)), output_dir=tmp_path / "o")
+    with pytest.raises(UserError, match=r"token id \d+ does not fit the vocabulary .* \(128 ids\)"):
+        preflight(config)
+
+
+def test_refuses_when_every_sample_is_too_long(tmp_path):
+    data = write_tokenized(tmp_path / "d.jsonl", num=4, vocab=100, seed=0, min_len=20)
+    config = _config(
+        data_path=data,
+        model_name_or_path=str(_model(tmp_path, 128)),
+        output_dir=tmp_path / "o",
+        max_tokens_per_gpu=10,
+    )
+    with pytest.raises(UserError, match="every sample is longer than --max-tokens-per-gpu 10"):
+        preflight(config)
+
+
+def test_refuses_a_missing_model(tmp_path):
+    data = write_tokenized(tmp_path / "d.jsonl", num=4, vocab=100, seed=0)
+    with pytest.raises(UserError, match="not a model folder"):
+        preflight(
+            _config(data_path=data, model_name_or_path=str(tmp_path / "nope"), output_dir=tmp_path / "o")
+        )
+
+
+@needs_fixtures
+def test_refuses_data_tokenized_with_another_tokenizer(tmp_path):
+    from minitrain.data.format import sidecar_path
+
+    data = write_tokenized(tmp_path / "d.jsonl", num=4, vocab=100, seed=0)
+    meta = {"format": "minitrain.tokenized", "format_version": 1,
+            "tokenizer": {"path": "/elsewhere/tokenizer", "fingerprint": "sha256:" + "0" * 64}}  # fmt: skip
+    sidecar_path(data).write_bytes(orjson.dumps(meta))
+    model = _model(tmp_path, 49152, tokenizer=SMOLLM2)
+    config = _config(data_path=data, model_name_or_path=str(model), output_dir=tmp_path / "o")
+    with pytest.raises(UserError, match="was tokenized with /elsewhere/tokenizer"):
+        preflight(config)
+    # the same file with the model's own fingerprint passes, and checkpoints will copy the model's tokenizer
+    from transformers import AutoTokenizer
+
+    from minitrain.data.chat import tokenizer_fingerprint
+
+    meta["tokenizer"]["fingerprint"] = tokenizer_fingerprint(AutoTokenizer.from_pretrained(model))
+    sidecar_path(data).write_bytes(orjson.dumps(meta))
+    assert preflight(config).tokenizer_source == str(model.resolve())
+
+
+def test_worker_without_a_run_directory_is_one_line(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    done = subprocess.run(
+        [sys.executable, "-m", "minitrain.train.worker", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert done.returncode == 1
+    assert done.stderr.strip().count("\n") == 0 and "training_params.json: no such file" in done.stderr
