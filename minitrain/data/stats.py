@@ -25,6 +25,7 @@ import random
 from array import array
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -616,116 +617,180 @@ def _piece(tokenizer: Any, token_id: int) -> str:
     return repr(tokenizer.convert_ids_to_tokens(int(token_id)))
 
 
-def audit_sample(
-    report: AuditReport,
-    index: int,
-    sample: dict[str, Any],
-    tokenizer: Any,
-    vocab: _Vocab,
-) -> tuple[np.ndarray, np.ndarray] | None:
-    """Run the per-sample checks, adding findings to `report`; returns (input_ids, trained mask) when aligned."""
-    line = sample.get("source_line")
-    try:
-        ids = np.asarray(_ids(sample, "input_ids"), dtype=np.int64)
-        labels = np.asarray(_ids(sample, "labels"), dtype=np.int64)
-        if ids.ndim != 1 or labels.ndim != 1:
-            raise ValueError("nested lists")
-    except (TypeError, ValueError, OverflowError) as err:
-        report.add("malformed_line", index, line, str(err)[:80])
-        return None
-    n = ids.size
-    if sample.get("len") != n:
-        report.add("len_mismatch", index, line, f"len={sample.get('len')!r}, input_ids has {n}")
-    if labels.size != n:
-        if sample.get("len") == n:
-            report.add("len_mismatch", index, line, f"labels has {labels.size}, input_ids has {n}")
-        return None  # nothing below can be aligned
+@dataclass
+class _Pending:
+    """A parsed, aligned sample waiting for its batch to be checked."""
+
+    index: int
+    line: int | None  # source_line
+    ids: list[int]
+    labels: list[int]
+    counted: Any  # num_loss_counted_tokens as written
+
+
+def _batch_decoder(tokenizer: Any) -> Callable[[list[list[int]]], list[str]]:
+    """Decode many id lists at once, through the Rust tokenizer when there is one (transformers' wrapper
+    costs about a microsecond per token in Python)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        return lambda lists: backend.decode_batch(lists, skip_special_tokens=False)
+    return lambda lists: [
+        tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False) for ids in lists
+    ]
+
+
+@dataclass(frozen=True)
+class _Checked:
+    """A checked batch, concatenated: what the --source comparison needs."""
+
+    ids: np.ndarray  # [total] int64, clipped into the vocabulary
+    starts: np.ndarray  # [samples + 1] where each sample starts, total appended
+    span_starts: np.ndarray  # [spans] first position of each trained span, ascending
+    span_ends: np.ndarray  # [spans] one past its last position
+    trained_tokens: int
+
+
+def _hits(mask: np.ndarray, sample_of: np.ndarray, starts: np.ndarray) -> Iterator[tuple[int, int, int]]:
+    """(sample in batch, count, first position within the sample) for every sample with a True in `mask`."""
+    pos = np.flatnonzero(mask)
+    if pos.size == 0:
+        return
+    owners = sample_of[pos]
+    samples, first = np.unique(owners, return_index=True)
+    counts = np.bincount(owners, minlength=int(samples[-1]) + 1)
+    for b, f in zip(samples.tolist(), pos[first].tolist(), strict=True):
+        yield b, int(counts[b]), f - int(starts[b])
+
+
+def _int_array(values: Iterator[Any], total: int) -> np.ndarray:
+    """int64 array of `values`; TypeError unless every value is a JSON integer (no floats, strings, lists)."""
+    if total == 0:
+        return np.zeros(0, dtype=np.int64)
+    arr = np.array(list(values))  # numpy infers the dtype: int64 only when every value is an int
+    if arr.dtype.kind not in "iu" or arr.ndim != 1:
+        raise TypeError(f"values of type {arr.dtype}")
+    return arr.astype(np.int64, copy=False)
+
+
+def _audit_batch(report: AuditReport, batch: list[_Pending], tokenizer: Any, vocab: _Vocab) -> _Checked:
+    """The token-level checks for a batch of samples at once, on the concatenation of their tokens.
+
+    Raises TypeError/ValueError/OverflowError before any finding is added when some id or label is not
+    an int; the caller then checks the samples one by one.
+    """
+    lens = np.fromiter((len(p.ids) for p in batch), dtype=np.int64, count=len(batch))
+    starts = np.zeros(len(batch) + 1, dtype=np.int64)
+    np.cumsum(lens, out=starts[1:])
+    total = int(starts[-1])
+    ids = _int_array(chain.from_iterable(p.ids for p in batch), total)
+    labels = _int_array(chain.from_iterable(p.labels for p in batch), total)
+    sample_of = np.repeat(np.arange(len(batch)), lens)  # [total] which sample each position belongs to
     trained = labels != IGNORE_INDEX
-    num_trained = int(trained.sum())
-    counted = sample.get("num_loss_counted_tokens")
-    if counted != num_trained:
-        report.add(
-            "loss_count_mismatch",
-            index,
-            line,
-            f"num_loss_counted_tokens={counted!r}, labels have {num_trained}",
-        )
-    wrong = np.flatnonzero(trained & (labels != ids))
-    if wrong.size:
-        p = int(wrong[0])
+    csum = np.zeros(total + 1, dtype=np.int64)
+    np.cumsum(trained, out=csum[1:])
+    num_trained = (csum[starts[1:]] - csum[starts[:-1]]).tolist()
+
+    for p, t in zip(batch, num_trained, strict=True):
+        if p.counted != t:
+            report.add(
+                "loss_count_mismatch",
+                p.index,
+                p.line,
+                f"num_loss_counted_tokens={p.counted!r}, labels have {t}",
+            )
+    for b, count, at in _hits(trained & (labels != ids), sample_of, starts):
+        g = int(starts[b]) + at
         report.add(
             "label_not_input",
-            index,
-            line,
-            f"{wrong.size} position(s), first {p}: label {labels[p]} vs id {ids[p]}",
+            batch[b].index,
+            batch[b].line,
+            f"{count} position(s), first {at}: label {labels[g]} vs id {ids[g]}",
         )
-    outside = np.flatnonzero((ids < 0) | (ids >= vocab.size))
-    if outside.size:
+    for b, _, at in _hits((ids < 0) | (ids >= vocab.size), sample_of, starts):
         report.add(
             "token_out_of_vocab",
-            index,
-            line,
-            f"id {ids[outside[0]]} at {int(outside[0])} (vocab {vocab.size})",
+            batch[b].index,
+            batch[b].line,
+            f"id {ids[int(starts[b]) + at]} at {at} (vocab {vocab.size})",
         )
-        ids = np.clip(ids, 0, vocab.size - 1)  # keep the table lookups below in range
-    if num_trained == 0:
-        report.add("zero_trained", index, line)
-        return ids, trained
-    bad = np.flatnonzero(trained & vocab.bad_special[ids])
-    if bad.size:
-        p = int(bad[0])
+    ids = np.clip(ids, 0, vocab.size - 1)  # keep the table lookups below in range
+    for p, t in zip(batch, num_trained, strict=True):
+        if t == 0:
+            report.add("zero_trained", p.index, p.line)
+    for b, count, at in _hits(trained & vocab.bad_special[ids], sample_of, starts):
+        piece = _piece(tokenizer, ids[int(starts[b]) + at])
         report.add(
-            "trained_special", index, line, f"{bad.size} token(s), first {_piece(tokenizer, ids[p])} at {p}"
+            "trained_special", batch[b].index, batch[b].line, f"{count} token(s), first {piece} at {at}"
         )
-    ends = np.flatnonzero(trained & ~np.append(trained[1:], False))  # last position of each trained span
-    unended = ends[~vocab.eot[ids[ends]]]
-    if unended.size:
-        p = int(unended[0])
+    # Spans never cross samples: position 0 of a sample has no predecessor, its last one no successor.
+    trained_prev = np.zeros(total, dtype=bool)
+    trained_prev[1:] = trained[:-1]
+    trained_prev[starts[:-1][lens > 0]] = False
+    trained_next = np.zeros(total, dtype=bool)
+    trained_next[:-1] = trained[1:]
+    trained_next[starts[1:][lens > 0] - 1] = False
+    last_of_span = trained & ~trained_next
+    for b, count, at in _hits(last_of_span & ~vocab.eot[ids], sample_of, starts):
+        piece = _piece(tokenizer, ids[int(starts[b]) + at])
         report.add(
             "eot_not_trained",
-            index,
-            line,
-            f"{unended.size} span(s), first ends at {p} with {_piece(tokenizer, ids[p])}",
+            batch[b].index,
+            batch[b].line,
+            f"{count} span(s), first ends at {at} with {piece}",
         )
-    return ids, trained
+    return _Checked(
+        ids=ids,
+        starts=starts,
+        span_starts=np.flatnonzero(trained & ~trained_prev),
+        span_ends=np.flatnonzero(last_of_span) + 1,
+        trained_tokens=int(csum[-1]),
+    )
 
 
-def _check_text(
+def _check_texts(
     report: AuditReport,
-    index: int,
-    line: int | None,
-    ids: np.ndarray,
-    trained: np.ndarray,
-    source: Any,
-    tokenizer: Any,
+    batch: list[_Pending],
+    checked: _Checked,
+    sources: dict[int, Any],
+    decode_batch: Callable[[list[list[int]]], list[str]],
     vocab: _Vocab,
-) -> bool:
-    """Compare decoded trained spans with the source line's assistant turns; False when it could not compare."""
-    expected = expected_trained_texts(source)
-    if expected is None:
-        return False
-    starts = np.flatnonzero(trained & ~np.insert(trained[:-1], 0, False))
-    ends = np.flatnonzero(trained & ~np.append(trained[1:], False)) + 1
-    if len(starts) != len(expected):
-        report.add(
-            "text_mismatch",
-            index,
-            line,
-            f"{len(starts)} trained span(s), {len(expected)} trained turn(s) in the source",
-        )
-        return True
-    for turn, (s, e, want) in enumerate(zip(starts, ends, expected, strict=True)):
-        span = ids[s:e].tolist()
-        if span and span[-1] in vocab.eot_ids:
-            span = span[:-1]  # the end-of-turn token is checked by eot_not_trained
-        got = tokenizer.decode(span, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+) -> tuple[int, int]:
+    """Compare decoded trained spans with the source lines (`sources[b]` for sample b of the batch).
+
+    Returns (compared, not comparable). The spans of the whole batch are decoded in one call.
+    """
+    first_span = np.searchsorted(checked.span_starts, checked.starts)  # [samples + 1] span range per sample
+    todo: list[tuple[int, int, str]] = []  # (sample in batch, turn, expected text)
+    spans: list[list[int]] = []
+    compared = skipped = 0
+    for b, source in sources.items():
+        expected = expected_trained_texts(source)
+        if expected is None:
+            skipped += 1
+            continue
+        compared += 1
+        lo, hi = int(first_span[b]), int(first_span[b + 1])
+        if hi - lo != len(expected):
+            msg = f"{hi - lo} trained span(s), {len(expected)} trained turn(s) in the source"
+            report.add("text_mismatch", batch[b].index, batch[b].line, msg)
+            continue
+        for turn, k in enumerate(range(lo, hi)):
+            span = checked.ids[checked.span_starts[k] : checked.span_ends[k]].tolist()
+            if span[-1] in vocab.eot_ids:
+                span.pop()  # the end-of-turn token is checked by eot_not_trained
+            todo.append((b, turn, expected[turn]))
+            spans.append(span)
+    reported: set[int] = set()
+    for (b, turn, want), got in zip(todo, decode_batch(spans) if spans else [], strict=True):
         # Templates may trim content (Llama-3 `| trim`) and SentencePiece decoders drop a leading space.
-        if got.strip() != want.strip():
-            report.add(
-                "text_mismatch", index, line, f"turn {turn} {_first_difference(want.strip(), got.strip())}"
-            )
-            return True
-    return True
+        if b not in reported and got.strip() != want.strip():
+            reported.add(b)
+            msg = f"turn {turn} {_first_difference(want.strip(), got.strip())}"
+            report.add("text_mismatch", batch[b].index, batch[b].line, msg)
+    return compared, skipped
+
+
+BATCH_SAMPLES = 256  # samples checked together: amortises numpy's per-call cost, bounds memory
 
 
 def audit_file(
@@ -743,10 +808,51 @@ def audit_file(
     path = Path(path)
     first_sample(path)  # not tokenize output at all -> one-line error, not a finding per line
     vocab = _vocab_tables(tokenizer, meta)
+    decode_batch = _batch_decoder(tokenizer)
     report = AuditReport(path)
     reader = _SourceReader(source) if source is not None else None
-    compared = skipped = 0
-    tokens = trained_tokens = 0
+    compared = skipped = tokens = trained_tokens = 0
+
+    def check(batch: list[_Pending]) -> None:
+        nonlocal compared, skipped, tokens, trained_tokens
+        try:
+            checked = _audit_batch(report, batch, tokenizer, vocab)
+        except (TypeError, ValueError, OverflowError):
+            if len(batch) == 1:
+                report.add(
+                    "malformed_line",
+                    batch[0].index,
+                    batch[0].line,
+                    "input_ids/labels hold something not an int",
+                )
+                return
+            for p in batch:  # find the culprit: findings of the good ones are added by their own call
+                check([p])
+            return
+        tokens += checked.ids.size
+        trained_tokens += checked.trained_tokens
+        if reader is None:
+            return
+        sources: dict[int, Any] = {}
+        for b, p in enumerate(batch):
+            raw_source = reader.read(p.line) if isinstance(p.line, int) else None
+            if raw_source is None:
+                where = (
+                    "no source_line"
+                    if not isinstance(p.line, int)
+                    else f"source line {p.line} out of order or past the end"
+                )
+                report.add("source_unmatched", p.index, p.line if isinstance(p.line, int) else None, where)
+                continue
+            try:
+                sources[b] = orjson.loads(raw_source)
+            except orjson.JSONDecodeError:
+                report.add("source_unmatched", p.index, p.line, f"source line {p.line} is not JSON")
+        done, not_comparable = _check_texts(report, batch, checked, sources, decode_batch, vocab)
+        compared += done
+        skipped += not_comparable
+
+    pending: list[_Pending] = []
     try:
         for index, line_no, raw in _iter_raw(path):
             report.samples += 1
@@ -755,35 +861,27 @@ def audit_file(
             except UserError as err:
                 report.add("malformed_line", index, None, str(err).split(": ", 2)[-1][:80])
                 continue
-            if stats is not None and (counts := _counts(sample)) is not None:
-                stats.add(index, sample.get("source_line"), *counts)
-            aligned = audit_sample(report, index, sample, tokenizer, vocab)
-            if aligned is None:
-                continue
-            ids, trained = aligned
             line = sample.get("source_line")
-            tokens += ids.size
-            trained_tokens += int(trained.sum())
-            if reader is None:
+            ids, labels = sample["input_ids"], sample["labels"]
+            if not isinstance(ids, list) or not isinstance(labels, list):
+                report.add("malformed_line", index, line, "input_ids or labels is not a list")
                 continue
-            raw_source = reader.read(line) if isinstance(line, int) else None
-            if raw_source is None:
-                where = (
-                    "no source_line"
-                    if not isinstance(line, int)
-                    else f"source line {line} out of order or past the end"
+            if stats is not None:
+                stats.add(index, line, len(ids), len(labels) - labels.count(IGNORE_INDEX))
+            if sample.get("len") != len(ids):
+                report.add(
+                    "len_mismatch", index, line, f"len={sample.get('len')!r}, input_ids has {len(ids)}"
                 )
-                report.add("source_unmatched", index, line if isinstance(line, int) else None, where)
-                continue
-            try:
-                source_obj = orjson.loads(raw_source)
-            except orjson.JSONDecodeError:
-                report.add("source_unmatched", index, line, f"source line {line} is not JSON")
-                continue
-            if _check_text(report, index, line, ids, trained, source_obj, tokenizer, vocab):
-                compared += 1
-            else:
-                skipped += 1
+            elif len(labels) != len(ids):
+                report.add("len_mismatch", index, line, f"labels has {len(labels)}, input_ids has {len(ids)}")
+            if len(labels) != len(ids):
+                continue  # nothing token-level can be aligned
+            pending.append(_Pending(index, line, ids, labels, sample.get("num_loss_counted_tokens")))
+            if len(pending) == BATCH_SAMPLES:
+                check(pending)
+                pending = []
+        if pending:
+            check(pending)
     finally:
         if reader is not None:
             reader.close()

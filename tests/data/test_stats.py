@@ -298,7 +298,11 @@ def reference_findings(row: dict[str, Any], special: set[int], eot: set[int], vo
     return found
 
 
-def test_audit_matches_a_per_token_reference_on_random_corruptions(tmp_path: Path, clean_rows) -> None:
+@pytest.mark.parametrize("batch_samples", [st.BATCH_SAMPLES, 7, 1])
+def test_audit_matches_a_per_token_reference_on_random_corruptions(
+    tmp_path: Path, clean_rows, monkeypatch, batch_samples: int
+) -> None:
+    monkeypatch.setattr(st, "BATCH_SAMPLES", batch_samples)  # batches of 7: several, the last one partial
     tok = tokenizer("smollm2")
     rng = random.Random(0)
     rows = []
@@ -544,3 +548,18 @@ def test_every_input_shape_from_tokenize_audits_clean(tmp_path: Path, name: str)
     assert report.samples == 5
     assert report.counts == {"zero_trained": 1} and report.examples["zero_trained"][0].index == 2
     assert report.ok and "5 samples compared" in report.notes[0]
+
+
+@pytest.mark.parametrize("bad_value", [1.5, "7", None, [1]], ids=["float", "string", "null", "list"])
+def test_a_non_integer_value_is_malformed_and_the_rest_of_its_batch_is_still_checked(
+    tmp_path: Path, clean_rows, bad_value
+) -> None:
+    rows = [json.loads(json.dumps(r)) for r in clean_rows]
+    rows[2]["labels"][3] = bad_value
+    corrupt_eot_masked(rows[6], tokenizer("smollm2"))
+    out = write_tokenized(tmp_path / "out.jsonl", rows, None)
+    report = st.audit_file(out, tokenizer("smollm2"), None)
+    assert report.counts == {"malformed_line": 1, "eot_not_trained": 1}
+    assert (
+        report.examples["malformed_line"][0].index == 2 and report.examples["eot_not_trained"][0].index == 6
+    )
