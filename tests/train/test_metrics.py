@@ -1,0 +1,81 @@
+"""minitrain/train/metrics.py: the metrics file (flushed per line), the plain display, FLOP counting."""
+
+from __future__ import annotations
+
+import pytest
+from rich.console import Console
+
+from minitrain.train.metrics import (
+    METRIC_KEYS,
+    MetricsWriter,
+    ProgressDisplay,
+    format_line,
+    peak_flops_per_device,
+    read_metrics,
+    step_flops,
+)
+
+RECORD = {
+    "step": 3, "lr": 1e-5, "grad_norm": 0.5, "loss": 1.25, "num_samples": 4, "num_loss_counted_tokens": 10,
+    "num_total_tokens": 40, "grad_accum": 1, "time_per_batch": 0.5, "tokens_per_second": 80.0,
+    "samples_per_second": 8.0, "total_samples_accumulated": 12, "peak_memory_usage_GB": 0.1, "epoch": 1.5,
+    "timestamp": "2026-01-01T00:00:00.000+00:00",
+}  # fmt: skip
+
+
+def test_record_has_mini_trainers_keys_plus_epoch_and_timestamp():
+    assert set(METRIC_KEYS) == set(RECORD)
+    assert {"step", "lr", "grad_norm", "loss", "total_samples_accumulated", "peak_memory_usage_GB"} <= set(
+        METRIC_KEYS
+    )
+
+
+def test_each_line_is_on_disk_before_the_writer_closes(tmp_path):
+    path = tmp_path / "training_metrics_0.jsonl"
+    writer = MetricsWriter(path)
+    writer.write(RECORD)
+    assert read_metrics(path) == [RECORD]  # flushed, not buffered until close
+    writer.write(RECORD | {"step": 4})
+    writer.close()
+    assert [r["step"] for r in read_metrics(path)] == [3, 4]
+    with MetricsWriter(path, append=True) as again:
+        again.write(RECORD | {"step": 5})
+    assert [r["step"] for r in read_metrics(path)] == [3, 4, 5]
+    path.open("ab").write(b'{"step": 6, "lo')  # a line cut by a crash is ignored by the reader
+    assert len(read_metrics(path)) == 3
+
+
+def test_other_ranks_write_nothing(tmp_path):
+    with MetricsWriter(tmp_path / "m.jsonl", enabled=False) as writer:
+        writer.write(RECORD)
+    assert not (tmp_path / "m.jsonl").exists()
+
+
+def test_plain_lines_when_not_a_terminal(capsys):
+    display = ProgressDisplay(total_steps=10, console=Console(force_terminal=False))
+    display.update(RECORD)
+    display.close()
+    out = capsys.readouterr().out
+    assert out == format_line(RECORD, 10) + "\n"
+    assert out.startswith("step 3/10  loss 1.2500  lr 1e-05")
+
+
+def test_disabled_display_is_silent(capsys):
+    display = ProgressDisplay(total_steps=None, enabled=False)
+    display.update(RECORD)
+    display.print("x")
+    assert capsys.readouterr().out == ""
+
+
+def test_flops_count_matmuls_and_causal_attention_per_sample():
+    # 6 * params * tokens, plus 6 * layers * hidden * len^2 per sample (not (sum len)^2: samples are apart)
+    assert step_flops(
+        num_params=1000, num_layers=2, hidden_size=8, lengths=[3, 5]
+    ) == 6 * 1000 * 8 + 6 * 2 * 8 * (9 + 25)
+
+
+@pytest.mark.parametrize(
+    ("name", "peak"), [("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA A100-SXM4-80GB", 312e12), ("Quadro", None)]
+)
+def test_peak_flops_by_device_name(name, peak):
+    assert peak_flops_per_device(name) == peak
