@@ -7,15 +7,17 @@ Everything streams the tokenized JSONL (format in `minitrain.data.format`) once,
   O(K) memory, uniform, reproducible for a `--seed`); `--grep` must decode every sample it passes.
 - `--stats` keeps one int64 per sample (its length, for percentiles, the histogram and the packing
   plan) and never a token list: 8 bytes per sample.
-- `--audit` checks each sample with numpy on that sample alone, keeps counts and the first few example
-  indices per kind of finding, and with `--source` reads the original input in step (samples come in
-  input order, so `source_line` only grows).
+- `--audit` checks `BATCH_SAMPLES` samples at a time with numpy on the concatenation of their tokens
+  (per-sample numpy calls would cost more than the JSON parsing), keeps counts and the first few
+  example indices per kind of finding, and with `--source` reads the original input in step (samples
+  come in input order, so `source_line` only grows) and decodes a batch's trained spans in one call.
+  `--audit --stats` is one pass.
 
 Trade-off: checks are per sample and mechanical - they prove the file is self-consistent and that what
-is trained looks like assistant turns ending in an end-of-turn token, not that the tokenization is the
-one a template would give (that is `tokenize`'s own test suite). The audit trusts the sidecar's
-`tokenizer.end_of_turn_token_ids`; without a sidecar it takes the tokenizer's EOS plus the usual
-end-of-turn tokens (`<|im_end|>`, `<|eot_id|>`, `<|end|>`, `<|endoftext|>`, `<end_of_turn>`) present in its vocabulary.
+is trained looks like assistant turns ending in an end-of-turn token (and, with `--source`, reads as the
+assistant contents), not that the tokenization is the one a template would give (that is `tokenize`'s
+own test suite). The audit trusts the sidecar's `tokenizer.end_of_turn_token_ids` (plus EOS); without a
+sidecar it takes EOS and whichever of `KNOWN_END_OF_TURN` the vocabulary has.
 """
 
 from __future__ import annotations
@@ -174,13 +176,6 @@ def _counts(sample: dict[str, Any]) -> tuple[int, int] | None:
     return len(ids), len(labels) - labels.count(IGNORE_INDEX)
 
 
-def _ids(sample: dict[str, Any], key: str) -> list[int]:
-    value = sample[key]
-    if not isinstance(value, list):
-        raise TypeError(f"{key} is {type(value).__name__}, not a list")
-    return value
-
-
 @dataclass(frozen=True)
 class SelectedSample:
     """A sample chosen for the view: its 0-based index among the file's samples and its parsed line."""
@@ -211,12 +206,9 @@ def select_samples(
 
     def candidates() -> Iterator[SelectedSample]:
         for index, line, raw in _iter_raw(path):
-            if grep is None:
-                yield SelectedSample(index, line, {}) if random_k is not None else parsed(index, line, raw)
-            else:
-                s = parsed(index, line, raw)
-                if grep(s.sample):
-                    yield s
+            s = parsed(index, line, raw)
+            if grep is None or grep(s.sample):
+                yield s
 
     if indices:
         wanted, last, found = set(indices), max(indices), []
