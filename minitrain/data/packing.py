@@ -106,30 +106,96 @@ def _lpt(tok: np.ndarray, wt: np.ndarray, K: int, budget: int) -> np.ndarray | N
     return out
 
 
-def _bfd(tok: list[int], K: int | None, budget: int) -> np.ndarray | None:
+def _bfd(tok: list[int], K: int | None, budget: int, overflow: bool = False) -> np.ndarray | None:
     """Best-fit decreasing on tokens: each sample into the fullest bin that still has room.
 
-    With K=None the bins are unlimited (a new one opens when nothing fits); otherwise None when K is short.
+    With K=None the bins are unlimited (a new one opens when nothing fits); otherwise, when K is short,
+    None, or with `overflow` the samples that found no room get bin -1 (for `_repair`).
     """
     cap = len(tok) + 1 if K is None else K
     # sorted list of room * cap + bin: bisect finds the tightest bin with room >= t (ties: lowest bin)
     rooms = [] if K is None else [budget * cap + b for b in range(K)]
-    out = np.empty(len(tok), dtype=np.int64)
-    find, insert = bisect.bisect_left, bisect.insort
-    opened = 0
-    for j, t in enumerate(tok):
+    out: list[int] = []
+    find, insert, pop, put = bisect.bisect_left, bisect.insort, rooms.pop, out.append
+    n_rooms = len(rooms)
+    for t in tok:
         k = find(rooms, t * cap)
-        if k == len(rooms):
+        if k == n_rooms:
             if K is not None:
-                return None
-            insert(rooms, (budget - t) * cap + opened)
-            out[j] = opened
-            opened += 1
+                if not overflow:
+                    return None
+                put(-1)
+                continue
+            insert(rooms, (budget - t) * cap + n_rooms)  # open a new bin
+            put(n_rooms)
+            n_rooms += 1
             continue
-        v = rooms.pop(k)
+        v = pop(k)
         insert(rooms, v - t * cap)
-        out[j] = v % cap
-    return out
+        put(v % cap)
+    return np.array(out, dtype=np.int64)
+
+
+def _fullest_subset(sizes: list[int], cap: int) -> list[int]:
+    """Positions of a subset of `sizes` with the largest sum <= cap (subset-sum DP on Python-int bitsets)."""
+    mask = (1 << (cap + 1)) - 1
+    reach = [1]  # reach[i]: bit s set when some subset of sizes[:i] sums to s
+    for s in sizes:
+        reach.append((reach[-1] | (reach[-1] << s)) & mask)
+    best = reach[-1].bit_length() - 1
+    chosen = []
+    for i in range(len(sizes) - 1, -1, -1):
+        if not (reach[i] >> best) & 1:  # best is not reachable without sizes[i]: take it
+            chosen.append(i)
+            best -= sizes[i]
+    return chosen
+
+
+def _repair(
+    bins: np.ndarray, tok: np.ndarray, K: int, budget: int, max_pairs: int = 256
+) -> np.ndarray | None:
+    """Place the samples `_bfd(..., overflow=True)` left out (bin -1) by gathering free room; None on failure.
+
+    For a left-out sample u that fits nowhere: take the roomiest bin b and, for other bins c (roomiest
+    first), re-split the samples of b and c so that c is as full as possible (subset-sum), which moves
+    c's free room into b, until u fits in b. Samples only move between bins that stay within budget.
+    """
+    bins = bins.copy()
+    placed = bins >= 0
+    room = budget - np.bincount(bins[placed], weights=tok[placed], minlength=K).astype(np.int64)
+    members: list[list[int]] = [[] for _ in range(K)]
+    for j, b in zip(np.flatnonzero(placed).tolist(), bins[placed].tolist(), strict=True):
+        members[b].append(j)
+    left_out = np.flatnonzero(~placed).tolist()
+    max_pairs, tried = min(2048, 64 + 16 * len(left_out)), 0  # bounded effort: hopeless cases fail fast
+    for j in left_out:  # largest first (tok is sorted decreasing)
+        u = int(tok[j])
+        if room.max() < u:
+            b = int(np.argmax(room))
+            for c in np.argsort(-room, kind="stable").tolist():
+                if c == b or room[c] == 0:
+                    continue
+                tried += 1
+                if tried > max_pairs:
+                    return None
+                pool = members[b] + members[c]
+                sizes = tok[pool].tolist()
+                into_c = set(_fullest_subset(sizes, budget))
+                members[c] = [pool[k] for k in range(len(pool)) if k in into_c]
+                members[b] = [pool[k] for k in range(len(pool)) if k not in into_c]
+                room[c] = budget - int(tok[members[c]].sum()) if members[c] else budget
+                room[b] = budget - int(tok[members[b]].sum()) if members[b] else budget
+                if room[b] >= u:
+                    break
+            else:
+                return None
+        fits = np.flatnonzero(room >= u)
+        b = int(fits[np.argmin(room[fits])])  # best fit
+        members[b].append(j)
+        room[b] -= u
+    for b, items in enumerate(members):
+        bins[items] = b
+    return bins
 
 
 def _ffd(tok: list[int], K: int | None, budget: int) -> np.ndarray | None:
@@ -329,11 +395,16 @@ def plan_minibatches(
     weights = sample_costs(lens[fit], cost, compute_coeffs)
     if cost == "compute":  # integer weights for the int-encoded heaps; relative precision 1e-6 suffices
         weights = np.rint(weights * (1e6 / max(float(weights.max()), 1.0))).astype(np.int64)
-    order = np.lexsort((np.arange(fit.size), -weights))  # decreasing weight, ties by index: deterministic
+    order = np.argsort(-weights, kind="stable")  # decreasing weight, ties by index: deterministic
     tok = lens[fit][order]
     wt = np.asarray(weights[order], dtype=np.int64)
-    by_tok = np.lexsort((np.arange(fit.size), -tok))  # the bin packers want decreasing tokens
-    tok_sorted = tok[by_tok].tolist()
+    by_tok = np.argsort(-tok, kind="stable") if cost != "tokens" else np.arange(fit.size)
+    sorted_tok: list[list[int]] = []  # decreasing tokens as a list, for the bin packers (built on demand)
+
+    def tok_list() -> list[int]:
+        if not sorted_tok:
+            sorted_tok.append(tok[by_tok].tolist())
+        return sorted_tok[0]
 
     def unsort(bins: np.ndarray | None) -> np.ndarray | None:  # bins by decreasing tokens -> by weight
         if bins is None or cost == "tokens":
@@ -342,24 +413,34 @@ def plan_minibatches(
         out[by_tok] = bins
         return out
 
+    def attempt(m: int) -> np.ndarray | None:
+        """A packing into m * world bins, or None: LPT, else best fit (+ repair of what it left out)."""
+        K = m * world
+        lpt = _lpt(tok, wt, K, budget)
+        if lpt is not None:  # balanced by construction
+            return lpt
+        partial = _bfd(tok_list(), K, budget, overflow=True)
+        assert partial is not None
+        if (partial < 0).any():
+            partial = _repair(partial, tok[by_tok], K, budget)
+            if partial is None:
+                return None
+        return _even_out(unsort(partial), tok, wt, K, budget)
+
     m = lower_bound(tok, budget, world)
-    candidates: list[np.ndarray] = []
-    lpt = _lpt(tok, wt, m * world, budget)
-    if lpt is not None:  # balanced by construction: nothing else needed
-        candidates.append(lpt)
-    else:
-        bfd = unsort(_bfd(tok_sorted, m * world, budget))
-        if bfd is not None:
-            candidates.append(_even_out(bfd, tok, wt, m * world, budget))
-    if not candidates:  # the lower bound is out of reach: take the better of unlimited BFD and FFD
-        packed = [unsort(_bfd(tok_sorted, None, budget)), unsort(_ffd(tok_sorted, None, budget))]
+    bins = attempt(m)
+    if bins is None:
+        m += 1
+        bins = attempt(m)
+    if bins is None:  # far from the bound: the better of unlimited best fit and first fit
+        packed = [unsort(_bfd(tok_list(), None, budget)), unsort(_ffd(tok_list(), None, budget))]
         counts = [-(-(int(b.max()) + 1) // world) for b in packed]
-        best_bins = packed[counts.index(min(counts))]
         m = min(counts)
-        lpt = _lpt(tok, wt, m * world, budget)
-        candidates = [lpt] if lpt is not None else [_even_out(best_bins, tok, wt, m * world, budget)]
+        bins = _lpt(tok, wt, m * world, budget)
+        if bins is None:
+            bins = _even_out(packed[counts.index(m)], tok, wt, m * world, budget)
     K = m * world
-    _, slots = min((_arrange(bins, tok, wt, K, world, budget) for bins in candidates), key=lambda r: r[0])
+    _, slots = _arrange(bins, tok, wt, K, world, budget)
     index = fit[order]  # position in weight order -> original index
     by_slot = np.lexsort((index, slots))
     cuts = np.searchsorted(slots[by_slot], np.arange(K + 1)).tolist()

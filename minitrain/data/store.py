@@ -49,7 +49,7 @@ CACHE_VERSION = 2
 MAGIC = b"MTSTORE1"
 HEADER_BYTES = 4096
 HASH_SPAN = 1 << 20  # bytes hashed at each end of the JSONL for the fingerprint
-FLUSH_TOKENS = 1 << 22  # tokens buffered in memory while building (16 MiB per array)
+FLUSH_TOKENS = 1 << 20  # tokens buffered in memory while building (4 MiB per array)
 
 
 def fingerprint(jsonl_path: Path) -> dict[str, Any]:
