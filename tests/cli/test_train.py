@@ -1,0 +1,145 @@
+"""minitrain/cli/train.py: the flag set (frozen), mini_trainer's command, one-line errors, exit codes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from minitrain.cli import app
+from tests.conftest import tiny_llama_config
+from tests.train.test_loop import write_tokenized
+
+FLAGS = {
+    "--data-path", "--model-name-or-path", "--output-dir", "--nproc", "--nnodes", "--node-rank", "--rdzv-endpoint",
+    "--rdzv-id", "--batch-size", "--max-tokens-per-gpu", "--learning-rate", "--num-warmup-steps", "--lr-scheduler",
+    "--weight-decay", "--max-grad-norm", "--max-steps", "--max-samples", "--max-epochs",
+    "--min-samples-per-checkpoint", "--seed", "--use-liger-kernels", "--no-use-liger-kernels",
+    "--fsdp-sharding-strategy", "--activation-checkpointing", "--no-activation-checkpointing", "--from-scratch",
+    "--no-from-scratch", "--master-dtype", "--cpu-offload", "--no-cpu-offload", "--dry-run", "--no-dry-run",
+    "--dry-run-report", "--logging-level",
+}  # fmt: skip
+
+MINI_TRAINER = ["--output-dir", "./ckpts", "--data-path", "./tokenized_data.jsonl", "--model-name-or-path", "Qwen/Qwen2.5-1.5B-instruct", "--min-samples-per-checkpoint", "10000", "--num-warmup-steps", "20", "--max-tokens-per-gpu", "60000", "--batch-size", "128", "--use-liger-kernels", "--seed", "893", "--fsdp-sharding-strategy", "FULL_SHARD", "--learning-rate", "6e-6"]
+
+
+def test_flag_set_is_frozen():
+    """Adding or renaming a flag is a user-visible change: update this set, the README and the CHANGELOG."""
+    from typer.main import get_command
+
+    command = get_command(app).commands["train"]
+    flags = {opt for param in command.params for opt in (*param.opts, *param.secondary_opts)}
+    assert flags == FLAGS
+
+
+@pytest.fixture
+def launched(monkeypatch):
+    """Replace the launcher: record the config the CLI built and return a chosen exit code."""
+    seen: dict = {"code": 0}
+
+    def fake(config):
+        seen["config"] = config
+        return seen["code"]
+
+    monkeypatch.setattr("minitrain.train.launch.run_training", fake)
+    return seen
+
+
+def test_mini_trainers_command_works_as_written(launched, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["train", "--nproc", "8", *MINI_TRAINER])
+    assert result.exit_code == 0, result.output
+    config = launched["config"]
+    assert config.output_dir == tmp_path / "ckpts" and config.data_path == tmp_path / "tokenized_data.jsonl"
+    assert config.model_name_or_path == "Qwen/Qwen2.5-1.5B-instruct"  # not a local path: kept as a Hub id
+    assert (config.nproc, config.batch_size, config.max_tokens_per_gpu, config.seed) == (8, 128, 60000, 893)
+    assert (config.min_samples_per_checkpoint, config.num_warmup_steps, config.learning_rate) == (
+        10000,
+        20,
+        6e-6,
+    )
+    assert config.use_liger_kernels and config.fsdp_sharding_strategy == "FULL_SHARD"
+
+
+def test_nproc_defaults_to_the_visible_gpus_or_one(launched):
+    import torch
+
+    result = CliRunner().invoke(app, ["train", *MINI_TRAINER])
+    assert result.exit_code == 0, result.output
+    assert launched["config"].nproc == (torch.cuda.device_count() if torch.cuda.is_available() else 1)
+
+
+def test_the_training_exit_code_is_the_commands(launched):
+    launched["code"] = 143
+    result = CliRunner().invoke(app, ["train", "--nproc", "1", *MINI_TRAINER])
+    assert result.exit_code == 143
+
+
+def _minitrain(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "minitrain", *args], capture_output=True, text=True, timeout=120
+    )
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--batch-size", "0"], "--batch-size must be a positive integer, got 0"),
+        (["--lr-scheduler", "wsd"], "--lr-scheduler must be one of"),
+        (["--max-steps", "3", "--max-samples", "9"], "give at most one stop criterion"),
+    ],
+)
+def test_bad_flags_are_one_line_and_exit_1(extra, message):
+    done = _minitrain(
+        "train", "--data-path", "x.jsonl", "--model-name-or-path", "m", "--output-dir", "o", *extra
+    )
+    assert done.returncode == 1
+    assert done.stderr.startswith("minitrain: error: ") and message in done.stderr
+    assert done.stderr.strip().count("\n") == 0, done.stderr  # no traceback
+
+
+def test_data_that_does_not_fit_the_model_is_refused_before_spawning(tmp_path):
+    data = write_tokenized(tmp_path / "d.jsonl", num=4, vocab=500, seed=0)
+    tiny_llama_config(vocab_size=64).save_pretrained(tmp_path / "model")
+    done = _minitrain(
+        "train", "--data-path", str(data), "--model-name-or-path", str(tmp_path / "model"),
+        "--output-dir", str(tmp_path / "out"), "--nproc", "2",
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert "does not fit the vocabulary" in done.stderr and done.stderr.strip().count("\n") == 0, done.stderr
+    assert not (tmp_path / "out" / "training_params.json").exists()  # nothing was started
+
+
+def test_missing_data_file_is_one_line(tmp_path):
+    tiny_llama_config(vocab_size=64).save_pretrained(tmp_path / "model")
+    done = _minitrain(
+        "train", "--data-path", str(tmp_path / "nope.jsonl"), "--model-name-or-path", str(tmp_path / "model"),
+        "--output-dir", str(tmp_path / "out"), "--nproc", "1",
+    )  # fmt: skip
+    assert done.returncode == 1 and done.stderr.strip().count("\n") == 0, done.stderr
+    assert "nope.jsonl" in done.stderr
+
+
+def test_dry_run_plans_without_training(tmp_path):
+    pytest.importorskip("minitrain.data.dryrun", reason="the dry-run planner (data engine) is not built yet")
+    data = write_tokenized(tmp_path / "d.jsonl", num=20, vocab=64, seed=0)
+    tiny_llama_config(vocab_size=64).save_pretrained(tmp_path / "model")
+    report = tmp_path / "plan.json"
+    result = CliRunner().invoke(
+        app,
+        ["train", "--data-path", str(data), "--model-name-or-path", str(tmp_path / "model"), "--output-dir",
+         str(tmp_path / "out"), "--nproc", "2", "--batch-size", "8", "--max-steps", "3", "--dry-run",
+         "--dry-run-report", str(report)],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert report.is_file() and not (tmp_path / "out" / "training_metrics_0.jsonl").exists()
+
+
+def test_dry_run_report_needs_dry_run(launched):
+    result = CliRunner().invoke(
+        app, ["train", "--nproc", "1", *MINI_TRAINER, "--dry-run-report", str(Path("r.json"))]
+    )
+    assert result.exit_code != 0 and "--dry-run-report needs --dry-run" in str(result.exception)
