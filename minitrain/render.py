@@ -2,7 +2,8 @@
 
 A sample is shown as its decoded text cut into segments, each a run of tokens that are all trained or all
 masked, and all special or all ordinary. In colour, trained text is bold bright green, masked text dim,
-and special tokens (`<|im_start|>`, `</s>` ...) reversed so they stand out. Without colour (`--no-color`,
+and special tokens (`<|im_start|>`, `</s>` ...) reversed so they stand out; a trained newline, which
+colour cannot show, is drawn as `↵` before the line break. Without colour (`--no-color`,
 or output that is not a terminal) the text is printed as it is, with every trained span enclosed in
 `SPAN_OPEN` ... `SPAN_CLOSE`:
 
@@ -40,6 +41,7 @@ MASKED = "dim"
 TRAINED_SPECIAL = "bold bright_green reverse"
 MASKED_SPECIAL = "dim magenta reverse"
 HEADER = "bold cyan"
+TRAINED_NEWLINE = "\u21b5"  # ↵ marks a trained newline in colour (plain output shows it inside ⟦ ⟧)
 
 
 @dataclass(frozen=True)
@@ -102,7 +104,9 @@ def sample_text(segments: Sequence[Segment], *, color: bool) -> Text:
                 if seg.trained
                 else (MASKED_SPECIAL if seg.special else MASKED)
             )
-            out.append(seg.text, style=style)
+            # A trained newline would be invisible in colour: show it as TRAINED_NEWLINE before the break.
+            text = seg.text.replace("\n", TRAINED_NEWLINE + "\n") if seg.trained else seg.text
+            out.append(text, style=style)
             continue
         if seg.trained and not inside:
             out.append(SPAN_OPEN)

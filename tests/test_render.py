@@ -182,6 +182,15 @@ def test_colour_gives_trained_and_masked_text_distinct_styles(smol) -> None:
     assert "\x1b[1;7;92m<|im_end|>\x1b[0m" in ansi  # the trained end-of-turn: reversed bright green
 
 
+def test_a_trained_newline_is_visible_in_colour(smol) -> None:
+    ids = SMOL_IDS
+    labels = _labels(ids, range(31, 41))  # also train the "\n" after <|im_end|>: a known masking bug
+    segments = render.decode_segments(smol, ids, labels, st.special_token_ids(smol))
+    assert render.sample_text(segments, color=False).plain.endswith("⟦Café ☕ ok.<|im_end|>\n⟧")
+    colour = render.sample_text(segments, color=True)
+    assert colour.plain.endswith("<|im_end|>" + render.TRAINED_NEWLINE + "\n")
+
+
 def test_a_label_boundary_inside_a_character_still_covers_every_token(tiny) -> None:
     labels = _labels(TINY_IDS, range(20, 25))  # starts at the second byte of "☕"
     segments = render.decode_segments(tiny, TINY_IDS, labels, st.special_token_ids(tiny))
