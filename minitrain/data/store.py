@@ -8,6 +8,7 @@ in `minitrain.data.format`) on first use into one file, `OUT.mtcache/store.bin`,
     tokens             int32 [T]   input_ids of every sample, concatenated (T = total tokens)
     labels             int32 [T]   labels, aligned with tokens (-100 where masked, NOT shifted)
     offsets            int64 [N+1] sample i is tokens[offsets[i]:offsets[i+1]]
+    lengths            int64 [N]   tokens per sample
     num_loss_counted   int64 [N]   labels != -100 per sample
     num_trained        int64 [N]   labels != -100 after the in-sample shift (the first label never trains)
     source_lines       int64 [N]   1-based JSONL line of each sample
@@ -19,11 +20,12 @@ half-written cache and a reader never sees one. When the JSONL's folder is not w
 to `$MINITRAIN_CACHE` (default `$XDG_CACHE_HOME/minitrain` or `~/.cache/minitrain`), keyed by a hash
 of the JSONL's absolute path.
 
-Trade-off: a copy of the data on disk (8 bytes per token) buys constant RSS in the number of tokens (the
-page cache holds what is read, shared by every rank on a node) and start-up in milliseconds once the
-cache exists. The fingerprint hashes the ends of the file rather than all of it: an edit in the middle
-that keeps size and mtime is not detected (full hashing costs about 1 s per GB at every start; see
-benchmarks/bench_store.py).
+Trade-off: a second copy of the data on disk (8 bytes per token, 40 per sample) buys a process memory
+that does not grow with the data (every array is a read-only memory map; the page cache holding what
+is read is shared by all ranks of a node) and start-up in milliseconds once the cache exists. The
+fingerprint hashes the ends of the file rather than all of it: an edit in the middle that keeps size
+and mtime is not detected, but hashing a 0.5 GB file in full took 1.5-1.9 s at every start here
+against 2-10 ms (benchmarks/bench_store.py).
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ import orjson
 from minitrain.data.format import IGNORE_INDEX, iter_samples, read_sidecar
 from minitrain.errors import UserError
 
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 MAGIC = b"MTSTORE1"
 HEADER_BYTES = 4096
 HASH_SPAN = 1 << 20  # bytes hashed at each end of the JSONL for the fingerprint
@@ -208,6 +210,7 @@ def _build(jsonl_path: Path, cache_file: Path, fp: dict[str, Any]) -> None:
             np.cumsum(lengths, out=offsets[1:])
             for name, arr in (
                 ("offsets", offsets),
+                ("lengths", lengths),
                 ("num_loss_counted", np.frombuffer(builder.num_loss, dtype=np.int64)),
                 ("num_trained", np.frombuffer(builder.num_trained, dtype=np.int64)),
                 ("source_lines", np.frombuffer(builder.lines, dtype=np.int64)),
@@ -246,11 +249,11 @@ def _build(jsonl_path: Path, cache_file: Path, fp: dict[str, Any]) -> None:
 
 
 class TokenStore:
-    """A tokenized file, memory-mapped: per-sample arrays in memory (O(N)), tokens on disk (O(1) RSS)."""
+    """A tokenized file, memory-mapped: every array (tokens and per-sample) is a read-only view of the cache."""
 
     path: Path
     cache_path: Path
-    lengths: np.ndarray  # int64 [N] tokens per sample
+    lengths: np.ndarray  # int64 [N] tokens per sample (all arrays here are read-only memory maps)
     num_loss_counted: np.ndarray  # int64 [N] labels != -100 per sample (unshifted)
     num_trained: np.ndarray  # int64 [N] trained tokens after the in-sample shift (the loss normaliser)
     source_lines: np.ndarray  # int64 [N] JSONL line numbers
@@ -268,10 +271,11 @@ class TokenStore:
             arrays[name] = raw[offset : offset + itemsize * count].view(dtype)
         self._tokens, self._labels = arrays["tokens"], arrays["labels"]
         self.offsets = arrays["offsets"]
-        self.lengths = np.diff(self.offsets)
-        self.num_loss_counted = np.array(arrays["num_loss_counted"])
-        self.num_trained = np.array(arrays["num_trained"])
-        self.source_lines = np.array(arrays["source_lines"])
+        # every array is a read-only view of the page cache: nothing per token or per sample is copied
+        self.lengths = arrays["lengths"]
+        self.num_loss_counted = arrays["num_loss_counted"]
+        self.num_trained = arrays["num_trained"]
+        self.source_lines = arrays["source_lines"]
         self.max_token_id = int(header["max_token_id"])
         self.num_tokens = int(header["num_tokens"])
         self.meta = read_sidecar(path)
