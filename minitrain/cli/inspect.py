@@ -12,19 +12,6 @@ from typing import Annotated
 
 import typer
 
-AUDIT_HELP = """Check every sample; print a table of findings by kind with example indices; exit 1 if any is an error.
-Checks (severity): malformed_line (error) a line that is not JSON or lacks input_ids/labels lists;
-len_mismatch (error) `len` != len(input_ids) or len(labels) != len(input_ids);
-loss_count_mismatch (error) num_loss_counted_tokens != labels that are not -100;
-label_not_input (error) a label neither -100 nor the input id at its position;
-token_out_of_vocab (error) an id outside the tokenizer's vocabulary;
-zero_trained (warning) a sample with no trained token;
-trained_special (error) a trained special token that is not end-of-turn (role header, BOS ...);
-eot_not_trained (error) a trained span not ending with an end-of-turn token (sidecar's end_of_turn_token_ids);
-text_mismatch (error, --source) decoded trained spans != the assistant contents + end-of-turn;
-source_unmatched (error, --source) a sample whose source line cannot be found;
-sidecar_mismatch (error) the sidecar's written/tokens/trained_tokens disagree with the file."""
-
 
 def inspect(
     path: Annotated[
@@ -65,7 +52,12 @@ def inspect(
             help="Samples, tokens, trained fraction, length percentiles and histogram, zero-trained and longest samples.",
         ),
     ] = False,
-    audit: Annotated[bool, typer.Option("--audit", help=AUDIT_HELP)] = False,
+    audit: Annotated[
+        bool,
+        typer.Option(
+            "--audit", help="Check every sample (checks above); table of findings; exit 1 if any is an error."
+        ),
+    ] = False,
     source: Annotated[
         Path | None,
         typer.Option(
@@ -86,6 +78,19 @@ def inspect(
 
     Trained text is bright green, masked text dim, special tokens reversed; with --no-color or when piped,
     trained spans are enclosed in ⟦ ⟧ and nothing else is added.
+
+    Audit checks (severity) - each counts samples and shows the first example indices:
+      malformed_line      (error)   a line that is not JSON, or input_ids/labels not lists of ints
+      len_mismatch        (error)   `len` != len(input_ids), or len(labels) != len(input_ids)
+      loss_count_mismatch (error)   num_loss_counted_tokens != number of labels that are not -100
+      label_not_input     (error)   a label that is neither -100 nor the input id at its position
+      token_out_of_vocab  (error)   an input id outside the tokenizer's vocabulary
+      zero_trained        (warning) a sample with no trained token
+      trained_special     (error)   a trained special token that is not end-of-turn (role header, BOS ...)
+      eot_not_trained     (error)   a trained span that does not end with an end-of-turn token
+      text_mismatch       (error)   --source: decoded trained spans != the assistant contents (+ end-of-turn)
+      source_unmatched    (error)   --source: a sample's source_line is missing, out of order or past the end
+      sidecar_mismatch    (error)   the sidecar's written/tokens/trained_tokens disagree with the file
 
     Examples:
       minitrain inspect out.jsonl                        # first 3 samples
