@@ -1,0 +1,85 @@
+"""End to end through the real CLI: tokenize fixture rows, train from scratch with torchrun (2 ranks), plot.
+
+Checks only what a user sees: exit codes, the files on disk, their documented keys, and that the exported
+checkpoint loads with stock Hugging Face classes.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import orjson
+import pytest
+
+from tests.conftest import DATA, SMOLLM2, needs_fixtures, tiny_llama_config
+
+pytestmark = [pytest.mark.slow, needs_fixtures]
+
+
+def _minitrain(*args: str | Path, cwd: Path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    done = subprocess.run(
+        [sys.executable, "-m", "minitrain", *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
+def test_tokenize_train_plot(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from minitrain.train.metrics import METRIC_KEYS
+
+    rows = (DATA / "alpaca_en_demo.messages.jsonl").read_bytes().splitlines(keepends=True)[:24]
+    (tmp_path / "chat.jsonl").write_bytes(b"".join(rows))
+    model = tmp_path / "model"
+    tiny_llama_config(vocab_size=len(AutoTokenizer.from_pretrained(SMOLLM2))).save_pretrained(model)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(SMOLLM2 / name, model / name)
+
+    _minitrain(
+        "tokenize",
+        "chat.jsonl",
+        "-o",
+        "tok.jsonl",
+        "--model-name-or-path",
+        model,
+        "--num-workers",
+        "1",
+        cwd=tmp_path,
+    )
+    _minitrain(
+        "train", "--data-path", "tok.jsonl", "--model-name-or-path", model, "--output-dir", "run", "--nproc", "2",
+        "--from-scratch", "--max-steps", "3", "--batch-size", "8", "--max-tokens-per-gpu", "1024",
+        "--min-samples-per-checkpoint", "8", "--learning-rate", "1e-3", "--num-warmup-steps", "1",
+        cwd=tmp_path,
+    )  # fmt: skip
+
+    run = tmp_path / "run"
+    params = orjson.loads((run / "training_params.json").read_bytes())
+    assert params["world_size"] == 2 and params["data_path"] == str(tmp_path / "tok.jsonl")
+    assert params["model_name_or_path"] == str(model) and params["max_steps"] == 3
+    records = [orjson.loads(line) for line in (run / "training_metrics_0.jsonl").read_bytes().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    for record in records:
+        assert set(METRIC_KEYS) <= record.keys()
+        assert record["num_samples"] > 0 and record["num_loss_counted_tokens"] > 0
+    checkpoints = sorted(p.name for p in (run / "hf_format").iterdir())
+    total = records[-1]["total_samples_accumulated"]
+    assert f"samples_{total}" in checkpoints and len(checkpoints) == 3  # one per step (>= 8 samples each)
+    final = run / "hf_format" / f"samples_{total}"
+    assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json"} <= {
+        p.name for p in final.iterdir()
+    }
+    AutoModelForCausalLM.from_pretrained(final)
+    assert (
+        AutoTokenizer.from_pretrained(final).get_vocab() == AutoTokenizer.from_pretrained(SMOLLM2).get_vocab()
+    )
+
+    _minitrain("plot", "run", "-o", "loss.png", cwd=tmp_path)
+    assert (tmp_path / "loss.png").stat().st_size > 0
