@@ -29,6 +29,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from minitrain.errors import UserError
+
 if TYPE_CHECKING:
     from minitrain.data.stats import AuditReport, DatasetStats
 
@@ -187,10 +189,16 @@ def render_sample(
     console.print(
         sample_header(index, sample.get("source_line"), len(ids), trained, color=color), soft_wrap=True
     )
-    if tokens:
-        body = token_cells(tokenizer, ids, labels, special_ids, color=color)
-    else:
-        body = sample_text(decode_segments(tokenizer, ids, labels, special_ids), color=color)
+    labels = list(labels[: len(ids)]) + [IGNORE_INDEX] * (len(ids) - len(labels))  # a broken file still shows
+    try:
+        if tokens:
+            body = token_cells(tokenizer, ids, labels, special_ids, color=color)
+        else:
+            body = sample_text(decode_segments(tokenizer, ids, labels, special_ids), color=color)
+    except Exception as err:  # ids the tokenizer cannot decode (negative, huge, not ints)
+        raise UserError(
+            f"sample {index}: cannot decode its input_ids ({err}); run --audit to see why"
+        ) from None
     # soft_wrap: no hard line breaks inserted by rich, so plain output is exactly the decoded text;
     # then exactly one blank line before the next sample.
     end = "" if body.plain.endswith("\n") else "\n"

@@ -10,6 +10,7 @@ from rich.console import Console
 
 from minitrain import render
 from minitrain.data import stats as st
+from minitrain.errors import UserError
 from tests.conftest import FIXTURES, SMOLLM2, TINYLLAMA
 
 pytestmark = pytest.mark.skipif(not FIXTURES.is_dir(), reason=f"fixtures folder {FIXTURES} is absent")
@@ -197,6 +198,18 @@ def test_a_label_boundary_inside_a_character_still_covers_every_token(tiny) -> N
     assert segments[0].start == 0 and segments[-1].end == len(TINY_IDS)
     assert all(a.end == b.start for a, b in zip(segments, segments[1:], strict=False))
     assert "ok.</s>⟧" in render.sample_text(segments, color=False).plain
+
+
+def test_a_broken_sample_still_shows_or_fails_in_one_line(smol) -> None:
+    out = io.StringIO()
+    console = Console(file=out, no_color=True, color_system=None)
+    short = {"input_ids": SMOL_IDS[-3:], "labels": [-100], "source_line": 1}  # labels shorter than input_ids
+    render.render_sample(console, smol, 0, short, st.special_token_ids(smol), tokens=False, color=False)
+    assert out.getvalue().endswith("3 tokens | 0 trained (0.0%) ===\n.<|im_end|>\n\n")
+    with pytest.raises(UserError, match="sample 1: cannot decode") as err:
+        bad = {"input_ids": [-5, "x"], "labels": [-100, -100]}
+        render.render_sample(console, smol, 1, bad, st.special_token_ids(smol), tokens=False, color=False)
+    assert "\n" not in str(err.value)
 
 
 def test_stats_and_audit_tables_render(tmp_path: Path) -> None:
