@@ -1,0 +1,188 @@
+"""Tests for minitrain/cli/tokenize.py: both command-line spellings, errors, --strict, the --help surface."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from minitrain.cli import app
+from minitrain.data.format import iter_samples, read_sidecar, rejects_path
+from minitrain.errors import UserError
+from tests.conftest import DATA, REPO, SMOLLM2, TINYLLAMA, needs_fixtures
+
+pytestmark = needs_fixtures
+runner = CliRunner()
+GOOD = '{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there."}]}'
+
+
+def test_help_lists_every_flag():
+    result = runner.invoke(app, ["tokenize", "--help"], terminal_width=200)
+    assert result.exit_code == 0
+    for flag in (
+        "INPUT.jsonl",
+        "--output",
+        "-o",
+        "--output-file",
+        "--input-file",
+        "--model-name-or-path",
+        "--max-sample-num-tokens",
+        "--chat-template",
+        "--num-workers",
+        "--strict",
+    ):
+        assert flag in result.output, flag
+
+
+def test_positional_spelling(tmp_path):
+    out = tmp_path / "out.jsonl"
+    inp = tmp_path / "alpaca.jsonl"
+    inp.write_bytes(
+        b"".join((DATA / "alpaca_en_demo.messages.jsonl").read_bytes().splitlines(keepends=True)[:100])
+    )
+    result = runner.invoke(
+        app,
+        ["tokenize", str(inp), "-o", str(out), "--model-name-or-path", str(TINYLLAMA), "--num-workers", "1"],
+    )
+    assert result.exit_code == 0, result.output
+    assert "lines read" in result.output and "100" in result.output
+    assert sum(1 for _ in iter_samples(out)) == 100
+    assert read_sidecar(out)["counts"]["written"] == 100
+
+
+def test_mini_trainer_spelling_in_process(tmp_path):
+    inp = tmp_path / "in.jsonl"
+    inp.write_text(GOOD + "\n{broken\n")
+    out = tmp_path / "out.jsonl"
+    args = [
+        "tokenize",
+        "--input-file",
+        str(inp),
+        "--output-file",
+        str(out),
+        "--model-name-or-path",
+        str(SMOLLM2),
+        "--max-sample-num-tokens",
+        "32768",
+    ]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert [s["source_line"] for _, s in iter_samples(out)] == [1]
+    assert b'"line":2' in rejects_path(out).read_bytes()
+
+
+def test_mini_trainer_spelling_as_a_subprocess(tmp_path):
+    """The exact command mini_trainer users type, through `python -m minitrain` (the real entry point)."""
+    inp = tmp_path / "in.jsonl"
+    inp.write_text((GOOD + "\n") * 3)
+    out = tmp_path / "out.jsonl"
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "False", "HF_HUB_OFFLINE": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "minitrain",
+        "tokenize",
+        "--input-file",
+        str(inp),
+        "--output-file",
+        str(out),
+        "--model-name-or-path",
+        str(SMOLLM2),
+        "--max-sample-num-tokens",
+        "32768",
+    ]
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert [s["source_line"] for _, s in iter_samples(out)] == [1, 2, 3]
+
+
+def test_strict_exit_code_and_one_line_error_through_main(tmp_path, monkeypatch, capsys):
+    """`minitrain.cli.main` (the console script) turns the --strict error into one line and exit code 1."""
+    from minitrain.cli import main
+
+    inp = tmp_path / "in.jsonl"
+    inp.write_text(GOOD + "\n" + '{"messages": [{"role": "robot", "content": "x"}]}\n')
+    out = tmp_path / "strict.jsonl"
+    argv = [
+        "minitrain",
+        "tokenize",
+        str(inp),
+        "-o",
+        str(out),
+        "--model-name-or-path",
+        str(SMOLLM2),
+        "--strict",
+    ]
+    monkeypatch.setattr(sys, "argv", argv)
+    monkeypatch.delenv("MINITRAIN_DEBUG", raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{inp}:2: unknown role" in err and "Traceback" not in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--model-name-or-path", "m", "-o", "o.jsonl"], "no input"),
+        (
+            ["a.jsonl", "--input-file", "b.jsonl", "-o", "o.jsonl", "--model-name-or-path", "m"],
+            "either INPUT.jsonl or --input-file",
+        ),
+        (["a.jsonl", "--model-name-or-path", "m"], "no output"),
+        (["a.jsonl", "-o", "o.jsonl"], "no tokenizer"),
+        (["missing.jsonl", "-o", "o.jsonl", "--model-name-or-path", "m"], "no such file"),
+    ],
+)
+def test_user_mistakes_are_user_errors(tmp_path, args, message):
+    result = runner.invoke(app, ["tokenize", *args])
+    assert isinstance(result.exception, UserError), result.output
+    assert message in str(result.exception)
+
+
+def test_strict_names_the_file_and_line(tmp_path):
+    inp = tmp_path / "in.jsonl"
+    inp.write_text(
+        GOOD
+        + "\n\n"
+        + '{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": ""}]}\n'
+    )
+    result = runner.invoke(
+        app,
+        [
+            "tokenize",
+            str(inp),
+            "-o",
+            str(tmp_path / "o.jsonl"),
+            "--model-name-or-path",
+            str(SMOLLM2),
+            "--strict",
+        ],
+    )
+    assert isinstance(result.exception, UserError)
+    assert str(result.exception).startswith(f"{inp}:3: empty assistant content")
+
+
+def test_chat_template_flag_for_a_tokenizer_without_one(tmp_path):
+    import json
+
+    folder = tmp_path / "no-template"
+    folder.mkdir()
+    for f in SMOLLM2.iterdir():
+        (folder / f.name).write_bytes(f.read_bytes())
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    del config["chat_template"]
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    inp = tmp_path / "in.jsonl"
+    inp.write_text(GOOD + "\n")
+    base = ["tokenize", str(inp), "-o", str(tmp_path / "o.jsonl"), "--model-name-or-path", str(folder)]
+    refused = runner.invoke(app, base)
+    assert isinstance(refused.exception, UserError) and "--chat-template" in str(refused.exception)
+    accepted = runner.invoke(app, [*base, "--chat-template", "chatml"])
+    assert accepted.exit_code == 0, accepted.output
+    assert read_sidecar(tmp_path / "o.jsonl")["chat_template_origin"] == "chatml"
