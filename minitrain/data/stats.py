@@ -892,6 +892,8 @@ def audit_file(
             f"--source {source}: {compared:,} samples compared with their source line"
             + (f", {skipped:,} not comparable as text (tool calls)" if skipped else "")
         )
+    elif (meta or {}).get("input"):
+        report.notes.append(f"trained text not compared with the input; add --source {meta['input']}")
     return report
 
 

@@ -106,8 +106,10 @@ def write_tokenized(
     return out
 
 
-def audit(out: Path, name: str, source: Path | None = None) -> st.AuditReport:
-    return st.audit_file(out, tokenizer(name), st.read_sidecar(out), source=source)
+def audit(out: Path, name: str, source: Path | None = None, meta: dict | None = None) -> st.AuditReport:
+    return st.audit_file(
+        out, tokenizer(name), {**(st.read_sidecar(out) or {}), **(meta or {})}, source=source
+    )
 
 
 # ------------------------------------------------------------------------------------------- clean files
@@ -225,7 +227,9 @@ def test_user_text_trained_is_a_text_mismatch_only(tmp_path: Path, clean_rows) -
     rows = [dict(r, labels=list(r["labels"])) for r in clean_rows]
     corrupt_user_trained(rows[0], tokenizer("smollm2"))
     out = write_tokenized(tmp_path / "out.jsonl", rows, "smollm2")
-    assert audit(out, "smollm2").ok  # without --source nothing mechanical is wrong ...
+    plain = audit(out, "smollm2", meta={"input": "/data/in.jsonl"})
+    assert plain.ok  # without --source nothing mechanical is wrong ...
+    assert plain.notes == ["trained text not compared with the input; add --source /data/in.jsonl"]
     report = audit(out, "smollm2", source=FASTCHAT)  # ... with it, the extra trained turn shows
     assert report.counts == {"text_mismatch": 1}
     assert "trained span" in report.examples["text_mismatch"][0].detail
