@@ -125,26 +125,36 @@ def _bfd(tok: list[int], K: int | None, budget: int, overflow: bool = False) -> 
     """
     cap = len(tok) + 1 if K is None else K
     # sorted list of room * cap + bin: bisect finds the tightest bin with room >= t (ties: lowest bin)
-    rooms = [] if K is None else [budget * cap + b for b in range(K)]
-    out: list[int] = []
-    find, insert, pop, put = bisect.bisect_left, bisect.insort, rooms.pop, out.append
-    n_rooms = len(rooms)
-    for t in tok:
-        k = find(rooms, t * cap)
-        if k == n_rooms:
-            if K is not None:
-                if not overflow:
-                    return None
-                put(-1)
+    find, insert = bisect.bisect_left, bisect.insort
+    need = (np.asarray(tok, dtype=np.int64) * cap).tolist()  # t * cap: a room code >= it has room >= t
+    taken: list[int] = []  # the room code each sample went into (bin = code % cap), -1 if left out
+    put = taken.append
+    if K is None:
+        rooms: list[int] = []
+        for x in need:
+            k = find(rooms, x)
+            if k == len(rooms):
+                put(len(rooms))  # a new bin: its code's remainder is its number
+                insert(rooms, budget * cap - x + len(rooms))
                 continue
-            insert(rooms, (budget - t) * cap + n_rooms)  # open a new bin
-            put(n_rooms)
-            n_rooms += 1
+            v = rooms.pop(k)
+            insert(rooms, v - x)
+            put(v)
+        return np.array(taken, dtype=np.int64) % cap
+    rooms = [budget * cap + b for b in range(K)]
+    pop = rooms.pop
+    for x in need:
+        k = find(rooms, x)
+        if k == K:
+            if not overflow:
+                return None
+            put(-1)
             continue
         v = pop(k)
-        insert(rooms, v - t * cap)
-        put(v % cap)
-    return np.array(out, dtype=np.int64)
+        insert(rooms, v - x)
+        put(v)
+    codes = np.array(taken, dtype=np.int64)
+    return np.where(codes >= 0, codes % cap, -1)
 
 
 def _fullest_subset(sizes: list[int], cap: int) -> list[int]:
