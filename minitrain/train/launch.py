@@ -78,29 +78,30 @@ def torchrun_command(config: TrainConfig, *, python: str = sys.executable) -> li
 
 
 def run_command(cmd: Sequence[str], env: Mapping[str, str] | None = None) -> int:
-    """Run `cmd` in its own session, forward SIGINT/SIGTERM to it, and return its exit code (128+N for signal N).
+    """Run `cmd` in its own session, forward SIGINT/SIGTERM to it, and return its exit code.
 
     Its own session, so a Ctrl+C in the terminal reaches the workers once (through torchrun, which forwards
-    the signal to every rank) rather than twice (directly from the terminal and again from us).
+    the signal to every rank) rather than twice (directly from the terminal and again from us). A child
+    killed by signal N gives 128+N; a child that fails after we forwarded signal N also gives 128+N
+    (torchrun itself exits 1 when interrupted), so Ctrl+C is 130 and a scheduler's SIGTERM 143.
     """
     proc = subprocess.Popen(list(cmd), env=None if env is None else dict(env), start_new_session=True)
+    forwarded: list[int] = []
 
     def forward(signum: int, _frame: Any) -> None:
+        forwarded.append(signum)
         if proc.poll() is None:
             proc.send_signal(signum)
 
     previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        while True:
-            try:
-                code = proc.wait()
-                break
-            except InterruptedError:  # pragma: no cover - wait() retries on EINTR itself since 3.5
-                continue
+        code = proc.wait()
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-    return 128 - code if code < 0 else code
+    if code < 0:
+        return 128 - code
+    return 128 + forwarded[0] if forwarded and code != 0 else code
 
 
 def preflight(config: TrainConfig) -> Preflight:
