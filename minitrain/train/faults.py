@@ -24,6 +24,7 @@ graceful stop has to save and the time a hung NCCL rank survives a dead peer; on
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import signal
@@ -187,10 +188,8 @@ def kill_process_tree(pid: int, sig: int = signal.SIGKILL) -> list[int]:
     a process-group kill would miss them). Returns the pids signalled."""
     pids = [pid, *_descendants(pid)]
     for p in pids:
-        try:
+        with contextlib.suppress(ProcessLookupError, PermissionError):  # already gone / not ours
             os.kill(p, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
     return pids
 
 
