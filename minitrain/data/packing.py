@@ -304,6 +304,31 @@ def _even_out(bins: np.ndarray, tok: np.ndarray, wt: np.ndarray, K: int, budget:
     return new
 
 
+def _best_exchange(
+    ia: np.ndarray, ib: np.ndarray, gap: float, room_a: int, room_b: int, tok: np.ndarray, wt: np.ndarray
+) -> tuple[int, int] | None:
+    """The move (k, -1) or swap (k, m) of samples ia[k] <-> ib[m] that lowers the busier of a, b the most.
+
+    Moving weight d from a to b with 0 < d < gap lowers max(load_a, load_b) by min(d, gap - d); the
+    token room of each side is checked too (tokens and weights differ under cost="compute").
+    """
+    wa, ta = wt[ia], tok[ia]
+    best, best_gain = None, 0.0
+    gain = np.where((wa < gap) & (ta <= room_b), np.minimum(wa, gap - wa), 0.0)
+    k = int(np.argmax(gain)) if gain.size else 0
+    if gain.size and gain[k] > 0:
+        best, best_gain = (k, -1), float(gain[k])
+    if ia.size and ib.size:
+        d = wa[:, None] - wt[ib][None, :]  # weight moved from a to b by swapping x and y
+        dt = ta[:, None] - tok[ib][None, :]
+        ok = (d > 0) & (d < gap) & (dt <= room_b) & (-dt <= room_a)
+        gain2 = np.where(ok, np.minimum(d, gap - d), 0.0)
+        k2 = int(np.argmax(gain2))
+        if gain2.flat[k2] > best_gain:
+            best = (k2 // ib.size, k2 % ib.size)
+    return best
+
+
 def _polish(
     ranks: list[int],
     members: list[list[int]],
@@ -313,38 +338,26 @@ def _polish(
     wt: np.ndarray,
     budget: int,
 ) -> None:
-    """Within one minibatch, move or swap samples between the busiest and idlest rank while that helps.
+    """Within one minibatch, move or swap samples off the busiest rank while that lowers it.
 
-    Moving weight d from a to b with 0 < d < gap lowers max(load_a, load_b); the token room of each side
-    is checked as well (tokens and weights differ under cost="compute").
+    The partner is the idlest rank for which some move or swap helps (a move or swap that lowers the
+    busier of two ranks never breaks the budget of either).
     """
-    for _ in range(2 * len(ranks)):
+    for _ in range(4 * len(ranks)):
         a = max(ranks, key=wl.__getitem__)
-        b = min(ranks, key=wl.__getitem__)
-        gap = wl[a] - wl[b]
-        if gap * 500 <= wl[a]:  # within 0.2%: good enough
-            return
         ia = np.asarray(members[a], dtype=np.int64)
-        ib = np.asarray(members[b], dtype=np.int64)
-        wa, ta = wt[ia], tok[ia]
-        room_a, room_b = budget - tl[a], budget - tl[b]
-        best, best_gain = None, 0.0
-        # move x from a to b: the pair's max drops by min(w_x, gap - w_x)
-        gain = np.where((wa < gap) & (ta <= room_b), np.minimum(wa, gap - wa), 0.0)
-        k = int(np.argmax(gain))
-        if gain[k] > 0:
-            best, best_gain = (k, -1), float(gain[k])
-        if ib.size:
-            d = wa[:, None] - wt[ib][None, :]  # weight moved from a to b by swapping x and y
-            dt = ta[:, None] - tok[ib][None, :]
-            ok = (d > 0) & (d < gap) & (dt <= room_b) & (-dt <= room_a)
-            gain2 = np.where(ok, np.minimum(d, gap - d), 0.0)
-            k2 = int(np.argmax(gain2))
-            if gain2.flat[k2] > best_gain:
-                best = (k2 // ib.size, k2 % ib.size)
-        if best is None:
+        found = None
+        for b in sorted(ranks, key=wl.__getitem__):
+            gap = wl[a] - wl[b]
+            if gap * 500 <= wl[a]:  # within 0.2% of the busiest: nothing worth moving to b or beyond
+                break
+            ib = np.asarray(members[b], dtype=np.int64)
+            found = _best_exchange(ia, ib, gap, budget - tl[a], budget - tl[b], tok, wt)
+            if found is not None:
+                break
+        if found is None:
             return
-        k, m = best
+        k, m = found
         moves = [(members[a][k], a, b)] + ([(members[b][m], b, a)] if m >= 0 else [])
         for x, src, dst in moves:
             members[src].remove(x)
