@@ -81,8 +81,8 @@ def sample_costs(
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Packing into K bins. Every strategy takes the samples sorted by decreasing weight (`order`) and returns
-# bin[i] for each position of `order`, or None when it cannot fit everything within the token budget.
+# Packing into K bins. Each packer takes the samples sorted decreasing (LPT by weight, the bin packers by
+# tokens) and returns the bin of each position in that order, or None when the budget cannot hold them all.
 
 
 def _lpt(tok: np.ndarray, wt: np.ndarray, K: int, budget: int) -> np.ndarray | None:
