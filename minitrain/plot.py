@@ -14,8 +14,8 @@ by Python's json module are accepted.
 
 Two renderers: an image through matplotlib (imported only when an image is asked for, drawn on a bare
 `Figure` with no pyplot, so no global backend is touched; dense lines are decimated to the first, last,
-lowest and highest point of 2000 buckets, more than a panel has pixel columns, so the image is the same
-and 2.5x cheaper to draw at 100k points) and a terminal plot drawn here with braille
+lowest and highest point of 2000 buckets, more than a panel has pixel columns, and a dense faded raw
+curve is filled as its min/max band, so the image looks the same and is cheaper to draw at 100k points) and a terminal plot drawn here with braille
 characters through rich. Trade-off: the terminal renderer is ~200 lines of our own instead of plotext,
 for 2x4 dots per character (plotext's default is 2x2 blocks), a transparent background, 1-2-5 ticks, a
 legend outside the data, no global figure state, and a rich renderable that lays itself out at the width
@@ -434,6 +434,16 @@ def decimate(x: np.ndarray, y: np.ndarray, buckets: int = IMAGE_BUCKETS) -> tupl
     return x[idx], y[idx]
 
 
+def envelope(x: np.ndarray, y: np.ndarray, buckets: int = IMAGE_BUCKETS) -> tuple[np.ndarray, ...]:
+    """(x, low, high) per run of consecutive points, closed at the last x: a dense line's band.
+
+    Filling it draws the pixels a dense faded line would cover, about twice as fast as the line itself.
+    """
+    starts = np.arange(0, len(x), math.ceil(len(x) / buckets))
+    lo, hi = np.minimum.reduceat(y, starts), np.maximum.reduceat(y, starts)
+    return np.r_[x[starts], x[-1]], np.r_[lo, lo[-1]], np.r_[hi, hi[-1]]
+
+
 def draw_image(curves: Curves, output: Path, *, buckets: int | None = IMAGE_BUCKETS) -> Figure:
     """Draw one panel per metric, one line per run, and write it to `output` (.png/.svg/.pdf) atomically.
 
@@ -463,7 +473,13 @@ def draw_image(curves: Curves, output: Path, *, buckets: int | None = IMAGE_BUCK
             elif len(line.x) == 1:  # a run one step old: a line through one point would draw nothing
                 ax.plot(line.x, line.y, color=line.color, marker="o", ms=4, gid=gid)
             elif line.smoothed is not None:
-                ax.plot(*thin(line.x, line.y), color=line.color, alpha=0.25, lw=0.8, gid=gid + ":raw")
+                if buckets is not None and len(line.x) > 4 * buckets:  # dense: the raw cloud as a band
+                    band = ax.fill_between(
+                        *envelope(line.x, line.y, buckets), color=line.color, alpha=0.25, lw=0
+                    )
+                    band.set_gid(gid + ":raw")
+                else:
+                    ax.plot(line.x, line.y, color=line.color, alpha=0.25, lw=0.8, gid=gid + ":raw")
                 ax.plot(*thin(line.x, line.smoothed), color=line.color, lw=1.5, gid=gid)
             else:
                 ax.plot(*thin(line.x, line.y), color=line.color, lw=1.2, gid=gid)

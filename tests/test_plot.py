@@ -334,6 +334,29 @@ def test_image_is_written_with_a_panel_per_metric_and_a_line_per_run(tmp_path, s
     assert not list(tmp_path.glob(".curves*"))  # the temporary file was renamed away
 
 
+def test_dense_raw_curve_becomes_its_min_max_band(tmp_path):
+    rows = metrics_rows(100)
+    path = write_metrics(tmp_path / "m.jsonl", rows)
+    c = curves([path], metrics=("grad_norm",), smooth=0.9)
+    fig = lib.draw_image(c, tmp_path / "c.png", buckets=10)  # 100 points > 4 x 10 buckets: dense
+    (band,) = fig.axes[0].collections
+    assert band.get_gid() == "m:grad_norm:raw"
+    verts = band.get_paths()[0].vertices
+    raw = [r["grad_norm"] for r in rows]
+    assert verts[:, 1].min() == min(raw) and verts[:, 1].max() == max(raw)
+    assert verts[:, 0].min() == 1 and verts[:, 0].max() == 100
+    (smoothed,) = fig.axes[0].get_lines()
+    assert smoothed.get_gid() == "m:grad_norm" and len(smoothed.get_xdata()) <= 44
+
+
+def test_envelope_matches_blocks():
+    x = np.arange(10.0)
+    y = np.array([3, 1, 4, 1, 5, 9, 2, 6, 5, 3.0])
+    ex, lo, hi = lib.envelope(x, y, buckets=4)  # blocks of 3: [3 1 4] [1 5 9] [2 6 5] [3]
+    assert ex.tolist() == [0, 3, 6, 9, 9]
+    assert lo.tolist() == [1, 1, 2, 3, 3] and hi.tolist() == [4, 9, 6, 3, 3]
+
+
 def test_image_lines_carry_the_data(tmp_path):
     rows = metrics_rows(10)
     out = tmp_path / "c.png"
