@@ -10,7 +10,8 @@ Layout (the Hugging Face export of the same moment lives apart, in OUT/hf_format
             trainer_state.json      counters (step, samples_seen, tokens_seen, ...), sampler (seed, epoch,
                                     position), LR-scheduler state, world size, format version
             COMPLETE                written last, before the rename: its presence is what "complete" means
-        .tmp-samples_<N>/           being written, or left by a crash: never resumed from, removed by pruning
+        .tmp-samples_<N>/           being written, or left by a crash: never resumed from; removed by the
+                                    next successful save
         latest                      one line, the name of the newest complete checkpoint; replaced last
 
 Writing (`save_training_state`, every rank): rank 0 creates `.tmp-samples_<N>`; all ranks write their DCP
@@ -177,7 +178,8 @@ def save_training_state(
     """Write OUT/checkpoints/samples_<counters['samples_seen']> atomically; every rank must call this.
 
     `sampler` has `state_dict()` (InfiniteSampler); `counters` is JSON-safe and holds at least `step` and
-    `samples_seen`. With `keep_last`, older checkpoints beyond the newest `keep_last` are removed afterwards.
+    `samples_seen`. Afterwards, leftovers of interrupted writes are removed, and with `keep_last` every
+    complete checkpoint but the newest `keep_last` (and `latest`).
     Raises `CheckpointSaveError` (on every rank) when the filesystem refuses; the previous checkpoint stays.
     """
     from torch.distributed.checkpoint import CheckpointException
@@ -224,11 +226,15 @@ def save_training_state(
     )
     # phase 3: rank 0 seals, publishes, points `latest` at it, and prunes
     _agree(dist, _attempt(dist.is_main, lambda: _publish(tmp, final, payload)), final, out_dir, tmp)
-    if keep_last is not None and dist.is_main:
+    if dist.is_main:  # cleanup after the new checkpoint is safe; a failure here must not fail the run
         try:
-            prune_checkpoints(out_dir, keep_last)
-        except OSError as err:  # a failed cleanup must not fail a run whose checkpoint is safe
-            print(f"minitrain: warning: could not prune old checkpoints ({err})", flush=True)
+            if keep_last is not None:
+                prune_checkpoints(out_dir, keep_last)
+            for leftover in scan_checkpoints(out_dir).incomplete:
+                if leftover.name.startswith((TMP_PREFIX, OLD_PREFIX)):  # ours, from an interrupted write
+                    shutil.rmtree(leftover)
+        except OSError as err:
+            print(f"minitrain: warning: could not remove old checkpoints ({err})", flush=True)
     return final
 
 

@@ -201,7 +201,11 @@ def test_single_process_round_trip_restores_everything(tmp_path: Path) -> None:
     model, optimizer, scheduler = tiny_training()
     for i in range(3):
         step(model, optimizer, scheduler, seed=i)
+    leftovers = [checkpoints_root(tmp_path) / n for n in (".tmp-samples_8", ".old-samples_4", "samples_9")]
+    for leftover in leftovers:
+        leftover.mkdir(parents=True)
     path = save(tmp_path, model, optimizer, scheduler, 12)
+    assert [p.exists() for p in leftovers] == [False, False, True]  # interrupted writes of ours are removed
     assert path == tmp_path / "checkpoints" / "samples_12" and is_complete(path)
     assert (tmp_path / "checkpoints" / "latest").read_text() == "samples_12\n"
     want_rng = draws()
