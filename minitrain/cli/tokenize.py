@@ -66,7 +66,7 @@ def tokenize(
     ] = None,
     num_workers: Annotated[
         int | None,
-        typer.Option("--num-workers", help="Worker processes [default: all cores].", show_default=False),
+        typer.Option("--num-workers", help="Worker processes (default: all cores).", show_default=False),
     ] = None,
     strict: Annotated[
         bool,

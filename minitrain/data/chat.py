@@ -22,8 +22,9 @@ How a mask is computed (no assumption that rendering a prefix of a conversation 
        one end-of-turn text before the next message.
     4. encode `text` ONCE with character offsets (a fast tokenizer); a token is trained iff it overlaps a
        trained span. A token that crosses a span boundary is allowed only when the part outside the span
-       is whitespace (SentencePiece's "▁Hello" after `[/INST] `, special tokens that swallow a newline);
-       any other crossing, a content not found exactly once, or a turn not followed by its end-of-turn
+       is spaces before the content (SentencePiece's "▁Hello" after `[/INST] `) or whitespace after the
+       end-of-turn token (special tokens that swallow a newline); any other crossing (e.g. a header
+       newline merged with a content that starts with a newline), a content not found exactly once, or a turn not followed by its end-of-turn
        tokens rejects the sample with "alignment failure" - a mask is never guessed.
 
 The trade-off: two template renders per sample (cheap next to tokenization) buy exactness on any
@@ -287,7 +288,9 @@ class ChatEncoder:
                     ALIGNMENT_FAILURE, f"no tokens for the trained text at chars {start}..{end}"
                 )
             first, last = offsets[lo], offsets[hi - 1]
-            if first[0] < start and not text[first[0] : start].isspace():
+            # A word token may carry the space before it ("▁Hello", "ĠHello"): trained. Anything else, e.g. a
+            # header newline merged into the content's first token, has no exact mask.
+            if first[0] < start and text[first[0] : start].strip(" "):
                 raise SampleRejected(
                     ALIGNMENT_FAILURE, f"a token crosses the start of the trained text at char {start}"
                 )
@@ -339,6 +342,8 @@ class ChatEncoder:
                 raise SampleRejected(
                     EMPTY_ASSISTANT, f"message {i}: assistant content is empty and there are no tool_calls"
                 )
+            if not isinstance(message.get("train", True), bool):
+                raise SampleRejected(NO_KNOWN_SHAPE, f"message {i}: `train` must be true or false")
             if message.get("tool_calls") is not None and not isinstance(message["tool_calls"], list):
                 raise SampleRejected(NO_KNOWN_SHAPE, f"message {i}: `tool_calls` must be a list")
 

@@ -16,9 +16,12 @@ from __future__ import annotations
 
 import multiprocessing
 import signal
+import sys
+import threading
 import time
 from collections import Counter, deque
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -175,8 +178,8 @@ def _results_in_order(
         for chunk in _read_chunks(path):
             yield encode_lines(encoder, max_tokens, chunk)
         return
-    methods = multiprocessing.get_all_start_methods()
-    ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+    # fork (Linux): workers inherit the loaded encoder at no cost; elsewhere spawn (the encoder is pickled)
+    ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
     with ctx.Pool(workers, initializer=_init_worker, initargs=(encoder, max_tokens)) as pool:
         pending: deque[Any] = deque()
         for chunk in _read_chunks(path):
@@ -222,13 +225,39 @@ def tokenize_file(config: TokenizeConfig, *, console: Any = None) -> TokenizeRes
         sidecar_file=sidecar_path(out),
         num_workers=workers,
     )
+    with _sigterm_raises():
+        _write_outputs(config, loaded, result, _progress(console, total_bytes), total_bytes)
+    return result
+
+
+@contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """While tokenizing, SIGTERM raises SystemExit so the temporary files are removed (as Ctrl-C does)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def _exit(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, _exit)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _write_outputs(
+    config: TokenizeConfig, loaded: Any, result: TokenizeResult, progress: Any, total_bytes: int
+) -> None:
+    """Stream chunks through the workers into OUT, its rejects and its sidecar; fills in `result`."""
+    inp, out = config.input_file, config.output_file
     reasons: Counter[str] = Counter()
     start = time.perf_counter()
-    progress = _progress(console, total_bytes)
     with atomic_write(out) as f_out:  # OUT is renamed into place last: if it exists, so do its companions
         with atomic_write(result.rejects_file) as f_rej:
             # The pool is created (forked) inside the generator before the progress bar starts its thread.
-            results = _results_in_order(loaded.encoder, config.max_sample_num_tokens, inp, workers)
+            results = _results_in_order(loaded.encoder, config.max_sample_num_tokens, inp, result.num_workers)
             first = next(results, None)
             task = None
             if progress is not None:
@@ -271,7 +300,6 @@ def tokenize_file(config: TokenizeConfig, *, console: Any = None) -> TokenizeRes
         result.elapsed_s = time.perf_counter() - start
         with atomic_write(result.sidecar_file) as f_meta:
             f_meta.write(orjson.dumps(_sidecar(config, loaded, result), option=orjson.OPT_INDENT_2))
-    return result
 
 
 def _sidecar(config: TokenizeConfig, loaded: Any, result: TokenizeResult) -> dict[str, Any]:
@@ -316,7 +344,7 @@ def render_summary(result: TokenizeResult, console: Any) -> None:
     """The end-of-run table: lines read/written/dropped/rejected (by reason), tokens, throughput."""
     from rich.table import Table
 
-    table = Table(title=f"minitrain tokenize -> {result.output_file}", show_header=True, header_style="bold")
+    table = Table(title="minitrain tokenize", show_header=True, header_style="bold")
     table.add_column("", style="bold")
     table.add_column("count", justify="right")
     table.add_row("lines read", f"{result.read:,}")
@@ -338,5 +366,6 @@ def render_summary(result: TokenizeResult, console: Any) -> None:
     table.add_row("tokens/s", f"{result.tokens_per_s:,.0f}")
     table.add_row("workers", str(result.num_workers))
     console.print(table)
+    console.print(f"wrote {result.output_file} (sidecar: {result.sidecar_file.name})")
     if result.dropped or result.rejected:
         console.print(f"dropped and rejected lines (line number + reason): {result.rejects_file}")

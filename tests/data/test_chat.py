@@ -294,6 +294,28 @@ def test_token_crossing_the_content_start_is_rejected(tmp_path):
     assert err.value.reason == chat.ALIGNMENT_FAILURE
 
 
+def test_header_newline_merged_into_the_content_is_rejected(smollm2, hf_tokenizers):
+    """ChatML "assistant\n" + "  Hi" pre-tokenizes "\n " as one token: half header, half content -> reject."""
+    record = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "  Hi"}]}
+    with pytest.raises(SampleRejected) as err:
+        smollm2.encoder.encode(record)
+    assert err.value.reason == chat.ALIGNMENT_FAILURE
+    # a leading newline stays its own token here, so that content is exact
+    record["messages"][1]["content"] = "\nHi"
+    assert_exact(smollm2.encoder.encode(record), hf_tokenizers[SMOLLM2], ["\nHi"], "<|im_end|>")
+
+
+def test_non_ascii_contents_are_exact(smollm2, tinyllama, hf_tokenizers):
+    """Offsets are in characters, not bytes: emoji, CJK and accents (multi-token characters) stay exact."""
+    contents = ["Café ☕ is 🙂 good.", "日本語で答えます。", "Ünïcödé — ok"]
+    messages = [
+        m for c in contents for m in ({"role": "user", "content": "é?"}, {"role": "assistant", "content": c})
+    ]
+    for loaded, path, eot in ((smollm2, SMOLLM2, "<|im_end|>"), (tinyllama, TINYLLAMA, "</s>")):
+        sample = loaded.encoder.encode({"messages": messages})
+        assert_exact(sample, hf_tokenizers[path], contents, eot)
+
+
 def test_sentencepiece_space_merged_into_first_content_token(tmp_path, hf_tokenizers):
     """Llama-2 style "[/INST] Hello": the token "▁Hello" starts on the template's space; it is trained."""
     template = (
