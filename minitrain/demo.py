@@ -82,8 +82,8 @@ def run_demo(
     output_dir: Path,
     *,
     nproc: int = 2,
-    num_samples: int = 2000,
-    max_steps: int = 120,
+    num_samples: int = 5000,
+    max_steps: int = 300,
     batch_size: int = 32,
     learning_rate: float = 3e-3,
     console: Console | None = None,
@@ -135,6 +135,9 @@ def run_demo(
     checkpoints = sorted((run_dir / "hf_format").glob("samples_*"), key=lambda p: int(p.name.split("_")[1]))
     console.rule("[bold]4. loss curve")
     _plot_loss(run_dir, console)
+    if checkpoints:
+        console.rule("[bold]5. the trained checkpoint answers new questions (transformers, greedy)")
+        _ask(checkpoints[-1], console)
     return DemoResult(
         output_dir=output_dir,
         dataset=dataset,
@@ -160,6 +163,30 @@ def _show_sample(tokenized: Path, tokenizer_dir: Path, console: Console) -> None
     console.print("one sample (trained tokens highlighted; the rest is context the loss ignores):")
     special = set(tokenizer.all_special_ids)
     render_sample(console, tokenizer, 0, sample, special, tokens=False, color=console.is_terminal)
+
+
+def _ask(checkpoint: Path, console: Console, num: int = 4) -> None:
+    """Load the exported checkpoint with stock transformers and answer questions it has not seen."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # no "Loading weights" bar in the middle of the answers
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    model = AutoModelForCausalLM.from_pretrained(checkpoint).eval()
+    for record in arithmetic_conversations(num, seed=2**31 - 1):  # another seed than the training set's
+        question, expected = (m["content"] for m in record["messages"])
+        prompt = tokenizer.apply_chat_template(
+            [record["messages"][0]], add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )
+        with torch.no_grad():
+            out = model.generate(
+                **prompt, max_new_tokens=16, do_sample=False, pad_token_id=tokenizer.pad_token_id
+            )
+        answer = tokenizer.decode(out[0, prompt["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+        right = expected.rpartition("= ")[2].rstrip(".")
+        mark = "[green]right[/]" if answer == expected else f"[yellow](it is {right})[/]"
+        console.print(f"  {question:<30} {answer:<18} {mark}", highlight=False)
 
 
 def _plot_loss(run_dir: Path, console: Console) -> None:

@@ -13,9 +13,9 @@ def demo(
         "minitrain-demo"
     ),
     nproc: Annotated[int, typer.Option(help="Training processes (torchrun ranks) on the CPU.")] = 2,
-    max_steps: Annotated[int, typer.Option(help="Optimizer steps to train.")] = 120,
+    max_steps: Annotated[int, typer.Option(help="Optimizer steps to train.")] = 300,
 ) -> None:
-    """Tokenize a synthetic arithmetic chat set, train a tiny model from scratch, plot its loss (~2 minutes).
+    """Tokenize a synthetic arithmetic chat set, train a tiny model from scratch, plot its loss (~1.5 min).
 
     Example: minitrain demo --output-dir /tmp/demo
     """
