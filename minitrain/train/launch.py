@@ -19,7 +19,6 @@ import os
 import signal
 import subprocess
 import sys
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -119,11 +118,11 @@ def preflight(config: TrainConfig) -> Preflight:
             f"every sample is longer than --max-tokens-per-gpu {config.max_tokens_per_gpu} (shortest: "
             f"{int(store.lengths.min())} tokens); raise --max-tokens-per-gpu"
         )
-    if too_long:
-        warnings.warn(
-            f"{too_long} of {len(store)} samples are longer than --max-tokens-per-gpu "
-            f"{config.max_tokens_per_gpu} and will be skipped",
-            stacklevel=2,
+    if too_long and _is_rank0():
+        print(
+            f"minitrain: warning: {too_long} of {len(store)} samples are longer than --max-tokens-per-gpu "
+            f"{config.max_tokens_per_gpu} and will be skipped (raise it to train them)",
+            file=sys.stderr,
         )
     vocab_size = model_vocab_size(config.model_name_or_path)
     if store.max_token_id >= vocab_size:
@@ -261,6 +260,13 @@ def _check_output_dir(path: Path) -> None:
         ) from None
     if not os.access(path, os.W_OK):
         raise UserError(f"--output-dir {path}: not writable; choose a writable folder")
+
+
+def _is_rank0() -> bool:
+    """True in the parent, and on rank 0 when this process is one rank of an outer launch."""
+    from minitrain.train.dist import ranks_from_env
+
+    return not in_launched_env() or ranks_from_env(os.environ)[0] == 0
 
 
 def _version(package: str) -> str | None:

@@ -13,7 +13,6 @@ import functools
 import logging
 import os
 import sys
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -63,8 +62,9 @@ def _train(config: TrainConfig, dist: DistInfo, tokenizer_source: str | None) ->
     num_params = _matmul_params(lm)
     use_liger = config.use_liger_kernels and on_gpu
     if config.use_liger_kernels and not on_gpu:
-        warnings.warn(
-            "--use-liger-kernels needs a GPU; using the chunked cross-entropy instead", stacklevel=2
+        print0(
+            dist,
+            "minitrain: warning: --use-liger-kernels needs a GPU; using the chunked cross-entropy instead",
         )
     model = CausalLMWithLoss(lm, use_liger=use_liger)
     model = shard_model(

@@ -49,7 +49,10 @@ def test_frozen_and_keyword_only():
         ({"lr_scheduler": "warmup_stable"}, "--lr-scheduler must be one of"),
         ({"fsdp_sharding_strategy": "ZERO3"}, "--fsdp-sharding-strategy must be one of"),
         ({"master_dtype": "fp16"}, "--master-dtype must be fp32 or bf16"),
-        ({"max_steps": 5, "max_epochs": 1.0}, "give at most one stop criterion, not --max-steps and --max-epochs"),
+        (
+            {"max_steps": 5, "max_epochs": 1.0},
+            "give at most one stop criterion, not --max-steps and --max-epochs",
+        ),
         ({"lr_scheduler": "cosine"}, "needs --max-steps, --max-samples or --max-epochs"),
         ({"nnodes": 2}, "--nnodes > 1 needs --rdzv-endpoint"),
         ({"nnodes": 2, "rdzv_endpoint": "node0"}, "--rdzv-endpoint must be HOST:PORT"),
