@@ -19,6 +19,7 @@ import io
 import json
 import math
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -71,14 +72,21 @@ def write_run(path: Path, n: int, start: int = 1) -> None:
                 f.write(b"\n")
 
 
-def timed(fn: Callable[[], object], repeats: int) -> float:
-    """Median seconds of `repeats` calls."""
-    times = []
+def cpu_seconds() -> float:
+    """CPU time of this process and its finished children: steadier than wall time on a shared machine."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def timed(fn: Callable[[], object], repeats: int) -> dict[str, float]:
+    """Median wall and CPU seconds of `repeats` calls."""
+    wall, cpu = [], []
     for _ in range(repeats):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), cpu_seconds()
         fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+        wall.append(time.perf_counter() - t)
+        cpu.append(cpu_seconds() - c)
+    return {"wall_s": statistics.median(wall), "cpu_s": statistics.median(cpu)}
 
 
 def main() -> None:
@@ -95,7 +103,7 @@ def main() -> None:
         path.parent.mkdir()
         write_run(path, args.lines)
         size_mb = path.stat().st_size / 1e6
-        results: dict[str, dict[str, float]] = {"end to end": {}, "stages": {}}
+        results: dict[str, dict[str, dict[str, float]]] = {"end to end": {}, "stages": {}}
 
         def cli(*extra: str) -> None:
             env = dict(os.environ, COLUMNS="120")
@@ -136,7 +144,9 @@ def main() -> None:
             lambda: Console(file=io.StringIO(), width=120).print(lib.TerminalPlot(curves)), args.repeats
         )
         lib.draw_image(curves, tmp / "warm.png")  # imports matplotlib and builds the font cache once
-        stages["png, min/max decimation"] = timed(lambda: lib.draw_image(curves, tmp / "d.png"), args.repeats)
+        stages["png, decimated (band + min/max)"] = timed(
+            lambda: lib.draw_image(curves, tmp / "d.png"), args.repeats
+        )
         stages["png, every point"] = timed(
             lambda: lib.draw_image(curves, tmp / "f.png", buckets=None), args.repeats
         )
@@ -153,27 +163,40 @@ def main() -> None:
         stages["watch refresh, +100 lines (incremental)"] = timed(grow_and_refresh, args.repeats)
         stages["watch refresh, +100 lines (whole file again)"] = timed(read, args.repeats)
 
+    def ratio(a: dict[str, float], b: dict[str, float]) -> float:
+        return a["wall_s"] / b["wall_s"]
+
     ratios = {
-        "png: every point / decimated": stages["png, every point"] / stages["png, min/max decimation"],
-        "watch refresh: whole file / incremental": stages["watch refresh, +100 lines (whole file again)"]
-        / stages["watch refresh, +100 lines (incremental)"],
-        "end to end: png / terminal": results["end to end"]["-o png --smooth 0.9"]
-        / results["end to end"]["terminal"],
+        "png: every point / decimated": ratio(
+            stages["png, every point"], stages["png, decimated (band + min/max)"]
+        ),
+        "watch refresh: whole file / incremental": ratio(
+            stages["watch refresh, +100 lines (whole file again)"],
+            stages["watch refresh, +100 lines (incremental)"],
+        ),
+        "end to end: png / terminal": ratio(
+            results["end to end"]["-o png --smooth 0.9"], results["end to end"]["terminal"]
+        ),
     }
-    table = Table(title=f"minitrain plot: {args.lines} lines ({size_mb:.1f} MB), median of {args.repeats}")
+    load = os.getloadavg()[0]
+    table = Table(
+        title=f"minitrain plot: {args.lines} lines ({size_mb:.1f} MB), median of {args.repeats}, "
+        f"{os.cpu_count()} CPUs, load {load:.1f}"
+    )
     table.add_column("group")
     table.add_column("what")
-    table.add_column("seconds", justify="right")
+    table.add_column("wall s", justify="right")
+    table.add_column("cpu s", justify="right")
     for group, entries in results.items():
-        for what, seconds in entries.items():
-            table.add_row(group, what, f"{seconds:.3f}")
-    for what, ratio in ratios.items():
-        table.add_row("ratio", what, f"{ratio:.1f}x")
+        for what, t in entries.items():
+            table.add_row(group, what, f"{t['wall_s']:.3f}", f"{t['cpu_s']:.3f}")
+    for what, r in ratios.items():
+        table.add_row("ratio (wall)", what, f"{r:.1f}x", "")
     console.print(table)
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     report = {"lines": args.lines, "file_mb": size_mb, "repeats": args.repeats, **results, "ratios": ratios}
-    report["cpu_count"] = os.cpu_count()
+    report["cpu_count"], report["load_average_1min"] = os.cpu_count(), load
     args.out.write_text(json.dumps(report, indent=2))
     console.print(f"wrote {args.out}")
 
