@@ -15,8 +15,8 @@ by Python's json module are accepted.
 Two renderers: an image through matplotlib (imported only when an image is asked for, drawn on a bare
 `Figure` with no pyplot, so no global backend is touched; dense lines are decimated to the first, last,
 lowest and highest point of 2000 buckets, more than a panel has pixel columns, and a dense faded raw
-curve is filled as its min/max band, so the image looks the same and is cheaper to draw at 100k points) and a terminal plot drawn here with braille
-characters through rich. Trade-off: the terminal renderer is ~200 lines of our own instead of plotext,
+curve is filled as its min/max band, so the image looks the same and is cheaper to draw at 100k points)
+and a terminal plot drawn here with braille characters through rich. Trade-off: the terminal renderer is ~200 lines of our own instead of plotext,
 for 2x4 dots per character (plotext's default is 2x2 blocks), a transparent background, 1-2-5 ticks, a
 legend outside the data, no global figure state, and a rich renderable that lays itself out at the width
 of whatever console prints it. Nothing here imports torch: plotting a 100k-line file takes about a second.
@@ -118,6 +118,7 @@ class MetricsFile:
         self._lines = 0  # lines consumed (for FILE:LINE in errors)
         self._provisional = False  # rows[-1] came from a last line without its newline
         self._size = -1
+        self._head = b""  # the file's first bytes: a new run rewriting the file changes them
 
     def refresh(self) -> bool:
         """Read what was appended since the last call; True when the rows changed."""
@@ -129,13 +130,16 @@ class MetricsFile:
             ) from None
         if size == self._size:
             return False
-        if size < self._offset:  # rewritten from scratch (a new run in the same directory)
-            self.rows, self._offset, self._lines, self._provisional = [], 0, 0, False
-        self._size = size
-        if self._provisional:
-            self.rows.pop()
-            self._provisional = False
         with open(self.path, "rb") as f:
+            head = f.read(min(size, 4096))
+            if size < self._offset or not head.startswith(self._head):  # a new run rewrote the file
+                self.rows, self._offset, self._lines, self._provisional, self._head = [], 0, 0, False, b""
+            if not self._head:
+                self._head = head[: head.find(b"\n") + 1]  # the first complete line, b"" until there is one
+            self._size = size
+            if self._provisional:
+                self.rows.pop()
+                self._provisional = False
             f.seek(self._offset)
             data = f.read(size - self._offset)
         end = data.rfind(b"\n") + 1  # 0 when no complete line was appended

@@ -123,6 +123,16 @@ def test_a_rewritten_file_is_read_from_the_start(tmp_path):
     assert len(reader.rows) == 2 and reader.rows[0]["lr"] == pytest.approx(0.2)
 
 
+def test_a_new_run_rewriting_the_file_is_noticed_even_when_it_grew_past_the_old_one(tmp_path):
+    path = write_metrics(tmp_path / "m.jsonl", metrics_rows(3))
+    reader = lib.MetricsFile(path)
+    reader.refresh()
+    write_metrics(path, metrics_rows(6, lr=1.0))  # truncated and rewritten between two polls
+    reader.refresh()
+    assert [r["step"] for r in reader.rows] == [1, 2, 3, 4, 5, 6]
+    assert reader.rows[0]["lr"] == pytest.approx(0.2)
+
+
 def test_missing_run_and_directory_without_metrics_are_errors(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         lib.plot(lib.PlotConfig(runs=(tmp_path / "nope",)))
