@@ -35,7 +35,8 @@ def dist(monkeypatch):
 
 
 @needs_fixtures
-def test_export_round_trips_through_from_pretrained(tmp_path, dist):
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied-embeddings"])
+def test_export_round_trips_through_from_pretrained(tmp_path, dist, tied):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from minitrain.data.batch import collate
@@ -45,7 +46,7 @@ def test_export_round_trips_through_from_pretrained(tmp_path, dist):
     from minitrain.train.optim import build_optimizer
 
     model_dir = tmp_path / "model"
-    tiny_llama_config(vocab_size=256).save_pretrained(model_dir)
+    tiny_llama_config(vocab_size=256, tie_word_embeddings=tied).save_pretrained(model_dir)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(SMOLLM2 / name, model_dir / name)
     store = TokenStore.open(write_tokenized(tmp_path / "data.jsonl", num=6, vocab=256, seed=1))
@@ -91,5 +92,6 @@ def test_export_round_trips_through_from_pretrained(tmp_path, dist):
     torch.testing.assert_close(reloaded, trained, rtol=1e-5, atol=1e-5)
     assert (untrained - trained).abs().max() > 1e-2  # the comparison can fail: two steps moved the logits
     assert loaded.config.use_cache is True  # exported for inference
+    assert (loaded.lm_head.weight is loaded.model.embed_tokens.weight) is tied
     tokenizer = AutoTokenizer.from_pretrained(path)
     assert tokenizer.get_vocab() == AutoTokenizer.from_pretrained(SMOLLM2).get_vocab()
