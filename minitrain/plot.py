@@ -49,6 +49,12 @@ EVAL_METRIC = "eval_loss"  # drawn on the `loss` panel when present
 IMAGE_SUFFIXES = (".png", ".svg", ".pdf")
 # --x choice -> axis label; the column behind each is in `_x_column`.
 X_AXES = {"step": "step", "samples": "samples", "tokens": "tokens", "time": "time"}
+X_SOURCES = {  # what each --x reads, for error messages
+    "step": "'step'",
+    "samples": "'total_samples_accumulated'",
+    "tokens": "'num_total_tokens'",
+    "time": "'timestamp' or 'time_per_batch'",
+}
 # lr is a schedule, not a measurement (smoothing it would only add lag); eval_loss is sparse.
 UNSMOOTHED = frozenset({"lr", EVAL_METRIC})
 # matplotlib's tab10, so a run has the same colour in the image and in the terminal.
@@ -269,14 +275,6 @@ def _x_column(rows: Sequence[dict[str, Any]], axis: str) -> np.ndarray | None:
                 return None
             return np.cumsum(np.nan_to_num(per_batch, nan=0.0))
     return _forward_fill(x) if np.isfinite(x).any() else None
-
-
-X_SOURCES = {
-    "step": "'step'",
-    "samples": "'total_samples_accumulated'",
-    "tokens": "'num_total_tokens'",
-    "time": "'timestamp' or 'time_per_batch'",
-}
 
 
 def ema(y: np.ndarray, weight: float) -> np.ndarray:
