@@ -650,7 +650,7 @@ def _panel_rows(panel: Panel, curves: Curves, width: int, height: int) -> list[T
     if y1 == y0:
         pad = abs(y0) * 0.05 or 1.0
         y0, y1 = y0 - pad, y1 + pad
-    y_ticks = nice_ticks(y0, y1, max(2, height // 3 + 1))
+    y_ticks = nice_ticks(y0, y1, max(2, height // 2 + 1))  # a label every 2 rows at most
     y_labels = tick_labels(y_ticks)
     label_w = max(len(s) for s in y_labels)
     plot_w = max(8, width - label_w - 1)
