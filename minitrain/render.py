@@ -213,7 +213,10 @@ def _bar(count: int, peak: int, width: int = 40) -> str:
 def render_stats(stats: DatasetStats, console: Console) -> None:
     """Print `--stats`: totals, length percentiles, a length histogram, zero-trained and longest samples, packing."""
     frac = stats.trained_tokens / stats.tokens if stats.tokens else 0.0
-    totals = Table(title=f"{stats.path}", show_header=False, title_justify="left")
+    console.print(
+        Text(f"statistics of {stats.path}", style="bold"), soft_wrap=True
+    )  # long paths: no wrapping
+    totals = Table(show_header=False)
     totals.add_column(style="bold")
     totals.add_column(justify="right")
     totals.add_row("samples", f"{stats.samples:,}")
@@ -252,12 +255,15 @@ def render_stats(stats: DatasetStats, console: Console) -> None:
 
     p = stats.packing
     if p is not None:
-        pack = Table(
-            title=f"packing: batch size {p.batch_size}, {p.max_tokens_per_gpu:,} tokens per GPU, {p.nproc} GPU(s), "
-            f"seed {p.seed} (one epoch)",
-            title_justify="left",
-            show_header=False,
+        console.print(
+            Text(
+                f"packing (planner, one epoch in sampler order for seed {p.seed}): batch size {p.batch_size}, "
+                f"{p.max_tokens_per_gpu:,} tokens per GPU, {p.nproc} GPU(s)",
+                style="bold",
+            ),
+            soft_wrap=True,
         )
+        pack = Table(show_header=False)
         pack.add_column(style="bold")
         pack.add_column(justify="right")
         pack.add_row("steps per epoch", f"{p.steps:,}")
@@ -274,7 +280,8 @@ def render_audit(report: AuditReport, console: Console, *, color: bool) -> None:
     """Print `--audit`: one row per kind of finding (severity, samples, example indices), then a verdict."""
     from minitrain.data.stats import CHECKS
 
-    table = Table(title=f"audit of {report.path}: {report.samples:,} samples", title_justify="left")
+    console.print(Text(f"audit of {report.path}: {report.samples:,} samples", style="bold"), soft_wrap=True)
+    table = Table()
     table.add_column("check")
     table.add_column("severity")
     table.add_column("samples", justify="right")
