@@ -31,8 +31,9 @@ def inspect(
         int | None, typer.Option("--random", help="Show K samples drawn uniformly (one pass over the file).")
     ] = None,
     seed: Annotated[
-        int, typer.Option("--seed", help="Seed for --random and for the --stats packing order.")
-    ] = 0,
+        int,
+        typer.Option("--seed", help="Seed for --random and the --stats packing order (as train's --seed)."),
+    ] = 42,
     grep: Annotated[
         str | None, typer.Option("--grep", help="Only samples whose decoded text contains TEXT.")
     ] = None,
