@@ -29,7 +29,8 @@ another world size there is no meaningful mapping (ranks see other samples), so 
 random numbers after initialisation (the sampler is counter-based, dropout is off in the models it targets).
 
 Trade-off: all ranks must see one shared filesystem (DCP's own requirement for resharding), and a checkpoint
-stores the full optimizer state (3x the fp32 weights) - that is the price of an exact resume.
+holds the weights plus both AdamW moments (3x the fp32 weights, beside the HF export) - the price of an exact
+resume; `--keep-last` bounds the disk it takes.
 """
 
 from __future__ import annotations
