@@ -161,6 +161,8 @@ def _read_chunks(path: Path) -> Iterator[list[tuple[int, bytes]]]:
     size = 0
     with path.open("rb") as f:
         for line_no, raw in enumerate(f, 1):
+            if line_no == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]  # a UTF-8 byte-order mark (some editors write one) is not part of the JSON
             chunk.append((line_no, raw.rstrip(b"\r\n")))
             size += len(raw)
             if len(chunk) >= CHUNK_LINES or size >= CHUNK_BYTES:

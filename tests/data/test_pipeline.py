@@ -95,6 +95,13 @@ def test_every_line_is_written_dropped_or_rejected(tmp_path):
     assert result.trained_tokens == sum(s["num_loss_counted_tokens"] for _, s in samples)
 
 
+def test_byte_order_mark_and_crlf_are_accepted(tmp_path):
+    inp = tmp_path / "bom.jsonl"
+    inp.write_bytes(b"\xef\xbb\xbf" + GOOD + b"\r\n" + GOOD + b"\r\n")
+    result, _ = run(tmp_path, inp)
+    assert (result.written, result.rejected) == (2, 0)
+
+
 def test_sidecar_has_the_documented_keys(tmp_path):
     result, out = run(tmp_path, mixed_file(tmp_path), max_sample_num_tokens=200)
     meta = read_sidecar(out)
