@@ -571,7 +571,7 @@ class _SourceReader:
             if not raw:
                 return None
             self.line_no += 1
-        return raw
+        return raw.removeprefix(b"\xef\xbb\xbf") if line == 1 else raw  # tokenize accepts a UTF-8 BOM
 
     def close(self) -> None:
         self._f.close()

@@ -545,8 +545,8 @@ def test_every_input_shape_from_tokenize_audits_clean(tmp_path: Path, name: str)
         {"messages": [{"role": "pretrain", "content": "Plain text to continue."}]},
         {"prompt": "2 + 2 =", "generation": " 4"},
     ]
-    inp = tmp_path / "in.jsonl"
-    inp.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    inp = tmp_path / "in.jsonl"  # with a byte-order mark and CRLF line ends, which tokenize accepts
+    inp.write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(x) + "\r\n" for x in lines).encode())
     out = _tokenize(inp, tmp_path / "out.jsonl", name)
     report = audit(out, name, source=inp)
     assert report.samples == 5
