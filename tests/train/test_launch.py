@@ -3,7 +3,6 @@ forwarding, detection of an outer launcher, and the parent's refusals before any
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import subprocess
@@ -160,13 +159,11 @@ def test_refuses_data_tokenized_with_another_tokenizer(tmp_path):
     assert preflight(config).tokenizer_source == str(model.resolve())
 
 
-def test_worker_without_a_run_directory_is_one_line(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    done = subprocess.run(
-        [sys.executable, "-m", "minitrain.train.worker", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        env=env,
-    )
-    assert done.returncode == 1
-    assert done.stderr.strip().count("\n") == 0 and "training_params.json: no such file" in done.stderr
+def test_worker_without_a_run_directory_is_one_line(tmp_path, capsys, monkeypatch):
+    from minitrain.train.worker import main
+
+    monkeypatch.delenv("MINITRAIN_DEBUG", raising=False)
+    assert main([str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err.strip().count("\n") == 0 and "training_params.json: no such file" in err
+    assert main([]) == 2  # usage
