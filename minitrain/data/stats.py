@@ -279,6 +279,12 @@ def load_tokenizer(path: Path, meta: dict[str, Any] | None, override: str | None
             and (Path(path).parent / candidate).exists()
         ):
             name = str(Path(path).parent / candidate)
+        elif not candidate.exists() and name.startswith((".", "/", "~")):  # a path, not a hub id
+            raise UserError(
+                f"tokenizer {name!r} recorded in {sidecar_path(path).name} does not exist from here"
+                f"{' (a path relative to where tokenize ran)' if not candidate.is_absolute() else ''}; "
+                "pass --model-name-or-path"
+            )
         origin = f"recorded in {sidecar_path(path).name}"
     else:
         name, origin = override, "from --model-name-or-path"

@@ -475,7 +475,10 @@ def test_one_line_errors(tmp_path: Path, small_file: Path) -> None:
         tmp_path / "moved.jsonl", [], "smollm2", meta={"tokenizer": {"path": "/no/such/tok"}}
     )
     moved.write_bytes(small_file.read_bytes())
-    assert "recorded in moved.meta.json" in message(path=moved)
+    assert "recorded in moved.meta.json does not exist" in message(path=moved)
+    relative = write_tokenized(tmp_path / "rel.jsonl", [], "smollm2", meta={"tokenizer": {"path": "../tok"}})
+    relative.write_bytes(small_file.read_bytes())
+    assert "relative to where tokenize ran" in message(path=relative)
     assert "pass only one" in message(path=small_file, n=2, indices=(1,))
     assert "add --audit" in message(path=small_file, source=FASTCHAT)
     assert "add --stats" in message(path=small_file, batch_size=4)
