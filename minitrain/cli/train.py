@@ -47,7 +47,7 @@ def train(
     nproc: Annotated[
         int | None,
         typer.Option(
-            help="Processes (GPUs) per node. [default: the visible GPUs, or 1 without a GPU]",
+            help=r"Processes (GPUs) per node. \[default: the visible GPUs, or 1 without a GPU]",
             show_default=False,
             rich_help_panel=_LAUNCH,
         ),
