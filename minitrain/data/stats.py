@@ -657,14 +657,15 @@ def _hits(mask: np.ndarray, sample_of: np.ndarray, starts: np.ndarray) -> Iterat
         yield b, int(counts[b]), f - int(starts[b])
 
 
-def _int_array(values: Iterator[Any], total: int) -> np.ndarray:
-    """int64 array of `values`; TypeError unless every value is a JSON integer (no floats, strings, lists)."""
-    if total == 0:
-        return np.zeros(0, dtype=np.int64)
-    arr = np.array(list(values))  # numpy infers the dtype: int64 only when every value is an int
-    if arr.dtype.kind not in "iu" or arr.ndim != 1:
-        raise TypeError(f"values of type {arr.dtype}")
-    return arr.astype(np.int64, copy=False)
+def _int_array(lists: list[list[Any]], total: int) -> np.ndarray:
+    """The concatenation of `lists` as int64; TypeError unless every value is a JSON integer.
+
+    `sum` of a list of ints is an int, one float makes it a float, and a string, null or list raises
+    TypeError; this check plus `fromiter` costs about 0.8x of letting `np.array` infer the dtype.
+    """
+    if type(sum(map(sum, lists))) is not int:
+        raise TypeError("a value that is not an integer")
+    return np.fromiter(chain.from_iterable(lists), dtype=np.int64, count=total)
 
 
 def _audit_batch(report: AuditReport, batch: list[_Pending], tokenizer: Any, vocab: _Vocab) -> _Checked:
@@ -677,8 +678,8 @@ def _audit_batch(report: AuditReport, batch: list[_Pending], tokenizer: Any, voc
     starts = np.zeros(len(batch) + 1, dtype=np.int64)
     np.cumsum(lens, out=starts[1:])
     total = int(starts[-1])
-    ids = _int_array(chain.from_iterable(p.ids for p in batch), total)
-    labels = _int_array(chain.from_iterable(p.labels for p in batch), total)
+    ids = _int_array([p.ids for p in batch], total)
+    labels = _int_array([p.labels for p in batch], total)
     sample_of = np.repeat(np.arange(len(batch)), lens)  # [total] which sample each position belongs to
     trained = labels != IGNORE_INDEX
     csum = np.zeros(total + 1, dtype=np.int64)
