@@ -27,10 +27,22 @@ from torch import Tensor
 IGNORE_INDEX = -100
 
 
-def _chunk_logits(h: Tensor, weight: Tensor) -> Tensor:
-    """(C, H) @ (V, H).T -> (C, V) fp32 logits (matmul in the parameter dtype, as a plain lm_head would)."""
-    logits = h @ weight.T
-    return logits if logits.dtype == torch.float32 else logits.float()
+def _chunk_ce(h: Tensor, weight: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """CE sum of one chunk, in ONE (C x V) fp32 buffer: returns (loss_sum, exp(logits - max), row sums).
+
+    h (C, H), weight (V, H), y (C,). The matmul runs in the parameter dtype, as a plain lm_head would. The
+    buffer is reused in place (logits -> exp(logits - max)); torch.logsumexp would allocate a second one.
+    Dividing the returned buffer by the row sums gives the softmax.
+    """
+    logits = h @ weight.T  # (C, V)
+    if logits.dtype != torch.float32:
+        logits = logits.float()
+    target = logits.gather(1, y[:, None]).squeeze(1)  # (C,) logit of the label
+    peak = logits.amax(dim=-1, keepdim=True)  # (C, 1)
+    unnorm = logits.sub_(peak).exp_()  # (C, V) in place
+    denom = unnorm.sum(dim=-1, keepdim=True)  # (C, 1)
+    lse = (peak + denom.log()).squeeze(1)  # (C,)
+    return (lse - target).sum(), unnorm, denom
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
@@ -47,12 +59,11 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             idx = rows[start : start + chunk_size]  # (C,)
             h = hidden.index_select(0, idx)  # (C, H)
             y = labels.index_select(0, idx)  # (C,)
-            logits = _chunk_logits(h, weight)  # (C, V) fp32: the only vocab-sized buffer
-            lse = torch.logsumexp(logits, dim=-1)  # (C,)
-            total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
-            # dCE/dlogits = softmax - onehot, built in place in the logits buffer
-            grad_logits = logits.sub_(lse[:, None]).exp_()
-            grad_logits.scatter_add_(1, y[:, None], torch.full_like(lse[:, None], -1.0))
+            loss, unnorm, denom = _chunk_ce(h, weight, y)  # unnorm (C, V) fp32: the only vocab-sized buffer
+            total += loss
+            # dCE/dlogits = softmax - onehot, built in place in the same buffer
+            grad_logits = unnorm.div_(denom)
+            grad_logits.scatter_add_(1, y[:, None], torch.full_like(denom, -1.0))
             if need_h:
                 g = grad_logits.to(weight.dtype)  # no copy in fp32
                 grad_hidden.index_copy_(0, idx, (g @ weight).to(hidden.dtype))  # (C, H)
@@ -61,7 +72,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 # accumulate in fp32 (h.float() is a no-op in fp32; bf16 pays an fp32 matmul here - the GPU
                 # path is meant to be Liger's kernel)
                 grad_weight.addmm_(grad_logits.T, h.float())  # (V, C) @ (C, H)
-            del logits, grad_logits
+            del unnorm, grad_logits
         if need_w and weight.dtype != torch.float32:
             grad_weight = grad_weight.to(weight.dtype)
         ctx.grads = (grad_hidden, grad_weight)
@@ -102,9 +113,7 @@ def chunked_cross_entropy_sum(
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
     for start in range(0, rows.numel(), chunk_size):
         idx = rows[start : start + chunk_size]
-        logits = _chunk_logits(hidden.index_select(0, idx), weight)
-        y = labels.index_select(0, idx)
-        total += (torch.logsumexp(logits, dim=-1) - logits.gather(1, y[:, None]).squeeze(1)).sum()
+        total += _chunk_ce(hidden.index_select(0, idx), weight, labels.index_select(0, idx))[0]
     return total
 
 
