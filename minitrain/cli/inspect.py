@@ -127,7 +127,8 @@ def inspect(
         console = Console(highlight=False, no_color=True, color_system=None)
     if result.samples is not None:
         if not result.samples:
-            console.print(f"no sample matches --grep {grep!r}" if grep is not None else "no samples selected")
+            message = f"no sample matches --grep {grep!r}" if grep is not None else "no samples selected"
+            console.print(message, markup=False, soft_wrap=True)
         for s in result.samples:
             render_sample(
                 console, result.tokenizer, s.index, s.sample, result.special_ids, tokens=tokens, color=color

@@ -62,7 +62,9 @@ def test_index_tokens_grep_and_random(clean: Path, rows) -> None:
     assert [
         int(h.split(" | ")[0].split()[-1]) for h in result.output.splitlines() if h.startswith("===")
     ] == matching
-    assert "no sample matches" in invoke(clean, "--grep", "no such text anywhere").output
+    assert (
+        "no sample matches --grep '[red]no such text'" in invoke(clean, "--grep", "[red]no such text").output
+    )
     result = invoke(clean, "--random", 2, "--seed", 5)
     assert result.exit_code == 0 and result.output.count("=== sample") == 2
 
