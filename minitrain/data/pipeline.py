@@ -147,6 +147,9 @@ _WORKER: tuple[ChatEncoder, int | None] | None = None
 def _init_worker(encoder: ChatEncoder, max_tokens: int | None) -> None:
     global _WORKER
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and terminates the pool
+    # A forked worker inherits the parent's SIGTERM handler (raise SystemExit); the pool's terminate() must
+    # kill the worker outright instead, or a worker blocked on the task queue's lock can hang on exit.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     _WORKER = (encoder, max_tokens)
 
 
@@ -182,7 +185,8 @@ def _results_in_order(
         return
     # fork (Linux): workers inherit the loaded encoder at no cost; elsewhere spawn (the encoder is pickled)
     ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-    with ctx.Pool(workers, initializer=_init_worker, initargs=(encoder, max_tokens)) as pool:
+    pool = ctx.Pool(workers, initializer=_init_worker, initargs=(encoder, max_tokens))
+    try:
         pending: deque[Any] = deque()
         for chunk in _read_chunks(path):
             pending.append(pool.apply_async(_encode_chunk, (chunk,)))
@@ -190,6 +194,12 @@ def _results_in_order(
                 yield pending.popleft().get()
         while pending:
             yield pending.popleft().get()
+        pool.close()  # normal end: workers exit on their own
+    except BaseException:  # error, Ctrl-C, --strict stop, generator closed early: stop the workers now
+        pool.terminate()
+        raise
+    finally:
+        pool.join()
 
 
 def _progress(console: Any, total_bytes: int) -> Any:

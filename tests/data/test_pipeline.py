@@ -162,6 +162,30 @@ def test_two_workers_write_the_same_bytes_in_input_order(tmp_path, monkeypatch):
     assert sources == sorted(sources) and len(lines) == one.written
 
 
+def test_strict_with_workers_stops_them(tmp_path):
+    inp = tmp_path / "in.jsonl"
+    inp.write_bytes((GOOD + b"\n") * 300 + b"{bad\n" + (GOOD + b"\n") * 300)
+    with pytest.raises(UserError, match=r":301: malformed JSON"):
+        run(tmp_path, inp, workers=2, strict=True)
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_workers_die_on_sigterm_instead_of_inheriting_the_parents_handler():
+    """Regression: a forked worker kept tokenize's SIGTERM handler and could hang in the pool's terminate()."""
+    import signal
+
+    saved = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    try:
+        signal.signal(signal.SIGTERM, lambda *_: None)
+        pipeline._init_worker(None, None)
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, saved[0])
+        signal.signal(signal.SIGTERM, saved[1])
+        pipeline._WORKER = None
+
+
 def test_fixture_data_reject_counts(tmp_path):
     """Nothing in the fixture conversations is rejected, with either tokenizer (the numbers in the report)."""
     inp = tmp_path / "fixtures.jsonl"
