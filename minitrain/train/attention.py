@@ -145,7 +145,10 @@ def packed_attention_kwargs(cu_seqlens: Tensor, max_seqlen: int, attn_implementa
     flash path uses); `sdpa`/`eager` get nothing and rely on the restarting position_ids instead.
     """
     if attn_implementation.startswith("flash_attention") or attn_implementation == PACKED_ATTENTION:
-        cu = cu_seqlens.to(torch.int32)
+        # flash varlen reads them on the GPU; minitrain_packed slices with Python ints, so it gets a CPU copy
+        # (one device sync per forward instead of one per layer)
+        device = "cpu" if attn_implementation == PACKED_ATTENTION else cu_seqlens.device
+        cu = cu_seqlens.to(device=device, dtype=torch.int32)
         return {
             "cu_seq_lens_q": cu,
             "cu_seq_lens_k": cu,

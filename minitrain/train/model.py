@@ -181,7 +181,7 @@ def shard_model(
     Needs an initialised process group (also for a world of one). strategy: FULL_SHARD (reshard after
     forward), SHARD_GRAD_OP (keep gathered until backward), NO_SHARD (2-D mesh world x 1: replicated, grads
     all-reduced), HYBRID_SHARD (2-D mesh nodes x local ranks). Mixed precision (bf16 compute, fp32 reduce)
-    applies on CUDA only; on the CPU everything stays in `master_dtype`.
+    and CPU offload apply on CUDA only; on the CPU everything stays in `master_dtype`, in host memory.
     """
     import torch.distributed as torch_dist
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
@@ -209,7 +209,8 @@ def shard_model(
     kwargs: dict = {"mesh": mesh}
     if mixed_precision and dist.device.type == "cuda":
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    if cpu_offload:
+    offload = cpu_offload and dist.device.type == "cuda"  # on the CPU the parameters already live in host RAM
+    if offload:
         kwargs["offload_policy"] = CPUOffloadPolicy()
     reshard = strategy != "SHARD_GRAD_OP"
     for block in blocks:
@@ -218,7 +219,7 @@ def shard_model(
 
     # 4. allocate the shards and receive rank 0's weights; buffers (rotary inv_freq, not in the state dict
     #    when non-persistent) are plain replicated tensors: rank 0's copy is broadcast to all
-    model.to_empty(device="cpu" if cpu_offload else dist.device)
+    model.to_empty(device="cpu" if offload else dist.device)
     set_model_state_dict(
         model,
         full_state,

@@ -227,3 +227,23 @@ def test_shard_model_rejects_unknown_strategy(one_rank_group) -> None:
             cpu_offload=False,
             activation_checkpointing=False,
         )
+
+
+def test_shard_model_bf16_master_keeps_fp32_buffers_and_offload_is_a_no_op_on_cpu(one_rank_group) -> None:
+    lm = build_lm(PACKED_ATTENTION)
+    batch = pack(make_samples([6, 9]))
+    ref = CausalLMWithLoss(copy.deepcopy(lm), use_liger=False)(batch).item()
+    model = shard_model(
+        CausalLMWithLoss(lm, use_liger=False),
+        dist=CPU1,
+        strategy="FULL_SHARD",
+        mixed_precision=False,
+        master_dtype=torch.bfloat16,
+        cpu_offload=True,  # host memory already: ignored on the CPU
+        activation_checkpointing=False,
+    )
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    assert all(b.dtype == torch.float32 for b in model.buffers())  # rotary inv_freq stays fp32
+    loss = model(batch)
+    loss.backward()
+    assert loss.item() == pytest.approx(ref, rel=1e-2)
