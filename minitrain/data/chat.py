@@ -45,9 +45,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from minitrain.data.format import IGNORE_INDEX
 from minitrain.errors import UserError
 
-IGNORE_INDEX = -100
 CHAT_ROLES = frozenset({"system", "user", "assistant", "tool"})
 BUILTIN_TEMPLATES = ("chatml",)
 
@@ -100,10 +100,6 @@ class EncodedSample:
 
     input_ids: list[int]
     labels: list[int]
-
-    @property
-    def num_trained(self) -> int:
-        return sum(1 for label in self.labels if label != IGNORE_INDEX)
 
 
 def _build_environment() -> Any:
@@ -196,9 +192,8 @@ class ChatEncoder:
     ) -> None:
         self.backend = backend  # tokenizers.Tokenizer
         self.template_source = template_source
-        self.template_kwargs = (
-            template_kwargs  # special tokens the template may read (bos_token, eos_token, ...)
-        )
+        # the special tokens a template may read (bos_token, eos_token, ...), as transformers passes them
+        self.template_kwargs = template_kwargs
         self.bos_text = bos_text
         self.prefix_ids = prefix_ids  # what the tokenizer puts before a text (BOS), masked
         self.eos_id = eos_id
@@ -231,9 +226,8 @@ class ChatEncoder:
     ) -> str:
         try:
             return self.render(messages, tools, add_generation_prompt)
-        except (
-            Exception
-        ) as err:  # a template may raise anything (raise_exception, TypeError on None + str ...)
+        # A template may raise anything: raise_exception(...), a TypeError on None + str, ...
+        except Exception as err:
             raise SampleRejected(TEMPLATE_ERROR, f"{type(err).__name__}: {err}"[:300]) from None
 
     # ---------------------------------------------------------------- encoding
@@ -355,9 +349,8 @@ class ChatEncoder:
         for i, m in enumerate(messages):
             content = m.get("content")
             if isinstance(content, str) and content:
-                if (
-                    inside_whitespace
-                ):  # keep the markers inside leading/trailing whitespace a template may trim
+                # inside_whitespace: markers go inside leading/trailing whitespace a template may `| trim`
+                if inside_whitespace:
                     core = content.strip()
                     head = content[: len(content) - len(content.lstrip())]
                     tail = content[len(head) + len(core) :]
@@ -443,10 +436,9 @@ class ChatEncoder:
                 ALIGNMENT_FAILURE, f"message {i}: the generation prompt is not a prefix of the rendered text"
             )
         start = len(prefix)
-        content_start = opens.get(i, [None])
-        if len(content_start) == 1 and content_start[0] is not None and content_start[0] >= start:  # noqa: SIM102
-            if not text[start : content_start[0]].strip():
-                start = content_start[0]  # whitespace between the header and the content stays masked
+        content_at = opens.get(i, [])
+        if len(content_at) == 1 and content_at[0] >= start and not text[start : content_at[0]].strip():
+            start = content_at[0]  # whitespace between the header and the content stays masked
         later = [p for j, ps in opens.items() if j > i for p in ps if p >= start]
         bound = min(later, default=len(text))
         search_from = max([start, *closes.get(i, [])])

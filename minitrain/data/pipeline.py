@@ -39,7 +39,14 @@ from minitrain.data.chat import (
     SampleRejected,
     load_chat_encoder,
 )
-from minitrain.data.format import FORMAT_NAME, FORMAT_VERSION, atomic_write, rejects_path, sidecar_path
+from minitrain.data.format import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    IGNORE_INDEX,
+    atomic_write,
+    rejects_path,
+    sidecar_path,
+)
 from minitrain.errors import UserError
 
 CHUNK_LINES = 64  # lines per task sent to a worker
@@ -119,7 +126,7 @@ def encode_lines(encoder: ChatEncoder, max_tokens: int | None, lines: list[tuple
                 (line_no, "dropped", TOO_LONG, f"{n} tokens > --max-sample-num-tokens {max_tokens}")
             )
             continue
-        trained = n - sample.labels.count(-100)
+        trained = n - sample.labels.count(IGNORE_INDEX)
         out.append(
             orjson.dumps(
                 {

@@ -487,6 +487,10 @@ def test_unknown_template_name_and_template_without_end_of_turn_token(tmp_path):
     jinja.write_text("{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\\n\\n' }}{% endfor %}")
     with pytest.raises(UserError, match="no special end-of-turn token"):
         load_chat_encoder(str(SMOLLM2), str(jinja))
+    broken = tmp_path / "broken.jinja"
+    broken.write_text("{% for m in messages %}{{ m.content }")
+    with pytest.raises(UserError, match="does not compile"):
+        load_chat_encoder(str(SMOLLM2), str(broken))
     with pytest.raises(UserError, match="cannot load a tokenizer"):
         load_chat_encoder(str(tmp_path / "missing"))
 
