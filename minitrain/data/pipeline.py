@@ -331,7 +331,7 @@ def _sidecar(config: TokenizeConfig, loaded: Any, result: TokenizeResult) -> dic
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "input": str(config.input_file.resolve()),
         "tokenizer": {
-            "path": str(config.model_name_or_path),
+            "path": _tokenizer_location(config.model_name_or_path),
             "class": loaded.tokenizer_class,
             "vocab_size": loaded.vocab_size,
             "bos_token_id": loaded.bos_token_id,
@@ -389,3 +389,9 @@ def render_summary(result: TokenizeResult, console: Any) -> None:
     console.print(f"wrote {result.output_file} (sidecar: {result.sidecar_file.name})")
     if result.dropped or result.rejected:
         console.print(f"dropped and rejected lines (line number + reason): {result.rejects_file}")
+
+
+def _tokenizer_location(name_or_path: str) -> str:
+    """A local tokenizer folder as an absolute path (later stages may run elsewhere); a hub name as given."""
+    path = Path(name_or_path)
+    return str(path.resolve()) if path.exists() else name_or_path
