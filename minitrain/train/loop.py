@@ -101,9 +101,8 @@ def train_loop(
         indices = sampler.next_batch(batch_size)  # [B] sample ids
         lengths = store.lengths[indices].tolist()  # [B] tokens per sample
         plan = plan_minibatches(lengths, max_tokens_per_gpu, world)  # plan[m][r] = positions into `indices`
-        trained = [
-            indices[i] for minibatch in plan for ranks in minibatch for i in ranks
-        ]  # over-long: absent
+        picked = [i for minibatch in plan for ranks in minibatch for i in ranks]  # over-long ones are absent
+        trained = [indices[i] for i in picked]  # sample ids trained this step, all ranks
         global_loss_tokens = count_loss_tokens(store, trained)  # the normaliser of every rank's loss
         if global_loss_tokens == 0:  # nothing to learn in this batch (all masked or too long): no step
             display.print(f"skipping a batch of {len(indices)} samples with no trained token")
@@ -113,9 +112,7 @@ def train_loop(
         loss_sum = torch.zeros((), dtype=torch.float32, device=device)  # this rank's sum of token losses
         for minibatch in plan:
             batch = collate(store, [indices[i] for i in minibatch[rank]])  # (1, T) tensors, [] -> a dummy
-            minibatch_loss = model(
-                batch
-            )  # scalar: sum of CE over batch.labels != -100 (moves batch to device)
+            minibatch_loss = model(batch)  # scalar: sum of CE over labels != -100 (model moves the batch)
             scale_for_fsdp(minibatch_loss, global_loss_tokens, world).backward()
             loss_sum += minibatch_loss.detach().float()
 
@@ -131,7 +128,7 @@ def train_loop(
         seconds = time.perf_counter() - start
 
         # --- bookkeeping, metrics, checkpoint
-        trained_lengths = [lengths[i] for minibatch in plan for ranks in minibatch for i in ranks]
+        trained_lengths = [lengths[i] for i in picked]
         num_tokens = sum(trained_lengths)
         state.step += 1
         state.samples_seen += len(trained)
