@@ -54,6 +54,14 @@ class CausalLMWithLoss(nn.Module):
         # the parameters on the CPU while computing on the GPU)
         self.compute_device = next(lm.parameters()).device
 
+    def _head_weight(self) -> Tensor:
+        head = self.lm.get_output_embeddings()
+        if hasattr(head, "base_layer"):  # a PEFT wrapper: its adapter would be silently left out of the loss
+            raise UserError(
+                "an adapter on lm_head is not supported by minitrain's loss; leave lm_head out of the targets"
+            )
+        return head.weight
+
     def forward(self, batch: PackedMinibatch) -> Tensor:
         batch = batch.to(self.compute_device)
         attn = self.lm.config._attn_implementation
@@ -64,7 +72,7 @@ class CausalLMWithLoss(nn.Module):
             **packed_attention_kwargs(batch.cu_seqlens, batch.max_seqlen, attn),
         )
         hidden = out.last_hidden_state  # (1, T, H), after the final norm
-        weight = self.lm.get_output_embeddings().weight  # (V, H); the embedding itself when tied
+        weight = self._head_weight()  # (V, H); the embedding itself when tied
         return linear_cross_entropy_sum(
             hidden, weight, batch.labels, use_liger=self.use_liger, chunk_size=self.chunk_size
         )

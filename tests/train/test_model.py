@@ -247,3 +247,15 @@ def test_shard_model_bf16_master_keeps_fp32_buffers_and_offload_is_a_no_op_on_cp
     loss = model(batch)
     loss.backward()
     assert loss.item() == pytest.approx(ref, rel=1e-2)
+
+
+def test_lora_on_the_head_is_refused_and_lora_elsewhere_trains() -> None:
+    from peft import LoraConfig, get_peft_model
+
+    batch = pack(make_samples([5, 6]))
+    ok = get_peft_model(build_lm(PACKED_ATTENTION), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    ref = reference_loss(ok, make_samples([5, 6]))
+    torch.testing.assert_close(CausalLMWithLoss(ok, use_liger=False)(batch), ref, rtol=1e-6, atol=1e-5)
+    head = get_peft_model(build_lm(PACKED_ATTENTION), LoraConfig(r=4, target_modules=["q_proj", "lm_head"]))
+    with pytest.raises(UserError, match="lm_head"):
+        CausalLMWithLoss(head, use_liger=False)(batch)
