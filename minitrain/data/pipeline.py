@@ -8,8 +8,8 @@ input. Workers do everything per line (UTF-8, JSON, encode, length check, serial
 the parent only writes bytes in order. Every non-blank input line ends up written, dropped (longer than
 `max_sample_num_tokens`) or rejected with a reason, so `read == written + dropped + rejected`.
 Outputs are written atomically (temporary files renamed at the end): an interrupted or failed run
-leaves no partial OUT. The trade-off: one tokenizer per worker process (fork shares the parent's; a few
-MB each) and output bytes pickled between processes (about 40% more CPU per sample than one process,
+leaves no partial OUT. The trade-off: one tokenizer per worker process (pickled to each worker once; a
+few MB each) and output bytes pickled between processes (about 40% more CPU per sample than one process,
 measured by benchmarks/bench_tokenize.py), in exchange for using every core.
 """
 
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import multiprocessing
 import signal
-import sys
 import threading
 import time
 from collections import Counter, deque
@@ -148,16 +147,14 @@ def encode_lines(encoder: ChatEncoder, max_tokens: int | None, lines: list[tuple
     return result
 
 
-# Worker-process state: set once by the pool initializer (fork: inherited without pickling).
+# Worker-process state: set once by the pool initializer.
 _WORKER: tuple[ChatEncoder, int | None] | None = None
 
 
 def _init_worker(encoder: ChatEncoder, max_tokens: int | None) -> None:
     global _WORKER
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and terminates the pool
-    # A forked worker inherits the parent's SIGTERM handler (raise SystemExit); the pool's terminate() must
-    # kill the worker outright instead, or a worker blocked on the task queue's lock can hang on exit.
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the pool's terminate() kills the worker outright
     _WORKER = (encoder, max_tokens)
 
 
@@ -191,8 +188,11 @@ def _results_in_order(
         for chunk in _read_chunks(path):
             yield encode_lines(encoder, max_tokens, chunk)
         return
-    # fork (Linux): workers inherit the loaded encoder at no cost; elsewhere spawn (the encoder is pickled)
-    ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+    # Not fork: a parent that has started threads (torch's OpenMP pool, a progress bar, tokenizers' Rust
+    # threads) can fork a child that deadlocks on a lock held at fork time, and then terminate() hangs
+    # (seen: --strict after torch was imported). forkserver forks from a clean single-threaded server.
+    methods = multiprocessing.get_all_start_methods()
+    ctx = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
     pool = ctx.Pool(workers, initializer=_init_worker, initargs=(encoder, max_tokens))
     try:
         pending: deque[Any] = deque()
