@@ -78,9 +78,16 @@ def init_distributed() -> DistInfo:
     return DistInfo(rank, local_rank, world, local_world, device, backend)
 
 
-def close_distributed() -> None:
-    """Leave the process group (safe to call when none was started)."""
+def close_distributed(*, synchronize: bool = False) -> None:
+    """Leave the process group (safe to call when none was started, or twice).
+
+    `synchronize` waits for every rank first: a rank that tears down its gloo context while a peer still
+    finishes the last collective can abort the peer ("terminate called without an active exception",
+    seen once in four 2-rank runs). Only on the success path: after a failure a barrier could hang.
+    """
     if torch_dist.is_initialized():
+        if synchronize and torch_dist.get_world_size() > 1:
+            torch_dist.barrier()
         torch_dist.destroy_process_group()
 
 
