@@ -122,6 +122,21 @@ class TrainConfig:
     master_dtype: str = "fp32"
     cpu_offload: bool = False
     logging_level: str = "INFO"
+    # reliability: resume ("latest" or a checkpoint folder) and how many training states to keep
+    resume: str | None = None
+    keep_last: int | None = None
+    overwrite: bool = False  # start afresh in an output dir that already holds a run
+    # adapters (PEFT LoRA; QLoRA with load_in_4bit): a new adapter on top of frozen base adapters
+    lora_rank: int | None = None
+    lora_alpha: float | None = None
+    lora_dropout: float = 0.0
+    lora_target_modules: str = "all-linear"
+    merge_lora: bool = False
+    base_adapters: tuple[str, ...] = ()
+    load_in_4bit: bool = False
+    # evaluation: mean token loss over a held-out tokenized file
+    eval_data_path: Path | None = None
+    eval_every_samples: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data_path", Path(self.data_path))
@@ -187,8 +202,51 @@ class TrainConfig:
             raise UserError(
                 f"--logging-level must be one of {', '.join(LOGGING_LEVELS)}; got {self.logging_level!r}"
             )
+        if self.keep_last is not None:
+            _positive("--keep-last", self.keep_last)
+        if self.resume is not None and self.overwrite:
+            raise UserError(
+                "--resume continues the run in --output-dir and --overwrite replaces it; give one"
+            )
+        object.__setattr__(self, "base_adapters", tuple(str(p) for p in self.base_adapters))
+        if self.lora_rank is None:
+            needs_lora = [
+                flag
+                for flag, given in (
+                    ("--merge-lora", self.merge_lora),
+                    ("--base-adapter", bool(self.base_adapters)),
+                    ("--load-in-4bit", self.load_in_4bit),
+                    ("--lora-alpha", self.lora_alpha is not None),
+                    ("--lora-dropout", self.lora_dropout != 0.0),
+                )
+                if given
+            ]
+            if needs_lora:
+                raise UserError(f"{needs_lora[0]} trains an adapter: add --lora-rank R (e.g. 16)")
+        else:
+            self.lora_settings()  # validates rank, dropout, target modules and base adapter folders
+        if self.eval_data_path is not None:
+            object.__setattr__(self, "eval_data_path", Path(self.eval_data_path))
+        if self.eval_every_samples is not None:
+            if self.eval_data_path is None:
+                raise UserError("--eval-every-samples needs --eval-data-path TOK.jsonl")
+            _positive("--eval-every-samples", self.eval_every_samples)
         if not self.model_name_or_path:
             raise UserError("--model-name-or-path is empty; give a local model folder or a Hub id")
+
+    def lora_settings(self):
+        """The adapter to train (`minitrain.train.adapters.LoraSettings`), or None for full fine-tuning."""
+        if self.lora_rank is None:
+            return None
+        from minitrain.train.adapters import LoraSettings, parse_target_modules
+
+        return LoraSettings(
+            rank=self.lora_rank,
+            alpha=self.lora_alpha,
+            dropout=self.lora_dropout,
+            target_modules=parse_target_modules(self.lora_target_modules),
+            base_adapters=tuple(Path(p) for p in self.base_adapters),
+        )
 
     def world_size(self) -> int:
         """Total number of training processes (ranks) over all nodes."""
@@ -226,4 +284,6 @@ def _is_endpoint(text: str) -> bool:
 
 
 def _jsonable(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return [_jsonable(v) for v in value]
     return str(value) if isinstance(value, Path) else value

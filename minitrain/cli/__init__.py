@@ -53,7 +53,7 @@ app.command("demo")(demo.demo)
 def main() -> None:
     """Run the app; user errors become one line and exit code 1."""
     try:
-        app(prog_name="minitrain")
+        app(args=train.expand_bare_resume(sys.argv[1:]), prog_name="minitrain")
     except UserError as err:
         if os.environ.get("MINITRAIN_DEBUG"):
             raise

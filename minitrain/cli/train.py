@@ -22,6 +22,9 @@ _BATCH = "Batch"
 _OPTIM = "Optimisation"
 _STOP = "Stop and save"
 _MODEL = "Model and memory"
+_RESUME = "Resume and checkpoints"
+_LORA = "Adapters (LoRA)"
+_EVAL = "Evaluation"
 
 
 def train(
@@ -143,6 +146,90 @@ def train(
         typer.Option(help="With --dry-run: also write the plan as JSON here.", show_default=False),
     ] = None,
     logging_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING, ERROR or CRITICAL.")] = "INFO",
+    resume: Annotated[
+        str | None,
+        typer.Option(
+            help="Continue the run in --output-dir: bare --resume takes the latest complete checkpoint, "
+            "--resume OUT/checkpoints/samples_N a given one.",
+            show_default=False,
+            rich_help_panel=_RESUME,
+        ),
+    ] = None,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            help="Replace a run already in --output-dir (its checkpoints and metrics).",
+            rich_help_panel=_RESUME,
+        ),
+    ] = False,
+    keep_last: Annotated[
+        int | None,
+        typer.Option(
+            help="Keep only the K newest training-state checkpoints (older ones go once a newer one is complete).",
+            show_default=False,
+            rich_help_panel=_RESUME,
+        ),
+    ] = None,
+    lora_rank: Annotated[
+        int | None,
+        typer.Option(
+            help="Train a LoRA adapter of this rank instead of all weights.",
+            show_default=False,
+            rich_help_panel=_LORA,
+        ),
+    ] = None,
+    lora_alpha: Annotated[
+        float | None,
+        typer.Option(
+            help=r"LoRA scaling numerator. \[default: 2 x rank]", show_default=False, rich_help_panel=_LORA
+        ),
+    ] = None,
+    lora_dropout: Annotated[
+        float, typer.Option(help="Dropout on the LoRA input.", rich_help_panel=_LORA)
+    ] = 0.0,
+    lora_target_modules: Annotated[
+        str,
+        typer.Option(
+            help="Comma-separated module names (q_proj,v_proj) or all-linear.", rich_help_panel=_LORA
+        ),
+    ] = "all-linear",
+    merge_lora: Annotated[
+        bool,
+        typer.Option(
+            help="Also write the base model with the adapters merged in (hf_format/samples_N/merged).",
+            rich_help_panel=_LORA,
+        ),
+    ] = False,
+    base_adapter: Annotated[
+        list[Path] | None,
+        typer.Option(
+            help="A trained PEFT adapter to load frozen under the new one (repeatable; applied in order).",
+            show_default=False,
+            rich_help_panel=_LORA,
+        ),
+    ] = None,
+    load_in_4bit: Annotated[
+        bool,
+        typer.Option(
+            help="QLoRA: the frozen base in 4-bit NF4 (CUDA GPU and the qlora extra).", rich_help_panel=_LORA
+        ),
+    ] = False,
+    eval_data_path: Annotated[
+        Path | None,
+        typer.Option(
+            help="Tokenized JSONL to measure eval_loss on (every trained token, no gradients).",
+            show_default=False,
+            rich_help_panel=_EVAL,
+        ),
+    ] = None,
+    eval_every_samples: Annotated[
+        int | None,
+        typer.Option(
+            help="Measure eval_loss each time this many more samples are trained (and at the end).",
+            show_default=False,
+            rich_help_panel=_EVAL,
+        ),
+    ] = None,
 ) -> None:
     """Train a causal LM on tokenized data with FSDP2, no padding, on every visible GPU (or the CPU).
 
@@ -183,6 +270,18 @@ def train(
         master_dtype=master_dtype,
         cpu_offload=cpu_offload,
         logging_level=logging_level,
+        resume=_resolve_resume(resume),
+        overwrite=overwrite,
+        keep_last=keep_last,
+        lora_rank=lora_rank,
+        lora_alpha=lora_alpha,
+        lora_dropout=lora_dropout,
+        lora_target_modules=lora_target_modules,
+        merge_lora=merge_lora,
+        base_adapters=tuple(str(p.expanduser().resolve()) for p in base_adapter or ()),
+        load_in_4bit=load_in_4bit,
+        eval_data_path=eval_data_path.expanduser().resolve() if eval_data_path else None,
+        eval_every_samples=eval_every_samples,
     )
     if nproc is None:
         config = dataclasses.replace(config, nproc=default_nproc())  # imports torch: after validation
@@ -223,3 +322,24 @@ def train(
             file=sys.stderr,
         )
     raise typer.Exit(code)
+
+
+RESUME_LATEST = "latest"
+
+
+def _resolve_resume(value: str | None) -> str | None:
+    """`latest` (bare --resume) stays; a checkpoint path becomes absolute for the workers."""
+    if value is None or value == RESUME_LATEST:
+        return value
+    return str(Path(value).expanduser().resolve())
+
+
+def expand_bare_resume(argv: list[str]) -> list[str]:
+    """`minitrain train ... --resume` with no value means the latest checkpoint: spell it out for the parser."""
+    if "train" not in argv:
+        return argv
+    out = list(argv)
+    for i in range(len(out) - 1, -1, -1):
+        if out[i] == "--resume" and (i + 1 == len(out) or out[i + 1].startswith("-")):
+            out.insert(i + 1, RESUME_LATEST)
+    return out

@@ -1,11 +1,17 @@
 """The training engine: launch torchrun, shard with FSDP2, run the loop, write checkpoints and metrics.
 
-    launch.py      builds the torchrun command line, spawns it, forwards signals, returns the exit code
-    worker.py      the torchrun entry point: reads training_params.json and calls the loop
-    dist.py        the distributed facts (rank, world, device) as one small value
-    model.py       load the model, choose attention, activation checkpointing, FSDP2 sharding
-    loss.py        chunked linear + cross-entropy, normalised by the global trained-token count
-    loop.py        the training loop, top to bottom
-    checkpoint.py  Hugging Face export of the sharded model
-    metrics.py     training_metrics_0.jsonl and the progress display
+launch.py      checks everything in the parent, builds the torchrun command line, spawns it, forwards signals
+worker.py      the torchrun entry point: reads training_params.json and assembles the pieces for the loop
+dist.py        the distributed facts (rank, world, device) as one small value
+model.py       load the model, wrap it with its loss, FSDP2 sharding, activation checkpointing
+attention.py   attention that keeps packed samples apart (per-sample SDPA; flash-attn varlen on GPU)
+loss.py        chunked linear + cross-entropy, normalised by the global trained-token count
+optim.py       AdamW and the learning-rate schedule
+adapters.py    LoRA and stacked adapters through PEFT, adapter and merged exports
+evaluate.py    eval loss over a held-out file, normalised like training
+loop.py        the training loop, top to bottom
+checkpoint.py  Hugging Face export of the sharded model (or of the adapter)
+state.py       full training-state checkpoints (sharded, atomic) and resume
+faults.py      graceful stop on SIGINT/SIGTERM, non-finite checks, signal forwarding in the parent
+metrics.py     training_metrics_0.jsonl and the progress display
 """

@@ -20,12 +20,16 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as torch_dist
 from torch import nn
 
 from minitrain.train.dist import DistInfo
+
+if TYPE_CHECKING:
+    from minitrain.train.adapters import LoraSettings
 
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json",
@@ -55,11 +59,16 @@ def save_hf_checkpoint(
     dist: DistInfo,
     dtype: torch.dtype,
     tokenizer_source: str | None,
+    adapter: LoraSettings | None = None,
+    merge_adapter: bool = False,
 ) -> Path:
     """Write `model`'s weights (sharded or not) as a Hugging Face checkpoint; every rank must call this.
 
     `model` is what was sharded (the `CausalLMWithLoss` root), `lm` the HF model inside it (whose config and
-    `save_pretrained` are used). Returns the checkpoint folder.
+    `save_pretrained` are used). With `adapter`, `lm` is a PEFT model and the folder holds the new adapter
+    in PEFT's format instead (`PeftModel.from_pretrained(base, folder)`), plus, with `merge_adapter`, the
+    base model with every adapter merged in under `merged/` (`AutoModelForCausalLM.from_pretrained`).
+    Returns the checkpoint folder.
     """
     final = checkpoint_dir(output_dir, samples)
     state = gather_full_state_dict(model)
@@ -67,8 +76,19 @@ def save_hf_checkpoint(
         tmp = final.with_name(f".{final.name}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        state = {k: v.to(dtype) for k, v in state.items()}
-        _save_pretrained(lm, tmp, state, dtype)
+        if adapter is None:
+            state = {k: v.to(dtype) for k, v in state.items()}
+            _save_pretrained(lm, tmp, state, dtype)
+        else:
+            from minitrain.train.adapters import merged_state_dict, save_adapter
+
+            save_adapter(lm, {k: v.to(dtype) for k, v in state.items()}, tmp, adapter)
+            if merge_adapter:  # merged in the master dtype, then cast: one rounding, not two
+                merged = merged_state_dict(lm.get_base_model().config, adapter, state)
+                _save_pretrained(
+                    lm.get_base_model(), tmp / "merged", {k: v.to(dtype) for k, v in merged.items()}, dtype
+                )
+                _copy_tokenizer(tokenizer_source, tmp / "merged")
         _copy_tokenizer(tokenizer_source, tmp)
         if final.exists():  # the same sample count saved twice (e.g. final save right after a periodic one)
             shutil.rmtree(final)

@@ -16,7 +16,7 @@ only inside functions: building and asserting the command line is cheap.
 from __future__ import annotations
 
 import os
-import signal
+import shutil
 import subprocess
 import sys
 from collections.abc import Mapping, Sequence
@@ -84,23 +84,15 @@ def run_command(cmd: Sequence[str], env: Mapping[str, str] | None = None) -> int
     killed by signal N gives 128+N; a child that fails after we forwarded signal N also gives 128+N
     (torchrun itself exits 1 when interrupted), so Ctrl+C is 130 and a scheduler's SIGTERM 143.
     """
-    proc = subprocess.Popen(list(cmd), env=None if env is None else dict(env), start_new_session=True)
-    forwarded: list[int] = []
+    from minitrain.train.faults import wait_forwarding_signals
 
-    def forward(signum: int, _frame: Any) -> None:
-        forwarded.append(signum)
-        if proc.poll() is None:
-            proc.send_signal(signum)
-
-    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        code = proc.wait()
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-    if code < 0:
-        return 128 - code
-    return 128 + forwarded[0] if forwarded and code != 0 else code
+    env = dict(os.environ if env is None else env)
+    env.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "600")  # seconds the ranks get to save after a signal
+    proc = subprocess.Popen(list(cmd), env=env, start_new_session=True)
+    code, _ = wait_forwarding_signals(
+        proc, notify=lambda m: print(f"minitrain: {m}", file=sys.stderr, flush=True)
+    )
+    return code
 
 
 def preflight(config: TrainConfig) -> Preflight:
@@ -132,7 +124,20 @@ def preflight(config: TrainConfig) -> Preflight:
         )
     source = tokenizer_source(config.model_name_or_path, store.meta)
     check_tokenizer_matches(store.meta, config.model_name_or_path, config.data_path)
+    if config.eval_data_path is not None:
+        _check_eval_data(config, vocab_size)
+    if config.load_in_4bit:
+        import torch
+
+        from minitrain.train.adapters import require_qlora
+
+        require_qlora("cuda" if torch.cuda.is_available() else "cpu")
+        raise UserError(
+            "--load-in-4bit: 4-bit (QLoRA) training is not built yet in this version; drop the flag to train "
+            "the LoRA adapter on a bf16 base"
+        )
     _check_output_dir(config.output_dir)
+    _check_previous_run(config)
     if not in_launched_env():
         import torch
 
@@ -245,8 +250,8 @@ def run_training(config: TrainConfig) -> int:
         rank, _, world, _ = ranks_from_env(os.environ)
         if rank == 0:
             write_training_params(config, world_size=world, preflight=info)
-        run(config, tokenizer_source=info.tokenizer_source)
-        return 0
+        state = run(config, tokenizer_source=info.tokenizer_source)
+        return 128 + state.stop_signal if state.stop_signal else 0
     write_training_params(config, world_size=config.world_size(), preflight=info)
     return run_command(torchrun_command(config))
 
@@ -260,6 +265,50 @@ def _check_output_dir(path: Path) -> None:
         ) from None
     if not os.access(path, os.W_OK):
         raise UserError(f"--output-dir {path}: not writable; choose a writable folder")
+
+
+RUN_ARTIFACTS = ("training_metrics_0.jsonl", "checkpoints", "hf_format")
+
+
+def _check_previous_run(config: TrainConfig) -> None:
+    """An output dir holding a run is continued (--resume), replaced (--overwrite), or refused."""
+    from minitrain.train.state import resolve_resume
+
+    out = Path(config.output_dir)
+    found = [name for name in RUN_ARTIFACTS if (out / name).exists()]
+    if config.resume is not None:
+        resolve_resume(out, None if config.resume == "latest" else Path(config.resume))  # a clear error now
+        return
+    if not found:
+        return
+    if not config.overwrite:
+        raise UserError(
+            f"--output-dir {out} already holds a run ({', '.join(found)}); add --resume to continue it, "
+            "--overwrite to replace it, or choose another folder"
+        )
+    if _is_rank0():
+        for name in found:
+            target = out / name
+            shutil.rmtree(target) if target.is_dir() else target.unlink()
+
+
+def _check_eval_data(config: TrainConfig, vocab_size: int) -> None:
+    from minitrain.data.store import TokenStore
+
+    store = TokenStore.open(config.eval_data_path)
+    if len(store) == 0:
+        raise UserError(f"--eval-data-path {config.eval_data_path}: no samples")
+    if store.max_token_id >= vocab_size:
+        raise UserError(
+            f"--eval-data-path {config.eval_data_path}: token id {store.max_token_id} does not fit the "
+            f"vocabulary of {config.model_name_or_path} ({vocab_size} ids); tokenize with this model's tokenizer"
+        )
+    check_tokenizer_matches(store.meta, config.model_name_or_path, config.eval_data_path)
+    if int((store.lengths <= config.max_tokens_per_gpu).sum()) == 0:
+        raise UserError(
+            f"--eval-data-path {config.eval_data_path}: every sample is longer than --max-tokens-per-gpu "
+            f"{config.max_tokens_per_gpu}"
+        )
 
 
 def _is_rank0() -> bool:

@@ -35,6 +35,7 @@ from minitrain.data.packing import plan_minibatches
 from minitrain.data.sampler import InfiniteSampler
 from minitrain.data.store import TokenStore
 from minitrain.train.dist import DistInfo
+from minitrain.train.faults import StopFlag, check_finite
 from minitrain.train.loss import scale_for_fsdp
 from minitrain.train.metrics import MetricsWriter, ProgressDisplay, peak_memory_gb
 
@@ -47,6 +48,8 @@ class TrainState:
     samples_seen: int = 0  # samples trained (over-long ones excluded): checkpoint names use it
     tokens_seen: int = 0
     last_checkpoint_samples: int = 0
+    last_eval_samples: int = 0
+    stop_signal: int = 0  # the signal that stopped the run early (0: it ran to its end)
 
 
 @dataclass(frozen=True)
@@ -83,11 +86,15 @@ def train_loop(
     display: ProgressDisplay,
     mfu: Callable[[Sequence[int], float], float] | None = None,
     state: TrainState | None = None,
+    stop_flag: StopFlag | None = None,
+    evaluate: Callable[[], float] | None = None,
+    eval_every_samples: int | None = None,
 ) -> TrainState:
     """Train until `stop` is reached; save every `min_samples_per_checkpoint` samples and at the end.
 
     `model(batch)` returns the SUM of token cross-entropy over the minibatch's trained tokens. `mfu(lengths,
     seconds)` turns a step's real sample lengths and duration into model FLOPs utilisation (GPU only).
+    `evaluate()` returns the eval loss; it runs every `eval_every_samples` samples and at the end.
     """
     state = state or TrainState()
     rank, world, device = dist.rank, dist.world_size, dist.device
@@ -119,12 +126,13 @@ def train_loop(
         # --- the optimizer step
         grad_norm = _clip_grad_norm(model, max_grad_norm)  # global norm, before clipping
         lr = scheduler.get_last_lr()[0]  # the rate this step is taken with
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
         if world > 1:
             torch_dist.all_reduce(loss_sum)  # the only collective outside FSDP: the loss to report
         loss = loss_sum.item() / global_loss_tokens  # mean token CE of the global batch
+        check_finite(loss, grad_norm, state.step + 1)  # before the step: no NaN reaches the weights
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
         seconds = time.perf_counter() - start
 
         # --- bookkeeping, metrics, checkpoint
@@ -161,12 +169,46 @@ def train_loop(
             path = save_checkpoint(state.samples_seen)
             state.last_checkpoint_samples = state.samples_seen
             display.print(f"saved {path}")
+        if (
+            evaluate is not None
+            and eval_every_samples is not None
+            and state.samples_seen - state.last_eval_samples >= eval_every_samples
+        ):
+            _log_eval(evaluate, state, sampler, metrics, display)
+        if stop_flag is not None and stop_flag.should_stop(dist):  # every rank agrees, at this step
+            state.stop_signal = stop_flag.agreed
+            display.print(f"{stop_flag.signal_name}: stopping after step {state.step}")
+            break
 
+    if evaluate is not None and state.stop_signal == 0 and state.last_eval_samples != state.samples_seen:
+        _log_eval(evaluate, state, sampler, metrics, display)  # the final eval loss, unless just measured
     if state.samples_seen != state.last_checkpoint_samples:  # the final weights, unless just saved
         path = save_checkpoint(state.samples_seen)
         state.last_checkpoint_samples = state.samples_seen
         display.print(f"saved {path}")
     return state
+
+
+def _log_eval(
+    evaluate: Callable[[], float],
+    state: TrainState,
+    sampler: InfiniteSampler,
+    metrics: MetricsWriter,
+    display: ProgressDisplay,
+) -> None:
+    """Measure the eval loss and log it as its own metrics line (step and samples seen say when)."""
+    eval_loss = evaluate()
+    state.last_eval_samples = state.samples_seen
+    metrics.write(
+        {
+            "step": state.step,
+            "eval_loss": eval_loss,
+            "total_samples_accumulated": state.samples_seen,
+            "epoch": sampler.epochs_consumed,
+            "timestamp": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+        }
+    )
+    display.print(f"step {state.step}: eval_loss {eval_loss:.4f}")
 
 
 def _clip_grad_norm(model: nn.Module, max_norm: float) -> float:

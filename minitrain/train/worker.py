@@ -24,6 +24,8 @@ from minitrain.data.store import TokenStore
 from minitrain.errors import UserError
 from minitrain.train.checkpoint import save_hf_checkpoint
 from minitrain.train.dist import DistInfo, close_distributed, init_distributed, print0
+from minitrain.train.evaluate import evaluate, plan_eval
+from minitrain.train.faults import StopFlag, die_with_parent
 from minitrain.train.launch import read_training_params
 from minitrain.train.loop import StopRule, TrainState, train_loop
 from minitrain.train.metrics import (
@@ -35,13 +37,17 @@ from minitrain.train.metrics import (
 )
 from minitrain.train.model import CausalLMWithLoss, load_model, shard_model
 from minitrain.train.optim import build_optimizer, build_scheduler
+from minitrain.train.state import load_training_state, resolve_resume, save_training_state, scan_checkpoints
 
 
 def run(config: TrainConfig, *, tokenizer_source: str | None) -> TrainState:
     """Train one rank's part of the run described by `config`; every rank calls this."""
+    die_with_parent()  # torchrun killed (second Ctrl+C) -> this rank dies too, no orphan keeps training
     dist = init_distributed()
     try:
-        return _train(config, dist, tokenizer_source)
+        state = _train(config, dist, tokenizer_source)
+        close_distributed(synchronize=True)
+        return state
     finally:
         close_distributed()
 
@@ -59,6 +65,13 @@ def _train(config: TrainConfig, dist: DistInfo, tokenizer_source: str | None) ->
     lm = load_model(
         config.model_name_or_path, from_scratch=config.from_scratch, dtype=master_dtype, dist=dist
     )
+    lora = config.lora_settings()
+    if lora is not None:  # frozen base (+ frozen base adapters) and one new trainable LoRA adapter
+        from minitrain.train.adapters import add_adapters, trainable_parameter_count
+
+        lm = add_adapters(lm, lora, load_base_weights=dist.is_main)  # other ranks get rank 0's weights
+        trainable, total = trainable_parameter_count(lm)
+        print0(dist, f"LoRA rank {lora.rank}: training {trainable:,} of {total:,} parameters")
     num_params = _matmul_params(lm)
     use_liger = config.use_liger_kernels and on_gpu
     if config.use_liger_kernels and not on_gpu:
@@ -87,14 +100,58 @@ def _train(config: TrainConfig, dist: DistInfo, tokenizer_source: str | None) ->
         num_training_steps=total_steps,
     )
     sampler = InfiniteSampler(num_samples=len(store), seed=config.seed)
+    state = TrainState()
+    if config.resume is not None:
+        checkpoint = _resume_point(config, dist)
+        sampler_state, counters = load_training_state(
+            checkpoint, model=model, optimizer=optimizer, scheduler=scheduler, dist=dist
+        )
+        if sampler_state["num_samples"] != len(store):
+            raise UserError(
+                f"{checkpoint} was trained on {sampler_state['num_samples']} samples but {config.data_path} has "
+                f"{len(store)}; resume with the same --data-path"
+            )
+        sampler = InfiniteSampler.from_state_dict(sampler_state)
+        state = TrainState(
+            step=counters["step"], samples_seen=counters["samples_seen"], tokens_seen=counters["tokens_seen"],
+            last_checkpoint_samples=counters["samples_seen"],
+        )  # fmt: skip
+        if dist.is_main:
+            _truncate_metrics(Path(config.output_dir) / METRICS_FILE, state.step)
+        print0(dist, f"resumed from {checkpoint} at step {state.step} ({state.samples_seen} samples)")
 
     export_dtype = torch.bfloat16 if on_gpu else master_dtype  # checkpoints in the compute dtype
 
     def save(samples: int) -> Path:
-        return save_hf_checkpoint(
+        path = save_hf_checkpoint(
             model, model.lm, output_dir=config.output_dir, samples=samples, dist=dist, dtype=export_dtype,
-            tokenizer_source=tokenizer_source,
+            tokenizer_source=tokenizer_source, adapter=lora, merge_adapter=config.merge_lora,
         )  # fmt: skip
+        # the full state last: a complete OUT/checkpoints/samples_N implies OUT/hf_format/samples_N exists
+        counters = {"step": state.step, "samples_seen": samples, "tokens_seen": state.tokens_seen}
+        save_training_state(
+            config.output_dir, model=model, optimizer=optimizer, scheduler=scheduler, sampler=sampler,
+            counters=counters, dist=dist, keep_last=config.keep_last,
+        )  # fmt: skip
+        return path
+
+    evaluate_now = None
+    if config.eval_data_path is not None:
+        eval_plan = plan_eval(
+            TokenStore.open(config.eval_data_path),
+            max_tokens_per_gpu=config.max_tokens_per_gpu,
+            world_size=dist.world_size,
+        )
+        evaluate_now = functools.partial(evaluate, model, eval_plan, dist=dist)
+        print0(
+            dist,
+            f"eval set: {eval_plan.samples:,} samples, {eval_plan.loss_tokens:,} trained tokens"
+            + (
+                f" ({eval_plan.skipped} longer than --max-tokens-per-gpu skipped)"
+                if eval_plan.skipped
+                else ""
+            ),
+        )
 
     mfu = None
     peak = peak_flops_per_device(torch.cuda.get_device_name(dist.device)) if on_gpu else None
@@ -110,7 +167,11 @@ def _train(config: TrainConfig, dist: DistInfo, tokenizer_source: str | None) ->
         f"{'GPU' if on_gpu else 'CPU process'}{'es' if dist.world_size > 1 and not on_gpu else ''}"
         f"{'s' if dist.world_size > 1 and on_gpu else ''}; writing to {config.output_dir}",
     )
-    with MetricsWriter(Path(config.output_dir) / METRICS_FILE, enabled=dist.is_main) as metrics:
+    metrics_path = Path(config.output_dir) / METRICS_FILE
+    with (
+        MetricsWriter(metrics_path, enabled=dist.is_main, append=config.resume is not None) as metrics,
+        StopFlag(announce=dist.is_main) as stop,
+    ):
         display = ProgressDisplay(total_steps=total_steps, enabled=dist.is_main)
         try:
             return train_loop(
@@ -129,9 +190,52 @@ def _train(config: TrainConfig, dist: DistInfo, tokenizer_source: str | None) ->
                 metrics=metrics,
                 display=display,
                 mfu=mfu,
+                state=state,
+                stop_flag=stop,
+                evaluate=evaluate_now,
+                eval_every_samples=config.eval_every_samples,
             )
         finally:
             display.close()
+
+
+def _resume_point(config: TrainConfig, dist: DistInfo) -> Path:
+    """Rank 0 picks the checkpoint (and reports leftovers of interrupted writes); every rank gets its choice."""
+    import torch.distributed as torch_dist
+
+    choice: list = [None]
+    if dist.is_main:
+        try:
+            resume = None if config.resume == "latest" else Path(config.resume)
+            choice[0] = resolve_resume(config.output_dir, resume)
+            for leftover in scan_checkpoints(config.output_dir).incomplete:
+                print0(dist, f"minitrain: ignoring incomplete checkpoint {leftover} (an interrupted write)")
+        except UserError as err:
+            choice[0] = err
+    if dist.world_size > 1:
+        torch_dist.broadcast_object_list(choice, src=0)
+    if isinstance(choice[0], UserError):
+        raise choice[0]
+    return choice[0]
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop metric lines of steps after `step` (trained after the checkpoint, before the interruption)."""
+    import orjson
+
+    from minitrain.data.format import atomic_write
+
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_bytes().splitlines():
+        try:
+            if orjson.loads(line)["step"] <= step:
+                keep.append(line + b"\n")
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            continue  # a line cut by the crash
+    with atomic_write(path) as f:
+        f.write(b"".join(keep))
 
 
 def _matmul_params(lm: torch.nn.Module) -> int:
@@ -166,13 +270,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         params = read_training_params(Path(args[0]))
-        run(TrainConfig.from_dict(params), tokenizer_source=params.get("tokenizer_source"))
+        state = run(TrainConfig.from_dict(params), tokenizer_source=params.get("tokenizer_source"))
     except UserError as err:
         if os.environ.get("MINITRAIN_DEBUG"):
             raise
         print(f"minitrain: error (rank {os.environ.get('RANK', 0)}): {err}", file=sys.stderr, flush=True)
         return 1
-    return 0
+    return 128 + state.stop_signal if state.stop_signal else 0  # 130 / 143 after a graceful stop
 
 
 if __name__ == "__main__":

@@ -20,7 +20,9 @@ FLAGS = {
     "--min-samples-per-checkpoint", "--seed", "--use-liger-kernels", "--no-use-liger-kernels",
     "--fsdp-sharding-strategy", "--activation-checkpointing", "--no-activation-checkpointing", "--from-scratch",
     "--no-from-scratch", "--master-dtype", "--cpu-offload", "--no-cpu-offload", "--dry-run", "--no-dry-run",
-    "--dry-run-report", "--logging-level",
+    "--dry-run-report", "--logging-level", "--resume", "--overwrite", "--no-overwrite", "--keep-last",
+    "--lora-rank", "--lora-alpha", "--lora-dropout", "--lora-target-modules", "--merge-lora", "--no-merge-lora",
+    "--base-adapter", "--load-in-4bit", "--no-load-in-4bit", "--eval-data-path", "--eval-every-samples",
 }  # fmt: skip
 
 MINI_TRAINER = [
@@ -172,3 +174,87 @@ def test_dry_run_report_needs_dry_run(launched):
         app, ["train", "--nproc", "1", *MINI_TRAINER, "--dry-run-report", str(Path("r.json"))]
     )
     assert result.exit_code != 0 and "--dry-run-report needs --dry-run" in str(result.exception)
+
+
+def test_bare_resume_means_latest_and_a_path_is_made_absolute(launched, tmp_path, monkeypatch):
+    from minitrain.cli.train import expand_bare_resume
+
+    monkeypatch.chdir(tmp_path)
+    assert expand_bare_resume(["train", "--resume", "--seed", "1"]) == [
+        "train",
+        "--resume",
+        "latest",
+        "--seed",
+        "1",
+    ]
+    assert expand_bare_resume(["train", "--seed", "1", "--resume"]) == [
+        "train",
+        "--seed",
+        "1",
+        "--resume",
+        "latest",
+    ]
+    assert expand_bare_resume(["train", "--resume", "ckpt"]) == ["train", "--resume", "ckpt"]
+    assert expand_bare_resume(["plot", "--resume"]) == ["plot", "--resume"]
+    result = CliRunner().invoke(app, ["train", *MINI_TRAINER, "--resume", "latest"])
+    assert result.exit_code == 0, result.output
+    assert launched["config"].resume == "latest"
+    result = CliRunner().invoke(app, ["train", *MINI_TRAINER, "--resume", "ckpts/checkpoints/samples_8"])
+    assert launched["config"].resume == str(tmp_path / "ckpts" / "checkpoints" / "samples_8")
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--resume", "latest", "--overwrite"], "give one"),
+        (["--merge-lora"], "--lora-rank"),
+        (["--lora-rank", "0"], "--lora-rank must be positive"),
+        (["--lora-rank", "4", "--base-adapter", "nowhere"], "not a PEFT adapter"),
+        (["--eval-every-samples", "10"], "--eval-data-path"),
+        (["--keep-last", "0"], "--keep-last"),
+    ],
+)
+def test_adapter_eval_and_resume_flag_errors_are_one_line(launched, tmp_path, monkeypatch, extra, message):
+    monkeypatch.chdir(tmp_path)
+    from minitrain.errors import UserError
+
+    result = CliRunner().invoke(app, ["train", *MINI_TRAINER, *extra])
+    assert isinstance(result.exception, UserError), result.output
+    assert message in str(result.exception) and "\n" not in str(result.exception)
+    assert "config" not in launched  # refused before anything was launched
+
+
+def test_an_output_dir_holding_a_run_is_refused_unless_resumed_or_overwritten(tmp_path, monkeypatch):
+    data = write_tokenized(tmp_path / "d.jsonl", num=4, vocab=64, seed=0)
+    tiny_llama_config(vocab_size=64).save_pretrained(tmp_path / "model")
+    out = tmp_path / "out"
+    (out / "hf_format" / "samples_4").mkdir(parents=True)
+    (out / "training_metrics_0.jsonl").write_text('{"step": 1}\n')
+    args = ["train", "--data-path", str(data), "--model-name-or-path", str(tmp_path / "model"),
+            "--output-dir", str(out), "--nproc", "1", "--from-scratch"]  # fmt: skip
+    message = _invoke_expecting_user_error(args)
+    assert "already holds a run" in message and "--resume" in message and "--overwrite" in message
+    message = _invoke_expecting_user_error([*args, "--resume", "latest"])  # what a bare --resume becomes
+    assert "no complete checkpoint" in message
+    done = subprocess.run(
+        [sys.executable, "-m", "minitrain", *args, "--resume"], capture_output=True, text=True
+    )
+    assert done.returncode == 1 and "no complete checkpoint" in done.stderr, done.stderr
+    seen = {}
+    monkeypatch.setattr(
+        "minitrain.train.launch.run_command", lambda cmd, env=None: seen.setdefault("cmd", cmd) and 0
+    )
+    result = CliRunner().invoke(app, [*args, "--overwrite"])
+    assert result.exit_code == 0, result.output
+    assert "cmd" in seen
+    assert not (out / "hf_format").exists() and not (out / "training_metrics_0.jsonl").exists()
+
+
+def test_qlora_without_a_gpu_is_refused_before_spawning(tmp_path):
+    data = write_tokenized(tmp_path / "d.jsonl", num=4, vocab=64, seed=0)
+    tiny_llama_config(vocab_size=64).save_pretrained(tmp_path / "model")
+    message = _invoke_expecting_user_error(
+        ["train", "--data-path", str(data), "--model-name-or-path", str(tmp_path / "model"),
+         "--output-dir", str(tmp_path / "out"), "--nproc", "1", "--lora-rank", "4", "--load-in-4bit"]
+    )  # fmt: skip
+    assert "CUDA GPU" in message and "\n" not in message

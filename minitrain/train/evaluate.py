@@ -1,0 +1,63 @@
+"""Evaluation loss: the mean token cross-entropy over a whole held-out tokenized file, without gradients.
+
+Normalised exactly like training: the sum of token losses over every trained token (labels shifted within
+each sample) divided by the number of those tokens in the whole eval set, so `eval_loss` and `loss` are
+the same quantity on different data. The eval set is split across ranks by the training planner once
+(`plan_eval`), under the same `--max-tokens-per-gpu` budget; every rank runs the same number of packed
+minibatches (an empty slot is the zero-loss dummy) because each forward gathers FSDP shards collectively.
+One all-reduce sums the ranks' losses at the end. Samples longer than the budget are skipped and counted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as torch_dist
+from torch import nn
+
+from minitrain.data.batch import collate, count_loss_tokens
+from minitrain.data.packing import plan_minibatches
+from minitrain.data.store import TokenStore
+from minitrain.train.dist import DistInfo
+
+
+@dataclass(frozen=True)
+class EvalPlan:
+    """Which eval samples each rank packs into each minibatch, and the normaliser."""
+
+    store: TokenStore
+    plan: list[list[list[int]]]  # plan[m][r] = sample indices of rank r in minibatch m
+    loss_tokens: int  # trained tokens (after the shift) of every planned sample
+    samples: int  # samples planned
+    skipped: int  # samples longer than the token budget
+
+
+def plan_eval(store: TokenStore, *, max_tokens_per_gpu: int, world_size: int) -> EvalPlan:
+    """Split the whole eval set into balanced packed minibatches over `world_size` ranks."""
+    plan = plan_minibatches(store.lengths.tolist(), max_tokens_per_gpu, world_size)
+    planned = [i for minibatch in plan for ranks in minibatch for i in ranks]
+    return EvalPlan(
+        store=store,
+        plan=plan,
+        loss_tokens=count_loss_tokens(store, planned),
+        samples=len(planned),
+        skipped=len(store) - len(planned),
+    )
+
+
+def evaluate(model: nn.Module, plan: EvalPlan, *, dist: DistInfo) -> float:
+    """Mean token loss of the eval set (NaN when it has no trained token); every rank must call this.
+
+    `model(batch)` returns the sum of token CE over a packed minibatch, as in training.
+    """
+    was_training = model.training
+    model.eval()  # dropout (e.g. LoRA's) off
+    loss_sum = torch.zeros((), dtype=torch.float32, device=dist.device)
+    with torch.no_grad():
+        for minibatch in plan.plan:
+            loss_sum += model(collate(plan.store, minibatch[dist.rank])).float()
+    if dist.world_size > 1:
+        torch_dist.all_reduce(loss_sum)
+    model.train(was_training)
+    return loss_sum.item() / plan.loss_tokens if plan.loss_tokens else float("nan")
