@@ -15,8 +15,6 @@ exported adapter (and the merged model) reproduce the trained model.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -28,20 +26,12 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from tests.conftest import tiny_llama_config
-from tests.train.test_loop import write_tokenized
+from tests.train.test_loop import _run, write_tokenized
 
 pytestmark = pytest.mark.slow
 
 VOCAB = 96
 STEPS = 12
-
-
-def _run(cmd: list[str], cwd: Path) -> None:
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "TORCHELASTIC_RUN_ID"):
-        env.pop(var, None)
-    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
 
 def _metrics(out: Path) -> list[dict]:
