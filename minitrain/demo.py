@@ -97,6 +97,15 @@ def run_demo(
     console = console or Console()
     start = time.perf_counter()
     output_dir = Path(output_dir).expanduser().resolve()
+    for flag, value in (("--nproc", nproc), ("--max-steps", max_steps)):  # before minutes of data work
+        if value < 1:
+            raise UserError(f"{flag} must be a positive integer, got {value}")
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(
+            f"--output-dir {output_dir}: cannot create it ({err.strerror}); choose a writable folder"
+        ) from None
     model_dir = assets_dir()
     console.rule("[bold]1. data")
     dataset = write_dataset(output_dir / "data" / "arithmetic.messages.jsonl", num_samples)

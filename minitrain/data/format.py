@@ -76,9 +76,13 @@ def parse_sample(raw: bytes, path: Path, line: int) -> dict[str, Any]:
     try:
         sample = orjson.loads(raw)
     except orjson.JSONDecodeError as err:
-        raise UserError(f"{path}:{line}: malformed JSON ({err})") from None
+        raise UserError(
+            f"{path}:{line}: malformed JSON ({err}); fix or delete that line, or re-run `minitrain tokenize`"
+        ) from None
     if not isinstance(sample, dict):
-        raise UserError(f"{path}:{line}: expected a JSON object, got {type(sample).__name__}")
+        raise UserError(
+            f"{path}:{line}: expected a JSON object, got {type(sample).__name__}; fix or delete that line"
+        )
     missing = [k for k in ("input_ids", "labels") if k not in sample]
     if missing:
         raise UserError(

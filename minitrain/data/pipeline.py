@@ -16,6 +16,7 @@ measured by benchmarks/bench_tokenize.py), in exchange for using every core.
 from __future__ import annotations
 
 import multiprocessing
+import os
 import signal
 import threading
 import time
@@ -236,6 +237,7 @@ def tokenize_file(config: TokenizeConfig, *, console: Any = None) -> TokenizeRes
     total_bytes = inp.stat().st_size
     if total_bytes == 0:
         raise UserError(f"{inp}: the file is empty; nothing to tokenize")
+    _check_output_folder(out)  # before any work: atomic_write would only fail at the end
     loaded = load_chat_encoder(config.model_name_or_path, config.chat_template)
     workers = config.workers()
     result = TokenizeResult(
@@ -248,6 +250,22 @@ def tokenize_file(config: TokenizeConfig, *, console: Any = None) -> TokenizeRes
     with _sigterm_raises():
         _write_outputs(config, loaded, result, _progress(console, total_bytes), total_bytes)
     return result
+
+
+def _check_output_folder(out: Path) -> None:
+    """Create OUT's folder now, or raise UserError when it cannot be created or written."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise UserError(
+            f"-o {out}: cannot create the folder {out.parent} (a file is in the way); choose another -o path"
+        ) from None
+    except OSError as err:
+        raise UserError(
+            f"-o {out}: cannot create the folder {out.parent} ({err.strerror}); choose a writable -o path"
+        ) from None
+    if not os.access(out.parent, os.W_OK):
+        raise UserError(f"-o {out}: the folder {out.parent} is not writable; choose a writable -o path")
 
 
 @contextmanager

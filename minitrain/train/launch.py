@@ -150,16 +150,32 @@ def preflight(config: TrainConfig) -> Preflight:
 
 
 def model_vocab_size(model_name_or_path: str) -> int:
-    """The model's vocabulary size from its config (no weights loaded)."""
+    """The model's vocabulary size from its config (no weights loaded); refuses what is not a causal LM."""
     from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING,
+        MODEL_FOR_MASKED_LM_MAPPING,
+    )
 
+    path = Path(model_name_or_path).expanduser()
+    if (path.is_absolute() or model_name_or_path.startswith((".", "~"))) and not path.exists():
+        raise UserError(
+            f"--model-name-or-path {model_name_or_path}: not a model folder (no such path); pass a folder "
+            "with config.json or a Hub id in the local cache"
+        )
     try:
         config = AutoConfig.from_pretrained(model_name_or_path)
     except (OSError, ValueError) as err:
         raise UserError(
             f"--model-name-or-path {model_name_or_path}: not a model folder or a Hub id available offline "
-            f"({str(err).splitlines()[0]})"
+            f"({str(err).splitlines()[0]}); pass a folder with config.json or a Hub id in the local cache"
         ) from None
+    encoder = type(config) in MODEL_FOR_MASKED_LM_MAPPING and not getattr(config, "is_decoder", False)
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING or encoder:  # BERT & co: bidirectional, not causal
+        raise UserError(
+            f"--model-name-or-path {model_name_or_path} is a {config.model_type!r} model, not a causal LM; "
+            "pass a decoder-only model (Llama, Qwen, Mistral, ...)"
+        )
     return int(config.get_text_config().vocab_size)
 
 

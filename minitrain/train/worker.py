@@ -74,10 +74,11 @@ def _train(config: TrainConfig, dist: DistInfo, tokenizer_source: str | None) ->
         print0(dist, f"LoRA rank {lora.rank}: training {trainable:,} of {total:,} parameters")
     num_params = _matmul_params(lm)
     use_liger = config.use_liger_kernels and on_gpu
-    if config.use_liger_kernels and not on_gpu:
-        print0(
-            dist,
+    if config.use_liger_kernels and not on_gpu and dist.is_main:  # a warning: stderr, as the parent's
+        print(
             "minitrain: warning: --use-liger-kernels needs a GPU; using the chunked cross-entropy instead",
+            file=sys.stderr,
+            flush=True,
         )
     model = CausalLMWithLoss(lm, use_liger=use_liger)
     model = shard_model(

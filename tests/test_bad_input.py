@@ -1,0 +1,327 @@
+"""The bad-input matrix: every user mistake, on every command, is one line naming the problem and the fix.
+
+Each `Row` is one line of the README's table (command | what the user did | what minitrain says | exit
+code). `test_row` runs the real Typer app in-process and checks that the command raised a `UserError`
+(which `minitrain.cli.main` prints as one line and exit code 1) whose text contains every fragment in
+`says`: the problem and the fix. `test_rendered_as_one_line` runs a few rows again as real
+`python -m minitrain` processes to prove the rendering: exit code 1, one `minitrain: error: ...` line on
+stderr, no traceback. Degraded but valid flag combinations (`--use-liger-kernels` on the CPU, samples
+longer than the token budget) exit 0 with one warning: they are checked on one real 1-step training run.
+
+Trade-off: the rows share one module-scoped workspace of small files (a 64-id tiny Llama config, a few
+tokenized files, a tokenizer copy without a chat template), so the whole matrix runs in well under a
+minute on two cores; a row that unexpectedly passed every check would fail on the guard instead of
+launching torchrun.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import orjson
+import pytest
+from typer.testing import CliRunner
+
+from minitrain.cli import app
+from minitrain.errors import UserError
+from tests.conftest import SMOLLM2, tiny_llama_config
+from tests.train.test_loop import write_tokenized
+
+W = "{w}"  # replaced by the workspace folder in every argument
+
+
+@dataclass(frozen=True)
+class Row:
+    """One user mistake: the command line, and fragments the one-line message must contain."""
+
+    command: str
+    did: str  # what the user did, as the README says it
+    args: tuple[str, ...]  # after the command name; W is the workspace
+    says: tuple[str, ...]  # the problem and the fix, as substrings of the message
+    gpus: int | None = None  # pretend this many CUDA GPUs are visible (the --nproc check)
+
+    @property
+    def id(self) -> str:
+        return f"{self.command}: {self.did}"
+
+
+TOKENIZER = str(SMOLLM2)
+
+
+def _train(*extra: str, data: str = f"{W}/d.jsonl", model: str = f"{W}/model", out: str = f"{W}/out"):
+    return ("--data-path", data, "--model-name-or-path", model, "--output-dir", out, "--nproc", "1", *extra)
+
+
+ROWS = [
+    # ---------------------------------------------------------------------------------------- tokenize
+    Row("tokenize", "input file does not exist",
+        (f"{W}/nope.jsonl", "-o", f"{W}/t.jsonl", "--model-name-or-path", TOKENIZER),
+        ("nope.jsonl: no such file", "give the JSONL file to tokenize")),
+    Row("tokenize", "input file is empty",
+        (f"{W}/empty.jsonl", "-o", f"{W}/t.jsonl", "--model-name-or-path", TOKENIZER),
+        ("empty.jsonl: the file is empty", "nothing to tokenize")),
+    Row("tokenize", "-o under an existing file (folder cannot be created)",
+        (f"{W}/in.jsonl", "-o", f"{W}/afile/t.jsonl", "--model-name-or-path", TOKENIZER),
+        ("cannot create the folder", "a file is in the way", "choose another -o path")),
+    Row("tokenize", "-o not ending in .jsonl",
+        (f"{W}/in.jsonl", "-o", f"{W}/t.txt", "--model-name-or-path", TOKENIZER),
+        ("must end in .jsonl",)),
+    Row("tokenize", "--model-name-or-path folder does not exist",
+        (f"{W}/in.jsonl", "-o", f"{W}/t.jsonl", "--model-name-or-path", f"{W}/notok"),
+        ("cannot load a tokenizer", "no such folder", "pass a local tokenizer or model folder")),
+    Row("tokenize", "--model-name-or-path is a model folder without tokenizer files",
+        (f"{W}/in.jsonl", "-o", f"{W}/t.jsonl", "--model-name-or-path", f"{W}/model"),
+        ("no tokenizer.json", "pass the folder of the model's tokenizer")),
+    Row("tokenize", "tokenizer has no chat template",
+        (f"{W}/in.jsonl", "-o", f"{W}/t.jsonl", "--model-name-or-path", f"{W}/tok-no-template"),
+        ("no chat template", "--chat-template chatml")),
+    Row("tokenize", "--strict and a malformed input line",
+        (f"{W}/in-bad.jsonl", "-o", f"{W}/t.jsonl", "--model-name-or-path", TOKENIZER, "--strict",
+         "--num-workers", "1"),
+        ("in-bad.jsonl:2: malformed JSON", "without --strict such lines go to the rejects file")),
+    # ----------------------------------------------------------------------------------------- inspect
+    Row("inspect", "file does not exist", (f"{W}/nope.jsonl",),
+        ("nope.jsonl: no such file", "pass the OUT.jsonl written by `minitrain tokenize`")),
+    Row("inspect", "file is empty", (f"{W}/empty.jsonl",),
+        ("no samples (empty file)", "run `minitrain tokenize` first")),
+    Row("inspect", "file is not a tokenize output (raw conversations)", (f"{W}/in.jsonl", "--stats"),
+        ("in.jsonl:1: not a tokenized sample", "run `minitrain tokenize` first")),
+    Row("inspect", "tokenized file with a malformed line", (f"{W}/bad.jsonl", "--stats"),
+        ("bad.jsonl:4: malformed JSON", "fix or delete that line")),
+    # ------------------------------------------------------------------------------------------- train
+    Row("train", "data file does not exist", _train(data=f"{W}/nope.jsonl"),
+        ("nope.jsonl: no such file", "pass the output of `minitrain tokenize`")),
+    Row("train", "data file is empty", _train(data=f"{W}/empty.jsonl"),
+        ("empty.jsonl: the file is empty", "tokenize some data first")),
+    Row("train", "tokenized file with a malformed line", _train(data=f"{W}/bad.jsonl"),
+        ("bad.jsonl:4: malformed JSON", "fix or delete that line, or re-run `minitrain tokenize`")),
+    Row("train", "token ids outside the model's vocabulary", _train(data=f"{W}/big-vocab.jsonl"),
+        ("token id", "does not fit the vocabulary", "(64 ids)", "tokenize with this model's tokenizer")),
+    Row("train", "every sample longer than --max-tokens-per-gpu", _train("--max-tokens-per-gpu", "3"),
+        ("every sample is longer than --max-tokens-per-gpu 3", "raise --max-tokens-per-gpu")),
+    Row("train", "--batch-size 0", _train("--batch-size", "0"), ("--batch-size must be a positive integer, got 0",)),
+    Row("train", "--batch-size -8", _train("--batch-size", "-8"), ("--batch-size must be a positive integer, got -8",)),
+    Row("train", "--max-tokens-per-gpu 0", _train("--max-tokens-per-gpu", "0"),
+        ("--max-tokens-per-gpu must be a positive integer, got 0",)),
+    Row("train", "unknown --lr-scheduler", _train("--lr-scheduler", "wsd"),
+        ("--lr-scheduler must be one of constant_with_warmup, cosine, linear, constant", "'wsd'")),
+    Row("train", "unknown --fsdp-sharding-strategy", _train("--fsdp-sharding-strategy", "ZERO3"),
+        ("--fsdp-sharding-strategy must be one of FULL_SHARD", "'ZERO3'")),
+    Row("train", "--model-name-or-path does not exist", _train(model=f"{W}/nomodel"),
+        ("nomodel: not a model folder (no such path)", "pass a folder with config.json")),
+    Row("train", "--model-name-or-path folder without config.json", _train(model=f"{W}/emptydir"),
+        ("emptydir: not a model folder or a Hub id available offline", "pass a folder with config.json")),
+    Row("train", "model is not a causal LM (T5 config)", _train(model=f"{W}/t5"),
+        ("is a 't5' model, not a causal LM", "pass a decoder-only model")),
+    Row("train", "model is an encoder (BERT config)", _train(model=f"{W}/bert"),
+        ("is a 'bert' model, not a causal LM", "pass a decoder-only model")),
+    Row("train", "--output-dir under an existing file", _train(out=f"{W}/afile/out"),
+        ("--output-dir", "cannot create it (Not a directory)", "choose a writable folder")),
+    Row("train", "--output-dir already holds a run", _train(out=f"{W}/prev-run"),
+        ("already holds a run", "add --resume to continue it, --overwrite to replace it")),
+    Row("train", "--resume with no checkpoint", _train("--resume", "latest", out=f"{W}/fresh"),
+        ("--resume: no complete checkpoint", "start without --resume")),
+    Row("train", "--resume and --overwrite", _train("--resume", "latest", "--overwrite"),
+        ("--resume continues the run", "--overwrite replaces it; give one")),
+    Row("train", "two stop criteria", _train("--max-steps", "10", "--max-epochs", "1"),
+        ("give at most one stop criterion, not --max-steps and --max-epochs",)),
+    Row("train", "cosine schedule without a stop criterion", _train("--lr-scheduler", "cosine"),
+        ("needs --max-steps, --max-samples or --max-epochs", "or use constant_with_warmup")),
+    Row("train", "--nproc 0", _train("--nproc", "0"), ("--nproc must be a positive integer, got 0",)),
+    Row("train", "--nproc larger than the GPUs present", _train("--nproc", "4"),
+        ("--nproc 4 but only 2 GPUs are visible", "use --nproc 2 or fewer"), gpus=2),
+    Row("train", "--load-in-4bit without a GPU", _train("--lora-rank", "4", "--load-in-4bit"),
+        ("--load-in-4bit (QLoRA) needs a CUDA GPU", "Drop the flag"), gpus=0),
+    Row("train", "--load-in-4bit without --lora-rank", _train("--load-in-4bit"),
+        ("--load-in-4bit trains an adapter: add --lora-rank R",)),
+    Row("train", "--eval-every-samples without --eval-data-path", _train("--eval-every-samples", "4"),
+        ("--eval-every-samples needs --eval-data-path",)),
+    Row("train", "--lora-rank 0", _train("--lora-rank", "0"), ("--lora-rank must be positive, got 0",)),
+    Row("train", "--dry-run-report without --dry-run", _train("--dry-run-report", f"{W}/plan.json"),
+        ("--dry-run-report needs --dry-run",)),
+    # -------------------------------------------------------------------------------------------- plot
+    Row("plot", "run directory does not exist", (f"{W}/norun",),
+        ("norun does not exist", "pass a training output directory or a metrics .jsonl file")),
+    Row("plot", "metrics file is empty", (f"{W}/run-empty",),
+        ("training_metrics_0.jsonl is empty", "try again later or use --watch")),
+    Row("plot", "unknown --metric", (f"{W}/run-ok", "-m", "accuracy"),
+        ("unknown metric 'accuracy'", "available: loss, lr, step")),
+    Row("plot", "malformed line in the middle of the metrics", (f"{W}/run-bad",),
+        ("training_metrics_0.jsonl:2: not a JSON line", "fix or delete that line")),
+    Row("plot", "-o with an unknown image type", (f"{W}/run-ok", "-o", f"{W}/curves.jpg2"),
+        ("unknown image type '.jpg2'", "end it in .png, .svg, .pdf")),
+    # -------------------------------------------------------------------------------------------- demo
+    Row("demo", "--output-dir under an existing file", ("--output-dir", f"{W}/afile/demo"),
+        ("--output-dir", "cannot create it (Not a directory)", "choose a writable folder")),
+    Row("demo", "--nproc 0", ("--output-dir", f"{W}/demo", "--nproc", "0"),
+        ("--nproc must be a positive integer, got 0",)),
+]  # fmt: skip
+
+# Rows run again as real processes, to prove `main` renders them as one line (one per command, and the
+# FILE:LINE rows, whose messages are the longest).
+RENDERED = [
+    "tokenize: input file does not exist",
+    "inspect: tokenized file with a malformed line",
+    "train: tokenized file with a malformed line",
+    "train: --batch-size 0",
+    "plot: unknown --metric",
+]
+
+
+def _good_conversation() -> str:
+    return json.dumps(
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
+    )
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory) -> Path:
+    """The files every row points at."""
+    from transformers import BertConfig, T5Config
+
+    w = tmp_path_factory.mktemp("bad-input")
+    tiny_llama_config(vocab_size=64).save_pretrained(w / "model")
+    T5Config(vocab_size=64, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2).save_pretrained(w / "t5")
+    BertConfig(
+        vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32
+    ).save_pretrained(w / "bert")
+    (w / "emptydir").mkdir()
+    data = write_tokenized(w / "d.jsonl", num=8, vocab=64, seed=0)
+    write_tokenized(w / "big-vocab.jsonl", num=8, vocab=500, seed=0)
+    lines = data.read_text().splitlines()
+    lines[3] = '{"input_ids": [1, 2'  # line 4: cut short, as a crashed writer leaves it
+    (w / "bad.jsonl").write_text("\n".join(lines) + "\n")
+    (w / "empty.jsonl").write_text("")
+    (w / "afile").write_text("a file, not a folder\n")
+    (w / "in.jsonl").write_text(_good_conversation() + "\n")
+    (w / "in-bad.jsonl").write_text(_good_conversation() + "\n{broken\n" + _good_conversation() + "\n")
+    if SMOLLM2.is_dir():
+        shutil.copytree(SMOLLM2, w / "tok-no-template")
+        config_file = w / "tok-no-template" / "tokenizer_config.json"
+        config = json.loads(config_file.read_text())
+        config.pop("chat_template", None)
+        config_file.write_text(json.dumps(config))
+    (w / "prev-run" / "checkpoints").mkdir(parents=True)
+    (w / "prev-run" / "training_metrics_0.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+    for name, text in (
+        ("run-empty", ""),
+        ("run-ok", '{"step": 1, "loss": 1.0, "lr": 1e-5}\n{"step": 2, "loss": 0.9, "lr": 1e-5}\n'),
+        ("run-bad", '{"step": 1, "loss": 1.0}\n{"step": 2, "lo\n{"step": 3, "loss": 0.8}\n'),
+    ):
+        (w / name).mkdir()
+        (w / name / "training_metrics_0.jsonl").write_text(text)
+    return w
+
+
+def _fill(args, ws: Path) -> list[str]:
+    return [a.replace(W, str(ws)) for a in args]
+
+
+def _args(row: Row, ws: Path) -> list[str]:
+    return [row.command, *_fill(row.args, ws)]
+
+
+@pytest.fixture
+def no_launch(monkeypatch):
+    """A row that passed every check would start torchrun or the demo's training: fail instead."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the bad input was not refused: training was launched")
+
+    monkeypatch.setattr("minitrain.train.launch.run_command", refuse)
+
+
+@pytest.mark.parametrize("row", ROWS, ids=lambda r: r.id)
+def test_row(row: Row, ws: Path, no_launch, monkeypatch):
+    if (TOKENIZER in row.args or f"{W}/tok-no-template" in row.args) and not SMOLLM2.is_dir():
+        pytest.skip(f"fixture tokenizer {SMOLLM2} is absent")
+    if row.gpus is not None:
+        import torch
+
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: row.gpus > 0)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: row.gpus)
+    result = CliRunner().invoke(app, _args(row, ws))
+    assert isinstance(result.exception, UserError), (result.exception, result.output)
+    message = str(result.exception)
+    assert "\n" not in message, message
+    for fragment in row.says:
+        assert fragment in message, message
+    assert result.exit_code == 1
+
+
+def _minitrain(args: list[str], **env: str) -> subprocess.CompletedProcess:
+    outer = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "TORCHELASTIC_RUN_ID", "MINITRAIN_DEBUG")
+    environ = {k: v for k, v in os.environ.items() if k not in outer} | {"OMP_NUM_THREADS": "1", **env}
+    return subprocess.run(
+        [sys.executable, "-m", "minitrain", *args], capture_output=True, text=True, env=environ, timeout=300
+    )
+
+
+@pytest.mark.parametrize("row", [r for r in ROWS if r.id in RENDERED], ids=lambda r: r.id)
+def test_rendered_as_one_line(row: Row, ws: Path):
+    if TOKENIZER in row.args and not SMOLLM2.is_dir():
+        pytest.skip(f"fixture tokenizer {SMOLLM2} is absent")
+    done = _minitrain(_args(row, ws))
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.startswith("minitrain: error: "), done.stderr
+    assert done.stderr.endswith("\n") and done.stderr.count("\n") == 1, done.stderr  # one line, no traceback
+    for fragment in row.says:
+        assert fragment in done.stderr
+
+
+def test_rows_cover_every_command_with_unique_ids():
+    ids = [r.id for r in ROWS]
+    assert len(set(ids)) == len(ids)
+    assert set(RENDERED) <= set(ids)
+    assert {r.command for r in ROWS} == {"tokenize", "inspect", "train", "plot", "demo"}
+
+
+def test_debug_switch_shows_the_traceback(ws: Path):
+    done = _minitrain(["train", *_fill(_train("--batch-size", "0"), ws)], MINITRAIN_DEBUG="1")
+    assert done.returncode == 1 and "Traceback" in done.stderr and "UserError" in done.stderr
+
+
+# ------------------------------------------------------------------ degraded but valid: exit 0, warned once
+
+
+@pytest.fixture(scope="module")
+def cpu_run_with_degraded_flags(ws: Path) -> tuple[subprocess.CompletedProcess, Path]:
+    """One real 1-step run on one CPU process with --use-liger-kernels and a budget some samples exceed."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible: --use-liger-kernels is not degraded here")
+    out = ws / "degraded"
+    args = ["train", *_train("--from-scratch", "--use-liger-kernels", "--max-steps", "1", "--batch-size", "4",
+            "--max-tokens-per-gpu", "24", "--num-warmup-steps", "0", out=str(out))]  # fmt: skip
+    done = _minitrain(_fill(args, ws))
+    return done, out
+
+
+WARNINGS = [
+    ("--use-liger-kernels without a GPU", "minitrain: warning: --use-liger-kernels needs a GPU; using the "
+     "chunked cross-entropy instead"),
+    ("some samples longer than --max-tokens-per-gpu", "samples are longer than --max-tokens-per-gpu 24 and "
+     "will be skipped (raise it to train them)"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("did", "warning"), WARNINGS, ids=[d for d, _ in WARNINGS])
+def test_degraded_flags_warn_once_and_train(cpu_run_with_degraded_flags, did: str, warning: str):
+    done, out = cpu_run_with_degraded_flags
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.count(warning) == 1, done.stderr  # on stderr, once (not once per rank or per step)
+    assert warning not in done.stdout
+    [line] = [line for line in done.stderr.splitlines() if warning in line]
+    assert line.startswith("minitrain: warning: ")
+    metrics = [orjson.loads(x) for x in (out / "training_metrics_0.jsonl").read_bytes().splitlines() if x]
+    losses = [m["loss"] for m in metrics if "loss" in m]
+    assert len(losses) == 1 and 0 < losses[0] < 10  # the chunked loss trained: ln(64) ~ 4.16 at the start
+    assert (out / "hf_format").is_dir()
