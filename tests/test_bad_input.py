@@ -121,6 +121,8 @@ ROWS = [
         ("is a 't5' model, not a causal LM", "pass a decoder-only model")),
     Row("train", "model is an encoder (BERT config)", _train(model=f"{W}/bert"),
         ("is a 'bert' model, not a causal LM", "pass a decoder-only model")),
+    Row("train", "model folder without weights (and no --from-scratch)", _train(model=f"{W}/config-only"),
+        ("no weights there", "add --from-scratch")),
     Row("train", "--output-dir under an existing file", _train(out=f"{W}/afile/out"),
         ("--output-dir", "cannot create it (Not a directory)", "choose a writable folder")),
     Row("train", "--output-dir already holds a run", _train(out=f"{W}/prev-run"),
@@ -186,7 +188,10 @@ def ws(tmp_path_factory) -> Path:
     from transformers import BertConfig, T5Config
 
     w = tmp_path_factory.mktemp("bad-input")
-    tiny_llama_config(vocab_size=64).save_pretrained(w / "model")
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_config(tiny_llama_config(vocab_size=64)).save_pretrained(w / "model")
+    tiny_llama_config(vocab_size=64).save_pretrained(w / "config-only")
     T5Config(vocab_size=64, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2).save_pretrained(w / "t5")
     BertConfig(
         vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32

@@ -61,8 +61,12 @@ def default_nproc() -> int:
 
 
 def torchrun_command(config: TrainConfig, *, python: str = sys.executable) -> list[str]:
-    """The torchrun command line for `config`: standalone on one node, c10d rendezvous across several."""
-    cmd = [python, "-m", "torch.distributed.run", "--nproc-per-node", str(config.nproc)]
+    """The torchrun command line for `config`: standalone on one node, c10d rendezvous across several.
+
+    It runs torchrun through `torchrun_main` below (same arguments as `python -m torch.distributed.run`), so
+    a failed or interrupted run ends with one line per failed rank instead of torchrun's traceback.
+    """
+    cmd = [python, "-m", "minitrain.train.launch", "--nproc-per-node", str(config.nproc)]
     if config.nnodes == 1:
         cmd += ["--standalone", "--nnodes", "1"]
     else:
@@ -136,6 +140,8 @@ def preflight(config: TrainConfig) -> Preflight:
             "--load-in-4bit: 4-bit (QLoRA) training is not built yet in this version; drop the flag to train "
             "the LoRA adapter on a bf16 base"
         )
+    if not config.from_scratch:
+        _check_weights(config.model_name_or_path)
     _check_output_dir(config.output_dir)
     _check_previous_run(config)
     if not in_launched_env():
@@ -283,6 +289,21 @@ def _check_output_dir(path: Path) -> None:
         raise UserError(f"--output-dir {path}: not writable; choose a writable folder")
 
 
+WEIGHT_FILES = (
+    "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json",
+)  # fmt: skip
+
+
+def _check_weights(model_name_or_path: str) -> None:
+    """A local model folder must hold weights unless --from-scratch (found here, not after spawning ranks)."""
+    folder = Path(model_name_or_path)
+    if folder.is_dir() and not any((folder / name).is_file() for name in WEIGHT_FILES):
+        raise UserError(
+            f"--model-name-or-path {model_name_or_path}: no weights there (model.safetensors or "
+            "pytorch_model.bin); add --from-scratch to start from its config, or pass the folder with the weights"
+        )
+
+
 RUN_ARTIFACTS = ("training_metrics_0.jsonl", "checkpoints", "hf_format")
 
 
@@ -339,3 +360,33 @@ def _version(package: str) -> str | None:
         return version(package)
     except PackageNotFoundError:
         return None
+
+
+def torchrun_main(argv: Sequence[str]) -> int:
+    """torchrun (`torch.distributed.run`) with its failures as one line each instead of a traceback.
+
+    A failing rank has already printed its own one-line error; torchrun then raises `ChildFailedError`
+    (or `SignalException` when it was itself signalled), which would end in a traceback of torchrun's
+    internals. Exit codes: 1 when a rank failed, 128+N after signal N.
+    """
+    import signal
+
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import main as torchrun
+
+    try:
+        torchrun(list(argv))
+    except ChildFailedError as err:
+        for rank, failure in sorted(err.failures.items()):
+            code = failure.exitcode
+            how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
+            print(f"minitrain: rank {rank} (pid {failure.pid}) {how}", file=sys.stderr, flush=True)
+        return 1
+    except SignalException as err:
+        return 128 + int(err.sigval)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(torchrun_main(sys.argv[1:]))

@@ -29,7 +29,7 @@ def _config(**kw) -> TrainConfig:
 
 def test_one_node_is_standalone():
     assert torchrun_command(_config(nproc=4), python="py") == [
-        "py", "-m", "torch.distributed.run", "--nproc-per-node", "4", "--standalone", "--nnodes", "1",
+        "py", "-m", "minitrain.train.launch", "--nproc-per-node", "4", "--standalone", "--nnodes", "1",
         "-m", "minitrain.train.worker", "/out",
     ]  # fmt: skip
 
@@ -37,7 +37,7 @@ def test_one_node_is_standalone():
 def test_several_nodes_use_a_c10d_rendezvous():
     config = _config(nproc=8, nnodes=2, node_rank=1, rdzv_endpoint="node0:29400", rdzv_id="job7")
     assert torchrun_command(config, python="py") == [
-        "py", "-m", "torch.distributed.run", "--nproc-per-node", "8", "--nnodes", "2", "--node-rank", "1",
+        "py", "-m", "minitrain.train.launch", "--nproc-per-node", "8", "--nnodes", "2", "--node-rank", "1",
         "--rdzv-backend", "c10d", "--rdzv-endpoint", "node0:29400", "--rdzv-id", "job7",
         "-m", "minitrain.train.worker", "/out",
     ]  # fmt: skip
@@ -146,7 +146,9 @@ def test_refuses_data_tokenized_with_another_tokenizer(tmp_path):
             "tokenizer": {"path": "/elsewhere/tokenizer", "fingerprint": "sha256:" + "0" * 64}}  # fmt: skip
     sidecar_path(data).write_bytes(orjson.dumps(meta))
     model = _model(tmp_path, 49152, tokenizer=SMOLLM2)
-    config = _config(data_path=data, model_name_or_path=str(model), output_dir=tmp_path / "o")
+    config = _config(
+        data_path=data, model_name_or_path=str(model), output_dir=tmp_path / "o", from_scratch=True
+    )
     with pytest.raises(UserError, match="was tokenized with /elsewhere/tokenizer"):
         preflight(config)
     # the same file with the model's own fingerprint passes, and checkpoints will copy the model's tokenizer
