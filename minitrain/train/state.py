@@ -284,9 +284,20 @@ def load_training_state(
             f"{checkpoint}: does not fit this model and optimizer ({_describe(err)}); resume with the same "
             f"--model-name-or-path (and adapter settings) as the run that wrote it"
         ) from err
+    # the resumed run's flags (--learning-rate, --weight-decay) win over the ones saved in the optimizer and
+    # scheduler state; only the moments, the step counts and the position in the schedule come back
+    settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    for group, own in zip(optimizer.param_groups, settings, strict=True):
+        group.update(own)
     if scheduler is not None and trainer_state["scheduler"] is not None:
-        scheduler.load_state_dict(trainer_state["scheduler"])
+        saved = dict(trainer_state["scheduler"], base_lrs=list(scheduler.base_lrs))
+        if hasattr(scheduler, "lr_lambdas"):  # LambdaLR (all transformers schedules): the saved step's rate
+            rates = zip(saved["base_lrs"], scheduler.lr_lambdas, strict=True)
+            saved["_last_lr"] = [base * f(saved["last_epoch"]) for base, f in rates]
+        scheduler.load_state_dict(saved)
+        for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr(), strict=True):
+            group["lr"] = lr
 
     counters, sampler_state = trainer_state["counters"], trainer_state["sampler"]
     rng_file = checkpoint / RNG_DIR / f"rank_{dist.rank}.json"
