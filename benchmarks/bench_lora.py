@@ -47,10 +47,8 @@ MB = 1024 * 1024
 VARIANTS = {"full": None, "lora r8": 8, "lora r64": 64}  # name -> LoRA rank (None: full fine-tuning)
 SAMPLE = list[tuple[list[int], list[int]]]
 
-
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_train import _rss, load_samples, pack  # noqa: E402  (the same fixture batches as bench_train)
 
 
 def _reset_peak() -> bool:
@@ -68,41 +66,6 @@ def _peak(reset_ok: bool) -> int:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) * 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # since process start
-
-
-def load_samples(max_len: int) -> SAMPLE:
-    """(input_ids, aligned labels) of every fixture conversation up to max_len tokens; user turn masked."""
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(FIXTURES / "tokenizers" / "tinyllama-1.1b-chat-v1.0")
-    out = []
-    for path in sorted((FIXTURES / "data").glob("*.messages.jsonl")):
-        for line in path.read_text().splitlines():
-            messages = json.loads(line)["messages"]
-            ids = list(tok.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"])
-            prompt = tok.apply_chat_template(
-                messages[:1], tokenize=True, add_generation_prompt=True, return_dict=True
-            )
-            n_prompt = len(prompt["input_ids"])
-            if 2 < len(ids) <= max_len:
-                out.append((ids, [-100] * n_prompt + ids[n_prompt:]))
-    return out
-
-
-def pack(batch: SAMPLE):
-    """One PackedMinibatch (the data contract of minitrain.data.batch) from (ids, aligned labels) samples."""
-    import torch
-
-    from minitrain.data.batch import PackedMinibatch
-
-    ids = torch.tensor([t for s in batch for t in s[0]])[None]  # (1, T)
-    shifted = torch.tensor([t for s in batch for t in [*s[1][1:], -100]])[None]  # (1, T) target of t
-    pos = torch.tensor([p for s in batch for p in range(len(s[0]))])[None]  # (1, T) restarting at 0
-    lens = [len(s[0]) for s in batch]
-    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
-    return PackedMinibatch(
-        ids, shifted, pos, cu, max(lens), len(batch), sum(lens), int((shifted != -100).sum())
-    )
 
 
 def build(rank: int | None, layers: int):
