@@ -3,6 +3,7 @@
 Two real runs on a saved tiny Llama (random weights, fp32, gloo):
 
     lora     `minitrain train --nproc 2 --lora-rank 8 --merge-lora --eval-data-path ...`
+    resumed  the same adapter on 1 process: half the steps, then `--resume` for the rest
     stacked  `minitrain train --nproc 1 --lora-rank 4 --base-adapter <lora's adapter> --eval-data-path ...`
 
 The reference is the obvious one: load what was saved with stock PEFT / transformers, run each eval sample
@@ -80,7 +81,14 @@ def runs(tmp_path_factory) -> dict[str, Path]:
          "--lora-target-modules", "q_proj,v_proj", "--base-adapter", str(adapter)],
         root,
     )  # fmt: skip
-    return {"root": root, "lora": root / "lora", "stacked": root / "stacked", "eval": evaluation}
+    # the same LoRA run on another nproc, stopped after 6 steps and resumed (a bare --resume) to the end
+    half = [*common, "--output-dir", str(root / "resumed"), "--nproc", "1", "--lora-rank", "8"]
+    _run([*half, "--max-steps", str(STEPS // 2)], root)
+    _run([*half, "--resume", "--max-steps", str(STEPS)], root)
+    return {
+        "root": root, "lora": root / "lora", "stacked": root / "stacked", "resumed": root / "resumed",
+        "eval": evaluation,
+    }  # fmt: skip
 
 
 def _base(runs) -> torch.nn.Module:
@@ -130,3 +138,14 @@ def test_stacked_adapter_records_its_base_and_equals_the_adapters_applied_in_ord
     assert direct_eval_loss(stacked, runs["eval"]) == pytest.approx(logged, rel=1e-5)
     first_only = [r["eval_loss"] for r in _metrics(runs["lora"]) if "eval_loss" in r][-1]
     assert logged != pytest.approx(first_only, rel=1e-3)  # the second adapter learned something
+
+
+def test_an_adapter_run_resumes_exactly_on_another_nproc(runs):
+    def losses(out: Path) -> dict[int, float]:
+        return {r["step"]: r["loss"] for r in _metrics(out) if "loss" in r}
+
+    reference, resumed = losses(runs["lora"]), losses(runs["resumed"])
+    loss_steps = [r["step"] for r in _metrics(runs["resumed"]) if "loss" in r]
+    assert loss_steps == list(range(1, STEPS + 1))  # every step once, across the interruption
+    for step in range(1, STEPS + 1):
+        assert resumed[step] == pytest.approx(reference[step], rel=1e-5), step
