@@ -48,7 +48,7 @@ class TrainState:
     samples_seen: int = 0  # samples trained (over-long ones excluded): checkpoint names use it
     tokens_seen: int = 0
     last_checkpoint_samples: int = 0
-    last_eval_samples: int = 0
+    last_eval_samples: int = 0  # only to skip a final eval right after a periodic one
     stop_signal: int = 0  # the signal that stopped the run early (0: it ran to its end)
 
 
@@ -94,7 +94,8 @@ def train_loop(
 
     `model(batch)` returns the SUM of token cross-entropy over the minibatch's trained tokens. `mfu(lengths,
     seconds)` turns a step's real sample lengths and duration into model FLOPs utilisation (GPU only).
-    `evaluate()` returns the eval loss; it runs every `eval_every_samples` samples and at the end.
+    `evaluate()` returns the eval loss; it runs each time the samples seen pass a multiple of
+    `eval_every_samples`, and at the end.
     """
     state = state or TrainState()
     rank, world, device = dist.rank, dist.world_size, dist.device
@@ -172,7 +173,10 @@ def train_loop(
         if (
             evaluate is not None
             and eval_every_samples is not None
-            and state.samples_seen - state.last_eval_samples >= eval_every_samples
+            # each time samples seen crosses a multiple of N: a function of the counters alone, so a resumed
+            # run evaluates at the same points as an uninterrupted one
+            and state.samples_seen // eval_every_samples
+            > (state.samples_seen - len(trained)) // eval_every_samples
         ):
             _log_eval(evaluate, state, sampler, metrics, display)
         if stop_flag is not None and stop_flag.should_stop(dist):  # every rank agrees, at this step

@@ -149,3 +149,13 @@ def test_an_adapter_run_resumes_exactly_on_another_nproc(runs):
     assert loss_steps == list(range(1, STEPS + 1))  # every step once, across the interruption
     for step in range(1, STEPS + 1):
         assert resumed[step] == pytest.approx(reference[step], rel=1e-5), step
+    # eval at the same points as the uninterrupted run (plus the half run's own final eval at its end)
+    evals = {
+        r["total_samples_accumulated"]: r["eval_loss"] for r in _metrics(runs["resumed"]) if "eval_loss" in r
+    }
+    expected = {
+        r["total_samples_accumulated"]: r["eval_loss"] for r in _metrics(runs["lora"]) if "eval_loss" in r
+    }
+    assert sorted(evals) == [32, 48, 64, 96]
+    for samples, loss in expected.items():
+        assert evals[samples] == pytest.approx(loss, rel=1e-5)
