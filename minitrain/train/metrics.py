@@ -21,6 +21,9 @@ in flight:
     timestamp                  str    ISO 8601, UTC, when the step ended
     mfu                        float  on GPU only: model FLOPs utilisation of real tokens (0..1)
 
+With an eval set, eval lines stand between the step lines: {step, eval_loss, total_samples_accumulated,
+epoch, timestamp}. A resumed run keeps the lines up to its checkpoint's step and appends after them.
+
 Display: a rich progress bar on a terminal (step, loss, lr, tokens/s, samples, ETA when the run has a stop
 criterion), one plain line per step otherwise (logs, pipes). Trade-off: metrics are written synchronously
 (a flush per step costs microseconds next to a training step) instead of through a background thread.
@@ -52,14 +55,20 @@ PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "H800": 989e12, "A100": 312e1
 
 
 class MetricsWriter:
-    """Appends one JSON object per line to `path`, flushed per line; a no-op object on ranks other than 0."""
+    """Appends one JSON object per line to `path`, flushed per line; a no-op object on ranks other than 0.
 
-    def __init__(self, path: Path, *, enabled: bool = True, append: bool = False) -> None:
+    A new run starts the file afresh; `continue_after_step=N` (a resumed run) keeps the lines of steps up to
+    N and drops later ones (trained after the checkpoint, before the interruption) and a line cut by a crash.
+    """
+
+    def __init__(self, path: Path, *, enabled: bool = True, continue_after_step: int | None = None) -> None:
         self.path = Path(path)
         self._file: IO[bytes] | None = None
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = self.path.open("ab" if append else "wb")
+            if continue_after_step is not None:
+                _keep_steps_up_to(self.path, continue_after_step)
+            self._file = self.path.open("wb" if continue_after_step is None else "ab")
 
     def write(self, record: dict[str, Any]) -> None:
         if self._file is not None:
@@ -86,6 +95,23 @@ def format_line(record: dict[str, Any], total_steps: int | None) -> str:
         f"{record['tokens_per_second']:,.0f} tok/s  samples {record['total_samples_accumulated']:,}  "
         f"{record['time_per_batch']:.2f}s"
     )
+
+
+def _keep_steps_up_to(path: Path, step: int) -> None:
+    """Rewrite `path` (atomically) with only its complete lines of steps <= `step`."""
+    from minitrain.data.format import atomic_write
+
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_bytes().splitlines():
+        try:
+            if orjson.loads(line)["step"] <= step:
+                keep.append(line + b"\n")
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            continue  # a line cut by the crash
+    with atomic_write(path) as f:
+        f.write(b"".join(keep))
 
 
 class ProgressDisplay:

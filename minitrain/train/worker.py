@@ -117,8 +117,6 @@ def _train(config: TrainConfig, dist: DistInfo, tokenizer_source: str | None) ->
             step=counters["step"], samples_seen=counters["samples_seen"], tokens_seen=counters["tokens_seen"],
             last_checkpoint_samples=counters["samples_seen"],
         )  # fmt: skip
-        if dist.is_main:
-            _truncate_metrics(Path(config.output_dir) / METRICS_FILE, state.step)
         print0(dist, f"resumed from {checkpoint} at step {state.step} ({state.samples_seen} samples)")
 
     export_dtype = torch.bfloat16 if on_gpu else master_dtype  # checkpoints in the compute dtype
@@ -170,7 +168,9 @@ def _train(config: TrainConfig, dist: DistInfo, tokenizer_source: str | None) ->
     )
     metrics_path = Path(config.output_dir) / METRICS_FILE
     with (
-        MetricsWriter(metrics_path, enabled=dist.is_main, append=config.resume is not None) as metrics,
+        MetricsWriter(
+            metrics_path, enabled=dist.is_main, continue_after_step=state.step if config.resume else None
+        ) as metrics,
         StopFlag(announce=dist.is_main) as stop,
     ):
         display = ProgressDisplay(total_steps=total_steps, enabled=dist.is_main)
@@ -218,25 +218,6 @@ def _resume_point(config: TrainConfig, dist: DistInfo) -> Path:
     if isinstance(choice[0], UserError):
         raise choice[0]
     return choice[0]
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop metric lines of steps after `step` (trained after the checkpoint, before the interruption)."""
-    import orjson
-
-    from minitrain.data.format import atomic_write
-
-    if not path.exists():
-        return
-    keep = []
-    for line in path.read_bytes().splitlines():
-        try:
-            if orjson.loads(line)["step"] <= step:
-                keep.append(line + b"\n")
-        except (orjson.JSONDecodeError, KeyError, TypeError):
-            continue  # a line cut by the crash
-    with atomic_write(path) as f:
-        f.write(b"".join(keep))
 
 
 def _matmul_params(lm: torch.nn.Module) -> int:

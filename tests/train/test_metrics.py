@@ -38,11 +38,15 @@ def test_each_line_is_on_disk_before_the_writer_closes(tmp_path):
     writer.write(RECORD | {"step": 4})
     writer.close()
     assert [r["step"] for r in read_metrics(path)] == [3, 4]
-    with MetricsWriter(path, append=True) as again:
+    with MetricsWriter(path, continue_after_step=4) as again:
         again.write(RECORD | {"step": 5})
     assert [r["step"] for r in read_metrics(path)] == [3, 4, 5]
     path.open("ab").write(b'{"step": 6, "lo')  # a line cut by a crash is ignored by the reader
     assert len(read_metrics(path)) == 3
+    with MetricsWriter(path, continue_after_step=3) as resumed:  # resumed from step 3: steps 4, 5 go
+        resumed.write(RECORD | {"step": 4, "loss": 0.5})
+    assert [(r["step"], r["loss"]) for r in read_metrics(path)] == [(3, RECORD["loss"]), (4, 0.5)]
+    assert path.read_bytes().endswith(b"}\n")  # the cut line is gone from the file itself
 
 
 def test_other_ranks_write_nothing(tmp_path):
