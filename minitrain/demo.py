@@ -91,7 +91,7 @@ def run_demo(
     """Generate, tokenize, inspect one sample, train from scratch with torchrun, plot the loss; return the paths."""
     from minitrain.config import TokenizeConfig, TrainConfig
     from minitrain.data.pipeline import render_summary, tokenize_file
-    from minitrain.train.launch import run_training
+    from minitrain.train.launch import check_output_dir, run_training
     from minitrain.train.metrics import METRICS_FILE, read_metrics
 
     console = console or Console()
@@ -100,12 +100,7 @@ def run_demo(
     for flag, value in (("--nproc", nproc), ("--max-steps", max_steps)):  # before minutes of data work
         if value < 1:
             raise UserError(f"{flag} must be a positive integer, got {value}")
-    try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UserError(
-            f"--output-dir {output_dir}: cannot create it ({err.strerror}); choose a writable folder"
-        ) from None
+    check_output_dir(output_dir)
     model_dir = assets_dir()
     console.rule("[bold]1. data")
     dataset = write_dataset(output_dir / "data" / "arithmetic.messages.jsonl", num_samples)

@@ -179,15 +179,3 @@ def require_qlora(device_type: str) -> None:
         )
     if importlib.util.find_spec("bitsandbytes") is None:
         raise UserError("--load-in-4bit needs bitsandbytes: pip install 'minitrain[qlora]'")
-
-
-def quantization_config(compute_dtype: torch.dtype):
-    """bitsandbytes NF4 with double quantisation and bf16 compute, as QLoRA does."""
-    from transformers import BitsAndBytesConfig
-
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=compute_dtype,
-    )

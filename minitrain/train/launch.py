@@ -103,33 +103,20 @@ def preflight(config: TrainConfig) -> Preflight:
     """Check data, model and output folder; raise `UserError` naming the problem and the fix."""
     import torch  # noqa: F401  (imported before transformers/the store on purpose: one import cost, paid here)
 
-    from minitrain.data.store import TokenStore
-
-    store = TokenStore.open(config.data_path)
-    if len(store) == 0:
-        raise UserError(f"{config.data_path}: no samples to train on; check the tokenize step's rejects file")
-    too_long = int((store.lengths > config.max_tokens_per_gpu).sum())
-    if too_long == len(store):
-        raise UserError(
-            f"every sample is longer than --max-tokens-per-gpu {config.max_tokens_per_gpu} (shortest: "
-            f"{int(store.lengths.min())} tokens); raise --max-tokens-per-gpu"
-        )
+    vocab_size = model_vocab_size(config.model_name_or_path)
+    store, too_long = _check_data(
+        config.data_path, label=str(config.data_path), config=config, vocab_size=vocab_size
+    )
     if too_long and _is_rank0():
         print(
             f"minitrain: warning: {too_long} of {len(store)} samples are longer than --max-tokens-per-gpu "
             f"{config.max_tokens_per_gpu} and will be skipped (raise it to train them)",
             file=sys.stderr,
         )
-    vocab_size = model_vocab_size(config.model_name_or_path)
-    if store.max_token_id >= vocab_size:
-        raise UserError(
-            f"{config.data_path}: token id {store.max_token_id} does not fit the vocabulary of "
-            f"{config.model_name_or_path} ({vocab_size} ids); tokenize with this model's tokenizer"
-        )
     source = tokenizer_source(config.model_name_or_path, store.meta)
-    check_tokenizer_matches(store.meta, config.model_name_or_path, config.data_path)
     if config.eval_data_path is not None:
-        _check_eval_data(config, vocab_size)
+        label = f"--eval-data-path {config.eval_data_path}"
+        _check_data(config.eval_data_path, label=label, config=config, vocab_size=vocab_size)
     if config.load_in_4bit:
         import torch
 
@@ -142,7 +129,7 @@ def preflight(config: TrainConfig) -> Preflight:
         )
     if not config.from_scratch:
         _check_weights(config.model_name_or_path)
-    _check_output_dir(config.output_dir)
+    check_output_dir(config.output_dir)
     _check_previous_run(config)
     if not in_launched_env():
         import torch
@@ -278,15 +265,16 @@ def run_training(config: TrainConfig) -> int:
     return run_command(torchrun_command(config))
 
 
-def _check_output_dir(path: Path) -> None:
+def check_output_dir(path: Path, flag: str = "--output-dir") -> None:
+    """Create `path` if needed and check it is writable (a one-line error naming `flag` otherwise)."""
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise UserError(
-            f"--output-dir {path}: cannot create it ({err.strerror}); choose a writable folder"
+            f"{flag} {path}: cannot create it ({err.strerror}); choose a writable folder"
         ) from None
     if not os.access(path, os.W_OK):
-        raise UserError(f"--output-dir {path}: not writable; choose a writable folder")
+        raise UserError(f"{flag} {path}: not writable; choose a writable folder")
 
 
 WEIGHT_FILES = (
@@ -329,23 +317,29 @@ def _check_previous_run(config: TrainConfig) -> None:
             shutil.rmtree(target) if target.is_dir() else target.unlink()
 
 
-def _check_eval_data(config: TrainConfig, vocab_size: int) -> None:
+def _check_data(path: Path, *, label: str, config: TrainConfig, vocab_size: int):
+    """Open a tokenized file (building its cache) and check it fits the model and the token budget.
+
+    Returns the store and how many of its samples are longer than --max-tokens-per-gpu (skipped).
+    """
     from minitrain.data.store import TokenStore
 
-    store = TokenStore.open(config.eval_data_path)
+    store = TokenStore.open(path)
     if len(store) == 0:
-        raise UserError(f"--eval-data-path {config.eval_data_path}: no samples")
+        raise UserError(f"{label}: no samples; check the tokenize step's rejects file")
+    too_long = int((store.lengths > config.max_tokens_per_gpu).sum())
+    if too_long == len(store):
+        raise UserError(
+            f"{label}: every sample is longer than --max-tokens-per-gpu {config.max_tokens_per_gpu} (shortest: "
+            f"{int(store.lengths.min())} tokens); raise --max-tokens-per-gpu"
+        )
     if store.max_token_id >= vocab_size:
         raise UserError(
-            f"--eval-data-path {config.eval_data_path}: token id {store.max_token_id} does not fit the "
-            f"vocabulary of {config.model_name_or_path} ({vocab_size} ids); tokenize with this model's tokenizer"
+            f"{label}: token id {store.max_token_id} does not fit the vocabulary of "
+            f"{config.model_name_or_path} ({vocab_size} ids); tokenize with this model's tokenizer"
         )
-    check_tokenizer_matches(store.meta, config.model_name_or_path, config.eval_data_path)
-    if int((store.lengths <= config.max_tokens_per_gpu).sum()) == 0:
-        raise UserError(
-            f"--eval-data-path {config.eval_data_path}: every sample is longer than --max-tokens-per-gpu "
-            f"{config.max_tokens_per_gpu}"
-        )
+    check_tokenizer_matches(store.meta, config.model_name_or_path, path)
+    return store, too_long
 
 
 def _is_rank0() -> bool:
