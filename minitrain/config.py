@@ -225,6 +225,20 @@ class TrainConfig:
                 raise UserError(f"{needs_lora[0]} trains an adapter: add --lora-rank R (e.g. 16)")
         else:
             self.lora_settings()  # validates rank, dropout, target modules and base adapter folders
+        if self.load_in_4bit:
+            clash = [
+                (flag, why)
+                for flag, given, why in (
+                    ("--merge-lora", self.merge_lora,
+                     "merging into a 4-bit base would round the merged weights to 4 bits; merge the saved "
+                     "adapter into the full-precision base afterwards (README: QLoRA)"),
+                    ("--from-scratch", self.from_scratch, "QLoRA quantizes pretrained weights; drop one"),
+                    ("--cpu-offload", self.cpu_offload, "the 4-bit base stays on the GPU; drop --cpu-offload"),
+                )  # fmt: skip
+                if given
+            ]
+            if clash:
+                raise UserError(f"--load-in-4bit with {clash[0][0]}: {clash[0][1]}")
         if self.eval_data_path is not None:
             object.__setattr__(self, "eval_data_path", Path(self.eval_data_path))
         if self.eval_every_samples is not None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -129,10 +130,16 @@ def activate_stack(model: PeftModel, base_names: Sequence[str]) -> None:
         param.requires_grad = f".{NEW_ADAPTER}." in name
 
 
+def logical_numel(param: torch.Tensor) -> int:
+    """Elements of the weight a parameter stands for: a packed 4-bit weight holds two per stored byte."""
+    quant_state = getattr(param, "quant_state", None)
+    return quant_state.shape.numel() if quant_state is not None else param.numel()
+
+
 def trainable_parameter_count(model: torch.nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts."""
+    """(trainable, total) parameter counts; 4-bit weights count as the weights they encode."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return trainable, sum(p.numel() for p in model.parameters())
+    return trainable, sum(logical_numel(p) for p in model.parameters())
 
 
 def save_adapter(
@@ -171,11 +178,47 @@ def merged_state_dict(
     return {k: v.contiguous() for k, v in merged.state_dict().items()}
 
 
+CPU_QLORA_ENV = "MINITRAIN_QLORA_ON_CPU"  # tests and development only: bitsandbytes' CPU backend, fp32 compute
+
+
 def require_qlora(device_type: str) -> None:
-    """QLoRA needs a CUDA GPU and bitsandbytes; refuse up front with the fix named."""
-    if device_type != "cuda":
+    """QLoRA needs a CUDA GPU and bitsandbytes; refuse up front with the fix named.
+
+    With MINITRAIN_QLORA_ON_CPU=1 the same path runs on bitsandbytes' CPU backend (slow, fp32 compute): the
+    test suite's way of exercising 4-bit loading, sharding, training and export on a machine without a GPU.
+    """
+    if device_type != "cuda" and os.environ.get(CPU_QLORA_ENV) != "1":
         raise UserError(
             "--load-in-4bit (QLoRA) needs a CUDA GPU; none is visible. Drop the flag to train LoRA in full precision"
         )
     if importlib.util.find_spec("bitsandbytes") is None:
         raise UserError("--load-in-4bit needs bitsandbytes: pip install 'minitrain[qlora]'")
+
+
+def nf4_config(compute_dtype: torch.dtype):
+    """QLoRA's quantisation: NF4 weights, double-quantised scales, matmuls in `compute_dtype` (bf16 on GPU)."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+    )
+
+
+def quantized_parameters(model: torch.nn.Module) -> set[torch.nn.Parameter]:
+    """The parameters of every bitsandbytes 4-bit linear layer (packed NF4 weights and their biases).
+
+    They are frozen; FSDP2 leaves them alone (`ignored_params`), so each rank keeps its own whole copy.
+    Also switches off bitsandbytes' CPU repacking: the first forward in eval mode without gradients (an
+    evaluation) rewrites a weight into a layout whose kernel has no backward, after which training silently
+    loses the gradient through the base (seen with bitsandbytes 0.50 on CPUs with AVX512-BF16). GPUs never
+    repack.
+    """
+    from bitsandbytes.nn import Linear4bit
+
+    layers = [module for module in model.modules() if isinstance(module, Linear4bit)]
+    for layer in layers:
+        layer.support_avx512bf16_for_cpu = False
+    return {p for layer in layers for p in layer.parameters()}

@@ -42,11 +42,17 @@ def checkpoint_dir(output_dir: Path, samples: int) -> Path:
     return Path(output_dir) / "hf_format" / f"samples_{samples}"
 
 
-def gather_full_state_dict(model: nn.Module, *, prefix: str = "lm.") -> dict[str, torch.Tensor]:
-    """Full, CPU-resident state dict of the HF model inside `model` on rank 0 (empty elsewhere); collective."""
+def gather_full_state_dict(
+    model: nn.Module, *, prefix: str = "lm.", trainable_only: bool = False
+) -> dict[str, torch.Tensor]:
+    """Full, CPU-resident state dict of the HF model inside `model` on rank 0 (empty elsewhere); collective.
+
+    `trainable_only` skips the frozen parameters (an adapter export needs only the new adapter's).
+    """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)
+    state = get_model_state_dict(model, options=options)
     return {k.removeprefix(prefix): v for k, v in state.items()}
 
 
@@ -71,7 +77,7 @@ def save_hf_checkpoint(
     Returns the checkpoint folder.
     """
     final = checkpoint_dir(output_dir, samples)
-    state = gather_full_state_dict(model)
+    state = gather_full_state_dict(model, trainable_only=adapter is not None and not merge_adapter)
     if dist.is_main:
         tmp = final.with_name(f".{final.name}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)

@@ -123,10 +123,6 @@ def preflight(config: TrainConfig) -> Preflight:
         from minitrain.train.adapters import require_qlora
 
         require_qlora("cuda" if torch.cuda.is_available() else "cpu")
-        raise UserError(
-            "--load-in-4bit: 4-bit (QLoRA) training is not built yet in this version; drop the flag to train "
-            "the LoRA adapter on a bf16 base"
-        )
     if not config.from_scratch:
         _check_weights(config.model_name_or_path)
     check_output_dir(config.output_dir)

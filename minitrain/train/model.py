@@ -111,27 +111,36 @@ def _load_config(model_name_or_path: str | Path):
 
 
 def load_model(
-    model_name_or_path: str | Path, *, from_scratch: bool, dtype: torch.dtype, dist: DistInfo
+    model_name_or_path: str | Path,
+    *,
+    from_scratch: bool,
+    dtype: torch.dtype,
+    dist: DistInfo,
+    quantization=None,
 ) -> PreTrainedModel:
     """Build the HF causal LM for packed training, on the CPU (rank 0) or the meta device (other ranks).
 
     use_cache is off; the attention implementation is `choose_attention(dist.device)`. Rank 0 reads the weights
     (or initialises them from the config with `from_scratch`); `shard_model` then broadcasts them.
+    With `quantization` (QLoRA: a transformers `BitsAndBytesConfig`), every rank reads the weights itself,
+    straight onto its own device, where bitsandbytes quantises the linear layers; modules it leaves alone
+    (embeddings, norms, lm_head) are in `dtype`.
     """
     from transformers import AutoModelForCausalLM
 
     config = _load_config(model_name_or_path)
     config.use_cache = False
     attn = choose_attention(dist.device)
-    if not dist.is_main:
+    if quantization is None and not dist.is_main:
         with torch.device("meta"):
             lm = AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=dtype)
     elif from_scratch:
         lm = AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=dtype)
     else:
+        extra = {} if quantization is None else {"quantization_config": quantization, "device_map": {"": str(dist.device)}}
         try:
             lm = AutoModelForCausalLM.from_pretrained(
-                str(model_name_or_path), config=config, attn_implementation=attn, dtype=dtype
+                str(model_name_or_path), config=config, attn_implementation=attn, dtype=dtype, **extra
             )
         except OSError as e:
             first = str(e).strip().splitlines()[0]
@@ -183,6 +192,7 @@ def shard_model(
     master_dtype: torch.dtype,
     cpu_offload: bool,
     activation_checkpointing: bool,
+    replicated: set[nn.Parameter] | None = None,
 ) -> CausalLMWithLoss:
     """FSDP2: `fully_shard` per decoder block, then the root; rank 0's weights end up in every rank's shards.
 
@@ -190,6 +200,11 @@ def shard_model(
     forward), SHARD_GRAD_OP (keep gathered until backward), NO_SHARD (2-D mesh world x 1: replicated, grads
     all-reduced), HYBRID_SHARD (2-D mesh nodes x local ranks). Mixed precision (bf16 compute, fp32 reduce)
     and CPU offload apply on CUDA only; on the CPU everything stays in `master_dtype`, in host memory.
+
+    `replicated` (QLoRA: the 4-bit base's parameters) are frozen parameters that every rank already holds
+    whole on its device (`load_model(quantization=...)`); FSDP2 ignores them (`ignored_params`) and shards the
+    rest in place. The new adapter's random initialisation is then broadcast from rank 0, so every rank
+    starts from the same weights whatever its random state.
     """
     import torch.distributed as torch_dist
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
@@ -199,13 +214,19 @@ def shard_model(
     mesh = _mesh(dist, strategy)
     lm = model.lm
     for p in lm.parameters():  # parameters only: buffers such as rotary inv_freq keep their fp32
-        p.data = p.data.to(master_dtype)
+        if not replicated or p not in replicated:  # packed 4-bit weights keep their storage dtype
+            p.data = p.data.to(master_dtype)
 
-    # 1. keep rank 0's weights and buffers on the CPU, then free every rank's full model (meta is free)
-    full_state = {k: v.cpu() for k, v in model.state_dict().items()} if dist.is_main else {}
-    buffers = {name: b.detach().cpu() for name, b in model.named_buffers()} if dist.is_main else {}
-    model.to("meta")
-    lm.tie_weights()  # moving devices replaces Parameters one module at a time, which unties tied weights
+    if replicated:  # every rank holds the whole model already; only the adapter's random init must agree
+        if dist.world_size > 1:
+            for p in lm.parameters():
+                if p.requires_grad:
+                    torch_dist.broadcast(p.data, src=0)
+    else:  # 1. keep rank 0's weights and buffers on the CPU, then free every rank's full model (meta is free)
+        full_state = {k: v.cpu() for k, v in model.state_dict().items()} if dist.is_main else {}
+        buffers = {name: b.detach().cpu() for name, b in model.named_buffers()} if dist.is_main else {}
+        model.to("meta")
+        lm.tie_weights()  # moving devices replaces Parameters one module at a time, which unties tied weights
 
     # 2. activation checkpointing wraps each block before sharding (state-dict names are unchanged)
     blocks = decoder_blocks(lm)
@@ -214,7 +235,7 @@ def shard_model(
             blocks[i] = checkpoint_wrapper(block)
 
     # 3. shard: each block is one unit (gathered for its forward/backward only), the root holds the rest
-    kwargs: dict = {"mesh": mesh}
+    kwargs: dict = {"mesh": mesh, "ignored_params": replicated or None}
     if mixed_precision and dist.device.type == "cuda":
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     offload = cpu_offload and dist.device.type == "cuda"  # on the CPU the parameters already live in host RAM
@@ -224,6 +245,9 @@ def shard_model(
     for block in blocks:
         fully_shard(block, reshard_after_forward=reshard, **kwargs)
     fully_shard(model, reshard_after_forward=reshard, **kwargs)
+    model.compute_device = dist.device
+    if replicated:
+        return model
 
     # 4. allocate the shards and receive rank 0's weights; buffers (rotary inv_freq, not in the state dict
     #    when non-persistent) are plain replicated tensors: rank 0's copy is broadcast to all
@@ -241,5 +265,4 @@ def shard_model(
         if dist.world_size > 1:
             torch_dist.broadcast(value, src=0)
         owner._buffers[attr] = value
-    model.compute_device = dist.device
     return model

@@ -30,7 +30,9 @@ random numbers after initialisation (the sampler is counter-based, dropout is of
 
 Trade-off: all ranks must see one shared filesystem (DCP's own requirement for resharding), and a checkpoint
 holds the weights plus both AdamW moments (3x the fp32 weights, beside the HF export) - the price of an exact
-resume; `--keep-last` bounds the disk it takes.
+resume; `--keep-last` bounds the disk it takes. An adapter run's checkpoint holds only the trainable (adapter)
+parameters and their moments: the frozen base is reloaded from --model-name-or-path and --base-adapter, so
+resuming on another base of the same shapes is not detected.
 """
 
 from __future__ import annotations
@@ -185,7 +187,6 @@ def save_training_state(
     """
     from torch.distributed.checkpoint import CheckpointException
     from torch.distributed.checkpoint import save as dcp_save
-    from torch.distributed.checkpoint.state_dict import get_state_dict
 
     for key in ("step", "samples_seen"):
         if not isinstance(counters.get(key), int):
@@ -209,7 +210,7 @@ def save_training_state(
     _agree(dist, _attempt(dist.is_main, lambda: _fresh_dir(tmp)), final, out_dir)
     # phase 2: every rank writes its shards (DCP agrees on failures itself) and its RNG states
     try:
-        model_state, optim_state = get_state_dict(model, optimizer)
+        model_state, optim_state = _get_state(model, optimizer)
         _dcp(dcp_save, {"model": model_state, "optim": optim_state}, tmp / STATE_DIR)
     except (Exception, CheckpointException) as err:  # DCP wraps the ranks' errors, raises on every rank
         cause = _os_error(err)
@@ -254,7 +255,7 @@ def load_training_state(
     """
     from torch.distributed.checkpoint import CheckpointException
     from torch.distributed.checkpoint import load as dcp_load
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
     checkpoint = Path(checkpoint)
     if not is_complete(checkpoint):
@@ -271,7 +272,7 @@ def load_training_state(
             f"{FORMAT_VERSION} this minitrain {__version__} reads; resume with the version that wrote it"
         )
 
-    model_state, optim_state = get_state_dict(model, optimizer)  # the current sharding: DCP reshards into it
+    model_state, optim_state = _get_state(model, optimizer)  # the current sharding: DCP reshards into it
     state = {"model": model_state, "optim": optim_state}
     try:
         _dcp(dcp_load, state, checkpoint / STATE_DIR)
@@ -287,7 +288,11 @@ def load_training_state(
     # the resumed run's flags (--learning-rate, --weight-decay) win over the ones saved in the optimizer and
     # scheduler state; only the moments, the step counts and the position in the schedule come back
     settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    partial = _has_frozen(model)  # DCP has already failed on any trainable key the checkpoint lacks
+    set_state_dict(
+        model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+        options=StateDictOptions(ignore_frozen_params=partial, strict=not partial),
+    )  # fmt: skip
     for group, own in zip(optimizer.param_groups, settings, strict=True):
         group.update(own)
     if scheduler is not None and trainer_state["scheduler"] is not None:
@@ -499,6 +504,32 @@ def _save_error(final: Path, out_dir: Path, cause: OSError) -> CheckpointSaveErr
 def _remove_quietly(tmp: Path, dist: DistInfo) -> None:
     if dist.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _has_frozen(model: nn.Module) -> bool:
+    return any(not p.requires_grad for p in model.parameters())
+
+
+def _get_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Model and optimizer state dicts in the current sharding: what DCP writes, or reads into.
+
+    With frozen parameters (an adapter run), only the trainable ones are kept: the frozen base (bf16, or
+    4-bit with its quantisation constants) and frozen base adapters are reloaded from their own files at
+    resume, so a checkpoint costs the adapter and its optimizer moments, not another copy of the base.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    if not _has_frozen(model):
+        return get_state_dict(model, optimizer)
+    model_state, optim_state = get_state_dict(
+        model, optimizer, options=StateDictOptions(ignore_frozen_params=True)
+    )
+    trainable = {
+        name.replace("_checkpoint_wrapped_module.", "")
+        for name, p in model.named_parameters()
+        if p.requires_grad
+    }
+    return {k: v for k, v in model_state.items() if k in trainable}, optim_state
 
 
 def _initialized() -> bool:

@@ -62,16 +62,30 @@ def _train(config: TrainConfig, dist: DistInfo, tokenizer_source: str | None) ->
 
     # master weights: fp32 (bf16 compute on GPU through FSDP2's mixed precision) or bf16 with --master-dtype bf16
     master_dtype = torch.bfloat16 if config.master_dtype == "bf16" else torch.float32
+    quantization = None
+    if config.load_in_4bit:  # QLoRA: NF4 base, matmuls in bf16 on GPU (in the master dtype on the CPU)
+        from minitrain.train.adapters import nf4_config
+
+        quantization = nf4_config(torch.bfloat16 if on_gpu else master_dtype)
     lm = load_model(
-        config.model_name_or_path, from_scratch=config.from_scratch, dtype=master_dtype, dist=dist
+        config.model_name_or_path,
+        from_scratch=config.from_scratch,
+        dtype=master_dtype,
+        dist=dist,
+        quantization=quantization,
     )
     lora = config.lora_settings()
+    replicated = None
     if lora is not None:  # frozen base (+ frozen base adapters) and one new trainable LoRA adapter
-        from minitrain.train.adapters import add_adapters, trainable_parameter_count
+        from minitrain.train.adapters import add_adapters, quantized_parameters, trainable_parameter_count
 
-        lm = add_adapters(lm, lora, load_base_weights=dist.is_main)  # other ranks get rank 0's weights
+        # other ranks get rank 0's weights when sharding, except with a 4-bit base: each rank loads its own
+        lm = add_adapters(lm, lora, load_base_weights=dist.is_main or quantization is not None)
         trainable, total = trainable_parameter_count(lm)
         print0(dist, f"LoRA rank {lora.rank}: training {trainable:,} of {total:,} parameters")
+        if quantization is not None:
+            replicated = quantized_parameters(lm)
+            print0(dist, f"4-bit NF4 base: {len(replicated):,} quantized tensors, a whole copy on every rank")
     num_params = _matmul_params(lm)
     use_liger = config.use_liger_kernels and on_gpu
     if config.use_liger_kernels and not on_gpu and dist.is_main:  # a warning: stderr, as the parent's
@@ -89,6 +103,7 @@ def _train(config: TrainConfig, dist: DistInfo, tokenizer_source: str | None) ->
         master_dtype=master_dtype,
         cpu_offload=config.cpu_offload,
         activation_checkpointing=config.activation_checkpointing,
+        replicated=replicated,
     )
     optimizer = build_optimizer(
         model, learning_rate=config.learning_rate, weight_decay=config.weight_decay, device=dist.device
@@ -222,7 +237,9 @@ def _resume_point(config: TrainConfig, dist: DistInfo) -> Path:
 
 def _matmul_params(lm: torch.nn.Module) -> int:
     """Parameters that cost FLOPs per token: all but the input embedding table (a lookup), unless it is tied."""
-    total = sum(p.numel() for p in lm.parameters())
+    from minitrain.train.adapters import logical_numel
+
+    total = sum(logical_numel(p) for p in lm.parameters())  # a 4-bit weight's FLOPs are its full shape's
     embedding = lm.get_input_embeddings().weight
     output = lm.get_output_embeddings()
     tied = output is not None and output.weight is embedding
