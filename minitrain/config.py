@@ -229,11 +229,18 @@ class TrainConfig:
             clash = [
                 (flag, why)
                 for flag, given, why in (
-                    ("--merge-lora", self.merge_lora,
-                     "merging into a 4-bit base would round the merged weights to 4 bits; merge the saved "
-                     "adapter into the full-precision base afterwards (README: QLoRA)"),
+                    (
+                        "--merge-lora",
+                        self.merge_lora,
+                        "merging into a 4-bit base would round the merged weights to 4 bits; merge the saved "
+                        "adapter into the full-precision base afterwards (README: QLoRA)",
+                    ),
                     ("--from-scratch", self.from_scratch, "QLoRA quantizes pretrained weights; drop one"),
-                    ("--cpu-offload", self.cpu_offload, "the 4-bit base stays on the GPU; drop --cpu-offload"),
+                    (
+                        "--cpu-offload",
+                        self.cpu_offload,
+                        "the 4-bit base stays on the GPU; drop --cpu-offload",
+                    ),
                 )  # fmt: skip
                 if given
             ]

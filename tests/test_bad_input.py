@@ -45,6 +45,7 @@ class Row:
     args: tuple[str, ...]  # after the command name; W is the workspace
     says: tuple[str, ...]  # the problem and the fix, as substrings of the message
     gpus: int | None = None  # pretend this many CUDA GPUs are visible (the --nproc check)
+    missing: str | None = None  # pretend this package is not installed
 
     @property
     def id(self) -> str:
@@ -140,8 +141,17 @@ ROWS = [
         ("--nproc 4 but only 2 GPUs are visible", "use --nproc 2 or fewer"), gpus=2),
     Row("train", "--load-in-4bit without a GPU", _train("--lora-rank", "4", "--load-in-4bit"),
         ("--load-in-4bit (QLoRA) needs a CUDA GPU", "Drop the flag"), gpus=0),
+    Row("train", "--load-in-4bit without bitsandbytes", _train("--lora-rank", "4", "--load-in-4bit"),
+        ("--load-in-4bit needs bitsandbytes", "pip install 'minitrain[qlora]'"), gpus=1, missing="bitsandbytes"),
     Row("train", "--load-in-4bit without --lora-rank", _train("--load-in-4bit"),
         ("--load-in-4bit trains an adapter: add --lora-rank R",)),
+    Row("train", "--load-in-4bit with --merge-lora", _train("--lora-rank", "4", "--load-in-4bit", "--merge-lora"),
+        ("--load-in-4bit with --merge-lora", "merge the saved adapter into the full-precision base")),
+    Row("train", "--load-in-4bit with --from-scratch",
+        _train("--lora-rank", "4", "--load-in-4bit", "--from-scratch"),
+        ("--load-in-4bit with --from-scratch", "QLoRA quantizes pretrained weights")),
+    Row("train", "--load-in-4bit with --cpu-offload", _train("--lora-rank", "4", "--load-in-4bit", "--cpu-offload"),
+        ("--load-in-4bit with --cpu-offload", "drop --cpu-offload")),
     Row("train", "--eval-every-samples without --eval-data-path", _train("--eval-every-samples", "4"),
         ("--eval-every-samples needs --eval-data-path",)),
     Row("train", "--lora-rank 0", _train("--lora-rank", "0"), ("--lora-rank must be positive, got 0",)),
@@ -251,6 +261,14 @@ def test_row(row: Row, ws: Path, no_launch, monkeypatch):
 
         monkeypatch.setattr(torch.cuda, "is_available", lambda: row.gpus > 0)
         monkeypatch.setattr(torch.cuda, "device_count", lambda: row.gpus)
+    monkeypatch.delenv("MINITRAIN_QLORA_ON_CPU", raising=False)  # the tests' CPU QLoRA seam stays shut here
+    if row.missing is not None:
+        import importlib.util
+
+        find_spec = importlib.util.find_spec
+        monkeypatch.setattr(
+            importlib.util, "find_spec", lambda name, *a: None if name == row.missing else find_spec(name, *a)
+        )
     result = CliRunner().invoke(app, _args(row, ws))
     assert isinstance(result.exception, UserError), (result.exception, result.output)
     message = str(result.exception)

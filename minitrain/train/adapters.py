@@ -10,6 +10,11 @@ Under FSDP2 the model's parameters are shards; every export here starts from a f
 on rank 0 (`torch.distributed.checkpoint.state_dict.get_model_state_dict(full_state_dict=True)`), keyed
 like the PEFT model's own `state_dict()`. Merging (`--merge-lora`) rebuilds the PEFT model on rank 0's
 CPU from that state dict, so it needs the full model in host memory once; the adapter export does not.
+
+QLoRA (`--load-in-4bit`): transformers loads the base through bitsandbytes in NF4 with double-quantized
+scales (`nf4_config`); PEFT puts its LoRA layers around bitsandbytes' `Linear4bit`. The 4-bit parameters
+(`quantized_parameters`) stay out of FSDP2, replicated on every rank. Merging is refused: it would round the
+merged weights back to 4 bits.
 """
 
 from __future__ import annotations
@@ -178,7 +183,9 @@ def merged_state_dict(
     return {k: v.contiguous() for k, v in merged.state_dict().items()}
 
 
-CPU_QLORA_ENV = "MINITRAIN_QLORA_ON_CPU"  # tests and development only: bitsandbytes' CPU backend, fp32 compute
+CPU_QLORA_ENV = (
+    "MINITRAIN_QLORA_ON_CPU"  # tests and development only: bitsandbytes' CPU backend, fp32 compute
+)
 
 
 def require_qlora(device_type: str) -> None:

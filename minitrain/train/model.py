@@ -15,6 +15,9 @@ Trade-offs:
 - Weights travel once: only rank 0 reads the checkpoint (into CPU memory); every rank (rank 0 included) moves
   its model to the meta device, shards it, allocates only its shards and receives them by broadcast. Host RAM
   holds one full copy per node-0 process, not one per rank, and no GPU ever holds the full model.
+- QLoRA is the exception: every rank loads and quantizes the base itself onto its device and keeps the 4-bit
+  weights whole (FSDP2 ignores them); bitsandbytes' packed weights and their quantization state do not
+  survive the meta-device round trip, and a replicated 4-bit base is 0.52 bytes per parameter.
 """
 
 from __future__ import annotations
@@ -137,7 +140,11 @@ def load_model(
     elif from_scratch:
         lm = AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=dtype)
     else:
-        extra = {} if quantization is None else {"quantization_config": quantization, "device_map": {"": str(dist.device)}}
+        extra = (
+            {}
+            if quantization is None
+            else {"quantization_config": quantization, "device_map": {"": str(dist.device)}}
+        )
         try:
             lm = AutoModelForCausalLM.from_pretrained(
                 str(model_name_or_path), config=config, attn_implementation=attn, dtype=dtype, **extra

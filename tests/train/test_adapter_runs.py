@@ -159,3 +159,17 @@ def test_an_adapter_run_resumes_exactly_on_another_nproc(runs):
     assert sorted(evals) == [32, 48, 64, 96]
     for samples, loss in expected.items():
         assert evals[samples] == pytest.approx(loss, rel=1e-5)
+
+
+def training_state_model_keys(out: Path) -> list[str]:
+    """The model keys of the newest training-state checkpoint (DCP metadata), without reading any tensor."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    state = max((out / "checkpoints").glob("samples_*"), key=lambda p: int(p.name.split("_")[1]))
+    keys = FileSystemReader(str(state / "state")).read_metadata().state_dict_metadata
+    return [k for k in keys if k.startswith("model.")]
+
+
+def test_the_training_state_holds_the_adapter_not_the_frozen_base(runs):
+    model_keys = training_state_model_keys(runs["lora"])
+    assert model_keys and all(".lora_" in k and ".default." in k for k in model_keys), model_keys[:5]

@@ -11,12 +11,16 @@ from transformers import AutoModelForCausalLM
 
 from minitrain.errors import UserError
 from minitrain.train.adapters import (
+    CPU_QLORA_ENV,
     NEW_ADAPTER,
     STACK_FILE,
     LoraSettings,
     add_adapters,
+    logical_numel,
     merged_state_dict,
+    nf4_config,
     parse_target_modules,
+    quantized_parameters,
     require_qlora,
     save_adapter,
     trainable_parameter_count,
@@ -118,3 +122,36 @@ def test_parse_target_modules():
 def test_qlora_without_gpu_is_a_one_line_error():
     with pytest.raises(UserError, match="CUDA GPU"):
         require_qlora("cpu")
+
+
+def test_the_cpu_seam_opens_qlora_only_when_asked(monkeypatch):
+    pytest.importorskip("bitsandbytes")
+    monkeypatch.delenv(CPU_QLORA_ENV, raising=False)
+    with pytest.raises(UserError, match="CUDA GPU"):
+        require_qlora("cpu")
+    monkeypatch.setenv(CPU_QLORA_ENV, "1")
+    require_qlora("cpu")  # no error: the tests' way onto bitsandbytes' CPU backend
+    require_qlora("cuda")
+
+
+def test_nf4_config_is_qloras_recipe():
+    config = nf4_config(torch.bfloat16)
+    assert config.load_in_4bit and config.bnb_4bit_quant_type == "nf4"
+    assert config.bnb_4bit_use_double_quant and config.bnb_4bit_compute_dtype == torch.bfloat16
+
+
+def test_4bit_base_counts_its_logical_parameters_and_skips_cpu_repacking(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    fresh_base().save_pretrained(tmp_path / "base")
+    full = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    lm = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "base", quantization_config=nf4_config(torch.float32), device_map={"": "cpu"}
+    )
+    params = quantized_parameters(lm)
+    assert len(params) == 2 * 7  # the 7 linear layers of each block; embeddings, norms, lm_head stay fp32
+    assert all(p.dtype == torch.uint8 and logical_numel(p) == 2 * p.numel() for p in params)
+    assert sum(logical_numel(p) for p in lm.parameters()) == sum(p.numel() for p in full.parameters())
+    assert not any(getattr(m, "support_avx512bf16_for_cpu", False) for m in lm.modules())
+    model = add_adapters(lm, LoraSettings(rank=4))
+    trainable, total = trainable_parameter_count(model)
+    assert total == sum(p.numel() for p in full.parameters()) + trainable

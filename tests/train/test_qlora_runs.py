@@ -26,7 +26,12 @@ from transformers import AutoModelForCausalLM
 
 from minitrain.train.adapters import CPU_QLORA_ENV, nf4_config, quantized_parameters
 from tests.conftest import tiny_llama_config
-from tests.train.test_adapter_runs import _final_checkpoint, _metrics, direct_eval_loss
+from tests.train.test_adapter_runs import (
+    _final_checkpoint,
+    _metrics,
+    direct_eval_loss,
+    training_state_model_keys,
+)
 from tests.train.test_loop import _run, write_tokenized
 
 pytest.importorskip("bitsandbytes", reason="QLoRA tests need the qlora extra (CI installs it)")
@@ -117,12 +122,8 @@ def test_saved_adapter_on_a_stock_nf4_base_reproduces_the_eval_loss(runs):
         assert (model(input_ids=ids).logits - nf4_base(runs["root"])(input_ids=ids).logits).abs().max() > 1e-2
 
 
-def test_training_state_holds_the_adapter_not_the_base(runs):
-    from torch.distributed.checkpoint import FileSystemReader
-
-    state = max((runs["two"] / "checkpoints").glob("samples_*"), key=lambda p: int(p.name.split("_")[1]))
-    keys = FileSystemReader(str(state / "state")).read_metadata().state_dict_metadata
-    model_keys = [k for k in keys if k.startswith("model.")]
+def test_training_state_holds_the_adapter_not_the_4bit_base(runs):
+    model_keys = training_state_model_keys(runs["two"])
     assert model_keys and all(".lora_" in k for k in model_keys), model_keys[:5]
     assert len(model_keys) == 2 * 7 * 2  # lora_A and lora_B of 7 linear layers in each of 2 blocks
 
