@@ -302,6 +302,9 @@ def train(
             max_epochs=config.max_epochs,
             model_name_or_path=config.model_name_or_path,
             report_path=dry_run_report,
+            lora_rank=config.lora_rank,
+            lora_target_modules=config.lora_target_modules,
+            load_in_4bit=config.load_in_4bit,
         )
         render_dry_run(report, console)
         return

@@ -8,10 +8,22 @@ and which ones, trained tokens per step, and - when the model's config.json is r
 rank of parameters, gradients and AdamW state for fp32 / bf16 master weights under FULL_SHARD / NO_SHARD.
 With `report_path` the per-step plan is written as JSON (sample ids per rank per minibatch).
 
+The memory follows what training holds (`estimate_memory`):
+  full   every parameter in the master dtype with its gradient and two AdamW states, sharded (FULL_SHARD:
+         / ranks; NO_SHARD: whole).
+  lora   the base frozen in the master dtype (no gradient, no AdamW state), sharded the same way; the
+         adapter, R x (in + out) per targeted linear layer, in the master dtype with gradients and AdamW.
+  qlora  as lora, but the decoder blocks' linear weights are NF4 with double-quantized scales
+         (NF4_BYTES_PER_WEIGHT) and whole on every rank under any strategy; embeddings, lm_head and norms
+         stay frozen in the master dtype, sharded.
+
 Trade-off: the memory estimate counts parameters from the config with the Llama-family formula (embeddings,
 attention with grouped KV heads, gated MLP, norms, optional experts) instead of building the model on the
 meta device: no torch import and no model code, at the price of ignoring biases and exotic blocks (a few %
-off for such models). Activations and the all-gathered block of FSDP are not included.
+off for such models). Experts are counted as one gate/up/down linear each, as transformers 4 builds them;
+transformers 5 fuses them into 3-D tensors that bitsandbytes leaves unquantized and PEFT adapts otherwise,
+so adapter and QLoRA figures for MoE models are rough (the report's note says so). Activations and the
+all-gathered block of FSDP are not included.
 """
 
 from __future__ import annotations
@@ -31,8 +43,12 @@ from minitrain.data.packing import lower_bound, plan_minibatches
 from minitrain.data.sampler import InfiniteSampler
 from minitrain.data.store import TokenStore
 from minitrain.errors import UserError
+from minitrain.train.adapters import parse_target_modules
 
 MAX_LISTED_DROPS = 1000  # dropped samples listed in the report (all are counted)
+# NF4 with double quantization: 4 bits a weight + an 8-bit absmax per 64 weights + an fp32 scale per 256
+# absmax blocks = 4 + 8/64 + 32/16384 bits = 0.516 bytes
+NF4_BYTES_PER_WEIGHT = (4 + 8 / 64 + 32 / (64 * 256)) / 8
 
 
 @dataclass
@@ -92,39 +108,119 @@ class DryRunReport:
         return asdict(self)
 
 
-def count_parameters(config: dict[str, Any]) -> int:
-    """Parameters of a Llama-family decoder from its config.json (biases ignored)."""
-    text = config.get("text_config") or config
+def _text(config: dict[str, Any]) -> dict[str, Any]:
+    """The language model's part of a config (a multimodal config nests it under text_config)."""
+    return config.get("text_config") or config
+
+
+def num_experts(config: dict[str, Any]) -> int:
+    text = _text(config)
+    return int(text.get("num_local_experts") or text.get("num_experts") or 1)
+
+
+def block_linears(config: dict[str, Any]) -> dict[str, tuple[int, int, int]]:
+    """name -> (in_features, out_features, copies) of the linear layers of one Llama-family decoder block.
+
+    Copies is the number of experts for the MLP projections of a mixture-of-experts config, else 1; an MoE
+    block also has its router `gate` (hidden -> experts).
+    """
+    text = _text(config)
     h = int(text["hidden_size"])
-    layers = int(text["num_hidden_layers"])
-    vocab = int(text["vocab_size"])
     heads = int(text["num_attention_heads"])
     kv_heads = int(text.get("num_key_value_heads") or heads)
     head_dim = int(text.get("head_dim") or h // heads)
     inter = int(text.get("intermediate_size") or 4 * h)
-    experts = int(text.get("num_local_experts") or text.get("num_experts") or 1)
-    moe_inter = int(text.get("moe_intermediate_size") or inter)
-    attention = h * heads * head_dim * 2 + h * kv_heads * head_dim * 2  # q, o; k, v
-    mlp = 3 * h * (moe_inter if experts > 1 else inter) * experts + (h * experts if experts > 1 else 0)
-    per_layer = attention + mlp + 2 * h  # two RMSNorms
+    experts = num_experts(config)
+    if experts > 1:
+        inter = int(text.get("moe_intermediate_size") or inter)
+    layers = {
+        "q_proj": (h, heads * head_dim, 1),
+        "k_proj": (h, kv_heads * head_dim, 1),
+        "v_proj": (h, kv_heads * head_dim, 1),
+        "o_proj": (heads * head_dim, h, 1),
+        "gate_proj": (h, inter, experts),
+        "up_proj": (h, inter, experts),
+        "down_proj": (inter, h, experts),
+    }
+    if experts > 1:
+        layers["gate"] = (h, experts, 1)  # the router
+    return layers
+
+
+def block_linear_weights(config: dict[str, Any]) -> int:
+    """Weights of every decoder block's linear layers: what QLoRA stores in NF4."""
+    per_block = sum(i * o * copies for i, o, copies in block_linears(config).values())
+    return int(_text(config)["num_hidden_layers"]) * per_block
+
+
+def count_parameters(config: dict[str, Any]) -> int:
+    """Parameters of a Llama-family decoder from its config.json (biases ignored)."""
+    text = _text(config)
+    h = int(text["hidden_size"])
+    vocab = int(text["vocab_size"])
+    norms = int(text["num_hidden_layers"]) * 2 * h + h  # two RMSNorms a block, one at the end
     embeddings = vocab * h * (1 if text.get("tie_word_embeddings", config.get("tie_word_embeddings")) else 2)
-    return embeddings + layers * per_layer + h
+    return embeddings + block_linear_weights(config) + norms
 
 
-def estimate_memory(num_params: int, world_size: int) -> dict[str, Any]:
-    """GiB per rank of params + grads + AdamW's two states, for each master dtype and sharding strategy."""
+def lora_parameters(
+    config: dict[str, Any], rank: int, target_modules: str
+) -> tuple[int, list[str], list[str]]:
+    """(adapter parameters, layer names targeted, names given that match no layer) of a rank-`rank` LoRA.
+
+    LoRA adds A (rank x in) and B (out x rank) beside each targeted linear layer. `all-linear` targets every
+    linear layer of the decoder blocks (not lm_head, not the embeddings); a list targets the layers named.
+    """
+    layers = block_linears(config)
+    targets = parse_target_modules(target_modules)
+    if targets == "all-linear":
+        chosen, unknown = list(layers), []
+    else:
+        wanted = [name.rsplit(".", 1)[-1] for name in targets]
+        chosen = [name for name in layers if name in wanted]
+        unknown = [name for name in targets if name.rsplit(".", 1)[-1] not in layers]
+    per_block = sum(rank * (layers[n][0] + layers[n][1]) * layers[n][2] for n in chosen)
+    return int(_text(config)["num_hidden_layers"]) * per_block, chosen, unknown
+
+
+def estimate_memory(
+    num_params: int, world_size: int, *, trainable_params: int | None = None, nf4_params: int = 0
+) -> dict[str, Any]:
+    """GiB per rank of params + grads + AdamW's two states, for each master dtype and sharding strategy.
+
+    `num_params` is the model's; `trainable_params` None means full fine-tuning, else the base is frozen
+    and an adapter of `trainable_params` trains beside it; `nf4_params` of the base are NF4 weights held
+    whole on every rank (QLoRA). Each row splits params_gib into trainable_gib (the trained weights),
+    frozen_gib (the frozen base in the master dtype) and nf4_gib.
+    """
     gib = 1024**3
-    out: dict[str, Any] = {"num_params": num_params, "rows": []}
+    mode = "full" if trainable_params is None else "qlora" if nf4_params else "lora"
+    trainable = num_params if trainable_params is None else trainable_params
+    frozen = 0 if trainable_params is None else num_params - nf4_params
+    out: dict[str, Any] = {
+        "mode": mode,
+        "num_params": num_params,
+        "trainable_params": trainable,
+        "frozen_params": frozen,
+        "nf4_params": nf4_params,
+        "rows": [],
+    }
+    nf4 = nf4_params * NF4_BYTES_PER_WEIGHT / gib  # replicated: never divided by the ranks
     for master, nbytes in (("fp32", 4), ("bf16", 2)):
         for strategy, shards in (("FULL_SHARD", world_size), ("NO_SHARD", 1)):
-            params = num_params * nbytes / shards / gib
-            grads = num_params * nbytes / shards / gib
-            optim = 2 * num_params * nbytes / shards / gib
+            trained = trainable * nbytes / shards / gib
+            frozen_gib = frozen * nbytes / shards / gib
+            params = trained + frozen_gib + nf4
+            grads = trained
+            optim = 2 * trained
             out["rows"].append(
                 {
                     "master_dtype": master,
                     "strategy": strategy,
                     "params_gib": params,
+                    "trainable_gib": trained,
+                    "frozen_gib": frozen_gib,
+                    "nf4_gib": nf4,
                     "grads_gib": grads,
                     "optimizer_gib": optim,
                     "total_gib": params + grads + optim,
@@ -134,7 +230,12 @@ def estimate_memory(num_params: int, world_size: int) -> dict[str, Any]:
 
 
 def _model_memory(
-    model_name_or_path: str | None, world_size: int
+    model_name_or_path: str | None,
+    world_size: int,
+    *,
+    lora_rank: int | None = None,
+    lora_target_modules: str = "all-linear",
+    load_in_4bit: bool = False,
 ) -> tuple[dict[str, Any] | None, str | None]:
     if not model_name_or_path:
         return None, "no model given"
@@ -152,13 +253,39 @@ def _model_memory(
             config = json.loads(config_file.read_text())
         except (OSError, ValueError) as err:
             return None, f"{config_file}: not readable ({err}); no memory estimate"
+    notes = [
+        "parameters, gradients and AdamW state only; activations and FSDP's all-gathered block come on top"
+    ]
     try:
         num_params = count_parameters(config)
+        if lora_rank is None:
+            return estimate_memory(num_params, world_size), notes[0]
+        trainable, targets, unknown = lora_parameters(config, lora_rank, lora_target_modules)
+        nf4 = block_linear_weights(config) if load_in_4bit else 0
     except (KeyError, TypeError, ValueError) as err:
         return None, f"model config lacks {err} for the parameter count; no memory estimate"
-    return estimate_memory(num_params, world_size), (
-        "parameters, gradients and AdamW state only; activations and FSDP's all-gathered block come on top"
-    )
+    memory = estimate_memory(num_params, world_size, trainable_params=trainable, nf4_params=nf4)
+    memory.update(lora_rank=lora_rank, lora_target_modules=lora_target_modules, lora_targets=targets)
+    if not targets:
+        notes.append(
+            f"--lora-target-modules {lora_target_modules} names no linear layer of a decoder block "
+            f"({', '.join(block_linears(config))}): no adapter counted, and training would stop with PEFT's error"
+        )
+    elif unknown:
+        notes.append(
+            f"--lora-target-modules: {', '.join(unknown)} match no decoder-block linear layer; not counted"
+        )
+    if load_in_4bit:
+        notes.append(
+            f"the decoder blocks' linear weights in NF4 at {NF4_BYTES_PER_WEIGHT:.3f} bytes a weight, whole on "
+            "every rank; embeddings, lm_head and norms frozen in the master dtype"
+        )
+    if num_experts(config) > 1:
+        notes.append(
+            "MoE: experts counted as separate linear layers (transformers 4); transformers 5 fuses them, keeps "
+            "them out of NF4 and PEFT adapts them otherwise, so the adapter and NF4 figures are rough"
+        )
+    return memory, "; ".join(notes)
 
 
 def _stop_rule(
@@ -189,8 +316,15 @@ def dry_run(
     max_epochs: float | None,
     model_name_or_path: str | None,
     report_path: Path | None,
+    lora_rank: int | None = None,
+    lora_target_modules: str = "all-linear",
+    load_in_4bit: bool = False,
 ) -> DryRunReport:
-    """Replay sampler + planner for the run's steps (one epoch without a stop criterion) and report."""
+    """Replay sampler + planner for the run's steps (one epoch without a stop criterion) and report.
+
+    `lora_rank`, `lora_target_modules` and `load_in_4bit` shape the memory estimate as `train` would run
+    (None: full fine-tuning).
+    """
     started = time.perf_counter()
     if batch_size <= 0:
         raise UserError(f"--batch-size must be >= 1, got {batch_size}")
@@ -274,7 +408,13 @@ def dry_run(
             )
     all_ranks = np.concatenate(rank_tokens) if rank_tokens else np.zeros(0, dtype=np.int64)
     drop_idx = np.flatnonzero(too_long)
-    memory, memory_note = _model_memory(model_name_or_path, world_size)
+    memory, memory_note = _model_memory(
+        model_name_or_path,
+        world_size,
+        lora_rank=lora_rank,
+        lora_target_modules=lora_target_modules,
+        load_in_4bit=load_in_4bit,
+    )
     report = DryRunReport(
         data_path=str(data_path),
         num_samples=n,
@@ -366,18 +506,39 @@ def render_dry_run(report: DryRunReport, console: Any) -> None:
             drops.add_row("...", f"{report.dropped_samples - 10:,} more", "")
         console.print(drops)
     if report.memory:
-        mem = Table(
-            title=f"memory per rank, {report.memory['num_params'] / 1e6:,.1f}M parameters, "
-            f"{report.world_size} ranks",
-            title_justify="left",
-        )
-        for col in ("master", "sharding", "params", "grads", "AdamW", "total"):
-            mem.add_column(col, justify="right")
-        for r in report.memory["rows"]:
-            mem.add_row(
-                r["master_dtype"], r["strategy"], size(r["params_gib"]), size(r["grads_gib"]),
-                size(r["optimizer_gib"]), size(r["total_gib"]),
-            )  # fmt: skip
-        console.print(mem)
+        console.print(_memory_table(report.memory, report.world_size, size))
     if report.memory_note:
         console.print(f"[dim]memory: {report.memory_note}[/]")
+
+
+def _memory_table(memory: dict[str, Any], world_size: int, size: Any) -> Any:
+    """The memory per rank as a rich table whose title and columns say what is estimated."""
+    from rich.table import Table
+
+    def count(n: int) -> str:
+        return f"{n / 1e6:,.1f}M" if n >= 100_000 else f"{n:,}"
+
+    mode = memory.get("mode", "full")
+    if mode == "full":
+        what = f"full fine-tuning of {count(memory['num_params'])} parameters"
+        parts = [("params", "params_gib")]
+    else:
+        name = "QLoRA" if mode == "qlora" else "LoRA"
+        what = (
+            f"{name} r{memory['lora_rank']} on {memory['lora_target_modules']}: "
+            f"{count(memory['trainable_params'])} trainable of {count(memory['num_params'])} parameters"
+        )
+        parts = [("frozen base", "frozen_gib"), ("adapter", "trainable_gib")]
+        if mode == "qlora":
+            what += f" ({count(memory['nf4_params'])} in NF4 on every rank)"
+            parts = [("NF4 base", "nf4_gib"), ("frozen rest", "frozen_gib"), ("adapter", "trainable_gib")]
+    table = Table(title=f"memory per rank, {what}, {world_size} ranks", title_justify="left")
+    columns = ["master", "sharding", *(label for label, _ in parts), "grads", "AdamW", "total"]
+    for col in columns:
+        table.add_column(col, justify="right")
+    for r in memory["rows"]:
+        table.add_row(
+            r["master_dtype"], r["strategy"], *(size(r[key]) for _, key in parts), size(r["grads_gib"]),
+            size(r["optimizer_gib"]), size(r["total_gib"]),
+        )  # fmt: skip
+    return table

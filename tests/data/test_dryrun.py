@@ -1,4 +1,8 @@
-"""Dry run: the report agrees with a direct replay of sampler + planner; stop rules, drops, JSON, memory, errors."""
+"""Dry run: the report agrees with a direct replay of sampler + planner; stop rules, drops, JSON, memory, errors.
+
+The adapter memory estimate is checked against PEFT (trainable parameters of a real LoRA model), against
+bitsandbytes (what an NF4 load quantizes and stores) and against hand arithmetic (bytes per rank).
+"""
 
 from __future__ import annotations
 
@@ -13,10 +17,18 @@ import orjson
 import pytest
 from rich.console import Console
 
-from minitrain.data.dryrun import count_parameters, dry_run, render_dry_run
+from minitrain.data.dryrun import (
+    NF4_BYTES_PER_WEIGHT,
+    block_linear_weights,
+    count_parameters,
+    dry_run,
+    lora_parameters,
+    render_dry_run,
+)
 from minitrain.data.packing import plan_minibatches
 from minitrain.data.sampler import InfiniteSampler
 from minitrain.errors import UserError
+from tests.conftest import tiny_llama_config
 from tests.data.test_store import make_samples, write_tokenized
 
 REPO = Path(__file__).resolve().parents[2]
@@ -88,8 +100,6 @@ def test_memory_estimate_counts_parameters_like_the_model(
 ) -> None:
     from transformers import AutoModelForCausalLM
 
-    from tests.conftest import tiny_llama_config
-
     for tied in (False, True):
         config = tiny_llama_config(tie_word_embeddings=tied)
         model = AutoModelForCausalLM.from_config(config)
@@ -104,7 +114,147 @@ def test_memory_estimate_counts_parameters_like_the_model(
     out = io.StringIO()
     render_dry_run(report, Console(file=out, width=120))
     assert "FULL_SHARD" in out.getvalue() and "dropped as too long" in out.getvalue()
+    assert "full fine-tuning of" in out.getvalue()
+    assert report.memory["mode"] == "full" and report.memory["trainable_params"] == n
     assert run(data[0], model_name_or_path=str(tmp_path / "nowhere")).memory is None
+
+
+GIB = 1024**3
+# tiny_llama_config(): h 64, 4 heads of 16, 2 KV heads, MLP 128, 2 blocks, vocab 512, untied
+TINY_PARAMS = 2 * 512 * 64 + 2 * (2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 128) + (2 * 2 + 1) * 64  # 139,584
+TINY_BLOCK_LINEARS = 2 * (2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 128)  # 73,728: what QLoRA holds in NF4
+# rank 8: 8 x (in + out) per layer: q, o 64+64; k, v 64+32; gate, up, down 64+128; two blocks
+TINY_LORA_R8 = 2 * 8 * (2 * 128 + 2 * 96 + 3 * 192)  # 16,384
+TINY_LORA_R8_QV = 2 * 8 * (128 + 96)  # 3,584
+
+
+@pytest.mark.parametrize("targets", ["all-linear", "q_proj,v_proj", "self_attn.o_proj,down_proj"])
+@pytest.mark.parametrize("overrides", [{}, {"head_dim": 32, "tie_word_embeddings": True}])
+def test_adapter_estimate_counts_what_peft_trains(targets: str, overrides: dict) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from minitrain.train.adapters import LoraSettings, add_adapters, parse_target_modules
+
+    config = tiny_llama_config(**overrides)
+    settings = LoraSettings(rank=8, target_modules=parse_target_modules(targets))
+    model = add_adapters(AutoModelForCausalLM.from_config(config), settings)
+    trained = {name: p.numel() for name, p in model.named_parameters() if p.requires_grad}
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    count, layers, unknown = lora_parameters(config.to_dict(), 8, targets)
+    assert count == sum(trained.values()) and not unknown
+    assert set(layers) == {name.split(".lora_")[0].rsplit(".", 1)[-1] for name in trained}
+    assert count_parameters(config.to_dict()) == frozen  # the base, all of it frozen
+
+
+def test_lora_memory_per_rank_by_hand(data: tuple[Path, list[dict]], tmp_path: Path) -> None:
+    tiny_llama_config().save_pretrained(tmp_path / "model")
+    model = str(tmp_path / "model")
+    report = run(data[0], model_name_or_path=model, world_size=4, lora_rank=8)
+    memory = report.memory
+    assert (memory["mode"], memory["num_params"]) == ("lora", TINY_PARAMS)
+    assert (memory["trainable_params"], memory["frozen_params"], memory["nf4_params"]) == (
+        TINY_LORA_R8,
+        TINY_PARAMS,
+        0,
+    )
+    assert memory["lora_targets"] == [
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    ]
+    for row in memory["rows"]:
+        nbytes = {"fp32": 4, "bf16": 2}[row["master_dtype"]]
+        shards = {"FULL_SHARD": 4, "NO_SHARD": 1}[row["strategy"]]
+        # frozen base + adapter, the adapter's gradient and its two AdamW states, all sharded alike
+        assert row["params_gib"] * GIB == pytest.approx(nbytes * (TINY_PARAMS + TINY_LORA_R8) / shards)
+        assert row["grads_gib"] * GIB == pytest.approx(nbytes * TINY_LORA_R8 / shards)
+        assert row["optimizer_gib"] * GIB == pytest.approx(2 * nbytes * TINY_LORA_R8 / shards)
+        assert row["total_gib"] * GIB == pytest.approx(nbytes * (TINY_PARAMS + 4 * TINY_LORA_R8) / shards)
+        assert row["nf4_gib"] == 0
+    out = io.StringIO()
+    render_dry_run(report, Console(file=out, width=160))
+    assert "LoRA r8 on all-linear: 16,384 trainable of 0.1M parameters" in out.getvalue()
+    assert "frozen base" in out.getvalue() and "adapter" in out.getvalue()
+
+    listed = run(
+        data[0], model_name_or_path=model, world_size=4, lora_rank=8, lora_target_modules="q_proj,v_proj"
+    )
+    assert listed.memory["trainable_params"] == TINY_LORA_R8_QV
+    partly = run(data[0], model_name_or_path=model, lora_rank=8, lora_target_modules="q_proj,wq")
+    assert partly.memory["trainable_params"] == 2 * 8 * (64 + 64)  # q_proj only
+    assert "wq match no decoder-block linear layer" in partly.memory_note
+    nothing = run(data[0], model_name_or_path=model, lora_rank=8, lora_target_modules="lm_head,wq")
+    assert nothing.memory["trainable_params"] == 0
+    assert "names no linear layer of a decoder block" in nothing.memory_note
+
+
+def test_qlora_memory_keeps_the_nf4_base_whole_on_every_rank(
+    data: tuple[Path, list[dict]], tmp_path: Path
+) -> None:
+    tiny_llama_config().save_pretrained(tmp_path / "model")
+    reports = {
+        ranks: run(
+            data[0],
+            model_name_or_path=str(tmp_path / "model"),
+            world_size=ranks,
+            lora_rank=8,
+            load_in_4bit=True,
+        )
+        for ranks in (1, 4)
+    }
+    memory = reports[4].memory
+    assert memory["mode"] == "qlora" and memory["trainable_params"] == TINY_LORA_R8
+    assert (memory["nf4_params"], memory["frozen_params"]) == (
+        TINY_BLOCK_LINEARS,
+        TINY_PARAMS - TINY_BLOCK_LINEARS,
+    )
+    assert round(NF4_BYTES_PER_WEIGHT, 3) == 0.516
+    one = {(r["master_dtype"], r["strategy"]): r for r in reports[1].memory["rows"]}
+    for row in memory["rows"]:
+        nbytes = {"fp32": 4, "bf16": 2}[row["master_dtype"]]
+        shards = {"FULL_SHARD": 4, "NO_SHARD": 1}[row["strategy"]]
+        alone = one[row["master_dtype"], row["strategy"]]
+        assert (
+            row["nf4_gib"]
+            == alone["nf4_gib"]
+            == pytest.approx(TINY_BLOCK_LINEARS * NF4_BYTES_PER_WEIGHT / GIB)
+        )
+        assert row["frozen_gib"] == pytest.approx(alone["frozen_gib"] / shards)
+        assert row["frozen_gib"] * GIB == pytest.approx(nbytes * (TINY_PARAMS - TINY_BLOCK_LINEARS) / shards)
+        nf4_bytes = TINY_BLOCK_LINEARS * NF4_BYTES_PER_WEIGHT
+        sharded = nbytes * (TINY_PARAMS - TINY_BLOCK_LINEARS + 4 * TINY_LORA_R8) / shards
+        assert row["total_gib"] * GIB == pytest.approx(nf4_bytes + sharded)
+    out = io.StringIO()
+    render_dry_run(reports[4], Console(file=out, width=160))
+    assert "QLoRA r8 on all-linear" in out.getvalue() and "NF4 base" in out.getvalue()
+    assert "NF4 at 0.516 bytes a weight" in reports[4].memory_note
+
+
+def test_nf4_part_is_what_bitsandbytes_quantizes_and_stores(tmp_path: Path) -> None:
+    pytest.importorskip("bitsandbytes", reason="needs the qlora extra")
+    import torch
+    from bitsandbytes.nn import Linear4bit
+    from transformers import AutoModelForCausalLM
+
+    from minitrain.train.adapters import nf4_config
+
+    config = tiny_llama_config()
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "base")
+    lm = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "base", quantization_config=nf4_config(torch.float32), device_map={"": "cpu"}
+    )
+    states = [m.weight.quant_state for m in lm.modules() if isinstance(m, Linear4bit)]
+    weights = sum(state.shape.numel() for state in states)
+    assert weights == block_linear_weights(config.to_dict()) == TINY_BLOCK_LINEARS
+    stored = sum(
+        m.weight.numel() + s.absmax.numel() * s.absmax.element_size() + s.state2.absmax.numel() * 4
+        for m, s in ((m, m.weight.quant_state) for m in lm.modules() if isinstance(m, Linear4bit))
+    )  # packed 4-bit pairs, 8-bit absmax per 64 weights, fp32 scale per 256 absmax (rounded up per layer)
+    assert stored == pytest.approx(weights * NF4_BYTES_PER_WEIGHT, rel=0.01)
 
 
 @pytest.mark.parametrize(
