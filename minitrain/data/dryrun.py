@@ -273,7 +273,7 @@ def _model_memory(
         )
     elif unknown:
         notes.append(
-            f"--lora-target-modules: {', '.join(unknown)} match no decoder-block linear layer; not counted"
+            f"--lora-target-modules: no decoder-block linear layer named {', '.join(unknown)}; not counted"
         )
     if load_in_4bit:
         notes.append(

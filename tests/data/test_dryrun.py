@@ -186,7 +186,7 @@ def test_lora_memory_per_rank_by_hand(data: tuple[Path, list[dict]], tmp_path: P
     assert listed.memory["trainable_params"] == TINY_LORA_R8_QV
     partly = run(data[0], model_name_or_path=model, lora_rank=8, lora_target_modules="q_proj,wq")
     assert partly.memory["trainable_params"] == 2 * 8 * (64 + 64)  # q_proj only
-    assert "wq match no decoder-block linear layer" in partly.memory_note
+    assert "no decoder-block linear layer named wq" in partly.memory_note
     nothing = run(data[0], model_name_or_path=model, lora_rank=8, lora_target_modules="lm_head,wq")
     assert nothing.memory["trainable_params"] == 0
     assert "names no linear layer of a decoder block" in nothing.memory_note
