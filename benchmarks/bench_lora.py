@@ -1,11 +1,14 @@
-"""Training step time and peak host memory: full fine-tuning vs LoRA (rank 8, rank 64, all-linear).
+"""Training step time and peak host memory: full fine-tuning vs LoRA (rank 8, rank 64) vs QLoRA (rank 8).
 
 One step = what the training loop does on one packed minibatch: `CausalLMWithLoss` forward (minitrain_packed
 attention, chunked loss), loss / trained tokens, backward, AdamW step (`build_optimizer`, so only parameters
 with requires_grad are in it), zero_grad. Every variant starts from the same seeded Llama built from a config
 (4 layers by default, hidden 512, 8 heads (4 KV), MLP 1408, vocabulary 32,000, untied head, fp32) and runs the same
 packed batches; LoRA wraps it with `add_adapters` (PEFT, all-linear: every projection of every block, not
-lm_head, not the embedding). Unsharded, one process, one torch thread (steadier on a shared CPU).
+lm_head, not the embedding). QLoRA first reloads the same weights through bitsandbytes in NF4 (`nf4_config`,
+fp32 compute: bitsandbytes' CPU backend, so its step time says nothing of the GPU kernels; its memory does
+show what 4-bit weights save). Skipped when bitsandbytes is not installed. Unsharded, one process, one torch
+thread (steadier on a shared CPU).
 
 Time: CPU seconds of this single-threaded process (the work done, whatever else loads the machine), the
 fastest of --repeats passes per batch, variants interleaved in one process; split into forward+backward and
@@ -30,6 +33,7 @@ user turn masked; samples longer than --max-len are left out; --batch random sam
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import random
@@ -44,7 +48,8 @@ REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO.parent / "shared" / "fixtures"
 MB = 1024 * 1024
 
-VARIANTS = {"full": None, "lora r8": 8, "lora r64": 64}  # name -> LoRA rank (None: full fine-tuning)
+VARIANTS = {"full": None, "lora r8": 8, "lora r64": 64, "qlora r8": 8}  # name -> LoRA rank (None: full)
+FOUR_BIT = {"qlora r8"}
 SAMPLE = list[tuple[list[int], list[int]]]
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -68,12 +73,12 @@ def _peak(reset_ok: bool) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # since process start
 
 
-def build(rank: int | None, layers: int):
+def build(rank: int | None, layers: int, four_bit: bool = False):
     """(CausalLMWithLoss, AdamW) of one variant; the base weights are the same for every variant."""
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from minitrain.train.adapters import LoraSettings, add_adapters
+    from minitrain.train.adapters import LoraSettings, add_adapters, nf4_config, quantized_parameters
     from minitrain.train.attention import choose_attention
     from minitrain.train.model import CausalLMWithLoss
     from minitrain.train.optim import build_optimizer
@@ -90,6 +95,15 @@ def build(rank: int | None, layers: int):
     )
     torch.manual_seed(0)
     lm = AutoModelForCausalLM.from_config(cfg, attn_implementation=choose_attention("cpu"))
+    if four_bit:  # the same weights, reloaded in NF4 as `--load-in-4bit` loads them
+        with tempfile.TemporaryDirectory() as tmp:
+            lm.save_pretrained(tmp)
+            del lm
+            lm = AutoModelForCausalLM.from_pretrained(
+                tmp, quantization_config=nf4_config(torch.float32), device_map={"": "cpu"},
+                attn_implementation=choose_attention("cpu"),
+            )  # fmt: skip
+        quantized_parameters(lm)
     if rank is not None:
         torch.manual_seed(1)  # LoRA A init
         lm = add_adapters(lm, LoraSettings(rank=rank, target_modules="all-linear"))
@@ -106,13 +120,15 @@ def child(args) -> dict:
     """Timing (all variants interleaved) or memory (one variant) in this process; returns JSON-able results."""
     import torch
 
+    from minitrain.train.adapters import logical_numel
+
     torch.set_num_threads(args.threads)
     batches = [pack(b) for b in json.loads(Path(args.batches).read_text())]  # [0] is the warm-up
     variants = args.variants.split(",")
     if args.child == "memory":
         (v,) = variants
         before = _rss()
-        model, opt = build(VARIANTS[v], args.layers)
+        model, opt = build(VARIANTS[v], args.layers, v in FOUR_BIT)
         base = _rss()  # parameters (+ adapters), no gradients, no optimizer state yet
         grad_bytes = 0
 
@@ -131,7 +147,7 @@ def child(args) -> dict:
         peak = _peak(reset_ok)
         optim_bytes = _bytes(t for s in opt.state.values() for t in s.values() if torch.is_tensor(t))
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        total = sum(p.numel() for p in model.parameters())
+        total = sum(logical_numel(p) for p in model.parameters())
         return {
             v: {
                 "trainable_params": trainable,
@@ -149,7 +165,7 @@ def child(args) -> dict:
                 "peak_since": "warm-up step (VmHWM reset)" if reset_ok else "process start (ru_maxrss)",
             }
         }
-    models = {v: build(VARIANTS[v], args.layers) for v in variants}
+    models = {v: build(VARIANTS[v], args.layers, v in FOUR_BIT) for v in variants}
     zero = [float("inf")] * (len(batches) - 1)
     fb = {v: list(zero) for v in variants}
     optim = {v: list(zero) for v in variants}
@@ -221,6 +237,9 @@ def main() -> None:
     tokens = [sum(len(s[0]) for s in b) for b in batches]
     print(f"{len(samples)} fixture samples <= {args.max_len} tokens; packed minibatches of {tokens} tokens")
     names = list(VARIANTS)
+    if importlib.util.find_spec("bitsandbytes") is None:
+        names = [v for v in names if v not in FOUR_BIT]
+        print("bitsandbytes is not installed: QLoRA left out (pip install '.[qlora]')")
     with tempfile.TemporaryDirectory() as tmp:  # every child packs exactly these samples
         batches_file = Path(tmp) / "batches.json"
         batches_file.write_text(json.dumps(batches))
@@ -240,6 +259,7 @@ def main() -> None:
             "fwd_bwd_cpu_s": r["fwd_bwd_cpu_s_per_step"] / full["fwd_bwd_cpu_s_per_step"],
             "peak_rss": r["peak_rss_mb"] / full["peak_rss_mb"],
             "peak_added": r["peak_added_mb"] / full["peak_added_mb"],
+            "weights": r["param_mb"] / full["param_mb"],
         }
         for r in rows[1:]
     }
@@ -255,7 +275,7 @@ def main() -> None:
     table = Table(title=title)
     cols = (
         "variant", "trainable", "% params", "tok/CPU-s", "CPU s/step", "fwd+bwd s", "optim s", "wall tok/s",
-        "grads MB", "optim MB", "base RSS MB", "steady MB", "peak RSS MB", "peak +MB", "act+other MB",
+        "weights MB", "grads MB", "optim MB", "base RSS MB", "steady MB", "peak RSS MB", "peak +MB", "act+other MB",
     )  # fmt: skip
     for col in cols:
         table.add_column(col, justify="left" if col == "variant" else "right")
@@ -269,6 +289,7 @@ def main() -> None:
             f"{r['fwd_bwd_cpu_s_per_step']:.2f}",
             f"{r['optim_cpu_s_per_step']:.3f}",
             f"{r['wall_tokens_per_s']:.0f}",
+            f"{r['param_mb']:.1f}",
             f"{r['grad_mb']:.1f}",
             f"{r['optim_state_mb']:.1f}",
             f"{r['base_rss_mb']:.0f}",
@@ -281,7 +302,8 @@ def main() -> None:
     for v, ratio in ratios.items():
         console.print(
             f"{v} / full: step CPU time {ratio['cpu_s_per_step']:.2f}x (fwd+bwd {ratio['fwd_bwd_cpu_s']:.2f}x), "
-            f"peak RSS {ratio['peak_rss']:.2f}x, memory added by training {ratio['peak_added']:.2f}x"
+            f"weights {ratio['weights']:.2f}x, peak RSS {ratio['peak_rss']:.2f}x, "
+            f"memory added by training {ratio['peak_added']:.2f}x"
         )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     config = {k: v for k, v in vars(args).items() if k not in ("child", "variants", "batches")}
