@@ -7,7 +7,7 @@ model.py       load the model, wrap it with its loss, FSDP2 sharding, activation
 attention.py   attention that keeps packed samples apart (per-sample SDPA; flash-attn varlen on GPU)
 loss.py        chunked linear + cross-entropy, normalised by the global trained-token count
 optim.py       AdamW and the learning-rate schedule
-adapters.py    LoRA and stacked adapters through PEFT, adapter and merged exports
+adapters.py    LoRA, QLoRA (4-bit base) and stacked adapters through PEFT, adapter and merged exports
 evaluate.py    eval loss over a held-out file, normalised like training
 loop.py        the training loop, top to bottom
 checkpoint.py  Hugging Face export of the sharded model (or of the adapter)

@@ -54,6 +54,7 @@ def run(config: TrainConfig, *, tokenizer_source: str | None) -> TrainState:
 
 def _train(config: TrainConfig, dist: DistInfo, tokenizer_source: str | None) -> TrainState:
     logging.basicConfig(level=config.logging_level if dist.is_main else "WARNING")
+    _quiet_libraries(dist)
     on_gpu = dist.device.type == "cuda"
     torch.manual_seed(
         config.seed
@@ -213,6 +214,26 @@ def _train(config: TrainConfig, dist: DistInfo, tokenizer_source: str | None) ->
             )
         finally:
             display.close()
+
+
+def _quiet_libraries(dist: DistInfo) -> None:
+    """Keep the libraries' noise out of the metric lines; what is left is what a user can act on.
+
+    - transformers' "Loading weights" bar: rank 0's only (with a 4-bit base every rank loads).
+    - PEFT calling a transformers API deprecated in v6 (a FutureWarning per rank, nothing to do for users).
+    - bitsandbytes' CPU backend, imported by PEFT whenever bitsandbytes is installed, logging on every rank
+      that an optional CPU kernel package is absent.
+    """
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    if not dist.is_main:
+        hf_logging.disable_progress_bar()
+    warnings.filterwarnings(
+        "ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning
+    )
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 def _resume_point(config: TrainConfig, dist: DistInfo) -> Path:
