@@ -51,14 +51,35 @@ app.command("demo")(demo.demo)
 
 
 def main() -> None:
-    """Run the app; user errors become one line and exit code 1."""
+    """Run the app; every mistake on the command line or in the input is one line on stderr.
+
+    A `UserError` exits 1; a command-line parse error (unknown option, bad value, missing option) exits 2,
+    as Click's do, with the message and where to find help; bare `minitrain` prints the help, exit 2.
+    """
+    import importlib
+
+    # Click's exception classes, wherever this Typer takes Click from (recent Typers vendor their own copy)
+    click = importlib.import_module(typer.BadParameter.__module__)
+    no_args = getattr(click, "NoArgsIsHelpError", ())
     try:
-        app(args=train.expand_bare_resume(sys.argv[1:]), prog_name="minitrain")
+        code = app(args=train.expand_bare_resume(sys.argv[1:]), prog_name="minitrain", standalone_mode=False)
     except UserError as err:
         if os.environ.get("MINITRAIN_DEBUG"):
             raise
         print(f"minitrain: error: {err}", file=sys.stderr)
         raise SystemExit(1) from None
-    except KeyboardInterrupt:
+    except no_args as err:
+        print(err.ctx.get_help() if err.ctx is not None else "", end="")
+        raise SystemExit(err.exit_code) from None
+    except click.UsageError as err:
+        where = err.ctx.command_path if err.ctx is not None else "minitrain"
+        message = " ".join(err.format_message().split()).rstrip(".")  # Click wraps long messages
+        print(f"minitrain: error: {message}; see '{where} --help'", file=sys.stderr)
+        raise SystemExit(err.exit_code) from None
+    except click.ClickException as err:
+        print(f"minitrain: error: {' '.join(err.format_message().split())}", file=sys.stderr)
+        raise SystemExit(err.exit_code) from None
+    except (KeyboardInterrupt, typer.Abort):
         print("minitrain: interrupted", file=sys.stderr)
         raise SystemExit(130) from None
+    raise SystemExit(code if isinstance(code, int) else 0)

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from typer.testing import CliRunner
 
 from minitrain import __version__
@@ -54,3 +55,26 @@ def test_completion_request_answers_subcommands():
     env = dict(os.environ, _MINITRAIN_COMPLETE="complete_bash", COMP_WORDS="minitrain tr", COMP_CWORD="1")
     out = subprocess.run([sys.executable, "-m", "minitrain"], env=env, capture_output=True, text=True)
     assert out.stdout.split() == ["train"]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["train", "--batch-size", "abc"], "Invalid value for '--batch-size'"),
+        (["train"], "Missing option '--data-path'; see 'minitrain train --help'"),
+        (["trian"], "No such command 'trian'. Did you mean 'train'?; see 'minitrain --help'"),
+        (["plot"], "Missing argument 'RUN'; see 'minitrain plot --help'"),
+        (["inspect", "x.jsonl", "extra"], "unexpected extra argument"),
+    ],
+)
+def test_command_line_mistakes_are_one_line_and_exit_2(args, message):
+    out = subprocess.run([sys.executable, "-m", "minitrain", *args], capture_output=True, text=True)
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("minitrain: error: ") and message in lines[0], out.stderr
+    assert out.stdout == ""
+
+
+def test_bare_minitrain_prints_the_help():
+    out = subprocess.run([sys.executable, "-m", "minitrain"], capture_output=True, text=True)
+    assert out.returncode == 2 and "Usage" in out.stdout and "train" in out.stdout, out.stderr
