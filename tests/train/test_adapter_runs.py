@@ -58,19 +58,28 @@ def direct_eval_loss(model: torch.nn.Module, data: Path) -> float:
     return total / count
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("adapters")
+def adapter_run_command(root: Path) -> tuple[list[str], Path]:
+    """(the `minitrain train` command every adapter run here shares, the eval file), with its files in root.
+
+    The files: 8 training and 5 eval samples of random ids, and a saved random tiny Llama in root/base.
+    """
     train = write_tokenized(root / "train.jsonl", num=8, vocab=VOCAB, seed=1)
     evaluation = write_tokenized(root / "eval.jsonl", num=5, vocab=VOCAB, seed=2)
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(tiny_llama_config(vocab_size=VOCAB)).save_pretrained(root / "base")
-    common = [
+    command = [
         sys.executable, "-m", "minitrain", "train", "--data-path", str(train), "--model-name-or-path",
         str(root / "base"), "--batch-size", "8", "--max-tokens-per-gpu", "128", "--max-steps", str(STEPS),
-        "--learning-rate", "2e-2", "--num-warmup-steps", "0", "--eval-data-path", str(evaluation),
-        "--eval-every-samples", "32",
+        "--learning-rate", "2e-2", "--num-warmup-steps", "0",
     ]  # fmt: skip
+    return command, evaluation
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("adapters")
+    command, evaluation = adapter_run_command(root)
+    common = [*command, "--eval-data-path", str(evaluation), "--eval-every-samples", "32"]
     _run(
         [*common, "--output-dir", str(root / "lora"), "--nproc", "2", "--lora-rank", "8", "--merge-lora"],
         root,

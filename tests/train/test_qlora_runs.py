@@ -16,7 +16,6 @@ alone; and the runs against each other (2 ranks vs 1, interrupted vs not, eval v
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -25,34 +24,25 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from minitrain.train.adapters import CPU_QLORA_ENV, nf4_config, quantized_parameters
-from tests.conftest import tiny_llama_config
 from tests.train.test_adapter_runs import (
+    STEPS,
     _final_checkpoint,
     _metrics,
+    adapter_run_command,
     direct_eval_loss,
     training_state_model_keys,
 )
-from tests.train.test_loop import _run, write_tokenized
+from tests.train.test_loop import _run
 
 pytest.importorskip("bitsandbytes", reason="QLoRA tests need the qlora extra (CI installs it)")
 pytestmark = pytest.mark.slow
-
-VOCAB = 96
-STEPS = 12
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("qlora")
-    train = write_tokenized(root / "train.jsonl", num=8, vocab=VOCAB, seed=1)
-    evaluation = write_tokenized(root / "eval.jsonl", num=5, vocab=VOCAB, seed=2)
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(tiny_llama_config(vocab_size=VOCAB)).save_pretrained(root / "base")
-    common = [
-        sys.executable, "-m", "minitrain", "train", "--data-path", str(train), "--model-name-or-path",
-        str(root / "base"), "--batch-size", "8", "--max-tokens-per-gpu", "128", "--learning-rate", "2e-2",
-        "--num-warmup-steps", "0", "--lora-rank", "8", "--load-in-4bit", "--max-steps", str(STEPS),
-    ]  # fmt: skip
+    command, evaluation = adapter_run_command(root)
+    common = [*command, "--lora-rank", "8", "--load-in-4bit"]
     evaluated = ["--eval-data-path", str(evaluation), "--eval-every-samples", "32"]
     os.environ[CPU_QLORA_ENV] = "1"  # inherited by the CLI and its ranks
     try:
