@@ -119,7 +119,14 @@ def add_adapters(lm: PreTrainedModel, settings: LoraSettings, *, load_base_weigh
             weights = Path(path) / "adapter_model.safetensors"
             if not weights.is_file():
                 raise UserError(f"--base-adapter {path}: no adapter_model.safetensors there")
-            result = set_peft_model_state_dict(model, load_file(str(weights)), adapter_name=name)
+            try:
+                result = set_peft_model_state_dict(model, load_file(str(weights)), adapter_name=name)
+            except (RuntimeError, OSError) as err:  # shape mismatch, unreadable or truncated safetensors
+                lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+                detail = next(
+                    (line for line in lines if line.startswith("size mismatch")), lines[0] if lines else ""
+                )
+                raise UserError(f"--base-adapter {path}: weights do not fit this model ({detail})") from None
             if result.unexpected_keys:
                 raise UserError(
                     f"--base-adapter {path}: weights do not fit this model ({result.unexpected_keys[0]} ...)"

@@ -91,6 +91,37 @@ def close_distributed(*, synchronize: bool = False) -> None:
         torch_dist.destroy_process_group()
 
 
+class PeerFailed(UserError):
+    """This rank stopped because another one failed; that rank's own message says why."""
+
+
+def stop_if_any_rank_failed(dist: DistInfo, error: BaseException | None, *, stage: str) -> None:
+    """Collective: every rank says whether its part of `stage` failed; a failure anywhere stops them all.
+
+    The failing rank re-raises its own error (a `UserError` is its one line, anything else its traceback);
+    the others raise `PeerFailed` (one line) instead of blocking in the next collective until the dead
+    peer's connection drops and gloo/NCCL print a traceback of their own.
+    """
+    failed = int(error is not None)
+    if dist.world_size > 1:
+        flag = torch.tensor([failed], dtype=torch.int64, device=dist.device)
+        torch_dist.all_reduce(flag)
+        failed = int(flag.item())
+    if error is not None:
+        raise error
+    if failed:
+        raise PeerFailed(f"stopped while {stage}: {failed} other rank(s) failed; their message says why")
+
+
+def is_peer_loss(err: BaseException) -> bool:
+    """True for the errors a collective raises when a peer process died: NCCL's and the network's error
+    types, and gloo's plain RuntimeError about its connection."""
+    if isinstance(err, (torch_dist.DistBackendError, torch_dist.DistNetworkError)):
+        return True
+    gloo = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
+    return isinstance(err, RuntimeError) and any(marker in str(err) for marker in gloo)
+
+
 def print0(dist: DistInfo, *args: object) -> None:
     """`print` on rank 0 only, flushed (torchrun pipes may buffer)."""
     if dist.is_main:

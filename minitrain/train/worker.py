@@ -23,7 +23,14 @@ from minitrain.data.sampler import InfiniteSampler
 from minitrain.data.store import TokenStore
 from minitrain.errors import UserError
 from minitrain.train.checkpoint import save_hf_checkpoint
-from minitrain.train.dist import DistInfo, close_distributed, init_distributed, print0
+from minitrain.train.dist import (
+    DistInfo,
+    close_distributed,
+    init_distributed,
+    is_peer_loss,
+    print0,
+    stop_if_any_rank_failed,
+)
 from minitrain.train.evaluate import evaluate, plan_eval
 from minitrain.train.faults import StopFlag, die_with_parent
 from minitrain.train.launch import read_training_params
@@ -63,30 +70,13 @@ def _train(config: TrainConfig, dist: DistInfo, tokenizer_source: str | None) ->
 
     # master weights: fp32 (bf16 compute on GPU through FSDP2's mixed precision) or bf16 with --master-dtype bf16
     master_dtype = torch.bfloat16 if config.master_dtype == "bf16" else torch.float32
-    quantization = None
-    if config.load_in_4bit:  # QLoRA: NF4 base, matmuls in bf16 on GPU (in the master dtype on the CPU)
-        from minitrain.train.adapters import nf4_config
-
-        quantization = nf4_config(torch.bfloat16 if on_gpu else master_dtype)
-    lm = load_model(
-        config.model_name_or_path,
-        from_scratch=config.from_scratch,
-        dtype=master_dtype,
-        dist=dist,
-        quantization=quantization,
-    )
+    error = None
+    try:  # rank 0 reads what the other ranks receive later: a failure here must stop every rank cleanly
+        lm, replicated = _build_model(config, dist, master_dtype=master_dtype, on_gpu=on_gpu)
+    except Exception as err:  # noqa: BLE001 - re-raised below, after the other ranks know
+        error = err
+    stop_if_any_rank_failed(dist, error, stage="building the model")
     lora = config.lora_settings()
-    replicated = None
-    if lora is not None:  # frozen base (+ frozen base adapters) and one new trainable LoRA adapter
-        from minitrain.train.adapters import add_adapters, quantized_parameters, trainable_parameter_count
-
-        # other ranks get rank 0's weights when sharding, except with a 4-bit base: each rank loads its own
-        lm = add_adapters(lm, lora, load_base_weights=dist.is_main or quantization is not None)
-        trainable, total = trainable_parameter_count(lm)
-        print0(dist, f"LoRA rank {lora.rank}: training {trainable:,} of {total:,} parameters")
-        if quantization is not None:
-            replicated = quantized_parameters(lm)
-            print0(dist, f"4-bit NF4 base: {len(replicated):,} quantized tensors, a whole copy on every rank")
     num_params = _matmul_params(lm)
     use_liger = config.use_liger_kernels and on_gpu
     if config.use_liger_kernels and not on_gpu and dist.is_main:  # a warning: stderr, as the parent's
@@ -216,6 +206,39 @@ def _train(config: TrainConfig, dist: DistInfo, tokenizer_source: str | None) ->
             display.close()
 
 
+def _build_model(
+    config: TrainConfig, dist: DistInfo, *, master_dtype: torch.dtype, on_gpu: bool
+) -> tuple[torch.nn.Module, set | None]:
+    """(the HF model, with the adapters of an adapter run; the 4-bit parameters FSDP2 must leave alone)."""
+    quantization = None
+    if config.load_in_4bit:  # QLoRA: NF4 base, matmuls in bf16 on GPU (in the master dtype on the CPU)
+        from minitrain.train.adapters import nf4_config
+
+        quantization = nf4_config(torch.bfloat16 if on_gpu else master_dtype)
+    lm = load_model(
+        config.model_name_or_path,
+        from_scratch=config.from_scratch,
+        dtype=master_dtype,
+        dist=dist,
+        quantization=quantization,
+    )
+    lora = config.lora_settings()
+    if lora is None:
+        return lm, None
+    from minitrain.train.adapters import add_adapters, quantized_parameters, trainable_parameter_count
+
+    # frozen base (+ frozen base adapters) and one new trainable LoRA adapter; the other ranks get rank 0's
+    # weights when sharding, except with a 4-bit base: each rank loads its own
+    lm = add_adapters(lm, lora, load_base_weights=dist.is_main or quantization is not None)
+    trainable, total = trainable_parameter_count(lm)
+    print0(dist, f"LoRA rank {lora.rank}: training {trainable:,} of {total:,} parameters")
+    if quantization is None:
+        return lm, None
+    replicated = quantized_parameters(lm)
+    print0(dist, f"4-bit NF4 base: {len(replicated):,} quantized tensors, a whole copy on every rank")
+    return lm, replicated
+
+
 def _quiet_libraries(dist: DistInfo) -> None:
     """Keep the libraries' noise out of the metric lines; what is left is what a user can act on.
 
@@ -280,6 +303,12 @@ def _mfu(
     return flops / (seconds * peak_flops)
 
 
+def _say(line: str) -> None:
+    """One line to stderr in one write, so that lines from several ranks on one pipe never interleave."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: read RUN_DIR/training_params.json and train; a user error is one line and exit 1."""
     args = list(sys.argv[1:] if argv is None else argv)
@@ -294,7 +323,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as err:
         if os.environ.get("MINITRAIN_DEBUG"):
             raise
-        print(f"minitrain: error (rank {os.environ.get('RANK', 0)}): {err}", file=sys.stderr, flush=True)
+        _say(f"minitrain: error (rank {os.environ.get('RANK', 0)}): {err}")
+        return 1
+    except Exception as err:
+        if os.environ.get("MINITRAIN_DEBUG") or not is_peer_loss(err):
+            raise
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        _say(
+            f"minitrain: error (rank {os.environ.get('RANK', 0)}): lost another rank in a collective ({first}); "
+            "the rank that failed first says why (MINITRAIN_DEBUG=1 shows this traceback)"
+        )
         return 1
     return 128 + state.stop_signal if state.stop_signal else 0  # 130 / 143 after a graceful stop
 

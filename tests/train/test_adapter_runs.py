@@ -16,6 +16,7 @@ exported adapter (and the merged model) reproduce the trained model.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -182,3 +183,29 @@ def training_state_model_keys(out: Path) -> list[str]:
 def test_the_training_state_holds_the_adapter_not_the_frozen_base(runs):
     model_keys = training_state_model_keys(runs["lora"])
     assert model_keys and all(".lora_" in k and ".default." in k for k in model_keys), model_keys[:5]
+
+
+def test_a_base_adapter_that_does_not_fit_stops_both_ranks_with_one_line_each(runs, tmp_path):
+    import subprocess
+
+    from safetensors.torch import save_file
+
+    bad = tmp_path / "bad_adapter"  # a real adapter config, weights of the wrong shape
+    bad.mkdir()
+    (bad / "adapter_config.json").write_text(
+        (_final_checkpoint(runs["lora"]) / "adapter_config.json").read_text()
+    )
+    save_file({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(3, 3)},
+              str(bad / "adapter_model.safetensors"))  # fmt: skip
+    command, _ = adapter_run_command(tmp_path)
+    done = subprocess.run(
+        [*command, "--output-dir", str(tmp_path / "out"), "--nproc", "2", "--lora-rank", "4",
+         "--base-adapter", str(bad)],
+        capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )  # fmt: skip
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("minitrain: error (rank")]
+    assert len(errors) == 2, done.stderr[-3000:]
+    assert "(rank 0): --base-adapter" in errors[0] + errors[1] and "size mismatch" in errors[0] + errors[1]
+    assert "stopped while building the model: 1 other rank(s) failed" in errors[0] + errors[1]
