@@ -122,6 +122,8 @@ ROWS = [
         ("is a 't5' model, not a causal LM", "pass a decoder-only model")),
     Row("train", "model is an encoder (BERT config)", _train(model=f"{W}/bert"),
         ("is a 'bert' model, not a causal LM", "pass a decoder-only model")),
+    Row("train", "model whose head soft-caps its logits (Gemma 2)", _train(model=f"{W}/gemma2"),
+        ("scales its logits (final_logit_softcapping=30.0)", "pass a model whose head is a plain linear layer")),
     Row("train", "model folder without weights (and no --from-scratch)", _train(model=f"{W}/config-only"),
         ("no weights there", "add --from-scratch")),
     Row("train", "--output-dir under an existing file", _train(out=f"{W}/afile/out"),
@@ -195,7 +197,7 @@ def _good_conversation() -> str:
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory) -> Path:
     """The files every row points at."""
-    from transformers import BertConfig, T5Config
+    from transformers import BertConfig, Gemma2Config, T5Config
 
     w = tmp_path_factory.mktemp("bad-input")
     from transformers import AutoModelForCausalLM
@@ -206,6 +208,14 @@ def ws(tmp_path_factory) -> Path:
     BertConfig(
         vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32
     ).save_pretrained(w / "bert")
+    Gemma2Config(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        head_dim=16,
+    ).save_pretrained(w / "gemma2")  # final_logit_softcapping=30 by default
     (w / "emptydir").mkdir()
     data = write_tokenized(w / "d.jsonl", num=8, vocab=64, seed=0)
     write_tokenized(w / "big-vocab.jsonl", num=8, vocab=500, seed=0)

@@ -138,34 +138,63 @@ def preflight(config: TrainConfig) -> Preflight:
     return Preflight(len(store), too_long, int(store.max_token_id), vocab_size, source)
 
 
-def model_vocab_size(model_name_or_path: str) -> int:
-    """The model's vocabulary size from its config (no weights loaded); refuses what is not a causal LM."""
+# config attributes of heads that are not a plain hidden @ W.T (minitrain's fused/chunked loss would differ)
+UNSUPPORTED_HEAD_ATTRS = (
+    "final_logit_softcapping",
+    "logit_scale",
+    "logits_scaling",
+    "output_multiplier_scale",
+)
+
+
+def causal_lm_config(model_name_or_path: str | Path):
+    """The model's transformers config (no weights read), refusing what minitrain cannot train.
+
+    Refused: a path that does not exist, a folder or Hub id with no readable config, a model that is not a
+    causal LM (T5, BERT & co), and a head that scales or caps its logits. Used by the parent's preflight and
+    by every rank's `load_model`, so both refuse the same models with the same words.
+    """
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import (
         MODEL_FOR_CAUSAL_LM_MAPPING,
         MODEL_FOR_MASKED_LM_MAPPING,
     )
 
-    path = Path(model_name_or_path).expanduser()
-    if (path.is_absolute() or model_name_or_path.startswith((".", "~"))) and not path.exists():
+    name = str(model_name_or_path)
+    path = Path(name).expanduser()
+    looks_local = path.is_absolute() or name.startswith((".", "~")) or path.exists()
+    if looks_local and not path.exists():
         raise UserError(
-            f"--model-name-or-path {model_name_or_path}: not a model folder (no such path); pass a folder "
+            f"--model-name-or-path {name}: not a model folder (no such path); pass a folder "
             "with config.json or a Hub id in the local cache"
         )
     try:
-        config = AutoConfig.from_pretrained(model_name_or_path)
+        config = AutoConfig.from_pretrained(str(path) if looks_local else name)
     except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(
-            f"--model-name-or-path {model_name_or_path}: not a model folder or a Hub id available offline "
-            f"({str(err).splitlines()[0]}); pass a folder with config.json or a Hub id in the local cache"
+            f"--model-name-or-path {name}: not a model folder or a Hub id available offline "
+            f"({first}); pass a folder with config.json or a Hub id in the local cache"
         ) from None
     encoder = type(config) in MODEL_FOR_MASKED_LM_MAPPING and not getattr(config, "is_decoder", False)
     if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING or encoder:  # BERT & co: bidirectional, not causal
         raise UserError(
-            f"--model-name-or-path {model_name_or_path} is a {config.model_type!r} model, not a causal LM; "
+            f"--model-name-or-path {name} is a {config.model_type!r} model, not a causal LM; "
             "pass a decoder-only model (Llama, Qwen, Mistral, ...)"
         )
-    return int(config.get_text_config().vocab_size)
+    for attr in UNSUPPORTED_HEAD_ATTRS:
+        value = getattr(config, attr, None)
+        if value not in (None, 1, 1.0):
+            raise UserError(
+                f"--model-name-or-path {name} scales its logits ({attr}={value}), which minitrain's loss "
+                "does not; pass a model whose head is a plain linear layer"
+            )
+    return config
+
+
+def model_vocab_size(model_name_or_path: str) -> int:
+    """The model's vocabulary size from its config (no weights loaded); refuses what minitrain cannot train."""
+    return int(causal_lm_config(model_name_or_path).get_text_config().vocab_size)
 
 
 def tokenizer_source(model_name_or_path: str, meta: dict | None) -> str | None:

@@ -32,17 +32,10 @@ from minitrain.data.batch import PackedMinibatch
 from minitrain.errors import UserError
 from minitrain.train.attention import choose_attention, packed_attention_kwargs
 from minitrain.train.dist import DistInfo
+from minitrain.train.launch import causal_lm_config
 from minitrain.train.loss import linear_cross_entropy_sum
 
 STRATEGIES = ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD")
-
-# config attributes of heads that are not a plain hidden @ W.T (the fused/chunked loss would differ)
-_UNSUPPORTED_HEAD_ATTRS = (
-    "final_logit_softcapping",
-    "logit_scale",
-    "logits_scaling",
-    "output_multiplier_scale",
-)
 
 
 class CausalLMWithLoss(nn.Module):
@@ -81,38 +74,6 @@ class CausalLMWithLoss(nn.Module):
         )
 
 
-def _load_config(model_name_or_path: str | Path):
-    from transformers import AutoConfig
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
-
-    path = Path(model_name_or_path)
-    looks_local = path.is_absolute() or str(model_name_or_path).startswith((".", "~")) or path.exists()
-    if looks_local and not path.expanduser().is_dir():
-        raise UserError(
-            f"model path {model_name_or_path} does not exist; pass a folder with config.json or a hub id"
-        )
-    try:
-        config = AutoConfig.from_pretrained(
-            str(path.expanduser()) if looks_local else str(model_name_or_path)
-        )
-    except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(
-            f"cannot read a model config from {model_name_or_path} ({first}); pass a model folder"
-        ) from e
-    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
-        raise UserError(
-            f"{model_name_or_path} is a {config.model_type!r} model, not a causal LM; pass a decoder-only model"
-        )
-    for attr in _UNSUPPORTED_HEAD_ATTRS:
-        value = getattr(config, attr, None)
-        if value not in (None, 1, 1.0):
-            raise UserError(
-                f"{model_name_or_path} scales its logits ({attr}={value}), which minitrain's loss does not"
-            )
-    return config
-
-
 def load_model(
     model_name_or_path: str | Path,
     *,
@@ -131,7 +92,7 @@ def load_model(
     """
     from transformers import AutoModelForCausalLM
 
-    config = _load_config(model_name_or_path)
+    config = causal_lm_config(model_name_or_path)
     config.use_cache = False
     attn = choose_attention(dist.device)
     if quantization is None and not dist.is_main:

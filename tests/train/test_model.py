@@ -143,10 +143,10 @@ def test_load_model_builds_on_meta_on_other_ranks(tmp_path) -> None:
 def test_load_model_user_errors(tmp_path) -> None:
     from transformers import Gemma2Config, ViTConfig
 
-    with pytest.raises(UserError, match="does not exist"):
+    with pytest.raises(UserError, match="no such path"):
         load_model(tmp_path / "nope", from_scratch=False, dtype=torch.float32, dist=CPU1)
     (tmp_path / "empty").mkdir()
-    with pytest.raises(UserError, match="cannot read a model config"):
+    with pytest.raises(UserError, match="not a model folder or a Hub id available offline"):
         load_model(tmp_path / "empty", from_scratch=False, dtype=torch.float32, dist=CPU1)
     ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2).save_pretrained(tmp_path / "vit")
     with pytest.raises(UserError, match="not a causal LM"):
