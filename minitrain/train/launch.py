@@ -287,7 +287,20 @@ def run_training(config: TrainConfig) -> int:
         state = run(config, tokenizer_source=info.tokenizer_source)
         return 128 + state.stop_signal if state.stop_signal else 0
     write_training_params(config, world_size=config.world_size(), preflight=info)
-    return run_command(torchrun_command(config))
+    return run_command(torchrun_command(config), env=torchrun_env(config.nproc))
+
+
+def torchrun_env(nproc: int, environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment torchrun runs in: the user's, with OMP_NUM_THREADS set when the user left it unset.
+
+    Then it is this machine's usable cores shared by the local ranks. torchrun's own default is 1 thread
+    per rank, announced in a banner of asterisks on every multi-process run.
+    """
+    env = dict(os.environ if environ is None else environ)
+    if not env.get("OMP_NUM_THREADS"):
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        env["OMP_NUM_THREADS"] = str(max(1, cores // max(1, nproc)))
+    return env
 
 
 def check_output_dir(path: Path, flag: str = "--output-dir") -> None:

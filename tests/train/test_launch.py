@@ -3,6 +3,7 @@ forwarding, detection of an outer launcher, and the parent's refusals before any
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import subprocess
@@ -16,7 +17,13 @@ import pytest
 
 from minitrain.config import TrainConfig
 from minitrain.errors import UserError
-from minitrain.train.launch import in_launched_env, preflight, run_command, torchrun_command
+from minitrain.train.launch import (
+    in_launched_env,
+    preflight,
+    run_command,
+    torchrun_command,
+    torchrun_env,
+)
 from tests.conftest import SMOLLM2, needs_fixtures, tiny_llama_config
 from tests.train.test_loop import write_tokenized
 
@@ -169,3 +176,31 @@ def test_worker_without_a_run_directory_is_one_line(tmp_path, capsys, monkeypatc
     err = capsys.readouterr().err
     assert err.strip().count("\n") == 0 and "training_params.json: no such file" in err
     assert main([]) == 2  # usage
+
+
+def test_torchrun_gets_the_cores_shared_by_the_ranks_unless_the_user_chose(monkeypatch):
+    import os
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    assert torchrun_env(4, {"PATH": "/bin"}) == {"PATH": "/bin", "OMP_NUM_THREADS": "4"}
+    assert torchrun_env(32, {})["OMP_NUM_THREADS"] == "1"
+    assert torchrun_env(4, {"OMP_NUM_THREADS": "2"})["OMP_NUM_THREADS"] == "2"  # the user's choice stands
+
+
+def test_no_omp_banner_on_a_two_process_run(tmp_path):
+    """torchrun's banner of asterisks (its OMP_NUM_THREADS default) is not printed when minitrain starts it."""
+    env = torchrun_env(2, {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"})
+    script = tmp_path / "noop.py"
+    script.write_text("pass\n")
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        str(script),
+    ]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "OMP_NUM_THREADS" not in done.stderr + done.stdout
