@@ -48,6 +48,20 @@ def tiny_llama_config(vocab_size: int = 512, **overrides):
     return LlamaConfig(**kwargs)
 
 
+def tiny_softcapped_config():
+    """A 1-layer Gemma 2 config: its head soft-caps the logits (final_logit_softcapping=30 by default)."""
+    from transformers import Gemma2Config
+
+    return Gemma2Config(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        head_dim=16,
+    )
+
+
 @pytest.fixture
 def tiny_llama():
     """A freshly initialised, seeded tiny Llama in fp32."""

@@ -30,7 +30,7 @@ from typer.testing import CliRunner
 
 from minitrain.cli import app
 from minitrain.errors import UserError
-from tests.conftest import SMOLLM2, tiny_llama_config
+from tests.conftest import SMOLLM2, tiny_llama_config, tiny_softcapped_config
 from tests.train.test_loop import write_tokenized
 
 W = "{w}"  # replaced by the workspace folder in every argument
@@ -197,7 +197,7 @@ def _good_conversation() -> str:
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory) -> Path:
     """The files every row points at."""
-    from transformers import BertConfig, Gemma2Config, T5Config
+    from transformers import BertConfig, T5Config
 
     w = tmp_path_factory.mktemp("bad-input")
     from transformers import AutoModelForCausalLM
@@ -208,14 +208,7 @@ def ws(tmp_path_factory) -> Path:
     BertConfig(
         vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32
     ).save_pretrained(w / "bert")
-    Gemma2Config(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        head_dim=16,
-    ).save_pretrained(w / "gemma2")  # final_logit_softcapping=30 by default
+    tiny_softcapped_config().save_pretrained(w / "gemma2")  # final_logit_softcapping=30 by default
     (w / "emptydir").mkdir()
     data = write_tokenized(w / "d.jsonl", num=8, vocab=64, seed=0)
     write_tokenized(w / "big-vocab.jsonl", num=8, vocab=500, seed=0)

@@ -14,7 +14,7 @@ from minitrain.errors import UserError
 from minitrain.train.attention import PACKED_ATTENTION, register_packed_attention
 from minitrain.train.dist import DistInfo
 from minitrain.train.model import CausalLMWithLoss, load_model, shard_model
-from tests.conftest import tiny_llama_config
+from tests.conftest import tiny_llama_config, tiny_softcapped_config
 
 CPU1 = DistInfo(
     rank=0, local_rank=0, world_size=1, local_world_size=1, device=torch.device("cpu"), backend="gloo"
@@ -141,7 +141,7 @@ def test_load_model_builds_on_meta_on_other_ranks(tmp_path) -> None:
 
 
 def test_load_model_user_errors(tmp_path) -> None:
-    from transformers import Gemma2Config, ViTConfig
+    from transformers import ViTConfig
 
     with pytest.raises(UserError, match="no such path"):
         load_model(tmp_path / "nope", from_scratch=False, dtype=torch.float32, dist=CPU1)
@@ -151,14 +151,7 @@ def test_load_model_user_errors(tmp_path) -> None:
     ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2).save_pretrained(tmp_path / "vit")
     with pytest.raises(UserError, match="not a causal LM"):
         load_model(tmp_path / "vit", from_scratch=True, dtype=torch.float32, dist=CPU1)
-    Gemma2Config(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        head_dim=16,
-    ).save_pretrained(tmp_path / "gemma2")
+    tiny_softcapped_config().save_pretrained(tmp_path / "gemma2")
     with pytest.raises(UserError, match="final_logit_softcapping"):
         load_model(tmp_path / "gemma2", from_scratch=True, dtype=torch.float32, dist=CPU1)
     tiny_llama_config().save_pretrained(tmp_path / "noweights")
