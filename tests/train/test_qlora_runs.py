@@ -15,7 +15,6 @@ alone; and the runs against each other (2 ranks vs 1, interrupted vs not, eval v
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -44,8 +43,8 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     command, evaluation = adapter_run_command(root)
     common = [*command, "--lora-rank", "8", "--load-in-4bit"]
     evaluated = ["--eval-data-path", str(evaluation), "--eval-every-samples", "32"]
-    os.environ[CPU_QLORA_ENV] = "1"  # inherited by the CLI and its ranks
-    try:
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv(CPU_QLORA_ENV, "1")  # inherited by the CLI and its ranks
         _run([*common, *evaluated, "--output-dir", str(root / "two"), "--nproc", "2"], root)
         _run([*common, "--output-dir", str(root / "no_eval"), "--nproc", "2"], root)
         half = [*common, *evaluated, "--output-dir", str(root / "resumed"), "--nproc", "1"]
@@ -57,8 +56,6 @@ def runs(tmp_path_factory) -> dict[str, Path]:
              "--lora-target-modules", "q_proj,v_proj", "--base-adapter", str(first)],
             root,
         )  # fmt: skip
-    finally:
-        del os.environ[CPU_QLORA_ENV]
     names = ("two", "no_eval", "resumed", "stacked")
     return {"root": root, "eval": evaluation} | {name: root / name for name in names}
 
