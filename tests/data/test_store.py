@@ -85,15 +85,17 @@ def test_rebuilt_when_the_jsonl_changes(tmp_path: Path) -> None:
     changed = make_samples(70, seed=2)
     write_tokenized(path, changed)
     assert_store_equals(TokenStore.open(path), changed)
-    # same size, new content: the head hash notices even if mtime were equal
+    # same size and mtime, new content: the head hash notices. The first id gets another id with as many
+    # digits, so the file keeps its size (a changed size would be noticed without the hash).
     same_size = [dict(s) for s in changed]
-    same_size[0]["input_ids"] = [(t + 1) % 10 for t in same_size[0]["input_ids"]]
+    first = same_size[0]["input_ids"][0]
+    same_size[0]["input_ids"] = [first + 1 if first % 10 < 9 else first - 1, *same_size[0]["input_ids"][1:]]
     raw_old, raw_new = path.read_bytes(), b"".join(orjson.dumps(s) + b"\n" for s in same_size)
-    if len(raw_old) == len(raw_new):
-        st = path.stat()
-        path.write_bytes(raw_new)
-        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
-        assert TokenStore.open(path).input_ids(0).tolist() == same_size[0]["input_ids"]
+    assert len(raw_old) == len(raw_new) and raw_old != raw_new
+    st = path.stat()
+    path.write_bytes(raw_new)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert TokenStore.open(path).input_ids(0).tolist() == same_size[0]["input_ids"]
 
 
 CONCURRENT = """
