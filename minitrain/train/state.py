@@ -57,6 +57,7 @@ from torch import nn
 from torch.optim.lr_scheduler import LRScheduler
 
 from minitrain import __version__
+from minitrain.data.format import atomic_write
 from minitrain.errors import UserError
 from minitrain.train.dist import DistInfo
 
@@ -362,7 +363,6 @@ def _write_rng(path: Path) -> None:
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = base64.b64encode(torch.cuda.get_rng_state().numpy().tobytes()).decode()
-    path.parent.mkdir(parents=True, exist_ok=True)
     _write_durably(path, orjson.dumps(state))
 
 
@@ -402,20 +402,9 @@ def _dumps(value: Any) -> bytes:
 
 
 def _write_durably(path: Path, data: bytes) -> None:
-    """Write `data` to a temporary file beside `path`, fsync, rename: readers see the old or the new file.
-
-    (Not `tempfile.mkstemp`: its 0600 mode would hide checkpoints from a shared group; this respects umask.)
-    """
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    """Write `data` through a fsynced temporary file renamed onto `path`: readers see the old or the new file."""
+    with atomic_write(path) as f:
+        f.write(data)
 
 
 def _fsync_dir(path: Path) -> None:
