@@ -172,9 +172,7 @@ def _fullest_subset(sizes: list[int], cap: int) -> list[int]:
     return chosen
 
 
-def _repair(
-    bins: np.ndarray, tok: np.ndarray, K: int, budget: int, max_pairs: int = 256
-) -> np.ndarray | None:
+def _repair(bins: np.ndarray, tok: np.ndarray, K: int, budget: int) -> np.ndarray | None:
     """Place the samples `_bfd(..., overflow=True)` left out (bin -1) by gathering free room; None on failure.
 
     For a left-out sample u that fits nowhere: take the roomiest bin b and, for other bins c (roomiest
@@ -370,11 +368,10 @@ def _polish(
 
 def _arrange(
     bins: np.ndarray, tok: np.ndarray, wt: np.ndarray, K: int, world: int, budget: int
-) -> tuple[float, np.ndarray]:
+) -> np.ndarray:
     """Group bins into minibatches (heaviest with heaviest) and polish the unbalanced ones.
 
-    Returns (sum over minibatches of the busiest rank's weight, slot of each sample), where slot =
-    minibatch * world + rank.
+    Returns the slot of each sample, where slot = minibatch * world + rank.
     """
     wl_arr = np.bincount(bins, weights=wt, minlength=K)
     by_load = np.lexsort((np.arange(K), -wl_arr))  # slot s holds bin by_load[s]
@@ -396,8 +393,7 @@ def _arrange(
             _polish(ranks, members, wl, tl, tok, wt, budget)
             for sl in ranks:
                 slots[members[sl]] = sl
-        group_w = np.asarray(wl).reshape(-1, world)
-    return float(group_w.max(1).sum()), slots
+    return slots
 
 
 def plan_minibatches(
@@ -474,7 +470,7 @@ def plan_minibatches(
         if bins is None:
             bins = _even_out(packed[counts.index(m)], tok, wt, m * world, budget)
     K = m * world
-    _, slots = _arrange(bins, tok, wt, K, world, budget)
+    slots = _arrange(bins, tok, wt, K, world, budget)
     index = fit[order]  # position in weight order -> original index
     by_slot = np.lexsort((index, slots))
     cuts = np.searchsorted(slots[by_slot], np.arange(K + 1)).tolist()
