@@ -214,11 +214,10 @@ def save_training_state(
         model_state, optim_state = _get_state(model, optimizer)
         _dcp(dcp_save, {"model": model_state, "optim": optim_state}, tmp / STATE_DIR)
     except (Exception, CheckpointException) as err:  # DCP wraps the ranks' errors, raises on every rank
+        _remove_quietly(tmp, dist)
         cause = _os_error(err)
         if cause is None:
-            _remove_quietly(tmp, dist)
             raise
-        _remove_quietly(tmp, dist)
         raise _save_error(final, out_dir, cause) from None
     _agree(
         dist,
@@ -278,10 +277,8 @@ def load_training_state(
     try:
         _dcp(dcp_load, state, checkpoint / STATE_DIR)
     except (Exception, CheckpointException) as err:  # other keys or shapes: another model's checkpoint
-        if _os_error(err) is not None:
-            raise UserError(
-                f"{checkpoint}: cannot read it ({_os_error(err)}); resume from another one"
-            ) from None
+        if (cause := _os_error(err)) is not None:
+            raise UserError(f"{checkpoint}: cannot read it ({cause}); resume from another one") from None
         raise UserError(
             f"{checkpoint}: does not fit this model and optimizer ({_describe(err)}); resume with the same "
             f"--model-name-or-path (and adapter settings) as the run that wrote it"
