@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from minitrain.data.format import IGNORE_INDEX, iter_samples, read_sidecar
+from minitrain.data.format import IGNORE_INDEX, atomic_write, iter_samples, read_sidecar
 from minitrain.errors import UserError
 
 CACHE_VERSION = 3
@@ -182,70 +182,53 @@ class _Builder:
 
 
 def _build(jsonl_path: Path, cache_file: Path, fp: dict[str, Any]) -> None:
-    """Convert the JSONL into `cache_file` atomically (temporary file + rename)."""
-    cache_file.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".store.", suffix=".tmp", dir=cache_file.parent)
-    side_fd, side_tmp = tempfile.mkstemp(prefix=".labels.", suffix=".tmp", dir=cache_file.parent)
-    try:
-        with os.fdopen(fd, "w+b") as out, os.fdopen(side_fd, "w+b") as side:
-            out.write(b"\0" * HEADER_BYTES)
-            builder = _Builder(jsonl_path, out, side)
-            for line, sample in iter_samples(jsonl_path):
-                builder.add(line, sample)
-            builder.flush()
-            n, t = len(builder.lengths), builder.num_tokens
-            if n == 0:
-                raise UserError(f"{jsonl_path}: no samples in the file; tokenize some data first")
-            layout: dict[str, list[Any]] = {"tokens": [HEADER_BYTES, "int32", t]}
-            pos = HEADER_BYTES + 4 * t
-            layout["labels"] = [pos, "int32", t]
-            side.seek(0)
-            shutil.copyfileobj(side, out, 1 << 24)
-            pos += 4 * t
-            pad = (-pos) % 8
-            out.write(b"\0" * pad)
-            pos += pad
-            lengths = np.frombuffer(builder.lengths, dtype=np.int64)
-            offsets = np.zeros(n + 1, dtype=np.int64)
-            np.cumsum(lengths, out=offsets[1:])
-            for name, arr in (
-                ("offsets", offsets),
-                ("lengths", lengths),
-                ("num_loss_counted", np.frombuffer(builder.num_loss, dtype=np.int64)),
-                ("num_trained", np.frombuffer(builder.num_trained, dtype=np.int64)),
-                ("source_lines", np.frombuffer(builder.lines, dtype=np.int64)),
-            ):
-                layout[name] = [pos, "int64", len(arr)]
-                out.write(arr.tobytes())
-                pos += 8 * len(arr)
-            header = orjson.dumps(
-                {
-                    "version": CACHE_VERSION,
-                    "source": str(jsonl_path),
-                    "fingerprint": fp,
-                    "n": n,
-                    "num_tokens": t,
-                    "max_token_id": builder.max_token_id,
-                    "layout": layout,
-                }
-            )
-            if len(header) > HEADER_BYTES - 12:
-                raise RuntimeError(
-                    "cache header too long"
-                )  # cannot happen: the header is a few hundred bytes
-            out.seek(0)
-            out.write(MAGIC + len(header).to_bytes(4, "little") + header)
-            out.flush()
-            os.fsync(out.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; other users of a shared dataset must read it
-        os.replace(tmp, cache_file)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    finally:
-        Path(side_tmp).unlink(missing_ok=True)
+    """Convert the JSONL into `cache_file` atomically (`atomic_write`: temporary file + rename)."""
+    with atomic_write(cache_file, "w+b") as out, tempfile.TemporaryFile(dir=cache_file.parent) as side:
+        out.write(b"\0" * HEADER_BYTES)
+        builder = _Builder(jsonl_path, out, side)
+        for line, sample in iter_samples(jsonl_path):
+            builder.add(line, sample)
+        builder.flush()
+        n, t = len(builder.lengths), builder.num_tokens
+        if n == 0:
+            raise UserError(f"{jsonl_path}: no samples in the file; tokenize some data first")
+        layout: dict[str, list[Any]] = {"tokens": [HEADER_BYTES, "int32", t]}
+        pos = HEADER_BYTES + 4 * t
+        layout["labels"] = [pos, "int32", t]
+        side.seek(0)
+        shutil.copyfileobj(side, out, 1 << 24)
+        pos += 4 * t
+        pad = (-pos) % 8
+        out.write(b"\0" * pad)
+        pos += pad
+        lengths = np.frombuffer(builder.lengths, dtype=np.int64)
+        offsets = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        for name, arr in (
+            ("offsets", offsets),
+            ("lengths", lengths),
+            ("num_loss_counted", np.frombuffer(builder.num_loss, dtype=np.int64)),
+            ("num_trained", np.frombuffer(builder.num_trained, dtype=np.int64)),
+            ("source_lines", np.frombuffer(builder.lines, dtype=np.int64)),
+        ):
+            layout[name] = [pos, "int64", len(arr)]
+            out.write(arr.tobytes())
+            pos += 8 * len(arr)
+        header = orjson.dumps(
+            {
+                "version": CACHE_VERSION,
+                "source": str(jsonl_path),
+                "fingerprint": fp,
+                "n": n,
+                "num_tokens": t,
+                "max_token_id": builder.max_token_id,
+                "layout": layout,
+            }
+        )
+        if len(header) > HEADER_BYTES - 12:  # cannot happen: the header is a few hundred bytes
+            raise RuntimeError("cache header too long")
+        out.seek(0)
+        out.write(MAGIC + len(header).to_bytes(4, "little") + header)
 
 
 class TokenStore:

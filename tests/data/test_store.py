@@ -63,6 +63,9 @@ def test_round_trip_and_reopen(tmp_path: Path) -> None:
     assert_store_equals(store, samples)
     assert store.cache_path == tmp_path / "train.mtcache" / "store.bin"
     assert store.meta is None
+    umask = os.umask(0)
+    os.umask(umask)
+    assert store.cache_path.stat().st_mode & 0o777 == 0o666 & ~umask  # readable by others, as open() makes
     mtime = store.cache_path.stat().st_mtime_ns
     again = TokenStore.open(path)  # no rebuild
     assert again.cache_path.stat().st_mtime_ns == mtime
