@@ -24,7 +24,7 @@ import warnings
 import torch
 from torch import Tensor
 
-IGNORE_INDEX = -100
+from minitrain.data.format import IGNORE_INDEX
 
 
 def _chunk_ce(h: Tensor, weight: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
