@@ -95,6 +95,10 @@ class PlotConfig:
             raise UserError(
                 f"-o {self.output}: unknown image type {self.output.suffix!r}; end it in {', '.join(IMAGE_SUFFIXES)}"
             )
+        if self.output is not None and not self.output.parent.is_dir():  # before any run is read or drawn
+            raise UserError(
+                f"-o {self.output}: directory {self.output.parent} does not exist; create it first"
+            )
 
     @property
     def draws_terminal(self) -> bool:
@@ -498,8 +502,6 @@ def draw_image(curves: Curves, output: Path, *, buckets: int | None = IMAGE_BUCK
         handles=handles, loc="outside upper center", ncols=min(len(handles), 5), frameon=False, title=title
     )
 
-    if not output.parent.is_dir():
-        raise UserError(f"-o {output}: directory {output.parent} does not exist; create it first")
     tmp = output.with_name(f".{output.name}.tmp{os.getpid()}")
     try:
         fig.savefig(tmp, format=output.suffix.lower()[1:], dpi=120)

@@ -391,6 +391,12 @@ def test_image_into_a_missing_directory_is_an_error(tmp_path):
     path = write_metrics(tmp_path / "m.jsonl", metrics_rows(3))
     with pytest.raises(UserError, match="does not exist; create it first"):
         lib.plot(lib.PlotConfig(runs=(path,), output=tmp_path / "nope" / "c.png"))
+    with pytest.raises(UserError, match="does not exist; create it first"):  # refused before reading a run
+        lib.PlotConfig(runs=(tmp_path / "never-read",), output=tmp_path / "nope" / "c.png")
+    curves = lib.build_curves([("m", metrics_rows(3))], lib.PlotConfig(runs=(path,), metrics=("loss",)))
+    with pytest.raises(UserError, match=r"cannot write the image \(No such file or directory\)"):
+        lib.draw_image(curves, tmp_path / "nope" / "c.png")  # the library entry point, without a config
+    assert not (tmp_path / "nope").exists()
 
 
 # ---------------------------------------------------------------------------------------------------
