@@ -59,12 +59,7 @@ class TokenizeConfig:
 
     def workers(self) -> int:
         """Worker processes to use: `num_workers`, or every core this process may run on."""
-        if self.num_workers is not None:
-            return self.num_workers
-        try:
-            return max(1, len(os.sched_getaffinity(0)))
-        except AttributeError:  # macOS, Windows
-            return max(1, os.cpu_count() or 1)
+        return self.num_workers if self.num_workers is not None else usable_cores()
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict of every field (paths as strings)."""
@@ -292,6 +287,14 @@ class TrainConfig:
         """Inverse of `to_dict`; extra keys (versions, world size) are ignored, missing ones take defaults."""
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity where the OS has one), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS, Windows
+        return max(1, os.cpu_count() or 1)
 
 
 def _positive(flag: str, value: int) -> None:

@@ -29,7 +29,7 @@ from typing import Any
 import orjson
 
 from minitrain import __version__
-from minitrain.config import TRAINING_PARAMS_FILE, TrainConfig
+from minitrain.config import TRAINING_PARAMS_FILE, TrainConfig, usable_cores
 from minitrain.data.format import atomic_write
 from minitrain.errors import UserError
 
@@ -298,8 +298,7 @@ def torchrun_env(nproc: int, environ: Mapping[str, str] | None = None) -> dict[s
     """
     env = dict(os.environ if environ is None else environ)
     if not env.get("OMP_NUM_THREADS"):
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        env["OMP_NUM_THREADS"] = str(max(1, cores // max(1, nproc)))
+        env["OMP_NUM_THREADS"] = str(max(1, usable_cores() // max(1, nproc)))
     return env
 
 
