@@ -28,14 +28,13 @@ import torch
 from torch import Tensor, nn
 from transformers import PreTrainedModel
 
+from minitrain.config import SHARDING_STRATEGIES
 from minitrain.data.batch import PackedMinibatch
 from minitrain.errors import UserError
 from minitrain.train.attention import choose_attention, packed_attention_kwargs
 from minitrain.train.dist import DistInfo
 from minitrain.train.launch import causal_lm_config
 from minitrain.train.loss import linear_cross_entropy_sum
-
-STRATEGIES = ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD")
 
 
 class CausalLMWithLoss(nn.Module):
@@ -148,7 +147,9 @@ def _mesh(dist: DistInfo, strategy: str):
             )
         shape = (dist.world_size // dist.local_world_size, dist.local_world_size)
         return init_device_mesh(kind, shape, mesh_dim_names=("replicate", "shard"))
-    raise UserError(f"unknown FSDP sharding strategy {strategy!r}; pick one of {', '.join(STRATEGIES)}")
+    raise UserError(
+        f"unknown FSDP sharding strategy {strategy!r}; pick one of {', '.join(SHARDING_STRATEGIES)}"
+    )
 
 
 def shard_model(
