@@ -147,10 +147,6 @@ class InspectConfig:
         )
         return bool(explicit) or not (self.stats or self.audit)
 
-    @property
-    def packing(self) -> bool:
-        return self.max_tokens_per_gpu is not None and self.batch_size is not None
-
 
 # ---------------------------------------------------------------------------------------------- reading
 
@@ -455,18 +451,24 @@ def compute_stats(
     batch_size: int | None = None,
     nproc: int | None = None,
     seed: int = 42,
+    collected: StatsAccumulator | None = None,
 ) -> DatasetStats:
-    """Stream the file once and return `--stats`; with a token budget and batch size, also how it packs."""
+    """`--stats` of the file; with a token budget and batch size, also how it packs.
+
+    The file is streamed once, unless `collected` holds what an `audit_file(..., stats=)` pass gathered.
+    """
     path = Path(path)
-    first_sample(path)
-    acc = StatsAccumulator()
-    for index, line, raw in _iter_raw(path):
-        counts = _counts(sample := parse_sample(raw, path, line))
-        if counts is None:
-            raise UserError(
-                f"{path}:{line}: input_ids or labels is not a list; run `minitrain inspect --audit`"
-            )
-        acc.add(index, sample.get("source_line"), *counts)
+    acc = collected
+    if acc is None:
+        first_sample(path)
+        acc = StatsAccumulator()
+        for index, line, raw in _iter_raw(path):
+            counts = _counts(sample := parse_sample(raw, path, line))
+            if counts is None:
+                raise UserError(
+                    f"{path}:{line}: input_ids or labels is not a list; run `minitrain inspect --audit`"
+                )
+            acc.add(index, sample.get("source_line"), *counts)
     packing = None
     if max_tokens_per_gpu is not None and batch_size is not None:
         packing = packing_stats(
@@ -948,23 +950,12 @@ def inspect_file(config: InspectConfig) -> InspectResult:
     if config.audit:
         result.audit = audit_file(path, tokenizer, meta, source=config.source, stats=acc)
     if config.stats:
-        if acc is None:
-            result.stats = compute_stats(
-                path,
-                max_tokens_per_gpu=config.max_tokens_per_gpu,
-                batch_size=config.batch_size,
-                nproc=config.nproc,
-                seed=config.seed,
-            )
-        else:  # the audit's pass collected them
-            packing = None
-            if config.packing:
-                packing = packing_stats(
-                    acc.length_array(),
-                    max_tokens_per_gpu=config.max_tokens_per_gpu or 0,
-                    batch_size=config.batch_size or 0,
-                    nproc=config.nproc or 1,
-                    seed=config.seed,
-                )
-            result.stats = acc.finish(path, packing)
+        result.stats = compute_stats(
+            path,
+            max_tokens_per_gpu=config.max_tokens_per_gpu,
+            batch_size=config.batch_size,
+            nproc=config.nproc,
+            seed=config.seed,
+            collected=acc,  # with --audit, its pass collected them
+        )
     return result

@@ -394,6 +394,10 @@ def test_audit_pass_gives_the_same_stats(tmp_path: Path) -> None:
     acc = st.StatsAccumulator()
     st.audit_file(out, tokenizer("smollm2"), st.read_sidecar(out), stats=acc)
     assert acc.finish(out) == st.compute_stats(out)
+    packing = {"max_tokens_per_gpu": 512, "batch_size": 8, "nproc": 2, "seed": 5}
+    both = st.inspect_file(st.InspectConfig(path=out, stats=True, audit=True, **packing))
+    assert both.stats is not None and both.stats.packing is not None
+    assert both.stats == st.compute_stats(out, **packing)
 
 
 # ------------------------------------------------------------------------------------------- selection
