@@ -25,6 +25,9 @@ import sys
 import time
 from pathlib import Path
 
+from rich.console import Console
+from rich.table import Table
+
 REPO = Path(__file__).resolve().parents[1]
 MB = 1024 * 1024
 
@@ -119,28 +122,22 @@ def main() -> None:
             flush=True,
         )
 
-    try:
-        from rich.console import Console
-        from rich.table import Table
-
-        table = Table(
-            title=f"loss head peak memory: vocab {args.vocab}, {args.tokens} tokens, hidden {args.hidden}, "
-            f"chunk {args.chunk} (fp32, CPU)"
+    table = Table(
+        title=f"loss head peak memory: vocab {args.vocab}, {args.tokens} tokens, hidden {args.hidden}, "
+        f"chunk {args.chunk} (fp32, CPU)"
+    )
+    for col in ("variant", "peak MB", "floor MB", "x floor", "s", "loss"):
+        table.add_column(col, justify="left" if col == "variant" else "right")
+    for r in rows:
+        table.add_row(
+            r["variant"],
+            f"{r['peak_mb']:.0f}",
+            f"{r['floor_mb']:.0f}",
+            f"{r['x_floor']:.2f}",
+            f"{r['seconds']:.1f}",
+            f"{r['loss']:.1f}",
         )
-        for col in ("variant", "peak MB", "floor MB", "x floor", "s", "loss"):
-            table.add_column(col, justify="left" if col == "variant" else "right")
-        for r in rows:
-            table.add_row(
-                r["variant"],
-                f"{r['peak_mb']:.0f}",
-                f"{r['floor_mb']:.0f}",
-                f"{r['x_floor']:.2f}",
-                f"{r['seconds']:.1f}",
-                f"{r['loss']:.1f}",
-            )
-        Console().print(table)
-    except ImportError:
-        pass
+    Console().print(table)
     full = next(r for r in rows if r["variant"] == "full logits, value + grads")
     chunked = next(r for r in rows if r["variant"] == "chunked, value + grads")
     print(f"full / chunked peak (value + grads): {full['peak_mb'] / chunked['peak_mb']:.1f}x")
