@@ -40,7 +40,7 @@ import orjson
 
 from minitrain.data.format import atomic_write
 from minitrain.data.packing import lower_bound, plan_minibatches
-from minitrain.data.sampler import InfiniteSampler
+from minitrain.data.sampler import InfiniteSampler, StopRule
 from minitrain.data.store import TokenStore
 from minitrain.errors import UserError
 from minitrain.train.adapters import parse_target_modules
@@ -290,17 +290,18 @@ def _model_memory(
 
 def _stop_rule(
     max_steps: int | None, max_samples: int | None, max_epochs: float | None, steps_per_epoch: int
-) -> tuple[str, int | None]:
-    """(description, step cap) mirroring the training loop's stop rule; no criterion = one epoch."""
+) -> tuple[str, StopRule]:
+    """(description, the training loop's stop rule); no criterion = one epoch."""
+    rule = StopRule(max_steps, max_samples, max_epochs)
     if max_steps is not None:
-        return f"{max_steps} steps (--max-steps)", max_steps
+        return f"{max_steps} steps (--max-steps)", rule
     if max_samples is not None:
-        return f"{max_samples} trained samples (--max-samples)", None
+        return f"{max_samples} trained samples (--max-samples)", rule
     if max_epochs is not None:
-        return f"{max_epochs:g} epochs (--max-epochs)", None
+        return f"{max_epochs:g} epochs (--max-epochs)", rule
     return (
         f"one epoch = {steps_per_epoch} steps (no stop criterion given; training would run until stopped)",
-        (steps_per_epoch),
+        StopRule(max_steps=steps_per_epoch),
     )
 
 
@@ -352,7 +353,7 @@ def dry_run(
             f"{data_path}: no sample that fits has a trained token; check the masking in tokenize"
         )
     steps_per_epoch = math.ceil(n / batch_size)
-    stop, step_cap = _stop_rule(max_steps, max_samples, max_epochs, steps_per_epoch)
+    stop, rule = _stop_rule(max_steps, max_samples, max_epochs, steps_per_epoch)
 
     sampler = InfiniteSampler(num_samples=n, seed=seed)
     steps = skipped = samples_seen = 0
@@ -365,13 +366,7 @@ def dry_run(
     tokens_per_step: list[int] = []
     dropped_occurrences = 0
     plan_json: list[dict[str, Any]] = []
-    while True:
-        if step_cap is not None and steps >= step_cap:
-            break
-        if max_samples is not None and samples_seen >= max_samples:
-            break
-        if max_epochs is not None and sampler.epochs_consumed >= max_epochs - 1e-12:
-            break
+    while not rule.reached(steps=steps, samples_seen=samples_seen, epochs=sampler.epochs_consumed):
         epoch, position = sampler.epoch, sampler.position
         indices = np.asarray(sampler.next_batch(batch_size), dtype=np.int64)
         lens = lengths[indices]

@@ -7,6 +7,9 @@ ranks split them with `minitrain.data.packing.plan_minibatches`, so the sequence
 depend on the number of ranks and a run resumed on a different world size trains exactly the samples
 the uninterrupted run would have.
 
+`StopRule` says when the stream ends (steps, samples or epochs); the training loop and `train --dry-run`
+share it.
+
 Trade-off: the state is three integers (seed, epoch, position) instead of a saved index list, at the
 price of recomputing one permutation (about 20 ms per million samples) per epoch and after a resume.
 """
@@ -111,3 +114,20 @@ class InfiniteSampler:
             )
         except KeyError as err:
             raise UserError(f"sampler state is missing {err}; the checkpoint is incomplete") from None
+
+
+@dataclass(frozen=True)
+class StopRule:
+    """When training ends; all None means never (until interrupted)."""
+
+    max_steps: int | None = None
+    max_samples: int | None = None
+    max_epochs: float | None = None
+
+    def reached(self, *, steps: int, samples_seen: int, epochs: float) -> bool:
+        """True once `steps` optimizer steps, `samples_seen` trained samples or `epochs` passes reach a limit."""
+        return (
+            (self.max_steps is not None and steps >= self.max_steps)
+            or (self.max_samples is not None and samples_seen >= self.max_samples)
+            or (self.max_epochs is not None and epochs >= self.max_epochs - 1e-12)
+        )

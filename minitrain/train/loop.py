@@ -33,7 +33,7 @@ from torch.optim.lr_scheduler import LRScheduler
 
 from minitrain.data.batch import collate, count_loss_tokens
 from minitrain.data.packing import plan_minibatches
-from minitrain.data.sampler import InfiniteSampler
+from minitrain.data.sampler import InfiniteSampler, StopRule
 from minitrain.data.store import TokenStore
 from minitrain.train.dist import DistInfo
 from minitrain.train.faults import StopFlag, check_finite
@@ -51,22 +51,6 @@ class TrainState:
     last_checkpoint_samples: int = 0
     last_eval_samples: int = 0  # only to skip a final eval right after a periodic one
     stop_signal: int = 0  # the signal that stopped the run early (0: it ran to its end)
-
-
-@dataclass(frozen=True)
-class StopRule:
-    """When training ends; all None means never (until interrupted)."""
-
-    max_steps: int | None = None
-    max_samples: int | None = None
-    max_epochs: float | None = None
-
-    def reached(self, state: TrainState, epochs: float) -> bool:
-        return (
-            (self.max_steps is not None and state.step >= self.max_steps)
-            or (self.max_samples is not None and state.samples_seen >= self.max_samples)
-            or (self.max_epochs is not None and epochs >= self.max_epochs - 1e-12)
-        )
 
 
 def train_loop(
@@ -101,7 +85,7 @@ def train_loop(
     state = state or TrainState()
     rank, world, device = dist.rank, dist.world_size, dist.device
     model.train()
-    while not stop.reached(state, sampler.epochs_consumed):
+    while not stop.reached(steps=state.step, samples_seen=state.samples_seen, epochs=sampler.epochs_consumed):
         start = time.perf_counter()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)

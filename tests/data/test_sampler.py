@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from minitrain.data.packing import plan_minibatches
-from minitrain.data.sampler import InfiniteSampler, epoch_permutation
+from minitrain.data.sampler import InfiniteSampler, StopRule, epoch_permutation
 from minitrain.errors import UserError
 
 
@@ -88,3 +88,12 @@ def test_bad_states_are_user_errors() -> None:
         InfiniteSampler(num_samples=5, seed=0).next_batch(0)
     with pytest.raises(UserError):
         InfiniteSampler.from_state_dict({"seed": 1})
+
+
+def test_stop_rule_ends_at_the_first_limit_reached() -> None:
+    assert not StopRule().reached(steps=10**9, samples_seen=10**9, epochs=1e9)  # no limit: never
+    rule = StopRule(max_steps=5, max_samples=100, max_epochs=2.0)
+    assert not rule.reached(steps=4, samples_seen=99, epochs=1.9)
+    assert rule.reached(steps=5, samples_seen=0, epochs=0.0)
+    assert rule.reached(steps=0, samples_seen=100, epochs=0.0)
+    assert rule.reached(steps=0, samples_seen=0, epochs=2.0 - 1e-13)  # float epochs: a tolerance
