@@ -29,12 +29,12 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from minitrain.data.format import IGNORE_INDEX
 from minitrain.errors import UserError
 
 if TYPE_CHECKING:
     from minitrain.data.stats import AuditReport, DatasetStats
 
-IGNORE_INDEX = -100
 SPAN_OPEN = "\u27e6"  # ⟦ opens a trained span in plain output
 SPAN_CLOSE = "\u27e7"  # ⟧ closes it
 
@@ -55,6 +55,12 @@ class Segment:
     special: bool
     start: int  # token positions [start, end)
     end: int
+
+
+def _style(trained: bool, special: bool) -> str:
+    if trained:
+        return TRAINED_SPECIAL if special else TRAINED
+    return MASKED_SPECIAL if special else MASKED
 
 
 def _decode(tokenizer: Any, ids: Sequence[int]) -> str:
@@ -101,14 +107,9 @@ def sample_text(segments: Sequence[Segment], *, color: bool) -> Text:
     inside = False
     for seg in segments:
         if color:
-            style = (
-                (TRAINED_SPECIAL if seg.special else TRAINED)
-                if seg.trained
-                else (MASKED_SPECIAL if seg.special else MASKED)
-            )
             # A trained newline would be invisible in colour: show it as TRAINED_NEWLINE before the break.
             text = seg.text.replace("\n", TRAINED_NEWLINE + "\n") if seg.trained else seg.text
-            out.append(text, style=style)
+            out.append(text, style=_style(seg.trained, seg.special))
             continue
         if seg.trained and not inside:
             out.append(SPAN_OPEN)
@@ -148,14 +149,8 @@ def token_cells(
         newline = "\n" in _decode(tokenizer, [tok])
         sep = "" if pos == 0 or out.plain.endswith("\n") else " "
         if color:
-            special = tok in special_ids
-            style = (
-                (TRAINED_SPECIAL if special else TRAINED)
-                if trained
-                else (MASKED_SPECIAL if special else MASKED)
-            )
             out.append(sep)
-            out.append(cell, style=style)
+            out.append(cell, style=_style(trained, tok in special_ids))
         else:
             if trained and not inside:
                 sep += SPAN_OPEN
