@@ -9,7 +9,6 @@ so its users' command works with `torchrun --nnodes=1 --nproc-per-node=8 train.p
 from __future__ import annotations
 
 import dataclasses
-import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -238,7 +237,7 @@ def train(
     """
     from minitrain.config import TrainConfig
     from minitrain.errors import UserError
-    from minitrain.train.launch import default_nproc, in_launched_env, run_training
+    from minitrain.train.launch import default_nproc, is_rank0, run_training
 
     console = Console(stderr=False)
     model = Path(model_name_or_path).expanduser()
@@ -283,10 +282,10 @@ def train(
         eval_data_path=eval_data_path.expanduser().resolve() if eval_data_path else None,
         eval_every_samples=eval_every_samples,
     )
-    if nproc is None:
-        config = dataclasses.replace(config, nproc=default_nproc())  # imports torch: after validation
     if dry_run_report is not None and not dry_run:
         raise UserError("--dry-run-report needs --dry-run")
+    if nproc is None:
+        config = dataclasses.replace(config, nproc=default_nproc())  # imports torch: after validation
     if dry_run:
         from minitrain.data.dryrun import dry_run as plan_run
         from minitrain.data.dryrun import render_dry_run
@@ -308,7 +307,7 @@ def train(
         )
         render_dry_run(report, console)
         return
-    is_main = not in_launched_env() or os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0"
+    is_main = is_rank0()
     code = run_training(config)
     if code == 0:
         if is_main:

@@ -107,7 +107,7 @@ def preflight(config: TrainConfig) -> Preflight:
     store, too_long = _check_data(
         config.data_path, label=str(config.data_path), config=config, vocab_size=vocab_size
     )
-    if too_long and _is_rank0():
+    if too_long and is_rank0():
         print(
             f"minitrain: warning: {too_long} of {len(store)} samples are longer than --max-tokens-per-gpu "
             f"{config.max_tokens_per_gpu} and will be skipped (raise it to train them)",
@@ -348,7 +348,7 @@ def _check_previous_run(config: TrainConfig) -> None:
             f"--output-dir {out} already holds a run ({', '.join(found)}); add --resume to continue it, "
             "--overwrite to replace it, or choose another folder"
         )
-    if _is_rank0():
+    if is_rank0():
         for name in found:
             target = out / name
             shutil.rmtree(target) if target.is_dir() else target.unlink()
@@ -379,7 +379,7 @@ def _check_data(path: Path, *, label: str, config: TrainConfig, vocab_size: int)
     return store, too_long
 
 
-def _is_rank0() -> bool:
+def is_rank0() -> bool:
     """True in the parent, and on rank 0 when this process is one rank of an outer launch."""
     from minitrain.train.dist import ranks_from_env
 
