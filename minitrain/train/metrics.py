@@ -47,7 +47,6 @@ METRIC_KEYS = (
     "grad_accum", "time_per_batch", "tokens_per_second", "samples_per_second", "total_samples_accumulated",
     "peak_memory_usage_GB", "epoch", "timestamp",
 )  # fmt: skip
-OPTIONAL_KEYS = ("mfu", "eval_loss")
 
 # dense bf16 peak FLOP/s per GPU (no sparsity), matched on the device name
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12,
