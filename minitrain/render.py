@@ -143,11 +143,12 @@ def token_cells(
     """
     out = Text()
     inside = False
-    for pos, (tok, lab) in enumerate(zip(input_ids, labels, strict=False)):
+    line_start = True  # no separator before the first cell of a line (tracked: `out.plain` copies the text)
+    for tok, lab in zip(input_ids, labels, strict=False):
         trained = lab != IGNORE_INDEX
         cell = f"{tok}:{_piece(tokenizer, tok)}"
         newline = "\n" in _decode(tokenizer, [tok])
-        sep = "" if pos == 0 or out.plain.endswith("\n") else " "
+        sep = "" if line_start else " "
         if color:
             out.append(sep)
             out.append(cell, style=_style(trained, tok in special_ids))
@@ -163,6 +164,7 @@ def token_cells(
                 out.append(SPAN_CLOSE)
                 inside = False
             out.append("\n")
+        line_start = newline
     if inside:
         out.append(SPAN_CLOSE)
     return out

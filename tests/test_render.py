@@ -151,6 +151,10 @@ def test_token_cells_plain_exactly(tiny) -> None:
         "29966:< 29989:| 465:ass 22137:istant 29989:| 29958:> 13:<0x0A>\n"
         "⟦29907:C 28059:afé 29871:▁ 229:<0xE2> 155:<0x98> 152:<0x95> 3431:▁ok 29889:. 2:</s>⟧ 13:<0x0A>\n"
     )
+    colour = render.token_cells(
+        tiny, ids, _labels(TINY_IDS, TINY_TRAINED)[9:], st.special_token_ids(tiny), color=True
+    )
+    assert colour.plain == text.plain.replace("⟦", "").replace("⟧", "")  # same cells and line breaks
 
 
 def test_colour_gives_trained_and_masked_text_distinct_styles(smol) -> None:
