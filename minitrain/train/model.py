@@ -110,7 +110,7 @@ def load_model(
                 str(model_name_or_path), config=config, attn_implementation=attn, dtype=dtype, **extra
             )
         except OSError as e:
-            first = str(e).strip().splitlines()[0]
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise UserError(
                 f"cannot load weights from {model_name_or_path} ({first}); use --from-scratch to start from the config"
             ) from e

@@ -252,3 +252,15 @@ def test_lora_on_the_head_is_refused_and_lora_elsewhere_trains() -> None:
     head = get_peft_model(build_lm(PACKED_ATTENTION), LoraConfig(r=4, target_modules=["q_proj", "lm_head"]))
     with pytest.raises(UserError, match="lm_head"):
         CausalLMWithLoss(head, use_liger=False)(batch)
+
+
+def test_a_weights_error_without_a_message_is_still_a_user_error(tmp_path, monkeypatch) -> None:
+    from transformers import AutoModelForCausalLM
+
+    def fail(*_args, **_kwargs):
+        raise OSError()  # no message: the first line of its text does not exist
+
+    build_lm().save_pretrained(tmp_path / "m")
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", fail)
+    with pytest.raises(UserError, match=r"cannot load weights from .* \(OSError\)"):
+        load_model(tmp_path / "m", from_scratch=False, dtype=torch.float32, dist=CPU1)
