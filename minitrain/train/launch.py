@@ -101,7 +101,7 @@ def run_command(cmd: Sequence[str], env: Mapping[str, str] | None = None) -> int
 
 def preflight(config: TrainConfig) -> Preflight:
     """Check data, model and output folder; raise `UserError` naming the problem and the fix."""
-    import torch  # noqa: F401  (imported before transformers/the store on purpose: one import cost, paid here)
+    import torch  # before transformers and the store on purpose: one import cost, paid here
 
     vocab_size = model_vocab_size(config.model_name_or_path)
     store, too_long = _check_data(
@@ -118,8 +118,6 @@ def preflight(config: TrainConfig) -> Preflight:
         label = f"--eval-data-path {config.eval_data_path}"
         _check_data(config.eval_data_path, label=label, config=config, vocab_size=vocab_size)
     if config.load_in_4bit:
-        import torch
-
         from minitrain.train.adapters import require_qlora
 
         require_qlora("cuda" if torch.cuda.is_available() else "cpu")
@@ -128,8 +126,6 @@ def preflight(config: TrainConfig) -> Preflight:
     check_output_dir(config.output_dir)
     _check_previous_run(config)
     if not in_launched_env():
-        import torch
-
         gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if gpus and config.nproc > gpus:
             raise UserError(
