@@ -93,6 +93,15 @@ def train_step(model, optimizer, scheduler, store, sampler, dist: DistInfo, step
     return {"loss": loss, "samples": len(trained), "tokens": int(sum(lengths))}
 
 
+def advance(counters: dict, step: int, out: dict) -> dict:
+    """The counters after `step`, whose `train_step` returned `out`."""
+    return {
+        "step": step,
+        "samples_seen": counters["samples_seen"] + out["samples"],
+        "tokens_seen": counters["tokens_seen"] + out["tokens"],
+    }
+
+
 def full_state(model, optimizer) -> dict:
     """Full model and optimizer state on rank 0 (empty elsewhere); collective."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
@@ -133,11 +142,7 @@ def run_train(run_dir: Path, dist: DistInfo) -> None:
     for step in range(1, STEPS + 1):
         out = train_step(model, optimizer, scheduler, store, sampler, dist, step)
         losses.append(out["loss"])
-        counters = {
-            "step": step,
-            "samples_seen": counters["samples_seen"] + out["samples"],
-            "tokens_seen": counters["tokens_seen"] + out["tokens"],
-        }
+        counters = advance(counters, step, out)
         if step in SAVE_STEPS:
             save_training_state(
                 run_dir, model=model, optimizer=optimizer, scheduler=scheduler, sampler=sampler,
@@ -179,11 +184,7 @@ def run_resume(run_dir: Path, dist: DistInfo, crash: bool) -> None:
     for step in range(counters["step"] + 1, STEPS + 1):
         out = train_step(model, optimizer, scheduler, store, sampler, dist, step)
         losses.append(out["loss"])
-        counters = {
-            "step": step,
-            "samples_seen": counters["samples_seen"] + out["samples"],
-            "tokens_seen": counters["tokens_seen"] + out["tokens"],
-        }
+        counters = advance(counters, step, out)
     result = {"checkpoint": checkpoint.name, "losses": losses, "state_equal": True}
     write_json(run_dir / f"resume_w{dist.world_size}_rank{dist.rank}.json", {**result, "rng": draws})
     if crash:

@@ -71,6 +71,13 @@ def grads(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def assert_same_loss_and_grads(loss, ref, got: dict, want: dict) -> None:
+    torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-5)
+    assert got.keys() == want.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
 def build_lm(attn: str = "sdpa", **overrides):
     from transformers import AutoModelForCausalLM
 
@@ -95,10 +102,7 @@ def test_packed_loss_and_gradients_equal_per_sample_reference(attn: str, tied: b
     ref.backward()
     want = grads(lm)
 
-    torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-5)
-    assert got.keys() == want.keys()
-    for name in want:
-        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert_same_loss_and_grads(loss, ref, got, want)
 
 
 def test_dummy_batch_gives_zero_loss_and_zero_gradients() -> None:
@@ -200,10 +204,7 @@ def test_shard_model_one_rank_matches_unsharded(one_rank_group, strategy: str, a
     loss = model(batch)
     loss.backward()
     got = grads(model)
-    torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-5)
-    assert got.keys() == want.keys()
-    for name in want:
-        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert_same_loss_and_grads(loss, ref, got, want)
     # rotary buffers survived the trip through the meta device
     for (name, a), (_, b) in zip(plain.named_buffers(), lm.named_buffers(), strict=True):
         torch.testing.assert_close(a, b, msg=name)
