@@ -200,6 +200,7 @@ def test_bare_resume_means_latest_and_a_path_is_made_absolute(launched, tmp_path
     assert result.exit_code == 0, result.output
     assert launched["config"].resume == "latest"
     result = CliRunner().invoke(app, ["train", *MINI_TRAINER, "--resume", "ckpts/checkpoints/samples_8"])
+    assert result.exit_code == 0, result.output
     assert launched["config"].resume == str(tmp_path / "ckpts" / "checkpoints" / "samples_8")
 
 
