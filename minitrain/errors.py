@@ -8,3 +8,9 @@ bug and keeps its traceback.
 
 class UserError(Exception):
     """A problem the user can fix; the message is one line that names the problem and the fix."""
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (library messages run over many), or its type's name."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

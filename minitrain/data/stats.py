@@ -35,7 +35,7 @@ import numpy as np
 import orjson
 
 from minitrain.data.format import IGNORE_INDEX, parse_sample, read_sidecar, sidecar_path
-from minitrain.errors import UserError
+from minitrain.errors import UserError, first_line
 
 PERCENTILES = (50, 90, 95, 99, 100)
 HISTOGRAM_BINS = 12
@@ -289,7 +289,7 @@ def load_tokenizer(path: Path, meta: dict[str, Any] | None, override: str | None
     try:
         return AutoTokenizer.from_pretrained(name)
     except Exception as err:  # transformers raises OSError, ValueError, ... for a missing or broken tokenizer
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = first_line(err)
         raise UserError(
             f"cannot load tokenizer {name!r} ({origin}): {first[:200]}; pass --model-name-or-path"
         ) from None

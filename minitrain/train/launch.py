@@ -31,7 +31,7 @@ import orjson
 from minitrain import __version__
 from minitrain.config import TRAINING_PARAMS_FILE, TrainConfig, usable_cores
 from minitrain.data.format import atomic_write
-from minitrain.errors import UserError
+from minitrain.errors import UserError, first_line
 
 
 @dataclass(frozen=True)
@@ -167,7 +167,7 @@ def causal_lm_config(model_name_or_path: str | Path):
     try:
         config = AutoConfig.from_pretrained(str(path) if looks_local else name)
     except (OSError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = first_line(err)
         raise UserError(
             f"--model-name-or-path {name}: not a model folder or a Hub id available offline "
             f"({first}); pass a folder with config.json or a Hub id in the local cache"

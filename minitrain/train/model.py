@@ -30,7 +30,7 @@ from transformers import PreTrainedModel
 
 from minitrain.config import SHARDING_STRATEGIES
 from minitrain.data.batch import PackedMinibatch
-from minitrain.errors import UserError
+from minitrain.errors import UserError, first_line
 from minitrain.train.attention import choose_attention, packed_attention_kwargs
 from minitrain.train.dist import DistInfo
 from minitrain.train.launch import causal_lm_config
@@ -110,7 +110,7 @@ def load_model(
                 str(model_name_or_path), config=config, attn_implementation=attn, dtype=dtype, **extra
             )
         except OSError as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            first = first_line(e)
             raise UserError(
                 f"cannot load weights from {model_name_or_path} ({first}); use --from-scratch to start from the config"
             ) from e

@@ -21,7 +21,7 @@ import torch
 from minitrain.config import TrainConfig
 from minitrain.data.sampler import InfiniteSampler
 from minitrain.data.store import TokenStore
-from minitrain.errors import UserError
+from minitrain.errors import UserError, first_line
 from minitrain.train.checkpoint import save_hf_checkpoint
 from minitrain.train.dist import (
     DistInfo,
@@ -328,7 +328,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as err:
         if os.environ.get("MINITRAIN_DEBUG") or not is_peer_loss(err):
             raise
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = first_line(err)
         _say(
             f"minitrain: error (rank {os.environ.get('RANK', 0)}): lost another rank in a collective ({first}); "
             "the rank that failed first says why (MINITRAIN_DEBUG=1 shows this traceback)"
