@@ -190,9 +190,8 @@ def merged_state_dict(
     return {k: v.contiguous() for k, v in merged.state_dict().items()}
 
 
-CPU_QLORA_ENV = (
-    "MINITRAIN_QLORA_ON_CPU"  # tests and development only: bitsandbytes' CPU backend, fp32 compute
-)
+# tests and development only: QLoRA on bitsandbytes' CPU backend, in fp32 compute
+CPU_QLORA_ENV = "MINITRAIN_QLORA_ON_CPU"
 
 
 def require_qlora(device_type: str) -> None:

@@ -63,20 +63,19 @@ def _train(config: TrainConfig, dist: DistInfo, tokenizer_source: str | None) ->
     logging.basicConfig(level=config.logging_level if dist.is_main else "WARNING")
     _quiet_libraries(dist)
     on_gpu = dist.device.type == "cuda"
-    torch.manual_seed(
-        config.seed
-    )  # from-scratch weights are drawn on rank 0 and broadcast: same on any world
+    # from-scratch weights are drawn on rank 0 and broadcast: the same on any world size
+    torch.manual_seed(config.seed)
     store = TokenStore.open(config.data_path)
 
     # master weights: fp32 (bf16 compute on GPU through FSDP2's mixed precision) or bf16 with --master-dtype bf16
     master_dtype = torch.bfloat16 if config.master_dtype == "bf16" else torch.float32
+    lora = config.lora_settings()  # None: full fine-tuning
     error = None
     try:  # rank 0 reads what the other ranks receive later: a failure here must stop every rank cleanly
-        lm, replicated = _build_model(config, dist, master_dtype=master_dtype, on_gpu=on_gpu)
+        lm, replicated = _build_model(config, lora, dist, master_dtype=master_dtype, on_gpu=on_gpu)
     except Exception as err:  # noqa: BLE001 - re-raised below, after the other ranks know
         error = err
     stop_if_any_rank_failed(dist, error, stage="building the model")
-    lora = config.lora_settings()
     num_params = _matmul_params(lm)
     use_liger = config.use_liger_kernels and on_gpu
     if config.use_liger_kernels and not on_gpu and dist.is_main:  # a warning: stderr, as the parent's
@@ -207,7 +206,7 @@ def _train(config: TrainConfig, dist: DistInfo, tokenizer_source: str | None) ->
 
 
 def _build_model(
-    config: TrainConfig, dist: DistInfo, *, master_dtype: torch.dtype, on_gpu: bool
+    config: TrainConfig, lora, dist: DistInfo, *, master_dtype: torch.dtype, on_gpu: bool
 ) -> tuple[torch.nn.Module, set | None]:
     """(the HF model, with the adapters of an adapter run; the 4-bit parameters FSDP2 must leave alone)."""
     quantization = None
@@ -222,7 +221,6 @@ def _build_model(
         dist=dist,
         quantization=quantization,
     )
-    lora = config.lora_settings()
     if lora is None:
         return lm, None
     from minitrain.train.adapters import add_adapters, quantized_parameters, trainable_parameter_count
