@@ -36,7 +36,11 @@ from rich.table import Table
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from minitrain import plot as lib  # noqa: E402
+from minitrain.config import PlotConfig  # noqa: E402
+from minitrain.plot.curves import build_curves  # noqa: E402
+from minitrain.plot.image import draw_image  # noqa: E402
+from minitrain.plot.terminal import TerminalPlot  # noqa: E402
+from minitrain.rundir import METRICS_FILENAME, MetricsFile  # noqa: E402
 
 
 def write_run(path: Path, n: int, start: int = 1) -> None:
@@ -99,7 +103,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        path = tmp / "run" / lib.METRICS_FILENAME
+        path = tmp / "run" / METRICS_FILENAME
         path.parent.mkdir()
         write_run(path, args.lines)
         size_mb = path.stat().st_size / 1e6
@@ -123,32 +127,32 @@ def main() -> None:
             lambda: subprocess.run([sys.executable, "-c", "pass"], check=True), args.repeats
         )
 
-        def read() -> lib.MetricsFile:
-            f = lib.MetricsFile(path)
+        def read() -> MetricsFile:
+            f = MetricsFile(path)
             f.refresh()
             return f
 
         rows = read().rows
-        step = lib.PlotConfig(runs=(path,), smooth=0.9)
-        clock = lib.PlotConfig(runs=(path,), smooth=0.9, x="time")
-        curves = lib.build_curves([("run", rows)], step)
+        step = PlotConfig(runs=(path,), smooth=0.9)
+        clock = PlotConfig(runs=(path,), smooth=0.9, x="time")
+        curves = build_curves([("run", rows)], step)
         stages = results["stages"]
         stages["read + parse (orjson)"] = timed(read, args.repeats)
         stages["curves, --x step, --smooth 0.9"] = timed(
-            lambda: lib.build_curves([("run", rows)], step), args.repeats
+            lambda: build_curves([("run", rows)], step), args.repeats
         )
         stages["curves, --x time (ISO timestamps)"] = timed(
-            lambda: lib.build_curves([("run", rows)], clock), args.repeats
+            lambda: build_curves([("run", rows)], clock), args.repeats
         )
         stages["terminal render, 120 columns"] = timed(
-            lambda: Console(file=io.StringIO(), width=120).print(lib.TerminalPlot(curves)), args.repeats
+            lambda: Console(file=io.StringIO(), width=120).print(TerminalPlot(curves)), args.repeats
         )
-        lib.draw_image(curves, tmp / "warm.png")  # imports matplotlib and builds the font cache once
+        draw_image(curves, tmp / "warm.png")  # imports matplotlib and builds the font cache once
         stages["png, decimated (band + min/max)"] = timed(
-            lambda: lib.draw_image(curves, tmp / "d.png"), args.repeats
+            lambda: draw_image(curves, tmp / "d.png"), args.repeats
         )
         stages["png, every point"] = timed(
-            lambda: lib.draw_image(curves, tmp / "f.png", buckets=None), args.repeats
+            lambda: draw_image(curves, tmp / "f.png", buckets=None), args.repeats
         )
 
         live = read()

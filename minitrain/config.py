@@ -289,6 +289,45 @@ class TrainConfig:
         return cls(**{k: v for k, v in data.items() if k in names})
 
 
+# ------------------------------------------------------------------------------------------------ plot
+
+PLOT_X_AXES = ("step", "samples", "tokens", "time")  # --x choices; the column behind each: plot.curves
+IMAGE_SUFFIXES = (".png", ".svg", ".pdf")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PlotConfig:
+    """What `minitrain plot` draws: runs, metrics (empty = the defaults), x-axis, smoothing, outputs."""
+
+    runs: tuple[Path, ...]
+    metrics: tuple[str, ...] = ()
+    x: str = "step"
+    smooth: float = 0.0
+    output: Path | None = None
+    terminal: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.runs:
+            raise UserError("no run given: pass a training output directory or a metrics .jsonl file")
+        if self.x not in PLOT_X_AXES:
+            raise UserError(f"--x {self.x!r} is not an x-axis; choose one of: {', '.join(PLOT_X_AXES)}")
+        if not 0.0 <= self.smooth <= 0.99:
+            raise UserError(f"--smooth {self.smooth} is out of range; use a value from 0.0 (off) to 0.99")
+        if self.output is not None and self.output.suffix.lower() not in IMAGE_SUFFIXES:
+            raise UserError(
+                f"-o {self.output}: unknown image type {self.output.suffix!r}; end it in {', '.join(IMAGE_SUFFIXES)}"
+            )
+        if self.output is not None and not self.output.parent.is_dir():  # before any run is read or drawn
+            raise UserError(
+                f"-o {self.output}: directory {self.output.parent} does not exist; create it first"
+            )
+
+    @property
+    def draws_terminal(self) -> bool:
+        """True when the terminal plot is wanted: no image asked for, or --terminal."""
+        return self.terminal or self.output is None
+
+
 def usable_cores() -> int:
     """The CPU cores this process may run on (its affinity where the OS has one), at least 1."""
     try:

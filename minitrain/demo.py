@@ -195,7 +195,8 @@ def _ask(checkpoint: Path, console: Console, num: int = 4) -> None:
 
 def _plot_loss(run_dir: Path, console: Console) -> None:
     """The loss curve in the terminal (`minitrain plot RUN --metric loss`)."""
-    from minitrain.plot import PlotConfig, plot
+    from minitrain.config import PlotConfig
+    from minitrain.plot import plot
 
     result = plot(PlotConfig(runs=(run_dir,), metrics=("loss",)))
     if result.terminal is not None:

@@ -65,8 +65,9 @@ def plot(
     from rich.console import Console
 
     from minitrain import plot as lib
+    from minitrain.config import PlotConfig
 
-    config = lib.PlotConfig(
+    config = PlotConfig(
         runs=tuple(runs), metrics=tuple(metric or ()), x=x, smooth=smooth, output=output, terminal=terminal
     )
     console = Console()

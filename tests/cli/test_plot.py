@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from minitrain import plot as lib
 from minitrain.cli import app
 from minitrain.errors import UserError
-from tests.test_plot import metrics_rows, run_dir, write_metrics
+from tests.plot.test_plot import metrics_rows, run_dir, write_metrics
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -1,4 +1,4 @@
-"""minitrain/plot.py: safe reading of live metrics files, x-axes, smoothing, the image and the terminal plot."""
+"""minitrain/plot/ and minitrain/rundir.py: safe reading of live metrics files, x-axes, smoothing, the image and the terminal plot."""
 
 from __future__ import annotations
 
@@ -12,8 +12,14 @@ import orjson
 import pytest
 from rich.console import Console
 
-from minitrain import plot as lib
+from minitrain.config import PlotConfig
 from minitrain.errors import UserError
+from minitrain.plot import plot, watch
+from minitrain.plot.curves import DEFAULT_METRICS, Curves, build_curves, ema
+from minitrain.plot.image import decimate, draw_image, envelope
+from minitrain.plot.read import run_names
+from minitrain.plot.terminal import _BRAILLE_BITS, _Canvas, nice_ticks, tick_labels
+from minitrain.rundir import METRICS_FILENAME, MetricsFile
 
 
 def metrics_rows(n: int, *, lr: float = 1e-4, eval_every: int = 0, seed: int = 0) -> list[dict]:
@@ -50,12 +56,12 @@ def write_metrics(path: Path, rows: list[dict]) -> Path:
 
 
 def run_dir(tmp_path: Path, name: str, rows: list[dict]) -> Path:
-    write_metrics(tmp_path / name / lib.METRICS_FILENAME, rows)
+    write_metrics(tmp_path / name / METRICS_FILENAME, rows)
     return tmp_path / name
 
 
-def curves(paths: list[Path], **config) -> lib.Curves:
-    return lib.plot(lib.PlotConfig(runs=tuple(paths), **config)).curves
+def curves(paths: list[Path], **config) -> Curves:
+    return plot(PlotConfig(runs=tuple(paths), **config)).curves
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -67,7 +73,7 @@ def test_incomplete_last_line_is_skipped_then_read_when_finished(tmp_path):
     last = orjson.dumps(metrics_rows(4)[3]) + b"\n"
     with open(path, "ab") as f:
         f.write(last[:25])  # the writer is half-way through step 4
-    reader = lib.MetricsFile(path)
+    reader = MetricsFile(path)
     assert reader.refresh()
     assert [r["step"] for r in reader.rows] == [1, 2, 3]
     assert not reader.refresh()  # nothing new
@@ -81,7 +87,7 @@ def test_incomplete_last_line_is_skipped_then_read_when_finished(tmp_path):
 def test_last_line_without_newline_that_parses_is_kept_once(tmp_path):
     path = tmp_path / "m.jsonl"
     path.write_bytes(b'{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}')
-    reader = lib.MetricsFile(path)
+    reader = MetricsFile(path)
     reader.refresh()
     assert [r["step"] for r in reader.rows] == [1, 2]
     with open(path, "ab") as f:
@@ -94,14 +100,14 @@ def test_malformed_line_in_the_middle_names_file_and_line(tmp_path):
     path = tmp_path / "m.jsonl"
     path.write_bytes(b'{"step": 1, "loss": 2.0}\n\n{"step": 2, "loss": \n{"step": 3, "loss": 1.0}\n')
     with pytest.raises(UserError, match=rf"{path}:3: not a JSON line"):
-        lib.MetricsFile(path).refresh()
+        MetricsFile(path).refresh()
 
 
 def test_a_line_that_is_not_an_object_is_an_error(tmp_path):
     path = tmp_path / "m.jsonl"
     path.write_bytes(b'{"step": 1, "loss": 2.0}\n[1, 2]\n')
     with pytest.raises(UserError, match=rf"{path}:2: expected a JSON object"):
-        lib.MetricsFile(path).refresh()
+        MetricsFile(path).refresh()
 
 
 def test_nan_written_by_python_json_is_read_and_not_drawn(tmp_path):
@@ -116,7 +122,7 @@ def test_nan_written_by_python_json_is_read_and_not_drawn(tmp_path):
 
 def test_a_rewritten_file_is_read_from_the_start(tmp_path):
     path = write_metrics(tmp_path / "m.jsonl", metrics_rows(5))
-    reader = lib.MetricsFile(path)
+    reader = MetricsFile(path)
     reader.refresh()
     write_metrics(path, metrics_rows(2, lr=1.0))
     assert reader.refresh()
@@ -125,7 +131,7 @@ def test_a_rewritten_file_is_read_from_the_start(tmp_path):
 
 def test_a_new_run_rewriting_the_file_is_noticed_even_when_it_grew_past_the_old_one(tmp_path):
     path = write_metrics(tmp_path / "m.jsonl", metrics_rows(3))
-    reader = lib.MetricsFile(path)
+    reader = MetricsFile(path)
     reader.refresh()
     write_metrics(path, metrics_rows(6, lr=1.0))  # truncated and rewritten between two polls
     reader.refresh()
@@ -135,33 +141,33 @@ def test_a_new_run_rewriting_the_file_is_noticed_even_when_it_grew_past_the_old_
 
 def test_missing_run_and_directory_without_metrics_are_errors(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
-        lib.plot(lib.PlotConfig(runs=(tmp_path / "nope",)))
+        plot(PlotConfig(runs=(tmp_path / "nope",)))
     (tmp_path / "empty_dir").mkdir()
-    with pytest.raises(UserError, match=f"has no {lib.METRICS_FILENAME}"):
-        lib.plot(lib.PlotConfig(runs=(tmp_path / "empty_dir",)))
+    with pytest.raises(UserError, match=f"has no {METRICS_FILENAME}"):
+        plot(PlotConfig(runs=(tmp_path / "empty_dir",)))
 
 
 def test_empty_file_is_an_error(tmp_path):
     path = tmp_path / "m.jsonl"
     path.write_bytes(b"")
     with pytest.raises(UserError, match="is empty"):
-        lib.plot(lib.PlotConfig(runs=(path,)))
+        plot(PlotConfig(runs=(path,)))
     path.write_bytes(b'{"step": 1, "lo')  # only an incomplete line: still nothing to draw
     with pytest.raises(UserError, match="is empty"):
-        lib.plot(lib.PlotConfig(runs=(path,)))
+        plot(PlotConfig(runs=(path,)))
 
 
 def test_unknown_metric_lists_the_available_ones(tmp_path):
     path = write_metrics(tmp_path / "m.jsonl", metrics_rows(3))
     with pytest.raises(UserError, match=r"unknown metric 'los'; available: .*grad_norm, loss, lr") as err:
-        lib.plot(lib.PlotConfig(runs=(path,), metrics=("los",)))
+        plot(PlotConfig(runs=(path,), metrics=("los",)))
     assert "\n" not in str(err.value)
 
 
 def test_no_default_metric_present(tmp_path):
     path = write_metrics(tmp_path / "m.jsonl", [{"step": 1, "accuracy": 0.5}])
     with pytest.raises(UserError, match="pick some with --metric: accuracy, step"):
-        lib.plot(lib.PlotConfig(runs=(path,)))
+        plot(PlotConfig(runs=(path,)))
 
 
 def test_runs_without_a_common_x_axis(tmp_path):
@@ -174,10 +180,10 @@ def test_runs_without_a_common_x_axis(tmp_path):
     with pytest.raises(
         UserError, match=r"no common x-axis for --x samples: b has no 'total_samples_accumulated'"
     ):
-        lib.plot(lib.PlotConfig(runs=(a, b), x="samples"))
+        plot(PlotConfig(runs=(a, b), x="samples"))
     c = run_dir(tmp_path, "c", [{"loss": 1.0}, {"loss": 0.5}])
     with pytest.raises(UserError, match="no x-axis is shared by all of these runs"):
-        lib.plot(lib.PlotConfig(runs=(a, c)))
+        plot(PlotConfig(runs=(a, c)))
 
 
 @pytest.mark.parametrize(
@@ -191,7 +197,7 @@ def test_runs_without_a_common_x_axis(tmp_path):
 )
 def test_config_validation(config, message):
     with pytest.raises(UserError, match=message):
-        lib.PlotConfig(runs=(Path("x"),), **config)
+        PlotConfig(runs=(Path("x"),), **config)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -202,13 +208,13 @@ def test_run_names_are_dir_names_or_stems_made_unique(tmp_path):
     a = run_dir(tmp_path / "lr1", "out", metrics_rows(1))
     b = run_dir(tmp_path / "lr2", "out", metrics_rows(1))
     f = write_metrics(tmp_path / "baseline.jsonl", metrics_rows(1))
-    assert lib.run_names([a, b, f, a / lib.METRICS_FILENAME]) == [
+    assert run_names([a, b, f, a / METRICS_FILENAME]) == [
         "lr1/out",
         "lr2/out",
         "baseline",
         "lr1/out (2)",
     ]
-    assert lib.run_names([a / lib.METRICS_FILENAME]) == ["out"]
+    assert run_names([a / METRICS_FILENAME]) == ["out"]
 
 
 def test_x_axes(tmp_path):
@@ -255,7 +261,7 @@ def ema_reference(y: list[float], w: float) -> list[float]:
 @pytest.mark.parametrize("w", [0.0, 0.3, 0.9, 0.99])
 def test_ema_matches_the_weighted_average(w):
     y = np.random.default_rng(1).normal(size=200)
-    np.testing.assert_allclose(lib.ema(y, w), ema_reference(y.tolist(), w), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(ema(y, w), ema_reference(y.tolist(), w), rtol=1e-10, atol=1e-12)
 
 
 def test_smoothing_applies_to_measurements_not_to_lr_or_eval(tmp_path):
@@ -274,7 +280,7 @@ def test_default_panels_put_eval_loss_with_loss(tmp_path):
     a = run_dir(tmp_path, "a", metrics_rows(20, eval_every=5))
     b = run_dir(tmp_path, "b", metrics_rows(20))
     c = curves([a, b])
-    assert [p.metric for p in c.panels] == list(lib.DEFAULT_METRICS)
+    assert [p.metric for p in c.panels] == list(DEFAULT_METRICS)
     assert [(ln.run, ln.metric) for ln in c.panels[0].lines] == [
         ("a", "loss"),
         ("a", "eval_loss"),
@@ -294,7 +300,7 @@ def test_decimate_keeps_the_envelope_in_order():
     rng = np.random.default_rng(0)
     x = np.arange(100_003, dtype=float)
     y = rng.normal(size=x.size)
-    dx, dy = lib.decimate(x, y, buckets=1000)
+    dx, dy = decimate(x, y, buckets=1000)
     assert len(dx) <= 4 * 1001 and np.all(np.diff(dx) > 0)
     assert (dx[0], dx[-1]) == (0, 100_002) and dy.min() == y.min() and dy.max() == y.max()
     k = math.ceil(x.size / 1000)
@@ -303,7 +309,7 @@ def test_decimate_keeps_the_envelope_in_order():
         kept = dy[(dx >= start) & (dx < start + k)]
         assert kept.min() == y[block].min() and kept.max() == y[block].max()
     short_x, short_y = x[:100], y[:100]  # at most 4 points per bucket: returned as they are
-    kept_x, kept_y = lib.decimate(short_x, short_y)
+    kept_x, kept_y = decimate(short_x, short_y)
     assert kept_x is short_x and kept_y is short_y and len(kept_x) == 100
 
 
@@ -316,10 +322,10 @@ def test_image_is_written_with_a_panel_per_metric_and_a_line_per_run(tmp_path, s
     a = run_dir(tmp_path, "a", metrics_rows(50, eval_every=10))
     b = run_dir(tmp_path, "b", metrics_rows(50, lr=3e-4, seed=1))
     out = tmp_path / f"curves{suffix}"
-    result = lib.plot(lib.PlotConfig(runs=(a, b), output=out, smooth=0.6))
+    result = plot(PlotConfig(runs=(a, b), output=out, smooth=0.6))
     assert out.stat().st_size > 1000 and result.terminal is None
     axes = result.figure.axes
-    assert [ax.get_title() for ax in axes] == list(lib.DEFAULT_METRICS)
+    assert [ax.get_title() for ax in axes] == list(DEFAULT_METRICS)
     assert all(ax.get_xlabel() == "step" for ax in axes)
     gids = [[line.get_gid() for line in ax.get_lines()] for ax in axes]
     assert gids[0] == ["a:loss:raw", "a:loss", "a:eval_loss", "b:loss:raw", "b:loss"]
@@ -350,7 +356,7 @@ def test_dense_raw_curve_becomes_its_min_max_band(tmp_path):
     rows = metrics_rows(100)
     path = write_metrics(tmp_path / "m.jsonl", rows)
     c = curves([path], metrics=("grad_norm",), smooth=0.9)
-    fig = lib.draw_image(c, tmp_path / "c.png", buckets=10)  # 100 points > 4 x 10 buckets: dense
+    fig = draw_image(c, tmp_path / "c.png", buckets=10)  # 100 points > 4 x 10 buckets: dense
     (band,) = fig.axes[0].collections
     assert band.get_gid() == "m:grad_norm:raw"
     verts = band.get_paths()[0].vertices
@@ -364,7 +370,7 @@ def test_dense_raw_curve_becomes_its_min_max_band(tmp_path):
 def test_envelope_matches_blocks():
     x = np.arange(10.0)
     y = np.array([3, 1, 4, 1, 5, 9, 2, 6, 5, 3.0])
-    ex, lo, hi = lib.envelope(x, y, buckets=4)  # blocks of 3: [3 1 4] [1 5 9] [2 6 5] [3]
+    ex, lo, hi = envelope(x, y, buckets=4)  # blocks of 3: [3 1 4] [1 5 9] [2 6 5] [3]
     assert ex.tolist() == [0, 3, 6, 9, 9]
     assert lo.tolist() == [1, 1, 2, 3, 3] and hi.tolist() == [4, 9, 6, 3, 3]
 
@@ -372,8 +378,8 @@ def test_envelope_matches_blocks():
 def test_image_lines_carry_the_data(tmp_path):
     rows = metrics_rows(10)
     out = tmp_path / "c.png"
-    fig = lib.plot(
-        lib.PlotConfig(runs=(write_metrics(tmp_path / "m.jsonl", rows),), metrics=("lr",), output=out)
+    fig = plot(
+        PlotConfig(runs=(write_metrics(tmp_path / "m.jsonl", rows),), metrics=("lr",), output=out)
     ).figure
     (line,) = fig.axes[0].get_lines()
     assert line.get_xdata().tolist() == list(range(1, 11))
@@ -383,7 +389,7 @@ def test_image_lines_carry_the_data(tmp_path):
 def test_a_run_with_a_single_step_is_marked(tmp_path):
     one = write_metrics(tmp_path / "one.jsonl", metrics_rows(1))
     out = tmp_path / "c.png"
-    result = lib.plot(lib.PlotConfig(runs=(one,), metrics=("loss",), smooth=0.5, output=out, terminal=True))
+    result = plot(PlotConfig(runs=(one,), metrics=("loss",), smooth=0.5, output=out, terminal=True))
     (line,) = result.figure.axes[0].get_lines()
     assert line.get_marker() == "o" and line.get_gid() == "one:loss"
     assert "●" in render(result.terminal)
@@ -392,12 +398,12 @@ def test_a_run_with_a_single_step_is_marked(tmp_path):
 def test_image_into_a_missing_directory_is_an_error(tmp_path):
     path = write_metrics(tmp_path / "m.jsonl", metrics_rows(3))
     with pytest.raises(UserError, match="does not exist; create it first"):
-        lib.plot(lib.PlotConfig(runs=(path,), output=tmp_path / "nope" / "c.png"))
+        plot(PlotConfig(runs=(path,), output=tmp_path / "nope" / "c.png"))
     with pytest.raises(UserError, match="does not exist; create it first"):  # refused before reading a run
-        lib.PlotConfig(runs=(tmp_path / "never-read",), output=tmp_path / "nope" / "c.png")
-    curves = lib.build_curves([("m", metrics_rows(3))], lib.PlotConfig(runs=(path,), metrics=("loss",)))
+        PlotConfig(runs=(tmp_path / "never-read",), output=tmp_path / "nope" / "c.png")
+    curves = build_curves([("m", metrics_rows(3))], PlotConfig(runs=(path,), metrics=("loss",)))
     with pytest.raises(UserError, match=r"cannot write the image \(No such file or directory\)"):
-        lib.draw_image(curves, tmp_path / "nope" / "c.png")  # the library entry point, without a config
+        draw_image(curves, tmp_path / "nope" / "c.png")  # the library entry point, without a config
     assert not (tmp_path / "nope").exists()
 
 
@@ -414,12 +420,12 @@ def render(renderable, width: int = 100) -> str:
 def test_terminal_plot_has_titles_axis_labels_ticks_and_legend(tmp_path):
     a = run_dir(tmp_path, "run-a", metrics_rows(100, eval_every=25))
     b = run_dir(tmp_path, "run-b", metrics_rows(100, lr=3e-4, seed=1))
-    result = lib.plot(lib.PlotConfig(runs=(a, b), smooth=0.9, x="samples"))
+    result = plot(PlotConfig(runs=(a, b), smooth=0.9, x="samples"))
     assert result.figure is None and result.output is None
     text = render(result.terminal)
     lines = text.splitlines()
     assert all(len(line) <= 100 for line in lines)
-    for metric in lib.DEFAULT_METRICS:
+    for metric in DEFAULT_METRICS:
         assert any(line.strip() == metric for line in lines), metric
     assert sum(line.strip() == "samples" for line in lines) == 4  # the x label under every panel
     assert (
@@ -435,7 +441,7 @@ def test_terminal_plot_has_titles_axis_labels_ticks_and_legend(tmp_path):
 
 def test_terminal_plot_puts_two_panels_per_row_when_wide(tmp_path):
     path = write_metrics(tmp_path / "m.jsonl", metrics_rows(30))
-    term = lib.plot(lib.PlotConfig(runs=(path,))).terminal
+    term = plot(PlotConfig(runs=(path,))).terminal
     lines = render(term, width=160).splitlines()
     assert any("loss" in line and "lr" in line for line in lines)
     assert all(len(line) <= 160 for line in lines)
@@ -444,12 +450,12 @@ def test_terminal_plot_puts_two_panels_per_row_when_wide(tmp_path):
 
 def test_canvas_draws_a_connected_line():
     """A straight line crosses every dot column, at the row the line passes there (± 1 dot)."""
-    canvas = lib._Canvas(20, 5, (0.0, 1.0), (0.0, 1.0))
+    canvas = _Canvas(20, 5, (0.0, 1.0), (0.0, 1.0))
     canvas.line(np.array([0.0, 0.3, 1.0]), np.array([0.0, 0.3, 1.0]), "red")
     dots = np.zeros((20, 40), dtype=bool)  # decode the braille cells back into dots
     for r in range(5):
         for c in range(20):
-            for (dr, dc), bit in np.ndenumerate(lib._BRAILLE_BITS):
+            for (dr, dc), bit in np.ndenumerate(_BRAILLE_BITS):
                 dots[4 * r + dr, 2 * c + dc] = bool(canvas.bits[r, c] & bit)
     for col in range(40):
         rows = np.flatnonzero(dots[:, col])
@@ -469,9 +475,9 @@ def test_canvas_draws_a_connected_line():
     ],
 )
 def test_ticks(lo, hi, n, ticks, labels):
-    got = lib.nice_ticks(lo, hi, n)
+    got = nice_ticks(lo, hi, n)
     np.testing.assert_allclose(got, ticks)
-    assert lib.tick_labels(got) == labels
+    assert tick_labels(got) == labels
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -481,7 +487,7 @@ def test_ticks(lo, hi, n, ticks, labels):
 def test_watch_redraws_when_the_file_grows(tmp_path):
     out = tmp_path / "run"
     out.mkdir()  # the run has started; its metrics file does not exist yet
-    path = out / lib.METRICS_FILENAME
+    path = out / METRICS_FILENAME
     lines = [orjson.dumps(r) + b"\n" for r in metrics_rows(6)]
     writes = iter(
         [b"", lines[0] + lines[1][:10], lines[1][10:] + lines[2], b"", lines[3] + lines[4] + lines[5]]
@@ -493,7 +499,7 @@ def test_watch_redraws_when_the_file_grows(tmp_path):
             f.write(next(writes))
 
     frames = list(
-        lib.watch(lib.PlotConfig(runs=(out,), metrics=("loss",)), interval=0.5, max_iterations=6, sleep=sleep)
+        watch(PlotConfig(runs=(out,), metrics=("loss",)), interval=0.5, max_iterations=6, sleep=sleep)
     )
     steps = [frame.curves.panels[0].lines[0].x.tolist() for frame in frames]
     assert steps == [[1], [1, 2, 3], [1, 2, 3, 4, 5, 6]]
@@ -503,10 +509,8 @@ def test_watch_redraws_when_the_file_grows(tmp_path):
 def test_watch_rewrites_the_image(tmp_path):
     path = write_metrics(tmp_path / "m.jsonl", metrics_rows(3))
     out = tmp_path / "c.png"
-    config = lib.PlotConfig(runs=(path,), output=out)
-    frames = lib.watch(
-        config, interval=0, max_iterations=2, sleep=lambda s: write_metrics(path, metrics_rows(8))
-    )
+    config = PlotConfig(runs=(path,), output=out)
+    frames = watch(config, interval=0, max_iterations=2, sleep=lambda s: write_metrics(path, metrics_rows(8)))
     assert len(next(frames).figure.axes[0].get_lines()[0].get_xdata()) == 3
     assert len(next(frames).figure.axes[0].get_lines()[0].get_xdata()) == 8
     assert next(frames, None) is None
@@ -515,4 +519,4 @@ def test_watch_rewrites_the_image(tmp_path):
 
 def test_watch_still_rejects_a_run_that_does_not_exist(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
-        next(lib.watch(lib.PlotConfig(runs=(tmp_path / "nope",)), max_iterations=1))
+        next(watch(PlotConfig(runs=(tmp_path / "nope",)), max_iterations=1))
