@@ -56,11 +56,6 @@ def main() -> None:
     A `UserError` exits 1; a command-line parse error (unknown option, bad value, missing option) exits 2,
     as Click's do, with the message and where to find help; bare `minitrain` prints the help, exit 2.
     """
-    import importlib
-
-    # Click's exception classes, wherever this Typer takes Click from (recent Typers vendor their own copy)
-    click = importlib.import_module(typer.BadParameter.__module__)
-    no_args = getattr(click, "NoArgsIsHelpError", ())
     try:
         code = app(args=train.expand_bare_resume(sys.argv[1:]), prog_name="minitrain", standalone_mode=False)
     except UserError as err:
@@ -68,16 +63,16 @@ def main() -> None:
             raise
         print(f"minitrain: error: {err}", file=sys.stderr)
         raise SystemExit(1) from None
-    except no_args as err:
-        print(err.ctx.get_help() if err.ctx is not None else "", end="")
-        raise SystemExit(err.exit_code) from None
-    except click.UsageError as err:
-        where = err.ctx.command_path if err.ctx is not None else "minitrain"
-        message = " ".join(err.format_message().split()).rstrip(".")  # Click wraps long messages
-        print(f"minitrain: error: {message}; see '{where} --help'", file=sys.stderr)
-        raise SystemExit(err.exit_code) from None
-    except click.ClickException as err:
-        print(f"minitrain: error: {' '.join(err.format_message().split())}", file=sys.stderr)
+    except typer.TyperException as err:  # Typer's public base of every command-line error
+        ctx = getattr(err, "ctx", None)
+        if ctx is not None and not ctx.args and not sys.argv[1:]:  # bare `minitrain`: the help
+            print(ctx.get_help(), end="")
+        elif err.exit_code == 2:  # a usage error: where to find help
+            message = " ".join(err.format_message().split()).rstrip(".")  # Click wraps long messages
+            where = ctx.command_path if ctx is not None else "minitrain"
+            print(f"minitrain: error: {message}; see '{where} --help'", file=sys.stderr)
+        else:
+            print(f"minitrain: error: {' '.join(err.format_message().split())}", file=sys.stderr)
         raise SystemExit(err.exit_code) from None
     except (KeyboardInterrupt, typer.Abort):
         print("minitrain: interrupted", file=sys.stderr)
