@@ -38,8 +38,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from minitrain.config import TokenizeConfig  # noqa: E402
-from minitrain.data import stats as st  # noqa: E402
+from minitrain.data.format import read_sidecar, sidecar_path  # noqa: E402
 from minitrain.data.pipeline import tokenize_file  # noqa: E402
+from minitrain.inspect.audit import audit_file  # noqa: E402
+from minitrain.inspect.select import select_samples  # noqa: E402
+from minitrain.inspect.stats import StatsAccumulator, compute_stats  # noqa: E402
+from minitrain.inspect.tokenizer import load_tokenizer  # noqa: E402
 
 FIXTURES = REPO.parent / "shared" / "fixtures"
 TOKENIZER = FIXTURES / "tokenizers" / "smollm2-135m-instruct"
@@ -69,11 +73,11 @@ def build(workdir: Path, samples: int) -> tuple[Path, Path]:
                 )
                 written += 1
             copy += 1
-    meta = json.loads(st.sidecar_path(base_out).read_text())
+    meta = json.loads(sidecar_path(base_out).read_text())
     meta["counts"]["written"] = samples
     meta.pop("tokens", None)
     meta.pop("trained_tokens", None)
-    st.sidecar_path(big_out).write_text(json.dumps(meta))
+    sidecar_path(big_out).write_text(json.dumps(meta))
     return big_in, big_out
 
 
@@ -111,27 +115,27 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         src, out = build(Path(tmp), args.samples)
         size_mb = out.stat().st_size / 1e6
-        meta = st.read_sidecar(out)
-        tok = st.load_tokenizer(out, meta, None)
+        meta = read_sidecar(out)
+        tok = load_tokenizer(out, meta, None)
         n = args.samples
         variants: list[tuple[str, Callable[[], object]]] = [
             ("parse floor", lambda: parse_floor(out)),
-            ("--stats", lambda: st.compute_stats(out)),
+            ("--stats", lambda: compute_stats(out)),
             (
                 "--stats + packing (8192 tok/GPU, bs 128, 8 GPUs)",
-                lambda: st.compute_stats(out, max_tokens_per_gpu=8192, batch_size=128, nproc=8),
+                lambda: compute_stats(out, max_tokens_per_gpu=8192, batch_size=128, nproc=8),
             ),
-            ("--audit", lambda: st.audit_file(out, tok, meta)),
+            ("--audit", lambda: audit_file(out, tok, meta)),
             (
                 "--audit --stats (one pass)",
-                lambda: st.audit_file(out, tok, meta, stats=st.StatsAccumulator()),
+                lambda: audit_file(out, tok, meta, stats=StatsAccumulator()),
             ),
-            ("--audit --source", lambda: st.audit_file(out, tok, meta, source=src)),
-            ("view: first 3", lambda: st.select_samples(out, n=3)),
-            (f"view: --index {n - 1}", lambda: st.select_samples(out, indices=(n - 1,))),
-            ("view: --random 3", lambda: st.select_samples(out, random_k=3, seed=0)),
+            ("--audit --source", lambda: audit_file(out, tok, meta, source=src)),
+            ("view: first 3", lambda: select_samples(out, n=3)),
+            (f"view: --index {n - 1}", lambda: select_samples(out, indices=(n - 1,))),
+            ("view: --random 3", lambda: select_samples(out, random_k=3, seed=0)),
         ]
-        report = st.audit_file(out, tok, meta, source=src)
+        report = audit_file(out, tok, meta, source=src)
         assert report.counts == {}, report.counts  # the benchmark file must be clean, or we time error paths
         results = []
         for name, fn in variants:

@@ -289,6 +289,75 @@ class TrainConfig:
         return cls(**{k: v for k, v in data.items() if k in names})
 
 
+# --------------------------------------------------------------------------------------------- inspect
+
+
+@dataclass(frozen=True, kw_only=True)
+class InspectConfig:
+    """What `minitrain inspect` was asked to do, validated once."""
+
+    path: Path
+    model_name_or_path: str | None = None
+    n: int | None = None
+    indices: tuple[int, ...] = ()
+    random_k: int | None = None
+    seed: int = 42  # train's default, so --stats packs in the order training would
+    grep: str | None = None
+    tokens: bool = False
+    stats: bool = False
+    audit: bool = False
+    source: Path | None = None
+    max_tokens_per_gpu: int | None = None
+    batch_size: int | None = None
+    nproc: int | None = None
+
+    def __post_init__(self) -> None:
+        chosen = [
+            f
+            for f, v in (("-n", self.n), ("--index", self.indices or None), ("--random", self.random_k))
+            if v is not None
+        ]
+        if len(chosen) > 1:
+            raise UserError(f"{' and '.join(chosen)} choose samples in different ways; pass only one of them")
+        if self.n is not None and self.n < 1:
+            raise UserError(f"-n {self.n}: pass a number of samples >= 1")
+        if self.random_k is not None and self.random_k < 1:
+            raise UserError(f"--random {self.random_k}: pass a number of samples >= 1")
+        if any(i < 0 for i in self.indices):
+            raise UserError(f"--index {min(self.indices)}: sample indices start at 0")
+        if self.source is not None and not self.audit:
+            raise UserError("--source is only used by --audit; add --audit")
+        if self.source is not None and not Path(self.source).is_file():
+            raise UserError(f"--source {self.source}: no such file")
+        packing = {
+            "--max-tokens-per-gpu": self.max_tokens_per_gpu,
+            "--batch-size": self.batch_size,
+            "--nproc": self.nproc,
+        }
+        given = [k for k, v in packing.items() if v is not None]
+        if given and not self.stats:
+            raise UserError(f"{', '.join(given)} describe packing for --stats; add --stats")
+        if given and (self.max_tokens_per_gpu is None or self.batch_size is None):
+            raise UserError(
+                "packing statistics need both --max-tokens-per-gpu and --batch-size (--nproc defaults to 1)"
+            )
+        for k, v in packing.items():
+            if v is not None and v < 1:
+                raise UserError(f"{k} {v}: must be >= 1")
+
+    @property
+    def shows_samples(self) -> bool:
+        """The sample view runs unless only --stats/--audit were asked for."""
+        explicit = (
+            self.n is not None
+            or self.indices
+            or self.random_k is not None
+            or self.grep is not None
+            or self.tokens
+        )
+        return bool(explicit) or not (self.stats or self.audit)
+
+
 # ------------------------------------------------------------------------------------------------ plot
 
 PLOT_X_AXES = ("step", "samples", "tokens", "time")  # --x choices; the column behind each: plot.curves

@@ -160,7 +160,7 @@ def _show_sample(tokenized: Path, tokenizer_dir: Path, console: Console) -> None
     from transformers import AutoTokenizer
 
     from minitrain.data.format import iter_samples
-    from minitrain.render import render_sample
+    from minitrain.inspect.render import render_sample
 
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     _, sample = next(iter_samples(tokenized))

@@ -1,7 +1,7 @@
 """`minitrain inspect`: see and audit what the model will be trained on.
 
-Thin by design: the flags become an `InspectConfig`, `minitrain.data.stats.inspect_file` does the
-reading, `minitrain.render` does the drawing. numpy, rich and transformers are imported inside the
+Thin by design: the flags become an `InspectConfig`, `minitrain.inspect.inspect_file` does the
+reading, `minitrain.inspect.render` does the drawing. numpy, rich and transformers are imported inside the
 command so that importing the CLI stays free.
 """
 
@@ -101,8 +101,9 @@ def inspect(
     """
     from rich.console import Console
 
-    from minitrain.data.stats import InspectConfig, inspect_file
-    from minitrain.render import render_audit, render_sample, render_stats
+    from minitrain.config import InspectConfig
+    from minitrain.inspect import inspect_file
+    from minitrain.inspect.render import render_audit, render_sample, render_stats
 
     config = InspectConfig(
         path=path,

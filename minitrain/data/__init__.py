@@ -7,6 +7,5 @@ store.py     memory-mapped binary cache of a tokenized file
 sampler.py   infinite, seeded, resumable order of sample indices
 packing.py   pure minibatch planning on lengths (no torch)
 batch.py     one rank's packed minibatch tensors
-stats.py     `inspect --stats` and `--audit`
 dryrun.py    `train --dry-run`: replay sampler + planner without a model
 """

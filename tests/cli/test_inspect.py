@@ -12,7 +12,13 @@ from typer.testing import CliRunner
 from minitrain.cli import app
 from minitrain.errors import UserError
 from tests.conftest import FIXTURES, SMOLLM2
-from tests.data.test_stats import FASTCHAT, corrupt_eot_masked, reference_rows, tokenizer, write_tokenized
+from tests.inspect.test_inspect import (
+    FASTCHAT,
+    corrupt_eot_masked,
+    reference_rows,
+    tokenizer,
+    write_tokenized,
+)
 
 pytestmark = pytest.mark.skipif(not FIXTURES.is_dir(), reason=f"fixtures folder {FIXTURES} is absent")
 
@@ -106,7 +112,7 @@ def test_audit_exit_codes(tmp_path: Path, clean: Path, rows) -> None:
 
 
 def test_help_documents_every_check() -> None:
-    from minitrain.data.stats import CHECKS
+    from minitrain.inspect.audit import CHECKS
 
     result = CliRunner().invoke(app, ["inspect", "--help"], terminal_width=200)
     assert result.exit_code == 0

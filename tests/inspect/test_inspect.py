@@ -1,4 +1,4 @@
-"""minitrain/data/stats.py: sample selection, --stats and --audit on tokenized files built from the fixtures.
+"""minitrain/inspect/: sample selection, --stats and --audit on tokenized files built from the fixtures.
 
 Tokenized files here are built by a reference masking that is right by construction: each piece of the
 template (role header, content + end-of-turn, separator) is encoded on its own and labelled on its own.
@@ -17,8 +17,15 @@ import numpy as np
 import orjson
 import pytest
 
-from minitrain.data import stats as st
+from minitrain.config import InspectConfig
+from minitrain.data.format import read_sidecar
 from minitrain.errors import UserError
+from minitrain.inspect import audit as audit_module
+from minitrain.inspect import inspect_file
+from minitrain.inspect.audit import BATCH_SAMPLES, CHECKS, AuditReport, audit_file
+from minitrain.inspect.select import select_samples
+from minitrain.inspect.stats import NUM_EXAMPLES, NUM_LONGEST, PERCENTILES, StatsAccumulator, compute_stats
+from minitrain.inspect.tokenizer import end_of_turn_ids, special_token_ids
 from tests.conftest import DATA, FIXTURES, MESSAGES_FILES, SMOLLM2, TINYLLAMA
 
 pytestmark = pytest.mark.skipif(not FIXTURES.is_dir(), reason=f"fixtures folder {FIXTURES} is absent")
@@ -106,10 +113,8 @@ def write_tokenized(
     return out
 
 
-def audit(out: Path, name: str, source: Path | None = None, meta: dict | None = None) -> st.AuditReport:
-    return st.audit_file(
-        out, tokenizer(name), {**(st.read_sidecar(out) or {}), **(meta or {})}, source=source
-    )
+def audit(out: Path, name: str, source: Path | None = None, meta: dict | None = None) -> AuditReport:
+    return audit_file(out, tokenizer(name), {**(read_sidecar(out) or {}), **(meta or {})}, source=source)
 
 
 # ------------------------------------------------------------------------------------------- clean files
@@ -217,7 +222,7 @@ def test_each_corruption_is_found(tmp_path: Path, clean_rows, corrupt, kind: str
         not report.ok
     )  # with --source even a zero-trained sample is an error: its assistant turn is missing
     if kind != "text_mismatch":
-        assert audit(out, "smollm2").ok is (st.CHECKS[kind].severity == "warning")
+        assert audit(out, "smollm2").ok is (CHECKS[kind].severity == "warning")
     # The sidecar was written from the corrupted rows, so only the corruption itself is reported.
     extra = set(report.counts) - {kind, "eot_not_trained", "trained_special", "text_mismatch"}
     assert not extra, report.counts
@@ -302,11 +307,13 @@ def reference_findings(row: dict[str, Any], special: set[int], eot: set[int], vo
     return found
 
 
-@pytest.mark.parametrize("batch_samples", [st.BATCH_SAMPLES, 7, 1])
+@pytest.mark.parametrize("batch_samples", [BATCH_SAMPLES, 7, 1])
 def test_audit_matches_a_per_token_reference_on_random_corruptions(
     tmp_path: Path, clean_rows, monkeypatch, batch_samples: int
 ) -> None:
-    monkeypatch.setattr(st, "BATCH_SAMPLES", batch_samples)  # batches of 7: several, the last one partial
+    monkeypatch.setattr(
+        audit_module, "BATCH_SAMPLES", batch_samples
+    )  # batches of 7: several, the last one partial
     tok = tokenizer("smollm2")
     rng = random.Random(0)
     rows = []
@@ -332,7 +339,7 @@ def test_audit_matches_a_per_token_reference_on_random_corruptions(
     out = write_tokenized(tmp_path / "out.jsonl", rows, "smollm2")
     report = audit(out, "smollm2")
 
-    special = set(st.special_token_ids(tok))
+    special = set(special_token_ids(tok))
     eot = {tok.convert_tokens_to_ids("<|im_end|>"), tok.eos_token_id}
     expected: dict[str, set[int]] = {}
     for k, row in enumerate(rows):
@@ -344,7 +351,7 @@ def test_audit_matches_a_per_token_reference_on_random_corruptions(
     }
     for kind, examples in report.examples.items():
         if kind != "sidecar_mismatch":
-            assert [e.index for e in examples] == sorted(expected[kind])[: st.NUM_EXAMPLES]
+            assert [e.index for e in examples] == sorted(expected[kind])[:NUM_EXAMPLES]
 
 
 # ------------------------------------------------------------------------------------------- stats
@@ -355,18 +362,18 @@ def test_stats_match_a_direct_computation(tmp_path: Path) -> None:
     rows[7]["labels"] = [-100] * rows[7]["len"]
     rows[7]["num_loss_counted_tokens"] = 0
     out = write_tokenized(tmp_path / "out.jsonl", rows, "tinyllama")
-    s = st.compute_stats(out)
+    s = compute_stats(out)
     lengths = sorted(r["len"] for r in rows)
     assert s.samples == 200 and s.tokens == sum(lengths)
     assert s.trained_tokens == sum(r["num_loss_counted_tokens"] for r in rows)
-    for q in st.PERCENTILES:  # the smallest length with at least q% of samples at or below it
+    for q in PERCENTILES:  # the smallest length with at least q% of samples at or below it
         assert s.percentiles[q] == lengths[int(np.ceil(q / 100 * 199))]
     assert sum(c for _, _, c in s.histogram) == 200
     assert s.histogram[0][0] == lengths[0] and s.histogram[-1][0] <= lengths[-1] <= s.histogram[-1][1]
     for lo, hi, c in s.histogram:
         assert c == sum(lo <= x <= hi for x in lengths)
     assert s.zero_trained == 1 and s.zero_trained_examples == [7]
-    by_len = sorted(range(200), key=lambda i: (-rows[i]["len"], i))[: st.NUM_LONGEST]
+    by_len = sorted(range(200), key=lambda i: (-rows[i]["len"], i))[:NUM_LONGEST]
     assert [i for _, i, _, _ in s.longest] == by_len
     assert [line for _, _, line, _ in s.longest] == [i + 1 for i in by_len]
     assert s.packing is None
@@ -377,7 +384,7 @@ def test_packing_stats_use_the_planner(tmp_path: Path) -> None:
 
     rows = reference_rows("smollm2", ALPACA, limit=100)
     out = write_tokenized(tmp_path / "out.jsonl", rows, "smollm2")
-    s = st.compute_stats(out, max_tokens_per_gpu=1024, batch_size=16, nproc=2, seed=3)
+    s = compute_stats(out, max_tokens_per_gpu=1024, batch_size=16, nproc=2, seed=3)
     lengths = np.array([r["len"] for r in rows])
     order = np.random.default_rng([3, 0]).permutation(100)
     counts = [len(plan_minibatches(lengths[order[i : i + 16]].tolist(), 1024, 2)) for i in range(0, 100, 16)]
@@ -391,13 +398,13 @@ def test_packing_stats_use_the_planner(tmp_path: Path) -> None:
 
 def test_audit_pass_gives_the_same_stats(tmp_path: Path) -> None:
     out = write_tokenized(tmp_path / "out.jsonl", reference_rows("smollm2", FASTCHAT, limit=50), "smollm2")
-    acc = st.StatsAccumulator()
-    st.audit_file(out, tokenizer("smollm2"), st.read_sidecar(out), stats=acc)
-    assert acc.finish(out) == st.compute_stats(out)
+    acc = StatsAccumulator()
+    audit_file(out, tokenizer("smollm2"), read_sidecar(out), stats=acc)
+    assert acc.finish(out) == compute_stats(out)
     packing = {"max_tokens_per_gpu": 512, "batch_size": 8, "nproc": 2, "seed": 5}
-    both = st.inspect_file(st.InspectConfig(path=out, stats=True, audit=True, **packing))
+    both = inspect_file(InspectConfig(path=out, stats=True, audit=True, **packing))
     assert both.stats is not None and both.stats.packing is not None
-    assert both.stats == st.compute_stats(out, **packing)
+    assert both.stats == compute_stats(out, **packing)
 
 
 # ------------------------------------------------------------------------------------------- selection
@@ -410,34 +417,32 @@ def small_file(tmp_path_factory) -> Path:
 
 
 def test_first_n_and_indices(small_file: Path) -> None:
-    assert [s.index for s in st.select_samples(small_file)] == [0, 1, 2]
-    assert [s.index for s in st.select_samples(small_file, n=5)] == [0, 1, 2, 3, 4]
-    picked = st.select_samples(small_file, indices=(12, 3))
+    assert [s.index for s in select_samples(small_file)] == [0, 1, 2]
+    assert [s.index for s in select_samples(small_file, n=5)] == [0, 1, 2, 3, 4]
+    picked = select_samples(small_file, indices=(12, 3))
     assert [(s.index, s.line, s.sample["source_line"]) for s in picked] == [(3, 4, 4), (12, 13, 13)]
     with pytest.raises(UserError, match="only 30 samples"):
-        st.select_samples(small_file, indices=(30,))
+        select_samples(small_file, indices=(30,))
 
 
 def test_selection_stops_reading_at_the_last_line_it_needs(small_file: Path, tmp_path: Path) -> None:
     big = tmp_path / "big.jsonl"
     big.write_bytes(small_file.read_bytes() + b"this line is never read\n")
-    assert [s.index for s in st.select_samples(big, indices=(29,))] == [29]
-    assert len(st.select_samples(big, n=3)) == 3
+    assert [s.index for s in select_samples(big, indices=(29,))] == [29]
+    assert len(select_samples(big, n=3)) == 3
     with pytest.raises(UserError, match="malformed JSON"):
-        st.compute_stats(big)
+        compute_stats(big)
 
 
 def test_random_is_reproducible_and_covers_the_file(small_file: Path) -> None:
-    a = [s.index for s in st.select_samples(small_file, random_k=4, seed=1)]
-    assert a == [s.index for s in st.select_samples(small_file, random_k=4, seed=1)]
+    a = [s.index for s in select_samples(small_file, random_k=4, seed=1)]
+    assert a == [s.index for s in select_samples(small_file, random_k=4, seed=1)]
     assert a == sorted(a) and len(set(a)) == 4
     seen = {
-        i
-        for seed in range(40)
-        for i in (s.index for s in st.select_samples(small_file, random_k=4, seed=seed))
+        i for seed in range(40) for i in (s.index for s in select_samples(small_file, random_k=4, seed=seed))
     }
     assert len(seen) >= 25  # uniform over 30 samples, not stuck at the front
-    assert [s.index for s in st.select_samples(small_file, random_k=100)] == list(range(30))
+    assert [s.index for s in select_samples(small_file, random_k=100)] == list(range(30))
 
 
 def test_grep_filters_on_decoded_text(small_file: Path) -> None:
@@ -449,9 +454,9 @@ def test_grep_filters_on_decoded_text(small_file: Path) -> None:
     rows = [json.loads(line) for line in small_file.read_text().splitlines()]
     matching = [i for i, r in enumerate(rows) if "Who are you" in tok.decode(r["input_ids"])]
     assert 3 <= len(matching) < 30
-    assert [s.index for s in st.select_samples(small_file, n=2, grep=grep)] == matching[:2]
-    assert {s.index for s in st.select_samples(small_file, random_k=2, grep=grep)} <= set(matching)
-    assert [s.index for s in st.select_samples(small_file, indices=(0, 29), grep=grep)] == [
+    assert [s.index for s in select_samples(small_file, n=2, grep=grep)] == matching[:2]
+    assert {s.index for s in select_samples(small_file, random_k=2, grep=grep)} <= set(matching)
+    assert [s.index for s in select_samples(small_file, indices=(0, 29), grep=grep)] == [
         i for i in (0, 29) if i in matching
     ]
 
@@ -462,7 +467,7 @@ def test_grep_filters_on_decoded_text(small_file: Path) -> None:
 def test_one_line_errors(tmp_path: Path, small_file: Path) -> None:
     def message(**kwargs: Any) -> str:
         with pytest.raises(UserError) as err:
-            st.inspect_file(st.InspectConfig(**kwargs))
+            inspect_file(InspectConfig(**kwargs))
         assert "\n" not in str(err.value)
         return str(err.value)
 
@@ -494,9 +499,9 @@ def test_without_a_sidecar_the_override_and_known_end_of_turn_tokens_are_used(
 ) -> None:
     bare = tmp_path / "bare.jsonl"
     bare.write_bytes(small_file.read_bytes())
-    result = st.inspect_file(st.InspectConfig(path=bare, model_name_or_path=str(SMOLLM2), audit=True))
+    result = inspect_file(InspectConfig(path=bare, model_name_or_path=str(SMOLLM2), audit=True))
     assert result.meta is None and result.audit is not None and result.audit.counts == {}
-    assert st.end_of_turn_ids(result.tokenizer, None) == {0, 2}  # <|im_end|> (EOS) and <|endoftext|>
+    assert end_of_turn_ids(result.tokenizer, None) == {0, 2}  # <|im_end|> (EOS) and <|endoftext|>
 
 
 # ------------------------------------------------------------------------------------------- tokenize output
@@ -517,9 +522,7 @@ def _tokenize(inp: Path, out: Path, name: str) -> Path:
 @pytest.mark.parametrize("source", MESSAGES_FILES, ids=lambda p: p.name.split(".")[0])
 def test_a_clean_file_from_tokenize_audits_clean(tmp_path: Path, name: str, source: Path) -> None:
     out = _tokenize(source, tmp_path / "out.jsonl", name)
-    result = st.inspect_file(
-        st.InspectConfig(path=out, audit=True, source=source)
-    )  # tokenizer from the sidecar
+    result = inspect_file(InspectConfig(path=out, audit=True, source=source))  # tokenizer from the sidecar
     assert result.audit is not None and result.audit.counts == {}, result.audit.examples
     assert result.audit.samples == sum(1 for _ in source.open())
     assert f"{result.audit.samples:,} samples compared" in result.audit.notes[0]
@@ -569,7 +572,7 @@ def test_a_non_integer_value_is_malformed_and_the_rest_of_its_batch_is_still_che
     rows[2]["labels"][3] = bad_value
     corrupt_eot_masked(rows[6], tokenizer("smollm2"))
     out = write_tokenized(tmp_path / "out.jsonl", rows, None)
-    report = st.audit_file(out, tokenizer("smollm2"), None)
+    report = audit_file(out, tokenizer("smollm2"), None)
     assert report.counts == {"malformed_line": 1, "eot_not_trained": 1}
     assert (
         report.examples["malformed_line"][0].index == 2 and report.examples["eot_not_trained"][0].index == 6

@@ -33,7 +33,8 @@ from minitrain.data.format import IGNORE_INDEX
 from minitrain.errors import UserError
 
 if TYPE_CHECKING:
-    from minitrain.data.stats import AuditReport, DatasetStats
+    from minitrain.inspect.audit import AuditReport
+    from minitrain.inspect.stats import DatasetStats
 
 SPAN_OPEN = "\u27e6"  # ⟦ opens a trained span in plain output
 SPAN_CLOSE = "\u27e7"  # ⟧ closes it
@@ -275,7 +276,7 @@ def render_stats(stats: DatasetStats, console: Console) -> None:
 
 def render_audit(report: AuditReport, console: Console, *, color: bool) -> None:
     """Print `--audit`: one row per kind of finding (severity, samples, example indices), then a verdict."""
-    from minitrain.data.stats import CHECKS
+    from minitrain.inspect.audit import CHECKS
 
     console.print(Text(f"audit of {report.path}: {report.samples:,} samples", style="bold"), soft_wrap=True)
     table = Table()

@@ -1,4 +1,4 @@
-"""minitrain/render.py: the sample view on the fixture tokenizers, plain output exactly, colour by style."""
+"""minitrain/inspect/render.py: the sample view on the fixture tokenizers, plain output exactly, colour by style."""
 
 from __future__ import annotations
 
@@ -8,9 +8,11 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from minitrain import render
-from minitrain.data import stats as st
 from minitrain.errors import UserError
+from minitrain.inspect import render
+from minitrain.inspect.audit import AuditReport
+from minitrain.inspect.stats import DatasetStats
+from minitrain.inspect.tokenizer import special_token_ids
 from tests.conftest import FIXTURES, SMOLLM2, TINYLLAMA
 
 pytestmark = pytest.mark.skipif(not FIXTURES.is_dir(), reason=f"fixtures folder {FIXTURES} is absent")
@@ -123,7 +125,7 @@ def test_plain_text_marks_trained_spans_exactly(request, which, ids, trained, ex
         )["input_ids"]
         == ids
     )  # the constants above are what the fixture tokenizer gives
-    segments = render.decode_segments(tok, ids, _labels(ids, trained), st.special_token_ids(tok))
+    segments = render.decode_segments(tok, ids, _labels(ids, trained), special_token_ids(tok))
     assert render.sample_text(segments, color=False).plain == expected
     assert "".join(s.text for s in segments) == tok.decode(ids)  # nothing lost or doubled at the cuts
     assert [(s.start, s.end) for s in segments] == list(
@@ -135,7 +137,7 @@ def test_whole_sample_plain_output(smol) -> None:
     out = io.StringIO()
     console = Console(file=out, no_color=True, color_system=None, width=40)
     sample = {"input_ids": SMOL_IDS, "labels": _labels(SMOL_IDS, SMOL_TRAINED), "source_line": 7}
-    render.render_sample(console, smol, 3, sample, st.special_token_ids(smol), tokens=False, color=False)
+    render.render_sample(console, smol, 3, sample, special_token_ids(smol), tokens=False, color=False)
     header = "=== sample 3 | source line 7 | 41 tokens | 9 trained (22.0%) ==="
     assert (
         out.getvalue() == header + "\n" + SMOL_PLAIN + "\n"
@@ -145,14 +147,14 @@ def test_whole_sample_plain_output(smol) -> None:
 def test_token_cells_plain_exactly(tiny) -> None:
     ids = TINY_IDS[9:]
     text = render.token_cells(
-        tiny, ids, _labels(TINY_IDS, TINY_TRAINED)[9:], st.special_token_ids(tiny), color=False
+        tiny, ids, _labels(TINY_IDS, TINY_TRAINED)[9:], special_token_ids(tiny), color=False
     )
     assert text.plain == (
         "29966:< 29989:| 465:ass 22137:istant 29989:| 29958:> 13:<0x0A>\n"
         "⟦29907:C 28059:afé 29871:▁ 229:<0xE2> 155:<0x98> 152:<0x95> 3431:▁ok 29889:. 2:</s>⟧ 13:<0x0A>\n"
     )
     colour = render.token_cells(
-        tiny, ids, _labels(TINY_IDS, TINY_TRAINED)[9:], st.special_token_ids(tiny), color=True
+        tiny, ids, _labels(TINY_IDS, TINY_TRAINED)[9:], special_token_ids(tiny), color=True
     )
     assert colour.plain == text.plain.replace("⟦", "").replace("⟧", "")  # same cells and line breaks
 
@@ -160,7 +162,7 @@ def test_token_cells_plain_exactly(tiny) -> None:
 def test_colour_gives_trained_and_masked_text_distinct_styles(smol) -> None:
     labels = _labels(SMOL_IDS, SMOL_TRAINED)
     text = render.sample_text(
-        render.decode_segments(smol, SMOL_IDS, labels, st.special_token_ids(smol)), color=True
+        render.decode_segments(smol, SMOL_IDS, labels, special_token_ids(smol)), color=True
     )
     assert "⟦" not in text.plain and text.plain == smol.decode(SMOL_IDS)
 
@@ -190,7 +192,7 @@ def test_colour_gives_trained_and_masked_text_distinct_styles(smol) -> None:
 def test_a_trained_newline_is_visible_in_colour(smol) -> None:
     ids = SMOL_IDS
     labels = _labels(ids, range(31, 41))  # also train the "\n" after <|im_end|>: a known masking bug
-    segments = render.decode_segments(smol, ids, labels, st.special_token_ids(smol))
+    segments = render.decode_segments(smol, ids, labels, special_token_ids(smol))
     assert render.sample_text(segments, color=False).plain.endswith("⟦Café ☕ ok.<|im_end|>\n⟧")
     colour = render.sample_text(segments, color=True)
     assert colour.plain.endswith("<|im_end|>" + render.TRAINED_NEWLINE + "\n")
@@ -198,7 +200,7 @@ def test_a_trained_newline_is_visible_in_colour(smol) -> None:
 
 def test_a_label_boundary_inside_a_character_still_covers_every_token(tiny) -> None:
     labels = _labels(TINY_IDS, range(20, 25))  # starts at the second byte of "☕"
-    segments = render.decode_segments(tiny, TINY_IDS, labels, st.special_token_ids(tiny))
+    segments = render.decode_segments(tiny, TINY_IDS, labels, special_token_ids(tiny))
     assert segments[0].start == 0 and segments[-1].end == len(TINY_IDS)
     assert all(a.end == b.start for a, b in zip(segments, segments[1:], strict=False))
     assert "ok.</s>⟧" in render.sample_text(segments, color=False).plain
@@ -208,16 +210,16 @@ def test_a_broken_sample_still_shows_or_fails_in_one_line(smol) -> None:
     out = io.StringIO()
     console = Console(file=out, no_color=True, color_system=None)
     short = {"input_ids": SMOL_IDS[-3:], "labels": [-100], "source_line": 1}  # labels shorter than input_ids
-    render.render_sample(console, smol, 0, short, st.special_token_ids(smol), tokens=False, color=False)
+    render.render_sample(console, smol, 0, short, special_token_ids(smol), tokens=False, color=False)
     assert out.getvalue().endswith("3 tokens | 0 trained (0.0%) ===\n.<|im_end|>\n\n")
     with pytest.raises(UserError, match="sample 1: cannot decode") as err:
         bad = {"input_ids": [-5, "x"], "labels": [-100, -100]}
-        render.render_sample(console, smol, 1, bad, st.special_token_ids(smol), tokens=False, color=False)
+        render.render_sample(console, smol, 1, bad, special_token_ids(smol), tokens=False, color=False)
     assert "\n" not in str(err.value)
 
 
 def test_stats_and_audit_tables_render(tmp_path: Path) -> None:
-    s = st.DatasetStats(
+    s = DatasetStats(
         path=tmp_path / "x.jsonl",
         samples=2,
         tokens=30,
@@ -229,7 +231,7 @@ def test_stats_and_audit_tables_render(tmp_path: Path) -> None:
         zero_trained_examples=[1],
         longest=[(20, 1, 2, 0), (10, 0, 1, 10)],
     )
-    report = st.AuditReport(path=tmp_path / "x.jsonl", samples=2)
+    report = AuditReport(path=tmp_path / "x.jsonl", samples=2)
     report.add("zero_trained", 1, 2)
     report.add("eot_not_trained", 0, 1, "1 span(s), first ends at 9 with 'x'")
     out = io.StringIO()
