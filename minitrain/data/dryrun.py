@@ -346,7 +346,7 @@ def dry_run(
     if too_long.all():
         raise UserError(
             f"every sample is longer than --max-tokens-per-gpu {budget} (shortest: {int(lengths.min())} "
-            "tokens); raise --max-tokens-per-gpu or tokenize with a lower --max-seq-len"
+            "tokens); raise --max-tokens-per-gpu or tokenize with a lower --max-sample-num-tokens"
         )
     if int(store.num_trained[~too_long].sum()) == 0:
         raise UserError(

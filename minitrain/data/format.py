@@ -10,7 +10,7 @@ name in the same directory, renamed into place when complete):
                           len                      int         == len(input_ids)
                           num_loss_counted_tokens  int         count of labels != -100
                           source_line              int         1-based line number in the input JSONL
-    OUT.meta.json       the sidecar (`Sidecar` below): tokenizer, template hash, counts, version
+    OUT.meta.json       the sidecar (its keys: `read_sidecar` below): tokenizer, template hash, counts, version
     OUT.rejects.jsonl   one object per dropped or rejected input line:
                           {"line": int, "kind": "dropped"|"rejected", "reason": str, "detail": str}
 
@@ -34,7 +34,6 @@ from minitrain.errors import UserError
 FORMAT_NAME = "minitrain.tokenized"
 FORMAT_VERSION = 1
 IGNORE_INDEX = -100
-REQUIRED_KEYS = ("input_ids", "labels", "len", "num_loss_counted_tokens")
 
 
 def _stem(out: Path) -> Path:

@@ -250,17 +250,6 @@ def _ffd(tok: list[int], K: int | None, budget: int) -> np.ndarray | None:
     return out
 
 
-def ffd_bins(lengths: Sequence[int] | np.ndarray, budget: int) -> int:
-    """Bins plain first-fit decreasing opens for the samples that fit (the reference count)."""
-    lens = np.asarray(lengths, dtype=np.int64)
-    lens = np.sort(lens[lens <= budget])[::-1]
-    if lens.size == 0:
-        return 0
-    used = _ffd(lens.tolist(), None, budget)
-    assert used is not None
-    return int(used.max()) + 1
-
-
 def _even_out(bins: np.ndarray, tok: np.ndarray, wt: np.ndarray, K: int, budget: int) -> np.ndarray:
     """Move the smallest samples off bins above the mean load into the least loaded bins with room."""
     loads = np.bincount(bins, weights=wt, minlength=K)
