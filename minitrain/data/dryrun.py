@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from minitrain.data.format import atomic_write
+from minitrain.atomic import atomic_write
 from minitrain.data.packing import lower_bound, plan_minibatches
 from minitrain.data.sampler import InfiniteSampler, StopRule
 from minitrain.data.store import TokenStore

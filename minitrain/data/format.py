@@ -20,10 +20,7 @@ mini_trainer uses, so its users can switch either way.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -99,23 +96,3 @@ def iter_samples(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
         for line_no, raw in enumerate(f, 1):
             if raw.strip():
                 yield line_no, parse_sample(raw, path, line_no)
-
-
-@contextmanager
-def atomic_write(path: Path, mode: str = "wb") -> Iterator[Any]:
-    """Open a temporary file beside `path`; rename it onto `path` only if the block completes."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600; give the file the permissions open() would
-    try:
-        with os.fdopen(fd, mode) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -31,6 +31,7 @@ from typing import Any
 import orjson
 
 from minitrain import __version__
+from minitrain.atomic import atomic_write
 from minitrain.config import TokenizeConfig
 from minitrain.data.chat import (
     MALFORMED_JSON,
@@ -44,7 +45,6 @@ from minitrain.data.format import (
     FORMAT_NAME,
     FORMAT_VERSION,
     IGNORE_INDEX,
-    atomic_write,
     rejects_path,
     sidecar_path,
 )

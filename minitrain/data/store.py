@@ -44,7 +44,8 @@ from typing import Any
 import numpy as np
 import orjson
 
-from minitrain.data.format import IGNORE_INDEX, atomic_write, iter_samples, read_sidecar
+from minitrain.atomic import atomic_write
+from minitrain.data.format import IGNORE_INDEX, iter_samples, read_sidecar
 from minitrain.errors import UserError
 
 CACHE_VERSION = 3

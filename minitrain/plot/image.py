@@ -10,12 +10,12 @@ filled as its min/max band, so the image looks the same and is cheaper to draw a
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from minitrain.atomic import atomic_write
 from minitrain.errors import UserError
 from minitrain.plot.curves import COLORS, EVAL_METRIC, Curves
 
@@ -108,11 +108,11 @@ def draw_image(curves: Curves, output: Path, *, buckets: int | None = IMAGE_BUCK
         handles=handles, loc="outside upper center", ncols=min(len(handles), 5), frameon=False, title=title
     )
 
-    tmp = output.with_name(f".{output.name}.tmp{os.getpid()}")
+    if not output.parent.is_dir():  # atomic_write would create it; an image goes where the user said
+        raise UserError(f"-o {output}: cannot write the image (No such file or directory)")
     try:
-        fig.savefig(tmp, format=output.suffix.lower()[1:], dpi=120)
-        os.replace(tmp, output)  # an image viewer watching the file never sees half of it
+        with atomic_write(output) as f:  # an image viewer watching the file never sees half of it
+            fig.savefig(f, format=output.suffix.lower()[1:], dpi=120)
     except OSError as err:
-        tmp.unlink(missing_ok=True)
         raise UserError(f"-o {output}: cannot write the image ({err.strerror})") from None
     return fig

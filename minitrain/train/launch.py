@@ -29,8 +29,8 @@ from typing import Any
 import orjson
 
 from minitrain import __version__
+from minitrain.atomic import atomic_write
 from minitrain.config import TRAINING_PARAMS_FILE, TrainConfig, usable_cores
-from minitrain.data.format import atomic_write
 from minitrain.errors import UserError, first_line
 
 

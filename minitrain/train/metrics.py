@@ -98,7 +98,7 @@ def format_line(record: dict[str, Any], total_steps: int | None) -> str:
 
 def _keep_steps_up_to(path: Path, step: int) -> None:
     """Rewrite `path` (atomically) with only its complete lines of steps <= `step`."""
-    from minitrain.data.format import atomic_write
+    from minitrain.atomic import atomic_write
 
     if not path.exists():
         return

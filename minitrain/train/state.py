@@ -57,7 +57,7 @@ from torch import nn
 from torch.optim.lr_scheduler import LRScheduler
 
 from minitrain import __version__
-from minitrain.data.format import atomic_write
+from minitrain.atomic import atomic_write
 from minitrain.errors import UserError
 from minitrain.train.dist import DistInfo
 
