@@ -14,9 +14,12 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from minitrain.errors import UserError
+
+if TYPE_CHECKING:
+    from minitrain.data.sources import FieldMapping
 
 # ------------------------------------------------------------------------------------------- tokenize
 
@@ -28,16 +31,24 @@ class TokenizeConfig:
     Files are checked by the stage (`minitrain.data.pipeline.tokenize_file`), not here.
     """
 
-    input_file: Path
+    input_file: Path | None  # JSONL, Parquet, Arrow or a save_to_disk folder; None with `dataset`
     output_file: Path
     model_name_or_path: str
     max_sample_num_tokens: int | None = None  # longer samples are dropped (listed in OUT.rejects.jsonl)
     chat_template: str | None = None  # None: the tokenizer's own; "chatml"; or a path to a Jinja file
     num_workers: int | None = None  # None: every core this process may use
     strict: bool = False  # stop at the first rejected line instead of listing it
+    # input: a `datasets` name instead of a file, and where odd layouts keep their turns (data/sources.py)
+    dataset: str | None = None  # NAME or NAME:split, loaded with datasets.load_dataset
+    messages_field: str | None = None  # the key holding the list of turns
+    role_field: str | None = None  # the key of a turn's role (default: role, else from)
+    content_field: str | None = None  # the key of a turn's text (default: content, else value)
+    user_role: tuple[str, ...] = ()  # data role names that mean user (beside human, user)
+    assistant_role: tuple[str, ...] = ()  # ... assistant (beside gpt, assistant)
+    system_role: tuple[str, ...] = ()  # ... system
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "input_file", Path(self.input_file))
+        _check_tokenize_input(self)
         object.__setattr__(self, "output_file", Path(self.output_file))
         object.__setattr__(self, "model_name_or_path", str(self.model_name_or_path))
         if not self.model_name_or_path:
@@ -48,7 +59,7 @@ class TokenizeConfig:
         ):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise UserError(f"{flag} must be a positive integer, got {value!r}")
-        if self.output_file.resolve() == self.input_file.resolve():
+        if self.input_file is not None and self.output_file.resolve() == self.input_file.resolve():
             raise UserError(f"the output {self.output_file} is the input file; choose another path with -o")
         if self.output_file.suffix != ".jsonl":
             raise UserError(
@@ -56,6 +67,13 @@ class TokenizeConfig:
             )
         if self.chat_template is not None and not self.chat_template.strip():
             raise UserError("--chat-template is empty; give a built-in name (chatml) or a Jinja file")
+
+    def field_mapping(self) -> FieldMapping:
+        """Where records keep their turns and which role names mean what (`minitrain.data.sources`)."""
+        from minitrain.data.sources import FieldMapping
+
+        roles = [(n, r) for r in ("user", "assistant", "system") for n in getattr(self, f"{r}_role")]
+        return FieldMapping(self.messages_field, self.role_field, self.content_field, tuple(roles))
 
     def workers(self) -> int:
         """Worker processes to use: `num_workers`, or every core this process may run on."""
@@ -67,6 +85,31 @@ class TokenizeConfig:
             f.name: str(v) if isinstance(v := getattr(self, f.name), Path) else v
             for f in dataclasses.fields(self)
         }
+
+
+def _check_tokenize_input(config: TokenizeConfig) -> None:
+    """Exactly one input (a file or --dataset), and field mapping values a record could match."""
+    if (config.input_file is None) == (config.dataset is None):
+        raise UserError("give one input: a file (INPUT or --input-file) or --dataset NAME[:split], not both")
+    if config.input_file is not None:
+        object.__setattr__(config, "input_file", Path(config.input_file))
+    if config.dataset is not None and not config.dataset.strip(":"):
+        raise UserError("--dataset is empty; give NAME or NAME:split")
+    for flag in ("messages_field", "role_field", "content_field"):
+        value = getattr(config, flag)
+        if value is not None and not value.strip():
+            raise UserError(f"--{flag.replace('_', '-')} is empty; give the key name, or leave the flag out")
+    seen: dict[str, str] = {}
+    for role in ("user", "assistant", "system"):
+        names = tuple(getattr(config, f"{role}_role"))
+        object.__setattr__(config, f"{role}_role", names)
+        for name in names:
+            if not name.strip():
+                raise UserError(f"--{role}-role is empty; give the role name your data uses for {role}")
+            if seen.setdefault(name, role) != role:
+                raise UserError(
+                    f"role {name!r} given to both --{seen[name]}-role and --{role}-role; give it to one"
+                )
 
 
 # ---------------------------------------------------------------------------------------------- train
