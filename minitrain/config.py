@@ -14,12 +14,9 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from minitrain.errors import UserError
-
-if TYPE_CHECKING:
-    from minitrain.data.sources import FieldMapping
 
 # ------------------------------------------------------------------------------------------- tokenize
 
@@ -67,13 +64,6 @@ class TokenizeConfig:
             )
         if self.chat_template is not None and not self.chat_template.strip():
             raise UserError("--chat-template is empty; give a built-in name (chatml) or a Jinja file")
-
-    def field_mapping(self) -> FieldMapping:
-        """Where records keep their turns and which role names mean what (`minitrain.data.sources`)."""
-        from minitrain.data.sources import FieldMapping
-
-        roles = [(n, r) for r in ("user", "assistant", "system") for n in getattr(self, f"{r}_role")]
-        return FieldMapping(self.messages_field, self.role_field, self.content_field, tuple(roles))
 
     def workers(self) -> int:
         """Worker processes to use: `num_workers`, or every core this process may run on."""

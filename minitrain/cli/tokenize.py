@@ -135,7 +135,7 @@ def tokenize(
       minitrain tokenize --input-file in.jsonl --output-file out.jsonl --model-name-or-path M --max-sample-num-tokens 32768
     """
     if input_path is not None and input_file is not None:
-        raise UserError("give the input once: either INPUT or --input-file, not both")
+        raise UserError("give the input once: either INPUT.jsonl or --input-file, not both")
     source = input_path if input_path is not None else input_file
     if source is not None and dataset is not None:
         raise UserError(f"give one input: either the file {source} or --dataset {dataset}, not both")

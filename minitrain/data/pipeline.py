@@ -53,6 +53,7 @@ from minitrain.data.sources import (
     FieldMapping,
     RowSource,
     check_columns,
+    field_mapping,
     is_row_input,
     open_rows,
     read_row_chunks,
@@ -254,7 +255,7 @@ def tokenize_file(config: TokenizeConfig, *, console: Any = None) -> TokenizeRes
     rows: RowSource | None = None
     if config.dataset is not None or (inp is not None and inp.exists() and is_row_input(inp)):
         rows = open_rows(inp, config.dataset)  # Parquet, Arrow, save_to_disk folder, --dataset
-        check_columns(rows, config.field_mapping())
+        check_columns(rows, field_mapping(config))
         total = rows.num_rows
         if total == 0:
             raise UserError(f"{rows.label}: no rows; nothing to tokenize")
@@ -332,7 +333,7 @@ def _write_outputs(
         with atomic_write(result.rejects_file) as f_rej:
             # The pool is created (forked) inside the generator before the progress bar starts its thread.
             chunks = read_row_chunks(rows, CHUNK_LINES) if rows else _read_chunks(config.input_file)
-            mapping = None if config.field_mapping().is_default else config.field_mapping()
+            mapping = None if field_mapping(config).is_default else field_mapping(config)
             results = _results_in_order(
                 loaded.encoder, config.max_sample_num_tokens, chunks, result.num_workers, mapping
             )

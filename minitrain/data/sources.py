@@ -38,12 +38,15 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from minitrain.data.chat import NO_KNOWN_SHAPE, NON_STRING_CONTENT, UNKNOWN_ROLE, SampleRejected
 from minitrain.errors import UserError
+
+if TYPE_CHECKING:
+    from minitrain.config import TokenizeConfig
 
 Chunk = list[tuple[int, bytes]]  # (1-based line or row number, one JSON object as bytes)
 
@@ -74,6 +77,14 @@ class FieldMapping:
     @property
     def is_default(self) -> bool:
         return self == FieldMapping()
+
+
+def field_mapping(config: TokenizeConfig) -> FieldMapping:
+    """The mapping the tokenize flags describe (--messages-field, --role-field, ..., --system-role)."""
+    roles = [
+        (name, role) for role in ("user", "assistant", "system") for name in getattr(config, f"{role}_role")
+    ]
+    return FieldMapping(config.messages_field, config.role_field, config.content_field, tuple(roles))
 
 
 def to_chat_record(record: Any, mapping: FieldMapping | None = None) -> Any:
