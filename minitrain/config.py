@@ -109,6 +109,7 @@ SHARDING_STRATEGIES = ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD"
 MASTER_DTYPES = ("fp32", "bf16")
 LOGGING_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 TRAINING_PARAMS_FILE = "training_params.json"
+TRACKERS = ("none", "tensorboard", "wandb", "mlflow")  # --report-to (minitrain/train/trackers.py)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -165,6 +166,8 @@ class TrainConfig:
     # evaluation: mean token loss over a held-out tokenized file
     eval_data_path: Path | None = None
     eval_every_samples: int | None = None
+    # experiment trackers fed by rank 0 beside the metrics JSONL (minitrain/train/trackers.py)
+    report_to: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data_path", Path(self.data_path))
@@ -282,6 +285,7 @@ class TrainConfig:
             _positive("--eval-every-samples", self.eval_every_samples)
         if not self.model_name_or_path:
             raise UserError("--model-name-or-path is empty; give a local model folder or a Hub id")
+        _check_report_to(self)
 
     def lora_settings(self):
         """The adapter to train (`minitrain.train.adapters.LoraSettings`), or None for full fine-tuning."""
@@ -320,6 +324,17 @@ class TrainConfig:
         """Inverse of `to_dict`; extra keys (versions, world size) are ignored, missing ones take defaults."""
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def _check_report_to(config: TrainConfig) -> None:
+    """--report-to: known tracker names, `none` alone."""
+    names = tuple(str(n).lower() for n in config.report_to)
+    object.__setattr__(config, "report_to", names)
+    for name in names:
+        if name not in TRACKERS:
+            raise UserError(f"--report-to must be one of {', '.join(TRACKERS)}; got {name!r}")
+    if "none" in names and len(set(names)) > 1:
+        raise UserError("--report-to none with another tracker; give none alone, or only trackers")
 
 
 # --------------------------------------------------------------------------------------------- inspect

@@ -45,6 +45,7 @@ from minitrain.train.metrics import (
 from minitrain.train.model import CausalLMWithLoss, load_model, shard_model
 from minitrain.train.optim import build_optimizer, build_scheduler
 from minitrain.train.state import load_training_state, resolve_resume, save_training_state, scan_checkpoints
+from minitrain.train.trackers import open_trackers
 
 
 def run(config: TrainConfig, *, tokenizer_source: str | None) -> TrainState:
@@ -174,7 +175,10 @@ def _train(config: TrainConfig, dist: DistInfo, tokenizer_source: str | None) ->
     metrics_path = Path(config.output_dir) / METRICS_FILE
     with (
         MetricsWriter(
-            metrics_path, enabled=dist.is_main, continue_after_step=state.step if config.resume else None
+            metrics_path,
+            enabled=dist.is_main,
+            continue_after_step=state.step if config.resume else None,
+            trackers=open_trackers(config, store.meta) if dist.is_main else None,
         ) as metrics,
         StopFlag(announce=dist.is_main) as stop,
     ):
