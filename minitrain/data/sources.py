@@ -34,6 +34,8 @@ pyarrow and datasets (the `datasets` extra) are imported only when such an input
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -376,10 +378,10 @@ OFFLINE_VARS = ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")
 
 
 def _import(module: str, what: str) -> Any:
-    try:
-        return __import__(module)
-    except ImportError:
-        raise UserError(f"{what}: reading it needs {module}; {DATASETS_EXTRA}") from None
+    """Import an optional package of the `datasets` extra, or UserError naming the extra."""
+    if importlib.util.find_spec(module) is None:
+        raise UserError(f"{what}: reading it needs {module}; {DATASETS_EXTRA}")
+    return importlib.import_module(module)
 
 
 def _first_line(err: BaseException) -> str:
