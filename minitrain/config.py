@@ -28,7 +28,7 @@ class TokenizeConfig:
     Files are checked by the stage (`minitrain.data.pipeline.tokenize_file`), not here.
     """
 
-    input_file: Path | None  # JSONL, Parquet, Arrow or a save_to_disk folder; None with `dataset`
+    input_file: Path | None = None  # JSONL, Parquet, Arrow or a save_to_disk folder; None with `dataset`
     output_file: Path
     model_name_or_path: str
     max_sample_num_tokens: int | None = None  # longer samples are dropped (listed in OUT.rejects.jsonl)

@@ -26,8 +26,9 @@ Readers: JSONL is read by `minitrain.data.pipeline` (bytes, one line at a time).
 (IPC file or stream format), `datasets.save_to_disk` folders and `--dataset NAME[:split]` are read here as
 chunks of (1-based row number, the row as one JSON line), the same chunks the JSONL reader yields, so the
 worker pool and everything after it are unchanged and a row's number is its `source_line`. Streaming:
-Parquet is read one batch at a time (`iter_batches`), Arrow files are memory-mapped and sliced without
-copies, so memory stays flat whatever the file size. The trade-off: each row is serialised to JSON once
+Parquet is read one batch at a time (`iter_batches`), Arrow files one record batch at a time (counted
+beforehand through a memory map, which touches only the batch headers), so memory stays flat whatever the
+file size (an Arrow file written as one giant record batch is read as that batch). The trade-off: each row is serialised to JSON once
 in the parent and parsed again in a worker (cheap next to tokenizing it), in exchange for one code path.
 pyarrow and datasets (the `datasets` extra) are imported only when such an input is read.
 """
@@ -274,6 +275,7 @@ def check_columns(source: RowSource, mapping: FieldMapping) -> None:
 
 
 def _batches(source: RowSource, chunk_rows: int) -> Iterator[Any]:
+    """Record batches of at most `chunk_rows` rows, one in memory at a time, in file and row order."""
     if source.kind == "dataset":
         yield from source.dataset.with_format("arrow").iter(batch_size=chunk_rows)
         return
@@ -283,13 +285,23 @@ def _batches(source: RowSource, chunk_rows: int) -> Iterator[Any]:
         if source.kind == "parquet":
             import pyarrow.parquet as pq
 
-            yield from pq.ParquetFile(path).iter_batches(
-                batch_size=chunk_rows
-            )  # one batch in memory at a time
+            yield from pq.ParquetFile(path).iter_batches(batch_size=chunk_rows)
         else:
-            yield from _arrow_table(path, pa).to_batches(
-                max_chunksize=chunk_rows
-            )  # zero-copy slices of the map
+            yield from _arrow_batches(path, pa, chunk_rows)
+
+
+def _arrow_batches(path: Path, pa: Any, chunk_rows: int) -> Iterator[Any]:
+    """An Arrow file's record batches read one at a time (not mapped: RSS stays one batch), sliced."""
+    with pa.OSFile(str(path)) as f:
+        try:
+            reader = pa.ipc.open_file(f)
+            batches: Iterator[Any] = (reader.get_batch(i) for i in range(reader.num_record_batches))
+        except pa.ArrowInvalid:
+            f.seek(0)
+            batches = iter(pa.ipc.open_stream(f))
+        for batch in batches:
+            for start in range(0, batch.num_rows, chunk_rows):
+                yield batch.slice(start, chunk_rows)
 
 
 def _columns(source: RowSource) -> list[str]:
@@ -305,7 +317,10 @@ def _columns(source: RowSource) -> list[str]:
 
 
 def _arrow_table(path: Path, pa: Any) -> Any:
-    """A memory-mapped Arrow file (IPC file format, or the stream format `datasets` writes) as a Table."""
+    """A memory-mapped Arrow file (IPC file format, or the stream format `datasets` writes) as a Table.
+
+    Used for row counts and column names: zero-copy, so only the headers of the batches are read.
+    """
     source = pa.memory_map(str(path), "r")
     try:
         return pa.ipc.open_file(source).read_all()
