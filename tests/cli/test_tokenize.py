@@ -196,7 +196,7 @@ def test_chat_template_flag_for_a_tokenizer_without_one(tmp_path):
 
 
 def test_help_and_a_jsonl_tokenize_import_neither_pyarrow_nor_datasets(tmp_path):
-    """The `datasets` extra is imported only for the inputs that need it."""
+    """The `datasets` extra is imported only for the inputs that need it (and no tracker at all)."""
     inp = tmp_path / "in.jsonl"
     inp.write_text(GOOD + "\n")
     code = (
@@ -209,7 +209,7 @@ def test_help_and_a_jsonl_tokenize_import_neither_pyarrow_nor_datasets(tmp_path)
         f"res = r.invoke(app, ['tokenize', {str(inp)!r}, '-o', {str(tmp_path / 'o.jsonl')!r}, "
         f"'--model-name-or-path', {str(SMOLLM2)!r}, '--num-workers', '1'])\n"
         "assert res.exit_code == 0, res.output\n"
-        "print(','.join(m for m in ('pyarrow', 'datasets') if m in sys.modules))\n"
+        "print(','.join(m for m in ('pyarrow', 'datasets', 'wandb', 'mlflow', 'tensorboard') if m in sys.modules))\n"
     )
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)

@@ -122,6 +122,18 @@ def test_every_tracker_holds_the_loss_curve_and_params(tmp_path, offline):
     assert config["config.learning_rate"] == 0.001 and config["data.counts.written"] == 24
 
 
+def test_no_tracker_unless_asked(tmp_path):
+    from minitrain.config import TrainConfig
+    from minitrain.train.trackers import open_trackers
+
+    for report_to in ((), ("none",)):
+        config = TrainConfig(
+            data_path="d.jsonl", model_name_or_path="m", output_dir=tmp_path, report_to=report_to
+        )
+        assert open_trackers(config, None) is None
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_scalars_and_flatten():
     assert scalars({"step": 3, "loss": 1, "ok": True, "timestamp": "t"}) == {"loss": 1.0}
     assert flatten({"a": {"b": {"c": 1}}, "d": [1]}) == {"a.b.c": 1, "d": [1]}
