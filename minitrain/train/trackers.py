@@ -34,6 +34,11 @@ if TYPE_CHECKING:
 PACKAGE = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}  # tracker -> module needed
 TENSORBOARD_DIR = "tensorboard"
 MLFLOW_DIR = "mlruns"
+HINT = {
+    "tensorboard": "check that the output folder is writable",
+    "wandb": "log in (wandb login) or set WANDB_MODE=offline on a machine without network",
+    "mlflow": "check MLFLOW_TRACKING_URI (unset: a file store in OUT/mlruns)",
+}
 MAX_PARAM_CHARS = 500  # MLflow's limit per parameter value is larger; long lists are cut and say so
 
 
@@ -87,7 +92,13 @@ class Trackers:
         openers = {"tensorboard": _TensorBoard, "wandb": _WandB, "mlflow": _MLflow}
         try:
             for name in names:
-                self._open.append(openers[name](Path(output_dir), run_name, flat))
+                try:
+                    self._open.append(openers[name](Path(output_dir), run_name, flat))
+                except Exception as err:
+                    raise UserError(
+                        f"--report-to {name}: the tracker did not start ({type(err).__name__}: "
+                        f"{str(err).strip().splitlines()[0][:200] if str(err).strip() else ''}); {HINT[name]}"
+                    ) from None
         except BaseException:
             self.close()
             raise

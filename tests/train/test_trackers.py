@@ -134,6 +134,14 @@ def test_no_tracker_unless_asked(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_tracker_that_cannot_start_is_one_line_naming_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "nosuchscheme://nowhere")
+    with pytest.raises(
+        UserError, match=r"^--report-to mlflow: the tracker did not start \(.*check MLFLOW_TRACKING_URI"
+    ):
+        Trackers(["tensorboard", "mlflow"], output_dir=tmp_path, params={})
+
+
 def test_scalars_and_flatten():
     assert scalars({"step": 3, "loss": 1, "ok": True, "timestamp": "t"}) == {"loss": 1.0}
     assert flatten({"a": {"b": {"c": 1}}, "d": [1]}) == {"a.b.c": 1, "d": [1]}
@@ -155,7 +163,8 @@ def test_missing_package_names_the_extra(monkeypatch):
 
 @pytest.mark.slow
 def test_a_real_run_reports_the_jsonl_curve_to_every_tracker(tmp_path):
-    """`minitrain train --report-to tensorboard --report-to wandb --report-to mlflow`: 3 steps, 1 process."""
+    """`minitrain train --report-to tensorboard --report-to wandb --report-to mlflow`: 3 steps, 2 ranks, and
+    only rank 0 reports (one W&B run, one MLflow run)."""
     model = tmp_path / "model"
     tiny_llama_config(vocab_size=64).save_pretrained(model)
     data = write_tokenized(tmp_path / "d.jsonl", num=16, vocab=64, seed=1)
@@ -163,7 +172,7 @@ def test_a_real_run_reports_the_jsonl_curve_to_every_tracker(tmp_path):
     env |= {"PYTHONPATH": str(REPO), "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
     env.pop("MLFLOW_TRACKING_URI", None)
     out = tmp_path / "run"
-    args = ["--data-path", data, "--model-name-or-path", model, "--output-dir", out, "--nproc", "1"]
+    args = ["--data-path", data, "--model-name-or-path", model, "--output-dir", out, "--nproc", "2"]
     args += ["--from-scratch", "--max-steps", "3", "--batch-size", "8", "--learning-rate", "1e-2"]
     args += ["--report-to", "tensorboard", "--report-to", "wandb", "--report-to", "mlflow"]
     done = subprocess.run(
