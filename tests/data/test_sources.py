@@ -51,7 +51,10 @@ def as_alpaca(conv):
 
 
 def as_openai(conv, i):
-    return {"id": f"chatcmpl-{i}", "model": "gpt-x", "created": 1700000000 + i, "messages": conv}
+    """An OpenAI-style export: extra keys on the record and on the assistant messages (ignored)."""
+    extra = {"refusal": None, "annotations": []}
+    messages = [m | extra if m["role"] == "assistant" else m for m in conv]
+    return {"id": f"chatcmpl-{i}", "model": "gpt-x", "created": 1700000000 + i, "messages": messages}
 
 
 def as_mapped(conv):
