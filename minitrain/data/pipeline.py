@@ -83,7 +83,7 @@ class ChunkResult:
 class TokenizeResult:
     """Counts and timing of one `tokenize` run (also written to the sidecar)."""
 
-    input_file: Path
+    input_file: Path | None  # None for --dataset
     output_file: Path
     rejects_file: Path
     sidecar_file: Path
