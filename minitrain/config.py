@@ -28,16 +28,24 @@ class TokenizeConfig:
     Files are checked by the stage (`minitrain.data.pipeline.tokenize_file`), not here.
     """
 
-    input_file: Path
+    input_file: Path | None = None  # JSONL, Parquet, Arrow or a save_to_disk folder; None with `dataset`
     output_file: Path
     model_name_or_path: str
     max_sample_num_tokens: int | None = None  # longer samples are dropped (listed in OUT.rejects.jsonl)
     chat_template: str | None = None  # None: the tokenizer's own; "chatml"; or a path to a Jinja file
     num_workers: int | None = None  # None: every core this process may use
     strict: bool = False  # stop at the first rejected line instead of listing it
+    # input: a `datasets` name instead of a file, and where odd layouts keep their turns (data/sources.py)
+    dataset: str | None = None  # NAME or NAME:split, loaded with datasets.load_dataset
+    messages_field: str | None = None  # the key holding the list of turns
+    role_field: str | None = None  # the key of a turn's role (default: role, else from)
+    content_field: str | None = None  # the key of a turn's text (default: content, else value)
+    user_role: tuple[str, ...] = ()  # data role names that mean user (beside human, user)
+    assistant_role: tuple[str, ...] = ()  # ... assistant (beside gpt, assistant)
+    system_role: tuple[str, ...] = ()  # ... system
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "input_file", Path(self.input_file))
+        _check_tokenize_input(self)
         object.__setattr__(self, "output_file", Path(self.output_file))
         object.__setattr__(self, "model_name_or_path", str(self.model_name_or_path))
         if not self.model_name_or_path:
@@ -48,7 +56,7 @@ class TokenizeConfig:
         ):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise UserError(f"{flag} must be a positive integer, got {value!r}")
-        if self.output_file.resolve() == self.input_file.resolve():
+        if self.input_file is not None and self.output_file.resolve() == self.input_file.resolve():
             raise UserError(f"the output {self.output_file} is the input file; choose another path with -o")
         if self.output_file.suffix != ".jsonl":
             raise UserError(
@@ -69,6 +77,31 @@ class TokenizeConfig:
         }
 
 
+def _check_tokenize_input(config: TokenizeConfig) -> None:
+    """Exactly one input (a file or --dataset), and field mapping values a record could match."""
+    if (config.input_file is None) == (config.dataset is None):
+        raise UserError("give one input: a file (INPUT or --input-file) or --dataset NAME[:split], not both")
+    if config.input_file is not None:
+        object.__setattr__(config, "input_file", Path(config.input_file))
+    if config.dataset is not None and not config.dataset.strip(":"):
+        raise UserError("--dataset is empty; give NAME or NAME:split")
+    for flag in ("messages_field", "role_field", "content_field"):
+        value = getattr(config, flag)
+        if value is not None and not value.strip():
+            raise UserError(f"--{flag.replace('_', '-')} is empty; give the key name, or leave the flag out")
+    seen: dict[str, str] = {}
+    for role in ("user", "assistant", "system"):
+        names = tuple(getattr(config, f"{role}_role"))
+        object.__setattr__(config, f"{role}_role", names)
+        for name in names:
+            if not name.strip():
+                raise UserError(f"--{role}-role is empty; give the role name your data uses for {role}")
+            if seen.setdefault(name, role) != role:
+                raise UserError(
+                    f"role {name!r} given to both --{seen[name]}-role and --{role}-role; give it to one"
+                )
+
+
 # ---------------------------------------------------------------------------------------------- train
 
 LR_SCHEDULERS = ("constant_with_warmup", "cosine", "linear", "constant")
@@ -76,6 +109,7 @@ SHARDING_STRATEGIES = ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD"
 MASTER_DTYPES = ("fp32", "bf16")
 LOGGING_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 TRAINING_PARAMS_FILE = "training_params.json"
+TRACKERS = ("none", "tensorboard", "wandb", "mlflow")  # --report-to (minitrain/train/trackers.py)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -132,6 +166,8 @@ class TrainConfig:
     # evaluation: mean token loss over a held-out tokenized file
     eval_data_path: Path | None = None
     eval_every_samples: int | None = None
+    # experiment trackers fed by rank 0 beside the metrics JSONL (minitrain/train/trackers.py)
+    report_to: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data_path", Path(self.data_path))
@@ -249,6 +285,7 @@ class TrainConfig:
             _positive("--eval-every-samples", self.eval_every_samples)
         if not self.model_name_or_path:
             raise UserError("--model-name-or-path is empty; give a local model folder or a Hub id")
+        _check_report_to(self)
 
     def lora_settings(self):
         """The adapter to train (`minitrain.train.adapters.LoraSettings`), or None for full fine-tuning."""
@@ -287,6 +324,17 @@ class TrainConfig:
         """Inverse of `to_dict`; extra keys (versions, world size) are ignored, missing ones take defaults."""
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def _check_report_to(config: TrainConfig) -> None:
+    """--report-to: known tracker names, `none` alone."""
+    names = tuple(str(n).lower() for n in config.report_to)
+    object.__setattr__(config, "report_to", names)
+    for name in names:
+        if name not in TRACKERS:
+            raise UserError(f"--report-to must be one of {', '.join(TRACKERS)}; got {name!r}")
+    if "none" in names and len(set(names)) > 1:
+        raise UserError("--report-to none with another tracker; give none alone, or only trackers")
 
 
 # --------------------------------------------------------------------------------------------- inspect

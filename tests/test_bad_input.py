@@ -16,6 +16,7 @@ launching torchrun.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -86,6 +87,34 @@ ROWS = [
         (f"{W}/in-bad.jsonl", "-o", f"{W}/t.jsonl", "--model-name-or-path", TOKENIZER, "--strict",
          "--num-workers", "1"),
         ("in-bad.jsonl:2: malformed JSON", "without --strict such lines go to the rejects file")),
+    Row("tokenize", "--strict and a line of no known shape",
+        (f"{W}/in-odd.jsonl", "-o", f"{W}/t.jsonl", "--model-name-or-path", TOKENIZER, "--strict",
+         "--num-workers", "1"),
+        ("in-odd.jsonl:1: no known shape", "`conversations` (ShareGPT)", "saw keys: text, label",
+         "--messages-field")),
+    Row("tokenize", "Parquet file without a conversation column",
+        (f"{W}/text.parquet", "-o", f"{W}/t.jsonl", "--model-name-or-path", TOKENIZER),
+        ("text.parquet: no conversation column", "its columns are text, label", "name yours with --messages-field")),
+    Row("tokenize", "--messages-field not a column of the Parquet file",
+        (f"{W}/text.parquet", "-o", f"{W}/t.jsonl", "--model-name-or-path", TOKENIZER, "--messages-field", "dialog"),
+        ("no column `dialog` (--messages-field)", "its columns are text, label")),
+    Row("tokenize", "a folder that is not a save_to_disk folder",
+        (f"{W}/emptydir", "-o", f"{W}/t.jsonl", "--model-name-or-path", TOKENIZER),
+        ("not a `datasets.save_to_disk` folder (no state.json)", "give a JSONL, Parquet or Arrow file")),
+    Row("tokenize", "--dataset not in the offline datasets cache",
+        ("--dataset", "tester/absent:train", "-o", f"{W}/t.jsonl", "--model-name-or-path", TOKENIZER),
+        ("--dataset tester/absent:train: not found in the datasets cache", "download it once",
+         "HF_DATASETS_OFFLINE=0")),
+    Row("tokenize", "--dataset and an input file",
+        (f"{W}/in.jsonl", "--dataset", "a/b", "-o", f"{W}/t.jsonl", "--model-name-or-path", TOKENIZER),
+        ("give one input", "not both")),
+    Row("tokenize", "one role name for two roles",
+        (f"{W}/in.jsonl", "-o", f"{W}/t.jsonl", "--model-name-or-path", TOKENIZER, "--user-role", "bot",
+         "--assistant-role", "bot"),
+        ("role 'bot' given to both --user-role and --assistant-role", "give it to one")),
+    Row("tokenize", "Parquet input without pyarrow",
+        (f"{W}/text.parquet", "-o", f"{W}/t.jsonl", "--model-name-or-path", TOKENIZER),
+        ("needs pyarrow", "pip install 'minitrain[datasets]'"), missing="pyarrow"),
     # ----------------------------------------------------------------------------------------- inspect
     Row("inspect", "file does not exist", (f"{W}/nope.jsonl",),
         ("nope.jsonl: no such file", "pass the OUT.jsonl written by `minitrain tokenize`")),
@@ -157,6 +186,12 @@ ROWS = [
     Row("train", "--eval-every-samples without --eval-data-path", _train("--eval-every-samples", "4"),
         ("--eval-every-samples needs --eval-data-path",)),
     Row("train", "--lora-rank 0", _train("--lora-rank", "0"), ("--lora-rank must be positive, got 0",)),
+    Row("train", "unknown --report-to", _train("--report-to", "comet"),
+        ("--report-to must be one of none, tensorboard, wandb, mlflow; got 'comet'",)),
+    Row("train", "--report-to none with a tracker", _train("--report-to", "none", "--report-to", "wandb"),
+        ("--report-to none with another tracker",)),
+    Row("train", "--report-to wandb without wandb", _train("--report-to", "wandb"),
+        ("--report-to wandb needs the wandb package", "pip install 'minitrain[wandb]'"), missing="wandb"),
     Row("train", "--dry-run-report without --dry-run", _train("--dry-run-report", f"{W}/plan.json"),
         ("--dry-run-report needs --dry-run",)),
     # -------------------------------------------------------------------------------------------- plot
@@ -218,6 +253,12 @@ def ws(tmp_path_factory) -> Path:
     (w / "empty.jsonl").write_text("")
     (w / "afile").write_text("a file, not a folder\n")
     (w / "in.jsonl").write_text(_good_conversation() + "\n")
+    (w / "in-odd.jsonl").write_text('{"text": "hi", "label": 1}\n')
+    if importlib.util.find_spec("pyarrow") is not None:  # the `datasets` extra; its rows skip without it
+        import pyarrow
+        import pyarrow.parquet as pq
+
+        pq.write_table(pyarrow.Table.from_pylist([{"text": "hi", "label": 1}]), w / "text.parquet")
     (w / "in-bad.jsonl").write_text(_good_conversation() + "\n{broken\n" + _good_conversation() + "\n")
     if SMOLLM2.is_dir():
         shutil.copytree(SMOLLM2, w / "tok-no-template")
@@ -259,6 +300,8 @@ def no_launch(monkeypatch):
 def test_row(row: Row, ws: Path, no_launch, monkeypatch):
     if (TOKENIZER in row.args or f"{W}/tok-no-template" in row.args) and not SMOLLM2.is_dir():
         pytest.skip(f"fixture tokenizer {SMOLLM2} is absent")
+    if f"{W}/text.parquet" in row.args and not (ws / "text.parquet").is_file():
+        pytest.skip("pyarrow (the datasets extra) is not installed")
     if row.gpus is not None:
         import torch
 

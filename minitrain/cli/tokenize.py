@@ -1,8 +1,9 @@
-"""`minitrain tokenize`: JSONL conversations -> tokenized JSONL with exact loss masks (+ sidecar, rejects).
+"""`minitrain tokenize`: conversations -> tokenized JSONL with exact loss masks (+ sidecar, rejects).
 
 Thin: parses flags (both minitrain's `INPUT -o OUT` and mini_trainer's `--input-file/--output-file`
 spellings), builds a `TokenizeConfig`, calls `minitrain.data.pipeline.tokenize_file`, renders the summary.
-The heavy imports (transformers, tokenizers) happen inside the command, so `minitrain --help` stays fast.
+The heavy imports (transformers, tokenizers, pyarrow, datasets) happen inside the command, so `minitrain
+--help` stays fast. The input shapes and the field mapping flags are documented in `minitrain.data.sources`.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ def tokenize(
     input_path: Annotated[
         Path | None,
         typer.Argument(
-            metavar="INPUT.jsonl",
-            help="JSONL input: messages, pretrain or prompt/generation lines.",
+            metavar="INPUT",
+            help="JSONL (messages, ShareGPT, Alpaca, pretrain or prompt/generation lines), a Parquet or "
+            "Arrow file, or a datasets.save_to_disk folder.",
             show_default=False,
         ),
     ] = None,
@@ -44,9 +46,7 @@ def tokenize(
     ] = None,
     input_file: Annotated[
         Path | None,
-        typer.Option(
-            "--input-file", help="Same as INPUT.jsonl (mini_trainer's spelling).", show_default=False
-        ),
+        typer.Option("--input-file", help="Same as INPUT (mini_trainer's spelling).", show_default=False),
     ] = None,
     max_sample_num_tokens: Annotated[
         int | None,
@@ -72,20 +72,75 @@ def tokenize(
         bool,
         typer.Option("--strict", help="Stop at the first rejected line with FILE:LINE: reason (exit 1)."),
     ] = False,
+    dataset: Annotated[
+        str | None,
+        typer.Option(
+            "--dataset",
+            metavar="NAME[:SPLIT]",
+            help="Read a datasets-library dataset instead of a file (from its cache when offline).",
+            show_default=False,
+        ),
+    ] = None,
+    messages_field: Annotated[
+        str | None,
+        typer.Option("--messages-field", help="Key holding the list of turns.", show_default=False),
+    ] = None,
+    role_field: Annotated[
+        str | None,
+        typer.Option(
+            "--role-field", help="Key of a turn's role (default: role, else from).", show_default=False
+        ),
+    ] = None,
+    content_field: Annotated[
+        str | None,
+        typer.Option(
+            "--content-field", help="Key of a turn's text (default: content, else value).", show_default=False
+        ),
+    ] = None,
+    user_role: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--user-role", help="A role name in the data that means user (repeatable).", show_default=False
+        ),
+    ] = None,
+    assistant_role: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--assistant-role",
+            help="A role name in the data that means assistant (repeatable).",
+            show_default=False,
+        ),
+    ] = None,
+    system_role: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--system-role",
+            help="A role name in the data that means system (repeatable).",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
-    """Tokenize JSONL conversations with exact loss masks (assistant content + end-of-turn trained).
+    """Tokenize conversations with exact loss masks (assistant content + end-of-turn trained).
 
     Examples:
 
       minitrain tokenize data.jsonl -o data.tok.jsonl --model-name-or-path ./my-model
+
+      minitrain tokenize sharegpt.parquet -o data.tok.jsonl --model-name-or-path ./my-model
+
+      minitrain tokenize --dataset tatsu-lab/alpaca:train -o alpaca.tok.jsonl --model-name-or-path ./my-model
+
+      minitrain tokenize chats.jsonl -o out.jsonl --model-name-or-path M --messages-field dialog --role-field speaker --content-field text --user-role customer --assistant-role agent
 
       minitrain tokenize --input-file in.jsonl --output-file out.jsonl --model-name-or-path M --max-sample-num-tokens 32768
     """
     if input_path is not None and input_file is not None:
         raise UserError("give the input once: either INPUT.jsonl or --input-file, not both")
     source = input_path if input_path is not None else input_file
-    if source is None:
-        raise UserError("no input: pass INPUT.jsonl (or --input-file INPUT.jsonl)")
+    if source is not None and dataset is not None:
+        raise UserError(f"give one input: either the file {source} or --dataset {dataset}, not both")
+    if source is None and dataset is None:
+        raise UserError("no input: pass INPUT.jsonl (or --input-file INPUT.jsonl, or --dataset NAME[:split])")
     if output is None:
         raise UserError("no output: pass -o OUT.jsonl (or --output-file OUT.jsonl)")
     if model_name_or_path is None:
@@ -104,6 +159,13 @@ def tokenize(
         chat_template=chat_template,
         num_workers=num_workers,
         strict=strict,
+        dataset=dataset,
+        messages_field=messages_field,
+        role_field=role_field,
+        content_field=content_field,
+        user_role=tuple(user_role or ()),
+        assistant_role=tuple(assistant_role or ()),
+        system_role=tuple(system_role or ()),
     )
     console = Console(stderr=True)
     result = tokenize_file(config, console=console)

@@ -229,6 +229,14 @@ def train(
             rich_help_panel=_EVAL,
         ),
     ] = None,
+    report_to: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Also log metrics to: none, tensorboard, wandb, mlflow (repeatable; rank 0 only).",
+            show_default=False,
+            rich_help_panel=_EVAL,
+        ),
+    ] = None,
 ) -> None:
     """Train a causal LM on tokenized data with FSDP2, no padding, on every visible GPU (or the CPU).
 
@@ -281,6 +289,7 @@ def train(
         load_in_4bit=load_in_4bit,
         eval_data_path=eval_data_path.expanduser().resolve() if eval_data_path else None,
         eval_every_samples=eval_every_samples,
+        report_to=tuple(report_to or ()),
     )
     if dry_run_report is not None and not dry_run:
         raise UserError("--dry-run-report needs --dry-run")

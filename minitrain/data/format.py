@@ -10,6 +10,7 @@ name in the same directory, renamed into place when complete):
                           len                      int         == len(input_ids)
                           num_loss_counted_tokens  int         count of labels != -100
                           source_line              int         1-based line number in the input JSONL
+                                                               (row number for Parquet/Arrow/datasets input)
     OUT.meta.json       the sidecar (its keys: `read_sidecar` below): tokenizer, template hash, counts, version
     OUT.rejects.jsonl   one object per dropped or rejected input line:
                           {"line": int, "kind": "dropped"|"rejected", "reason": str, "detail": str}
@@ -51,7 +52,8 @@ def read_sidecar(out: Path) -> dict[str, Any] | None:
     """The sidecar of a tokenized file, or None when there is none (e.g. a file written by mini_trainer).
 
     Keys written by `tokenize` (version 1): format, format_version, minitrain_version, created,
-    input (path), tokenizer {path, class, vocab_size, bos_token_id, eos_token_id, pad_token_id,
+    input (path, or NAME:split for --dataset), input_format (jsonl, parquet, arrow, save_to_disk, dataset;
+    absent before it was added), tokenizer {path, class, vocab_size, bos_token_id, eos_token_id, pad_token_id,
     end_of_turn_token_ids, fingerprint}, chat_template_sha256, max_sample_num_tokens,
     counts {read, written, dropped, rejected, rejected_by_reason {reason: n}}, tokens, trained_tokens.
     """

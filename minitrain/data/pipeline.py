@@ -1,6 +1,7 @@
-"""The `tokenize` stage: JSONL records in; tokenized JSONL, rejects and sidecar out (format: `format.py`).
+"""The `tokenize` stage: records in; tokenized JSONL, rejects and sidecar out (format: `format.py`).
 
-    INPUT.jsonl --(reader: chunks of raw lines)--> workers (ChatEncoder.encode, one per process)
+    INPUT.jsonl --(reader: chunks of raw lines)--> workers (sources.to_chat_record, ChatEncoder.encode)
+    (Parquet, Arrow, save_to_disk, --dataset: `sources.read_row_chunks`, one JSON line per row)
                 --(results, in input order)--> OUT.jsonl + OUT.rejects.jsonl --> OUT.meta.json
 
 Streaming: the reader keeps at most a few chunks per worker in flight, so memory does not grow with the
@@ -48,6 +49,16 @@ from minitrain.data.format import (
     rejects_path,
     sidecar_path,
 )
+from minitrain.data.sources import (
+    FieldMapping,
+    RowSource,
+    check_columns,
+    field_mapping,
+    is_row_input,
+    open_rows,
+    read_row_chunks,
+    to_chat_record,
+)
 from minitrain.errors import UserError
 
 CHUNK_LINES = 64  # lines per task sent to a worker
@@ -72,7 +83,7 @@ class ChunkResult:
 class TokenizeResult:
     """Counts and timing of one `tokenize` run (also written to the sidecar)."""
 
-    input_file: Path
+    input_file: Path | None  # None for --dataset
     output_file: Path
     rejects_file: Path
     sidecar_file: Path
@@ -99,7 +110,12 @@ class TokenizeResult:
         return self.tokens / self.elapsed_s if self.elapsed_s > 0 else 0.0
 
 
-def encode_lines(encoder: ChatEncoder, max_tokens: int | None, lines: list[tuple[int, bytes]]) -> ChunkResult:
+def encode_lines(
+    encoder: ChatEncoder,
+    max_tokens: int | None,
+    lines: list[tuple[int, bytes]],
+    mapping: FieldMapping | None = None,
+) -> ChunkResult:
     """Encode raw input lines (1-based line number, bytes) into output bytes, rejects and counts."""
     result = ChunkResult()
     out: list[bytes] = []
@@ -117,7 +133,7 @@ def encode_lines(encoder: ChatEncoder, max_tokens: int | None, lines: list[tuple
                 record = orjson.loads(text)
             except orjson.JSONDecodeError as err:
                 raise SampleRejected(MALFORMED_JSON, str(err)) from None
-            sample = encoder.encode(record)
+            sample = encoder.encode(to_chat_record(record, mapping))  # ShareGPT, Alpaca, ... -> messages
         except SampleRejected as rej:
             result.rejects.append((line_no, "rejected", rej.reason, rej.detail))
             continue
@@ -149,19 +165,19 @@ def encode_lines(encoder: ChatEncoder, max_tokens: int | None, lines: list[tuple
 
 
 # Worker-process state: set once by the pool initializer.
-_WORKER: tuple[ChatEncoder, int | None] | None = None
+_WORKER: tuple[ChatEncoder, int | None, FieldMapping | None] | None = None
 
 
-def _init_worker(encoder: ChatEncoder, max_tokens: int | None) -> None:
+def _init_worker(encoder: ChatEncoder, max_tokens: int | None, mapping: FieldMapping | None = None) -> None:
     global _WORKER
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and terminates the pool
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the pool's terminate() kills the worker outright
-    _WORKER = (encoder, max_tokens)
+    _WORKER = (encoder, max_tokens, mapping)
 
 
 def _encode_chunk(lines: list[tuple[int, bytes]]) -> ChunkResult:
     assert _WORKER is not None, "worker not initialised"
-    return encode_lines(_WORKER[0], _WORKER[1], lines)
+    return encode_lines(_WORKER[0], _WORKER[1], lines, _WORKER[2])
 
 
 def _read_chunks(path: Path) -> Iterator[list[tuple[int, bytes]]]:
@@ -182,22 +198,26 @@ def _read_chunks(path: Path) -> Iterator[list[tuple[int, bytes]]]:
 
 
 def _results_in_order(
-    encoder: ChatEncoder, max_tokens: int | None, path: Path, workers: int
+    encoder: ChatEncoder,
+    max_tokens: int | None,
+    chunks: Iterator[list[tuple[int, bytes]]],
+    workers: int,
+    mapping: FieldMapping | None = None,
 ) -> Iterator[ChunkResult]:
     """ChunkResults in input order; a bounded number of chunks in flight (streaming, constant memory)."""
     if workers == 1:
-        for chunk in _read_chunks(path):
-            yield encode_lines(encoder, max_tokens, chunk)
+        for chunk in chunks:
+            yield encode_lines(encoder, max_tokens, chunk, mapping)
         return
     # Not fork: a parent that has started threads (torch's OpenMP pool, a progress bar, tokenizers' Rust
     # threads) can fork a child that deadlocks on a lock held at fork time, and then terminate() hangs
     # (seen: --strict after torch was imported). forkserver forks from a clean single-threaded server.
     methods = multiprocessing.get_all_start_methods()
     ctx = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
-    pool = ctx.Pool(workers, initializer=_init_worker, initargs=(encoder, max_tokens))
+    pool = ctx.Pool(workers, initializer=_init_worker, initargs=(encoder, max_tokens, mapping))
     try:
         pending: deque[Any] = deque()
-        for chunk in _read_chunks(path):
+        for chunk in chunks:
             pending.append(pool.apply_async(_encode_chunk, (chunk,)))
             if len(pending) >= workers * IN_FLIGHT_PER_WORKER:
                 yield pending.popleft().get()
@@ -211,8 +231,8 @@ def _results_in_order(
         pool.join()
 
 
-def _progress(console: Any, total_bytes: int) -> Any:
-    """A rich progress bar over input bytes, or None when the console is not a terminal."""
+def _progress(console: Any, total: int) -> Any:
+    """A rich progress bar over input bytes (rows for table inputs), or None when not a terminal."""
     if console is None or not console.is_terminal:
         return None
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -232,11 +252,20 @@ def _progress(console: Any, total_bytes: int) -> Any:
 def tokenize_file(config: TokenizeConfig, *, console: Any = None) -> TokenizeResult:
     """Run the tokenize stage; a progress bar on `console` when it is a terminal. UserError on bad input."""
     inp, out = config.input_file, config.output_file
-    if not inp.is_file():
-        raise UserError(f"{inp}: no such file; give the JSONL file to tokenize")
-    total_bytes = inp.stat().st_size
-    if total_bytes == 0:
-        raise UserError(f"{inp}: the file is empty; nothing to tokenize")
+    rows: RowSource | None = None
+    if config.dataset is not None or (inp is not None and inp.exists() and is_row_input(inp)):
+        rows = open_rows(inp, config.dataset)  # Parquet, Arrow, save_to_disk folder, --dataset
+        check_columns(rows, field_mapping(config))
+        total = rows.num_rows
+        if total == 0:
+            raise UserError(f"{rows.label}: no rows; nothing to tokenize")
+    else:
+        assert inp is not None
+        if not inp.is_file():
+            raise UserError(f"{inp}: no such file; give the JSONL file to tokenize")
+        total = inp.stat().st_size
+        if total == 0:
+            raise UserError(f"{inp}: the file is empty; nothing to tokenize")
     _check_output_folder(out)  # before any work: atomic_write would only fail at the end
     loaded = load_chat_encoder(config.model_name_or_path, config.chat_template)
     workers = config.workers()
@@ -248,7 +277,7 @@ def tokenize_file(config: TokenizeConfig, *, console: Any = None) -> TokenizeRes
         num_workers=workers,
     )
     with _sigterm_raises():
-        _write_outputs(config, loaded, result, _progress(console, total_bytes), total_bytes)
+        _write_outputs(config, loaded, result, _progress(console, total), total, rows)
     return result
 
 
@@ -286,21 +315,33 @@ def _sigterm_raises() -> Iterator[None]:
 
 
 def _write_outputs(
-    config: TokenizeConfig, loaded: Any, result: TokenizeResult, progress: Any, total_bytes: int
+    config: TokenizeConfig,
+    loaded: Any,
+    result: TokenizeResult,
+    progress: Any,
+    total: int,
+    rows: RowSource | None,
 ) -> None:
-    """Stream chunks through the workers into OUT, its rejects and its sidecar; fills in `result`."""
-    inp, out = config.input_file, config.output_file
+    """Stream chunks through the workers into OUT, its rejects and its sidecar; fills in `result`.
+
+    Progress (and `total`) counts input bytes for JSONL, rows for the other inputs.
+    """
+    inp, out = rows.label if rows is not None else config.input_file, config.output_file
     reasons: Counter[str] = Counter()
     start = time.perf_counter()
     with atomic_write(out) as f_out:  # OUT is renamed into place last: if it exists, so do its companions
         with atomic_write(result.rejects_file) as f_rej:
             # The pool is created (forked) inside the generator before the progress bar starts its thread.
-            results = _results_in_order(loaded.encoder, config.max_sample_num_tokens, inp, result.num_workers)
+            chunks = read_row_chunks(rows, CHUNK_LINES) if rows else _read_chunks(config.input_file)
+            mapping = None if field_mapping(config).is_default else field_mapping(config)
+            results = _results_in_order(
+                loaded.encoder, config.max_sample_num_tokens, chunks, result.num_workers, mapping
+            )
             first = next(results, None)
             task = None
             if progress is not None:
                 progress.start()
-                task = progress.add_task("tokenize", total=total_bytes, samples=0)
+                task = progress.add_task("tokenize", total=total, samples=0)
             try:
                 chunk = first
                 while chunk is not None:
@@ -325,7 +366,8 @@ def _write_outputs(
                     result.tokens += chunk.tokens
                     result.trained_tokens += chunk.trained_tokens
                     if progress is not None:
-                        progress.update(task, advance=chunk.num_bytes, samples=result.written)
+                        done = chunk.written + chunk.blank + len(chunk.rejects) if rows else chunk.num_bytes
+                        progress.update(task, advance=done, samples=result.written)
                     chunk = next(results, None)
             finally:
                 if progress is not None:
@@ -337,17 +379,23 @@ def _write_outputs(
                 raise UserError(f"{inp}: only blank lines; nothing to tokenize")
         result.elapsed_s = time.perf_counter() - start
         with atomic_write(result.sidecar_file) as f_meta:
-            f_meta.write(orjson.dumps(_sidecar(config, loaded, result), option=orjson.OPT_INDENT_2))
+            meta = _sidecar(config, loaded, result, rows)
+            f_meta.write(orjson.dumps(meta, option=orjson.OPT_INDENT_2))
 
 
-def _sidecar(config: TokenizeConfig, loaded: Any, result: TokenizeResult) -> dict[str, Any]:
+def _sidecar(
+    config: TokenizeConfig, loaded: Any, result: TokenizeResult, rows: RowSource | None
+) -> dict[str, Any]:
     """The OUT.meta.json content (keys as documented in `format.read_sidecar`)."""
     return {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
         "minitrain_version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "input": str(config.input_file.resolve()),
+        "input": rows.label
+        if rows is not None and rows.kind == "dataset"
+        else str(config.input_file.resolve()),
+        "input_format": rows.kind if rows is not None else "jsonl",
         "tokenizer": {
             "path": _tokenizer_location(config.model_name_or_path),
             "class": loaded.tokenizer_class,

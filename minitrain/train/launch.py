@@ -32,6 +32,7 @@ from minitrain import __version__
 from minitrain.atomic import atomic_write
 from minitrain.config import TRAINING_PARAMS_FILE, TrainConfig, usable_cores
 from minitrain.errors import UserError, first_line
+from minitrain.train.trackers import check_trackers
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,7 @@ def run_command(cmd: Sequence[str], env: Mapping[str, str] | None = None) -> int
 
 def preflight(config: TrainConfig) -> Preflight:
     """Check data, model and output folder; raise `UserError` naming the problem and the fix."""
+    check_trackers(config.report_to)  # --report-to's packages, before the slow checks
     import torch  # before transformers and the store on purpose: one import cost, paid here
 
     vocab_size = model_vocab_size(config.model_name_or_path)

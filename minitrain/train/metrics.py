@@ -35,11 +35,14 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import orjson
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+if TYPE_CHECKING:
+    from minitrain.train.trackers import Trackers
 
 METRICS_FILE = "training_metrics_0.jsonl"
 METRIC_KEYS = (
@@ -60,9 +63,17 @@ class MetricsWriter:
     N and drops later ones (trained after the checkpoint, before the interruption) and a line cut by a crash.
     """
 
-    def __init__(self, path: Path, *, enabled: bool = True, continue_after_step: int | None = None) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        enabled: bool = True,
+        continue_after_step: int | None = None,
+        trackers: Trackers | None = None,  # --report-to: fed the same records, after the file
+    ) -> None:
         self.path = Path(path)
         self._file: IO[bytes] | None = None
+        self._trackers = trackers
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             if continue_after_step is not None:
@@ -73,11 +84,15 @@ class MetricsWriter:
         if self._file is not None:
             self._file.write(orjson.dumps(record, option=orjson.OPT_SERIALIZE_NUMPY) + b"\n")
             self._file.flush()
+        if self._trackers is not None:
+            self._trackers.log(record)
 
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
             self._file = None
+        if self._trackers is not None:
+            self._trackers.close()
 
     def __enter__(self) -> MetricsWriter:
         return self

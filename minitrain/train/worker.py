@@ -45,6 +45,7 @@ from minitrain.train.metrics import (
 from minitrain.train.model import CausalLMWithLoss, load_model, shard_model
 from minitrain.train.optim import build_optimizer, build_scheduler
 from minitrain.train.state import load_training_state, resolve_resume, save_training_state, scan_checkpoints
+from minitrain.train.trackers import open_trackers
 
 
 def run(config: TrainConfig, *, tokenizer_source: str | None) -> TrainState:
@@ -172,9 +173,18 @@ def _train(config: TrainConfig, dist: DistInfo, tokenizer_source: str | None) ->
         f"{'s' if dist.world_size > 1 and on_gpu else ''}; writing to {config.output_dir}",
     )
     metrics_path = Path(config.output_dir) / METRICS_FILE
+    trackers, error = None, None
+    try:
+        trackers = open_trackers(config, store.meta) if dist.is_main else None  # --report-to, rank 0 only
+    except Exception as err:  # noqa: BLE001 - re-raised below, after the other ranks know
+        error = err
+    stop_if_any_rank_failed(dist, error, stage="starting the --report-to trackers")
     with (
         MetricsWriter(
-            metrics_path, enabled=dist.is_main, continue_after_step=state.step if config.resume else None
+            metrics_path,
+            enabled=dist.is_main,
+            continue_after_step=state.step if config.resume else None,
+            trackers=trackers,
         ) as metrics,
         StopFlag(announce=dist.is_main) as stop,
     ):

@@ -23,7 +23,14 @@ def test_help_lists_every_flag():
     result = runner.invoke(app, ["tokenize", "--help"], terminal_width=200)
     assert result.exit_code == 0
     for flag in (
-        "INPUT.jsonl",
+        "INPUT",
+        "--dataset",
+        "--messages-field",
+        "--role-field",
+        "--content-field",
+        "--user-role",
+        "--assistant-role",
+        "--system-role",
         "--output",
         "-o",
         "--output-file",
@@ -186,3 +193,65 @@ def test_chat_template_flag_for_a_tokenizer_without_one(tmp_path):
     accepted = runner.invoke(app, [*base, "--chat-template", "chatml"])
     assert accepted.exit_code == 0, accepted.output
     assert read_sidecar(tmp_path / "o.jsonl")["chat_template_origin"] == "chatml"
+
+
+def test_help_and_a_jsonl_tokenize_import_neither_pyarrow_nor_datasets(tmp_path):
+    """The `datasets` extra is imported only for the inputs that need it (and no tracker at all)."""
+    inp = tmp_path / "in.jsonl"
+    inp.write_text(GOOD + "\n")
+    code = (
+        "import sys\n"
+        "from typer.testing import CliRunner\n"
+        "from minitrain.cli import app\n"
+        "r = CliRunner()\n"
+        "assert r.invoke(app, ['--help']).exit_code == 0\n"
+        "assert r.invoke(app, ['tokenize', '--help']).exit_code == 0\n"
+        f"res = r.invoke(app, ['tokenize', {str(inp)!r}, '-o', {str(tmp_path / 'o.jsonl')!r}, "
+        f"'--model-name-or-path', {str(SMOLLM2)!r}, '--num-workers', '1'])\n"
+        "assert res.exit_code == 0, res.output\n"
+        "print(','.join(m for m in ('pyarrow', 'datasets', 'wandb', 'mlflow', 'tensorboard') if m in sys.modules))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == ""
+    assert (tmp_path / "o.jsonl").is_file()
+
+
+def test_sharegpt_parquet_with_mapping_flags_through_the_cli(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    rows = [{"chat": [{"who": "client", "said": "Hi"}, {"who": "bot", "said": "Hello there."}]}] * 3
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "in.parquet")
+    args = ["tokenize", str(tmp_path / "in.parquet"), "-o", str(tmp_path / "out.jsonl")]
+    args += ["--model-name-or-path", str(SMOLLM2), "--num-workers", "1", "--messages-field", "chat"]
+    args += [
+        "--role-field",
+        "who",
+        "--content-field",
+        "said",
+        "--user-role",
+        "client",
+        "--assistant-role",
+        "bot",
+    ]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    reference = tmp_path / "ref.jsonl"
+    reference.write_text(GOOD + "\n" + GOOD + "\n" + GOOD + "\n")
+    ref = runner.invoke(
+        app,
+        [
+            "tokenize",
+            str(reference),
+            "-o",
+            str(tmp_path / "ref.tok.jsonl"),
+            "--model-name-or-path",
+            str(SMOLLM2),
+        ]
+        + ["--num-workers", "1"],
+    )
+    assert ref.exit_code == 0, ref.output
+    assert (tmp_path / "out.jsonl").read_bytes() == (tmp_path / "ref.tok.jsonl").read_bytes()
+    assert read_sidecar(tmp_path / "out.jsonl")["config"]["assistant_role"] == ["bot"]

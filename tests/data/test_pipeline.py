@@ -221,11 +221,11 @@ def test_failure_mid_run_leaves_no_output_and_keeps_an_old_one(tmp_path, monkeyp
     real = pipeline.encode_lines
     calls = []
 
-    def failing(encoder, max_tokens, lines):
+    def failing(encoder, max_tokens, lines, mapping=None):
         calls.append(1)
         if len(calls) == 3:
             raise KeyboardInterrupt  # as if Ctrl-C arrived mid-run
-        return real(encoder, max_tokens, lines)
+        return real(encoder, max_tokens, lines, mapping)
 
     monkeypatch.setattr(pipeline, "encode_lines", failing)
     with pytest.raises(KeyboardInterrupt):
