@@ -86,6 +86,10 @@ ROWS = [
         (f"{W}/in-bad.jsonl", "-o", f"{W}/t.jsonl", "--model-name-or-path", TOKENIZER, "--strict",
          "--num-workers", "1"),
         ("in-bad.jsonl:2: malformed JSON", "without --strict such lines go to the rejects file")),
+    Row("tokenize", "every line rejected (a preference file: prompt/chosen/rejected)",
+        (f"{W}/prefs.jsonl", "-o", f"{W}/t.jsonl", "--model-name-or-path", TOKENIZER, "--num-workers", "1"),
+        ("prefs.jsonl: no line could be tokenized, nothing written", "2 rejected: no known shape (2)",
+         "first, line 1: no known shape", "fix the input")),
     # ----------------------------------------------------------------------------------------- inspect
     Row("inspect", "file does not exist", (f"{W}/nope.jsonl",),
         ("nope.jsonl: no such file", "pass the OUT.jsonl written by `minitrain tokenize`")),
@@ -218,6 +222,9 @@ def ws(tmp_path_factory) -> Path:
     (w / "empty.jsonl").write_text("")
     (w / "afile").write_text("a file, not a folder\n")
     (w / "in.jsonl").write_text(_good_conversation() + "\n")
+    (w / "prefs.jsonl").write_text(
+        '{"prompt": [{"role": "user", "content": "q"}], "chosen": [], "rejected": []}\n' * 2
+    )
     (w / "in-bad.jsonl").write_text(_good_conversation() + "\n{broken\n" + _good_conversation() + "\n")
     if SMOLLM2.is_dir():
         shutil.copytree(SMOLLM2, w / "tok-no-template")

@@ -65,6 +65,8 @@ class ChunkResult:
     blank: int = 0
     tokens: int = 0
     trained_tokens: int = 0
+    reasoning_dropped_turns: int = 0
+    reasoning_dropped_tokens: int = 0
     num_bytes: int = 0
 
 
@@ -84,6 +86,9 @@ class TokenizeResult:
     rejected_by_reason: dict[str, int] = field(default_factory=dict)
     tokens: int = 0
     trained_tokens: int = 0
+    # assistant turns (in written samples) whose reasoning the chat template does not render, and its tokens
+    reasoning_dropped_turns: int = 0
+    reasoning_dropped_tokens: int = 0
     elapsed_s: float = 0.0
 
     @property
@@ -142,6 +147,8 @@ def encode_lines(encoder: ChatEncoder, max_tokens: int | None, lines: list[tuple
         result.written += 1
         result.tokens += n
         result.trained_tokens += trained
+        result.reasoning_dropped_turns += sample.reasoning_dropped_turns
+        result.reasoning_dropped_tokens += sample.reasoning_dropped_tokens
     if out:
         out.append(b"")
         result.out = b"\n".join(out)
@@ -291,6 +298,7 @@ def _write_outputs(
     """Stream chunks through the workers into OUT, its rejects and its sidecar; fills in `result`."""
     inp, out = config.input_file, config.output_file
     reasons: Counter[str] = Counter()
+    first_reject = ""  # "line N: reason: detail" of the first dropped or rejected line
     start = time.perf_counter()
     with atomic_write(out) as f_out:  # OUT is renamed into place last: if it exists, so do its companions
         with atomic_write(result.rejects_file) as f_rej:
@@ -315,6 +323,9 @@ def _write_outputs(
                             orjson.dumps({"line": line_no, "kind": kind, "reason": reason, "detail": detail})
                         )
                         f_rej.write(b"\n")
+                        first_reject = first_reject or f"line {line_no}: {reason}" + (
+                            f": {detail}" if detail else ""
+                        )
                         if kind == "dropped":
                             result.dropped += 1
                         else:
@@ -324,6 +335,8 @@ def _write_outputs(
                     result.blank += chunk.blank
                     result.tokens += chunk.tokens
                     result.trained_tokens += chunk.trained_tokens
+                    result.reasoning_dropped_turns += chunk.reasoning_dropped_turns
+                    result.reasoning_dropped_tokens += chunk.reasoning_dropped_tokens
                     if progress is not None:
                         progress.update(task, advance=chunk.num_bytes, samples=result.written)
                     chunk = next(results, None)
@@ -335,9 +348,23 @@ def _write_outputs(
             result.read = result.written + result.dropped + result.rejected
             if result.read == 0:
                 raise UserError(f"{inp}: only blank lines; nothing to tokenize")
+            if result.written == 0:  # no file is written: an empty OUT would only fail later, in train
+                raise UserError(nothing_written(result, reasons, first_reject))
         result.elapsed_s = time.perf_counter() - start
         with atomic_write(result.sidecar_file) as f_meta:
             f_meta.write(orjson.dumps(_sidecar(config, loaded, result), option=orjson.OPT_INDENT_2))
+
+
+def nothing_written(result: TokenizeResult, reasons: Counter[str], first: str) -> str:
+    """The one-line error when no line became a sample: the counts, the top reasons, the first line's."""
+    top = ", ".join(f"{reason} ({n:,})" for reason, n in reasons.most_common(3))
+    why = f"{result.rejected:,} rejected: {top}" if reasons else ""
+    if result.dropped:
+        why += ("; " if why else "") + f"{result.dropped:,} dropped as longer than --max-sample-num-tokens"
+    return (
+        f"{result.input_file}: no line could be tokenized, nothing written ({why}); first, {first[:200]};"
+        " fix the input (messages, pretrain or prompt/generation lines) or the flags named"
+    )
 
 
 def _sidecar(config: TokenizeConfig, loaded: Any, result: TokenizeResult) -> dict[str, Any]:
@@ -372,6 +399,10 @@ def _sidecar(config: TokenizeConfig, loaded: Any, result: TokenizeResult) -> dic
         },
         "tokens": result.tokens,
         "trained_tokens": result.trained_tokens,
+        "reasoning_dropped_by_template": {
+            "turns": result.reasoning_dropped_turns,
+            "tokens": result.reasoning_dropped_tokens,
+        },
         "elapsed_s": round(result.elapsed_s, 3),
         "num_workers": result.num_workers,
         "config": config.to_dict(),
@@ -400,6 +431,11 @@ def render_summary(result: TokenizeResult, console: Any) -> None:
         table.add_row("blank lines skipped", f"{result.blank:,}")
     table.add_row("tokens", f"{result.tokens:,}")
     table.add_row("trained tokens", f"{result.trained_tokens:,}")
+    if result.reasoning_dropped_turns:
+        table.add_row(
+            "reasoning dropped by the template",
+            f"[yellow]{result.reasoning_dropped_turns:,} turns, {result.reasoning_dropped_tokens:,} tokens[/yellow]",
+        )
     table.add_row("samples/s", f"{result.samples_per_s:,.0f}")
     table.add_row("tokens/s", f"{result.tokens_per_s:,.0f}")
     table.add_row("workers", str(result.num_workers))

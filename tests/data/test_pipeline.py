@@ -282,3 +282,54 @@ def test_summary_renders_every_count(tmp_path):
         chat.ALIGNMENT_FAILURE,
     ):
         assert label in text
+
+
+def test_nothing_written_is_an_error_with_the_top_reasons_and_no_files(tmp_path):
+    """Every line rejected: one UserError (exit 1) naming the counts, top reasons and the first line; no OUT."""
+    inp = tmp_path / "prefs.jsonl"
+    inp.write_bytes(b'{"prompt": "q", "chosen": "a"}\n' * 3 + b"{broken\n")
+    with pytest.raises(UserError) as err:
+        run(tmp_path, inp)
+    message = str(err.value)
+    assert (
+        "no line could be tokenized, nothing written (4 rejected: no known shape (3), malformed JSON (1))"
+        in message
+    )
+    assert "first, line 1: no known shape" in message and "\n" not in message
+    assert not (tmp_path / "out.jsonl").exists() and not rejects_path(tmp_path / "out.jsonl").exists()
+    # all dropped as too long: said too
+    inp.write_bytes(GOOD + b"\n")
+    with pytest.raises(UserError, match="1 dropped as longer than --max-sample-num-tokens"):
+        run(tmp_path, inp, max_sample_num_tokens=3)
+    # one line written among rejected ones: fine, as before
+    inp.write_bytes(b"{broken\n" + GOOD + b"\n")
+    result, out = run(tmp_path, inp)
+    assert (result.written, result.rejected) == (1, 1) and out.is_file()
+
+
+def test_reasoning_dropped_by_the_template_is_counted_in_summary_and_sidecar(tmp_path):
+    """Qwen3 drops the reasoning of turns before the last user query: counted (turns, tokens), not silent."""
+    import orjson
+    from rich.console import Console
+
+    qwen3 = SMOLLM2.parent / "qwen3"
+    turns = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!", "reasoning_content": "Greet back."},
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "4", "reasoning_content": "Simple sum."},
+    ]
+    inp = tmp_path / "reasoning.jsonl"
+    inp.write_bytes(orjson.dumps({"messages": turns}) + b"\n" + orjson.dumps({"messages": turns[:2]}) + b"\n")
+    config = TokenizeConfig(
+        input_file=inp, output_file=tmp_path / "out.jsonl", model_name_or_path=str(qwen3), num_workers=1
+    )
+    result = pipeline.tokenize_file(config)
+    expected_tokens = len(load_chat_encoder(str(qwen3)).encoder.backend.encode("Greet back.").ids)
+    assert (result.reasoning_dropped_turns, result.reasoning_dropped_tokens) == (1, expected_tokens)
+    meta = read_sidecar(config.output_file)
+    assert meta["reasoning_dropped_by_template"] == {"turns": 1, "tokens": expected_tokens}
+    console = Console(record=True, width=120)
+    pipeline.render_summary(result, console)
+    row = next(line for line in console.export_text().splitlines() if "reasoning dropped" in line)
+    assert f"1 turns, {expected_tokens} tokens" in row
