@@ -205,6 +205,7 @@ class ChatEncoder:
         eot_ids: list[int],
         eot_tokens: tuple[str, ...] = (),
         has_generation_prompt: bool = True,
+        final_turn_ender: str | None = None,
     ) -> None:
         self.backend = backend  # tokenizers.Tokenizer
         self.template_source = template_source
@@ -219,6 +220,9 @@ class ChatEncoder:
         self.eot_tokens = eot_tokens
         # False: add_generation_prompt adds nothing, so turns are located by their content (the fallback)
         self.has_generation_prompt = has_generation_prompt
+        # GLM-4: the template ends a turn with the next role token, so the last turn ends with nothing; the
+        # model generates this token there (it is a stop token), so it is appended and trained
+        self.final_turn_ender = final_turn_ender
         self._template = _build_environment().from_string(template_source)
 
     def __getstate__(self) -> dict[str, Any]:
@@ -425,8 +429,15 @@ class ChatEncoder:
         }
         spans = []
         dropped_turns = dropped_tokens = 0
+        append = False
         for i in trained:
             start = prompt_ends[i]
+            for call in messages[i].get("tool_calls") or []:
+                name = (call.get("function") or call).get("name") if isinstance(call, dict) else None
+                if not isinstance(name, str) or name not in text:
+                    raise SampleRejected(
+                        TEMPLATE_ERROR, f"message {i}: the chat template does not render `tool_calls`"
+                    )
             bound = min((e for j, e in prompt_ends.items() if j > i), default=len(text))
             for j in range(i + 1, len(messages)):
                 if messages[j]["role"] == "assistant":
@@ -440,13 +451,21 @@ class ChatEncoder:
                     )
                 bound = min(bound, at[0])
                 break
-            end = self._turn_end(text, i, start, bound)
+            if (
+                bound == len(text)
+                and self.final_turn_ender
+                and not text[start:].rstrip().endswith(self.eot_tokens)
+            ):
+                append = True  # the last turn of a template that leaves it open (GLM-4)
+                end = len(text.rstrip())
+            else:
+                end = self._turn_end(text, i, start, bound)
             dropped = self._check_turn(messages[i], text, i, start, end)
             if dropped:
                 dropped_turns += 1
                 dropped_tokens += len(self.backend.encode(dropped, add_special_tokens=False).ids)
             spans.append((start, end))
-        sample = self._encode_spans(text, spans)
+        sample = self._encode_spans(text, spans, append)
         return EncodedSample(sample.input_ids, sample.labels, dropped_turns, dropped_tokens)
 
     def _turn_start(self, real: list[dict[str, Any]], tools: Any, text: str, i: int) -> int:
@@ -504,7 +523,7 @@ class ChatEncoder:
             return ""
         return reasoning  # the template does not render it (Qwen3 before the last user query, DeepSeek-R1)
 
-    def _encode_spans(self, text: str, spans: list[tuple[int, int]]) -> EncodedSample:
+    def _encode_spans(self, text: str, spans: list[tuple[int, int]], append: bool = False) -> EncodedSample:
         """Encode `text` once and label `spans`; a token that straddles a turn's start splits the encode there.
 
         A straddling token ("\n " from a header newline and a content that opens with a space) does not exist
@@ -517,6 +536,10 @@ class ChatEncoder:
             ids, offsets, shift = self._ids_in_pieces(text, cuts)
         labels = self._labels(text, ids, offsets, shift, spans)
         eot_ids = set(self.eot_ids)
+        if append:  # the open last turn (GLM-4) ends with the token the model stops on
+            ender = self.eot_ids[self.eot_tokens.index(self.final_turn_ender)]
+            ids, labels = [*ids, ender], [*labels, ender]
+            spans = spans[:-1]
         for _, end in spans:
             hi = bisect.bisect_left(offsets, end, key=lambda o: o[0]) + shift
             if ids[hi - 1] not in eot_ids:
@@ -642,8 +665,8 @@ def _leading_added_tokens(text: str, pos: int, added: list[str]) -> tuple[str, l
     return ws, run
 
 
-def find_end_of_turn(encoder: ChatEncoder, added_tokens: list[str]) -> tuple[str, list[str], list[str]]:
-    """(end-of-turn text, its added tokens, every token that ends a turn), probed on the template.
+def find_end_of_turn(encoder: ChatEncoder, added_tokens: list[str]) -> tuple[str, list[str], list[str], bool]:
+    """(end-of-turn text, its added tokens, every token that ends a turn, last turn left open), probed.
 
     Probed on a two-exchange conversation (with and without a system message). The end-of-turn text is the
     common run of added tokens right after the middle and the final assistant content, e.g. `<|im_end|>`
@@ -652,6 +675,7 @@ def find_end_of_turn(encoder: ChatEncoder, added_tokens: list[str]) -> tuple[str
     first added token after each of the two contents: one token for most templates, two for gpt-oss
     (`<|end|>` mid-conversation, `<|return|>` at the end), GLM's next role token (nothing ends its last turn).
     A template where no token follows any content is not refused here: each line is rejected with its reason.
+    "Last turn left open": a token follows the middle content but nothing follows the final one (GLM-4).
     """
     added = sorted(added_tokens, key=len, reverse=True)
     u1, a1, u2, a2 = _PROBE_CONTENTS
@@ -685,12 +709,36 @@ def find_end_of_turn(encoder: ChatEncoder, added_tokens: list[str]) -> tuple[str
                 break
             common.append(x)
         enders = list(dict.fromkeys(run[0] for run in (mid, last) if run))
+        # GLM: the next role token ends a turn, so nothing follows the last one
+        open_final = bool(mid) and not last and not text[last_end:].strip()
         if not common or mid_ws != last_ws:
-            return "", [], enders
-        return last_ws + "".join(common), common, enders
+            return "", [], enders, open_final
+        return last_ws + "".join(common), common, enders, open_final
     raise UserError(
         f"the chat template cannot render a plain user/assistant conversation ({'; '.join(errors)[:200]})"
     )
+
+
+def tool_call_enders(encoder: ChatEncoder, added_tokens: list[str]) -> list[str]:
+    """The added token right after a tool call's arguments, when one is (gpt-oss's `<|call|>`); else none."""
+    call = {
+        "type": "function",
+        "function": {"name": "minitrain_probe", "arguments": {"p": "minitrain probe"}},
+    }
+    messages = [
+        {"role": "user", "content": _PROBE_CONTENTS[0]},
+        {"role": "assistant", "content": "", "tool_calls": [call]},
+        {"role": "tool", "content": _PROBE_CONTENTS[1]},
+    ]
+    try:
+        text = encoder.render(messages)
+    except Exception:
+        return []
+    at = text.find('"minitrain probe"}')
+    if at < 0:
+        return []
+    after = at + len('"minitrain probe"}')
+    return [t for t in sorted(added_tokens, key=len, reverse=True) if text.startswith(t, after)][:1]
 
 
 def has_generation_prompt(encoder: ChatEncoder) -> bool:
@@ -784,10 +832,13 @@ def load_chat_encoder(model_name_or_path: str, chat_template: str | None = None)
     except Exception as err:
         raise UserError(f"the chat template ({origin}) does not compile: {str(err)[:200]}") from None
     added = [t.content for t in tokenizer.added_tokens_decoder.values()]
-    eot_text, _, enders = find_end_of_turn(encoder, added)
+    eot_text, _, enders, open_final = find_end_of_turn(encoder, added)
+    enders = list(dict.fromkeys([*enders, *tool_call_enders(encoder, added)]))
     encoder.eot_text = eot_text
     encoder.eot_tokens = tuple(enders)
     encoder.eot_ids = [tokenizer.convert_tokens_to_ids(t) for t in enders]
+    if open_final and len(enders) >= 1:
+        encoder.final_turn_ender = enders[0]
     encoder.has_generation_prompt = has_generation_prompt(encoder)
     return LoadedTokenizer(
         encoder=encoder,
