@@ -20,6 +20,8 @@ from minitrain.errors import UserError
 
 # ------------------------------------------------------------------------------------------- tokenize
 
+TRAIN_ON = ("all", "last")  # tokenize --train-on values
+
 
 @dataclass(frozen=True, kw_only=True)
 class TokenizeConfig:
@@ -35,9 +37,18 @@ class TokenizeConfig:
     chat_template: str | None = None  # None: the tokenizer's own; "chatml"; or a path to a Jinja file
     num_workers: int | None = None  # None: every core this process may use
     strict: bool = False  # stop at the first rejected line instead of listing it
+    train_on: str = "all"  # "all" assistant turns, or the "last" one only
+    split_turns: bool = False  # one sample per trained assistant turn, each rendered as at inference
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "input_file", Path(self.input_file))
+        if self.train_on not in TRAIN_ON:
+            raise UserError(f"--train-on {self.train_on}: expected one of {', '.join(TRAIN_ON)}")
+        if self.split_turns and self.train_on == "last":
+            raise UserError(
+                "--split-turns trains every turn in its own sample and --train-on last only the final turn;"
+                " pass one of them"
+            )
         object.__setattr__(self, "output_file", Path(self.output_file))
         object.__setattr__(self, "model_name_or_path", str(self.model_name_or_path))
         if not self.model_name_or_path:

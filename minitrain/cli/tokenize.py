@@ -72,14 +72,32 @@ def tokenize(
         bool,
         typer.Option("--strict", help="Stop at the first rejected line with FILE:LINE: reason (exit 1)."),
     ] = False,
+    train_on: Annotated[
+        str,
+        typer.Option(
+            "--train-on",
+            help="Assistant turns to train: all, or last (the final answer only).",
+            autocompletion=lambda: ["all", "last"],
+        ),
+    ] = "all",
+    split_turns: Annotated[
+        bool,
+        typer.Option(
+            "--split-turns",
+            help="One sample per assistant turn, rendered as at inference and trained on that turn: keeps "
+            "the reasoning of every turn when the template drops earlier reasoning (Qwen3, DeepSeek-R1, gpt-oss).",
+        ),
+    ] = False,
 ) -> None:
-    """Tokenize JSONL conversations with exact loss masks (assistant content + end-of-turn trained).
+    """Tokenize JSONL conversations with exact loss masks (what the model generates in each assistant turn).
 
     Examples:
 
       minitrain tokenize data.jsonl -o data.tok.jsonl --model-name-or-path ./my-model
 
       minitrain tokenize --input-file in.jsonl --output-file out.jsonl --model-name-or-path M --max-sample-num-tokens 32768
+
+      minitrain tokenize reasoning.jsonl -o r.tok.jsonl --model-name-or-path ./qwen3 --split-turns
     """
     if input_path is not None and input_file is not None:
         raise UserError("give the input once: either INPUT.jsonl or --input-file, not both")
@@ -104,6 +122,8 @@ def tokenize(
         chat_template=chat_template,
         num_workers=num_workers,
         strict=strict,
+        train_on=train_on,
+        split_turns=split_turns,
     )
     console = Console(stderr=True)
     result = tokenize_file(config, console=console)

@@ -255,8 +255,12 @@ class ChatEncoder:
             raise SampleRejected(TEMPLATE_ERROR, f"{type(err).__name__}: {err}"[:300]) from None
 
     # ---------------------------------------------------------------- encoding
-    def encode(self, record: Any) -> EncodedSample:
-        """One parsed JSON record -> sample; raises SampleRejected with one of REJECT_REASONS."""
+    def encode(self, record: Any, train_on: str = "all") -> EncodedSample:
+        """One parsed JSON record -> sample; raises SampleRejected with one of REJECT_REASONS.
+
+        `train_on`: "all" trains every assistant turn (except `"train": false` ones), "last" only the last
+        assistant message of the conversation.
+        """
         if not isinstance(record, dict):
             raise SampleRejected(NO_KNOWN_SHAPE, f"expected a JSON object, got {type(record).__name__}")
         messages = record.get("messages")
@@ -274,10 +278,29 @@ class ChatEncoder:
                         PRETRAIN_MIXED, "a `pretrain` message must be the only role on its line"
                     )
                 return self._encode_pretrain(messages)
-            return self._encode_chat(messages, record.get("tools"))
+            return self._encode_chat(messages, record.get("tools"), train_on)
         if "prompt" in record and "generation" in record:
             return self._encode_prompt_generation(record["prompt"], record["generation"])
         raise SampleRejected(NO_KNOWN_SHAPE, "expected `messages`, or `prompt` and `generation`")
+
+    def encode_turns(self, record: Any) -> list[EncodedSample]:
+        """One sample per trained assistant turn (`--split-turns`): the conversation up to and including
+        that turn, rendered as the model sees it there (its reasoning is the last turn's, so templates that
+        drop earlier reasoning keep it), trained on that turn only. Other records: one sample, as `encode`.
+        """
+        messages = record.get("messages") if isinstance(record, dict) else None
+        roles = [m.get("role") for m in messages if isinstance(m, dict)] if isinstance(messages, list) else []
+        if not roles or "pretrain" in roles or len(roles) != len(messages):
+            return [self.encode(record)]
+        self._check_messages(messages)
+        turns = [
+            i
+            for i, m in enumerate(messages)
+            if m["role"] == "assistant" and m.get("train", True) is not False
+        ]
+        if len(turns) <= 1:
+            return [self.encode(record)]
+        return [self.encode({**record, "messages": messages[: i + 1]}, "last") for i in turns]
 
     def _ids_with_prefix(self, text: str) -> tuple[list[int], list[tuple[int, int]], int]:
         """(ids, char offsets of the text's tokens, number of prefix ids in front) from ONE encode."""
@@ -402,7 +425,9 @@ class ChatEncoder:
             return None
         return (opens, closes) if plain == text else None
 
-    def _encode_chat(self, messages: list[dict[str, Any]], tools: Any) -> EncodedSample:
+    def _encode_chat(
+        self, messages: list[dict[str, Any]], tools: Any, train_on: str = "all"
+    ) -> EncodedSample:
         self._check_messages(messages)
         real = [_template_message(m, m.get("content")) for m in messages]
         text = self._render_or_reject(real, tools)
@@ -415,6 +440,9 @@ class ChatEncoder:
             for i, m in enumerate(messages)
             if m["role"] == "assistant" and m.get("train", True) is not False
         ]
+        if train_on == "last":
+            last = max(i for i, m in enumerate(messages) if m["role"] == "assistant") if trained else -1
+            trained = [i for i in trained if i == last]
         if not self.has_generation_prompt:
             return self._encode_by_content(messages, tools, text, trained)
         # Where each non-assistant message's content sits: a later message bounds a turn's search for its end.

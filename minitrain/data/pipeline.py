@@ -62,6 +62,7 @@ class ChunkResult:
     out: bytes = b""  # output JSONL lines, in order
     rejects: list[tuple[int, str, str, str]] = field(default_factory=list)  # (line, kind, reason, detail)
     written: int = 0
+    samples: int = 0  # output lines: == written, more with --split-turns
     blank: int = 0
     tokens: int = 0
     trained_tokens: int = 0
@@ -81,6 +82,7 @@ class TokenizeResult:
     num_workers: int
     read: int = 0
     written: int = 0
+    samples: int = 0  # output lines: == written, more with --split-turns (one per trained turn)
     dropped: int = 0
     blank: int = 0
     rejected_by_reason: dict[str, int] = field(default_factory=dict)
@@ -97,17 +99,27 @@ class TokenizeResult:
 
     @property
     def samples_per_s(self) -> float:
-        return self.written / self.elapsed_s if self.elapsed_s > 0 else 0.0
+        return self.samples / self.elapsed_s if self.elapsed_s > 0 else 0.0
 
     @property
     def tokens_per_s(self) -> float:
         return self.tokens / self.elapsed_s if self.elapsed_s > 0 else 0.0
 
 
-def encode_lines(encoder: ChatEncoder, max_tokens: int | None, lines: list[tuple[int, bytes]]) -> ChunkResult:
+@dataclass(frozen=True)
+class Policy:
+    """What each worker needs besides the encoder: the length limit and which turns become samples."""
+
+    max_tokens: int | None = None
+    train_on: str = "all"
+    split_turns: bool = False
+
+
+def encode_lines(encoder: ChatEncoder, policy: Policy, lines: list[tuple[int, bytes]]) -> ChunkResult:
     """Encode raw input lines (1-based line number, bytes) into output bytes, rejects and counts."""
     result = ChunkResult()
     out: list[bytes] = []
+    max_tokens = policy.max_tokens
     for line_no, raw in lines:
         result.num_bytes += len(raw)
         if not raw.strip():
@@ -122,33 +134,43 @@ def encode_lines(encoder: ChatEncoder, max_tokens: int | None, lines: list[tuple
                 record = orjson.loads(text)
             except orjson.JSONDecodeError as err:
                 raise SampleRejected(MALFORMED_JSON, str(err)) from None
-            sample = encoder.encode(record)
+            if policy.split_turns:
+                samples = encoder.encode_turns(record)
+            else:
+                samples = [encoder.encode(record, policy.train_on)]
         except SampleRejected as rej:
             result.rejects.append((line_no, "rejected", rej.reason, rej.detail))
             continue
-        n = len(sample.input_ids)
-        if max_tokens is not None and n > max_tokens:
+        longest = max(len(sample.input_ids) for sample in samples)
+        if max_tokens is not None and longest > max_tokens:
+            # a line is one unit: with --split-turns, one sample too long drops the line's samples
+            what = (
+                f"{longest} tokens" if len(samples) == 1 else f"its longest turn sample has {longest} tokens"
+            )
             result.rejects.append(
-                (line_no, "dropped", TOO_LONG, f"{n} tokens > --max-sample-num-tokens {max_tokens}")
+                (line_no, "dropped", TOO_LONG, f"{what} > --max-sample-num-tokens {max_tokens}")
             )
             continue
-        trained = n - sample.labels.count(IGNORE_INDEX)
-        out.append(
-            orjson.dumps(
-                {
-                    "input_ids": sample.input_ids,
-                    "labels": sample.labels,
-                    "len": n,
-                    "num_loss_counted_tokens": trained,
-                    "source_line": line_no,
-                }
+        for sample in samples:
+            n = len(sample.input_ids)
+            trained = n - sample.labels.count(IGNORE_INDEX)
+            out.append(
+                orjson.dumps(
+                    {
+                        "input_ids": sample.input_ids,
+                        "labels": sample.labels,
+                        "len": n,
+                        "num_loss_counted_tokens": trained,
+                        "source_line": line_no,
+                    }
+                )
             )
-        )
+            result.tokens += n
+            result.trained_tokens += trained
+            result.reasoning_dropped_turns += sample.reasoning_dropped_turns
+            result.reasoning_dropped_tokens += sample.reasoning_dropped_tokens
         result.written += 1
-        result.tokens += n
-        result.trained_tokens += trained
-        result.reasoning_dropped_turns += sample.reasoning_dropped_turns
-        result.reasoning_dropped_tokens += sample.reasoning_dropped_tokens
+        result.samples += len(samples)
     if out:
         out.append(b"")
         result.out = b"\n".join(out)
@@ -156,14 +178,14 @@ def encode_lines(encoder: ChatEncoder, max_tokens: int | None, lines: list[tuple
 
 
 # Worker-process state: set once by the pool initializer.
-_WORKER: tuple[ChatEncoder, int | None] | None = None
+_WORKER: tuple[ChatEncoder, Policy] | None = None
 
 
-def _init_worker(encoder: ChatEncoder, max_tokens: int | None) -> None:
+def _init_worker(encoder: ChatEncoder, policy: Policy) -> None:
     global _WORKER
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and terminates the pool
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the pool's terminate() kills the worker outright
-    _WORKER = (encoder, max_tokens)
+    _WORKER = (encoder, policy)
 
 
 def _encode_chunk(lines: list[tuple[int, bytes]]) -> ChunkResult:
@@ -189,19 +211,19 @@ def _read_chunks(path: Path) -> Iterator[list[tuple[int, bytes]]]:
 
 
 def _results_in_order(
-    encoder: ChatEncoder, max_tokens: int | None, path: Path, workers: int
+    encoder: ChatEncoder, policy: Policy, path: Path, workers: int
 ) -> Iterator[ChunkResult]:
     """ChunkResults in input order; a bounded number of chunks in flight (streaming, constant memory)."""
     if workers == 1:
         for chunk in _read_chunks(path):
-            yield encode_lines(encoder, max_tokens, chunk)
+            yield encode_lines(encoder, policy, chunk)
         return
     # Not fork: a parent that has started threads (torch's OpenMP pool, a progress bar, tokenizers' Rust
     # threads) can fork a child that deadlocks on a lock held at fork time, and then terminate() hangs
     # (seen: --strict after torch was imported). forkserver forks from a clean single-threaded server.
     methods = multiprocessing.get_all_start_methods()
     ctx = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
-    pool = ctx.Pool(workers, initializer=_init_worker, initargs=(encoder, max_tokens))
+    pool = ctx.Pool(workers, initializer=_init_worker, initargs=(encoder, policy))
     try:
         pending: deque[Any] = deque()
         for chunk in _read_chunks(path):
@@ -303,7 +325,8 @@ def _write_outputs(
     with atomic_write(out) as f_out:  # OUT is renamed into place last: if it exists, so do its companions
         with atomic_write(result.rejects_file) as f_rej:
             # The pool is created (forked) inside the generator before the progress bar starts its thread.
-            results = _results_in_order(loaded.encoder, config.max_sample_num_tokens, inp, result.num_workers)
+            policy = Policy(config.max_sample_num_tokens, config.train_on, config.split_turns)
+            results = _results_in_order(loaded.encoder, policy, inp, result.num_workers)
             first = next(results, None)
             task = None
             if progress is not None:
@@ -332,6 +355,7 @@ def _write_outputs(
                             reasons[reason] += 1
                     f_out.write(chunk.out)
                     result.written += chunk.written
+                    result.samples += chunk.samples
                     result.blank += chunk.blank
                     result.tokens += chunk.tokens
                     result.trained_tokens += chunk.trained_tokens
@@ -392,6 +416,7 @@ def _sidecar(config: TokenizeConfig, loaded: Any, result: TokenizeResult) -> dic
         "counts": {
             "read": result.read,
             "written": result.written,
+            "samples": result.samples,
             "dropped": result.dropped,
             "rejected": result.rejected,
             "rejected_by_reason": result.rejected_by_reason,
@@ -418,6 +443,8 @@ def render_summary(result: TokenizeResult, console: Any) -> None:
     table.add_column("count", justify="right")
     table.add_row("lines read", f"{result.read:,}")
     table.add_row("written", f"[green]{result.written:,}[/green]")
+    if result.samples != result.written:
+        table.add_row("  samples (one per trained turn)", f"{result.samples:,}")
     table.add_row(
         "dropped (too long)",
         f"{result.dropped:,}" if not result.dropped else f"[yellow]{result.dropped:,}[/yellow]",

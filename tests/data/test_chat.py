@@ -658,3 +658,37 @@ def test_generation_rule_on_smollm2_and_tinyllama(path, eot, smollm2, tinyllama,
         if path == TINYLLAMA:  # SentencePiece decoding drops the "▁" that opens a run
             expected = [t.lstrip(" ") for t in expected]
         assert runs == expected
+
+
+# ------------------------------------------------------------------------- --train-on last, --split-turns
+
+
+def test_train_on_last_trains_the_final_turn_only(qwen3):
+    loaded, tok = qwen3
+    messages = _ua("a", "one", "b", "two")
+    sample = loaded.encoder.encode({"messages": messages}, "last")
+    assert sample.input_ids == reference_ids(tok, messages)
+    runs = [tok.decode(r, skip_special_tokens=False) for r in trained_runs(sample)]
+    assert runs == reference_turns(tok, messages, ("<|im_end|>",))[-1:]
+
+
+def test_split_turns_keeps_the_reasoning_of_every_turn(qwen3):
+    """One sample per turn, each the conversation up to it: Qwen3 renders that turn's reasoning as the last."""
+    loaded, tok = qwen3
+    messages = _ua("Hi", "Hello!", "2+2?", "4", "3+3?", "6")
+    for k, reason in ((1, REASON_A), (3, REASON_B), (5, "Three and three.")):
+        messages[k]["reasoning_content"] = reason
+    samples = loaded.encoder.encode_turns({"messages": messages})
+    assert len(samples) == 3
+    for sample, i in zip(samples, (1, 3, 5), strict=True):
+        upto = messages[: i + 1]
+        assert sample.input_ids == reference_ids(tok, upto)
+        runs = [tok.decode(r, skip_special_tokens=False) for r in trained_runs(sample)]
+        assert runs == reference_turns(tok, upto, ("<|im_end|>",))[-1:]
+        assert runs[0].startswith(f"<think>\n{messages[i]['reasoning_content']}\n</think>")
+        assert sample.reasoning_dropped_turns == 0  # earlier turns are not trained in this sample
+    # `"train": false` turns get no sample; a one-turn conversation is one sample, as without the flag
+    messages[3]["train"] = False
+    assert len(loaded.encoder.encode_turns({"messages": messages})) == 2
+    one = {"messages": _ua("Hi", "Hello!")}
+    assert loaded.encoder.encode_turns(one) == [loaded.encoder.encode(one)]

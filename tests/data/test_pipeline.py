@@ -333,3 +333,42 @@ def test_reasoning_dropped_by_the_template_is_counted_in_summary_and_sidecar(tmp
     pipeline.render_summary(result, console)
     row = next(line for line in console.export_text().splitlines() if "reasoning dropped" in line)
     assert f"1 turns, {expected_tokens} tokens" in row
+
+
+def test_split_turns_writes_one_sample_per_turn_and_counts_lines_and_samples(tmp_path):
+    import orjson
+
+    three = {
+        "messages": [
+            {"role": r, "content": c} for r, c in zip(["user", "assistant"] * 3, "abcdef", strict=True)
+        ]
+    }
+    inp = tmp_path / "in.jsonl"
+    inp.write_bytes(orjson.dumps(three) + b"\n" + GOOD + b"\n")
+    result, out = run(tmp_path, inp, split_turns=True)
+    assert (result.read, result.written, result.samples) == (2, 2, 4)
+    assert [s["source_line"] for _, s in iter_samples(out)] == [1, 1, 1, 2]
+    assert read_sidecar(out)["counts"]["samples"] == 4 and read_sidecar(out)["config"]["split_turns"] is True
+    # too long: the whole line goes (a line is one unit), said in the rejects file
+    lengths = [s["len"] for _, s in iter_samples(out)]
+    assert lengths[3] < max(lengths[:3]) - 1  # GOOD is shorter than line 1's longest turn sample
+    result, out = run(tmp_path, inp, split_turns=True, max_sample_num_tokens=max(lengths[:3]) - 1)
+    assert (result.written, result.dropped, result.samples) == (1, 1, 1)
+    assert "longest turn sample" in rejects_path(out).read_text()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "says"),
+    [
+        ({"train_on": "first"}, "--train-on first: expected one of all, last"),
+        ({"train_on": "last", "split_turns": True}, "pass one of them"),
+    ],
+)
+def test_train_on_and_split_turns_are_validated(tmp_path, kwargs, says):
+    with pytest.raises(UserError, match=says):
+        TokenizeConfig(
+            input_file=tmp_path / "a.jsonl",
+            output_file=tmp_path / "b.jsonl",
+            model_name_or_path="m",
+            **kwargs,
+        )
