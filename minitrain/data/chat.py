@@ -769,6 +769,26 @@ def tool_call_enders(encoder: ChatEncoder, added_tokens: list[str]) -> list[str]
     return [t for t in sorted(added_tokens, key=len, reverse=True) if text.startswith(t, after)][:1]
 
 
+def voice_token_ids(encoder: ChatEncoder) -> list[int]:
+    """Ids of added tokens that the generation rule trains inside a turn (not its end), found on probes
+    with reasoning and with a tool call; `inspect --audit` accepts these as trained special tokens."""
+    call = {"type": "function", "function": {"name": "minitrain_probe", "arguments": {"p": "probe"}}}
+    user = {"role": "user", "content": _PROBE_CONTENTS[0]}
+    probes = [
+        [user, {"role": "assistant", "content": _PROBE_CONTENTS[1], "reasoning_content": _PROBE_CONTENTS[2]}],
+        [user, {"role": "assistant", "content": "", "tool_calls": [call]}, {"role": "tool", "content": "x"}],
+    ]
+    added = set(encoder.backend.get_added_tokens_decoder())
+    found: set[int] = set()
+    for messages in probes:
+        try:
+            sample = encoder.encode({"messages": messages})
+        except SampleRejected:
+            continue
+        found.update(label for label in sample.labels if label in added)
+    return sorted(found - set(encoder.eot_ids))
+
+
 def has_generation_prompt(encoder: ChatEncoder) -> bool:
     """True when add_generation_prompt=True adds text after a user message (the assistant header)."""
     messages = [{"role": "user", "content": _PROBE_CONTENTS[0]}]
@@ -808,6 +828,11 @@ class LoadedTokenizer:
     @property
     def end_of_turn_token_ids(self) -> list[int]:
         return list(self.encoder.eot_ids)
+
+    @property
+    def turn_token_ids(self) -> list[int]:
+        """Added tokens the template writes in the model's voice (`<think>`, `<|channel|>` ...): trained."""
+        return voice_token_ids(self.encoder)
 
 
 def load_chat_encoder(model_name_or_path: str, chat_template: str | None = None) -> LoadedTokenizer:

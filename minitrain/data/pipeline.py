@@ -407,6 +407,7 @@ def _sidecar(config: TokenizeConfig, loaded: Any, result: TokenizeResult) -> dic
             "eos_token_id": loaded.eos_token_id,
             "pad_token_id": loaded.pad_token_id,
             "end_of_turn_token_ids": loaded.end_of_turn_token_ids,
+            "turn_token_ids": loaded.turn_token_ids,
             "fingerprint": loaded.fingerprint,
         },
         "chat_template_sha256": loaded.template_sha256,
