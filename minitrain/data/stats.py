@@ -22,6 +22,7 @@ sidecar it takes EOS and whichever of `KNOWN_END_OF_TURN` the vocabulary has.
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import random
 from array import array
@@ -359,6 +360,8 @@ class DatasetStats:
     zero_trained_examples: list[int]
     longest: list[tuple[int, int, int | None, int]]  # (tokens, index, source line, trained), longest first
     packing: PackingStats | None = None
+    # from the sidecar: {"turns", "tokens"} of reasoning the chat template did not render; None without one
+    reasoning_dropped: dict[str, int] | None = None
 
 
 @dataclass
@@ -1016,4 +1019,7 @@ def inspect_file(config: InspectConfig) -> InspectResult:
             seed=config.seed,
             collected=acc,  # with --audit, its pass collected them
         )
+        dropped = (meta or {}).get("reasoning_dropped_by_template")
+        if isinstance(dropped, dict):
+            result.stats = dataclasses.replace(result.stats, reasoning_dropped=dropped)
     return result

@@ -618,9 +618,14 @@ def _tokenize_qwen3(tmp_path: Path, **kwargs: Any) -> tuple[Path, Path]:
 )
 def test_reasoning_files_from_tokenize_audit_clean(tmp_path: Path, kwargs: dict) -> None:
     inp, out = _tokenize_qwen3(tmp_path, **kwargs)
-    result = st.inspect_file(st.InspectConfig(path=out, audit=True, source=inp))
+    result = st.inspect_file(st.InspectConfig(path=out, audit=True, stats=True, source=inp))
     assert result.audit is not None and result.audit.counts == {}, result.audit.examples
     assert result.audit.samples == (4 if kwargs.get("split_turns") else 3)
+    # --stats says what the template dropped: line 1's first reasoning (not trained with last, kept with split)
+    dropped = result.stats.reasoning_dropped
+    assert dropped["turns"] == (0 if kwargs else 1)  # only trained turns count and (dropped["tokens"] > 0) == bool(
+        dropped["turns"]
+    )
 
 
 def test_masked_reasoning_is_found(tmp_path: Path) -> None:
