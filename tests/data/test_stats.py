@@ -623,9 +623,8 @@ def test_reasoning_files_from_tokenize_audit_clean(tmp_path: Path, kwargs: dict)
     assert result.audit.samples == (4 if kwargs.get("split_turns") else 3)
     # --stats says what the template dropped: line 1's first reasoning (not trained with last, kept with split)
     dropped = result.stats.reasoning_dropped
-    assert dropped["turns"] == (0 if kwargs else 1)  # only trained turns count and (dropped["tokens"] > 0) == bool(
-        dropped["turns"]
-    )
+    assert dropped["turns"] == (0 if kwargs else 1)  # only trained turns count
+    assert (dropped["tokens"] > 0) == bool(dropped["turns"])
 
 
 def test_masked_reasoning_is_found(tmp_path: Path) -> None:
