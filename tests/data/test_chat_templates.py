@@ -234,3 +234,34 @@ def test_every_family_every_shape_is_exact(family, shape):
         expected[-1] += "<|user|>"
     assert sample.input_ids == expected_ids
     assert trained_texts(tok, sample) == expected
+
+
+# TRL-style training template: {% generation %} marks what the assistant generates; transformers turns it
+# into an assistant mask, a second opinion that owes nothing to minitrain's rule.
+GENERATION_MARKED = (
+    "{%- for m in messages %}{%- if m['role'] == 'assistant' %}{{ '<|im_start|>assistant\\n' }}{% generation %}"
+    "{%- if m.get('reasoning_content') %}{{ '<think>\\n' + m['reasoning_content'] + '\\n</think>\\n\\n' }}{%- endif %}"
+    "{{ m['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\\n' }}"
+    "{%- else %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+def test_generation_markers_agree_with_the_rule(tmp_path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(QWEN3))
+    tok.chat_template = GENERATION_MARKED
+    tok.save_pretrained(tmp_path)
+    tok = AutoTokenizer.from_pretrained(str(tmp_path))
+    loaded = load_chat_encoder(str(tmp_path))
+    shapes = [*SHAPES.values()]
+    shapes[3] = [*_ua("Hi"), {"role": "assistant", "content": "Hello!", "reasoning_content": REASON}]
+    for messages in shapes:
+        sample = loaded.encoder.encode({"messages": messages})
+        marked = tok.apply_chat_template(
+            messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+        )
+        assert sample.input_ids == list(marked["input_ids"])
+        assert [int(lab != IGNORE_INDEX) for lab in sample.labels] == list(marked["assistant_masks"])
+        assert any(marked["assistant_masks"])
