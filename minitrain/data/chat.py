@@ -1,34 +1,54 @@
 """One input record -> `input_ids` + `labels`, with a loss mask proven against the rendered chat template.
 
-This module owns the masking rule of the whole project: trained (label = token id) are each assistant
-message's content and the end-of-turn token(s) the template puts right after it; masked (-100) is
-everything else (system/user/tool turns, role headers, generation prompts, BOS, injected default system
-prompts, whitespace after the end-of-turn token). Labels are aligned with `input_ids`, not shifted.
+This module owns the masking rule of the whole project, the generation rule: for each assistant message i,
+trained (label = token id) is exactly what the model generates at that point - the text the template
+renders after `render(messages[:i], add_generation_prompt=True)`, up to and including the token that ends
+the turn (`<|im_end|>`, `<|eot_id|>`, `<end_of_turn>`, `<|end|>`, `</s>`, gpt-oss's `<|return|>`/`<|call|>`,
+GLM's next role token). That covers reasoning blocks with their tags, tool calls with their wrappers and
+anything else the template writes in the model's voice. Masked (-100) is everything else (system/user/tool
+turns, role headers, generation prompts, BOS, whitespace after the end of turn). Labels are aligned with
+`input_ids`, not shifted. `train_on="last"` trains only the last assistant message; `encode_turns` makes
+one sample per turn (the conversation up to it, trained on it alone: `--split-turns`).
 
-How a mask is computed (no assumption that rendering a prefix of a conversation gives a prefix of text):
+How a mask is computed, every step checked (a mask is never guessed):
 
-    1. render the real conversation once with the template              -> text (what is tokenized)
-    2. render it again with every message content wrapped in unique,    -> marked text; strip the markers
-       indexed private-use markers (U+10FFF0 i U+10FFF1 ... U+10FFF0 i     and record where they were.
-       U+10FFF2)                                                            The stripped text must EQUAL
-                                                                            `text`, else the template
-                                                                            rewrote something (retry once
-                                                                            with markers inside stripped
-                                                                            whitespace, for `| trim`)
-    3. trained char span of an assistant turn = [content start, content end + len(end-of-turn text)),
-       where the end-of-turn text (e.g. `<|im_end|>`, `</s>`, `<|eot_id|>`) is found once per template by a
-       probe and must follow each trained content exactly. Turns with `tool_calls` start where the
-       generation prompt of the conversation so far ends (verified to be a prefix of `text`) and end at the
-       one end-of-turn text before the next message.
-    4. encode `text` ONCE with character offsets (a fast tokenizer); a token is trained iff it overlaps a
-       trained span. A token that crosses a span boundary is allowed only when the part outside the span
-       is spaces before the content (SentencePiece's "▁Hello" after `[/INST] `) or whitespace after the
-       end-of-turn token (special tokens that swallow a newline); any other crossing (e.g. a header
-       newline merged with a content that starts with a newline), a content not found exactly once, or a turn not followed by its end-of-turn
-       tokens rejects the sample with "alignment failure" - a mask is never guessed.
+    1. text = render(messages): what is tokenized.
+    2. prefix property: prompt_i = render(messages[:i], add_generation_prompt=True) must be a prefix of
+       text; the turn starts at len(prompt_i). The one exact alternative: a prompt whose tail the text does
+       not repeat (DeepSeek-R1 opens `<think>\n` in the prompt only) - the turn then starts where the two
+       part, after the header. Else: "generation prompt not a prefix".
+    3. end of turn: the last turn-ending token (probed once per template: the first added token after a
+       middle and a final assistant content, and right after a tool call's arguments) before the next
+       message begins. Where the next message begins is known from one more render with the contents of
+       system/user/tool messages wrapped in private-use markers (U+10FFF0 j U+10FFF1 ... U+10FFF2; the
+       stripped render must equal `text`, retried with markers inside `| trim`med whitespace). "Last", not
+       "first": gpt-oss closes its analysis channel with `<|end|>` inside the turn. No token: "no end of
+       turn" - except the last turn of a template that leaves it open (GLM-4), which is closed with the
+       token that ends its other turns (the model's stop token), appended and trained.
+    4. contents: the turn's answer, its tool calls' names and its reasoning (a `reasoning_content`,
+       `reasoning` or `thinking` field, or inline `<think>...</think>`) must lie in the trained text, else
+       "content outside its turn" / "template error" (tool calls not rendered). Reasoning that the template
+       does not render at all (Qwen3 before the last user query, DeepSeek-R1, gpt-oss) is the template's
+       meaning: not an error, counted per sample (turns and tokens) for the summary, sidecar and --stats.
+    5. encode `text` ONCE with character offsets; a token is trained iff it overlaps a trained span. The
+       last trained token of a turn must be a turn-ending id.
 
-The trade-off: two template renders per sample (cheap next to tokenization) buy exactness on any
-template, and the one encode per sample keeps the cost within a small factor of "render + encode".
+Leading whitespace (a token straddling the start of a turn): decided as inference sees it. At inference the
+prompt is tokenized alone and the model generates from a fresh token, so when a token holds text on both
+sides of a turn's start (ChatML `assistant\n` + a content starting with spaces tokenizes `\n ` as one
+token), the text is encoded in pieces cut at that start: the prompt exactly as inference tokenizes it, the
+turn as the model would generate it. Such a sample's ids then differ from a one-shot encode of the text at
+that boundary only. A piece that does not decode back to itself (SentencePiece adds a `▁` to a text it
+starts) is rejected ("token crosses a turn edge"). Spaces before the start are not a straddle: SentencePiece's
+`▁Hello` after `[/INST] ` carries the template's space and is trained, as before.
+
+Templates without a generation prompt (add_generation_prompt adds nothing) have no rule to follow: each
+turn is then found by its content (all contents marked) and trained from it through the end-of-turn text
+probed after it - the rule minitrain used before, kept for such templates.
+
+The trade-off: per sample, one render of the text, one marked render and one prefix render per assistant
+turn (cheap next to tokenization for a few turns; multi-turn samples cost more) buy exactness on any
+template; the one encode per sample keeps the cost within a small factor of "render + encode".
 Records of shape `pretrain` and `prompt`/`generation` need no template: the text is encoded once and the
 same span rule applies, with EOS appended and trained.
 """
