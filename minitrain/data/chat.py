@@ -466,10 +466,13 @@ class ChatEncoder:
         if not self.has_generation_prompt:
             return self._encode_by_content(messages, tools, text, trained)
         # Where each non-assistant message's content sits: a later message bounds a turn's search for its end.
-        located = self._marked_render(messages, tools, text, False, "assistant") or self._marked_render(
-            messages, tools, text, True, "assistant"
-        )
-        opens = located[0] if located is not None else None
+        # Only needed when such a message follows a trained turn (not for one-turn conversations).
+        opens = None
+        if trained and any(m["role"] != "assistant" for m in messages[trained[0] + 1 :]):
+            located = self._marked_render(messages, tools, text, False, "assistant") or self._marked_render(
+                messages, tools, text, True, "assistant"
+            )
+            opens = located[0] if located is not None else None
         prompt_ends = {
             i: self._turn_start(real, tools, text, i)
             for i, m in enumerate(messages)
