@@ -1,8 +1,10 @@
 """Benchmark `minitrain tokenize` against a naive masking pipeline and a no-masking floor.
 
     python benchmarks/bench_tokenize.py [--samples 20000] [--naive-samples 2000] [--workers N] [--out PATH]
+                                        [--tokenizer smollm2-135m-instruct|qwen3|...] [--data alpaca|fastchat]
 
-Data: ../shared/fixtures/data/*.messages.jsonl replicated to --samples lines; tokenizer: SmolLM2 (fixtures).
+Data: ../shared/fixtures/data/*.messages.jsonl (or only those whose name starts with --data: alpaca is
+single-turn, fastchat multi-turn) replicated to --samples lines; tokenizer: a fixture folder (SmolLM2).
 Variants, side by side (samples/s, tokens/s, and per core):
   minitrain (1 worker)   the real stage, `tokenize_file`, on one process (parse, mask, verify, write)
   minitrain (N workers)  the same with N worker processes (default: all cores)
@@ -35,10 +37,10 @@ FIXTURES = REPO.parent / "shared" / "fixtures"
 SMOLLM2 = FIXTURES / "tokenizers" / "smollm2-135m-instruct"
 
 
-def build_input(path: Path, samples: int) -> list[bytes]:
+def build_input(path: Path, samples: int, data: str = "") -> list[bytes]:
     lines = [
         line
-        for f in sorted((FIXTURES / "data").glob("*.messages.jsonl"))
+        for f in sorted((FIXTURES / "data").glob(f"{data}*.messages.jsonl"))
         for line in f.read_bytes().splitlines()
         if line.strip()
     ]
@@ -47,12 +49,12 @@ def build_input(path: Path, samples: int) -> list[bytes]:
     return chosen
 
 
-def bench_minitrain(inp: Path, out: Path, workers: int) -> dict:
+def bench_minitrain(inp: Path, out: Path, workers: int, tokenizer: Path = SMOLLM2) -> dict:
     from minitrain.config import TokenizeConfig
     from minitrain.data.pipeline import tokenize_file
 
     config = TokenizeConfig(
-        input_file=inp, output_file=out, model_name_or_path=str(SMOLLM2), num_workers=workers
+        input_file=inp, output_file=out, model_name_or_path=str(tokenizer), num_workers=workers
     )
 
     def cpu() -> float:  # this process and its (finished) worker processes
@@ -73,10 +75,10 @@ def bench_minitrain(inp: Path, out: Path, workers: int) -> dict:
     }
 
 
-def bench_naive(lines: list[bytes]) -> dict:
+def bench_naive(lines: list[bytes], tokenizer: Path = SMOLLM2) -> dict:
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(SMOLLM2))
+    tok = AutoTokenizer.from_pretrained(str(tokenizer))
     tokens = 0
     t0, c0 = time.perf_counter(), time.process_time()
     for raw in lines:
@@ -104,10 +106,10 @@ def bench_naive(lines: list[bytes]) -> dict:
     }
 
 
-def bench_floor(lines: list[bytes], batch: int = 64) -> dict:
+def bench_floor(lines: list[bytes], batch: int = 64, tokenizer: Path = SMOLLM2) -> dict:
     from minitrain.data.chat import load_chat_encoder
 
-    encoder = load_chat_encoder(str(SMOLLM2)).encoder
+    encoder = load_chat_encoder(str(tokenizer)).encoder
     tokens = 0
     t0, c0 = time.perf_counter(), time.process_time()
     for i in range(0, len(lines), batch):
@@ -134,20 +136,25 @@ def main() -> None:
         default=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
     )
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "tokenize.json")
+    parser.add_argument(
+        "--tokenizer", default=SMOLLM2.name, help="a folder under ../shared/fixtures/tokenizers"
+    )
+    parser.add_argument("--data", default="", help="only fixture files whose name starts with this")
     args = parser.parse_args()
+    tokenizer = FIXTURES / "tokenizers" / args.tokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
         inp = Path(tmp) / "bench.jsonl"
-        lines = build_input(inp, args.samples)
+        lines = build_input(inp, args.samples, args.data)
         rows = {
-            "floor (render + batched encode, no mask)": bench_floor(lines),
-            "minitrain tokenize, 1 worker": bench_minitrain(inp, Path(tmp) / "one.jsonl", 1),
+            "floor (render + batched encode, no mask)": bench_floor(lines, tokenizer=tokenizer),
+            "minitrain tokenize, 1 worker": bench_minitrain(inp, Path(tmp) / "one.jsonl", 1, tokenizer),
             f"minitrain tokenize, {args.workers} workers": bench_minitrain(
-                inp, Path(tmp) / "many.jsonl", args.workers
+                inp, Path(tmp) / "many.jsonl", args.workers, tokenizer
             ),
             # every k-th line, so the naive subset has the same mix of single- and multi-turn samples
             "naive (apply_chat_template + per-turn prefixes)": bench_naive(
-                lines[:: max(1, len(lines) // args.naive_samples)]
+                lines[:: max(1, len(lines) // args.naive_samples)], tokenizer
             ),
         }
     for row in rows.values():
@@ -163,7 +170,7 @@ def main() -> None:
     from rich.table import Table
 
     table = Table(
-        title=f"tokenize, SmolLM2, {args.samples} samples ({os.cpu_count()} cores, load {os.getloadavg()[0]:.1f})"
+        title=f"tokenize, {args.tokenizer}, {args.data or 'all'} data, {args.samples} samples ({os.cpu_count()} cores, load {os.getloadavg()[0]:.1f})"
     )
     for col in (
         "variant",

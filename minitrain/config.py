@@ -20,6 +20,8 @@ from minitrain.errors import UserError
 
 # ------------------------------------------------------------------------------------------- tokenize
 
+TRAIN_ON = ("all", "last")  # tokenize --train-on values
+
 
 @dataclass(frozen=True, kw_only=True)
 class TokenizeConfig:
@@ -43,9 +45,18 @@ class TokenizeConfig:
     user_role: tuple[str, ...] = ()  # data role names that mean user (beside human, user)
     assistant_role: tuple[str, ...] = ()  # ... assistant (beside gpt, assistant)
     system_role: tuple[str, ...] = ()  # ... system
+    train_on: str = "all"  # "all" assistant turns, or the "last" one only
+    split_turns: bool = False  # one sample per trained assistant turn, each rendered as at inference
 
     def __post_init__(self) -> None:
         _check_tokenize_input(self)
+        if self.train_on not in TRAIN_ON:
+            raise UserError(f"--train-on {self.train_on}: expected one of {', '.join(TRAIN_ON)}")
+        if self.split_turns and self.train_on == "last":
+            raise UserError(
+                "--split-turns trains every turn in its own sample and --train-on last only the final turn;"
+                " pass one of them"
+            )
         object.__setattr__(self, "output_file", Path(self.output_file))
         object.__setattr__(self, "model_name_or_path", str(self.model_name_or_path))
         if not self.model_name_or_path:

@@ -115,6 +115,17 @@ ROWS = [
     Row("tokenize", "Parquet input without pyarrow",
         (f"{W}/text.parquet", "-o", f"{W}/t.jsonl", "--model-name-or-path", TOKENIZER),
         ("needs pyarrow", "pip install 'minitrain[datasets]'"), missing="pyarrow"),
+    Row("tokenize", "--train-on with an unknown value",
+        (f"{W}/in.jsonl", "-o", f"{W}/t.jsonl", "--model-name-or-path", TOKENIZER, "--train-on", "first"),
+        ("--train-on first", "expected one of all, last")),
+    Row("tokenize", "--split-turns with --train-on last",
+        (f"{W}/in.jsonl", "-o", f"{W}/t.jsonl", "--model-name-or-path", TOKENIZER, "--split-turns",
+         "--train-on", "last"),
+        ("--split-turns trains every turn", "pass one of them")),
+    Row("tokenize", "every line rejected (a preference file: prompt/chosen/rejected)",
+        (f"{W}/prefs.jsonl", "-o", f"{W}/t.jsonl", "--model-name-or-path", TOKENIZER, "--num-workers", "1"),
+        ("prefs.jsonl: no line could be tokenized, nothing written", "2 rejected: no known shape (2)",
+         "first, line 1: no known shape", "fix the input")),
     # ----------------------------------------------------------------------------------------- inspect
     Row("inspect", "file does not exist", (f"{W}/nope.jsonl",),
         ("nope.jsonl: no such file", "pass the OUT.jsonl written by `minitrain tokenize`")),
@@ -259,6 +270,9 @@ def ws(tmp_path_factory) -> Path:
         import pyarrow.parquet as pq
 
         pq.write_table(pyarrow.Table.from_pylist([{"text": "hi", "label": 1}]), w / "text.parquet")
+    (w / "prefs.jsonl").write_text(
+        '{"prompt": [{"role": "user", "content": "q"}], "chosen": [], "rejected": []}\n' * 2
+    )
     (w / "in-bad.jsonl").write_text(_good_conversation() + "\n{broken\n" + _good_conversation() + "\n")
     if SMOLLM2.is_dir():
         shutil.copytree(SMOLLM2, w / "tok-no-template")

@@ -77,7 +77,8 @@ def inspect(
 ) -> None:
     """See and audit what the model will be trained on.
 
-    Trained text is bright green, masked text dim, special tokens reversed; with --no-color or when piped,
+    Trained text is bright green, masked text dim, special tokens reversed, reasoning (<think>...</think>,
+    analysis channel) italic yellow, bright when trained; with --no-color or when piped,
     trained spans are enclosed in ⟦ ⟧ and nothing else is added.
 
     Audit checks (severity) - each counts samples and shows the first example indices:
@@ -89,7 +90,8 @@ def inspect(
       zero_trained        (warning) a sample with no trained token
       trained_special     (error)   a trained special token that is not end-of-turn (role header, BOS ...)
       eot_not_trained     (error)   a trained span that does not end with an end-of-turn token
-      text_mismatch       (error)   --source: decoded trained spans != the assistant contents (+ end-of-turn)
+      text_mismatch       (error)   --source: a trained span does not end with its assistant content (+ end-of-turn)
+      reasoning_masked    (error)   --source: a turn's reasoning is rendered in the sample but masked
       source_unmatched    (error)   --source: a sample's source_line is missing, out of order or past the end
       sidecar_mismatch    (error)   the sidecar's written/tokens/trained_tokens disagree with the file
 

@@ -119,8 +119,24 @@ def tokenize(
             show_default=False,
         ),
     ] = None,
+    train_on: Annotated[
+        str,
+        typer.Option(
+            "--train-on",
+            help="Assistant turns to train: all, or last (the final answer only).",
+            autocompletion=lambda: ["all", "last"],
+        ),
+    ] = "all",
+    split_turns: Annotated[
+        bool,
+        typer.Option(
+            "--split-turns",
+            help="One sample per assistant turn, rendered as at inference and trained on that turn: keeps "
+            "the reasoning of every turn when the template drops earlier reasoning (Qwen3, DeepSeek-R1, gpt-oss).",
+        ),
+    ] = False,
 ) -> None:
-    """Tokenize conversations with exact loss masks (assistant content + end-of-turn trained).
+    """Tokenize conversations with exact loss masks (what the model generates in each assistant turn).
 
     Examples:
 
@@ -133,6 +149,8 @@ def tokenize(
       minitrain tokenize chats.jsonl -o out.jsonl --model-name-or-path M --messages-field dialog --role-field speaker --content-field text --user-role customer --assistant-role agent
 
       minitrain tokenize --input-file in.jsonl --output-file out.jsonl --model-name-or-path M --max-sample-num-tokens 32768
+
+      minitrain tokenize reasoning.jsonl -o r.tok.jsonl --model-name-or-path ./qwen3 --split-turns
     """
     if input_path is not None and input_file is not None:
         raise UserError("give the input once: either INPUT.jsonl or --input-file, not both")
@@ -166,6 +184,8 @@ def tokenize(
         user_role=tuple(user_role or ()),
         assistant_role=tuple(assistant_role or ()),
         system_role=tuple(system_role or ()),
+        train_on=train_on,
+        split_turns=split_turns,
     )
     console = Console(stderr=True)
     result = tokenize_file(config, console=console)

@@ -1,34 +1,54 @@
 """One input record -> `input_ids` + `labels`, with a loss mask proven against the rendered chat template.
 
-This module owns the masking rule of the whole project: trained (label = token id) are each assistant
-message's content and the end-of-turn token(s) the template puts right after it; masked (-100) is
-everything else (system/user/tool turns, role headers, generation prompts, BOS, injected default system
-prompts, whitespace after the end-of-turn token). Labels are aligned with `input_ids`, not shifted.
+This module owns the masking rule of the whole project, the generation rule: for each assistant message i,
+trained (label = token id) is exactly what the model generates at that point - the text the template
+renders after `render(messages[:i], add_generation_prompt=True)`, up to and including the token that ends
+the turn (`<|im_end|>`, `<|eot_id|>`, `<end_of_turn>`, `<|end|>`, `</s>`, gpt-oss's `<|return|>`/`<|call|>`,
+GLM's next role token). That covers reasoning blocks with their tags, tool calls with their wrappers and
+anything else the template writes in the model's voice. Masked (-100) is everything else (system/user/tool
+turns, role headers, generation prompts, BOS, whitespace after the end of turn). Labels are aligned with
+`input_ids`, not shifted. `train_on="last"` trains only the last assistant message; `encode_turns` makes
+one sample per turn (the conversation up to it, trained on it alone: `--split-turns`).
 
-How a mask is computed (no assumption that rendering a prefix of a conversation gives a prefix of text):
+How a mask is computed, every step checked (a mask is never guessed):
 
-    1. render the real conversation once with the template              -> text (what is tokenized)
-    2. render it again with every message content wrapped in unique,    -> marked text; strip the markers
-       indexed private-use markers (U+10FFF0 i U+10FFF1 ... U+10FFF0 i     and record where they were.
-       U+10FFF2)                                                            The stripped text must EQUAL
-                                                                            `text`, else the template
-                                                                            rewrote something (retry once
-                                                                            with markers inside stripped
-                                                                            whitespace, for `| trim`)
-    3. trained char span of an assistant turn = [content start, content end + len(end-of-turn text)),
-       where the end-of-turn text (e.g. `<|im_end|>`, `</s>`, `<|eot_id|>`) is found once per template by a
-       probe and must follow each trained content exactly. Turns with `tool_calls` start where the
-       generation prompt of the conversation so far ends (verified to be a prefix of `text`) and end at the
-       one end-of-turn text before the next message.
-    4. encode `text` ONCE with character offsets (a fast tokenizer); a token is trained iff it overlaps a
-       trained span. A token that crosses a span boundary is allowed only when the part outside the span
-       is spaces before the content (SentencePiece's "▁Hello" after `[/INST] `) or whitespace after the
-       end-of-turn token (special tokens that swallow a newline); any other crossing (e.g. a header
-       newline merged with a content that starts with a newline), a content not found exactly once, or a turn not followed by its end-of-turn
-       tokens rejects the sample with "alignment failure" - a mask is never guessed.
+    1. text = render(messages): what is tokenized.
+    2. prefix property: prompt_i = render(messages[:i], add_generation_prompt=True) must be a prefix of
+       text; the turn starts at len(prompt_i). The one exact alternative: a prompt whose tail the text does
+       not repeat (DeepSeek-R1 opens `<think>\n` in the prompt only) - the turn then starts where the two
+       part, after the header. Else: "generation prompt not a prefix".
+    3. end of turn: the last turn-ending token (probed once per template: the first added token after a
+       middle and a final assistant content, and right after a tool call's arguments) before the next
+       message begins. Where the next message begins is known from one more render with the contents of
+       system/user/tool messages wrapped in private-use markers (U+10FFF0 j U+10FFF1 ... U+10FFF2; the
+       stripped render must equal `text`, retried with markers inside `| trim`med whitespace). "Last", not
+       "first": gpt-oss closes its analysis channel with `<|end|>` inside the turn. No token: "no end of
+       turn" - except the last turn of a template that leaves it open (GLM-4), which is closed with the
+       token that ends its other turns (the model's stop token), appended and trained.
+    4. contents: the turn's answer, its tool calls' names and its reasoning (a `reasoning_content`,
+       `reasoning` or `thinking` field, or inline `<think>...</think>`) must lie in the trained text, else
+       "content outside its turn" / "template error" (tool calls not rendered). Reasoning that the template
+       does not render at all (Qwen3 before the last user query, DeepSeek-R1, gpt-oss) is the template's
+       meaning: not an error, counted per sample (turns and tokens) for the summary, sidecar and --stats.
+    5. encode `text` ONCE with character offsets; a token is trained iff it overlaps a trained span. The
+       last trained token of a turn must be a turn-ending id.
 
-The trade-off: two template renders per sample (cheap next to tokenization) buy exactness on any
-template, and the one encode per sample keeps the cost within a small factor of "render + encode".
+Leading whitespace (a token straddling the start of a turn): decided as inference sees it. At inference the
+prompt is tokenized alone and the model generates from a fresh token, so when a token holds text on both
+sides of a turn's start (ChatML `assistant\n` + a content starting with spaces tokenizes `\n ` as one
+token), the text is encoded in pieces cut at that start: the prompt exactly as inference tokenizes it, the
+turn as the model would generate it. Such a sample's ids then differ from a one-shot encode of the text at
+that boundary only. A piece that does not decode back to itself (SentencePiece adds a `▁` to a text it
+starts) is rejected ("token crosses a turn edge"). Spaces before the start are not a straddle: SentencePiece's
+`▁Hello` after `[/INST] ` carries the template's space and is trained, as before.
+
+Templates without a generation prompt (add_generation_prompt adds nothing) have no rule to follow: each
+turn is then found by its content (all contents marked) and trained from it through the end-of-turn text
+probed after it - the rule minitrain used before, kept for such templates.
+
+The trade-off: per sample, one render of the text, one marked render and one prefix render per assistant
+turn (cheap next to tokenization for a few turns; multi-turn samples cost more) buy exactness on any
+template; the one encode per sample keeps the cost within a small factor of "render + encode".
 Records of shape `pretrain` and `prompt`/`generation` need no template: the text is encoded once and the
 same span rule applies, with EOS appended and trained.
 """
@@ -60,7 +80,13 @@ NON_STRING_CONTENT = "non-string content"
 EMPTY_ASSISTANT = "empty assistant content"
 PRETRAIN_MIXED = "pretrain mixed with roles"
 TEMPLATE_ERROR = "template error"
-ALIGNMENT_FAILURE = "alignment failure"
+ALIGNMENT_FAILURE = "alignment failure"  # the text holds minitrain's marker, or a trained span has no tokens
+# One reason per check of the generation rule (see the module docstring), so a rejection says which failed.
+PREFIX_MISMATCH = "generation prompt not a prefix"
+NO_END_OF_TURN = "no end of turn"
+OUTSIDE_TURN = "content outside its turn"
+TOKEN_STRADDLE = "token crosses a turn edge"
+CONTENTS_REWRITTEN = "template rewrites contents"
 REJECT_REASONS = (
     MALFORMED_JSON,
     NOT_UTF8,
@@ -71,7 +97,13 @@ REJECT_REASONS = (
     PRETRAIN_MIXED,
     TEMPLATE_ERROR,
     ALIGNMENT_FAILURE,
+    PREFIX_MISMATCH,
+    NO_END_OF_TURN,
+    OUTSIDE_TURN,
+    TOKEN_STRADDLE,
+    CONTENTS_REWRITTEN,
 )
+REASONING_KEYS = ("reasoning_content", "reasoning", "thinking")  # assistant fields that hold reasoning
 TOO_LONG = "too long"  # the one reason a line is dropped
 
 # Markers: U+10FFF0 <index> U+10FFF1 opens message <index>'s content, U+10FFF0 <index> U+10FFF2 closes it.
@@ -100,6 +132,8 @@ class EncodedSample:
 
     input_ids: list[int]
     labels: list[int]
+    reasoning_dropped_turns: int = 0  # assistant turns whose reasoning the template does not render
+    reasoning_dropped_tokens: int = 0  # tokens of that reasoning (encoded alone)
 
 
 def _build_environment() -> Any:
@@ -148,7 +182,7 @@ def _template_message(message: dict[str, Any], content: Any) -> dict[str, Any]:
     out = {k: v for k, v in message.items() if v is not None and k != "content"}
     if content is not None:
         out["content"] = content
-    reasoning = next((out[k] for k in ("reasoning_content", "thinking", "reasoning") if k in out), None)
+    reasoning = next((out[k] for k in REASONING_KEYS if k in out), None)
     if reasoning is not None:
         out.setdefault("thinking", reasoning)
         out.setdefault("reasoning_content", reasoning)
@@ -189,6 +223,9 @@ class ChatEncoder:
         eos_id: int,
         eot_text: str,
         eot_ids: list[int],
+        eot_tokens: tuple[str, ...] = (),
+        has_generation_prompt: bool = True,
+        final_turn_ender: str | None = None,
     ) -> None:
         self.backend = backend  # tokenizers.Tokenizer
         self.template_source = template_source
@@ -198,7 +235,14 @@ class ChatEncoder:
         self.prefix_ids = prefix_ids  # what the tokenizer puts before a text (BOS), masked
         self.eos_id = eos_id
         self.eot_text = eot_text  # text the template puts right after assistant content, e.g. "<|im_end|>"
-        self.eot_ids = eot_ids  # the ids of the added tokens in eot_text, e.g. [2]
+        self.eot_ids = eot_ids  # the ids of the tokens that end a turn, e.g. [2]
+        # the tokens that end a turn (gpt-oss has three, GLM's is the next role token), e.g. ("<|im_end|>",)
+        self.eot_tokens = eot_tokens
+        # False: add_generation_prompt adds nothing, so turns are located by their content (the fallback)
+        self.has_generation_prompt = has_generation_prompt
+        # GLM-4: the template ends a turn with the next role token, so the last turn ends with nothing; the
+        # model generates this token there (it is a stop token), so it is appended and trained
+        self.final_turn_ender = final_turn_ender
         self._template = _build_environment().from_string(template_source)
 
     def __getstate__(self) -> dict[str, Any]:
@@ -231,8 +275,12 @@ class ChatEncoder:
             raise SampleRejected(TEMPLATE_ERROR, f"{type(err).__name__}: {err}"[:300]) from None
 
     # ---------------------------------------------------------------- encoding
-    def encode(self, record: Any) -> EncodedSample:
-        """One parsed JSON record -> sample; raises SampleRejected with one of REJECT_REASONS."""
+    def encode(self, record: Any, train_on: str = "all") -> EncodedSample:
+        """One parsed JSON record -> sample; raises SampleRejected with one of REJECT_REASONS.
+
+        `train_on`: "all" trains every assistant turn (except `"train": false` ones), "last" only the last
+        assistant message of the conversation.
+        """
         if not isinstance(record, dict):
             raise SampleRejected(NO_KNOWN_SHAPE, f"expected a JSON object, got {type(record).__name__}")
         messages = record.get("messages")
@@ -250,10 +298,29 @@ class ChatEncoder:
                         PRETRAIN_MIXED, "a `pretrain` message must be the only role on its line"
                     )
                 return self._encode_pretrain(messages)
-            return self._encode_chat(messages, record.get("tools"))
+            return self._encode_chat(messages, record.get("tools"), train_on)
         if "prompt" in record and "generation" in record:
             return self._encode_prompt_generation(record["prompt"], record["generation"])
         raise SampleRejected(NO_KNOWN_SHAPE, "expected `messages`, or `prompt` and `generation`")
+
+    def encode_turns(self, record: Any) -> list[EncodedSample]:
+        """One sample per trained assistant turn (`--split-turns`): the conversation up to and including
+        that turn, rendered as the model sees it there (its reasoning is the last turn's, so templates that
+        drop earlier reasoning keep it), trained on that turn only. Other records: one sample, as `encode`.
+        """
+        messages = record.get("messages") if isinstance(record, dict) else None
+        roles = [m.get("role") for m in messages if isinstance(m, dict)] if isinstance(messages, list) else []
+        if not roles or "pretrain" in roles or len(roles) != len(messages):
+            return [self.encode(record)]
+        self._check_messages(messages)
+        turns = [
+            i
+            for i, m in enumerate(messages)
+            if m["role"] == "assistant" and m.get("train", True) is not False
+        ]
+        if len(turns) <= 1:
+            return [self.encode(record)]
+        return [self.encode({**record, "messages": messages[: i + 1]}, "last") for i in turns]
 
     def _ids_with_prefix(self, text: str) -> tuple[list[int], list[tuple[int, int]], int]:
         """(ids, char offsets of the text's tokens, number of prefix ids in front) from ONE encode."""
@@ -286,11 +353,11 @@ class ChatEncoder:
             # header newline merged into the content's first token, has no exact mask.
             if first[0] < start and text[first[0] : start].strip(" "):
                 raise SampleRejected(
-                    ALIGNMENT_FAILURE, f"a token crosses the start of the trained text at char {start}"
+                    TOKEN_STRADDLE, f"a token crosses the start of the trained text at char {start}"
                 )
             if last[1] > end and not text[end : last[1]].isspace():
                 raise SampleRejected(
-                    ALIGNMENT_FAILURE, f"a token crosses the end of the trained text at char {end}"
+                    TOKEN_STRADDLE, f"a token crosses the end of the trained text at char {end}"
                 )
             labels[shift + lo : shift + hi] = ids[shift + lo : shift + hi]
             prev_hi = hi
@@ -332,9 +399,15 @@ class ChatEncoder:
                 )
             if content is not None and not isinstance(content, str):
                 raise SampleRejected(NON_STRING_CONTENT, f"message {i}: content is {type(content).__name__}")
-            if role == "assistant" and not (content or "").strip() and not message.get("tool_calls"):
+            if (
+                role == "assistant"
+                and not (content or "").strip()
+                and not message.get("tool_calls")
+                and not any(isinstance(message.get(k), str) and message[k].strip() for k in REASONING_KEYS)
+            ):
                 raise SampleRejected(
-                    EMPTY_ASSISTANT, f"message {i}: assistant content is empty and there are no tool_calls"
+                    EMPTY_ASSISTANT,
+                    f"message {i}: assistant content is empty and there are no tool_calls and no reasoning",
                 )
             if not isinstance(message.get("train", True), bool):
                 raise SampleRejected(NO_KNOWN_SHAPE, f"message {i}: `train` must be true or false")
@@ -342,13 +415,21 @@ class ChatEncoder:
                 raise SampleRejected(NO_KNOWN_SHAPE, f"message {i}: `tool_calls` must be a list")
 
     def _marked_render(
-        self, messages: list[dict[str, Any]], tools: Any, text: str, inside_whitespace: bool
+        self,
+        messages: list[dict[str, Any]],
+        tools: Any,
+        text: str,
+        inside_whitespace: bool,
+        skip_role: str | None = None,
     ) -> tuple[dict[int, list[int]], dict[int, list[int]]] | None:
-        """Where each content sits in `text`, from a render with markers; None if it does not reproduce `text`."""
+        """Where each content sits in `text`, from a render with markers; None if it does not reproduce `text`.
+
+        `skip_role`: messages of that role are not marked (assistant contents a template may split or rewrite).
+        """
         marked = []
         for i, m in enumerate(messages):
             content = m.get("content")
-            if isinstance(content, str) and content:
+            if isinstance(content, str) and content and m.get("role") != skip_role:
                 # inside_whitespace: markers go inside leading/trailing whitespace a template may `| trim`
                 if inside_whitespace:
                     core = content.strip()
@@ -364,7 +445,9 @@ class ChatEncoder:
             return None
         return (opens, closes) if plain == text else None
 
-    def _encode_chat(self, messages: list[dict[str, Any]], tools: Any) -> EncodedSample:
+    def _encode_chat(
+        self, messages: list[dict[str, Any]], tools: Any, train_on: str = "all"
+    ) -> EncodedSample:
         self._check_messages(messages)
         real = [_template_message(m, m.get("content")) for m in messages]
         text = self._render_or_reject(real, tools)
@@ -372,87 +455,227 @@ class ChatEncoder:
             raise SampleRejected(
                 ALIGNMENT_FAILURE, "the text contains U+10FFF0, which minitrain uses as a marker"
             )
+        trained = [
+            i
+            for i, m in enumerate(messages)
+            if m["role"] == "assistant" and m.get("train", True) is not False
+        ]
+        if train_on == "last":
+            last = max(i for i, m in enumerate(messages) if m["role"] == "assistant") if trained else -1
+            trained = [i for i in trained if i == last]
+        if not self.has_generation_prompt:
+            return self._encode_by_content(messages, tools, text, trained)
+        # Where each non-assistant message's content sits: a later message bounds a turn's search for its end.
+        # Only needed when such a message follows a trained turn (not for one-turn conversations).
+        opens = None
+        if trained and any(m["role"] != "assistant" for m in messages[trained[0] + 1 :]):
+            located = self._marked_render(messages, tools, text, False, "assistant") or self._marked_render(
+                messages, tools, text, True, "assistant"
+            )
+            opens = located[0] if located is not None else None
+        prompt_ends = {
+            i: self._turn_start(real, tools, text, i)
+            for i, m in enumerate(messages)
+            if m["role"] == "assistant"
+        }
+        spans = []
+        dropped_turns = dropped_tokens = 0
+        append = False
+        for i in trained:
+            start = prompt_ends[i]
+            for call in messages[i].get("tool_calls") or []:
+                name = (call.get("function") or call).get("name") if isinstance(call, dict) else None
+                if not isinstance(name, str) or name not in text:
+                    raise SampleRejected(
+                        TEMPLATE_ERROR, f"message {i}: the chat template does not render `tool_calls`"
+                    )
+            bound = min((e for j, e in prompt_ends.items() if j > i), default=len(text))
+            for j in range(i + 1, len(messages)):
+                if messages[j]["role"] == "assistant":
+                    continue
+                at = (opens or {}).get(j)
+                if not at:
+                    raise SampleRejected(
+                        CONTENTS_REWRITTEN,
+                        f"message {j}: its content cannot be located in the rendered text, so the end of turn {i}"
+                        " is unknown",
+                    )
+                bound = min(bound, at[0])
+                break
+            if (
+                bound == len(text)
+                and self.final_turn_ender
+                and not text[start:].rstrip().endswith(self.eot_tokens)
+            ):
+                append = True  # the last turn of a template that leaves it open (GLM-4)
+                end = len(text.rstrip())
+            else:
+                end = self._turn_end(text, i, start, bound)
+            dropped = self._check_turn(messages[i], text, i, start, end)
+            if dropped:
+                dropped_turns += 1
+                dropped_tokens += len(self.backend.encode(dropped, add_special_tokens=False).ids)
+            spans.append((start, end))
+        sample = self._encode_spans(text, spans, append)
+        return EncodedSample(sample.input_ids, sample.labels, dropped_turns, dropped_tokens)
+
+    def _turn_start(self, real: list[dict[str, Any]], tools: Any, text: str, i: int) -> int:
+        """Where assistant message i's generated text starts: the end of its generation prompt in `text`.
+
+        The prefix property: render(messages[:i], add_generation_prompt=True) must be a prefix of `text`.
+        The one exact alternative: a generation prompt whose tail the full render does not repeat (DeepSeek-R1
+        opens `<think>\n` in the prompt only); the turn then starts where the two part, after the header.
+        """
+        prompt = self._render_or_reject(real[:i], tools, True)
+        if text.startswith(prompt):
+            return len(prompt)
+        before = self._render_or_reject(real[:i], tools, False)
+        if text.startswith(before) and prompt.startswith(before):
+            header, rest = prompt[len(before) :], text[len(before) :]
+            common = next((k for k, (a, b) in enumerate(zip(header, rest, strict=False)) if a != b), 0)
+            if common > 0:
+                return len(before) + common
+        raise SampleRejected(
+            PREFIX_MISMATCH,
+            f"message {i}: render(messages[:{i}], add_generation_prompt=True) is not a prefix of the rendered text",
+        )
+
+    def _turn_end(self, text: str, i: int, start: int, bound: int) -> int:
+        """The end of the last end-of-turn token in text[start:bound] (gpt-oss: `<|end|>` inside, `<|return|>` last)."""
+        best = -1
+        for token in self.eot_tokens:
+            at = text.rfind(token, start, bound)
+            if at >= 0:
+                best = max(best, at + len(token))
+        if best < 0:
+            raise SampleRejected(
+                NO_END_OF_TURN,
+                f"message {i}: no end-of-turn token ({', '.join(self.eot_tokens) or 'none found'}) after its text",
+            )
+        return best
+
+    def _check_turn(self, message: dict[str, Any], text: str, i: int, start: int, end: int) -> str:
+        """The turn's answer, reasoning and tool calls lie in text[start:end]; returns reasoning the template dropped."""
+        answer, reasoning = assistant_parts(message)
+        turn = text[start:end]
+        if answer.strip() and answer.strip() not in turn:
+            raise SampleRejected(OUTSIDE_TURN, f"message {i}: its content is not inside its trained text")
+        for call in message.get("tool_calls") or []:
+            name = (call.get("function") or call).get("name") if isinstance(call, dict) else None
+            if not isinstance(name, str) or name not in turn:
+                where = "is not inside its trained text" if isinstance(name, str) and name in text else ""
+                if where:
+                    raise SampleRejected(OUTSIDE_TURN, f"message {i}: tool call {name!r} {where}")
+                raise SampleRejected(
+                    TEMPLATE_ERROR, f"message {i}: the chat template does not render `tool_calls`"
+                )
+        reasoning = reasoning.strip()
+        if not reasoning or reasoning in turn:
+            return ""
+        return reasoning  # the template does not render it (Qwen3 before the last user query, DeepSeek-R1)
+
+    def _encode_spans(self, text: str, spans: list[tuple[int, int]], append: bool = False) -> EncodedSample:
+        """Encode `text` once and label `spans`; a token that straddles a turn's start splits the encode there.
+
+        A straddling token ("\n " from a header newline and a content that opens with a space) does not exist
+        at inference: the prompt is tokenized alone and the model generates from a fresh token. So the text is
+        encoded in pieces cut at such starts, the prompt exactly as inference tokenizes it.
+        """
+        ids, offsets, shift = self._ids_with_prefix(text)
+        cuts = [s for s, _ in spans if _straddles(text, offsets, s)]
+        if cuts:
+            ids, offsets, shift = self._ids_in_pieces(text, cuts)
+        labels = self._labels(text, ids, offsets, shift, spans)
+        eot_ids = set(self.eot_ids)
+        if append:  # the open last turn (GLM-4) ends with the token the model stops on
+            ender = self.eot_ids[self.eot_tokens.index(self.final_turn_ender)]
+            ids, labels = [*ids, ender], [*labels, ender]
+            spans = spans[:-1]
+        for _, end in spans:
+            hi = bisect.bisect_left(offsets, end, key=lambda o: o[0]) + shift
+            if ids[hi - 1] not in eot_ids:
+                raise SampleRejected(
+                    NO_END_OF_TURN,
+                    f"the trained text ending at char {end} does not end in an end-of-turn token",
+                )
+        return EncodedSample(ids, labels)
+
+    def _ids_in_pieces(self, text: str, cuts: list[int]) -> tuple[list[int], list[tuple[int, int]], int]:
+        """`_ids_with_prefix`, but text[a:b] encoded alone between cuts; each later piece must decode to itself."""
+        bounds = [0, *sorted(set(cuts)), len(text)]
+        ids, offsets, shift = self._ids_with_prefix(text[: bounds[1]])
+        for a, b in zip(bounds[1:-1], bounds[2:], strict=True):
+            enc = self.backend.encode(text[a:b], add_special_tokens=False)
+            if self.backend.decode(enc.ids, skip_special_tokens=False) != text[a:b]:
+                raise SampleRejected(
+                    TOKEN_STRADDLE,
+                    f"a token crosses the start of the trained text at char {a}, and the text from there does"
+                    " not encode alone to itself",
+                )
+            ids = ids + enc.ids
+            offsets = offsets + [(x + a, y + a) for x, y in enc.offsets]
+        return ids, offsets, shift
+
+    def _encode_by_content(
+        self, messages: list[dict[str, Any]], tools: Any, text: str, trained: list[int]
+    ) -> EncodedSample:
+        """Templates without a generation prompt: trained = each content + the end-of-turn text after it."""
         located = self._marked_render(messages, tools, text, False) or self._marked_render(
             messages, tools, text, True
         )
         if located is None:
             raise SampleRejected(
-                ALIGNMENT_FAILURE, "the template rewrites message contents (marked render differs)"
+                CONTENTS_REWRITTEN, "the template rewrites message contents (marked render differs)"
             )
         opens, closes = located
         spans = []
-        for i, m in enumerate(messages):
-            if m["role"] != "assistant" or m.get("train", True) is False:
-                continue
-            if m.get("tool_calls"):
-                spans.append(self._tool_call_span(messages, tools, text, i, opens, closes))
-            else:
-                spans.append(self._content_span(text, i, opens, closes))
-        spans.sort()
-        ids, offsets, shift = self._ids_with_prefix(text)
-        labels = self._labels(text, ids, offsets, shift, spans)
-        # Each trained turn must end with the end-of-turn ids (the check that catches a stray tokenizer).
-        k = len(self.eot_ids)
-        for _, end in spans:
-            hi = bisect.bisect_left(offsets, end, key=lambda o: o[0]) + shift
-            if ids[hi - k : hi] != self.eot_ids:
+        for i in trained:
+            starts, ends = opens.get(i, []), closes.get(i, [])
+            if len(starts) != 1 or len(ends) != 1 or starts[0] > ends[0]:
                 raise SampleRejected(
-                    ALIGNMENT_FAILURE,
-                    f"the trained text ending at char {end} does not end in {self.eot_text!r}",
+                    CONTENTS_REWRITTEN,
+                    f"message {i}: its content appears {len(starts)} times in the rendered text",
                 )
+            if not self.eot_text or not text.startswith(self.eot_text, ends[0]):
+                raise SampleRejected(
+                    NO_END_OF_TURN, f"message {i}: not followed by the end-of-turn text {self.eot_text!r}"
+                )
+            spans.append((starts[0], ends[0] + len(self.eot_text)))
+        ids, offsets, shift = self._ids_with_prefix(text)
+        for start, _ in spans:
+            if _straddles(text, offsets, start):
+                raise SampleRejected(
+                    TOKEN_STRADDLE, f"a token crosses the start of the trained text at char {start}"
+                )
+        labels = self._labels(text, ids, offsets, shift, spans)
         return EncodedSample(ids, labels)
 
-    def _content_span(
-        self, text: str, i: int, opens: dict[int, list[int]], closes: dict[int, list[int]]
-    ) -> tuple[int, int]:
-        starts, ends = opens.get(i, []), closes.get(i, [])
-        if len(starts) != 1 or len(ends) != 1 or starts[0] > ends[0]:
-            raise SampleRejected(
-                ALIGNMENT_FAILURE,
-                f"message {i}: its content appears {len(starts)} times in the rendered text",
-            )
-        start, end = starts[0], ends[0]
-        if not text.startswith(self.eot_text, end):
-            raise SampleRejected(
-                ALIGNMENT_FAILURE, f"message {i}: not followed by the end-of-turn text {self.eot_text!r}"
-            )
-        return start, end + len(self.eot_text)
 
-    def _tool_call_span(
-        self,
-        messages: list[dict[str, Any]],
-        tools: Any,
-        text: str,
-        i: int,
-        opens: dict[int, list[int]],
-        closes: dict[int, list[int]],
-    ) -> tuple[int, int]:
-        """An assistant turn with tool_calls: from the end of its generation prompt to its end-of-turn text."""
-        prefix = self._render_or_reject(
-            [_template_message(m, m.get("content")) for m in messages[:i]], tools, True
-        )
-        if not text.startswith(prefix):
-            raise SampleRejected(
-                ALIGNMENT_FAILURE, f"message {i}: the generation prompt is not a prefix of the rendered text"
-            )
-        start = len(prefix)
-        content_at = opens.get(i, [])
-        if len(content_at) == 1 and content_at[0] >= start and not text[start : content_at[0]].strip():
-            start = content_at[0]  # whitespace between the header and the content stays masked
-        later = [p for j, ps in opens.items() if j > i for p in ps if p >= start]
-        bound = min(later, default=len(text))
-        search_from = max([start, *closes.get(i, [])])
-        if text.count(self.eot_text, search_from, bound) != 1:
-            raise SampleRejected(
-                ALIGNMENT_FAILURE, f"message {i}: expected one {self.eot_text!r} after its tool calls"
-            )
-        eot_at = text.index(self.eot_text, search_from, bound)
-        content = (messages[i].get("content") or "").strip()
-        if len(text[start:eot_at].strip()) <= len(content):
-            raise SampleRejected(
-                TEMPLATE_ERROR, f"message {i}: the chat template does not render `tool_calls`"
-            )
-        return start, eot_at + len(self.eot_text)
+def assistant_parts(message: dict[str, Any]) -> tuple[str, str]:
+    """(answer, reasoning) of an assistant message: reasoning from a field, else an inline <think>...</think>.
+
+    As Qwen3's template reads them: a reasoning field leaves `content` whole; without one, `content` is split
+    at its last `</think>`, the reasoning being what follows the `<think>` before it.
+    """
+    content = message.get("content") if isinstance(message.get("content"), str) else ""
+    reasoning = next((message[k] for k in REASONING_KEYS if isinstance(message.get(k), str)), None)
+    if reasoning is not None or "</think>" not in content:
+        return content, reasoning or ""
+    head, _, answer = content.rpartition("</think>")
+    return answer, head.split("<think>")[-1]
+
+
+def _straddles(text: str, offsets: list[tuple[int, int]], start: int) -> bool:
+    """True when one token holds text on both sides of `start`, the outside part not only spaces.
+
+    Spaces before the start are allowed (SentencePiece's "▁Hello" after `[/INST] ` carries the template's
+    space): the token is the one the model generates there too.
+    """
+    k = bisect.bisect_right(offsets, start, key=lambda o: o[1])
+    if k >= len(offsets):
+        return False
+    lo, hi = offsets[k]
+    return lo < start < hi and bool(text[lo:start].strip(" "))
 
 
 # -------------------------------------------------------------------- loading
@@ -493,12 +716,17 @@ def _leading_added_tokens(text: str, pos: int, added: list[str]) -> tuple[str, l
     return ws, run
 
 
-def find_end_of_turn(encoder: ChatEncoder, added_tokens: list[str]) -> tuple[str, list[str]]:
-    """The text the template puts right after assistant content: optional whitespace + added tokens.
+def find_end_of_turn(encoder: ChatEncoder, added_tokens: list[str]) -> tuple[str, list[str], list[str], bool]:
+    """(end-of-turn text, its added tokens, every token that ends a turn, last turn left open), probed.
 
-    Probed on a two-exchange conversation (with and without a system message): the common run of added
-    tokens after the middle and the final assistant content, e.g. `<|im_end|>` (ChatML), `</s>` (zephyr),
-    `<|eot_id|>` (Llama 3) - not the next header that may follow it without a separator.
+    Probed on a two-exchange conversation (with and without a system message). The end-of-turn text is the
+    common run of added tokens right after the middle and the final assistant content, e.g. `<|im_end|>`
+    (ChatML), `</s>` (zephyr), `<|eot_id|>` (Llama 3) - not the next header that may follow it without a
+    separator; it is used only by templates without a generation prompt. The tokens that end a turn are the
+    first added token after each of the two contents: one token for most templates, two for gpt-oss
+    (`<|end|>` mid-conversation, `<|return|>` at the end), GLM's next role token (nothing ends its last turn).
+    A template where no token follows any content is not refused here: each line is rejected with its reason.
+    "Last turn left open": a token follows the middle content but nothing follows the final one (GLM-4).
     """
     added = sorted(added_tokens, key=len, reverse=True)
     u1, a1, u2, a2 = _PROBE_CONTENTS
@@ -531,16 +759,66 @@ def find_end_of_turn(encoder: ChatEncoder, added_tokens: list[str]) -> tuple[str
             if x != y:
                 break
             common.append(x)
+        enders = list(dict.fromkeys(run[0] for run in (mid, last) if run))
+        # GLM: the next role token ends a turn, so nothing follows the last one
+        open_final = bool(mid) and not last and not text[last_end:].strip()
         if not common or mid_ws != last_ws:
-            after = text[last_end : last_end + 20]
-            raise UserError(
-                f"the chat template puts no special end-of-turn token right after assistant messages (it writes {after!r});"
-                " pass --chat-template with a template that ends assistant turns with an added token such as eos_token"
-            )
-        return last_ws + "".join(common), common
+            return "", [], enders, open_final
+        return last_ws + "".join(common), common, enders, open_final
     raise UserError(
         f"the chat template cannot render a plain user/assistant conversation ({'; '.join(errors)[:200]})"
     )
+
+
+def tool_call_enders(encoder: ChatEncoder, added_tokens: list[str]) -> list[str]:
+    """The added token right after a tool call's arguments, when one is (gpt-oss's `<|call|>`); else none."""
+    call = {
+        "type": "function",
+        "function": {"name": "minitrain_probe", "arguments": {"p": "minitrain probe"}},
+    }
+    messages = [
+        {"role": "user", "content": _PROBE_CONTENTS[0]},
+        {"role": "assistant", "content": "", "tool_calls": [call]},
+        {"role": "tool", "content": _PROBE_CONTENTS[1]},
+    ]
+    try:
+        text = encoder.render(messages)
+    except Exception:
+        return []
+    at = text.find('"minitrain probe"}')
+    if at < 0:
+        return []
+    after = at + len('"minitrain probe"}')
+    return [t for t in sorted(added_tokens, key=len, reverse=True) if text.startswith(t, after)][:1]
+
+
+def voice_token_ids(encoder: ChatEncoder) -> list[int]:
+    """Ids of added tokens that the generation rule trains inside a turn (not its end), found on probes
+    with reasoning and with a tool call; `inspect --audit` accepts these as trained special tokens."""
+    call = {"type": "function", "function": {"name": "minitrain_probe", "arguments": {"p": "probe"}}}
+    user = {"role": "user", "content": _PROBE_CONTENTS[0]}
+    probes = [
+        [user, {"role": "assistant", "content": _PROBE_CONTENTS[1], "reasoning_content": _PROBE_CONTENTS[2]}],
+        [user, {"role": "assistant", "content": "", "tool_calls": [call]}, {"role": "tool", "content": "x"}],
+    ]
+    added = set(encoder.backend.get_added_tokens_decoder())
+    found: set[int] = set()
+    for messages in probes:
+        try:
+            sample = encoder.encode({"messages": messages})
+        except SampleRejected:
+            continue
+        found.update(label for label in sample.labels if label in added)
+    return sorted(found - set(encoder.eot_ids))
+
+
+def has_generation_prompt(encoder: ChatEncoder) -> bool:
+    """True when add_generation_prompt=True adds text after a user message (the assistant header)."""
+    messages = [{"role": "user", "content": _PROBE_CONTENTS[0]}]
+    try:
+        return encoder.render(messages, add_generation_prompt=True) != encoder.render(messages)
+    except Exception:
+        return False
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
@@ -573,6 +851,11 @@ class LoadedTokenizer:
     @property
     def end_of_turn_token_ids(self) -> list[int]:
         return list(self.encoder.eot_ids)
+
+    @property
+    def turn_token_ids(self) -> list[int]:
+        """Added tokens the template writes in the model's voice (`<think>`, `<|channel|>` ...): trained."""
+        return voice_token_ids(self.encoder)
 
 
 def load_chat_encoder(model_name_or_path: str, chat_template: str | None = None) -> LoadedTokenizer:
@@ -625,9 +908,14 @@ def load_chat_encoder(model_name_or_path: str, chat_template: str | None = None)
     except Exception as err:
         raise UserError(f"the chat template ({origin}) does not compile: {str(err)[:200]}") from None
     added = [t.content for t in tokenizer.added_tokens_decoder.values()]
-    eot_text, eot_tokens = find_end_of_turn(encoder, added)
+    eot_text, _, enders, open_final = find_end_of_turn(encoder, added)
+    enders = list(dict.fromkeys([*enders, *tool_call_enders(encoder, added)]))
     encoder.eot_text = eot_text
-    encoder.eot_ids = [tokenizer.convert_tokens_to_ids(t) for t in eot_tokens]
+    encoder.eot_tokens = tuple(enders)
+    encoder.eot_ids = [tokenizer.convert_tokens_to_ids(t) for t in enders]
+    if open_final and len(enders) >= 1:
+        encoder.final_turn_ender = enders[0]
+    encoder.has_generation_prompt = has_generation_prompt(encoder)
     return LoadedTokenizer(
         encoder=encoder,
         tokenizer_class=type(tokenizer).__name__,

@@ -15,7 +15,8 @@ name in the same directory, renamed into place when complete):
     OUT.rejects.jsonl   one object per dropped or rejected input line:
                           {"line": int, "kind": "dropped"|"rejected", "reason": str, "detail": str}
 
-`read == written + dropped + rejected` holds in the sidecar's counts. The keys of OUT.jsonl are the ones
+`read == written + dropped + rejected` holds in the sidecar's counts (input lines; with `--split-turns` a
+written line gives several samples, all with its `source_line`, counted in `samples`). The keys of OUT.jsonl are the ones
 mini_trainer uses, so its users can switch either way.
 """
 
@@ -54,8 +55,10 @@ def read_sidecar(out: Path) -> dict[str, Any] | None:
     Keys written by `tokenize` (version 1): format, format_version, minitrain_version, created,
     input (path, or NAME:split for --dataset), input_format (jsonl, parquet, arrow, save_to_disk, dataset;
     absent before it was added), tokenizer {path, class, vocab_size, bos_token_id, eos_token_id, pad_token_id,
-    end_of_turn_token_ids, fingerprint}, chat_template_sha256, max_sample_num_tokens,
-    counts {read, written, dropped, rejected, rejected_by_reason {reason: n}}, tokens, trained_tokens.
+    end_of_turn_token_ids, turn_token_ids (added tokens trained inside a turn: `<think>` ...), fingerprint},
+    chat_template_sha256, max_sample_num_tokens, counts {read, written (lines), samples (output lines: more
+    than written with --split-turns), dropped, rejected, rejected_by_reason {reason: n}}, tokens,
+    trained_tokens, reasoning_dropped_by_template {turns, tokens}, config (with train_on, split_turns).
     """
     path = sidecar_path(out)
     if not path.exists():

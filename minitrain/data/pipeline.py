@@ -73,9 +73,12 @@ class ChunkResult:
     out: bytes = b""  # output JSONL lines, in order
     rejects: list[tuple[int, str, str, str]] = field(default_factory=list)  # (line, kind, reason, detail)
     written: int = 0
+    samples: int = 0  # output lines: == written, more with --split-turns
     blank: int = 0
     tokens: int = 0
     trained_tokens: int = 0
+    reasoning_dropped_turns: int = 0
+    reasoning_dropped_tokens: int = 0
     num_bytes: int = 0
 
 
@@ -90,11 +93,15 @@ class TokenizeResult:
     num_workers: int
     read: int = 0
     written: int = 0
+    samples: int = 0  # output lines: == written, more with --split-turns (one per trained turn)
     dropped: int = 0
     blank: int = 0
     rejected_by_reason: dict[str, int] = field(default_factory=dict)
     tokens: int = 0
     trained_tokens: int = 0
+    # assistant turns (in written samples) whose reasoning the chat template does not render, and its tokens
+    reasoning_dropped_turns: int = 0
+    reasoning_dropped_tokens: int = 0
     elapsed_s: float = 0.0
 
     @property
@@ -103,22 +110,28 @@ class TokenizeResult:
 
     @property
     def samples_per_s(self) -> float:
-        return self.written / self.elapsed_s if self.elapsed_s > 0 else 0.0
+        return self.samples / self.elapsed_s if self.elapsed_s > 0 else 0.0
 
     @property
     def tokens_per_s(self) -> float:
         return self.tokens / self.elapsed_s if self.elapsed_s > 0 else 0.0
 
 
-def encode_lines(
-    encoder: ChatEncoder,
-    max_tokens: int | None,
-    lines: list[tuple[int, bytes]],
-    mapping: FieldMapping | None = None,
-) -> ChunkResult:
+@dataclass(frozen=True)
+class Policy:
+    """What each worker needs besides the encoder: field mapping, length limit, which turns become samples."""
+
+    max_tokens: int | None = None
+    train_on: str = "all"
+    split_turns: bool = False
+    mapping: FieldMapping | None = None  # None: the default layouts (data/sources.py)
+
+
+def encode_lines(encoder: ChatEncoder, policy: Policy, lines: list[tuple[int, bytes]]) -> ChunkResult:
     """Encode raw input lines (1-based line number, bytes) into output bytes, rejects and counts."""
     result = ChunkResult()
     out: list[bytes] = []
+    max_tokens = policy.max_tokens
     for line_no, raw in lines:
         result.num_bytes += len(raw)
         if not raw.strip():
@@ -133,31 +146,44 @@ def encode_lines(
                 record = orjson.loads(text)
             except orjson.JSONDecodeError as err:
                 raise SampleRejected(MALFORMED_JSON, str(err)) from None
-            sample = encoder.encode(to_chat_record(record, mapping))  # ShareGPT, Alpaca, ... -> messages
+            record = to_chat_record(record, policy.mapping)  # ShareGPT, Alpaca, ... -> messages
+            if policy.split_turns:
+                samples = encoder.encode_turns(record)
+            else:
+                samples = [encoder.encode(record, policy.train_on)]
         except SampleRejected as rej:
             result.rejects.append((line_no, "rejected", rej.reason, rej.detail))
             continue
-        n = len(sample.input_ids)
-        if max_tokens is not None and n > max_tokens:
+        longest = max(len(sample.input_ids) for sample in samples)
+        if max_tokens is not None and longest > max_tokens:
+            # a line is one unit: with --split-turns, one sample too long drops the line's samples
+            what = (
+                f"{longest} tokens" if len(samples) == 1 else f"its longest turn sample has {longest} tokens"
+            )
             result.rejects.append(
-                (line_no, "dropped", TOO_LONG, f"{n} tokens > --max-sample-num-tokens {max_tokens}")
+                (line_no, "dropped", TOO_LONG, f"{what} > --max-sample-num-tokens {max_tokens}")
             )
             continue
-        trained = n - sample.labels.count(IGNORE_INDEX)
-        out.append(
-            orjson.dumps(
-                {
-                    "input_ids": sample.input_ids,
-                    "labels": sample.labels,
-                    "len": n,
-                    "num_loss_counted_tokens": trained,
-                    "source_line": line_no,
-                }
+        for sample in samples:
+            n = len(sample.input_ids)
+            trained = n - sample.labels.count(IGNORE_INDEX)
+            out.append(
+                orjson.dumps(
+                    {
+                        "input_ids": sample.input_ids,
+                        "labels": sample.labels,
+                        "len": n,
+                        "num_loss_counted_tokens": trained,
+                        "source_line": line_no,
+                    }
+                )
             )
-        )
+            result.tokens += n
+            result.trained_tokens += trained
+            result.reasoning_dropped_turns += sample.reasoning_dropped_turns
+            result.reasoning_dropped_tokens += sample.reasoning_dropped_tokens
         result.written += 1
-        result.tokens += n
-        result.trained_tokens += trained
+        result.samples += len(samples)
     if out:
         out.append(b"")
         result.out = b"\n".join(out)
@@ -165,19 +191,19 @@ def encode_lines(
 
 
 # Worker-process state: set once by the pool initializer.
-_WORKER: tuple[ChatEncoder, int | None, FieldMapping | None] | None = None
+_WORKER: tuple[ChatEncoder, Policy] | None = None
 
 
-def _init_worker(encoder: ChatEncoder, max_tokens: int | None, mapping: FieldMapping | None = None) -> None:
+def _init_worker(encoder: ChatEncoder, policy: Policy) -> None:
     global _WORKER
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and terminates the pool
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the pool's terminate() kills the worker outright
-    _WORKER = (encoder, max_tokens, mapping)
+    _WORKER = (encoder, policy)
 
 
 def _encode_chunk(lines: list[tuple[int, bytes]]) -> ChunkResult:
     assert _WORKER is not None, "worker not initialised"
-    return encode_lines(_WORKER[0], _WORKER[1], lines, _WORKER[2])
+    return encode_lines(_WORKER[0], _WORKER[1], lines)
 
 
 def _read_chunks(path: Path) -> Iterator[list[tuple[int, bytes]]]:
@@ -198,23 +224,19 @@ def _read_chunks(path: Path) -> Iterator[list[tuple[int, bytes]]]:
 
 
 def _results_in_order(
-    encoder: ChatEncoder,
-    max_tokens: int | None,
-    chunks: Iterator[list[tuple[int, bytes]]],
-    workers: int,
-    mapping: FieldMapping | None = None,
+    encoder: ChatEncoder, policy: Policy, chunks: Iterator[list[tuple[int, bytes]]], workers: int
 ) -> Iterator[ChunkResult]:
     """ChunkResults in input order; a bounded number of chunks in flight (streaming, constant memory)."""
     if workers == 1:
         for chunk in chunks:
-            yield encode_lines(encoder, max_tokens, chunk, mapping)
+            yield encode_lines(encoder, policy, chunk)
         return
     # Not fork: a parent that has started threads (torch's OpenMP pool, a progress bar, tokenizers' Rust
     # threads) can fork a child that deadlocks on a lock held at fork time, and then terminate() hangs
     # (seen: --strict after torch was imported). forkserver forks from a clean single-threaded server.
     methods = multiprocessing.get_all_start_methods()
     ctx = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
-    pool = ctx.Pool(workers, initializer=_init_worker, initargs=(encoder, max_tokens, mapping))
+    pool = ctx.Pool(workers, initializer=_init_worker, initargs=(encoder, policy))
     try:
         pending: deque[Any] = deque()
         for chunk in chunks:
@@ -328,15 +350,15 @@ def _write_outputs(
     """
     inp, out = rows.label if rows is not None else config.input_file, config.output_file
     reasons: Counter[str] = Counter()
+    first_reject = ""  # "line N: reason: detail" of the first dropped or rejected line
     start = time.perf_counter()
     with atomic_write(out) as f_out:  # OUT is renamed into place last: if it exists, so do its companions
         with atomic_write(result.rejects_file) as f_rej:
             # The pool is created (forked) inside the generator before the progress bar starts its thread.
             chunks = read_row_chunks(rows, CHUNK_LINES) if rows else _read_chunks(config.input_file)
             mapping = None if field_mapping(config).is_default else field_mapping(config)
-            results = _results_in_order(
-                loaded.encoder, config.max_sample_num_tokens, chunks, result.num_workers, mapping
-            )
+            policy = Policy(config.max_sample_num_tokens, config.train_on, config.split_turns, mapping)
+            results = _results_in_order(loaded.encoder, policy, chunks, result.num_workers)
             first = next(results, None)
             task = None
             if progress is not None:
@@ -356,15 +378,21 @@ def _write_outputs(
                             orjson.dumps({"line": line_no, "kind": kind, "reason": reason, "detail": detail})
                         )
                         f_rej.write(b"\n")
+                        first_reject = first_reject or f"line {line_no}: {reason}" + (
+                            f": {detail}" if detail else ""
+                        )
                         if kind == "dropped":
                             result.dropped += 1
                         else:
                             reasons[reason] += 1
                     f_out.write(chunk.out)
                     result.written += chunk.written
+                    result.samples += chunk.samples
                     result.blank += chunk.blank
                     result.tokens += chunk.tokens
                     result.trained_tokens += chunk.trained_tokens
+                    result.reasoning_dropped_turns += chunk.reasoning_dropped_turns
+                    result.reasoning_dropped_tokens += chunk.reasoning_dropped_tokens
                     if progress is not None:
                         done = chunk.written + chunk.blank + len(chunk.rejects) if rows else chunk.num_bytes
                         progress.update(task, advance=done, samples=result.written)
@@ -377,10 +405,24 @@ def _write_outputs(
             result.read = result.written + result.dropped + result.rejected
             if result.read == 0:
                 raise UserError(f"{inp}: only blank lines; nothing to tokenize")
+            if result.written == 0:  # no file is written: an empty OUT would only fail later, in train
+                raise UserError(nothing_written(inp, result, reasons, first_reject))
         result.elapsed_s = time.perf_counter() - start
         with atomic_write(result.sidecar_file) as f_meta:
             meta = _sidecar(config, loaded, result, rows)
             f_meta.write(orjson.dumps(meta, option=orjson.OPT_INDENT_2))
+
+
+def nothing_written(inp: Any, result: TokenizeResult, reasons: Counter[str], first: str) -> str:
+    """The one-line error when no line became a sample: the counts, the top reasons, the first line's."""
+    top = ", ".join(f"{reason} ({n:,})" for reason, n in reasons.most_common(3))
+    why = f"{result.rejected:,} rejected: {top}" if reasons else ""
+    if result.dropped:
+        why += ("; " if why else "") + f"{result.dropped:,} dropped as longer than --max-sample-num-tokens"
+    return (
+        f"{inp}: no line could be tokenized, nothing written ({why}); first, {first[:200]};"
+        " fix the input or the flags named"
+    )
 
 
 def _sidecar(
@@ -404,6 +446,7 @@ def _sidecar(
             "eos_token_id": loaded.eos_token_id,
             "pad_token_id": loaded.pad_token_id,
             "end_of_turn_token_ids": loaded.end_of_turn_token_ids,
+            "turn_token_ids": loaded.turn_token_ids,
             "fingerprint": loaded.fingerprint,
         },
         "chat_template_sha256": loaded.template_sha256,
@@ -413,6 +456,7 @@ def _sidecar(
         "counts": {
             "read": result.read,
             "written": result.written,
+            "samples": result.samples,
             "dropped": result.dropped,
             "rejected": result.rejected,
             "rejected_by_reason": result.rejected_by_reason,
@@ -420,6 +464,10 @@ def _sidecar(
         },
         "tokens": result.tokens,
         "trained_tokens": result.trained_tokens,
+        "reasoning_dropped_by_template": {
+            "turns": result.reasoning_dropped_turns,
+            "tokens": result.reasoning_dropped_tokens,
+        },
         "elapsed_s": round(result.elapsed_s, 3),
         "num_workers": result.num_workers,
         "config": config.to_dict(),
@@ -435,6 +483,8 @@ def render_summary(result: TokenizeResult, console: Any) -> None:
     table.add_column("count", justify="right")
     table.add_row("lines read", f"{result.read:,}")
     table.add_row("written", f"[green]{result.written:,}[/green]")
+    if result.samples != result.written:
+        table.add_row("  samples (one per trained turn)", f"{result.samples:,}")
     table.add_row(
         "dropped (too long)",
         f"{result.dropped:,}" if not result.dropped else f"[yellow]{result.dropped:,}[/yellow]",
@@ -448,6 +498,11 @@ def render_summary(result: TokenizeResult, console: Any) -> None:
         table.add_row("blank lines skipped", f"{result.blank:,}")
     table.add_row("tokens", f"{result.tokens:,}")
     table.add_row("trained tokens", f"{result.trained_tokens:,}")
+    if result.reasoning_dropped_turns:
+        table.add_row(
+            "reasoning dropped by the template",
+            f"[yellow]{result.reasoning_dropped_turns:,} turns, {result.reasoning_dropped_tokens:,} tokens[/yellow]",
+        )
     table.add_row("samples/s", f"{result.samples_per_s:,.0f}")
     table.add_row("tokens/s", f"{result.tokens_per_s:,.0f}")
     table.add_row("workers", str(result.num_workers))

@@ -11,6 +11,7 @@ Everything streams the tokenized JSONL (format in `minitrain.data.format`) once,
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -78,4 +79,7 @@ def inspect_file(config: InspectConfig) -> InspectResult:
             seed=config.seed,
             collected=acc,  # with --audit, its pass collected them
         )
+        dropped = (meta or {}).get("reasoning_dropped_by_template")
+        if isinstance(dropped, dict):
+            result.stats = dataclasses.replace(result.stats, reasoning_dropped=dropped)
     return result

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import orjson
 
+from minitrain.data.chat import assistant_parts
 from minitrain.data.format import IGNORE_INDEX, parse_sample
 from minitrain.errors import UserError
 from minitrain.inspect.select import first_sample, iter_raw
@@ -57,7 +58,13 @@ CHECKS: dict[str, Check] = {
         "error", "a trained span that does not end with an end-of-turn token (the model never learns to stop)"
     ),
     "text_mismatch": Check(
-        "error", "--source: the decoded trained spans differ from the assistant contents (each + end-of-turn)"
+        "error",
+        "--source: a trained span does not end with its assistant content (+ end-of-turn), or holds more than"
+        " its reasoning and 128 characters of template text before it",
+    ),
+    "reasoning_masked": Check(
+        "error",
+        "--source: a turn's reasoning is rendered in the sample but masked (the model never learns to think)",
     ),
     "source_unmatched": Check(
         "error", "--source: no source_line, or it goes backwards, or past the end, or that line is unreadable"
@@ -120,29 +127,38 @@ def _first_difference(expected: str, got: str) -> str:
     return f"at char {at}: expected {_short(expected[at:])}, trained {_short(got[at:])}"
 
 
-def expected_trained_texts(source: Any) -> list[str] | None:
-    """What `tokenize` trains for one input line, one string per trained turn (end-of-turn excluded).
+TEMPLATE_TEXT_LIMIT = 128  # characters of template text a trained span may hold before its answer
 
-    None when the line cannot be compared as text: assistant turns with tool calls (the template
-    renders those its own way) or a shape this check does not know.
+
+def expected_turns(
+    source: Any, config: dict[str, Any] | None = None, part: int = 0
+) -> list[tuple[str, str]] | None:
+    """What `tokenize` trains for one input line: per trained turn, (answer, reasoning), end-of-turn excluded.
+
+    `config` is the sidecar's tokenize config: with `train_on` "last" only the last assistant turn, with
+    `split_turns` sample `part` of the line holds turn `part` alone. None when the line cannot be compared
+    as text: assistant turns with tool calls (the template renders those its own way) or an unknown shape.
     """
     if not isinstance(source, dict):
         return None
+    config = config or {}
     messages = source.get("messages")
     if isinstance(messages, list):
-        out: list[str] = []
-        for m in messages:
-            if not isinstance(m, dict):
-                return None
-            if m.get("role") == "pretrain":
-                out.append(str(m.get("content") or ""))
-            elif m.get("role") == "assistant" and m.get("train", True) is not False:
-                if m.get("tool_calls"):
-                    return None
-                out.append(str(m.get("content") or ""))
+        if not all(isinstance(m, dict) for m in messages):
+            return None
+        if any(m.get("role") == "pretrain" for m in messages):
+            return [(str(m.get("content") or ""), "") for m in messages if m.get("role") == "pretrain"]
+        turns = [m for m in messages if m.get("role") == "assistant"]
+        if any(m.get("tool_calls") for m in turns):
+            return None
+        if config.get("train_on") == "last":
+            turns = turns[-1:]
+        out = [assistant_parts(m) for m in turns if m.get("train", True) is not False]
+        if config.get("split_turns") and len(out) > 1:
+            out = out[part : part + 1]
         return out
     if isinstance(source.get("prompt"), str) and isinstance(source.get("generation"), str):
-        return [source["generation"]]
+        return [(source["generation"], "")]
     return None
 
 
@@ -152,10 +168,16 @@ class _SourceReader:
     def __init__(self, path: Path) -> None:
         self._f = Path(path).open("rb")  # noqa: SIM115 - closed by audit_file's finally
         self.line_no = 0
+        self._last = b""
 
     def read(self, line: int) -> bytes | None:
-        """Raw text of 1-based `line`, or None if it was already passed or lies past the end."""
-        if line <= self.line_no:
+        """Raw text of 1-based `line`, or None if it was already passed or lies past the end.
+
+        The current line may be read again (`--split-turns` writes several samples per input line).
+        """
+        if line == self.line_no and line > 0:
+            return self._last
+        if line < self.line_no:
             return None
         raw = b""
         while self.line_no < line:
@@ -163,7 +185,8 @@ class _SourceReader:
             if not raw:
                 return None
             self.line_no += 1
-        return raw.removeprefix(b"\xef\xbb\xbf") if line == 1 else raw  # tokenize accepts a UTF-8 BOM
+        self._last = raw.removeprefix(b"\xef\xbb\xbf") if line == 1 else raw  # tokenize accepts a UTF-8 BOM
+        return self._last
 
     def close(self) -> None:
         self._f.close()
@@ -182,7 +205,9 @@ class _Vocab:
 def _vocab_tables(tokenizer: Any, meta: dict[str, Any] | None) -> _Vocab:
     size = max(len(tokenizer), int((meta or {}).get("tokenizer", {}).get("vocab_size") or 0))
     eot_ids = end_of_turn_ids(tokenizer, meta)
-    special = special_token_ids(tokenizer)
+    # tokens the template writes in the model's voice (`<think>`, `<|channel|>` ...) are trained by design
+    voice = frozenset(int(i) for i in ((meta or {}).get("tokenizer") or {}).get("turn_token_ids") or [])
+    special = special_token_ids(tokenizer) - voice
     bad_special = np.zeros(size, dtype=bool)
     eot = np.zeros(size, dtype=bool)
     for i in special - eot_ids:
@@ -333,20 +358,24 @@ def _check_texts(
     report: AuditReport,
     batch: list[_Pending],
     checked: _Checked,
-    sources: dict[int, Any],
+    sources: dict[int, tuple[Any, int]],
     decode_batch: Callable[[list[list[int]]], list[str]],
     vocab: _Vocab,
+    config: dict[str, Any] | None,
 ) -> tuple[int, int]:
-    """Compare decoded trained spans with the source lines (`sources[b]` for sample b of the batch).
+    """Compare decoded trained spans with the source lines (`sources[b]`: sample b's line and its part).
 
+    Each trained span must end with its turn's answer; before it may come the turn's reasoning and up to
+    `TEMPLATE_TEXT_LIMIT` characters of template text in the model's voice (think tags, channel headers).
+    A turn whose reasoning is in the sample's text but not in its trained span is `reasoning_masked`.
     Returns (compared, not comparable). The spans of the whole batch are decoded in one call.
     """
     first_span = np.searchsorted(checked.span_starts, checked.starts)  # [samples + 1] span range per sample
-    todo: list[tuple[int, int, str]] = []  # (sample in batch, turn, expected text)
+    todo: list[tuple[int, int, tuple[str, str]]] = []  # (sample in batch, turn, (answer, reasoning))
     spans: list[list[int]] = []
     compared = skipped = 0
-    for b, source in sources.items():
-        expected = expected_trained_texts(source)
+    for b, (source, part) in sources.items():
+        expected = expected_turns(source, config, part)
         if expected is None:
             skipped += 1
             continue
@@ -363,12 +392,36 @@ def _check_texts(
             todo.append((b, turn, expected[turn]))
             spans.append(span)
     reported: set[int] = set()
-    for (b, turn, want), got in zip(todo, decode_batch(spans) if spans else [], strict=True):
+    masked: list[tuple[int, int, str]] = []  # reasoning not in its span: is it in the sample at all?
+    for (b, turn, (answer, reasoning)), got in zip(todo, decode_batch(spans) if spans else [], strict=True):
         # Templates may trim content (Llama-3 `| trim`) and SentencePiece decoders drop a leading space.
-        if b not in reported and got.strip() != want.strip():
+        got, answer, reasoning = got.strip(), answer.strip(), reasoning.strip()
+        before = (
+            got[: len(got) - len(answer)].replace(reasoning, "", 1)
+            if reasoning
+            else got[: len(got) - len(answer)]
+        )
+        if b not in reported and (not got.endswith(answer) or len(before) > TEMPLATE_TEXT_LIMIT):
             reported.add(b)
-            msg = f"turn {turn} {_first_difference(want.strip(), got.strip())}"
+            msg = f"turn {turn} {_first_difference(answer, got[-len(answer) :] if answer else got)}"
+            if got.endswith(answer):
+                msg = (
+                    f"turn {turn}: {len(before)} characters of other text before its answer: {_short(before)}"
+                )
             report.add("text_mismatch", batch[b].index, batch[b].line, msg)
+        if reasoning and reasoning not in got:
+            masked.append((b, turn, reasoning))
+    if masked:
+        whole = decode_batch(
+            [checked.ids[checked.starts[b] : checked.starts[b + 1]].tolist() for b, _, _ in masked]
+        )
+        for (b, turn, reasoning), text in zip(masked, whole, strict=True):
+            if (
+                reasoning in text
+            ):  # rendered, yet masked; absent = dropped by the template (tokenize counts it)
+                report.add(
+                    "reasoning_masked", batch[b].index, batch[b].line, f"turn {turn}: {_short(reasoning)}"
+                )
     return compared, skipped
 
 
@@ -394,6 +447,8 @@ def audit_file(
     report = AuditReport(path)
     reader = _SourceReader(source) if source is not None else None
     compared = skipped = tokens = trained_tokens = 0
+    config = (meta or {}).get("config")
+    part = {"line": None, "k": 0}  # samples of one source line so far (several with --split-turns)
 
     def check(batch: list[_Pending]) -> None:
         nonlocal compared, skipped, tokens, trained_tokens
@@ -415,8 +470,10 @@ def audit_file(
         trained_tokens += checked.trained_tokens
         if reader is None:
             return
-        sources: dict[int, Any] = {}
+        sources: dict[int, tuple[Any, int]] = {}
         for b, p in enumerate(batch):
+            part["k"] = part["k"] + 1 if p.line == part["line"] else 0
+            part["line"] = p.line
             raw_source = reader.read(p.line) if isinstance(p.line, int) else None
             if raw_source is None:
                 where = (
@@ -427,10 +484,10 @@ def audit_file(
                 report.add("source_unmatched", p.index, p.line if isinstance(p.line, int) else None, where)
                 continue
             try:
-                sources[b] = orjson.loads(raw_source)
+                sources[b] = (orjson.loads(raw_source), part["k"])
             except orjson.JSONDecodeError:
                 report.add("source_unmatched", p.index, p.line, f"source line {p.line} is not JSON")
-        done, not_comparable = _check_texts(report, batch, checked, sources, decode_batch, vocab)
+        done, not_comparable = _check_texts(report, batch, checked, sources, decode_batch, vocab, config)
         compared += done
         skipped += not_comparable
 
@@ -468,7 +525,8 @@ def audit_file(
         if reader is not None:
             reader.close()
     if meta is not None:
-        written = (meta.get("counts") or {}).get("written")
+        counts = meta.get("counts") or {}
+        written = counts.get("samples", counts.get("written"))  # samples: more than lines with --split-turns
         claims = {"written": (written, report.samples)}
         if "tokens" in meta:
             claims["tokens"] = (meta["tokens"], tokens)

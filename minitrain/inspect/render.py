@@ -2,7 +2,8 @@
 
 A sample is shown as its decoded text cut into segments, each a run of tokens that are all trained or all
 masked, and all special or all ordinary. In colour, trained text is bold bright green, masked text dim,
-and special tokens (`<|im_start|>`, `</s>` ...) reversed so they stand out; a trained newline, which
+and special tokens (`<|im_start|>`, `</s>` ...) reversed so they stand out; reasoning (`<think>...</think>`,
+harmony's analysis channel) italic yellow (bright when trained, dim when masked); a trained newline, which
 colour cannot show, is drawn as `↵` before the line break. Without colour (`--no-color`,
 or output that is not a terminal) the text is printed as it is, with every trained span enclosed in
 `SPAN_OPEN` ... `SPAN_CLOSE`:
@@ -44,6 +45,10 @@ MASKED = "dim"
 TRAINED_SPECIAL = "bold bright_green reverse"
 MASKED_SPECIAL = "dim magenta reverse"
 HEADER = "bold cyan"
+# reasoning inside a turn (`<think>...</think>`, harmony's analysis channel): its own style, trained or not
+TRAINED_REASONING = "italic bright_yellow"
+MASKED_REASONING = "dim italic yellow"
+REASONING_BLOCKS = (("<think>", "</think>"), ("<|channel|>analysis<|message|>", "<|end|>"))
 TRAINED_NEWLINE = "\u21b5"  # ↵ marks a trained newline in colour (plain output shows it inside ⟦ ⟧)
 
 
@@ -102,15 +107,47 @@ def sample_header(
     )
 
 
+def reasoning_ranges(text: str) -> list[tuple[int, int]]:
+    """Character ranges of the reasoning blocks in `text`, their tags included (`REASONING_BLOCKS`)."""
+    ranges = []
+    for opener, closer in REASONING_BLOCKS:
+        at = text.find(opener)
+        while at >= 0:
+            end = text.find(closer, at + len(opener))
+            end = len(text) if end < 0 else end + len(closer)
+            ranges.append((at, end))
+            at = text.find(opener, end)
+    return sorted(ranges)
+
+
+def _split_at(text: str, offset: int, ranges: Sequence[tuple[int, int]]) -> list[tuple[str, bool]]:
+    """`text` (starting at `offset` of the whole) cut into (piece, inside a reasoning range)."""
+    cuts = {0, len(text)}
+    for lo, hi in ranges:
+        cuts.update(c - offset for c in (lo, hi) if 0 < c - offset < len(text))
+    points = sorted(cuts)
+    return [
+        (text[a:b], any(lo <= offset + a < hi for lo, hi in ranges))
+        for a, b in zip(points, points[1:], strict=False)
+    ]
+
+
 def sample_text(segments: Sequence[Segment], *, color: bool) -> Text:
-    """The decoded sample: styled spans in colour, `⟦trained⟧` delimiters without."""
+    """The decoded sample: styled spans in colour (reasoning in its own style), `⟦trained⟧` delimiters without."""
     out = Text()
     inside = False
+    ranges = reasoning_ranges("".join(seg.text for seg in segments)) if color else []
+    offset = 0
     for seg in segments:
         if color:
-            # A trained newline would be invisible in colour: show it as TRAINED_NEWLINE before the break.
-            text = seg.text.replace("\n", TRAINED_NEWLINE + "\n") if seg.trained else seg.text
-            out.append(text, style=_style(seg.trained, seg.special))
+            for piece, reasoning in _split_at(seg.text, offset, ranges):
+                # A trained newline would be invisible in colour: show it as TRAINED_NEWLINE before the break.
+                text = piece.replace("\n", TRAINED_NEWLINE + "\n") if seg.trained else piece
+                style = _style(seg.trained, seg.special)
+                if reasoning and not seg.special:
+                    style = TRAINED_REASONING if seg.trained else MASKED_REASONING
+                out.append(text, style=style)
+            offset += len(seg.text)
             continue
         if seg.trained and not inside:
             out.append(SPAN_OPEN)
@@ -225,6 +262,9 @@ def render_stats(stats: DatasetStats, console: Console) -> None:
     for q, v in stats.percentiles.items():
         totals.add_row(f"length p{q}", f"{v:,}")
     totals.add_row("samples with zero trained tokens", f"{stats.zero_trained:,}")
+    if stats.reasoning_dropped is not None:
+        turns, tokens = stats.reasoning_dropped.get("turns", 0), stats.reasoning_dropped.get("tokens", 0)
+        totals.add_row("reasoning dropped by the template", f"{turns:,} turns, {tokens:,} tokens")
     console.print(totals)
     if stats.zero_trained:
         console.print(

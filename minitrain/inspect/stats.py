@@ -54,6 +54,8 @@ class DatasetStats:
     zero_trained_examples: list[int]
     longest: list[tuple[int, int, int | None, int]]  # (tokens, index, source line, trained), longest first
     packing: PackingStats | None = None
+    # from the sidecar: {"turns", "tokens"} of reasoning the chat template did not render; None without one
+    reasoning_dropped: dict[str, int] | None = None
 
 
 @dataclass

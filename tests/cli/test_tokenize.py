@@ -40,6 +40,8 @@ def test_help_lists_every_flag():
         "--chat-template",
         "--num-workers",
         "--strict",
+        "--train-on",
+        "--split-turns",
     ):
         assert flag in result.output, flag
 

@@ -262,47 +262,62 @@ def test_template_that_renders_the_last_turn_differently(tmp_path, hf_tokenizers
     )
 
 
-def test_template_that_rewrites_an_earlier_turn_is_rejected(tmp_path):
-    """Qwen3-style: earlier assistant turns lose their reasoning; that content is not in the text -> reject."""
+def test_template_that_drops_earlier_reasoning_is_counted_not_rejected(tmp_path, hf_tokenizers):
+    """Qwen3-style: earlier assistant turns lose their reasoning. The mask follows the render, and says so."""
     template = (
         "{% for m in messages %}{% set c = m['content'] %}"
         "{% if m['role'] == 'assistant' and not loop.last %}{% set c = c.split('</think>')[-1] %}{% endif %}"
         "{{ '<|im_start|>' + m['role'] + '\\n' + c + '<|im_end|>\\n' }}{% endfor %}"
     )
-    loaded = load_chat_encoder(str(write_tokenizer(tmp_path, SMOLLM2, template)))
-    ok = [
+    with_prompt = template + "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    loaded = load_chat_encoder(str(write_tokenizer(tmp_path, SMOLLM2, with_prompt)))
+    messages = [
         {"role": "user", "content": "a"},
-        {"role": "assistant", "content": "x"},
+        {"role": "assistant", "content": "<think>r</think>x"},
         {"role": "user", "content": "b"},
-        {"role": "assistant", "content": "<think>r</think>y"},
+        {"role": "assistant", "content": "<think>s</think>y"},
     ]
-    loaded.encoder.encode({"messages": ok})  # the last turn keeps its reasoning: fine
-    bad = [ok[0], {"role": "assistant", "content": "<think>r</think>x"}, *ok[2:]]
+    sample = loaded.encoder.encode({"messages": messages})
+    assert_exact(sample, hf_tokenizers[SMOLLM2], ["x", "<think>s</think>y"], "<|im_end|>")
+    assert (sample.reasoning_dropped_turns, sample.reasoning_dropped_tokens) == (1, 1)  # "r": one token
+    # Without a generation prompt the turn is found by its content, which the template rewrote: rejected.
+    (tmp_path / "no-prompt").mkdir()
+    bare = load_chat_encoder(str(write_tokenizer(tmp_path / "no-prompt", SMOLLM2, template)))
     with pytest.raises(SampleRejected) as err:
-        loaded.encoder.encode({"messages": bad})
-    assert err.value.reason == chat.ALIGNMENT_FAILURE
+        bare.encoder.encode({"messages": messages})
+    assert err.value.reason == chat.CONTENTS_REWRITTEN
 
 
 def test_token_crossing_the_content_start_is_rejected(tmp_path):
-    """Header "assist" + content "ant ..." tokenizes as "ass" "istant": no exact mask exists -> reject."""
+    """No generation prompt; header "assist" + content "ant ..." tokenizes as "ass" "istant" -> reject."""
     template = "{% for m in messages %}{{ '<|im_start|>' + ('assist' if m['role'] == 'assistant' else m['role']) + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
     loaded = load_chat_encoder(str(write_tokenizer(tmp_path, SMOLLM2, template)))
     with pytest.raises(SampleRejected) as err:
         loaded.encoder.encode(
             {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "ant is here"}]}
         )
-    assert err.value.reason == chat.ALIGNMENT_FAILURE
+    assert err.value.reason == chat.TOKEN_STRADDLE
 
 
-def test_header_newline_merged_into_the_content_is_rejected(smollm2, hf_tokenizers):
-    """ChatML "assistant\n" + "  Hi" pre-tokenizes "\n " as one token: half header, half content -> reject."""
-    record = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "  Hi"}]}
-    with pytest.raises(SampleRejected) as err:
-        smollm2.encoder.encode(record)
-    assert err.value.reason == chat.ALIGNMENT_FAILURE
-    # a leading newline stays its own token here, so that content is exact
-    record["messages"][1]["content"] = "\nHi"
-    assert_exact(smollm2.encoder.encode(record), hf_tokenizers[SMOLLM2], ["\nHi"], "<|im_end|>")
+def test_header_newline_merged_into_the_content_is_cut_as_inference_sees_it(smollm2, hf_tokenizers):
+    """ChatML "assistant\\n" + "  Hi" pre-tokenizes "\\n " as one token. At inference the prompt ends in
+    "\\n" and the model generates "  Hi": the prompt and the turn are encoded apart, and the turn is trained."""
+    tok = hf_tokenizers[SMOLLM2]
+    messages = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "  Hi"}]
+    sample = smollm2.encoder.encode({"messages": messages})
+    prompt = tok.apply_chat_template(messages[:1], tokenize=False, add_generation_prompt=True)
+    turn = tok.apply_chat_template(messages, tokenize=False)[len(prompt) :]
+    expected = (
+        tok(prompt, add_special_tokens=False)["input_ids"] + tok(turn, add_special_tokens=False)["input_ids"]
+    )
+    assert sample.input_ids == expected
+    assert sample.input_ids != reference_ids(tok, messages)  # a one-shot encode merges the two
+    assert_exact(sample, tok, ["  Hi"], "<|im_end|>")
+    # a leading newline stays its own token here, so the one-shot encode is kept
+    messages[1]["content"] = "\\nHi"
+    sample = smollm2.encoder.encode({"messages": messages})
+    assert sample.input_ids == reference_ids(tok, messages)
+    assert_exact(sample, tok, ["\\nHi"], "<|im_end|>")
 
 
 def test_non_ascii_contents_are_exact(smollm2, tinyllama, hf_tokenizers):
@@ -485,8 +500,14 @@ def test_unknown_template_name_and_template_without_end_of_turn_token(tmp_path):
         load_chat_encoder(str(SMOLLM2), "vicuna")
     jinja = tmp_path / "plain.jinja"
     jinja.write_text("{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\\n\\n' }}{% endfor %}")
-    with pytest.raises(UserError, match="no special end-of-turn token"):
-        load_chat_encoder(str(SMOLLM2), str(jinja))
+    plain = load_chat_encoder(
+        str(SMOLLM2), str(jinja)
+    )  # no token ends a turn: each line says so, not the file
+    with pytest.raises(SampleRejected) as err:
+        plain.encoder.encode(
+            {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+        )
+    assert err.value.reason == chat.NO_END_OF_TURN
     broken = tmp_path / "broken.jinja"
     broken.write_text("{% for m in messages %}{{ m.content }")
     with pytest.raises(UserError, match="does not compile"):
@@ -506,3 +527,168 @@ def test_encoder_survives_pickling(smollm2):
 def test_fingerprint_is_stable_and_distinguishes_tokenizers(hf_tokenizers, smollm2, tinyllama):
     assert chat.tokenizer_fingerprint(hf_tokenizers[SMOLLM2]) == smollm2.fingerprint
     assert smollm2.fingerprint != tinyllama.fingerprint
+
+
+# ------------------------------------------------------------------ the generation rule, against transformers
+
+QWEN3 = SMOLLM2.parent / "qwen3"
+REASON_A = "The user greets me.\nI should greet back."
+REASON_B = "Two plus two.\nThat is four."
+
+
+def reference_turns(tok, messages: list[dict], end_tokens: tuple[str, ...], **kwargs) -> list[str]:
+    """Per assistant message i: what transformers renders after render(messages[:i], generation prompt),
+    up to and including the first end-of-turn token after it. Independent of minitrain's code."""
+    full = tok.apply_chat_template(messages, tokenize=False, **kwargs)
+    turns = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prompt = tok.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True, **kwargs)
+        assert full.startswith(prompt), "the reference needs the prefix property"
+        end = min(full.index(t, len(prompt)) + len(t) for t in end_tokens if t in full[len(prompt) :])
+        turns.append(full[len(prompt) : end])
+    return turns
+
+
+def assert_generation_rule(loaded, tok, messages, end_tokens, record_extra=None, **kwargs):
+    """ids = transformers' ids; the trained runs decode to exactly the reference turns."""
+    sample = loaded.encoder.encode({"messages": messages, **(record_extra or {})})
+    assert sample.input_ids == reference_ids(tok, messages, **kwargs)
+    runs = [
+        tok.decode(r, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        for r in trained_runs(sample)
+    ]
+    assert runs == reference_turns(tok, messages, end_tokens, **kwargs)
+    return sample, runs
+
+
+@pytest.fixture(scope="module")
+def qwen3():
+    from transformers import AutoTokenizer
+
+    return load_chat_encoder(str(QWEN3)), AutoTokenizer.from_pretrained(str(QWEN3))
+
+
+def _ua(*pairs: str) -> list[dict]:
+    return [
+        {"role": r, "content": c} for r, c in zip(["user", "assistant"] * len(pairs), pairs, strict=False)
+    ]
+
+
+def test_qwen3_one_turn_trains_the_empty_think_block(qwen3):
+    loaded, tok = qwen3
+    _, runs = assert_generation_rule(loaded, tok, _ua("Hi", "Hello!"), ("<|im_end|>",))
+    assert runs == ["<think>\n\n</think>\n\nHello!<|im_end|>"]  # what the model generates
+
+
+def test_qwen3_system_and_three_turns(qwen3):
+    loaded, tok = qwen3
+    messages = [{"role": "system", "content": "Be brief."}, *_ua("a", "one", "b", "two", "c", "three")]
+    _, runs = assert_generation_rule(loaded, tok, messages, ("<|im_end|>",))
+    assert runs == ["one<|im_end|>", "two<|im_end|>", "<think>\n\n</think>\n\nthree<|im_end|>"]
+    assert_generation_rule(loaded, tok, messages[:3], ("<|im_end|>",))
+
+
+def test_qwen3_reasoning_content_on_one_and_on_several_turns(qwen3):
+    loaded, tok = qwen3
+    one = _ua("Hi", "Hello!")
+    one[1]["reasoning_content"] = REASON_A
+    sample, runs = assert_generation_rule(loaded, tok, one, ("<|im_end|>",))
+    assert runs == [f"<think>\n{REASON_A}\n</think>\n\nHello!<|im_end|>"]
+    assert sample.reasoning_dropped_turns == 0
+    several = _ua("Hi", "Hello!", "2+2?", "4")
+    several[1]["reasoning_content"], several[3]["reasoning_content"] = REASON_A, REASON_B
+    sample, runs = assert_generation_rule(loaded, tok, several, ("<|im_end|>",))
+    assert runs == ["Hello!<|im_end|>", f"<think>\n{REASON_B}\n</think>\n\n4<|im_end|>"]
+    # the template drops the first turn's reasoning (before the last user query): counted
+    assert sample.reasoning_dropped_turns == 1
+    assert sample.reasoning_dropped_tokens == len(tok(REASON_A, add_special_tokens=False)["input_ids"])
+    # the same reasoning under the other field names gives the same sample
+    for key in ("reasoning", "thinking"):
+        renamed = [{(key if k == "reasoning_content" else k): v for k, v in m.items()} for m in several]
+        assert loaded.encoder.encode({"messages": renamed}) == sample
+
+
+def test_qwen3_inline_think_in_content(qwen3):
+    loaded, tok = qwen3
+    messages = _ua("Hi", f"<think>\n{REASON_A}\n</think>\n\nHello!")
+    _, runs = assert_generation_rule(loaded, tok, messages, ("<|im_end|>",))
+    assert runs == [f"<think>\n{REASON_A}\n</think>\n\nHello!<|im_end|>"]
+    two = _ua("Hi", f"<think>{REASON_A}</think>Hello!", "2+2?", f"<think>{REASON_B}</think>4")
+    sample, runs = assert_generation_rule(loaded, tok, two, ("<|im_end|>",))
+    assert runs == ["Hello!<|im_end|>", f"<think>\n{REASON_B}\n</think>\n\n4<|im_end|>"]
+    assert sample.reasoning_dropped_turns == 1
+
+
+def test_qwen3_tool_call_tool_and_answer(qwen3):
+    loaded, tok = qwen3
+    messages = [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": "", "tool_calls": [CALL], "reasoning_content": REASON_A},
+        {"role": "tool", "content": "18C", "tool_call_id": "c1"},
+        {"role": "assistant", "content": "It is 18C."},
+    ]
+    _, runs = assert_generation_rule(
+        loaded, tok, messages, ("<|im_end|>",), record_extra={"tools": TOOLS}, tools=TOOLS
+    )
+    assert runs[0].startswith(f"<think>\n{REASON_A}\n</think>\n\n<tool_call>\n") and "get_weather" in runs[0]
+    assert runs[1] == "<think>\n\n</think>\n\nIt is 18C.<|im_end|>"
+
+
+@pytest.mark.parametrize(
+    ("path", "eot"), [(SMOLLM2, "<|im_end|>"), (TINYLLAMA, "</s>")], ids=["smollm2", "tinyllama"]
+)
+def test_generation_rule_on_smollm2_and_tinyllama(path, eot, smollm2, tinyllama, hf_tokenizers):
+    loaded, tok = (smollm2 if path == SMOLLM2 else tinyllama), hf_tokenizers[path]
+    bos = [tok.bos_token_id] if path == TINYLLAMA else []
+    shapes = [
+        _ua("Hi", "Hello!"),
+        [{"role": "system", "content": "Be brief."}, *_ua("a", "one", "b", "two", "c", "three")],
+        _ua("Hi", f"<think>\n{REASON_A}\n</think>\n\nHello!"),
+    ]
+    for messages in shapes:
+        sample = loaded.encoder.encode({"messages": messages})
+        assert sample.input_ids == bos + reference_ids(tok, messages)
+        runs = [
+            tok.decode(r, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+            for r in trained_runs(sample)
+        ]
+        expected = reference_turns(tok, messages, (eot,))
+        if path == TINYLLAMA:  # SentencePiece decoding drops the "▁" that opens a run
+            expected = [t.lstrip(" ") for t in expected]
+        assert runs == expected
+
+
+# ------------------------------------------------------------------------- --train-on last, --split-turns
+
+
+def test_train_on_last_trains_the_final_turn_only(qwen3):
+    loaded, tok = qwen3
+    messages = _ua("a", "one", "b", "two")
+    sample = loaded.encoder.encode({"messages": messages}, "last")
+    assert sample.input_ids == reference_ids(tok, messages)
+    runs = [tok.decode(r, skip_special_tokens=False) for r in trained_runs(sample)]
+    assert runs == reference_turns(tok, messages, ("<|im_end|>",))[-1:]
+
+
+def test_split_turns_keeps_the_reasoning_of_every_turn(qwen3):
+    """One sample per turn, each the conversation up to it: Qwen3 renders that turn's reasoning as the last."""
+    loaded, tok = qwen3
+    messages = _ua("Hi", "Hello!", "2+2?", "4", "3+3?", "6")
+    for k, reason in ((1, REASON_A), (3, REASON_B), (5, "Three and three.")):
+        messages[k]["reasoning_content"] = reason
+    samples = loaded.encoder.encode_turns({"messages": messages})
+    assert len(samples) == 3
+    for sample, i in zip(samples, (1, 3, 5), strict=True):
+        upto = messages[: i + 1]
+        assert sample.input_ids == reference_ids(tok, upto)
+        runs = [tok.decode(r, skip_special_tokens=False) for r in trained_runs(sample)]
+        assert runs == reference_turns(tok, upto, ("<|im_end|>",))[-1:]
+        assert runs[0].startswith(f"<think>\n{messages[i]['reasoning_content']}\n</think>")
+        assert sample.reasoning_dropped_turns == 0  # earlier turns are not trained in this sample
+    # `"train": false` turns get no sample; a one-turn conversation is one sample, as without the flag
+    messages[3]["train"] = False
+    assert len(loaded.encoder.encode_turns({"messages": messages})) == 2
+    one = {"messages": _ua("Hi", "Hello!")}
+    assert loaded.encoder.encode_turns(one) == [loaded.encoder.encode(one)]

@@ -221,11 +221,11 @@ def test_failure_mid_run_leaves_no_output_and_keeps_an_old_one(tmp_path, monkeyp
     real = pipeline.encode_lines
     calls = []
 
-    def failing(encoder, max_tokens, lines, mapping=None):
+    def failing(encoder, policy, lines):
         calls.append(1)
         if len(calls) == 3:
             raise KeyboardInterrupt  # as if Ctrl-C arrived mid-run
-        return real(encoder, max_tokens, lines, mapping)
+        return real(encoder, policy, lines)
 
     monkeypatch.setattr(pipeline, "encode_lines", failing)
     with pytest.raises(KeyboardInterrupt):
@@ -282,3 +282,93 @@ def test_summary_renders_every_count(tmp_path):
         chat.ALIGNMENT_FAILURE,
     ):
         assert label in text
+
+
+def test_nothing_written_is_an_error_with_the_top_reasons_and_no_files(tmp_path):
+    """Every line rejected: one UserError (exit 1) naming the counts, top reasons and the first line; no OUT."""
+    inp = tmp_path / "prefs.jsonl"
+    inp.write_bytes(b'{"prompt": "q", "chosen": "a"}\n' * 3 + b"{broken\n")
+    with pytest.raises(UserError) as err:
+        run(tmp_path, inp)
+    message = str(err.value)
+    assert (
+        "no line could be tokenized, nothing written (4 rejected: no known shape (3), malformed JSON (1))"
+        in message
+    )
+    assert "first, line 1: no known shape" in message and "\n" not in message
+    assert not (tmp_path / "out.jsonl").exists() and not rejects_path(tmp_path / "out.jsonl").exists()
+    # all dropped as too long: said too
+    inp.write_bytes(GOOD + b"\n")
+    with pytest.raises(UserError, match="1 dropped as longer than --max-sample-num-tokens"):
+        run(tmp_path, inp, max_sample_num_tokens=3)
+    # one line written among rejected ones: fine, as before
+    inp.write_bytes(b"{broken\n" + GOOD + b"\n")
+    result, out = run(tmp_path, inp)
+    assert (result.written, result.rejected) == (1, 1) and out.is_file()
+
+
+def test_reasoning_dropped_by_the_template_is_counted_in_summary_and_sidecar(tmp_path):
+    """Qwen3 drops the reasoning of turns before the last user query: counted (turns, tokens), not silent."""
+    import orjson
+    from rich.console import Console
+
+    qwen3 = SMOLLM2.parent / "qwen3"
+    turns = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!", "reasoning_content": "Greet back."},
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "4", "reasoning_content": "Simple sum."},
+    ]
+    inp = tmp_path / "reasoning.jsonl"
+    inp.write_bytes(orjson.dumps({"messages": turns}) + b"\n" + orjson.dumps({"messages": turns[:2]}) + b"\n")
+    config = TokenizeConfig(
+        input_file=inp, output_file=tmp_path / "out.jsonl", model_name_or_path=str(qwen3), num_workers=1
+    )
+    result = pipeline.tokenize_file(config)
+    expected_tokens = len(load_chat_encoder(str(qwen3)).encoder.backend.encode("Greet back.").ids)
+    assert (result.reasoning_dropped_turns, result.reasoning_dropped_tokens) == (1, expected_tokens)
+    meta = read_sidecar(config.output_file)
+    assert meta["reasoning_dropped_by_template"] == {"turns": 1, "tokens": expected_tokens}
+    console = Console(record=True, width=120)
+    pipeline.render_summary(result, console)
+    row = next(line for line in console.export_text().splitlines() if "reasoning dropped" in line)
+    assert f"1 turns, {expected_tokens} tokens" in row
+
+
+def test_split_turns_writes_one_sample_per_turn_and_counts_lines_and_samples(tmp_path):
+    import orjson
+
+    three = {
+        "messages": [
+            {"role": r, "content": c} for r, c in zip(["user", "assistant"] * 3, "abcdef", strict=True)
+        ]
+    }
+    inp = tmp_path / "in.jsonl"
+    inp.write_bytes(orjson.dumps(three) + b"\n" + GOOD + b"\n")
+    result, out = run(tmp_path, inp, split_turns=True)
+    assert (result.read, result.written, result.samples) == (2, 2, 4)
+    assert [s["source_line"] for _, s in iter_samples(out)] == [1, 1, 1, 2]
+    assert read_sidecar(out)["counts"]["samples"] == 4 and read_sidecar(out)["config"]["split_turns"] is True
+    # too long: the whole line goes (a line is one unit), said in the rejects file
+    lengths = [s["len"] for _, s in iter_samples(out)]
+    assert lengths[3] < max(lengths[:3]) - 1  # GOOD is shorter than line 1's longest turn sample
+    result, out = run(tmp_path, inp, split_turns=True, max_sample_num_tokens=max(lengths[:3]) - 1)
+    assert (result.written, result.dropped, result.samples) == (1, 1, 1)
+    assert "longest turn sample" in rejects_path(out).read_text()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "says"),
+    [
+        ({"train_on": "first"}, "--train-on first: expected one of all, last"),
+        ({"train_on": "last", "split_turns": True}, "pass one of them"),
+    ],
+)
+def test_train_on_and_split_turns_are_validated(tmp_path, kwargs, says):
+    with pytest.raises(UserError, match=says):
+        TokenizeConfig(
+            input_file=tmp_path / "a.jsonl",
+            output_file=tmp_path / "b.jsonl",
+            model_name_or_path="m",
+            **kwargs,
+        )

@@ -577,3 +577,83 @@ def test_a_non_integer_value_is_malformed_and_the_rest_of_its_batch_is_still_che
     assert (
         report.examples["malformed_line"][0].index == 2 and report.examples["eot_not_trained"][0].index == 6
     )
+
+
+# ------------------------------------------------------------------------------------- reasoning (Qwen3)
+
+QWEN3_DIR = SMOLLM2.parent / "qwen3"
+REASONING_LINES = [
+    {
+        "messages": [
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello!", "reasoning_content": "The user greets me."},
+            {"role": "user", "content": "2+2?"},
+            {"role": "assistant", "content": "4", "reasoning_content": "Two and two make four."},
+        ]
+    },
+    {
+        "messages": [
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "<think>Say hi.</think>Hi!"},
+        ]
+    },
+    {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]},
+]
+
+
+def _tokenize_qwen3(tmp_path: Path, **kwargs: Any) -> tuple[Path, Path]:
+    from minitrain.config import TokenizeConfig
+    from minitrain.data.pipeline import tokenize_file
+
+    inp = tmp_path / "reasoning.jsonl"
+    inp.write_bytes(b"".join(orjson.dumps(line) + b"\n" for line in REASONING_LINES))
+    out = tmp_path / f"out-{len(kwargs)}-{kwargs.get('train_on', '')}.jsonl"
+    tokenize_file(
+        TokenizeConfig(
+            input_file=inp, output_file=out, model_name_or_path=str(QWEN3_DIR), num_workers=1, **kwargs
+        )
+    )
+    return inp, out
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{}, {"split_turns": True}, {"train_on": "last"}], ids=["all", "split-turns", "last"]
+)
+def test_reasoning_files_from_tokenize_audit_clean(tmp_path: Path, kwargs: dict) -> None:
+    inp, out = _tokenize_qwen3(tmp_path, **kwargs)
+    result = inspect_file(InspectConfig(path=out, audit=True, stats=True, source=inp))
+    assert result.audit is not None and result.audit.counts == {}, result.audit.examples
+    assert result.audit.samples == (4 if kwargs.get("split_turns") else 3)
+    # --stats says what the template dropped: line 1's first reasoning (not trained with last, kept with split)
+    dropped = result.stats.reasoning_dropped
+    assert dropped["turns"] == (0 if kwargs else 1)  # only trained turns count
+    assert (dropped["tokens"] > 0) == bool(dropped["turns"])
+
+
+def test_masked_reasoning_is_found(tmp_path: Path) -> None:
+    """The old mask (answer + end of turn only) on a rendered reasoning block: the audit fails."""
+    inp, out = _tokenize_qwen3(tmp_path)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(QWEN3_DIR))
+    think_end = tok.convert_tokens_to_ids("</think>")
+    rows = [orjson.loads(line) for line in out.read_bytes().splitlines()]
+    for row in rows:  # in each trained span, mask its reasoning block: up to and including "</think>\n\n"
+        ids, labels = row["input_ids"], row["labels"]
+        k = 0
+        while k < len(ids):
+            if labels[k] != -100 and (k == 0 or labels[k - 1] == -100):
+                end = next((j for j in range(k, len(ids)) if labels[j] == -100), len(ids))
+                think = [j for j in range(k, end) if ids[j] == think_end]
+                if think:
+                    labels[k : think[-1] + 2] = [-100] * (think[-1] + 2 - k)
+                k = end
+            k += 1
+        row["num_loss_counted_tokens"] = sum(lab != -100 for lab in labels)
+    out.write_bytes(b"".join(orjson.dumps(row) + b"\n" for row in rows))
+    meta = read_sidecar(out)
+    meta["trained_tokens"] = sum(r["num_loss_counted_tokens"] for r in rows)
+    report = audit_file(out, tok, meta, source=inp)
+    # line 1: the last turn's reasoning (the first turn's is dropped by the template); line 2: inline <think>
+    assert report.counts == {"reasoning_masked": 2}, report.examples
+    assert [e.source_line for e in report.examples["reasoning_masked"]] == [1, 2]

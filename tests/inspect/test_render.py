@@ -249,3 +249,55 @@ def test_stats_and_audit_tables_render(tmp_path: Path) -> None:
     ):
         assert needle in text, needle
     assert "FAIL: 1 error finding(s), 1 warning(s)" in text
+
+
+def test_reasoning_has_its_own_style_trained_or_masked() -> None:
+    """Qwen3: a trained reasoning block and a masked one are styled apart from the answer and each other."""
+    from transformers import AutoTokenizer
+
+    from minitrain.data.chat import load_chat_encoder
+
+    qwen3 = SMOLLM2.parent / "qwen3"
+    tok = AutoTokenizer.from_pretrained(str(qwen3))
+    messages = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "<think>Greet back.</think>Hello!"},
+    ]
+    sample = load_chat_encoder(str(qwen3)).encoder.encode({"messages": messages})
+    segments = render.decode_segments(tok, sample.input_ids, sample.labels, special_token_ids(tok))
+    text = render.sample_text(segments, color=True)
+    assert text.plain.replace(render.TRAINED_NEWLINE, "") == tok.decode(sample.input_ids)
+
+    def style_at(sub: str) -> str:
+        at = text.plain.index(sub)
+        return next(str(span.style) for span in text.spans if span.start <= at < span.end)
+
+    assert style_at("Greet back.") == style_at("<think>") == render.TRAINED_REASONING
+    assert style_at("Hello!") == render.TRAINED
+    masked = [
+        -100
+        if lab == tok.convert_tokens_to_ids("<think>")
+        or k < sample.labels.index(tok.convert_tokens_to_ids("</think>"))
+        else lab
+        for k, lab in enumerate(sample.labels)
+    ]
+    masked_text = render.sample_text(
+        render.decode_segments(tok, sample.input_ids, masked, special_token_ids(tok)), color=True
+    )
+    at = masked_text.plain.index("Greet back.")
+    assert next(str(s.style) for s in masked_text.spans if s.start <= at < s.end) == render.MASKED_REASONING
+    assert len({render.TRAINED, render.TRAINED_REASONING, render.MASKED, render.MASKED_REASONING}) == 4
+    # plain output is unchanged: the tags are in the text, the trained span in ⟦ ⟧
+    plain = render.sample_text(segments, color=False).plain
+    assert plain.endswith("⟦<think>\nGreet back.\n</think>\n\nHello!<|im_end|>⟧\n")
+
+
+def test_stats_show_reasoning_dropped_by_the_template(tmp_path: Path) -> None:
+    s = DatasetStats(
+        path=tmp_path / "x.jsonl", samples=1, tokens=3, trained_tokens=1, mean_length=3.0, percentiles={},
+        histogram=[], zero_trained=0, zero_trained_examples=[], longest=[],
+        reasoning_dropped={"turns": 7, "tokens": 1234},
+    )  # fmt: skip
+    out = io.StringIO()
+    render.render_stats(s, Console(file=out, no_color=True, color_system=None, width=120))
+    assert "reasoning dropped by the template" in out.getvalue() and "7 turns, 1,234 tokens" in out.getvalue()
