@@ -75,7 +75,14 @@ ROWS = [
         ("must end in .jsonl",)),
     Row("tokenize", "--model-name-or-path folder does not exist",
         (f"{W}/in.jsonl", "-o", f"{W}/t.jsonl", "--model-name-or-path", f"{W}/notok"),
-        ("cannot load a tokenizer", "no such folder", "pass a local tokenizer or model folder")),
+        ("--model-name-or-path", "notok: no such folder", "check the path")),
+    Row("tokenize", "--model-name-or-path ./mymdoel (a typo'd relative path)",
+        (f"{W}/in.jsonl", "-o", f"{W}/t.jsonl", "--model-name-or-path", "./mymdoel"),
+        ("--model-name-or-path ./mymdoel: no such folder", "check the path")),
+    Row("tokenize", "--model-name-or-path mymodel (a typo'd bare name), offline mode on",
+        (f"{W}/in.jsonl", "-o", f"{W}/t.jsonl", "--model-name-or-path", "mymodel"),
+        ("mymodel: no such folder, and not in the local Hugging Face cache", "offline mode: HF_HUB_OFFLINE=1",
+         "check the spelling, or pass a local model folder")),
     Row("tokenize", "--model-name-or-path is a model folder without tokenizer files",
         (f"{W}/in.jsonl", "-o", f"{W}/t.jsonl", "--model-name-or-path", f"{W}/model"),
         ("no tokenizer.json", "pass the folder of the model's tokenizer")),
@@ -115,9 +122,12 @@ ROWS = [
     Row("train", "unknown --fsdp-sharding-strategy", _train("--fsdp-sharding-strategy", "ZERO3"),
         ("--fsdp-sharding-strategy must be one of FULL_SHARD", "'ZERO3'")),
     Row("train", "--model-name-or-path does not exist", _train(model=f"{W}/nomodel"),
-        ("nomodel: not a model folder (no such path)", "pass a folder with config.json")),
+        ("nomodel: no such folder", "check the path")),
+    Row("train", "--model-name-or-path org/typo (a typo'd Hub id), offline mode on", _train(model="org/typo"),
+        ("org/typo: no such folder, and not in the local Hugging Face cache", "offline mode: HF_HUB_OFFLINE=1",
+         "check the spelling, or pass a local model folder")),
     Row("train", "--model-name-or-path folder without config.json", _train(model=f"{W}/emptydir"),
-        ("emptydir: not a model folder or a Hub id available offline", "pass a folder with config.json")),
+        ("emptydir: the folder has no config.json", "pass a model folder")),
     Row("train", "model is not a causal LM (T5 config)", _train(model=f"{W}/t5"),
         ("is a 't5' model, not a causal LM", "pass a decoder-only model")),
     Row("train", "model is an encoder (BERT config)", _train(model=f"{W}/bert"),
@@ -184,6 +194,7 @@ RENDERED = [
     "inspect: tokenized file with a malformed line",
     "train: tokenized file with a malformed line",
     "train: --batch-size 0",
+    "train: --model-name-or-path org/typo (a typo'd Hub id), offline mode on",
     "plot: unknown --metric",
 ]
 
@@ -265,6 +276,7 @@ def test_row(row: Row, ws: Path, no_launch, monkeypatch):
         monkeypatch.setattr(torch.cuda, "is_available", lambda: row.gpus > 0)
         monkeypatch.setattr(torch.cuda, "device_count", lambda: row.gpus)
     monkeypatch.delenv("MINITRAIN_QLORA_ON_CPU", raising=False)  # the tests' CPU QLoRA seam stays shut here
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the Hub-id rows name the variable; never ask the network
     if row.missing is not None:
         import importlib.util
 
@@ -293,7 +305,7 @@ def _minitrain(args: list[str], **env: str) -> subprocess.CompletedProcess:
 def test_rendered_as_one_line(row: Row, ws: Path):
     if TOKENIZER in row.args and not SMOLLM2.is_dir():
         pytest.skip(f"fixture tokenizer {SMOLLM2} is absent")
-    done = _minitrain(_args(row, ws))
+    done = _minitrain(_args(row, ws), HF_HUB_OFFLINE="1")
     assert done.returncode == 1, done.stderr
     assert done.stderr.startswith("minitrain: error: "), done.stderr
     assert done.stderr.endswith("\n") and done.stderr.count("\n") == 1, done.stderr  # one line, no traceback

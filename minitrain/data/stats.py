@@ -35,7 +35,8 @@ import numpy as np
 import orjson
 
 from minitrain.data.format import IGNORE_INDEX, parse_sample, read_sidecar, sidecar_path
-from minitrain.errors import UserError, first_line
+from minitrain.data.tokenizer import load_tokenizer as load_named_tokenizer
+from minitrain.errors import UserError
 
 PERCENTILES = (50, 90, 95, 99, 100)
 HISTOGRAM_BINS = 12
@@ -281,18 +282,8 @@ def load_tokenizer(path: Path, meta: dict[str, Any] | None, override: str | None
                 f"{' (a path relative to where tokenize ran)' if not candidate.is_absolute() else ''}; "
                 "pass --model-name-or-path"
             )
-        origin = f"recorded in {sidecar_path(path).name}"
-    else:
-        name, origin = override, "from --model-name-or-path"
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(name)
-    except Exception as err:  # transformers raises OSError, ValueError, ... for a missing or broken tokenizer
-        first = first_line(err)
-        raise UserError(
-            f"cannot load tokenizer {name!r} ({origin}): {first[:200]}; pass --model-name-or-path"
-        ) from None
+        return load_named_tokenizer(name, f"the tokenizer recorded in {sidecar_path(path).name},")
+    return load_named_tokenizer(override)
 
 
 def special_token_ids(tokenizer: Any) -> frozenset[int]:
