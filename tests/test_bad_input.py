@@ -185,6 +185,10 @@ ROWS = [
         ("--output-dir", "cannot create it (Not a directory)", "choose a writable folder")),
     Row("demo", "--nproc 0", ("--output-dir", f"{W}/demo", "--nproc", "0"),
         ("--nproc must be a positive integer, got 0",)),
+    Row("demo", "--output-dir holds a previous demo, no --overwrite", ("--output-dir", f"{W}/demo-done"),
+        ("demo-done already holds a demo run", "add --overwrite to replace it")),
+    Row("demo", "--output-dir is a non-empty folder that is not a demo's", ("--output-dir", f"{W}/prev-run"),
+        ("prev-run is not empty and holds no demo run", "choose a new or empty folder")),
 ]  # fmt: skip
 
 # Rows run again as real processes, to prove `main` renders them as one line (one per command, and the
@@ -237,6 +241,8 @@ def ws(tmp_path_factory) -> Path:
         config.pop("chat_template", None)
         config_file.write_text(json.dumps(config))
     (w / "prev-run" / "checkpoints").mkdir(parents=True)
+    (w / "demo-done").mkdir()
+    (w / "demo-done" / ".minitrain-demo").write_text("")
     (w / "prev-run" / "training_metrics_0.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
     for name, text in (
         ("run-empty", ""),
