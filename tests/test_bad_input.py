@@ -1,6 +1,6 @@
 """The bad-input matrix: every user mistake, on every command, is one line naming the problem and the fix.
 
-Each `Row` is one line of the README's table (command | what the user did | what minitrain says | exit
+Each `Row` is one line of docs/bad-input.md's table (command | what the user did | what minitrain says | exit
 code). `test_row` runs the real Typer app in-process and checks that the command raised a `UserError`
 (which `minitrain.cli.main` prints as one line and exit code 1) whose text contains every fragment in
 `says`: the problem and the fix. `test_rendered_as_one_line` runs a few rows again as real
@@ -41,7 +41,7 @@ class Row:
     """One user mistake: the command line, and fragments the one-line message must contain."""
 
     command: str
-    did: str  # what the user did, as the README says it
+    did: str  # what the user did, as docs/bad-input.md says it
     args: tuple[str, ...]  # after the command name; W is the workspace
     says: tuple[str, ...]  # the problem and the fix, as substrings of the message
     gpus: int | None = None  # pretend this many CUDA GPUs are visible (the --nproc check)

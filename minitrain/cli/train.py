@@ -47,7 +47,8 @@ def train(
     model_name_or_path: Annotated[
         str,
         typer.Option(
-            help="Model folder or Hub id (from the local cache: nothing downloads).", show_default=False
+            help="Model folder, or Hub id (read from the local cache when there).",
+            show_default=False,
         ),
     ],
     output_dir: Annotated[
