@@ -72,7 +72,9 @@ def prepare_output_dir(output_dir: Path, overwrite: bool) -> None:
             f"--output-dir {output_dir} is not empty and holds no demo run ({len(contents)} other entries); "
             "choose a new or empty folder"
         )
-    (output_dir / DEMO_MARKER).write_text("written by `minitrain demo`; --overwrite replaces data/ and run/\n")
+    (output_dir / DEMO_MARKER).write_text(
+        "written by `minitrain demo`; --overwrite replaces data/ and run/\n"
+    )
 
 
 def assets_dir() -> Path:
