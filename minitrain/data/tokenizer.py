@@ -6,11 +6,12 @@ each rank) goes through `resolve_model_path`, so a typo gets the same one-line a
 1. an existing folder is used as it is;
 2. a name that can only be a path (`/...`, `./...`, `~/...`, more than one `/`, characters no Hub id has)
    and does not exist: "no such folder";
-3. a Hub id (`name` or `org/name`) already in the local Hugging Face cache: its cached snapshot folder,
-   read with no network at all;
-4. otherwise the Hub is asked only when offline mode (`HF_HUB_OFFLINE`, `TRANSFORMERS_OFFLINE`) is off, with
-   one request of at most `HUB_TIMEOUT_S` seconds and no retries: unreachable or no such repository is one
-   line; an existing repository is returned as the id, for transformers to download.
+3. otherwise the Hub is asked only when offline mode (`HF_HUB_OFFLINE`, `TRANSFORMERS_OFFLINE`) is off, with
+   one request of at most `HUB_TIMEOUT_S` seconds and no retries; a repository it has is returned as the
+   id, for transformers to download what the cache lacks;
+4. a Hub id (`name` or `org/name`) in the local Hugging Face cache that the Hub was not asked about (offline)
+   or did not confirm (unreachable, private): its cached snapshot folder, read with no network at all;
+5. anything else is one line: no such folder, and offline, unreachable, or unknown to the Hub.
 
 Trade-off: a slow but working connection that needs more than `HUB_TIMEOUT_S` to answer is reported as
 unreachable; the fix the message names (download the model once, pass its folder) always works, while the
@@ -75,7 +76,7 @@ def _cached_snapshot(repo_id: str) -> Path | None:
 
 
 def resolve_model_path(name: str | Path, what: str = "--model-name-or-path") -> str:
-    """The folder (or, for a Hub model not cached yet, the Hub id) to load from; one-line UserError otherwise.
+    """The folder, or a Hub id the Hub confirmed, for transformers to load from; one-line UserError otherwise.
 
     `what` names the source in the message (the flag, or the sidecar the name was read from).
     """
@@ -89,15 +90,17 @@ def resolve_model_path(name: str | Path, what: str = "--model-name-or-path") -> 
     if path_like or not _HUB_ID.fullmatch(name) or "--" in name or ".." in name:
         raise UserError(f"{what} {name}: no such folder; check the path, or pass a Hub id such as org/name")
     snapshot = _cached_snapshot(name)
-    if snapshot is not None:
-        return str(snapshot)
     variable = offline_mode()
+    if snapshot is not None and variable is not None:
+        return str(snapshot)
     if variable is not None:
         raise UserError(
             f"{what} {name}: no such folder, and not in the local Hugging Face cache (offline mode: "
             f"{variable}={os.environ[variable]}, so the Hub is not asked); {_FIX}"
         )
     found = ask_hub(name)
+    if snapshot is not None:  # a partly cached model (config only, say) gets its other files from the Hub
+        return name if found else str(snapshot)
     if found is None:
         raise UserError(
             f"{what} {name}: no such folder, not in the local Hugging Face cache, and the Hub cannot be "

@@ -93,7 +93,9 @@ def test_online_hub_without_that_model_and_with_it(hub):
     assert hub.asked == ["org/typo", "org/real-model"]
 
 
-def test_a_cached_hub_id_resolves_to_its_snapshot_folder_with_no_network(tmp_path: Path, hub, monkeypatch):
+def test_a_cached_hub_id_is_read_from_its_snapshot_unless_the_hub_confirms_it(
+    tmp_path: Path, hub, monkeypatch
+):
     from huggingface_hub import constants
 
     snapshot = tmp_path / "models--org--cached" / "snapshots" / "abc123"
@@ -108,6 +110,12 @@ def test_a_cached_hub_id_resolves_to_its_snapshot_folder_with_no_network(tmp_pat
     with pytest.raises(UserError, match="not in the local Hugging Face cache"):
         tk.resolve_model_path("org/uncached")
     assert hub.asked == []
+    monkeypatch.delenv("HF_HUB_OFFLINE")  # online: the Hub decides, the cache is the fallback
+    hub.answer = True
+    assert tk.resolve_model_path("org/cached") == "org/cached"  # transformers fetches what the cache lacks
+    hub.answer = None
+    assert tk.resolve_model_path("org/cached") == str(snapshot)  # unreachable: what is cached, no retries
+    assert hub.asked == ["org/cached", "org/cached"]
 
 
 def test_ask_hub_reads_a_refused_connection_as_unreachable(monkeypatch):
