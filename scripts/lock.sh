@@ -3,8 +3,9 @@
 #
 # Builds a throw-away venv, installs the CPU build of torch and then minitrain with its test and qlora
 # extras (as .ci/run and the README do), and writes `pip freeze --all` minus minitrain, pip and wheel
-# (setuptools stays: torch requires it) under a header that says how and when it was made. torch is pinned without its local build label (2.13.0, not
-# 2.13.0+cpu) so the same file also admits a CUDA build of that release.
+# (setuptools stays: torch requires it) under a header that says how and when it was made. torch is
+# pinned without its local build label (2.13.0, not 2.13.0+cpu) so the same file also admits a CUDA build
+# of that release.
 #
 # Refresh it when pyproject.toml's dependencies change, or about once a month to pick up fixes: run
 # `bash scripts/lock.sh`, then the tests (`python -m pytest -q`), and commit both if they pass.
