@@ -12,8 +12,8 @@ def demo(
     output_dir: Annotated[
         Path | None,
         typer.Option(
-            help="Where the data, the run and the checkpoints go "
-            "[default: $XDG_CACHE_HOME/minitrain/demo, else ~/.cache/minitrain/demo].",
+            help="Where the data, the run and the checkpoints go. "
+            r"\[default: $XDG_CACHE_HOME/minitrain/demo, else ~/.cache/minitrain/demo]",
             show_default=False,
         ),
     ] = None,
