@@ -275,7 +275,7 @@ class TrainConfig:
                         "--merge-lora",
                         self.merge_lora,
                         "merging into a 4-bit base would round the merged weights to 4 bits; merge the saved "
-                        "adapter into the full-precision base afterwards (README: QLoRA)",
+                        "adapter into the full-precision base afterwards (docs/training.md: QLoRA)",
                     ),
                     ("--from-scratch", self.from_scratch, "QLoRA quantizes pretrained weights; drop one"),
                     (

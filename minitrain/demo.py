@@ -10,7 +10,9 @@ the operands it repeats - is enough to make the loss fall clearly, which is what
 
 from __future__ import annotations
 
+import os
 import random
+import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -35,6 +37,44 @@ _OPS = {
     "-": ("minus", lambda a, b: a - b),
     "*": ("times", lambda a, b: a * b),
 }
+
+
+DEMO_MARKER = ".minitrain-demo"  # written first into a demo's folder: what --overwrite may replace
+DEMO_PARTS = ("data", "run")  # everything else a demo writes lives under these
+
+
+def default_output_dir() -> Path:
+    """Where `minitrain demo` writes by default: $XDG_CACHE_HOME/minitrain/demo, else ~/.cache/minitrain/demo."""
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache) / "minitrain" / "demo"
+
+
+def prepare_output_dir(output_dir: Path, overwrite: bool) -> None:
+    """Claim `output_dir` for a demo: new or empty, or a previous demo's with --overwrite (one-line errors).
+
+    --overwrite removes only what a demo wrote (the `data/` and `run/` folders of a folder that holds the
+    demo's marker file); a folder with other content and no marker is never touched.
+    """
+    from minitrain.train.launch import check_output_dir
+
+    check_output_dir(output_dir)
+    contents = [p.name for p in output_dir.iterdir()]
+    if DEMO_MARKER in contents:
+        if not overwrite:
+            raise UserError(
+                f"--output-dir {output_dir} already holds a demo run; add --overwrite to replace it, or "
+                "choose another --output-dir"
+            )
+        for part in DEMO_PARTS:
+            shutil.rmtree(output_dir / part, ignore_errors=True)
+    elif contents:
+        raise UserError(
+            f"--output-dir {output_dir} is not empty and holds no demo run ({len(contents)} other entries); "
+            "choose a new or empty folder"
+        )
+    (output_dir / DEMO_MARKER).write_text(
+        "written by `minitrain demo`; --overwrite replaces data/ and run/\n"
+    )
 
 
 def assets_dir() -> Path:
@@ -79,8 +119,9 @@ class DemoResult:
 
 
 def run_demo(
-    output_dir: Path,
+    output_dir: Path | None = None,
     *,
+    overwrite: bool = False,
     nproc: int = 2,
     num_samples: int = 5000,
     max_steps: int = 300,
@@ -88,19 +129,22 @@ def run_demo(
     learning_rate: float = 3e-3,
     console: Console | None = None,
 ) -> DemoResult:
-    """Generate, tokenize, inspect one sample, train from scratch with torchrun, plot the loss; return the paths."""
+    """Generate, tokenize, inspect one sample, train from scratch with torchrun, plot the loss; return the paths.
+
+    `output_dir` defaults to `default_output_dir()`; a previous demo there is replaced only with `overwrite`.
+    """
     from minitrain.config import TokenizeConfig, TrainConfig
     from minitrain.data.pipeline import render_summary, tokenize_file
-    from minitrain.train.launch import check_output_dir, run_training
+    from minitrain.train.launch import run_training
     from minitrain.train.metrics import METRICS_FILE, read_metrics
 
     console = console or Console()
     start = time.perf_counter()
-    output_dir = Path(output_dir).expanduser().resolve()
+    output_dir = Path(output_dir or default_output_dir()).expanduser().resolve()
     for flag, value in (("--nproc", nproc), ("--max-steps", max_steps)):  # before minutes of data work
         if value < 1:
             raise UserError(f"{flag} must be a positive integer, got {value}")
-    check_output_dir(output_dir)
+    prepare_output_dir(output_dir, overwrite)
     model_dir = assets_dir()
     console.rule("[bold]1. data")
     dataset = write_dataset(output_dir / "data" / "arithmetic.messages.jsonl", num_samples)

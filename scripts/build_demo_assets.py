@@ -11,6 +11,7 @@ of turn). The model config is a 2-layer Llama of width 64 whose vocabulary is ex
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 import tempfile
@@ -86,6 +87,19 @@ def build_config(out: Path, vocab_size: int) -> None:
     )
     config.save_pretrained(out)
     GenerationConfig(eos_token_id=2, pad_token_id=0, max_new_tokens=32).save_pretrained(out)
+    for name in ("config.json", "generation_config.json"):
+        _drop_version(out / name)
+
+
+def _drop_version(path: Path) -> None:
+    """Remove the `transformers_version` that save_pretrained stamps: the assets are data, not a version claim.
+
+    Without it the committed files are the same whichever transformers built them, so the test that rebuilds
+    them compares bytes and never a library's version string. The layout is save_pretrained's own.
+    """
+    content = json.loads(path.read_text())
+    content.pop("transformers_version", None)
+    path.write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
 
 
 def main(out: Path = REPO / "minitrain" / "assets" / "demo") -> None:

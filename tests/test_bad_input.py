@@ -1,6 +1,6 @@
 """The bad-input matrix: every user mistake, on every command, is one line naming the problem and the fix.
 
-Each `Row` is one line of the README's table (command | what the user did | what minitrain says | exit
+Each `Row` is one line of docs/bad-input.md's table (command | what the user did | what minitrain says | exit
 code). `test_row` runs the real Typer app in-process and checks that the command raised a `UserError`
 (which `minitrain.cli.main` prints as one line and exit code 1) whose text contains every fragment in
 `says`: the problem and the fix. `test_rendered_as_one_line` runs a few rows again as real
@@ -42,7 +42,7 @@ class Row:
     """One user mistake: the command line, and fragments the one-line message must contain."""
 
     command: str
-    did: str  # what the user did, as the README says it
+    did: str  # what the user did, as docs/bad-input.md says it
     args: tuple[str, ...]  # after the command name; W is the workspace
     says: tuple[str, ...]  # the problem and the fix, as substrings of the message
     gpus: int | None = None  # pretend this many CUDA GPUs are visible (the --nproc check)
@@ -76,7 +76,14 @@ ROWS = [
         ("must end in .jsonl",)),
     Row("tokenize", "--model-name-or-path folder does not exist",
         (f"{W}/in.jsonl", "-o", f"{W}/t.jsonl", "--model-name-or-path", f"{W}/notok"),
-        ("cannot load a tokenizer", "no such folder", "pass a local tokenizer or model folder")),
+        ("--model-name-or-path", "notok: no such folder", "check the path")),
+    Row("tokenize", "--model-name-or-path ./mymdoel (a typo'd relative path)",
+        (f"{W}/in.jsonl", "-o", f"{W}/t.jsonl", "--model-name-or-path", "./mymdoel"),
+        ("--model-name-or-path ./mymdoel: no such folder", "check the path")),
+    Row("tokenize", "--model-name-or-path mymodel (a typo'd bare name), offline mode on",
+        (f"{W}/in.jsonl", "-o", f"{W}/t.jsonl", "--model-name-or-path", "mymodel"),
+        ("mymodel: no such folder, and not in the local Hugging Face cache", "offline mode: HF_HUB_OFFLINE=1",
+         "check the spelling, or pass a local model folder")),
     Row("tokenize", "--model-name-or-path is a model folder without tokenizer files",
         (f"{W}/in.jsonl", "-o", f"{W}/t.jsonl", "--model-name-or-path", f"{W}/model"),
         ("no tokenizer.json", "pass the folder of the model's tokenizer")),
@@ -155,9 +162,12 @@ ROWS = [
     Row("train", "unknown --fsdp-sharding-strategy", _train("--fsdp-sharding-strategy", "ZERO3"),
         ("--fsdp-sharding-strategy must be one of FULL_SHARD", "'ZERO3'")),
     Row("train", "--model-name-or-path does not exist", _train(model=f"{W}/nomodel"),
-        ("nomodel: not a model folder (no such path)", "pass a folder with config.json")),
+        ("nomodel: no such folder", "check the path")),
+    Row("train", "--model-name-or-path org/typo (a typo'd Hub id), offline mode on", _train(model="org/typo"),
+        ("org/typo: no such folder, and not in the local Hugging Face cache", "offline mode: HF_HUB_OFFLINE=1",
+         "check the spelling, or pass a local model folder")),
     Row("train", "--model-name-or-path folder without config.json", _train(model=f"{W}/emptydir"),
-        ("emptydir: not a model folder or a Hub id available offline", "pass a folder with config.json")),
+        ("emptydir: the folder has no config.json", "pass a model folder")),
     Row("train", "model is not a causal LM (T5 config)", _train(model=f"{W}/t5"),
         ("is a 't5' model, not a causal LM", "pass a decoder-only model")),
     Row("train", "model is an encoder (BERT config)", _train(model=f"{W}/bert"),
@@ -221,6 +231,10 @@ ROWS = [
         ("--output-dir", "cannot create it (Not a directory)", "choose a writable folder")),
     Row("demo", "--nproc 0", ("--output-dir", f"{W}/demo", "--nproc", "0"),
         ("--nproc must be a positive integer, got 0",)),
+    Row("demo", "--output-dir holds a previous demo, no --overwrite", ("--output-dir", f"{W}/demo-done"),
+        ("demo-done already holds a demo run", "add --overwrite to replace it")),
+    Row("demo", "--output-dir is a non-empty folder that is not a demo's", ("--output-dir", f"{W}/prev-run"),
+        ("prev-run is not empty and holds no demo run", "choose a new or empty folder")),
 ]  # fmt: skip
 
 # Rows run again as real processes, to prove `main` renders them as one line (one per command, and the
@@ -230,6 +244,7 @@ RENDERED = [
     "inspect: tokenized file with a malformed line",
     "train: tokenized file with a malformed line",
     "train: --batch-size 0",
+    "train: --model-name-or-path org/typo (a typo'd Hub id), offline mode on",
     "plot: unknown --metric",
 ]
 
@@ -281,6 +296,8 @@ def ws(tmp_path_factory) -> Path:
         config.pop("chat_template", None)
         config_file.write_text(json.dumps(config))
     (w / "prev-run" / "checkpoints").mkdir(parents=True)
+    (w / "demo-done").mkdir()
+    (w / "demo-done" / ".minitrain-demo").write_text("")
     (w / "prev-run" / "training_metrics_0.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
     for name, text in (
         ("run-empty", ""),
@@ -322,6 +339,7 @@ def test_row(row: Row, ws: Path, no_launch, monkeypatch):
         monkeypatch.setattr(torch.cuda, "is_available", lambda: row.gpus > 0)
         monkeypatch.setattr(torch.cuda, "device_count", lambda: row.gpus)
     monkeypatch.delenv("MINITRAIN_QLORA_ON_CPU", raising=False)  # the tests' CPU QLoRA seam stays shut here
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the Hub-id rows name the variable; never ask the network
     if row.missing is not None:
         import importlib.util
 
@@ -350,7 +368,7 @@ def _minitrain(args: list[str], **env: str) -> subprocess.CompletedProcess:
 def test_rendered_as_one_line(row: Row, ws: Path):
     if TOKENIZER in row.args and not SMOLLM2.is_dir():
         pytest.skip(f"fixture tokenizer {SMOLLM2} is absent")
-    done = _minitrain(_args(row, ws))
+    done = _minitrain(_args(row, ws), HF_HUB_OFFLINE="1")
     assert done.returncode == 1, done.stderr
     assert done.stderr.startswith("minitrain: error: "), done.stderr
     assert done.stderr.endswith("\n") and done.stderr.count("\n") == 1, done.stderr  # one line, no traceback

@@ -8,7 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from minitrain.demo import arithmetic_conversations, assets_dir, run_demo
+from minitrain.demo import (
+    DEMO_MARKER,
+    arithmetic_conversations,
+    assets_dir,
+    default_output_dir,
+    prepare_output_dir,
+    run_demo,
+)
+from minitrain.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -64,3 +72,45 @@ def test_a_short_demo_trains_and_the_loss_falls(tmp_path):
     AutoModelForCausalLM.from_pretrained(result.checkpoint)
     shown = console.export_text()
     assert "trained" in shown and "loss" in shown  # the inspected sample and the loss curve were printed
+
+    # A second run into the same folder: refused without --overwrite, before any work ...
+    with pytest.raises(UserError) as err:
+        run_demo(tmp_path, nproc=1, num_samples=64, max_steps=2, console=console)
+    assert str(err.value) == (
+        f"--output-dir {tmp_path} already holds a demo run; add --overwrite to replace it, or choose another "
+        "--output-dir"
+    )
+    assert result.checkpoint.is_dir()
+    # ... and with it, a fresh run replaces the first one's data and run, and leaves the user's files alone.
+    (tmp_path / "notes.txt").write_text("mine")
+    again = run_demo(tmp_path, overwrite=True, nproc=1, num_samples=64, max_steps=2, console=console)
+    assert again.steps == 2 and not result.checkpoint.exists()  # the first run's samples_1280 export is gone
+    assert len(again.tokenized.read_text().splitlines()) == 64
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_the_default_output_dir_is_under_the_user_cache(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_output_dir() == tmp_path / "xdg" / "minitrain" / "demo"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert default_output_dir() == tmp_path / "home" / ".cache" / "minitrain" / "demo"
+
+
+def test_overwrite_replaces_only_a_previous_demo(tmp_path):
+    prepare_output_dir(tmp_path / "new", overwrite=False)  # created, and marked as the demo's
+    assert (tmp_path / "new" / DEMO_MARKER).is_file()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "run").mkdir()
+    (mine / "run" / "keep.txt").write_text("not the demo's")
+    with pytest.raises(UserError, match="is not empty and holds no demo run"):
+        prepare_output_dir(mine, overwrite=True)  # no marker: never touched, even with --overwrite
+    assert (mine / "run" / "keep.txt").is_file()
+    demo = tmp_path / "new"
+    for part in ("data", "run"):
+        (demo / part).mkdir()
+        (demo / part / "x").write_text("old")
+    (demo / "other.txt").write_text("kept")
+    prepare_output_dir(demo, overwrite=True)
+    assert sorted(p.name for p in demo.iterdir()) == [DEMO_MARKER, "other.txt"]

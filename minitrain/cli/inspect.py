@@ -15,7 +15,10 @@ import typer
 
 def inspect(
     path: Annotated[
-        Path, typer.Argument(help="Tokenized JSONL written by `minitrain tokenize` (OUT.jsonl).")
+        Path,
+        typer.Argument(
+            metavar="TOKENIZED.jsonl", help="Tokenized JSONL written by `minitrain tokenize` (OUT.jsonl)."
+        ),
     ],
     model_name_or_path: Annotated[
         str | None,

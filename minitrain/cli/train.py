@@ -16,6 +16,8 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from minitrain.config import LOGGING_LEVELS, LR_SCHEDULERS, MASTER_DTYPES, SHARDING_STRATEGIES
+
 _LAUNCH = "Launch"
 _BATCH = "Batch"
 _OPTIM = "Optimisation"
@@ -24,6 +26,15 @@ _MODEL = "Model and memory"
 _RESUME = "Resume and checkpoints"
 _LORA = "Adapters (LoRA)"
 _EVAL = "Evaluation"
+
+
+def one_of(values: tuple[str, ...]):
+    """Shell completion of an option's fixed values; the config validates them (a one-line error naming all)."""
+
+    def complete(incomplete: str) -> list[str]:
+        return [value for value in values if value.startswith(incomplete)]
+
+    return complete
 
 
 def train(
@@ -36,7 +47,8 @@ def train(
     model_name_or_path: Annotated[
         str,
         typer.Option(
-            help="Model folder or Hub id (from the local cache: nothing downloads).", show_default=False
+            help="Model folder, or Hub id (read from the local cache when there).",
+            show_default=False,
         ),
     ],
     output_dir: Annotated[
@@ -81,7 +93,12 @@ def train(
     learning_rate: Annotated[float, typer.Option(help="Peak learning rate.", rich_help_panel=_OPTIM)] = 5e-6,
     num_warmup_steps: Annotated[int, typer.Option(help="Linear warm-up steps.", rich_help_panel=_OPTIM)] = 10,
     lr_scheduler: Annotated[
-        str, typer.Option(help="constant_with_warmup, cosine, linear or constant.", rich_help_panel=_OPTIM)
+        str,
+        typer.Option(
+            help="constant_with_warmup, cosine, linear or constant.",
+            autocompletion=one_of(LR_SCHEDULERS),
+            rich_help_panel=_OPTIM,
+        ),
     ] = "constant_with_warmup",
     weight_decay: Annotated[
         float, typer.Option(help="AdamW weight decay (matrices only).", rich_help_panel=_OPTIM)
@@ -114,7 +131,11 @@ def train(
     ] = False,
     fsdp_sharding_strategy: Annotated[
         str,
-        typer.Option(help="FULL_SHARD, SHARD_GRAD_OP, NO_SHARD or HYBRID_SHARD.", rich_help_panel=_MODEL),
+        typer.Option(
+            help="FULL_SHARD, SHARD_GRAD_OP, NO_SHARD or HYBRID_SHARD.",
+            autocompletion=one_of(SHARDING_STRATEGIES),
+            rich_help_panel=_MODEL,
+        ),
     ] = "FULL_SHARD",
     activation_checkpointing: Annotated[
         bool,
@@ -132,7 +153,11 @@ def train(
     ] = False,
     master_dtype: Annotated[
         str,
-        typer.Option(help="fp32 or bf16 master weights and optimizer state (GPU).", rich_help_panel=_MODEL),
+        typer.Option(
+            help="fp32 or bf16 master weights and optimizer state (GPU).",
+            autocompletion=one_of(MASTER_DTYPES),
+            rich_help_panel=_MODEL,
+        ),
     ] = "fp32",
     cpu_offload: Annotated[
         bool, typer.Option(help="Keep parameters and optimizer state in CPU memory.", rich_help_panel=_MODEL)
@@ -144,7 +169,10 @@ def train(
         Path | None,
         typer.Option(help="With --dry-run: also write the plan as JSON here.", show_default=False),
     ] = None,
-    logging_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING, ERROR or CRITICAL.")] = "INFO",
+    logging_level: Annotated[
+        str,
+        typer.Option(help="DEBUG, INFO, WARNING, ERROR or CRITICAL.", autocompletion=one_of(LOGGING_LEVELS)),
+    ] = "INFO",
     resume: Annotated[
         str | None,
         typer.Option(

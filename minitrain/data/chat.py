@@ -66,6 +66,7 @@ from pathlib import Path
 from typing import Any
 
 from minitrain.data.format import IGNORE_INDEX
+from minitrain.data.tokenizer import load_tokenizer
 from minitrain.errors import UserError
 
 CHAT_ROLES = frozenset({"system", "user", "assistant", "tool"})
@@ -860,26 +861,7 @@ class LoadedTokenizer:
 
 def load_chat_encoder(model_name_or_path: str, chat_template: str | None = None) -> LoadedTokenizer:
     """Load a (fast) tokenizer, resolve its chat template and probe it; user mistakes raise UserError."""
-    from transformers import AutoTokenizer
-
-    folder = Path(model_name_or_path).expanduser()
-    if (folder.is_absolute() or str(model_name_or_path).startswith((".", "~"))) and not folder.exists():
-        raise UserError(
-            f"cannot load a tokenizer from {model_name_or_path}: no such folder; pass a local tokenizer or model folder"
-        )
-    tokenizer_files = ("tokenizer*", "*.model", "vocab*")  # tokenizer.json, spiece.model, vocab.json ...
-    if folder.is_dir() and not any(next(folder.glob(pattern), None) for pattern in tokenizer_files):
-        raise UserError(
-            f"cannot load a tokenizer from {model_name_or_path}: the folder has no tokenizer.json; pass the folder "
-            "of the model's tokenizer"
-        )
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(model_name_or_path))
-    except Exception as err:
-        reason = " ".join(str(err).split())[:160]  # one line: HF messages span several
-        raise UserError(
-            f"cannot load a tokenizer from {model_name_or_path} ({type(err).__name__}: {reason}); pass a local tokenizer or model folder"
-        ) from None
+    tokenizer = load_tokenizer(model_name_or_path)
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         raise UserError(

@@ -39,7 +39,7 @@ class Check:
     description: str
 
 
-# Every audit check, in the order the report lists them. `minitrain inspect --help` and the README show these.
+# Every audit check, in the order the report lists them. `minitrain inspect --help` and docs/formats.md show these.
 CHECKS: dict[str, Check] = {
     "malformed_line": Check("error", "a line that is not JSON or has no input_ids/labels lists of ints"),
     "len_mismatch": Check("error", "`len` missing or != len(input_ids), or len(labels) != len(input_ids)"),

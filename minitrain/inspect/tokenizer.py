@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from minitrain.data.format import sidecar_path
-from minitrain.errors import UserError, first_line
+from minitrain.data.tokenizer import load_tokenizer as load_named_tokenizer
+from minitrain.errors import UserError
 
 KNOWN_END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<|endoftext|>", "<end_of_turn>", "<|eot|>")
 
@@ -39,18 +40,8 @@ def load_tokenizer(path: Path, meta: dict[str, Any] | None, override: str | None
                 f"{' (a path relative to where tokenize ran)' if not candidate.is_absolute() else ''}; "
                 "pass --model-name-or-path"
             )
-        origin = f"recorded in {sidecar_path(path).name}"
-    else:
-        name, origin = override, "from --model-name-or-path"
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(name)
-    except Exception as err:  # transformers raises OSError, ValueError, ... for a missing or broken tokenizer
-        first = first_line(err)
-        raise UserError(
-            f"cannot load tokenizer {name!r} ({origin}): {first[:200]}; pass --model-name-or-path"
-        ) from None
+        return load_named_tokenizer(name, f"the tokenizer recorded in {sidecar_path(path).name},")
+    return load_named_tokenizer(override)
 
 
 def special_token_ids(tokenizer: Any) -> frozenset[int]:

@@ -31,6 +31,7 @@ import orjson
 from minitrain import __version__
 from minitrain.atomic import atomic_write
 from minitrain.config import TRAINING_PARAMS_FILE, TrainConfig, usable_cores
+from minitrain.data.tokenizer import load_tokenizer, resolve_model_path
 from minitrain.errors import UserError, first_line
 from minitrain.train.trackers import check_trackers
 
@@ -148,31 +149,30 @@ UNSUPPORTED_HEAD_ATTRS = (
 def causal_lm_config(model_name_or_path: str | Path):
     """The model's transformers config (no weights read), refusing what minitrain cannot train.
 
+    The path is resolved by `data.tokenizer.resolve_model_path` (folder, cached Hub id, or one Hub request).
     Refused: a path that does not exist, a folder or Hub id with no readable config, a model that is not a
     causal LM (T5, BERT & co), and a head that scales or caps its logits. Used by the parent's preflight and
     by every rank's `load_model`, so both refuse the same models with the same words.
     """
+    name = str(model_name_or_path)
+    source = resolve_model_path(name)  # before importing transformers: a typo answers at once
+    if Path(source).is_dir() and not (Path(source) / "config.json").is_file():
+        raise UserError(
+            f"--model-name-or-path {name}: the folder has no config.json; pass a model folder "
+            "(config.json and weights) or a Hub id"
+        )
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import (
         MODEL_FOR_CAUSAL_LM_MAPPING,
         MODEL_FOR_MASKED_LM_MAPPING,
     )
 
-    name = str(model_name_or_path)
-    path = Path(name).expanduser()
-    looks_local = path.is_absolute() or name.startswith((".", "~")) or path.exists()
-    if looks_local and not path.exists():
-        raise UserError(
-            f"--model-name-or-path {name}: not a model folder (no such path); pass a folder "
-            "with config.json or a Hub id in the local cache"
-        )
     try:
-        config = AutoConfig.from_pretrained(str(path) if looks_local else name)
+        config = AutoConfig.from_pretrained(source)
     except (OSError, ValueError) as err:
-        first = first_line(err)
         raise UserError(
-            f"--model-name-or-path {name}: not a model folder or a Hub id available offline "
-            f"({first}); pass a folder with config.json or a Hub id in the local cache"
+            f"--model-name-or-path {name}: cannot read its config ({first_line(err)}); pass a model folder "
+            "(config.json and weights) or a Hub id"
         ) from None
     encoder = type(config) in MODEL_FOR_MASKED_LM_MAPPING and not getattr(config, "is_decoder", False)
     if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING or encoder:  # BERT & co: bidirectional, not causal
@@ -197,16 +197,16 @@ def model_vocab_size(model_name_or_path: str) -> int:
 
 def tokenizer_source(model_name_or_path: str, meta: dict | None) -> str | None:
     """Where checkpoints copy tokenizer files from: the model folder if it has them, else the one the data used."""
-    model_dir = Path(model_name_or_path)
-    if model_dir.is_dir():
-        if any(
-            (model_dir / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
-        ):
-            return str(model_dir.resolve())
-    elif (
-        not model_dir.exists() and "/" in model_name_or_path and not model_name_or_path.startswith((".", "/"))
+    try:
+        source = resolve_model_path(model_name_or_path)
+    except UserError:
+        source = None  # preflight has refused such a path already; the data's tokenizer is the fallback
+    if source is not None and not Path(source).is_dir():
+        return source  # a Hub id not cached yet: AutoTokenizer downloads it with the model
+    if source is not None and any(
+        (Path(source) / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
     ):
-        return model_name_or_path  # a Hub id: AutoTokenizer resolves it from the local cache
+        return str(Path(source).resolve())
     recorded = ((meta or {}).get("tokenizer") or {}).get("path")
     return str(recorded) if recorded and Path(recorded).is_dir() else None
 
@@ -221,13 +221,11 @@ def check_tokenizer_matches(meta: dict | None, model_name_or_path: str, data_pat
         (model_dir / f).exists() for f in ("tokenizer.json", "tokenizer.model")
     ):
         return  # a bare config (e.g. --from-scratch): the data's tokenizer is the only one there is
-    from transformers import AutoTokenizer
-
     from minitrain.data.chat import tokenizer_fingerprint
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model_name_or_path)
-    except (OSError, ValueError):
+        tokenizer = load_tokenizer(model_name_or_path)
+    except UserError:
         return  # no tokenizer beside the model: nothing to compare with
     actual = tokenizer_fingerprint(tokenizer)
     if actual != recorded:

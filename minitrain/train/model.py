@@ -30,6 +30,7 @@ from transformers import PreTrainedModel
 
 from minitrain.config import SHARDING_STRATEGIES
 from minitrain.data.batch import PackedMinibatch
+from minitrain.data.tokenizer import resolve_model_path
 from minitrain.errors import UserError, first_line
 from minitrain.train.attention import choose_attention, packed_attention_kwargs
 from minitrain.train.dist import DistInfo
@@ -105,9 +106,10 @@ def load_model(
             if quantization is None
             else {"quantization_config": quantization, "device_map": {"": str(dist.device)}}
         )
+        source = resolve_model_path(model_name_or_path)  # a folder, or a cached Hub id's snapshot
         try:
             lm = AutoModelForCausalLM.from_pretrained(
-                str(model_name_or_path), config=config, attn_implementation=attn, dtype=dtype, **extra
+                source, config=config, attn_implementation=attn, dtype=dtype, **extra
             )
         except OSError as e:
             first = first_line(e)

@@ -479,7 +479,7 @@ def test_one_line_errors(tmp_path: Path, small_file: Path) -> None:
     bare = tmp_path / "bare.jsonl"
     bare.write_bytes(small_file.read_bytes())
     assert "--model-name-or-path" in message(path=bare)
-    assert "cannot load tokenizer" in message(path=bare, model_name_or_path=str(tmp_path / "nope"))
+    assert "nope: no such folder" in message(path=bare, model_name_or_path=str(tmp_path / "nope"))
     moved = write_tokenized(
         tmp_path / "moved.jsonl", [], "smollm2", meta={"tokenizer": {"path": "/no/such/tok"}}
     )

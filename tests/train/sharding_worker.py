@@ -1,11 +1,12 @@
 """torchrun worker for tests/train/test_sharding.py: FSDP2 on 2 CPU ranks (gloo) against one unsharded process.
 
-Usage: torchrun --standalone --nproc-per-node 2 tests/train/sharding_worker.py MODEL_DIR
-MODEL_DIR holds a tiny Llama saved by the test (tied embeddings or not). For every sharding configuration:
+Usage: torchrun --standalone --nproc-per-node 2 tests/train/sharding_worker.py MODEL_DIR [MODEL_DIR ...]
+Each MODEL_DIR holds a tiny Llama saved by the test (tied embeddings or not); one launch checks them all
+(a torchrun launch costs far more than the checks). For every model and sharding configuration:
 rank 0 loads the weights, rank 1 builds on meta, `shard_model` broadcasts; the gathered weights must equal the
 saved ones exactly; each rank trains its own packed minibatch; the summed scaled loss and the gathered gradients
-must equal a single-process run of the unsharded model on both minibatches. Prints "OK ..." per configuration
-and exits non-zero on the first mismatch.
+must equal a single-process run of the unsharded model on both minibatches. Prints "OK <model folder name>
+<strategy> ..." per model and configuration and exits non-zero on the first mismatch.
 """
 
 from __future__ import annotations
@@ -34,17 +35,24 @@ CONFIGS = [  # (strategy, activation checkpointing)
 ]
 
 
-def main(model_dir: str) -> None:
+def main(model_dirs: list[str]) -> None:
     torch.set_num_threads(1)
     dist = init_distributed()
     assert dist.world_size == 2 and dist.backend == "gloo"
+    register_packed_attention()
+    for model_dir in model_dirs:
+        check_model(model_dir, dist)
+    torch_dist.destroy_process_group()
+
+
+def check_model(model_dir: str, dist) -> None:
+    """Every sharding configuration of one saved model against its single-process reference."""
     # two minibatches of different sizes (one per rank); the global normaliser counts both
     samples = [make_samples([9, 4, 11], seed=1), make_samples([6, 14], seed=2)]
     batches = [pack(s) for s in samples]
     global_tokens = sum(b.num_loss_tokens for b in batches)
 
     # the single-process reference, computed identically on every rank
-    register_packed_attention()
     ref_lm = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="minitrain_packed")
     ref = CausalLMWithLoss(ref_lm, use_liger=False, chunk_size=8)
     ref_loss = sum(ref(b) for b in batches) / global_tokens
@@ -88,9 +96,9 @@ def main(model_dir: str) -> None:
         )
         assert worst[0] <= 1e-5, (strategy, "grad", worst)
         if dist.is_main:
-            print(f"OK {strategy} ac={ac} loss={mean:.6f} worst_grad_rel={worst[0]:.1e}", flush=True)
-    torch_dist.destroy_process_group()
+            name = os.path.basename(model_dir.rstrip("/"))
+            print(f"OK {name} {strategy} ac={ac} loss={mean:.6f} worst_grad_rel={worst[0]:.1e}", flush=True)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1:])

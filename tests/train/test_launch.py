@@ -138,7 +138,7 @@ def test_refuses_when_every_sample_is_too_long(tmp_path):
 
 def test_refuses_a_missing_model(tmp_path):
     data = write_tokenized(tmp_path / "d.jsonl", num=4, vocab=100, seed=0)
-    with pytest.raises(UserError, match="not a model folder"):
+    with pytest.raises(UserError, match="nope: no such folder"):
         preflight(
             _config(data_path=data, model_name_or_path=str(tmp_path / "nope"), output_dir=tmp_path / "o")
         )

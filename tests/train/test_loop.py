@@ -111,11 +111,12 @@ def test_per_step_losses_do_not_depend_on_ranks_or_token_budget(runs):
 
 
 def test_final_weights_do_not_depend_on_ranks_or_token_budget(runs):
-    """All weights as one vector agree to 1e-5 (relative, in norm); each tensor to 1e-4.
+    """All weights as one vector agree to 2e-5 (relative, in norm); each tensor to 1e-4.
 
     Per tensor, fp32 summation-order noise is amplified by Adam (its update is ~lr * g / |g| wherever g is
-    tiny) to about 1e-5 after 8-10 steps at lr 1e-2; a real mistake (a lost gradient, a wrong scale, a bad
-    gather) is orders of magnitude larger.
+    tiny) to about 1e-5 after 8-10 steps at lr 1e-2 (measured 1.08e-5 for `two` with the versions in
+    constraints.txt, torch 2.13 and transformers 5.24, every time: a bound of 1e-5 failed there); a real
+    mistake (a lost gradient, a wrong scale, a bad gather) is orders of magnitude larger.
     """
     import torch
 
@@ -127,7 +128,7 @@ def test_final_weights_do_not_depend_on_ranks_or_token_budget(runs):
             relative = (other[key] - tensor).norm() / tensor.norm()
             assert relative.item() < 1e-4, (name, key, relative.item())
         diff = torch.cat([(other[k] - ref[k]).flatten() for k in ref]).norm()
-        assert (diff / torch.cat([t.flatten() for t in ref.values()]).norm()).item() < 1e-5, name
+        assert (diff / torch.cat([t.flatten() for t in ref.values()]).norm()).item() < 2e-5, name
 
 
 def test_a_tiny_model_overfits_a_few_samples(runs):

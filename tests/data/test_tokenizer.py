@@ -1,0 +1,147 @@
+"""minitrain/data/tokenizer.py: where a model path points (folder, cached Hub id, one Hub request) and the loader.
+
+The Hub is never reached from a test: `ask_hub` is replaced by a stub that counts its calls, except in the
+test that points it at a closed local port to prove a refused connection reads as "unreachable".
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+
+import pytest
+
+from minitrain.data import tokenizer as tk
+from minitrain.errors import UserError
+from tests.conftest import SMOLLM2
+
+CACHED_SNAPSHOT = tk._cached_snapshot  # kept before the `hub` fixture replaces it
+
+
+@pytest.fixture
+def hub(monkeypatch):
+    """Offline mode off, an empty Hugging Face cache, and a Hub stub: set `.answer`, read `.asked`."""
+
+    class Hub:
+        answer: bool | None = None
+        asked: list[str] = []
+
+    stub = Hub()
+    stub.asked = []
+
+    def ask(repo_id: str) -> bool | None:
+        stub.asked.append(repo_id)
+        return stub.answer
+
+    for variable in tk.OFFLINE_VARIABLES:
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setattr(tk, "ask_hub", ask)
+    monkeypatch.setattr(tk, "_cached_snapshot", lambda repo_id: None)
+    return stub
+
+
+def test_an_existing_folder_is_used_as_it_is(tmp_path: Path, hub):
+    assert tk.resolve_model_path(tmp_path) == str(tmp_path)
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(UserError, match=r"config.json: a file, not a folder"):
+        tk.resolve_model_path(tmp_path / "config.json")
+    assert hub.asked == []
+
+
+@pytest.mark.parametrize(
+    "typo", ["./mymdoel", "../mymodel", "/no/such/model", "~/no-such-model", "a/b/c", "my model"]
+)
+def test_a_path_that_does_not_exist_is_refused_without_asking_the_hub(typo: str, hub):
+    hub.answer = True  # even a Hub that would say yes is not asked: these can only be paths
+    with pytest.raises(UserError) as err:
+        tk.resolve_model_path(typo)
+    assert str(err.value) == (
+        f"--model-name-or-path {typo}: no such folder; check the path, or pass a Hub id such as org/name"
+    )
+    assert hub.asked == []
+
+
+@pytest.mark.parametrize("variable", tk.OFFLINE_VARIABLES)
+@pytest.mark.parametrize("name", ["mymodel", "org/typo"])
+def test_offline_mode_refuses_an_uncached_hub_id_without_asking(name: str, variable: str, hub, monkeypatch):
+    monkeypatch.setenv(variable, "1")
+    with pytest.raises(UserError) as err:
+        tk.resolve_model_path(name)
+    message = str(err.value)
+    assert message.startswith(
+        f"--model-name-or-path {name}: no such folder, and not in the local Hugging Face"
+    )
+    assert f"offline mode: {variable}=1" in message and message.endswith("or pass a local model folder")
+    assert hub.asked == []
+
+
+def test_online_but_unreachable_hub_is_asked_once_and_answers_in_one_line(hub):
+    hub.answer = None  # what ask_hub returns when the one request fails (no network, DNS, timeout)
+    with pytest.raises(UserError) as err:
+        tk.resolve_model_path("org/typo")
+    assert "the Hub cannot be reached (one try, 2 s)" in str(err.value) and "\n" not in str(err.value)
+    assert hub.asked == ["org/typo"]
+
+
+def test_online_hub_without_that_model_and_with_it(hub):
+    hub.answer = False
+    with pytest.raises(UserError, match="the Hub has no model named org/typo"):
+        tk.resolve_model_path("org/typo")
+    hub.answer = True
+    assert tk.resolve_model_path("org/real-model") == "org/real-model"  # transformers downloads it
+    assert hub.asked == ["org/typo", "org/real-model"]
+
+
+def test_a_cached_hub_id_is_read_from_its_snapshot_unless_the_hub_confirms_it(
+    tmp_path: Path, hub, monkeypatch
+):
+    from huggingface_hub import constants
+
+    snapshot = tmp_path / "models--org--cached" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    (tmp_path / "models--org--cached" / "refs").mkdir()
+    (tmp_path / "models--org--cached" / "refs" / "main").write_text("abc123")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(tk, "_cached_snapshot", CACHED_SNAPSHOT)  # the real cache lookup, on this cache
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # offline mode does not hide what is cached
+    assert tk.resolve_model_path("org/cached") == str(snapshot)
+    with pytest.raises(UserError, match="not in the local Hugging Face cache"):
+        tk.resolve_model_path("org/uncached")
+    assert hub.asked == []
+    monkeypatch.delenv("HF_HUB_OFFLINE")  # online: the Hub decides, the cache is the fallback
+    hub.answer = True
+    assert tk.resolve_model_path("org/cached") == "org/cached"  # transformers fetches what the cache lacks
+    hub.answer = None
+    assert tk.resolve_model_path("org/cached") == str(snapshot)  # unreachable: what is cached, no retries
+    assert hub.asked == ["org/cached", "org/cached"]
+
+
+def test_ask_hub_reads_a_refused_connection_as_unreachable(monkeypatch):
+    from huggingface_hub import constants
+
+    with socket.socket() as s:  # a local port nobody listens on: the connection is refused at once
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+    assert tk.ask_hub("org/name") is None
+
+
+def test_load_tokenizer_from_a_folder_and_its_one_line_errors(tmp_path: Path, hub):
+    if not SMOLLM2.is_dir():
+        pytest.skip(f"fixture tokenizer {SMOLLM2} is absent")
+    assert tk.load_tokenizer(SMOLLM2).eos_token == "<|im_end|>"
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    with pytest.raises(UserError, match="the folder has no tokenizer.json"):
+        tk.load_tokenizer(tmp_path / "model")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "tokenizer.json").write_text("{not json")
+    (broken / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}))
+    with pytest.raises(UserError) as err:
+        tk.load_tokenizer(broken)
+    message = str(err.value)
+    assert message.startswith(f"cannot load a tokenizer from {broken} (") and "\n" not in message
+    assert message.endswith("); pass a local tokenizer or model folder")  # complete, not cut mid-sentence
