@@ -41,7 +41,8 @@ import orjson
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-METRICS_FILE = "training_metrics_0.jsonl"
+from minitrain.rundir import METRICS_FILE  # noqa: F401 - re-exported
+
 METRIC_KEYS = (
     "step", "lr", "grad_norm", "loss", "num_samples", "num_loss_counted_tokens", "num_total_tokens",
     "grad_accum", "time_per_batch", "tokens_per_second", "samples_per_second", "total_samples_accumulated",

@@ -66,6 +66,8 @@ def _train(config: TrainConfig, dist: DistInfo, tokenizer_source: str | None) ->
     # from-scratch weights are drawn on rank 0 and broadcast: the same on any world size
     torch.manual_seed(config.seed)
     store = TokenStore.open(config.data_path)
+    if config.truncate:  # over-long samples keep their first tokens instead of being skipped by the planner
+        store = store.truncated(config.max_tokens_per_gpu)
 
     # master weights: fp32 (bf16 compute on GPU through FSDP2's mixed precision) or bf16 with --master-dtype bf16
     master_dtype = torch.bfloat16 if config.master_dtype == "bf16" else torch.float32

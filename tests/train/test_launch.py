@@ -119,7 +119,8 @@ def _model(tmp_path: Path, vocab: int, tokenizer: Path | None = None) -> Path:
 
 def test_refuses_token_ids_outside_the_vocabulary(tmp_path):
     data = write_tokenized(tmp_path / "d.jsonl", num=4, vocab=300, seed=0)
-    config = _config(data_path=data, model_name_or_path=str(_model(tmp_path, 128)), output_dir=tmp_path / "o")
+    model = str(_model(tmp_path, 128))  # a config only: the cheap checks ask for weights without --from-scratch
+    config = _config(data_path=data, model_name_or_path=model, output_dir=tmp_path / "o", from_scratch=True)
     with pytest.raises(UserError, match=r"token id \d+ does not fit the vocabulary .* \(128 ids\)"):
         preflight(config)
 
