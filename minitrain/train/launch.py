@@ -258,6 +258,11 @@ def check_model_path(name: str) -> Path | None:
             f"--model-name-or-path {name}: not a model folder (no such path); pass a folder "
             "with config.json or a Hub id in the local cache"
         )
+    if path.is_dir() and not (path / "config.json").is_file():  # what AutoConfig would refuse, found cheaply
+        raise UserError(
+            f"--model-name-or-path {name}: not a model folder or a Hub id available offline (no config.json "
+            "in that folder); pass a folder with config.json or a Hub id in the local cache"
+        )
     return path if looks_local else None
 
 
