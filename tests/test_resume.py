@@ -204,6 +204,12 @@ def test_sigterm_stops_at_a_step_saves_and_exits_143(stopped):
     assert stopped["code"] == 143, stopped["output"][-3000:]
     assert stopped["seconds"] < EXIT_BOUND_S
     assert "training interrupted (exit 143)" in stopped["output"] and "Traceback" not in stopped["output"]
+    # a run without --max-*: said once at the start, with the real checkpoint setting; the epoch in each line
+    assert stopped["output"].count("no stop rule (--max-steps, --max-samples or --max-epochs): infinite") == 1
+    assert (
+        "runs until Ctrl+C; one checkpoint when stopped (--min-samples-per-checkpoint N" in stopped["output"]
+    )
+    assert "step 1  epoch " in stopped["output"]
     step = stopped["state"]["counters"]["step"]
     before = [r["step"] for r in stopped["before"]]
     assert before == list(range(1, step + 1))  # the checkpoint is of the last logged step, nothing lost

@@ -39,6 +39,7 @@ from minitrain.train.metrics import (
     METRICS_FILE,
     MetricsWriter,
     ProgressDisplay,
+    no_stop_rule_line,
     peak_flops_per_device,
     step_flops,
 )
@@ -173,6 +174,8 @@ def _train(config: TrainConfig, dist: DistInfo, tokenizer_source: str | None) ->
         f"{'GPU' if on_gpu else 'CPU process'}{'es' if dist.world_size > 1 and not on_gpu else ''}"
         f"{'s' if dist.world_size > 1 and on_gpu else ''}; writing to {config.output_dir}",
     )
+    if total_steps is None:
+        print0(dist, no_stop_rule_line(config.min_samples_per_checkpoint))
     metrics_path = Path(config.output_dir) / METRICS_FILE
     with (
         MetricsWriter(
