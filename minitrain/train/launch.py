@@ -501,6 +501,8 @@ def torchrun_main(argv: Sequence[str]) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun
 
+    if not sys.stderr.isatty():  # a log file: no "Sending process N closing signal" lines after our own
+        _quiet_torchrun()
     try:
         torchrun(list(argv))
     except ChildFailedError as err:
@@ -514,5 +516,19 @@ def torchrun_main(argv: Sequence[str]) -> int:
     return 0
 
 
+def _quiet_torchrun() -> None:
+    """Only errors from torchrun's own loggers (each has its level set from LOGLEVEL when it is created)."""
+    import logging
+
+    for name, logger in list(logging.root.manager.loggerDict.items()):
+        if name.startswith("torch.distributed.elastic") and isinstance(logger, logging.Logger):
+            logger.setLevel(logging.ERROR)
+
+
 if __name__ == "__main__":
-    sys.exit(torchrun_main(sys.argv[1:]))
+    try:
+        sys.exit(torchrun_main(sys.argv[1:]))
+    except (
+        KeyboardInterrupt
+    ):  # Ctrl+C forwarded while torch was still importing: no rank started, nothing to save
+        sys.exit(130)

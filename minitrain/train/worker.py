@@ -12,11 +12,15 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
+if __name__ == "__main__":  # a rank started by torchrun: Ctrl+C before the loop has nothing to save
+    signal.signal(signal.SIGINT, lambda *_: sys.exit(130))  # exit quietly, not a traceback of an import
+
+import torch  # noqa: E402 - after the handler above: importing torch takes seconds
 
 from minitrain.config import TrainConfig
 from minitrain.data.sampler import InfiniteSampler
@@ -245,7 +249,8 @@ def _build_model(
 def _quiet_libraries(dist: DistInfo) -> None:
     """Keep the libraries' noise out of the metric lines; what is left is what a user can act on.
 
-    - transformers' "Loading weights" bar: rank 0's only (with a 4-bit base every rank loads).
+    - transformers' "Loading weights" bar: rank 0's only (with a 4-bit base every rank loads), and only on a
+      terminal.
     - PEFT calling a transformers API deprecated in v6 (a FutureWarning per rank, nothing to do for users).
     - bitsandbytes' CPU backend, imported by PEFT whenever bitsandbytes is installed, logging on every rank
       that an optional CPU kernel package is absent.
@@ -254,7 +259,7 @@ def _quiet_libraries(dist: DistInfo) -> None:
 
     from transformers.utils import logging as hf_logging
 
-    if not dist.is_main:
+    if not dist.is_main or not sys.stderr.isatty():  # a bar in a log file is a wall of carriage returns
         hf_logging.disable_progress_bar()
     warnings.filterwarnings(
         "ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning

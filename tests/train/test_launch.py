@@ -391,3 +391,58 @@ def test_a_params_file_from_before_the_history_becomes_its_first_launch(tmp_path
     write_training_params(_config(output_dir=out, resume="latest"), world_size=1, preflight=None)
     launches = read_training_params(out)["launches"]
     assert [x["created"] for x in launches][0] == "2026-01-01T00:00:00+00:00" and len(launches) == 2
+
+
+# --- Ctrl+C at any moment of start-up: our one line, exit 130, no traceback ----------------------------------
+
+
+def _importing_torch(pid: int, module: str) -> bool:
+    """True when process `pid` runs `-m module` and has started importing torch (libtorch is mapped)."""
+    try:
+        if module not in Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode():
+            return False
+        return "libtorch" in Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the child processes in /proc (Linux)")
+@pytest.mark.parametrize(
+    "moment",
+    ["torchrun-importing-torch", "ranks-importing-torch"],
+)
+def test_ctrl_c_during_start_up_is_one_line_and_exit_130(tmp_path, moment):
+    """SIGINT to `minitrain train` (as a terminal's Ctrl+C reaches it) while torchrun's process, or a rank's,
+    is importing torch: a KeyboardInterrupt there used to print a 45-line traceback."""
+    from minitrain.train.faults import _descendants, kill_process_tree
+
+    data = write_tokenized(tmp_path / "d.jsonl", num=8, vocab=100, seed=0)
+    model = _model(tmp_path, 128)
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "TORCHELASTIC_RUN_ID")
+    }
+    cmd = [
+        sys.executable, "-m", "minitrain", "train", "--data-path", str(data), "--model-name-or-path", str(model),
+        "--output-dir", str(tmp_path / "o"), "--from-scratch", "--nproc", "2", "--batch-size", "4",
+    ]  # fmt: skip
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env | {"OMP_NUM_THREADS": "1"},
+        cwd=Path(__file__).resolve().parents[2],
+    )  # fmt: skip
+    wanted = "minitrain.train.launch" if moment.startswith("torchrun") else "minitrain.train.worker"
+    try:
+        deadline = time.monotonic() + 120
+        while not any(_importing_torch(p, wanted) for p in _descendants(proc.pid)):
+            assert proc.poll() is None and time.monotonic() < deadline, "the process never started"
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGINT)
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            kill_process_tree(proc.pid)
+            proc.wait()
+    assert proc.returncode == 130, output
+    assert "Traceback" not in output and "KeyboardInterrupt" not in output, output
+    assert output.rstrip("\n").splitlines()[-1] == "minitrain: training interrupted (exit 130)", output
