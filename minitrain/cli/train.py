@@ -165,14 +165,16 @@ def train(
     overwrite: Annotated[
         bool,
         typer.Option(
-            help="Replace a run already in --output-dir (its checkpoints and metrics).",
+            help="Replace a run already in --output-dir (only minitrain's files: params, metrics, checkpoints, "
+            "exports).",
             rich_help_panel=_RESUME,
         ),
     ] = False,
     keep_last: Annotated[
         int | None,
         typer.Option(
-            help="Keep only the K newest training-state checkpoints (older ones go once a newer one is complete).",
+            help="Keep only the K newest checkpoints, training state and hf_format/ export alike (older ones go "
+            "once a newer one is complete).",
             show_default=False,
             rich_help_panel=_RESUME,
         ),

@@ -15,7 +15,7 @@ from tests.train.test_loop import write_tokenized
 
 FLAGS = {
     "--data-path", "--model-name-or-path", "--output-dir", "--nproc", "--nnodes", "--node-rank", "--rdzv-endpoint",
-    "--rdzv-id", "--batch-size", "--max-tokens-per-gpu", "--learning-rate", "--num-warmup-steps", "--lr-scheduler",
+    "--rdzv-id", "--batch-size", "--max-tokens-per-gpu", "--truncate", "--no-truncate", "--learning-rate", "--num-warmup-steps", "--lr-scheduler",
     "--weight-decay", "--max-grad-norm", "--max-steps", "--max-samples", "--max-epochs",
     "--min-samples-per-checkpoint", "--seed", "--use-liger-kernels", "--no-use-liger-kernels",
     "--fsdp-sharding-strategy", "--activation-checkpointing", "--no-activation-checkpointing", "--from-scratch",
