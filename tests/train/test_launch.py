@@ -446,3 +446,34 @@ def test_ctrl_c_during_start_up_is_one_line_and_exit_130(tmp_path, moment):
     assert proc.returncode == 130, output
     assert "Traceback" not in output and "KeyboardInterrupt" not in output, output
     assert output.rstrip("\n").splitlines()[-1] == "minitrain: training interrupted (exit 130)", output
+
+
+def test_a_truncated_run_trains_every_sample_cut_to_the_budget(tmp_path):
+    """One real step over the whole data with --truncate: every sample is in it, at min(length, budget) tokens."""
+    from minitrain.data.store import TokenStore
+
+    data = write_tokenized(tmp_path / "d.jsonl", num=8, vocab=100, seed=0, min_len=8, max_len=30)
+    store = TokenStore.open(data)
+    lengths = store.lengths.tolist()
+    assert any(n > 12 for n in lengths) and any(n <= 12 for n in lengths)
+    out = tmp_path / "o"
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "TORCHELASTIC_RUN_ID")
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "minitrain", "train", "--data-path", str(data), "--model-name-or-path",
+         str(_model(tmp_path, 128)), "--output-dir", str(out), "--from-scratch", "--nproc", "1", "--batch-size", "8",
+         "--max-tokens-per-gpu", "12", "--truncate", "--max-steps", "1", "--num-warmup-steps", "0"],
+        capture_output=True, text=True, env=env | {"OMP_NUM_THREADS": "1"}, timeout=300,
+        cwd=Path(__file__).resolve().parents[2],
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    [record] = [orjson.loads(x) for x in (out / "training_metrics_0.jsonl").read_bytes().splitlines()]
+    assert record["num_samples"] == 8 and record["num_total_tokens"] == sum(min(n, 12) for n in lengths)
+    assert record["num_loss_counted_tokens"] == int(store.truncated(12).num_trained.sum())
+    params = read_training_params(out)
+    over = [n - 12 for n in lengths if n > 12]
+    assert (params["num_samples_truncated"], params["num_tokens_truncated"]) == (len(over), sum(over))
+    assert params["truncate"] is True and "will be skipped" not in done.stderr
