@@ -1,8 +1,11 @@
 """The one seam between `minitrain train` and torchrun: check, write the run's parameters, spawn, wait.
 
 `run_training(config)` is what the CLI calls. In the parent it checks everything that can be checked
-without a model in memory (`preflight`: the data file, token ids against the model's vocabulary, the
-tokenizer fingerprint, over-long samples, the output folder, GPUs), writes OUT/training_params.json, then
+without a model in memory, in two stages: `check_inputs` needs no torch or transformers (the data file and
+its over-long samples, the model folder and its weights, the output folder, the previous run, `--resume`),
+so those mistakes answer in well under a second; `preflight` then reads the model's config (token ids
+against the vocabulary, the tokenizer fingerprint, QLoRA's GPU, the GPU count) and, with every check
+passed, clears the previous run for `--overwrite`. Then it writes OUT/training_params.json and
 runs `python -m torch.distributed.run ... -m minitrain.train.worker OUT` and returns its exit code,
 forwarding SIGINT/SIGTERM. When the process is already one rank of a launch (torchrun or a multi-task
 `srun` set the environment), it runs the worker in-process instead of nesting torchrun.
