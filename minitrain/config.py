@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from minitrain.errors import UserError
+from minitrain.rundir import TRAINING_PARAMS_FILE  # noqa: F401 - re-exported
 
 # ------------------------------------------------------------------------------------------- tokenize
 
@@ -119,7 +120,6 @@ LR_SCHEDULERS = ("constant_with_warmup", "cosine", "linear", "constant")
 SHARDING_STRATEGIES = ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD")
 MASTER_DTYPES = ("fp32", "bf16")
 LOGGING_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-TRAINING_PARAMS_FILE = "training_params.json"
 TRACKERS = ("none", "tensorboard", "wandb", "mlflow")  # --report-to (minitrain/train/trackers.py)
 
 
@@ -142,6 +142,7 @@ class TrainConfig:
     # batch: a global batch of `batch_size` samples, packed into minibatches of at most this many tokens per rank
     batch_size: int = 128
     max_tokens_per_gpu: int = 16384
+    truncate: bool = False  # samples longer than max_tokens_per_gpu: keep their first tokens (else: skipped)
     # optimisation
     learning_rate: float = 5e-6
     num_warmup_steps: int = 10

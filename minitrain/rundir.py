@@ -1,19 +1,33 @@
-"""The run directory's metrics file, read side: its name and one incremental, writer-safe reader.
+"""The run-directory contract: what minitrain writes in --output-dir, how it is found, pruned and replaced.
 
-    RUN/training_metrics_0.jsonl   one JSON object per optimizer step, appended and flushed by `minitrain
-                                   train` (step, lr, grad_norm, loss, num_total_tokens, time_per_batch,
-                                   tokens_per_second, total_samples_accumulated, timestamp, ...); rows that
-                                   carry `eval_loss` may hold little else (step, eval_loss, samples).
+    OUT/
+        training_params.json        the latest launch's settings at the top level (what the workers read),
+                                    and `launches`: every launch of this run, oldest first (written by
+                                    `minitrain.train.launch.write_training_params`)
+        training_metrics_0.jsonl    one line per step (`minitrain.train.metrics`)
+        checkpoints/                resumable training state (`minitrain.train.state`): samples_<N>/,
+                                    `latest`, leftovers of interrupted writes (.tmp-samples_<N>, .old-...)
+        hf_format/                  Hugging Face exports (`minitrain.train.checkpoint`): samples_<N>/, and
+                                    .samples_<N>.tmp while one is written
 
-Reading is incremental and safe against a writer that is still running: only complete lines are
-consumed (a last line without its newline is taken only if it parses, and is read again on the next
-refresh), a malformed line anywhere else is a `UserError` naming FILE:LINE, and `NaN`/`Infinity` written
-by Python's json module are accepted. The writer is `minitrain.train.metrics`; this module imports no
-torch, so `plot` and `train` share it.
+Only these names are minitrain's. `--overwrite` removes exactly them (`remove_previous_run`), never another
+file a user put in OUT, checkpoints/ or hf_format/; `--keep-last K` prunes the training state and the
+exports together (`prune_checkpoints`), keeping the K newest complete checkpoints and the one `latest` names.
+This module imports no torch: the parent checks `--resume` against it before anything heavy is imported.
+
+The metrics file is appended and flushed by `minitrain.train.metrics` (step, lr, grad_norm, loss,
+num_total_tokens, time_per_batch, tokens_per_second, total_samples_accumulated, timestamp, ...; rows that
+carry `eval_loss` may hold little else). `MetricsFile` reads it incrementally and safely against a writer
+that is still running: only complete lines are consumed (a last line without its newline is taken only if
+it parses, and is read again on the next refresh), a malformed line anywhere else is a `UserError` naming
+FILE:LINE, and `NaN`/`Infinity` written by Python's json module are accepted. `plot` and `train` share it.
 """
 
 from __future__ import annotations
 
+import re
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +35,179 @@ import orjson
 
 from minitrain.errors import UserError
 
-METRICS_FILENAME = "training_metrics_0.jsonl"
+TRAINING_PARAMS_FILE = "training_params.json"
+METRICS_FILE = "training_metrics_0.jsonl"
+CHECKPOINTS_DIR = "checkpoints"
+HF_FORMAT_DIR = "hf_format"
+LATEST_FILE = "latest"
+COMPLETE_FILE = "COMPLETE"
+STATE_DIR = "state"
+TRAINER_STATE_FILE = "trainer_state.json"
+TMP_PREFIX = ".tmp-"
+OLD_PREFIX = ".old-"
+_NAME = re.compile(r"samples_(\d+)")
+_EXPORT_TMP = re.compile(r"\.samples_(\d+)\.tmp")
+
+
+@dataclass(frozen=True)
+class CheckpointScan:
+    """What OUT/checkpoints holds: complete checkpoints, leftovers of interrupted writes, the one to resume."""
+
+    complete: tuple[Path, ...]  # oldest first (by samples)
+    incomplete: tuple[Path, ...]  # .tmp-/.old- folders and samples_<N> without COMPLETE: never resumed from
+    latest: Path | None  # the `latest` marker's target if complete, else the newest complete one
+    note: str | None = None  # why the marker was not followed, when it was not
+
+
+def checkpoints_root(out_dir: Path) -> Path:
+    """OUT/checkpoints."""
+    return Path(out_dir) / CHECKPOINTS_DIR
+
+
+def training_state_dir(out_dir: Path, samples: int) -> Path:
+    """OUT/checkpoints/samples_<N>."""
+    return checkpoints_root(out_dir) / f"samples_{samples}"
+
+
+def export_dir(out_dir: Path, samples: int) -> Path:
+    """OUT/hf_format/samples_<N>."""
+    return Path(out_dir) / HF_FORMAT_DIR / f"samples_{samples}"
+
+
+def is_complete(path: Path) -> bool:
+    """True when `path` is a whole checkpoint (COMPLETE, trainer_state.json and DCP metadata all present)."""
+    path = Path(path)
+    return all((path / p).is_file() for p in (COMPLETE_FILE, TRAINER_STATE_FILE, f"{STATE_DIR}/.metadata"))
+
+
+def scan_checkpoints(out_dir: Path) -> CheckpointScan:
+    """Classify OUT/checkpoints/*; a missing folder is an empty scan."""
+    root = checkpoints_root(out_dir)
+    complete: list[tuple[int, Path]] = []
+    incomplete: list[Path] = []
+    if root.is_dir():
+        for entry in sorted(root.iterdir()):
+            if not entry.is_dir():
+                continue
+            if entry.name.startswith((TMP_PREFIX, OLD_PREFIX)):
+                incomplete.append(entry)
+            elif (m := _NAME.fullmatch(entry.name)) is not None:
+                if is_complete(entry):
+                    complete.append((int(m.group(1)), entry))
+                else:
+                    incomplete.append(entry)
+    complete.sort()
+    ordered = tuple(p for _, p in complete)
+    latest, note = (ordered[-1] if ordered else None), None
+    marker = root / LATEST_FILE
+    if marker.is_file():
+        name = marker.read_text().strip()
+        target = root / name
+        if _NAME.fullmatch(name) and target in ordered:
+            latest = target  # the marker wins: after `--resume PATH` to an older one, newer folders are stale
+        else:
+            note = f"{marker} names {name!r}, which is not a complete checkpoint; using {latest}"
+    return CheckpointScan(ordered, tuple(incomplete), latest, note)
+
+
+def find_latest_checkpoint(out_dir: Path) -> Path | None:
+    """The checkpoint `--resume` continues from, or None; see `scan_checkpoints` for the ignored leftovers."""
+    return scan_checkpoints(out_dir).latest
+
+
+def resolve_resume(out_dir: Path, resume: Path | None) -> Path:
+    """The checkpoint to resume from: `resume` itself (checked), or the latest complete one in `out_dir`."""
+    if resume is None:
+        scan = scan_checkpoints(out_dir)
+        if scan.latest is None:
+            found = (
+                f" (only incomplete ones: {', '.join(p.name for p in scan.incomplete)})"
+                if scan.incomplete
+                else ""
+            )
+            raise UserError(
+                f"--resume: no complete checkpoint in {checkpoints_root(out_dir)}{found}; start without --resume"
+            )
+        return scan.latest
+    path = Path(resume)
+    if path.parent.name == HF_FORMAT_DIR and (path.parent.parent / CHECKPOINTS_DIR / path.name).is_dir():
+        raise UserError(
+            f"--resume {path}: that is a Hugging Face export; resume from "
+            f"{path.parent.parent / CHECKPOINTS_DIR / path.name} (or give --resume without a path)"
+        )
+    if not path.is_dir():
+        raise UserError(f"--resume {path}: no such checkpoint folder; give OUT/checkpoints/samples_<N>")
+    if not is_complete(path):
+        raise UserError(
+            f"--resume {path}: incomplete checkpoint (its write was interrupted); resume from another one "
+            f"or give --resume without a path to take the latest complete one"
+        )
+    return path
+
+
+def prune_checkpoints(out_dir: Path, keep_last: int) -> list[Path]:
+    """Remove all but the newest `keep_last` complete checkpoints (never the `latest` one), the exports of the
+    removed ones, and every leftover of an interrupted write. Call only after a save completed (rank 0).
+
+    An export (OUT/hf_format/samples_<N>) is kept exactly when its training state is kept, so K bounds both.
+    Returns what was removed.
+    """
+    if keep_last < 1:
+        raise UserError(f"--keep-last must be >= 1, got {keep_last}")
+    scan = scan_checkpoints(out_dir)
+    keep = set(scan.complete[-keep_last:]) | ({scan.latest} if scan.latest else set())
+    removed = [p for p in scan.complete if p not in keep] + list(scan.incomplete)
+    kept_names = {p.name for p in keep}
+    exports = Path(out_dir) / HF_FORMAT_DIR
+    if exports.is_dir():
+        removed += [
+            p
+            for p in sorted(exports.iterdir())
+            if p.is_dir()
+            and ((_NAME.fullmatch(p.name) and p.name not in kept_names) or _EXPORT_TMP.fullmatch(p.name))
+        ]
+    for path in removed:
+        shutil.rmtree(path)
+    return removed
+
+
+def run_files(out_dir: Path) -> list[Path]:
+    """Everything minitrain wrote in `out_dir` (by name; nothing else there is touched), sorted."""
+    out = Path(out_dir)
+    found = [out / name for name in (TRAINING_PARAMS_FILE, METRICS_FILE) if (out / name).is_file()]
+    root = checkpoints_root(out)
+    if root.is_dir():
+        found += [
+            p
+            for p in root.iterdir()
+            if (p.is_dir() and (_NAME.fullmatch(p.name) or p.name.startswith((TMP_PREFIX, OLD_PREFIX))))
+            or (p.name == LATEST_FILE and p.is_file())
+        ]
+    exports = out / HF_FORMAT_DIR
+    if exports.is_dir():
+        found += [
+            p
+            for p in exports.iterdir()
+            if p.is_dir() and (_NAME.fullmatch(p.name) or _EXPORT_TMP.fullmatch(p.name))
+        ]
+    return sorted(found)
+
+
+def remove_previous_run(out_dir: Path) -> list[Path]:
+    """`--overwrite`: remove what minitrain wrote in `out_dir` (`run_files`), and checkpoints/ and hf_format/
+    when that leaves them empty. A user's own files stay where they are. Returns what was removed."""
+    removed = run_files(out_dir)
+    for path in removed:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    for name in (CHECKPOINTS_DIR, HF_FORMAT_DIR):
+        folder = Path(out_dir) / name
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+            removed.append(folder)
+    return removed
+
+
+# ---------------------------------------------------------------------------------------------- metrics
 
 
 def _parse_line(raw: bytes) -> Any:
@@ -99,7 +285,7 @@ class MetricsFile:
 def metrics_path(run: Path) -> Path:
     """The metrics file of RUN: RUN itself when it is a file, else RUN/training_metrics_0.jsonl."""
     if run.is_dir():
-        return run / METRICS_FILENAME
+        return run / METRICS_FILE
     if run.exists():
         return run
     raise UserError(f"{run} does not exist; pass a training output directory or a metrics .jsonl file")

@@ -152,7 +152,7 @@ ROWS = [
     Row("train", "token ids outside the model's vocabulary", _train(data=f"{W}/big-vocab.jsonl"),
         ("token id", "does not fit the vocabulary", "(64 ids)", "tokenize with this model's tokenizer")),
     Row("train", "every sample longer than --max-tokens-per-gpu", _train("--max-tokens-per-gpu", "3"),
-        ("every sample is longer than --max-tokens-per-gpu 3", "raise --max-tokens-per-gpu")),
+        ("every sample is longer than --max-tokens-per-gpu 3", "raise --max-tokens-per-gpu or add --truncate")),
     Row("train", "--batch-size 0", _train("--batch-size", "0"), ("--batch-size must be a positive integer, got 0",)),
     Row("train", "--batch-size -8", _train("--batch-size", "-8"), ("--batch-size must be a positive integer, got -8",)),
     Row("train", "--max-tokens-per-gpu 0", _train("--max-tokens-per-gpu", "0"),
@@ -270,6 +270,8 @@ def ws(tmp_path_factory) -> Path:
         vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32
     ).save_pretrained(w / "bert")
     tiny_softcapped_config().save_pretrained(w / "gemma2")  # final_logit_softcapping=30 by default
+    for name in ("t5", "bert", "gemma2"):  # a real one has weights: the cheap check for them must pass
+        (w / name / "model.safetensors").write_bytes(b"")
     (w / "emptydir").mkdir()
     data = write_tokenized(w / "d.jsonl", num=8, vocab=64, seed=0)
     write_tokenized(w / "big-vocab.jsonl", num=8, vocab=500, seed=0)
@@ -393,14 +395,15 @@ def test_debug_switch_shows_the_traceback(ws: Path):
 
 @pytest.fixture(scope="module")
 def cpu_run_with_degraded_flags(ws: Path) -> tuple[subprocess.CompletedProcess, Path]:
-    """One real 1-step run on one CPU process with --use-liger-kernels and a budget some samples exceed."""
+    """One real 1-step run on one CPU process with --use-liger-kernels, a budget some samples exceed and a
+    warm-up longer than the run."""
     import torch
 
     if torch.cuda.is_available():
         pytest.skip("a GPU is visible: --use-liger-kernels is not degraded here")
     out = ws / "degraded"
     args = ["train", *_train("--from-scratch", "--use-liger-kernels", "--max-steps", "1", "--batch-size", "4",
-            "--max-tokens-per-gpu", "24", "--num-warmup-steps", "0", out=str(out))]  # fmt: skip
+            "--max-tokens-per-gpu", "24", "--num-warmup-steps", "5", out=str(out))]  # fmt: skip
     done = _minitrain(_fill(args, ws))
     return done, out
 
@@ -409,7 +412,9 @@ WARNINGS = [
     ("--use-liger-kernels without a GPU", "minitrain: warning: --use-liger-kernels needs a GPU; using the "
      "chunked cross-entropy instead"),
     ("some samples longer than --max-tokens-per-gpu", "samples are longer than --max-tokens-per-gpu 24 and "
-     "will be skipped (raise it to train them)"),
+     "will be skipped (raise it to train them, or add --truncate)"),
+    ("--max-steps below --num-warmup-steps", "minitrain: warning: the run stops after 1 steps, before the 5 "
+     "warm-up steps end: the learning rate never reaches --learning-rate 5e-06 (lower --num-warmup-steps)"),
 ]  # fmt: skip
 
 
@@ -426,3 +431,24 @@ def test_degraded_flags_warn_once_and_train(cpu_run_with_degraded_flags, did: st
     losses = [m["loss"] for m in metrics if "loss" in m]
     assert len(losses) == 1 and 0 < losses[0] < 10  # the chunked loss trained: ln(64) ~ 4.16 at the start
     assert (out / "hf_format").is_dir()
+
+
+def test_more_cpu_processes_than_cores_warns_once(ws: Path, monkeypatch, capsys):
+    """`--nproc` above the usable cores on the CPU: one warning line, and the run goes ahead."""
+    import torch
+
+    import minitrain.train.launch as launch
+
+    launched = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(launch, "usable_cores", lambda: 2)
+    monkeypatch.setattr(launch, "run_command", lambda cmd, env=None: launched.append(cmd) or 0)
+    args = _fill(_train("--from-scratch", "--max-steps", "1", out=f"{W}/oversubscribed"), ws)
+    args[args.index("--nproc") + 1] = "3"
+    app(args=["train", *args], standalone_mode=False)
+    err = capsys.readouterr().err
+    warning = (
+        "minitrain: warning: --nproc 3 CPU processes on 2 usable cores: they take turns and every step gets "
+    )
+    assert err.count(warning) == 1 and "use --nproc 2 or fewer" in err, err
+    assert len(launched) == 1

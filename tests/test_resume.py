@@ -176,7 +176,8 @@ def test_resume_on_another_nproc_continues_the_uninterrupted_run(resumed):
         assert b["total_samples_accumulated"] == a["total_samples_accumulated"]
         assert b["epoch"] == pytest.approx(a["epoch"], abs=1e-12)
         assert b["num_loss_counted_tokens"] == a["num_loss_counted_tokens"]  # the same samples (sampler)
-    assert full[HALF]["lr"] == pytest.approx(0.0075)  # step 4 is still warming up
+    assert full[HALF]["lr"] == pytest.approx(0.01)  # step 4 is the warm-up's last (4/4 of the peak)
+    assert full[HALF - 1]["lr"] == pytest.approx(0.0075)  # and step 3 trained at 3/4 of it
     assert full[HALF]["epoch"] == pytest.approx(1.0)  # and the resumed steps cross an epoch boundary
 
 
@@ -203,6 +204,15 @@ def test_sigterm_stops_at_a_step_saves_and_exits_143(stopped):
     assert stopped["code"] == 143, stopped["output"][-3000:]
     assert stopped["seconds"] < EXIT_BOUND_S
     assert "training interrupted (exit 143)" in stopped["output"] and "Traceback" not in stopped["output"]
+    # a run without --max-*: said once at the start, with the real checkpoint setting; the epoch in each line
+    assert stopped["output"].count("no stop rule (--max-steps, --max-samples or --max-epochs): infinite") == 1
+    assert (
+        "runs until Ctrl+C; one checkpoint when stopped (--min-samples-per-checkpoint N" in stopped["output"]
+    )
+    assert "step 1  epoch " in stopped["output"]
+    # the log is a file: torchrun's own warnings and transformers' progress bars stay out of it
+    assert "closing signal" not in stopped["output"] and "Loading weights" not in stopped["output"]
+    assert "\r" not in stopped["output"]
     step = stopped["state"]["counters"]["step"]
     before = [r["step"] for r in stopped["before"]]
     assert before == list(range(1, step + 1))  # the checkpoint is of the last logged step, nothing lost
@@ -224,8 +234,13 @@ def test_resume_after_sigterm_continues_without_repeating_a_step(stopped):
     assert samples == [BATCH * s for s in steps]
     for record in after:  # warm-up continues where it stopped, at the rate given to each run
         rate = LR if record["step"] <= step else RESUME_LR
-        assert record["lr"] == pytest.approx(rate * min(1.0, (record["step"] - 1) / WARMUP), rel=1e-12)
-    assert orjson.loads((stopped["out"] / "training_params.json").read_bytes())["learning_rate"] == RESUME_LR
+        assert record["lr"] == pytest.approx(rate * min(1.0, record["step"] / WARMUP), rel=1e-12)
+    params = orjson.loads((stopped["out"] / "training_params.json").read_bytes())
+    assert params["learning_rate"] == RESUME_LR  # the top level: the latest launch, what the workers read
+    launches = params["launches"]  # the first launch's settings are kept, not replaced
+    assert [(x["learning_rate"], x["resumed_from"]) for x in launches] == [
+        (LR, None), (RESUME_LR, str(stopped["checkpoint"])),
+    ]  # fmt: skip
 
 
 def test_a_diverging_run_stops_at_the_step_and_saves_no_nan(diverged, tmp_path):

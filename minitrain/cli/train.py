@@ -3,7 +3,8 @@
 Flag names are mini_trainer's (`--data-path`, `--max-tokens-per-gpu`, `--min-samples-per-checkpoint`, ...),
 so its users' command works with `torchrun --nnodes=1 --nproc-per-node=8 train.py` replaced by
 `minitrain train --nproc 8`. Every value is validated here, in the parent, before any process is spawned
-(`TrainConfig.__post_init__`, then `minitrain.train.launch.preflight`); torch is imported inside the function.
+(`TrainConfig.__post_init__`, then `minitrain.train.launch.check_inputs`, which needs no torch, so a user
+error answers in well under a second; then `preflight`, which reads the model's config).
 """
 
 from __future__ import annotations
@@ -90,6 +91,13 @@ def train(
             rich_help_panel=_BATCH,
         ),
     ] = 16384,
+    truncate: Annotated[
+        bool,
+        typer.Option(
+            help="Keep the first --max-tokens-per-gpu tokens of a longer sample instead of skipping it.",
+            rich_help_panel=_BATCH,
+        ),
+    ] = False,
     learning_rate: Annotated[float, typer.Option(help="Peak learning rate.", rich_help_panel=_OPTIM)] = 5e-6,
     num_warmup_steps: Annotated[int, typer.Option(help="Linear warm-up steps.", rich_help_panel=_OPTIM)] = 10,
     lr_scheduler: Annotated[
@@ -185,14 +193,16 @@ def train(
     overwrite: Annotated[
         bool,
         typer.Option(
-            help="Replace a run already in --output-dir (its checkpoints and metrics).",
+            help="Replace a run already in --output-dir (only minitrain's files: params, metrics, checkpoints, "
+            "exports).",
             rich_help_panel=_RESUME,
         ),
     ] = False,
     keep_last: Annotated[
         int | None,
         typer.Option(
-            help="Keep only the K newest training-state checkpoints (older ones go once a newer one is complete).",
+            help="Keep only the K newest checkpoints, training state and hf_format/ export alike (older ones go "
+            "once a newer one is complete).",
             show_default=False,
             rich_help_panel=_RESUME,
         ),
@@ -273,7 +283,7 @@ def train(
     """
     from minitrain.config import TrainConfig
     from minitrain.errors import UserError
-    from minitrain.train.launch import default_nproc, is_rank0, run_training
+    from minitrain.train.launch import check_inputs, default_nproc, is_rank0, run_training
 
     console = Console(stderr=False)
     model = Path(model_name_or_path).expanduser()
@@ -288,6 +298,7 @@ def train(
         rdzv_id=rdzv_id,
         batch_size=batch_size,
         max_tokens_per_gpu=max_tokens_per_gpu,
+        truncate=truncate,
         learning_rate=learning_rate,
         num_warmup_steps=num_warmup_steps,
         lr_scheduler=lr_scheduler,
@@ -321,6 +332,7 @@ def train(
     )
     if dry_run_report is not None and not dry_run:
         raise UserError("--dry-run-report needs --dry-run")
+    inputs = None if dry_run else check_inputs(config)  # files and folders, before anything imports torch
     if nproc is None:
         config = dataclasses.replace(config, nproc=default_nproc())  # imports torch: after validation
     if dry_run:
@@ -331,6 +343,7 @@ def train(
             data_path=config.data_path,
             batch_size=config.batch_size,
             max_tokens_per_gpu=config.max_tokens_per_gpu,
+            truncate=config.truncate,
             world_size=config.world_size(),
             seed=config.seed,
             max_steps=config.max_steps,
@@ -345,7 +358,7 @@ def train(
         render_dry_run(report, console)
         return
     is_main = is_rank0()
-    code = run_training(config)
+    code = run_training(config, inputs)
     if code == 0:
         if is_main:
             console.print(

@@ -98,6 +98,8 @@ class DryRunReport:
     dropped_samples: int  # distinct samples longer than max_tokens_per_gpu (never trained)
     dropped_occurrences: int  # times such samples were drawn in the planned steps
     dropped: list[dict[str, int]] = field(default_factory=list)  # {index, source_line, length}, sorted
+    truncated_samples: int = 0  # with --truncate: samples cut to max_tokens_per_gpu tokens (none dropped)
+    truncated_tokens: int = 0  # with --truncate: tokens cut off them
     memory: dict[str, Any] | None = None  # see estimate_memory
     memory_note: str | None = None
     seconds: float = 0.0
@@ -320,11 +322,13 @@ def dry_run(
     lora_rank: int | None = None,
     lora_target_modules: str = "all-linear",
     load_in_4bit: bool = False,
+    truncate: bool = False,
 ) -> DryRunReport:
     """Replay sampler + planner for the run's steps (one epoch without a stop criterion) and report.
 
     `lora_rank`, `lora_target_modules` and `load_in_4bit` shape the memory estimate as `train` would run
-    (None: full fine-tuning).
+    (None: full fine-tuning). `truncate` cuts longer samples to `max_tokens_per_gpu` tokens as `train
+    --truncate` does (`TokenStore.truncated`), instead of dropping them.
     """
     started = time.perf_counter()
     if batch_size <= 0:
@@ -341,6 +345,11 @@ def dry_run(
         if value is not None and not value > 0:
             raise UserError(f"{flag} must be positive, got {value}")
     store = TokenStore.open(Path(data_path))
+    truncated_samples = truncated_tokens = 0
+    if truncate:
+        over = store.lengths[store.lengths > max_tokens_per_gpu]
+        truncated_samples, truncated_tokens = int(over.size), int((over - max_tokens_per_gpu).sum())
+        store = store.truncated(int(max_tokens_per_gpu))
     n, lengths, budget = len(store), store.lengths, int(max_tokens_per_gpu)
     too_long = lengths > budget
     if too_long.all():
@@ -439,6 +448,8 @@ def dry_run(
             {"index": int(i), "source_line": int(store.source_lines[i]), "length": int(lengths[i])}
             for i in drop_idx[:MAX_LISTED_DROPS]
         ],
+        truncated_samples=truncated_samples,
+        truncated_tokens=truncated_tokens,
         memory=memory,
         memory_note=memory_note,
         report_path=str(report_path) if report_path is not None else None,
@@ -482,6 +493,7 @@ def render_dry_run(report: DryRunReport, console: Any) -> None:
         ("tokens per step", stats(report.tokens_per_step)),
         ("trained tokens per step", stats(report.trained_tokens_per_step)),
         ("dropped as too long", f"{report.dropped_samples:,} samples ({report.dropped_occurrences:,} draws)"),
+        ("cut by --truncate", f"{report.truncated_samples:,} samples ({report.truncated_tokens:,} tokens)"),
     ]  # fmt: skip
     if report.skipped_batches:
         rows.append(("batches skipped (nothing to train)", f"{report.skipped_batches:,}"))

@@ -300,11 +300,34 @@ class TokenStore:
 
     def input_ids(self, i: int) -> np.ndarray:
         """int32 view of sample i's token ids (length lengths[i])."""
-        return self._tokens[self.offsets[i] : self.offsets[i + 1]]
+        return self._tokens[self.offsets[i] : self.offsets[i] + self.lengths[i]]
 
     def labels(self, i: int) -> np.ndarray:
         """int32 view of sample i's labels, -100 where masked, aligned with input_ids (not shifted)."""
-        return self._labels[self.offsets[i] : self.offsets[i + 1]]
+        return self._labels[self.offsets[i] : self.offsets[i] + self.lengths[i]]
+
+    def truncated(self, max_tokens: int) -> TokenStore:
+        """This store with every sample cut to its first `max_tokens` tokens (`--truncate`).
+
+        A cut sample keeps its first `max_tokens` tokens and their labels; the label of the token after the
+        cut is lost with it, so the last kept position trains nothing (its target is gone), exactly as the
+        last token of any sample. Per-sample counts (lengths, num_loss_counted, num_trained) are recomputed
+        for the cut samples only; the token arrays are still the same memory map.
+        """
+        over = np.flatnonzero(self.lengths > max_tokens)
+        view = object.__new__(TokenStore)
+        view.__dict__.update(self.__dict__)
+        if over.size == 0:
+            return view
+        view.lengths = np.minimum(self.lengths, max_tokens)
+        view.num_loss_counted = np.array(self.num_loss_counted)
+        view.num_trained = np.array(self.num_trained)
+        for i in over:
+            kept = self._labels[self.offsets[i] : self.offsets[i] + max_tokens]
+            view.num_loss_counted[i] = int((kept != IGNORE_INDEX).sum())
+            view.num_trained[i] = int((kept[1:] != IGNORE_INDEX).sum())
+        view.num_tokens = int(view.lengths.sum())
+        return view
 
     @property
     def flat_input_ids(self) -> np.ndarray:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from minitrain.errors import UserError
-from minitrain.rundir import METRICS_FILENAME, MetricsFile, metrics_path
+from minitrain.rundir import METRICS_FILE, MetricsFile, metrics_path
 
 
 def run_names(paths: Sequence[Path]) -> list[str]:
@@ -15,7 +15,7 @@ def run_names(paths: Sequence[Path]) -> list[str]:
     full = []
     for p in paths:
         p = p.resolve()
-        if p.is_file() and p.name == METRICS_FILENAME:
+        if p.is_file() and p.name == METRICS_FILE:
             p = p.parent
         parts = [p.name if p.is_dir() or p.suffix != ".jsonl" else p.stem, *reversed(p.parent.parts)]
         full.append([part for part in parts if part not in ("", "/")] or [str(p)])
@@ -53,7 +53,7 @@ class Runs:
             path = metrics_path(run)
             if not wait and not path.exists():
                 raise UserError(
-                    f"{run} has no {METRICS_FILENAME}; pass a directory written by 'minitrain train' or a metrics .jsonl"
+                    f"{run} has no {METRICS_FILE}; pass a directory written by 'minitrain train' or a metrics .jsonl"
                 )
             files.append(MetricsFile(path))
         return cls(files, run_names(paths))

@@ -26,6 +26,7 @@ import torch
 import torch.distributed as torch_dist
 from torch import nn
 
+from minitrain.rundir import export_dir
 from minitrain.train.dist import DistInfo
 
 if TYPE_CHECKING:
@@ -39,7 +40,7 @@ TOKENIZER_FILES = (
 
 def checkpoint_dir(output_dir: Path, samples: int) -> Path:
     """OUT/hf_format/samples_<N>."""
-    return Path(output_dir) / "hf_format" / f"samples_{samples}"
+    return export_dir(output_dir, samples)
 
 
 def gather_full_state_dict(

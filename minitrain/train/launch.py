@@ -1,8 +1,11 @@
 """The one seam between `minitrain train` and torchrun: check, write the run's parameters, spawn, wait.
 
 `run_training(config)` is what the CLI calls. In the parent it checks everything that can be checked
-without a model in memory (`preflight`: the data file, token ids against the model's vocabulary, the
-tokenizer fingerprint, over-long samples, the output folder, GPUs), writes OUT/training_params.json, then
+without a model in memory, in two stages: `check_inputs` needs no torch or transformers (the data file and
+its over-long samples, the model folder and its weights, the output folder, the previous run, `--resume`),
+so those mistakes answer in well under a second; `preflight` then reads the model's config (token ids
+against the vocabulary, the tokenizer fingerprint, QLoRA's GPU, the GPU count) and, with every check
+passed, clears the previous run for `--overwrite`. Then it writes OUT/training_params.json and
 runs `python -m torch.distributed.run ... -m minitrain.train.worker OUT` and returns its exit code,
 forwarding SIGINT/SIGTERM. When the process is already one rank of a launch (torchrun or a multi-task
 `srun` set the environment), it runs the worker in-process instead of nesting torchrun.
@@ -16,7 +19,6 @@ only inside functions: building and asserting the command line is cheap.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from collections.abc import Mapping, Sequence
@@ -33,7 +35,19 @@ from minitrain.atomic import atomic_write
 from minitrain.config import TRAINING_PARAMS_FILE, TrainConfig, usable_cores
 from minitrain.data.tokenizer import load_tokenizer, resolve_model_path
 from minitrain.errors import UserError, first_line
+from minitrain.rundir import remove_previous_run, resolve_resume, run_files
 from minitrain.train.trackers import check_trackers
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """What the torch-free checks learned (`check_inputs`): the opened data and what it holds."""
+
+    store: Any  # the training data's TokenStore
+    num_too_long: int  # samples longer than --max-tokens-per-gpu: skipped, or cut with --truncate
+    tokens_truncated: int  # tokens cut off those samples with --truncate (0 without)
+    eval_store: Any | None  # the --eval-data-path TokenStore
+    tokenizer_source: str | None  # where checkpoints copy tokenizer files from
 
 
 @dataclass(frozen=True)
@@ -41,10 +55,12 @@ class Preflight:
     """What the parent learned before spawning: printed, and recorded in training_params.json."""
 
     num_samples: int
-    num_too_long: int  # samples longer than --max-tokens-per-gpu: never trained
+    num_too_long: int  # samples longer than --max-tokens-per-gpu: skipped, or cut with --truncate
     max_token_id: int
     vocab_size: int
     tokenizer_source: str | None  # where checkpoints copy tokenizer files from
+    num_truncated: int = 0  # with --truncate: samples cut to --max-tokens-per-gpu tokens
+    tokens_truncated: int = 0  # with --truncate: tokens cut off them
 
 
 def in_launched_env(env: Mapping[str, str] | None = None) -> bool:
@@ -101,40 +117,93 @@ def run_command(cmd: Sequence[str], env: Mapping[str, str] | None = None) -> int
     return code
 
 
-def preflight(config: TrainConfig) -> Preflight:
-    """Check data, model and output folder; raise `UserError` naming the problem and the fix."""
-    check_trackers(config.report_to)  # --report-to's packages, before the slow checks
-    import torch  # before transformers and the store on purpose: one import cost, paid here
+def check_inputs(config: TrainConfig) -> Inputs:
+    """The checks that need no torch or transformers: files, folders, the previous run; warnings once.
 
-    vocab_size = model_vocab_size(config.model_name_or_path)
-    store, too_long = _check_data(
-        config.data_path, label=str(config.data_path), config=config, vocab_size=vocab_size
-    )
-    if too_long and is_rank0():
-        print(
-            f"minitrain: warning: {too_long} of {len(store)} samples are longer than --max-tokens-per-gpu "
-            f"{config.max_tokens_per_gpu} and will be skipped (raise it to train them)",
-            file=sys.stderr,
-        )
-    source = tokenizer_source(config.model_name_or_path, store.meta)
+    Every user error they find answers in well under a second (the CLI calls this before anything that
+    imports torch); `preflight` then does the checks that need the model's config. Nothing is deleted here:
+    `--overwrite` clears the previous run only after every check passed.
+    """
+    check_trackers(config.report_to)  # --report-to's packages: a missing one is named at once
+    model_dir = check_model_path(config.model_name_or_path)
+    store, too_long, cut = _open_data(config.data_path, label=str(config.data_path), config=config)
+    eval_store = None
     if config.eval_data_path is not None:
         label = f"--eval-data-path {config.eval_data_path}"
-        _check_data(config.eval_data_path, label=label, config=config, vocab_size=vocab_size)
+        eval_store, _, _ = _open_data(config.eval_data_path, label=label, config=config)
+    if not config.from_scratch and model_dir is not None:
+        _check_weights(config.model_name_or_path, model_dir)
+    check_output_dir(config.output_dir)
+    _check_previous_run(config)
+    if is_rank0():
+        if too_long and config.truncate:
+            _say(
+                f"minitrain: {too_long} of {len(store)} samples are longer than --max-tokens-per-gpu "
+                f"{config.max_tokens_per_gpu}: --truncate keeps their first {config.max_tokens_per_gpu} tokens "
+                f"({cut:,} tokens cut)"
+            )
+        elif too_long:
+            _say(
+                f"minitrain: warning: {too_long} of {len(store)} samples are longer than --max-tokens-per-gpu "
+                f"{config.max_tokens_per_gpu} and will be skipped (raise it to train them, or add --truncate)"
+            )
+        total = config.total_steps(len(store))
+        if total is not None and config.lr_scheduler != "constant" and total < config.num_warmup_steps:
+            _say(
+                f"minitrain: warning: the run stops after {total} steps, before the {config.num_warmup_steps} "
+                f"warm-up steps end: the learning rate never reaches --learning-rate {config.learning_rate:g} "
+                "(lower --num-warmup-steps)"
+            )
+    source = tokenizer_source(config.model_name_or_path, store.meta)
+    return Inputs(store, too_long, cut, eval_store, source)
+
+
+def preflight(config: TrainConfig, inputs: Inputs | None = None) -> Preflight:
+    """Check data, model and output folder; raise `UserError` naming the problem and the fix.
+
+    `inputs` is what `check_inputs` returned (it runs here when not given); the rest needs torch and the
+    model's config: token ids against the vocabulary, the tokenizer fingerprint, QLoRA's GPU, the GPU count.
+    Last, with every check passed, `--overwrite` removes the previous run's files.
+    """
+    inputs = inputs if inputs is not None else check_inputs(config)
+    import torch  # before transformers: one import cost, paid here
+
+    vocab_size = model_vocab_size(config.model_name_or_path)
+    store = inputs.store
+    _check_vocab(store, label=str(config.data_path), config=config, vocab_size=vocab_size)
+    check_tokenizer_matches(store.meta, config.model_name_or_path, config.data_path)
+    if inputs.eval_store is not None:
+        label = f"--eval-data-path {config.eval_data_path}"
+        _check_vocab(inputs.eval_store, label=label, config=config, vocab_size=vocab_size)
+        check_tokenizer_matches(inputs.eval_store.meta, config.model_name_or_path, config.eval_data_path)
+    gpu = torch.cuda.is_available()
     if config.load_in_4bit:
         from minitrain.train.adapters import require_qlora
 
-        require_qlora("cuda" if torch.cuda.is_available() else "cpu")
-    if not config.from_scratch:
-        _check_weights(config.model_name_or_path)
-    check_output_dir(config.output_dir)
-    _check_previous_run(config)
+        require_qlora("cuda" if gpu else "cpu")
     if not in_launched_env():
-        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        gpus = torch.cuda.device_count() if gpu else 0
         if gpus and config.nproc > gpus:
             raise UserError(
                 f"--nproc {config.nproc} but only {gpus} GPUs are visible; use --nproc {gpus} or fewer"
             )
-    return Preflight(len(store), too_long, int(store.max_token_id), vocab_size, source)
+        if not gpus and config.nproc > (cores := usable_cores()):
+            _say(
+                f"minitrain: warning: --nproc {config.nproc} CPU processes on {cores} usable cores: they take "
+                f"turns and every step gets slower; use --nproc {cores} or fewer"
+            )
+    if config.overwrite and is_rank0():
+        remove_previous_run(config.output_dir)
+    truncated = inputs.num_too_long if config.truncate else 0
+    return Preflight(
+        len(store), inputs.num_too_long, int(store.max_token_id), vocab_size, inputs.tokenizer_source,
+        num_truncated=truncated, tokens_truncated=inputs.tokens_truncated,
+    )  # fmt: skip
+
+
+def _say(line: str) -> None:
+    """One line on stderr (warnings and notes of the parent), flushed at once."""
+    print(line, file=sys.stderr, flush=True)
 
 
 # config attributes of heads that are not a plain hidden @ W.T (minitrain's fused/chunked loss would differ)
@@ -155,12 +224,8 @@ def causal_lm_config(model_name_or_path: str | Path):
     by every rank's `load_model`, so both refuse the same models with the same words.
     """
     name = str(model_name_or_path)
-    source = resolve_model_path(name)  # before importing transformers: a typo answers at once
-    if Path(source).is_dir() and not (Path(source) / "config.json").is_file():
-        raise UserError(
-            f"--model-name-or-path {name}: the folder has no config.json; pass a model folder "
-            "(config.json and weights) or a Hub id"
-        )
+    folder = check_model_path(name)  # before importing transformers: a typo answers at once
+    source = str(folder) if folder is not None else name
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import (
         MODEL_FOR_CAUSAL_LM_MAPPING,
@@ -188,6 +253,22 @@ def causal_lm_config(model_name_or_path: str | Path):
                 "does not; pass a model whose head is a plain linear layer"
             )
     return config
+
+
+def check_model_path(name: str) -> Path | None:
+    """The local folder `name` resolves to (None for a Hub id not in the cache); refused early, without torch.
+
+    The resolution is `data.tokenizer.resolve_model_path`'s (folder, cached Hub id, or one Hub request).
+    """
+    source = Path(resolve_model_path(name))
+    if (
+        source.is_dir() and not (source / "config.json").is_file()
+    ):  # what AutoConfig would refuse, found cheaply
+        raise UserError(
+            f"--model-name-or-path {name}: the folder has no config.json; pass a model folder "
+            "(config.json and weights) or a Hub id"
+        )
+    return source if source.is_dir() else None
 
 
 def model_vocab_size(model_name_or_path: str) -> int:
@@ -236,23 +317,46 @@ def check_tokenizer_matches(meta: dict | None, model_name_or_path: str, data_pat
 
 
 def write_training_params(config: TrainConfig, *, world_size: int, preflight: Preflight | None) -> Path:
-    """OUT/training_params.json: every parameter, the versions that ran, the world size, the data summary."""
-    params: dict[str, Any] = config.to_dict()
-    params.update(
+    """OUT/training_params.json: this launch's settings at the top level, every launch of the run in `launches`.
+
+    Top level (what the workers and other readers take): every parameter, the versions that ran, the world
+    size, the data summary, `created` (this launch) and `resumed_from` (the checkpoint, or null). `launches`:
+    the same record for every launch of this run, oldest first; a `--resume` appends to it, a fresh start or
+    `--overwrite` begins it anew. A file written before `launches` existed becomes the first entry.
+    """
+    path = Path(config.output_dir) / TRAINING_PARAMS_FILE
+    launch: dict[str, Any] = config.to_dict()
+    resumed_from = None
+    if config.resume is not None:
+        resumed_from = str(
+            resolve_resume(config.output_dir, None if config.resume == "latest" else Path(config.resume))
+        )
+    launch.update(
         world_size=world_size,
         minitrain_version=__version__,
         torch_version=_version("torch"),
         transformers_version=_version("transformers"),
         python_version=sys.version.split()[0],
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        resumed_from=resumed_from,
     )
     if preflight is not None:
-        params.update(
+        launch.update(
             num_samples=preflight.num_samples,
             num_samples_too_long=preflight.num_too_long,
+            num_samples_truncated=preflight.num_truncated,
+            num_tokens_truncated=preflight.tokens_truncated,
             tokenizer_source=preflight.tokenizer_source,
         )
-    path = Path(config.output_dir) / TRAINING_PARAMS_FILE
+    history: list[dict[str, Any]] = []
+    if config.resume is not None and path.is_file():
+        try:
+            previous = orjson.loads(path.read_bytes())
+        except orjson.JSONDecodeError:
+            previous = None  # unreadable: this launch starts the history (the file is replaced below)
+        if isinstance(previous, dict):
+            history = previous.pop("launches", None) or [previous]
+    params = {**launch, "launches": [*history, launch]}
     with atomic_write(path) as f:
         f.write(orjson.dumps(params, option=orjson.OPT_INDENT_2) + b"\n")
     return path
@@ -269,10 +373,13 @@ def read_training_params(run_dir: Path) -> dict[str, Any]:
         raise UserError(f"{path}: not valid JSON ({err})") from None
 
 
-def run_training(config: TrainConfig) -> int:
-    """Check, write training_params.json, and train: torchrun in a child, or in-process under a launcher."""
+def run_training(config: TrainConfig, inputs: Inputs | None = None) -> int:
+    """Check, write training_params.json, and train: torchrun in a child, or in-process under a launcher.
+
+    `inputs`: what `check_inputs(config)` returned, when the caller ran the cheap checks already.
+    """
     launched = in_launched_env()
-    info = preflight(config)
+    info = preflight(config, inputs)
     if launched:
         from minitrain.train.dist import ranks_from_env
         from minitrain.train.worker import run
@@ -315,64 +422,58 @@ WEIGHT_FILES = (
 )  # fmt: skip
 
 
-def _check_weights(model_name_or_path: str) -> None:
+def _check_weights(model_name_or_path: str, folder: Path) -> None:
     """A local model folder must hold weights unless --from-scratch (found here, not after spawning ranks)."""
-    folder = Path(model_name_or_path)
-    if folder.is_dir() and not any((folder / name).is_file() for name in WEIGHT_FILES):
+    if not any((folder / name).is_file() for name in WEIGHT_FILES):
         raise UserError(
             f"--model-name-or-path {model_name_or_path}: no weights there (model.safetensors or "
             "pytorch_model.bin); add --from-scratch to start from its config, or pass the folder with the weights"
         )
 
 
-RUN_ARTIFACTS = ("training_metrics_0.jsonl", "checkpoints", "hf_format")
-
-
 def _check_previous_run(config: TrainConfig) -> None:
-    """An output dir holding a run is continued (--resume), replaced (--overwrite), or refused."""
-    from minitrain.train.state import resolve_resume
-
+    """An output dir holding a run is continued (--resume), replaced (--overwrite, later), or refused."""
     out = Path(config.output_dir)
-    found = [name for name in RUN_ARTIFACTS if (out / name).exists()]
     if config.resume is not None:
         resolve_resume(out, None if config.resume == "latest" else Path(config.resume))  # a clear error now
         return
-    if not found:
-        return
-    if not config.overwrite:
+    found = sorted({p.relative_to(out).parts[0] for p in run_files(out)})
+    if found and not config.overwrite:
         raise UserError(
             f"--output-dir {out} already holds a run ({', '.join(found)}); add --resume to continue it, "
             "--overwrite to replace it, or choose another folder"
         )
-    if is_rank0():
-        for name in found:
-            target = out / name
-            shutil.rmtree(target) if target.is_dir() else target.unlink()
 
 
-def _check_data(path: Path, *, label: str, config: TrainConfig, vocab_size: int):
-    """Open a tokenized file (building its cache) and check it fits the model and the token budget.
+def _open_data(path: Path, *, label: str, config: TrainConfig):
+    """Open a tokenized file (building its cache) and check it against the token budget (no torch).
 
-    Returns the store and how many of its samples are longer than --max-tokens-per-gpu (skipped).
+    Returns (the store, how many samples are longer than --max-tokens-per-gpu, how many tokens --truncate
+    cuts off them: 0 without --truncate).
     """
     from minitrain.data.store import TokenStore
 
     store = TokenStore.open(path)
     if len(store) == 0:
         raise UserError(f"{label}: no samples; check the tokenize step's rejects file")
-    too_long = int((store.lengths > config.max_tokens_per_gpu).sum())
-    if too_long == len(store):
+    over = store.lengths[store.lengths > config.max_tokens_per_gpu]
+    too_long = int(over.size)
+    if too_long == len(store) and not config.truncate:
         raise UserError(
             f"{label}: every sample is longer than --max-tokens-per-gpu {config.max_tokens_per_gpu} (shortest: "
-            f"{int(store.lengths.min())} tokens); raise --max-tokens-per-gpu"
+            f"{int(store.lengths.min())} tokens); raise --max-tokens-per-gpu or add --truncate"
         )
+    cut = int((over - config.max_tokens_per_gpu).sum()) if config.truncate else 0
+    return store, too_long, cut
+
+
+def _check_vocab(store, *, label: str, config: TrainConfig, vocab_size: int) -> None:
+    """Every token id of the data must fit the model's vocabulary."""
     if store.max_token_id >= vocab_size:
         raise UserError(
             f"{label}: token id {store.max_token_id} does not fit the vocabulary of "
             f"{config.model_name_or_path} ({vocab_size} ids); tokenize with this model's tokenizer"
         )
-    check_tokenizer_matches(store.meta, config.model_name_or_path, path)
-    return store, too_long
 
 
 def is_rank0() -> bool:
@@ -402,6 +503,8 @@ def torchrun_main(argv: Sequence[str]) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun
 
+    if not sys.stderr.isatty():  # a log file: no "Sending process N closing signal" lines after our own
+        _quiet_torchrun()
     try:
         torchrun(list(argv))
     except ChildFailedError as err:
@@ -415,5 +518,19 @@ def torchrun_main(argv: Sequence[str]) -> int:
     return 0
 
 
+def _quiet_torchrun() -> None:
+    """Only errors from torchrun's own loggers (each has its level set from LOGLEVEL when it is created)."""
+    import logging
+
+    for name, logger in list(logging.root.manager.loggerDict.items()):
+        if name.startswith("torch.distributed.elastic") and isinstance(logger, logging.Logger):
+            logger.setLevel(logging.ERROR)
+
+
 if __name__ == "__main__":
-    sys.exit(torchrun_main(sys.argv[1:]))
+    try:
+        sys.exit(torchrun_main(sys.argv[1:]))
+    except (
+        KeyboardInterrupt
+    ):  # Ctrl+C forwarded while torch was still importing: no rank started, nothing to save
+        sys.exit(130)

@@ -24,8 +24,10 @@ in flight:
 With an eval set, eval lines stand between the step lines: {step, eval_loss, total_samples_accumulated,
 epoch, timestamp}. A resumed run keeps the lines up to its checkpoint's step and appends after them.
 
-Display: a rich progress bar on a terminal (step, loss, lr, tokens/s, samples, ETA when the run has a stop
-criterion), one plain line per step otherwise (logs, pipes). Trade-off: metrics are written synchronously
+Display: a rich progress bar on a terminal (step, epoch, loss, lr, tokens/s, samples, ETA when the run has a
+stop criterion), one plain line per step otherwise (logs, pipes: the same, with `step N/TOTAL` and an ETA from
+the mean step time when there is a stop criterion). A run without one says so once, at its start
+(`no_stop_rule_line`), and its lines show the epoch growing. Trade-off: metrics are written synchronously
 (a flush per step costs microseconds next to a training step) instead of through a background thread.
 """
 
@@ -41,10 +43,10 @@ import orjson
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from minitrain.rundir import METRICS_FILE  # noqa: F401 - re-exported
+
 if TYPE_CHECKING:
     from minitrain.train.trackers import Trackers
-
-METRICS_FILE = "training_metrics_0.jsonl"
 METRIC_KEYS = (
     "step", "lr", "grad_norm", "loss", "num_samples", "num_loss_counted_tokens", "num_total_tokens",
     "grad_accum", "time_per_batch", "tokens_per_second", "samples_per_second", "total_samples_accumulated",
@@ -101,14 +103,39 @@ class MetricsWriter:
         self.close()
 
 
-def format_line(record: dict[str, Any], total_steps: int | None) -> str:
-    """The plain one-line form of a step's metrics (logs, pipes, the demo)."""
+def format_line(record: dict[str, Any], total_steps: int | None, eta_seconds: float | None = None) -> str:
+    """The plain one-line form of a step's metrics (logs, pipes, the demo).
+
+    With a stop criterion: `step N/TOTAL` and, given `eta_seconds`, `ETA H:MM:SS` at the end; always the
+    passes over the data so far (`epoch`), which is what grows in a run without a stop criterion.
+    """
     step = f"{record['step']}/{total_steps}" if total_steps else str(record["step"])
-    return (
-        f"step {step}  loss {record['loss']:.4f}  lr {record['lr']:.3g}  grad_norm {record['grad_norm']:.3g}  "
-        f"{record['tokens_per_second']:,.0f} tok/s  samples {record['total_samples_accumulated']:,}  "
-        f"{record['time_per_batch']:.2f}s"
+    line = (
+        f"step {step}  epoch {record['epoch']:.2f}  loss {record['loss']:.4f}  lr {record['lr']:.3g}  "
+        f"grad_norm {record['grad_norm']:.3g}  {record['tokens_per_second']:,.0f} tok/s  "
+        f"samples {record['total_samples_accumulated']:,}  {record['time_per_batch']:.2f}s"
     )
+    if total_steps and eta_seconds is not None:
+        line += f"  ETA {_clock(eta_seconds)}"
+    return line
+
+
+def no_stop_rule_line(min_samples_per_checkpoint: int | None) -> str:
+    """What a run without --max-steps, --max-samples or --max-epochs says once, at its start."""
+    saves = (
+        f"checkpoints every {min_samples_per_checkpoint:,} samples"
+        if min_samples_per_checkpoint
+        else "one checkpoint when stopped (--min-samples-per-checkpoint N for more)"
+    )
+    return (
+        "no stop rule (--max-steps, --max-samples or --max-epochs): infinite sampling, runs until Ctrl+C; "
+        + saves
+    )
+
+
+def _clock(seconds: float) -> str:
+    whole = max(0, round(seconds))
+    return f"{whole // 3600}:{whole // 60 % 60:02d}:{whole % 60:02d}"
 
 
 def _keep_steps_up_to(path: Path, step: int) -> None:
@@ -139,6 +166,8 @@ class ProgressDisplay:
         self.console = console or Console(file=sys.stdout)
         self._progress: Progress | None = None
         self._task: Any = None
+        self._first_step: int | None = None  # the ETA is the mean step time of this launch x steps left
+        self._seconds = 0.0
         if enabled and self.console.is_terminal:
             columns = [TextColumn("[bold]step {task.completed}" + (f"/{total_steps}" if total_steps else ""))]
             if total_steps:
@@ -154,13 +183,23 @@ class ProgressDisplay:
         if not self.enabled:
             return
         if self._progress is None:
-            print(format_line(record, self.total_steps), flush=True)
+            print(format_line(record, self.total_steps, self.eta(record)), flush=True)
             return
         stats = (
-            f"loss {record['loss']:.4f}  lr {record['lr']:.3g}  {record['tokens_per_second']:,.0f} tok/s  "
+            f"epoch {record['epoch']:.2f}  loss {record['loss']:.4f}  lr {record['lr']:.3g}  {record['tokens_per_second']:,.0f} tok/s  "
             f"samples {record['total_samples_accumulated']:,}"
         )
         self._progress.update(self._task, completed=record["step"], stats=stats)
+
+    def eta(self, record: dict[str, Any]) -> float | None:
+        """Seconds left: the mean `time_per_batch` of the steps shown so far x the steps left (None: no total)."""
+        if self._first_step is None:
+            self._first_step = record["step"]
+        self._seconds += record["time_per_batch"]
+        if not self.total_steps:
+            return None
+        mean = self._seconds / (record["step"] - self._first_step + 1)
+        return mean * max(0, self.total_steps - record["step"])
 
     def print(self, message: str) -> None:
         """A message that does not break the bar."""

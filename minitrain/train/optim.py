@@ -3,7 +3,10 @@
 AdamW with betas (0.9, 0.95) - the pretraining/SFT standard for LLMs, and mini_trainer's choice - fused on
 GPU. Weight decay applies to matrices only (norm scales and biases, the 1-D parameters, are not decayed);
 the default decay is 0. Schedules come from `transformers.get_scheduler`, so their shapes are the ones users
-know from the Trainer. Trade-off: no per-layer learning rates or optimizer choice; one value each.
+know from the Trainer, with one change: the warm-up is shifted by one step, so step s of W warm-up steps
+trains at s/W of the peak rate (step 1 at 1/W, step W at the peak), as torchtitan's warm-up does. The
+Trainer's own schedule gives step 1 a rate of exactly 0: a step that moves no weight. Trade-off: no
+per-layer learning rates or optimizer choice; one value each.
 """
 
 from __future__ import annotations
@@ -35,10 +38,23 @@ def build_optimizer(
 def build_scheduler(
     optimizer: torch.optim.Optimizer, *, name: str, num_warmup_steps: int, num_training_steps: int | None
 ) -> LRScheduler:
-    """`transformers.get_scheduler(name, ...)`; decaying schedules need the number of training steps."""
+    """`transformers.get_scheduler(name, ...)` with its warm-up shifted by one step (the module docstring).
+
+    Decaying schedules need the number of training steps. Scheduler index k (0-based) is step k + 1: during
+    the warm-up (k < W) it takes the Trainer's factor of k + 1, so (k + 1) / W, never 0; after it, the
+    Trainer's factor of k unchanged (the decay still ends at `num_training_steps`).
+    """
+    from torch.optim.lr_scheduler import LambdaLR
     from transformers import get_scheduler
 
     kwargs = {} if name == "constant" else {"num_warmup_steps": num_warmup_steps}
     if name in ("cosine", "linear"):
         kwargs["num_training_steps"] = num_training_steps
-    return get_scheduler(name, optimizer, **kwargs)
+    trainer = get_scheduler(name, optimizer, **kwargs)
+    if name == "constant" or num_warmup_steps == 0:
+        return trainer
+    factor = trainer.lr_lambdas[0]
+    warmup = num_warmup_steps
+    for group in optimizer.param_groups:  # undo the Trainer's step-0 rate: LambdaLR starts from initial_lr
+        group["lr"] = group["initial_lr"]
+    return LambdaLR(optimizer, lambda k: factor(k + 1) if k < warmup else factor(k))

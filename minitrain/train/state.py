@@ -40,11 +40,9 @@ from __future__ import annotations
 import base64
 import os
 import random
-import re
 import shutil
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -59,113 +57,31 @@ from torch.optim.lr_scheduler import LRScheduler
 from minitrain import __version__
 from minitrain.atomic import atomic_write
 from minitrain.errors import UserError
+from minitrain.rundir import (  # noqa: F401 - the layout lives in minitrain.rundir (no torch); re-exported
+    CHECKPOINTS_DIR,
+    COMPLETE_FILE,
+    LATEST_FILE,
+    OLD_PREFIX,
+    STATE_DIR,
+    TMP_PREFIX,
+    TRAINER_STATE_FILE,
+    CheckpointScan,
+    checkpoints_root,
+    find_latest_checkpoint,
+    is_complete,
+    prune_checkpoints,
+    resolve_resume,
+    scan_checkpoints,
+    training_state_dir,
+)
 from minitrain.train.dist import DistInfo
 
-CHECKPOINTS_DIR = "checkpoints"
-LATEST_FILE = "latest"
-COMPLETE_FILE = "COMPLETE"
-STATE_DIR = "state"
 RNG_DIR = "rng"
-TRAINER_STATE_FILE = "trainer_state.json"
-TMP_PREFIX = ".tmp-"
-OLD_PREFIX = ".old-"
 FORMAT_VERSION = 1
-_NAME = re.compile(r"samples_(\d+)")
 
 
 class CheckpointSaveError(UserError):
     """A checkpoint could not be written (disk full, no permission); the previous one is intact."""
-
-
-@dataclass(frozen=True)
-class CheckpointScan:
-    """What OUT/checkpoints holds: complete checkpoints, leftovers of interrupted writes, the one to resume."""
-
-    complete: tuple[Path, ...]  # oldest first (by samples)
-    incomplete: tuple[Path, ...]  # .tmp-/.old- folders and samples_<N> without COMPLETE: never resumed from
-    latest: Path | None  # the `latest` marker's target if complete, else the newest complete one
-    note: str | None = None  # why the marker was not followed, when it was not
-
-
-def checkpoints_root(out_dir: Path) -> Path:
-    """OUT/checkpoints."""
-    return Path(out_dir) / CHECKPOINTS_DIR
-
-
-def training_state_dir(out_dir: Path, samples: int) -> Path:
-    """OUT/checkpoints/samples_<N>."""
-    return checkpoints_root(out_dir) / f"samples_{samples}"
-
-
-def is_complete(path: Path) -> bool:
-    """True when `path` is a whole checkpoint (COMPLETE, trainer_state.json and DCP metadata all present)."""
-    path = Path(path)
-    return all((path / p).is_file() for p in (COMPLETE_FILE, TRAINER_STATE_FILE, f"{STATE_DIR}/.metadata"))
-
-
-def scan_checkpoints(out_dir: Path) -> CheckpointScan:
-    """Classify OUT/checkpoints/*; a missing folder is an empty scan."""
-    root = checkpoints_root(out_dir)
-    complete: list[tuple[int, Path]] = []
-    incomplete: list[Path] = []
-    if root.is_dir():
-        for entry in sorted(root.iterdir()):
-            if not entry.is_dir():
-                continue
-            if entry.name.startswith((TMP_PREFIX, OLD_PREFIX)):
-                incomplete.append(entry)
-            elif (m := _NAME.fullmatch(entry.name)) is not None:
-                if is_complete(entry):
-                    complete.append((int(m.group(1)), entry))
-                else:
-                    incomplete.append(entry)
-    complete.sort()
-    ordered = tuple(p for _, p in complete)
-    latest, note = (ordered[-1] if ordered else None), None
-    marker = root / LATEST_FILE
-    if marker.is_file():
-        name = marker.read_text().strip()
-        target = root / name
-        if _NAME.fullmatch(name) and target in ordered:
-            latest = target  # the marker wins: after `--resume PATH` to an older one, newer folders are stale
-        else:
-            note = f"{marker} names {name!r}, which is not a complete checkpoint; using {latest}"
-    return CheckpointScan(ordered, tuple(incomplete), latest, note)
-
-
-def find_latest_checkpoint(out_dir: Path) -> Path | None:
-    """The checkpoint `--resume` continues from, or None; see `scan_checkpoints` for the ignored leftovers."""
-    return scan_checkpoints(out_dir).latest
-
-
-def resolve_resume(out_dir: Path, resume: Path | None) -> Path:
-    """The checkpoint to resume from: `resume` itself (checked), or the latest complete one in `out_dir`."""
-    if resume is None:
-        scan = scan_checkpoints(out_dir)
-        if scan.latest is None:
-            found = (
-                f" (only incomplete ones: {', '.join(p.name for p in scan.incomplete)})"
-                if scan.incomplete
-                else ""
-            )
-            raise UserError(
-                f"--resume: no complete checkpoint in {checkpoints_root(out_dir)}{found}; start without --resume"
-            )
-        return scan.latest
-    path = Path(resume)
-    if path.parent.name == "hf_format" and (path.parent.parent / CHECKPOINTS_DIR / path.name).is_dir():
-        raise UserError(
-            f"--resume {path}: that is a Hugging Face export; resume from "
-            f"{path.parent.parent / CHECKPOINTS_DIR / path.name} (or give --resume without a path)"
-        )
-    if not path.is_dir():
-        raise UserError(f"--resume {path}: no such checkpoint folder; give OUT/checkpoints/samples_<N>")
-    if not is_complete(path):
-        raise UserError(
-            f"--resume {path}: incomplete checkpoint (its write was interrupted); resume from another one "
-            f"or give --resume without a path to take the latest complete one"
-        )
-    return path
 
 
 def save_training_state(
@@ -309,19 +225,6 @@ def load_training_state(
     else:  # another world size: no rank's stream continues; reseed reproducibly instead
         _reseed(int(sampler_state.get("seed", 0)), int(counters["step"]), dist.rank)
     return sampler_state, counters
-
-
-def prune_checkpoints(out_dir: Path, keep_last: int) -> list[Path]:
-    """Remove all but the newest `keep_last` complete checkpoints (never the `latest` one) and every leftover
-    of an interrupted write. Call only after a save completed (rank 0). Returns what was removed."""
-    if keep_last < 1:
-        raise UserError(f"--keep-last must be >= 1, got {keep_last}")
-    scan = scan_checkpoints(out_dir)
-    keep = set(scan.complete[-keep_last:]) | ({scan.latest} if scan.latest else set())
-    removed = [p for p in scan.complete if p not in keep] + list(scan.incomplete)
-    for path in removed:
-        shutil.rmtree(path)
-    return removed
 
 
 # --- writing ---------------------------------------------------------------------------------------------

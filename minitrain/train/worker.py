@@ -12,11 +12,15 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
+if __name__ == "__main__":  # a rank started by torchrun: Ctrl+C before the loop has nothing to save
+    signal.signal(signal.SIGINT, lambda *_: sys.exit(130))  # exit quietly, not a traceback of an import
+
+import torch  # noqa: E402 - after the handler above: importing torch takes seconds
 
 from minitrain.config import TrainConfig
 from minitrain.data.sampler import InfiniteSampler
@@ -39,6 +43,7 @@ from minitrain.train.metrics import (
     METRICS_FILE,
     MetricsWriter,
     ProgressDisplay,
+    no_stop_rule_line,
     peak_flops_per_device,
     step_flops,
 )
@@ -67,6 +72,8 @@ def _train(config: TrainConfig, dist: DistInfo, tokenizer_source: str | None) ->
     # from-scratch weights are drawn on rank 0 and broadcast: the same on any world size
     torch.manual_seed(config.seed)
     store = TokenStore.open(config.data_path)
+    if config.truncate:  # over-long samples keep their first tokens instead of being skipped by the planner
+        store = store.truncated(config.max_tokens_per_gpu)
 
     # master weights: fp32 (bf16 compute on GPU through FSDP2's mixed precision) or bf16 with --master-dtype bf16
     master_dtype = torch.bfloat16 if config.master_dtype == "bf16" else torch.float32
@@ -172,6 +179,8 @@ def _train(config: TrainConfig, dist: DistInfo, tokenizer_source: str | None) ->
         f"{'GPU' if on_gpu else 'CPU process'}{'es' if dist.world_size > 1 and not on_gpu else ''}"
         f"{'s' if dist.world_size > 1 and on_gpu else ''}; writing to {config.output_dir}",
     )
+    if total_steps is None:
+        print0(dist, no_stop_rule_line(config.min_samples_per_checkpoint))
     metrics_path = Path(config.output_dir) / METRICS_FILE
     trackers, error = None, None
     try:
@@ -250,7 +259,8 @@ def _build_model(
 def _quiet_libraries(dist: DistInfo) -> None:
     """Keep the libraries' noise out of the metric lines; what is left is what a user can act on.
 
-    - transformers' "Loading weights" bar: rank 0's only (with a 4-bit base every rank loads).
+    - transformers' "Loading weights" bar: rank 0's only (with a 4-bit base every rank loads), and only on a
+      terminal.
     - PEFT calling a transformers API deprecated in v6 (a FutureWarning per rank, nothing to do for users).
     - bitsandbytes' CPU backend, imported by PEFT whenever bitsandbytes is installed, logging on every rank
       that an optional CPU kernel package is absent.
@@ -259,7 +269,7 @@ def _quiet_libraries(dist: DistInfo) -> None:
 
     from transformers.utils import logging as hf_logging
 
-    if not dist.is_main:
+    if not dist.is_main or not sys.stderr.isatty():  # a bar in a log file is a wall of carriage returns
         hf_logging.disable_progress_bar()
     warnings.filterwarnings(
         "ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning

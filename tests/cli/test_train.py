@@ -15,7 +15,7 @@ from tests.train.test_loop import write_tokenized
 
 FLAGS = {
     "--data-path", "--model-name-or-path", "--output-dir", "--nproc", "--nnodes", "--node-rank", "--rdzv-endpoint",
-    "--rdzv-id", "--batch-size", "--max-tokens-per-gpu", "--learning-rate", "--num-warmup-steps", "--lr-scheduler",
+    "--rdzv-id", "--batch-size", "--max-tokens-per-gpu", "--truncate", "--no-truncate", "--learning-rate", "--num-warmup-steps", "--lr-scheduler",
     "--weight-decay", "--max-grad-norm", "--max-steps", "--max-samples", "--max-epochs",
     "--min-samples-per-checkpoint", "--seed", "--use-liger-kernels", "--no-use-liger-kernels",
     "--fsdp-sharding-strategy", "--activation-checkpointing", "--no-activation-checkpointing", "--from-scratch",
@@ -62,13 +62,14 @@ def test_flag_set_is_frozen():
 
 @pytest.fixture
 def launched(monkeypatch):
-    """Replace the launcher: record the config the CLI built and return a chosen exit code."""
+    """Replace the launcher and the file checks: record the config the CLI built, return a chosen exit code."""
     seen: dict = {"code": 0}
 
-    def fake(config):
+    def fake(config, inputs=None):
         seen["config"] = config
         return seen["code"]
 
+    monkeypatch.setattr("minitrain.train.launch.check_inputs", lambda config: None)  # the files do not exist
     monkeypatch.setattr("minitrain.train.launch.run_training", fake)
     return seen
 
@@ -138,6 +139,7 @@ def _invoke_expecting_user_error(args: list[str]) -> str:
 def test_data_that_does_not_fit_the_model_is_refused_before_spawning(tmp_path):
     data = write_tokenized(tmp_path / "d.jsonl", num=4, vocab=500, seed=0)
     tiny_llama_config(vocab_size=64).save_pretrained(tmp_path / "model")
+    (tmp_path / "model" / "model.safetensors").write_bytes(b"")  # weights are checked (cheaply) first
     message = _invoke_expecting_user_error(
         ["train", "--data-path", str(data), "--model-name-or-path", str(tmp_path / "model"),
          "--output-dir", str(tmp_path / "out"), "--nproc", "2"]
@@ -255,6 +257,7 @@ def test_an_output_dir_holding_a_run_is_refused_unless_resumed_or_overwritten(tm
 def test_qlora_without_a_gpu_is_refused_before_spawning(tmp_path):
     data = write_tokenized(tmp_path / "d.jsonl", num=4, vocab=64, seed=0)
     tiny_llama_config(vocab_size=64).save_pretrained(tmp_path / "model")
+    (tmp_path / "model" / "model.safetensors").write_bytes(b"")  # weights are checked (cheaply) first
     message = _invoke_expecting_user_error(
         ["train", "--data-path", str(data), "--model-name-or-path", str(tmp_path / "model"),
          "--output-dir", str(tmp_path / "out"), "--nproc", "1", "--lora-rank", "4", "--load-in-4bit"]

@@ -282,3 +282,28 @@ def test_plan_modules_do_not_import_torch() -> None:
         "minitrain.data.store; assert 'torch' not in sys.modules, 'torch imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+
+
+def test_truncate_plans_what_training_trains(data: tuple[Path, list[dict]]) -> None:
+    path, samples = data
+    from minitrain.data.store import TokenStore
+
+    report = run(path, truncate=True, max_steps=3)
+    over = [s["len"] - 128 for s in samples if s["len"] > 128]
+    assert over and report.dropped_samples == 0 and report.dropped_occurrences == 0
+    assert (report.truncated_samples, report.truncated_tokens) == (len(over), sum(over))
+    # the same plan as a run without --truncate over the store training uses (`TokenStore.truncated`)
+    store = TokenStore.open(path).truncated(128)
+    sampler = InfiniteSampler(num_samples=100, seed=7)
+    trained = []
+    for _ in range(3):
+        batch = sampler.next_batch(16)
+        plan = plan_minibatches(store.lengths[batch].tolist(), 128, 2)
+        assert sorted(i for mb in plan for r in mb for i in r) == list(range(16))  # every sample placed
+        trained.append(int(store.num_trained[batch].sum()))
+    assert report.steps == 3
+    assert (report.trained_tokens_per_step.min, report.trained_tokens_per_step.max) == (
+        min(trained),
+        max(trained),
+    )
+    assert report.trained_tokens_per_step.mean == pytest.approx(sum(trained) / 3)

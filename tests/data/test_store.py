@@ -184,3 +184,24 @@ def test_rss_does_not_hold_the_tokens(tmp_path: Path) -> None:
     store = TokenStore.open(path)
     assert isinstance(store.flat_input_ids.base, np.memmap) or isinstance(store.flat_input_ids, np.memmap)
     assert not store.input_ids(0).flags.writeable
+
+
+def test_truncated_keeps_the_first_tokens_and_recounts_them(tmp_path: Path) -> None:
+    samples = make_samples(40, seed=3, max_len=30)
+    store = TokenStore.open(write_tokenized(tmp_path / "t.jsonl", samples)).truncated(12)
+    cut = [  # the reference: every sample sliced to 12 tokens, counted again from scratch
+        {"input_ids": s["input_ids"][:12], "labels": s["labels"][:12], "len": min(s["len"], 12),
+         "num_loss_counted_tokens": sum(x != -100 for x in s["labels"][:12])}
+        for s in samples
+    ]  # fmt: skip
+    assert any(s["len"] > 12 for s in samples) and any(s["len"] <= 12 for s in samples)
+    assert_store_equals(store, cut)
+    assert store.num_tokens == sum(s["len"] for s in cut)
+
+
+def test_truncated_leaves_the_store_it_came_from_alone(tmp_path: Path) -> None:
+    samples = make_samples(20, seed=4, max_len=30)
+    store = TokenStore.open(write_tokenized(tmp_path / "t.jsonl", samples))
+    store.truncated(5)
+    assert_store_equals(store, samples)
+    assert store.truncated(1000).lengths.tolist() == store.lengths.tolist()  # nothing to cut

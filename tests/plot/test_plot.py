@@ -19,7 +19,7 @@ from minitrain.plot.curves import DEFAULT_METRICS, Curves, build_curves, ema
 from minitrain.plot.image import decimate, draw_image, envelope
 from minitrain.plot.read import run_names
 from minitrain.plot.terminal import _BRAILLE_BITS, _Canvas, nice_ticks, tick_labels
-from minitrain.rundir import METRICS_FILENAME, MetricsFile
+from minitrain.rundir import METRICS_FILE, MetricsFile
 
 
 def metrics_rows(n: int, *, lr: float = 1e-4, eval_every: int = 0, seed: int = 0) -> list[dict]:
@@ -56,7 +56,7 @@ def write_metrics(path: Path, rows: list[dict]) -> Path:
 
 
 def run_dir(tmp_path: Path, name: str, rows: list[dict]) -> Path:
-    write_metrics(tmp_path / name / METRICS_FILENAME, rows)
+    write_metrics(tmp_path / name / METRICS_FILE, rows)
     return tmp_path / name
 
 
@@ -143,7 +143,7 @@ def test_missing_run_and_directory_without_metrics_are_errors(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         plot(PlotConfig(runs=(tmp_path / "nope",)))
     (tmp_path / "empty_dir").mkdir()
-    with pytest.raises(UserError, match=f"has no {METRICS_FILENAME}"):
+    with pytest.raises(UserError, match=f"has no {METRICS_FILE}"):
         plot(PlotConfig(runs=(tmp_path / "empty_dir",)))
 
 
@@ -208,13 +208,13 @@ def test_run_names_are_dir_names_or_stems_made_unique(tmp_path):
     a = run_dir(tmp_path / "lr1", "out", metrics_rows(1))
     b = run_dir(tmp_path / "lr2", "out", metrics_rows(1))
     f = write_metrics(tmp_path / "baseline.jsonl", metrics_rows(1))
-    assert run_names([a, b, f, a / METRICS_FILENAME]) == [
+    assert run_names([a, b, f, a / METRICS_FILE]) == [
         "lr1/out",
         "lr2/out",
         "baseline",
         "lr1/out (2)",
     ]
-    assert run_names([a / METRICS_FILENAME]) == ["out"]
+    assert run_names([a / METRICS_FILE]) == ["out"]
 
 
 def test_x_axes(tmp_path):
@@ -487,7 +487,7 @@ def test_ticks(lo, hi, n, ticks, labels):
 def test_watch_redraws_when_the_file_grows(tmp_path):
     out = tmp_path / "run"
     out.mkdir()  # the run has started; its metrics file does not exist yet
-    path = out / METRICS_FILENAME
+    path = out / METRICS_FILE
     lines = [orjson.dumps(r) + b"\n" for r in metrics_rows(6)]
     writes = iter(
         [b"", lines[0] + lines[1][:10], lines[1][10:] + lines[2], b"", lines[3] + lines[4] + lines[5]]

@@ -3,6 +3,7 @@ forwarding, detection of an outer launcher, and the parent's refusals before any
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import signal
@@ -18,11 +19,14 @@ import pytest
 from minitrain.config import TrainConfig
 from minitrain.errors import UserError
 from minitrain.train.launch import (
+    check_inputs,
     in_launched_env,
     preflight,
+    read_training_params,
     run_command,
     torchrun_command,
     torchrun_env,
+    write_training_params,
 )
 from tests.conftest import SMOLLM2, needs_fixtures, tiny_llama_config
 from tests.train.test_loop import write_tokenized
@@ -119,7 +123,10 @@ def _model(tmp_path: Path, vocab: int, tokenizer: Path | None = None) -> Path:
 
 def test_refuses_token_ids_outside_the_vocabulary(tmp_path):
     data = write_tokenized(tmp_path / "d.jsonl", num=4, vocab=300, seed=0)
-    config = _config(data_path=data, model_name_or_path=str(_model(tmp_path, 128)), output_dir=tmp_path / "o")
+    model = str(
+        _model(tmp_path, 128)
+    )  # a config only: the cheap checks ask for weights without --from-scratch
+    config = _config(data_path=data, model_name_or_path=model, output_dir=tmp_path / "o", from_scratch=True)
     with pytest.raises(UserError, match=r"token id \d+ does not fit the vocabulary .* \(128 ids\)"):
         preflight(config)
 
@@ -204,3 +211,269 @@ def test_no_omp_banner_on_a_two_process_run(tmp_path):
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "OMP_NUM_THREADS" not in done.stderr + done.stdout
+
+
+# --- user errors before torch: the cheap checks import neither torch nor transformers --------------------
+
+_NO_TORCH_PROBE = textwrap.dedent(
+    """
+    import json, sys
+    from minitrain.cli import app
+    results = []
+    for args in json.loads(sys.argv[1]):
+        try:
+            app(args=["train", *args], standalone_mode=False)
+            results.append("no error")
+        except Exception as err:
+            results.append(f"{type(err).__name__}: {err}")
+    heavy = sorted(m for m in ("torch", "transformers") if m in sys.modules)
+    print(json.dumps({"results": results, "heavy": heavy}))
+    """
+)
+
+
+def test_user_errors_of_train_are_found_without_importing_torch(tmp_path):
+    data = write_tokenized(tmp_path / "d.jsonl", num=4, vocab=100, seed=0, min_len=20)
+    config_only = _model(tmp_path, 128)  # no weights
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "run" / "training_metrics_0.jsonl").write_text("{}\n")
+    (tmp_path / "afile").write_text("x")
+
+    def args(*extra, data=data, model=config_only, out=tmp_path / "o"):
+        return [
+            "--data-path",
+            str(data),
+            "--model-name-or-path",
+            str(model),
+            "--output-dir",
+            str(out),
+            *extra,
+        ]
+
+    cases = {
+        "no such file": args(data=tmp_path / "nope.jsonl"),
+        "nomodel: no such folder": args(model=tmp_path / "nomodel"),
+        "no weights there": args(),
+        "every sample is longer than --max-tokens-per-gpu 10": args(
+            "--from-scratch", "--max-tokens-per-gpu", "10"
+        ),
+        "cannot create it": args("--from-scratch", out=tmp_path / "afile" / "o"),
+        "already holds a run": args("--from-scratch", out=tmp_path / "run"),
+        "--resume: no complete checkpoint": args(
+            "--from-scratch", "--resume", "latest", out=tmp_path / "run"
+        ),
+        "--batch-size must be a positive integer": args("--batch-size", "0"),
+    }
+    probe = subprocess.run(
+        [sys.executable, "-c", _NO_TORCH_PROBE, orjson.dumps(list(cases.values())).decode()],
+        capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[2],
+    )  # fmt: skip
+    assert probe.returncode == 0, probe.stderr
+    out = orjson.loads(probe.stdout.splitlines()[-1])
+    for expected, got in zip(cases, out["results"], strict=True):
+        assert got.startswith("UserError") and expected in got, (expected, got)
+    assert out["heavy"] == []  # neither torch nor transformers was imported to find any of these
+
+
+def test_the_cheap_checks_pass_a_good_run_on_to_preflight(tmp_path):
+    data = write_tokenized(tmp_path / "d.jsonl", num=4, vocab=100, seed=0)
+    model = _model(tmp_path, 128)
+    config = _config(
+        data_path=data, model_name_or_path=str(model), output_dir=tmp_path / "o", from_scratch=True
+    )
+    inputs = check_inputs(config)
+    assert len(inputs.store) == 4 and inputs.num_too_long == 0 and inputs.tokens_truncated == 0
+    assert preflight(config, inputs).num_samples == 4
+
+
+# --- warnings of the parent, once --------------------------------------------------------------------------
+
+
+def test_more_cpu_processes_than_cores_is_one_warning(tmp_path, capsys, monkeypatch):
+    import torch
+
+    import minitrain.train.launch as launch
+
+    data = write_tokenized(tmp_path / "d.jsonl", num=4, vocab=100, seed=0)
+    config = _config(
+        data_path=data, model_name_or_path=str(_model(tmp_path, 128)), output_dir=tmp_path / "o",
+        from_scratch=True, nproc=3,
+    )  # fmt: skip
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(launch, "usable_cores", lambda: 2)
+    preflight(config)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert err.startswith("minitrain: warning: --nproc 3 CPU processes on 2 usable cores")
+    assert "use --nproc 2 or fewer" in err
+    preflight(dataclasses.replace(config, nproc=2))
+    assert capsys.readouterr().err == ""
+
+
+def test_a_run_shorter_than_its_warmup_is_one_warning(tmp_path, capsys):
+    data = write_tokenized(tmp_path / "d.jsonl", num=4, vocab=100, seed=0)
+    base = dict(data_path=data, model_name_or_path=str(_model(tmp_path, 128)), from_scratch=True)
+    check_inputs(_config(**base, output_dir=tmp_path / "a", max_steps=3, num_warmup_steps=10))
+    err = capsys.readouterr().err
+    assert err == (
+        "minitrain: warning: the run stops after 3 steps, before the 10 warm-up steps end: the learning rate "
+        "never reaches --learning-rate 5e-06 (lower --num-warmup-steps)\n"
+    )
+    for fine in (
+        dict(max_steps=10, num_warmup_steps=10),
+        dict(num_warmup_steps=10),
+    ):  # peak at step 10; no stop
+        check_inputs(_config(**base, output_dir=tmp_path / "b", **fine))
+        assert capsys.readouterr().err == ""
+
+
+def test_truncate_says_what_it_cut(tmp_path, capsys):
+    data = write_tokenized(tmp_path / "d.jsonl", num=6, vocab=100, seed=0, min_len=8, max_len=30)
+    from minitrain.data.store import TokenStore
+
+    lengths = TokenStore.open(data).lengths
+    over = lengths[lengths > 12]
+    assert 0 < over.size < 6  # the fixture has both kinds
+    base = dict(data_path=data, model_name_or_path=str(_model(tmp_path, 128)), from_scratch=True)
+    inputs = check_inputs(_config(**base, output_dir=tmp_path / "o", max_tokens_per_gpu=12, truncate=True))
+    assert (inputs.num_too_long, inputs.tokens_truncated) == (over.size, int((over - 12).sum()))
+    assert capsys.readouterr().err == (
+        f"minitrain: {over.size} of 6 samples are longer than --max-tokens-per-gpu 12: --truncate keeps their "
+        f"first 12 tokens ({int((over - 12).sum()):,} tokens cut)\n"
+    )
+    check_inputs(_config(**base, output_dir=tmp_path / "p", max_tokens_per_gpu=12))
+    assert "will be skipped (raise it to train them, or add --truncate)" in capsys.readouterr().err
+
+
+# --- training_params.json keeps every launch ----------------------------------------------------------------
+
+
+def _fake_complete_checkpoint(out: Path, samples: int) -> Path:
+    path = out / "checkpoints" / f"samples_{samples}"
+    (path / "state").mkdir(parents=True)
+    for name in ("COMPLETE", "trainer_state.json", "state/.metadata"):
+        (path / name).write_text("{}")
+    return path
+
+
+def test_each_launch_is_appended_to_the_params_history(tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    first = _config(output_dir=out, learning_rate=1e-5)
+    write_training_params(first, world_size=1, preflight=None)
+    params = read_training_params(out)
+    assert params["learning_rate"] == 1e-5 and params["resumed_from"] is None
+    assert [launch["learning_rate"] for launch in params["launches"]] == [1e-5]
+
+    checkpoint = _fake_complete_checkpoint(out, 8)
+    write_training_params(
+        _config(output_dir=out, learning_rate=2e-5, resume="latest"), world_size=2, preflight=None
+    )
+    params = read_training_params(out)
+    assert params["learning_rate"] == 2e-5 and params["world_size"] == 2  # the top level: the latest launch
+    assert params["resumed_from"] == str(checkpoint)
+    assert TrainConfig.from_dict(params).learning_rate == 2e-5  # what the workers read
+    assert [(x["learning_rate"], x["resumed_from"]) for x in params["launches"]] == [
+        (1e-5, None), (2e-5, str(checkpoint)),
+    ]  # fmt: skip
+    assert all(x["created"] for x in params["launches"])
+
+    write_training_params(_config(output_dir=out, overwrite=True), world_size=1, preflight=None)  # a new run
+    assert len(read_training_params(out)["launches"]) == 1
+
+
+def test_a_params_file_from_before_the_history_becomes_its_first_launch(tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    old = _config(output_dir=out).to_dict() | {"created": "2026-01-01T00:00:00+00:00", "world_size": 4}
+    (out / "training_params.json").write_bytes(orjson.dumps(old))
+    _fake_complete_checkpoint(out, 8)
+    write_training_params(_config(output_dir=out, resume="latest"), world_size=1, preflight=None)
+    launches = read_training_params(out)["launches"]
+    assert [x["created"] for x in launches][0] == "2026-01-01T00:00:00+00:00" and len(launches) == 2
+
+
+# --- Ctrl+C at any moment of start-up: our one line, exit 130, no traceback ----------------------------------
+
+
+def _importing_torch(pid: int, module: str) -> bool:
+    """True when process `pid` runs `-m module` and has started importing torch (libtorch is mapped)."""
+    try:
+        if module not in Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode():
+            return False
+        return "libtorch" in Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the child processes in /proc (Linux)")
+@pytest.mark.parametrize(
+    "moment",
+    ["torchrun-importing-torch", "ranks-importing-torch"],
+)
+def test_ctrl_c_during_start_up_is_one_line_and_exit_130(tmp_path, moment):
+    """SIGINT to `minitrain train` (as a terminal's Ctrl+C reaches it) while torchrun's process, or a rank's,
+    is importing torch: a KeyboardInterrupt there used to print a 45-line traceback."""
+    from minitrain.train.faults import _descendants, kill_process_tree
+
+    data = write_tokenized(tmp_path / "d.jsonl", num=8, vocab=100, seed=0)
+    model = _model(tmp_path, 128)
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "TORCHELASTIC_RUN_ID")
+    }
+    cmd = [
+        sys.executable, "-m", "minitrain", "train", "--data-path", str(data), "--model-name-or-path", str(model),
+        "--output-dir", str(tmp_path / "o"), "--from-scratch", "--nproc", "2", "--batch-size", "4",
+    ]  # fmt: skip
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env | {"OMP_NUM_THREADS": "1"},
+        cwd=Path(__file__).resolve().parents[2],
+    )  # fmt: skip
+    wanted = "minitrain.train.launch" if moment.startswith("torchrun") else "minitrain.train.worker"
+    try:
+        deadline = time.monotonic() + 120
+        while not any(_importing_torch(p, wanted) for p in _descendants(proc.pid)):
+            assert proc.poll() is None and time.monotonic() < deadline, "the process never started"
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGINT)
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            kill_process_tree(proc.pid)
+            proc.wait()
+    assert proc.returncode == 130, output
+    assert "Traceback" not in output and "KeyboardInterrupt" not in output, output
+    assert output.rstrip("\n").splitlines()[-1] == "minitrain: training interrupted (exit 130)", output
+
+
+def test_a_truncated_run_trains_every_sample_cut_to_the_budget(tmp_path):
+    """One real step over the whole data with --truncate: every sample is in it, at min(length, budget) tokens."""
+    from minitrain.data.store import TokenStore
+
+    data = write_tokenized(tmp_path / "d.jsonl", num=8, vocab=100, seed=0, min_len=8, max_len=30)
+    store = TokenStore.open(data)
+    lengths = store.lengths.tolist()
+    assert any(n > 12 for n in lengths) and any(n <= 12 for n in lengths)
+    out = tmp_path / "o"
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "TORCHELASTIC_RUN_ID")
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "minitrain", "train", "--data-path", str(data), "--model-name-or-path",
+         str(_model(tmp_path, 128)), "--output-dir", str(out), "--from-scratch", "--nproc", "1", "--batch-size", "8",
+         "--max-tokens-per-gpu", "12", "--truncate", "--max-steps", "1", "--num-warmup-steps", "0"],
+        capture_output=True, text=True, env=env | {"OMP_NUM_THREADS": "1"}, timeout=300,
+        cwd=Path(__file__).resolve().parents[2],
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    [record] = [orjson.loads(x) for x in (out / "training_metrics_0.jsonl").read_bytes().splitlines()]
+    assert record["num_samples"] == 8 and record["num_total_tokens"] == sum(min(n, 12) for n in lengths)
+    assert record["num_loss_counted_tokens"] == int(store.truncated(12).num_trained.sum())
+    params = read_training_params(out)
+    over = [n - 12 for n in lengths if n > 12]
+    assert (params["num_samples_truncated"], params["num_tokens_truncated"]) == (len(over), sum(over))
+    assert params["truncate"] is True and "will be skipped" not in done.stderr

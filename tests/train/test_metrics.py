@@ -10,6 +10,7 @@ from minitrain.train.metrics import (
     MetricsWriter,
     ProgressDisplay,
     format_line,
+    no_stop_rule_line,
     peak_flops_per_device,
     read_metrics,
     step_flops,
@@ -60,8 +61,38 @@ def test_plain_lines_when_not_a_terminal(capsys):
     display.update(RECORD)
     display.close()
     out = capsys.readouterr().out
-    assert out == format_line(RECORD, 10) + "\n"
-    assert out.startswith("step 3/10  loss 1.2500  lr 1e-05")
+    assert out == format_line(RECORD, 10, 0.5 * 7) + "\n"
+    assert out.startswith("step 3/10  epoch 1.50  loss 1.2500  lr 1e-05")
+    assert out.endswith("  0.50s  ETA 0:00:04\n")  # 7 steps left at the 0.5 s this step took (3.5 s, rounded)
+
+
+def test_eta_is_the_mean_step_time_of_this_launch_times_the_steps_left(capsys):
+    display = ProgressDisplay(total_steps=100, console=Console(force_terminal=False))
+    for step, seconds in ((41, 10.0), (42, 20.0), (43, 30.0)):  # a resumed run: its first step is 41
+        display.update(RECORD | {"step": step, "time_per_batch": seconds})
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.rsplit("ETA ", 1)[1] for line in lines] == [
+        "0:09:50",
+        "0:14:30",
+        "0:19:00",
+    ]  # 59x10, 58x15, 57x20
+
+
+def test_without_a_stop_rule_the_line_shows_the_epoch_and_no_total(capsys):
+    display = ProgressDisplay(total_steps=None, console=Console(force_terminal=False))
+    display.update(RECORD | {"step": 54, "epoch": 3.25})
+    out = capsys.readouterr().out
+    assert out.startswith("step 54  epoch 3.25  loss") and "ETA" not in out and "/" not in out.split()[1]
+
+
+def test_the_no_stop_rule_line_names_the_real_checkpoint_setting():
+    assert no_stop_rule_line(2000) == (
+        "no stop rule (--max-steps, --max-samples or --max-epochs): infinite sampling, runs until Ctrl+C; "
+        "checkpoints every 2,000 samples"
+    )
+    assert no_stop_rule_line(None).endswith(
+        "one checkpoint when stopped (--min-samples-per-checkpoint N for more)"
+    )
 
 
 def test_disabled_display_is_silent(capsys):

@@ -1,0 +1,49 @@
+"""minitrain/train/optim.py: the warm-up's first step trains (lr/W, not 0); after it, the Trainer's shapes."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from minitrain.train.optim import build_scheduler
+
+
+def _rates(name: str, warmup: int, total: int | None, steps: int) -> list[float]:
+    param = torch.nn.Parameter(torch.zeros(2))
+    optimizer = torch.optim.AdamW([param], lr=1.0)
+    scheduler = build_scheduler(optimizer, name=name, num_warmup_steps=warmup, num_training_steps=total)
+    rates = []
+    for _ in range(steps):
+        rates.append(optimizer.param_groups[0]["lr"])  # the rate this step is taken with
+        assert scheduler.get_last_lr()[0] == rates[-1]
+        optimizer.step()
+        scheduler.step()
+    return rates
+
+
+def _reference(name: str, warmup: int, total: int, step: int) -> float:
+    """Step `step` (1-based), written out by hand: s/W during the warm-up, then the usual decay from the peak."""
+    if name != "constant" and step <= warmup:
+        return step / warmup
+    if name in ("constant", "constant_with_warmup"):
+        return 1.0
+    progress = (step - 1 - warmup) / (total - warmup)
+    return max(0.0, 1 - progress) if name == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
+
+
+@pytest.mark.parametrize("name", ["constant_with_warmup", "cosine", "linear", "constant"])
+@pytest.mark.parametrize("warmup", [0, 1, 4])
+def test_rates_match_the_schedule_written_by_hand(name: str, warmup: int):
+    total = 10
+    assert _rates(name, warmup, total, total) == pytest.approx(
+        [_reference(name, warmup, total, s) for s in range(1, total + 1)], abs=1e-12
+    )
+
+
+def test_no_step_trains_at_rate_zero():
+    for name in ("constant_with_warmup", "cosine", "linear"):
+        rates = _rates(name, 4, 10, 10)
+        assert rates[0] == pytest.approx(0.25) and min(rates) > 0, name
+        assert rates[3] == pytest.approx(1.0), name  # the peak at step W
