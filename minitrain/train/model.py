@@ -140,6 +140,12 @@ def _mesh(dist: DistInfo, strategy: str):
     if strategy == "NO_SHARD":  # HSDP with shards of one rank: every rank holds everything, grads all-reduced
         return init_device_mesh(kind, (dist.world_size, 1), mesh_dim_names=("replicate", "shard"))
     if strategy == "HYBRID_SHARD":  # shard within a node, replicate across nodes
+        if dist.local_world_size is None:
+            raise UserError(
+                "HYBRID_SHARD needs the processes per node, which SLURM did not say (no "
+                "SLURM_STEP_TASKS_PER_NODE/SLURM_TASKS_PER_NODE, or uneven nodes); run srun with "
+                "--ntasks-per-node, or use FULL_SHARD"
+            )
         if dist.world_size % dist.local_world_size:
             raise UserError(
                 f"HYBRID_SHARD needs the same number of processes per node ({dist.world_size} over "
