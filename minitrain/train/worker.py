@@ -76,7 +76,7 @@ def _train(config: TrainConfig, dist: DistInfo, tokenizer_source: str | None) ->
     except Exception as err:  # noqa: BLE001 - re-raised below, after the other ranks know
         error = err
     stop_if_any_rank_failed(dist, error, stage="building the model")
-    num_params = _matmul_params(lm)
+    num_params, frozen_params = _matmul_params(lm)
     use_liger = config.use_liger_kernels and on_gpu
     if config.use_liger_kernels and not on_gpu and dist.is_main:  # a warning: stderr, as the parent's
         print(
@@ -162,8 +162,8 @@ def _train(config: TrainConfig, dist: DistInfo, tokenizer_source: str | None) ->
     if peak is not None:
         text = lm.config.get_text_config()
         mfu = functools.partial(
-            _mfu, num_params=num_params, num_layers=text.num_hidden_layers, hidden_size=text.hidden_size,
-            peak_flops=peak * dist.world_size,
+            _mfu, num_params=num_params, frozen_params=frozen_params, num_layers=text.num_hidden_layers,
+            hidden_size=text.hidden_size, peak_flops=peak * dist.world_size,
         )  # fmt: skip
     print0(
         dist,
@@ -277,15 +277,19 @@ def _resume_point(config: TrainConfig, dist: DistInfo) -> Path:
     return choice[0]
 
 
-def _matmul_params(lm: torch.nn.Module) -> int:
-    """Parameters that cost FLOPs per token: all but the input embedding table (a lookup), unless it is tied."""
+def _matmul_params(lm: torch.nn.Module) -> tuple[int, int]:
+    """(trained, frozen) parameters that cost FLOPs per token: all but the input embedding table (a lookup),
+    unless it is tied to the output head."""
     from minitrain.train.adapters import logical_numel
 
-    total = sum(logical_numel(p) for p in lm.parameters())  # a 4-bit weight's FLOPs are its full shape's
+    counts = [0, 0]
     embedding = lm.get_input_embeddings().weight
     output = lm.get_output_embeddings()
     tied = output is not None and output.weight is embedding
-    return total if tied else total - embedding.numel()
+    for p in lm.parameters():  # a 4-bit weight's FLOPs are its full shape's
+        if p is not embedding or tied:
+            counts[not p.requires_grad] += logical_numel(p)
+    return counts[0], counts[1]
 
 
 def _mfu(
@@ -293,11 +297,15 @@ def _mfu(
     seconds: float,
     *,
     num_params: int,
+    frozen_params: int,
     num_layers: int,
     hidden_size: int,
     peak_flops: float,
 ) -> float:
-    flops = step_flops(num_params=num_params, num_layers=num_layers, hidden_size=hidden_size, lengths=lengths)
+    flops = step_flops(
+        num_params=num_params, frozen_params=frozen_params, num_layers=num_layers, hidden_size=hidden_size,
+        lengths=lengths,
+    )  # fmt: skip
     return flops / (seconds * peak_flops)
 
 
