@@ -22,6 +22,7 @@ Trade-offs:
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
@@ -93,7 +94,9 @@ def load_model(
 
     config = causal_lm_config(model_name_or_path)
     config.use_cache = False
-    attn = choose_attention(dist.device)
+    attn = choose_attention(
+        dist.device, warn=lambda line: print(line, file=sys.stderr, flush=True) if dist.is_main else None
+    )
     if quantization is None and not dist.is_main:
         with torch.device("meta"):
             lm = AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=dtype)
