@@ -142,6 +142,36 @@ def load_model(
     return lm
 
 
+def stored_dtype(model_dir: Path) -> torch.dtype | None:
+    """The one floating dtype of every tensor in `model_dir`'s safetensors files (read from their headers),
+    None when they differ, there are none, or `model_dir` is not a local folder."""
+    import json
+    import struct
+
+    names = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+    found: set[str] = set()
+    files = sorted(Path(model_dir).glob("*.safetensors")) if Path(model_dir).is_dir() else []
+    for file in files:
+        with file.open("rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(size))
+        found |= {v["dtype"] for k, v in header.items() if k != "__metadata__" and v["dtype"].startswith(("F", "BF"))}
+    return names.get(found.pop()) if len(found) == 1 else None
+
+
+def load_dtype(
+    model_name_or_path: str | Path, master_dtype: torch.dtype, *, from_scratch: bool, adapters: bool
+) -> torch.dtype:
+    """The dtype rank 0 loads the weights in: the checkpoint's own 16-bit dtype when the master weights are
+    fp32 (widened per shard after sharding, exactly), so rank 0's host never holds an fp32 copy of a bf16
+    checkpoint (280 GB for 70B); else `master_dtype`. Not for from-scratch weights (drawn in fp32) nor adapter
+    runs (PEFT initialises the new adapter in the base's dtype: bf16 would round its random init)."""
+    if from_scratch or adapters or master_dtype != torch.float32:
+        return master_dtype
+    stored = stored_dtype(Path(model_name_or_path))
+    return stored if stored in (torch.bfloat16, torch.float16) else master_dtype
+
+
 def decoder_blocks(lm: PreTrainedModel) -> nn.ModuleList:
     """The repeated decoder blocks (one FSDP2 unit and one activation-checkpointing unit each)."""
     layers = getattr(lm.get_decoder(), "layers", None)
@@ -226,20 +256,26 @@ def shard_model(
 
     mesh = _mesh(dist, strategy)
     lm = model.lm
-    for p in lm.parameters():  # parameters only: buffers such as rotary inv_freq keep their fp32
-        if not replicated or p not in replicated:  # packed 4-bit weights keep their storage dtype
-            p.data = p.data.to(master_dtype)
+
+    def to_master_dtype() -> None:  # parameters only: buffers such as rotary inv_freq keep their fp32
+        for p in lm.parameters():
+            if not replicated or p not in replicated:  # packed 4-bit weights keep their storage dtype
+                p.data = p.data.to(master_dtype)
 
     if replicated:  # every rank holds the whole model already; only the adapter's random init must agree
+        to_master_dtype()
         if dist.world_size > 1:
             for p in lm.parameters():
                 if p.requires_grad:
                     torch_dist.broadcast(p.data, src=0)
     else:  # 1. keep rank 0's weights and buffers on the CPU, then free every rank's full model (meta is free)
+        # in the dtype they were loaded in (`load_dtype`: bf16 from a bf16 checkpoint even for fp32 master
+        # weights); each rank widens only its own shards when they arrive (step 4), exactly
         full_state = {k: v.cpu() for k, v in model.state_dict().items()} if dist.is_main else {}
         buffers = {name: b.detach().cpu() for name, b in model.named_buffers()} if dist.is_main else {}
         model.to("meta")
         lm.tie_weights()  # moving devices replaces Parameters one module at a time, which unties tied weights
+        to_master_dtype()  # on meta: free
 
     # 2. activation checkpointing wraps each block before sharding (state-dict names are unchanged)
     blocks = decoder_blocks(lm)

@@ -22,7 +22,7 @@ from minitrain.config import TrainConfig
 from minitrain.data.sampler import InfiniteSampler
 from minitrain.data.store import TokenStore
 from minitrain.errors import UserError, first_line
-from minitrain.train.checkpoint import save_hf_checkpoint
+from minitrain.train.checkpoint import merge_host_bytes, save_hf_checkpoint
 from minitrain.train.dist import (
     DistInfo,
     close_distributed,
@@ -42,7 +42,7 @@ from minitrain.train.metrics import (
     peak_flops_per_device,
     step_flops,
 )
-from minitrain.train.model import CausalLMWithLoss, load_model, shard_model
+from minitrain.train.model import CausalLMWithLoss, load_dtype, load_model, shard_model
 from minitrain.train.optim import build_optimizer, build_scheduler
 from minitrain.train.state import load_training_state, resolve_resume, save_training_state, scan_checkpoints
 
@@ -125,6 +125,14 @@ def _train(config: TrainConfig, dist: DistInfo, tokenizer_source: str | None) ->
         print0(dist, f"resumed from {checkpoint} at step {state.step} ({state.samples_seen} samples)")
 
     export_dtype = torch.bfloat16 if on_gpu else master_dtype  # checkpoints in the compute dtype
+    if lora is not None and config.merge_lora:
+        from minitrain.train.adapters import logical_numel
+
+        need = merge_host_bytes(sum(logical_numel(p) for p in lm.parameters()), master_dtype, export_dtype)
+        print0(
+            dist,
+            f"--merge-lora: each checkpoint merges the whole model in rank 0's host memory (~{need / 1e9:,.1f} GB)",
+        )
 
     def save(samples: int) -> Path:
         path = save_hf_checkpoint(
@@ -214,10 +222,18 @@ def _build_model(
         from minitrain.train.adapters import nf4_config
 
         quantization = nf4_config(torch.bfloat16 if on_gpu else master_dtype)
+    dtype = master_dtype
+    if quantization is None:
+        dtype = load_dtype(
+            config.model_name_or_path,
+            master_dtype,
+            from_scratch=config.from_scratch,
+            adapters=lora is not None,
+        )
     lm = load_model(
         config.model_name_or_path,
         from_scratch=config.from_scratch,
-        dtype=master_dtype,
+        dtype=dtype,
         dist=dist,
         quantization=quantization,
     )
