@@ -44,6 +44,7 @@ from minitrain.data.sampler import InfiniteSampler, StopRule
 from minitrain.data.store import TokenStore
 from minitrain.errors import UserError
 from minitrain.train.adapters import parse_target_modules
+from minitrain.train.memory import ModelShape
 
 MAX_LISTED_DROPS = 1000  # dropped samples listed in the report (all are counted)
 # NF4 with double quantization: 4 bits a weight + an 8-bit absmax per 64 weights + an fp32 scale per 256
@@ -161,6 +162,30 @@ def count_parameters(config: dict[str, Any]) -> int:
     norms = int(text["num_hidden_layers"]) * 2 * h + h  # two RMSNorms a block, one at the end
     embeddings = vocab * h * (1 if text.get("tie_word_embeddings", config.get("tie_word_embeddings")) else 2)
     return embeddings + block_linear_weights(config) + norms
+
+
+def model_shape(config: dict[str, Any]) -> ModelShape:
+    """The sizes of a Llama-family config.json that set memory (`minitrain.train.memory`)."""
+    text = _text(config)
+    h = int(text["hidden_size"])
+    heads = int(text["num_attention_heads"])
+    experts = num_experts(config)
+    inter = int(text.get("intermediate_size") or 4 * h)
+    if experts > 1:
+        inter = int(text.get("moe_intermediate_size") or inter)
+    return ModelShape(
+        num_params=count_parameters(config),
+        vocab=int(text["vocab_size"]),
+        hidden=h,
+        layers=int(text["num_hidden_layers"]),
+        intermediate=inter,
+        heads=heads,
+        kv_heads=int(text.get("num_key_value_heads") or heads),
+        head_dim=int(text.get("head_dim") or h // heads),
+        tied=bool(text.get("tie_word_embeddings", config.get("tie_word_embeddings"))),
+        experts=experts,
+        qk_norm=str(text.get("model_type", config.get("model_type", ""))).startswith("qwen3"),
+    )
 
 
 def lora_parameters(
