@@ -32,7 +32,13 @@ for 8B/70B; GPU measurements are for benchmarks/gpu_smoke.sh.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
+
+from minitrain.errors import UserError
+
+if TYPE_CHECKING:
+    from minitrain.config import TrainConfig
 
 NF4_BYTES_PER_WEIGHT = (4 + 8 / 64 + 32 / (64 * 256)) / 8  # 4-bit weights + double-quantised scales
 GIB = 1024**3
@@ -166,3 +172,92 @@ def estimate_peak(shape: ModelShape, plan: RankPlan) -> MemoryEstimate:
 def fits(shape: ModelShape, plan: RankPlan, device_bytes: int, *, headroom: float = 0.9) -> bool:
     """True when the predicted peak stays within `headroom` of the device (CUDA context, fragmentation)."""
     return estimate_peak(shape, plan).total <= headroom * device_bytes
+
+
+def _size(nbytes: float) -> str:
+    return f"{nbytes / GIB:.1f} GiB" if nbytes >= GIB else f"{nbytes / 2**20:.1f} MiB"
+
+
+def fit(
+    shape: ModelShape, plan: RankPlan, device_bytes: int, *, min_tokens: int
+) -> tuple[RankPlan, str | None]:
+    """The plan to run on a GPU of `device_bytes`: `plan` itself when it fits; else with activation
+    checkpointing on; else with the token budget halved (never below `min_tokens`, the longest sample, so no
+    sample is dropped), with one line saying what changed. Raises `UserError` with the numbers and the flags
+    that would fit when nothing does."""
+    need = estimate_peak(shape, plan).total
+    if fits(shape, plan, device_bytes):
+        return plan, None
+    said = f"the plan needs ~{_size(need)} per GPU of {_size(device_bytes)}"
+    candidate = plan if plan.checkpointing else replace(plan, checkpointing=True)
+    if fits(shape, candidate, device_bytes):
+        got = _size(estimate_peak(shape, candidate).total)
+        return candidate, f"minitrain: {said}; turning on --activation-checkpointing (~{got})"
+    tokens = candidate.tokens
+    while tokens // 2 >= max(min_tokens, 1):
+        tokens //= 2
+        lower = replace(candidate, tokens=tokens)
+        if fits(shape, lower, device_bytes):
+            got = _size(estimate_peak(shape, lower).total)
+            turned = "" if plan.checkpointing else "turning on --activation-checkpointing and "
+            return lower, (
+                f"minitrain: {said}; {turned}lowering --max-tokens-per-gpu from {plan.tokens:,} to {tokens:,} "
+                f"(~{got})"
+            )
+    options = []
+    for tokens in dict.fromkeys((candidate.tokens, max(min_tokens, 1))):  # the budget asked, then the least
+        for flags, change in (
+            ("--cpu-offload", {"cpu_offload": True}),
+            ("--master-dtype bf16", {"master_bytes": 2}),
+            ("--cpu-offload --master-dtype bf16", {"cpu_offload": True, "master_bytes": 2}),
+        ):
+            alt = replace(candidate, tokens=tokens, **change)
+            if fits(shape, alt, device_bytes) and not options:
+                budget = "" if tokens == plan.tokens else f" --max-tokens-per-gpu {tokens}"
+                got = _size(estimate_peak(shape, alt).total)
+                options.append(f"--activation-checkpointing {flags}{budget} (~{got})")
+    fix = f"it would fit with {options[0]}" if options else "add GPUs (--nproc, --nnodes) or use LoRA/QLoRA"
+    floor = _size(estimate_peak(shape, replace(candidate, tokens=max(min_tokens, 1))).total)
+    raise UserError(
+        f"{said}, and still ~{floor} with --activation-checkpointing at the longest sample's "
+        f"{min_tokens:,} tokens; {fix}"
+    )
+
+
+def fit_config_to_gpu(config: TrainConfig, device_bytes: int) -> tuple[TrainConfig, str | None]:
+    """`fit` for a training config on GPUs of `device_bytes`: the config to run (activation checkpointing
+    or the token budget changed) and the line saying so; unchanged with no line when the model's config is
+    not readable locally (nothing to predict from)."""
+    import dataclasses
+    import json
+    from pathlib import Path
+
+    from minitrain.data.dryrun import block_linear_weights, lora_parameters, model_shape
+    from minitrain.data.store import TokenStore
+
+    config_file = Path(config.model_name_or_path).expanduser() / "config.json"
+    if not config_file.is_file():
+        return config, None
+    model_config = json.loads(config_file.read_text())
+    shape = model_shape(model_config)
+    trainable = None
+    if config.lora_rank is not None:
+        trainable = lora_parameters(model_config, config.lora_rank, config.lora_target_modules)[0]
+    lengths = TokenStore.open(config.data_path).lengths
+    fitting = lengths[lengths <= config.max_tokens_per_gpu]
+    shards = {"NO_SHARD": 1, "HYBRID_SHARD": config.nproc}.get(
+        config.fsdp_sharding_strategy, config.world_size()
+    )
+    plan = RankPlan(
+        tokens=config.max_tokens_per_gpu, shards=shards, master_bytes=4 if config.master_dtype == "fp32" else 2,
+        compute_bytes=2, checkpointing=config.activation_checkpointing, trainable_params=trainable,
+        nf4_params=block_linear_weights(model_config) if config.load_in_4bit else 0,
+        cpu_offload=config.cpu_offload,
+    )  # fmt: skip
+    chosen, line = fit(shape, plan, device_bytes, min_tokens=int(fitting.max()) if fitting.size else 1)
+    if chosen == plan:
+        return config, None
+    changed = dataclasses.replace(
+        config, activation_checkpointing=chosen.checkpointing, max_tokens_per_gpu=chosen.tokens
+    )
+    return changed, line

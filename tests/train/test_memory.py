@@ -3,10 +3,13 @@ benchmarks/bench_memory.py)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from minitrain.data.dryrun import model_shape
-from minitrain.train.memory import GIB, RankPlan, estimate_peak, fits
+from minitrain.errors import UserError
+from minitrain.train.memory import GIB, RankPlan, estimate_peak, fit, fits
 
 LLAMA_8B = {  # meta-llama/Llama-3.1-8B config.json
     "vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
@@ -71,3 +74,68 @@ def test_lora_trains_and_stores_only_the_adapter():
     est = estimate_peak(shape, RankPlan(tokens=4096, shards=8, checkpointing=True, trainable_params=10**7))
     assert est.parts["optimizer"] == 2 * 4 * 10**7 // 8
     assert est.parts["weights"] == (shape.num_params + 10**7) * 4 // 8  # the frozen base + the adapter
+
+
+# --- before spawning on GPUs: fit the plan to the device, or refuse with the flags that would fit
+
+
+def test_a_plan_that_fits_is_left_alone_and_one_that_does_not_is_fitted():
+    shape = model_shape(LLAMA_8B)
+    plan = RankPlan(tokens=16384, shards=8)
+    gpu = 80 * 10**9
+    assert fit(shape, replace(plan, checkpointing=True), gpu, min_tokens=4096) == (
+        replace(plan, checkpointing=True),
+        None,
+    )
+    chosen, line = fit(shape, plan, gpu, min_tokens=4096)  # 120 GiB: checkpointing brings it to 25
+    assert chosen == replace(plan, checkpointing=True)
+    assert line.startswith(
+        "minitrain: the plan needs ~120.3 GiB per GPU of 74.5 GiB; turning on --activation-"
+    )
+
+
+def test_the_budget_is_lowered_only_down_to_the_longest_sample():
+    shape = model_shape(LLAMA_8B)
+    plan = RankPlan(tokens=65536, shards=8, checkpointing=True)
+    gpu = 40 * 10**9  # a 40 GB GPU: 65k tokens do not fit, 16k do
+    chosen, line = fit(shape, plan, gpu, min_tokens=2000)
+    assert (
+        chosen.tokens == 16384
+        and fits(shape, chosen, gpu)
+        and not fits(shape, replace(chosen, tokens=32768), gpu)
+    )
+    assert "lowering --max-tokens-per-gpu from 65,536 to 16,384" in line
+    with pytest.raises(
+        UserError, match=r"still ~\d+\.\d GiB with .* longest sample's 40,000 tokens; it would fit with"
+    ):
+        fit(shape, plan, gpu, min_tokens=40000)
+
+
+def test_a_plan_that_cannot_fit_is_refused_with_the_flags_that_would():
+    shape = model_shape(LLAMA_70B)
+    with pytest.raises(UserError, match="it would fit with --activation-checkpointing --cpu-offload"):
+        fit(shape, RankPlan(tokens=4096, shards=8), 80 * 10**9, min_tokens=4096)
+    with pytest.raises(UserError, match=r"add GPUs \(--nproc, --nnodes\) or use LoRA/QLoRA"):
+        fit(shape, RankPlan(tokens=4096, shards=1), 8 * 10**9, min_tokens=4096)
+
+
+def test_the_launcher_fits_a_training_config_to_a_faked_gpu(tmp_path, capsys):
+    from minitrain.config import TrainConfig
+    from minitrain.train.launch import fit_to_gpus
+    from tests.conftest import tiny_llama_config
+    from tests.data.test_store import make_samples, write_tokenized
+
+    tiny_llama_config(vocab_size=4096).save_pretrained(tmp_path / "model")
+    data = write_tokenized(tmp_path / "train.jsonl", make_samples(20, seed=1, max_len=150))
+    config = TrainConfig(
+        data_path=data, model_name_or_path=str(tmp_path / "model"), output_dir=tmp_path / "out",
+        max_tokens_per_gpu=65536,
+    )  # fmt: skip
+    assert fit_to_gpus(config, device_bytes=10 * 2**30) == config  # plenty: nothing changes
+    assert capsys.readouterr().err == ""
+    fitted = fit_to_gpus(config, device_bytes=60 * 2**20)  # a 60 MiB "GPU"
+    assert (fitted.activation_checkpointing, fitted.max_tokens_per_gpu) != (False, 65536)
+    err = capsys.readouterr().err
+    assert err.startswith("minitrain: the plan needs ~") and err.count("\n") == 1
+    with pytest.raises(UserError, match="MiB per GPU of 1.0 MiB"):
+        fit_to_gpus(config, device_bytes=2**20)
