@@ -155,7 +155,11 @@ def stored_dtype(model_dir: Path) -> torch.dtype | None:
         with file.open("rb") as f:
             (size,) = struct.unpack("<Q", f.read(8))
             header = json.loads(f.read(size))
-        found |= {v["dtype"] for k, v in header.items() if k != "__metadata__" and v["dtype"].startswith(("F", "BF"))}
+        found |= {
+            v["dtype"]
+            for k, v in header.items()
+            if k != "__metadata__" and v["dtype"].startswith(("F", "BF"))
+        }
     return names.get(found.pop()) if len(found) == 1 else None
 
 

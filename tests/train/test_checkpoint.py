@@ -99,9 +99,10 @@ def test_export_round_trips_through_from_pretrained(tmp_path, dist, tied):
 
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied-embeddings"])
 def test_the_streamed_export_state_equals_gather_then_cast(dist, tied):
+    from transformers import AutoModelForCausalLM
+
     from minitrain.train.checkpoint import gather_full_state_dict, gather_full_state_dict_as
     from minitrain.train.model import CausalLMWithLoss, shard_model
-    from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
     lm = AutoModelForCausalLM.from_config(tiny_llama_config(tie_word_embeddings=tied))
