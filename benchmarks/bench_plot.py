@@ -40,7 +40,7 @@ from minitrain.config import PlotConfig  # noqa: E402
 from minitrain.plot.curves import build_curves  # noqa: E402
 from minitrain.plot.image import draw_image  # noqa: E402
 from minitrain.plot.terminal import TerminalPlot  # noqa: E402
-from minitrain.rundir import METRICS_FILENAME, MetricsFile  # noqa: E402
+from minitrain.rundir import METRICS_FILE, MetricsFile  # noqa: E402
 
 
 def write_run(path: Path, n: int, start: int = 1) -> None:
@@ -103,7 +103,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        path = tmp / "run" / METRICS_FILENAME
+        path = tmp / "run" / METRICS_FILE
         path.parent.mkdir()
         write_run(path, args.lines)
         size_mb = path.stat().st_size / 1e6

@@ -46,6 +46,7 @@ class Row:
     args: tuple[str, ...]  # after the command name; W is the workspace
     says: tuple[str, ...]  # the problem and the fix, as substrings of the message
     gpus: int | None = None  # pretend this many CUDA GPUs are visible (the --nproc check)
+    gpu_bytes: int | None = None  # pretend each has this much memory (the memory check before spawning)
     missing: str | None = None  # pretend this package is not installed
 
     @property
@@ -213,6 +214,9 @@ ROWS = [
         ("--report-to none with another tracker",)),
     Row("train", "--report-to wandb without wandb", _train("--report-to", "wandb"),
         ("--report-to wandb needs the wandb package", "pip install 'minitrain[wandb]'"), missing="wandb"),
+    Row("train", "a plan whose predicted peak cannot fit the GPU's memory", _train(), gpus=1, gpu_bytes=2**16,
+        says=("the plan needs ~", "MiB per GPU of 0.1 MiB", "with --activation-checkpointing at the longest sample",
+              "add GPUs (--nproc, --nnodes) or use LoRA/QLoRA")),
     Row("train", "--dry-run-report without --dry-run", _train("--dry-run-report", f"{W}/plan.json"),
         ("--dry-run-report needs --dry-run",)),
     # -------------------------------------------------------------------------------------------- plot
@@ -340,6 +344,9 @@ def test_row(row: Row, ws: Path, no_launch, monkeypatch):
 
         monkeypatch.setattr(torch.cuda, "is_available", lambda: row.gpus > 0)
         monkeypatch.setattr(torch.cuda, "device_count", lambda: row.gpus)
+        if row.gpu_bytes is not None:
+            props = type("Props", (), {"total_memory": row.gpu_bytes})()
+            monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: props)
     monkeypatch.delenv("MINITRAIN_QLORA_ON_CPU", raising=False)  # the tests' CPU QLoRA seam stays shut here
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the Hub-id rows name the variable; never ask the network
     if row.missing is not None:

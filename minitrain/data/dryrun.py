@@ -22,8 +22,9 @@ attention with grouped KV heads, gated MLP, norms, optional experts) instead of 
 meta device: no torch import and no model code, at the price of ignoring biases and exotic blocks (a few %
 off for such models). Experts are counted as one gate/up/down linear each, as transformers 4 builds them;
 transformers 5 fuses them into 3-D tensors that bitsandbytes leaves unquantized and PEFT adapts otherwise,
-so adapter and QLoRA figures for MoE models are rough (the report's note says so). Activations and the
-all-gathered block of FSDP are not included.
+so adapter and QLoRA figures for MoE models are rough (the report's note says so). The whole peak per GPU
+(activations with and without checkpointing, FSDP's gathered blocks, the loss head, --cpu-offload) for the
+largest minibatch of the plan is `minitrain.train.memory`'s, built from `model_shape(config)` (`peak_rows`).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from minitrain.data.sampler import InfiniteSampler, StopRule
 from minitrain.data.store import TokenStore
 from minitrain.errors import UserError
 from minitrain.train.adapters import parse_target_modules
+from minitrain.train.memory import GIB, ModelShape, RankPlan, estimate_peak
 
 MAX_LISTED_DROPS = 1000  # dropped samples listed in the report (all are counted)
 # NF4 with double quantization: 4 bits a weight + an 8-bit absmax per 64 weights + an fp32 scale per 256
@@ -165,6 +167,30 @@ def count_parameters(config: dict[str, Any]) -> int:
     return embeddings + block_linear_weights(config) + norms
 
 
+def model_shape(config: dict[str, Any]) -> ModelShape:
+    """The sizes of a Llama-family config.json that set memory (`minitrain.train.memory`)."""
+    text = _text(config)
+    h = int(text["hidden_size"])
+    heads = int(text["num_attention_heads"])
+    experts = num_experts(config)
+    inter = int(text.get("intermediate_size") or 4 * h)
+    if experts > 1:
+        inter = int(text.get("moe_intermediate_size") or inter)
+    return ModelShape(
+        num_params=count_parameters(config),
+        vocab=int(text["vocab_size"]),
+        hidden=h,
+        layers=int(text["num_hidden_layers"]),
+        intermediate=inter,
+        heads=heads,
+        kv_heads=int(text.get("num_key_value_heads") or heads),
+        head_dim=int(text.get("head_dim") or h // heads),
+        tied=bool(text.get("tie_word_embeddings", config.get("tie_word_embeddings"))),
+        experts=experts,
+        qk_norm=str(text.get("model_type", config.get("model_type", ""))).startswith("qwen3"),
+    )
+
+
 def lora_parameters(
     config: dict[str, Any], rank: int, target_modules: str
 ) -> tuple[int, list[str], list[str]]:
@@ -238,6 +264,7 @@ def _model_memory(
     lora_rank: int | None = None,
     lora_target_modules: str = "all-linear",
     load_in_4bit: bool = False,
+    tokens: int = 0,
 ) -> tuple[dict[str, Any] | None, str | None]:
     if not model_name_or_path:
         return None, "no model given"
@@ -256,17 +283,22 @@ def _model_memory(
         except (OSError, ValueError) as err:
             return None, f"{config_file}: not readable ({err}); no memory estimate"
     notes = [
-        "parameters, gradients and AdamW state only; activations and FSDP's all-gathered block come on top"
+        "the first table: parameters, gradients and AdamW state; the second: the whole peak per GPU "
+        "(minitrain.train.memory), validated on the CPU within 10% (benchmarks/bench_memory.py), not on a GPU"
     ]
     try:
         num_params = count_parameters(config)
+        shape = model_shape(config)
         if lora_rank is None:
-            return estimate_memory(num_params, world_size), notes[0]
+            memory = estimate_memory(num_params, world_size)
+            memory["peak"] = peak_rows(shape, world_size, tokens, None, 0)
+            return memory, notes[0]
         trainable, targets, unknown = lora_parameters(config, lora_rank, lora_target_modules)
         nf4 = block_linear_weights(config) if load_in_4bit else 0
     except (KeyError, TypeError, ValueError) as err:
         return None, f"model config lacks {err} for the parameter count; no memory estimate"
     memory = estimate_memory(num_params, world_size, trainable_params=trainable, nf4_params=nf4)
+    memory["peak"] = peak_rows(shape, world_size, tokens, trainable, nf4)
     memory.update(lora_rank=lora_rank, lora_target_modules=lora_target_modules, lora_targets=targets)
     if not targets:
         notes.append(
@@ -288,6 +320,27 @@ def _model_memory(
             "them out of NF4 and PEFT adapts them otherwise, so the adapter and NF4 figures are rough"
         )
     return memory, "; ".join(notes)
+
+
+def peak_rows(
+    shape: ModelShape, world_size: int, tokens: int, trainable: int | None, nf4: int
+) -> list[dict[str, Any]]:
+    """The predicted peak per GPU (bf16 compute, FULL_SHARD) of the largest minibatch, for fp32 / bf16 master
+    weights, with and without activation checkpointing and with --cpu-offload."""
+    rows = []
+    for master, nbytes in (("fp32", 4), ("bf16", 2)):
+        for ac, offload in ((False, False), (True, False), (True, True)):
+            plan = RankPlan(
+                tokens=max(tokens, 1), shards=world_size, master_bytes=nbytes, compute_bytes=2,
+                checkpointing=ac, trainable_params=trainable, nf4_params=nf4, cpu_offload=offload,
+            )  # fmt: skip
+            est = estimate_peak(shape, plan)
+            rows.append({
+                "master_dtype": master, "activation_checkpointing": ac, "cpu_offload": offload,
+                "tokens": tokens, "peak_gib": est.total_gib, "peak_at": est.peak_at,
+                **{f"{k}_gib": v / GIB for k, v in est.parts.items()},
+            })  # fmt: skip
+    return rows
 
 
 def _stop_rule(
@@ -418,6 +471,7 @@ def dry_run(
         lora_rank=lora_rank,
         lora_target_modules=lora_target_modules,
         load_in_4bit=load_in_4bit,
+        tokens=int(all_ranks.max()) if all_ranks.size else budget,
     )
     report = DryRunReport(
         data_path=str(data_path),
@@ -514,6 +568,8 @@ def render_dry_run(report: DryRunReport, console: Any) -> None:
         console.print(drops)
     if report.memory:
         console.print(_memory_table(report.memory, report.world_size, size))
+        if report.memory.get("peak"):
+            console.print(_peak_table(report.memory["peak"], report.world_size, size))
     if report.memory_note:
         console.print(f"[dim]memory: {report.memory_note}[/]")
 
@@ -547,5 +603,35 @@ def _memory_table(memory: dict[str, Any], world_size: int, size: Any) -> Any:
         table.add_row(
             r["master_dtype"], r["strategy"], *(size(r[key]) for _, key in parts), size(r["grads_gib"]),
             size(r["optimizer_gib"]), size(r["total_gib"]),
+        )  # fmt: skip
+    return table
+
+
+def _peak_table(rows: list[dict[str, Any]], world_size: int, size: Any) -> Any:
+    """The predicted peak per GPU as a rich table (bf16 compute, FULL_SHARD over the ranks)."""
+    from rich.table import Table
+
+    tokens = rows[0]["tokens"]
+    table = Table(
+        title=f"predicted peak per GPU, bf16 compute, FULL_SHARD over {world_size} ranks, largest minibatch "
+        f"{tokens:,} tokens",
+        title_justify="left",
+    )
+    for col in (
+        "master",
+        "activation ckpt",
+        "cpu offload",
+        "state",
+        "activations",
+        "loss head",
+        "peak",
+        "at",
+    ):
+        table.add_column(col, justify="left" if col in ("master", "at") else "right")
+    for r in rows:
+        state = sum(r.get(f"{k}_gib", 0.0) for k in ("weights", "grads", "optimizer", "gathered"))
+        table.add_row(
+            r["master_dtype"], "on" if r["activation_checkpointing"] else "off", "on" if r["cpu_offload"] else "off",
+            size(state), size(r["activations_gib"]), size(r["loss_head_gib"]), size(r["peak_gib"]), r["peak_at"],
         )  # fmt: skip
     return table

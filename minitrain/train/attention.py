@@ -10,8 +10,10 @@ carry the sample boundaries through the Hugging Face model forward (`packed_atte
 SDPA on each sample on its own.
 
 The three ways to keep packed samples apart, and their trade-off:
-- `flash_attention_2` (GPU with flash-attn installed): flash varlen on `cu_seq_lens_q/k`; cost sum(len^2), no
-  mask. Always preferred when available.
+- `flash_attention_2` (GPU with a working flash-attn 2, `flash_attn_problem`): flash varlen on
+  `cu_seq_lens_q/k`; cost sum(len^2), no mask. Always preferred when available; a flash-attn that is there
+  but unusable (flash-attn 4, too old, built for another torch) falls back to `minitrain_packed` with one
+  warning line instead of failing every rank in `load_model`.
 - `sdpa`: transformers 5 notices the restarting position_ids (only with no attention_mask and no KV cache) and
   builds a block-diagonal causal (T x T) mask: one big kernel call per layer, but work and mask memory grow
   with (sum len)^2.
@@ -26,6 +28,7 @@ The three ways to keep packed samples apart, and their trade-off:
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -124,19 +127,56 @@ def register_packed_attention() -> str:
     return PACKED_ATTENTION
 
 
-def flash_attn_available(device: torch.device | str) -> bool:
-    """True on a CUDA device with the flash-attn package importable."""
-    return (
-        torch.device(device).type == "cuda"
-        and torch.cuda.is_available()
-        and importlib.util.find_spec("flash_attn") is not None
-    )
+FLASH_ATTN_MIN_VERSION = "2.3.3"  # what transformers' is_flash_attn_2_available asks for
 
 
-def choose_attention(device: torch.device | str) -> str:
-    """The attention implementation for packed training on `device` (registers `minitrain_packed` if chosen)."""
-    if flash_attn_available(device):
+def flash_attn_problem() -> str | None:
+    """Why the installed flash-attn cannot serve `flash_attention_2`, None when it can; checked as transformers
+    does (the `flash_attn` module belongs to the flash-attn distribution, at least 2.3.3) plus an import of
+    `flash_attn_varlen_func` that really runs (a build against another torch fails only there).
+
+    flash-attn 4 (`flash-attn-4`) installs the same module name with another API, hence the distribution check.
+    Not installed at all is a problem too ("not installed"); the caller decides whether that is worth a word.
+    """
+    from importlib import metadata
+
+    from packaging.version import InvalidVersion, Version
+
+    if importlib.util.find_spec("flash_attn") is None:
+        return "not installed"
+    owners = [
+        name.lower().replace("_", "-") for name in metadata.packages_distributions().get("flash_attn", [])
+    ]
+    if "flash-attn" not in owners:
+        return f"the flash_attn module comes from {', '.join(owners) or 'no known distribution'}, not flash-attn 2"
+    version = metadata.version("flash-attn")
+    try:
+        too_old = Version(version) < Version(FLASH_ATTN_MIN_VERSION)
+    except InvalidVersion:
+        too_old = True
+    if too_old:
+        return f"flash-attn {version} is older than {FLASH_ATTN_MIN_VERSION}"
+    try:
+        from flash_attn import flash_attn_varlen_func  # noqa: F401
+    except Exception as err:  # ImportError (undefined symbol: built for another torch/CUDA), OSError, ...
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        return f"flash-attn {version} does not import ({first[:200]})"
+    return None
+
+
+def choose_attention(device: torch.device | str, *, warn: Callable[[str], None] | None = None) -> str:
+    """The attention implementation for packed training on `device` (registers `minitrain_packed` if chosen).
+
+    flash varlen on a CUDA device with a working flash-attn 2; otherwise our packed SDPA, and when flash-attn
+    is installed but unusable, `warn` gets one line saying why.
+    """
+    if torch.device(device).type != "cuda" or not torch.cuda.is_available():
+        return register_packed_attention()
+    problem = flash_attn_problem()
+    if problem is None:
         return "flash_attention_2"
+    if problem != "not installed" and warn is not None:
+        warn(f"minitrain: warning: {problem}; using packed SDPA attention instead of flash-attn")
     return register_packed_attention()
 
 

@@ -12,7 +12,12 @@ cpu_offload=True)`: shards are all-gathered one tensor at a time and moved to CP
 whole model; rank 0 ends up with the full dict in host RAM, the others with an empty one). Rank 0 writes it
 into `.samples_<N>.tmp` and renames the folder into place only when complete, so a folder named
 `samples_<N>` is always a whole checkpoint. Trade-off: rank 0 needs host RAM for one full copy in the
-export dtype (bf16 for GPU training, 2 bytes per parameter; fp32 on CPU).
+export dtype (bf16 for GPU training, 2 bytes per parameter: 140 GB for 70B; fp32 on CPU), cast tensor by
+tensor as it is gathered (`gather_full_state_dict_as`), not a master-dtype copy and a cast copy at once.
+Writing shard files as the tensors arrive would need only one shard's RAM, but `save_pretrained` owns the
+file names, tied-weight removal and transformers 5's key conversions, so the whole dict goes through it.
+`--merge-lora` costs more: the whole model in the master dtype (4 bytes a parameter with fp32 master
+weights) plus the merged copy in the export dtype, on rank 0's host, at every checkpoint.
 """
 
 from __future__ import annotations
@@ -57,6 +62,34 @@ def gather_full_state_dict(
     return {k.removeprefix(prefix): v for k, v in state.items()}
 
 
+def gather_full_state_dict_as(model: nn.Module, dtype: torch.dtype, *, prefix: str = "lm.") -> dict:
+    """Full state dict of the HF model inside `model` on rank 0 (empty elsewhere), floating tensors in `dtype`;
+    collective. Streams: each tensor is all-gathered on its device, cast there, moved to the CPU, and its
+    gathered copy freed before the next, so rank 0's host holds the model once in `dtype` (2 bytes a parameter
+    for bf16), never a master-dtype copy beside it. A tied weight is gathered once, under both its names."""
+    from torch.distributed.tensor import DTensor
+
+    rank0 = not torch_dist.is_initialized() or torch_dist.get_rank() == 0
+    state: dict[str, torch.Tensor] = {}
+    done: dict[int, torch.Tensor] = {}
+    for key, value in model.state_dict(keep_vars=True).items():
+        if id(value) not in done:
+            tensor = value.detach()
+            full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor  # every rank takes part
+            if rank0:
+                done[id(value)] = full.to(dtype=dtype if full.is_floating_point() else full.dtype).cpu()
+            del full
+        if rank0:
+            state[key.removeprefix(prefix)] = done[id(value)]
+    return state
+
+
+def merge_host_bytes(num_params: int, master_dtype: torch.dtype, export_dtype: torch.dtype) -> int:
+    """Rank 0's host memory for one `--merge-lora` export: the gathered model in the master dtype, the CPU
+    model PEFT merges in (built in fp32, torch's default dtype), and the merged weights cast for export."""
+    return num_params * (master_dtype.itemsize + torch.float32.itemsize + export_dtype.itemsize)
+
+
 def save_hf_checkpoint(
     model: nn.Module,
     lm: nn.Module,
@@ -78,13 +111,15 @@ def save_hf_checkpoint(
     Returns the checkpoint folder.
     """
     final = checkpoint_dir(output_dir, samples)
-    state = gather_full_state_dict(model, trainable_only=adapter is not None and not merge_adapter)
+    if adapter is None:  # cast tensor by tensor while gathering: one copy, in the export dtype
+        state = gather_full_state_dict_as(model, dtype)
+    else:  # the adapter alone (small), or the whole model in the master dtype to merge into (--merge-lora)
+        state = gather_full_state_dict(model, trainable_only=not merge_adapter)
     if dist.is_main:
         tmp = final.with_name(f".{final.name}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         if adapter is None:
-            state = {k: v.to(dtype) for k, v in state.items()}
             _save_pretrained(lm, tmp, state, dtype)
         else:
             from minitrain.train.adapters import merged_state_dict, save_adapter

@@ -389,8 +389,27 @@ def run_training(config: TrainConfig, inputs: Inputs | None = None) -> int:
             write_training_params(config, world_size=world, preflight=info)
         state = run(config, tokenizer_source=info.tokenizer_source)
         return 128 + state.stop_signal if state.stop_signal else 0
+    config = fit_to_gpus(config)
     write_training_params(config, world_size=config.world_size(), preflight=info)
     return run_command(torchrun_command(config), env=torchrun_env(config.nproc))
+
+
+def fit_to_gpus(config: TrainConfig, device_bytes: int | None = None) -> TrainConfig:
+    """On GPUs (or `device_bytes` given), the config whose predicted peak fits the GPU's memory: activation
+    checkpointing turned on or the token budget lowered, said in one line; a plan that cannot fit is refused
+    (`minitrain.train.memory.fit`). Unchanged on the CPU."""
+    if device_bytes is None:
+        import torch
+
+        if not torch.cuda.is_available():
+            return config
+        device_bytes = torch.cuda.get_device_properties(0).total_memory
+    from minitrain.train.memory import fit_config_to_gpu
+
+    config, line = fit_config_to_gpu(config, device_bytes)
+    if line and is_rank0():
+        print(line, file=sys.stderr)
+    return config
 
 
 def torchrun_env(nproc: int, environ: Mapping[str, str] | None = None) -> dict[str, str]:

@@ -103,9 +103,10 @@ def train_loop(
 
         # --- forward/backward over this rank's minibatches; gradients accumulate in the (sharded) grads
         loss_sum = torch.zeros((), dtype=torch.float32, device=device)  # this rank's sum of token losses
-        for minibatch in plan:
+        for m, minibatch in enumerate(plan):
             batch = collate(store, [indices[i] for i in minibatch[rank]])  # (1, T) tensors, [] -> a dummy
             minibatch_loss = model(batch)  # scalar: sum of CE over labels != -100 (model moves the batch)
+            model.prepare_backward(last_minibatch=m == len(plan) - 1)  # HSDP: all-reduce across nodes once
             scale_for_fsdp(minibatch_loss, global_loss_tokens, world).backward()
             loss_sum += minibatch_loss.detach().float()
 

@@ -5,8 +5,11 @@ Owns `linear_cross_entropy_sum` (the seam: Liger's fused kernel on GPU when aske
 
 Trade-off of the chunked path: like Liger, it computes the gradients *in the forward pass*, chunk by chunk
 (one (chunk x vocab) fp32 buffer at a time, reused in place for logits -> softmax -> dlogits), and keeps only
-grad_hidden (T x H) and grad_weight (V x H, fp32) for backward. That costs 3 matmuls per chunk instead of the 4
-a recompute-in-backward design needs, and its extra memory is the gradients that backward must produce anyway.
+grad_hidden (T x H) and grad_weight (V x H, fp32) for backward. That costs 3 matmuls per chunk instead of the
+4 a recompute-in-backward design needs, and its extra memory is the gradients that backward must produce
+anyway. All three matmuls run in the compute dtype (bf16 on GPU: tensor cores, fp32 accumulation inside each
+matmul); grad_weight sums the chunks' (V x H) products in fp32, as Liger does with accum_dtype=float32, at the
+price of one (V x H) bf16 temporary per chunk.
 The price: backward may run once (no `retain_graph` double backward), and the gradient work is done even if
 the caller never calls backward while grad mode is on (use `torch.no_grad()` for evaluation: then only the
 value is computed). Only positions with labels != -100 are gathered and multiplied, so masked prompt tokens
@@ -64,15 +67,17 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             # dCE/dlogits = softmax - onehot, built in place in the same buffer
             grad_logits = unnorm.div_(denom)
             grad_logits.scatter_add_(1, y[:, None], torch.full_like(denom, -1.0))
+            # both gradient matmuls run in the compute dtype (tensor cores in bf16, fp32 accumulation inside
+            # the matmul); only the sum over chunks of grad_weight is kept in fp32, as Liger's accum_dtype does
+            g = grad_logits.to(weight.dtype)  # (C, V); no copy in fp32
             if need_h:
-                g = grad_logits.to(weight.dtype)  # no copy in fp32
                 grad_hidden.index_copy_(0, idx, (g @ weight).to(hidden.dtype))  # (C, H)
-                del g
             if need_w:
-                # accumulate in fp32 (h.float() is a no-op in fp32; bf16 pays an fp32 matmul here - the GPU
-                # path is meant to be Liger's kernel)
-                grad_weight.addmm_(grad_logits.T, h.float())  # (V, C) @ (C, H)
-            del unnorm, grad_logits
+                if g.dtype == torch.float32:
+                    grad_weight.addmm_(g.T, h.float())  # (V, C) @ (C, H), no temporary
+                else:
+                    grad_weight.add_(g.T @ h.to(g.dtype))  # (V, H) bf16 product, added into the fp32 sum
+            del g, unnorm, grad_logits
         if need_w and weight.dtype != torch.float32:
             grad_weight = grad_weight.to(weight.dtype)
         ctx.grads = (grad_hidden, grad_weight)

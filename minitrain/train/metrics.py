@@ -33,6 +33,7 @@ the mean step time when there is a stop criterion). A run without one says so on
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -53,9 +54,22 @@ METRIC_KEYS = (
     "peak_memory_usage_GB", "epoch", "timestamp",
 )  # fmt: skip
 
-# dense bf16 peak FLOP/s per GPU (no sparsity), matched on the device name
-PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12,
-                   "L40S": 362e12, "A10G": 70e12, "L4": 121e12, "B200": 2250e12}  # fmt: skip
+# dense bf16 peak FLOP/s per GPU (no sparsity), from NVIDIA's data sheets: model -> form factor -> peak.
+# `peak_flops_per_device` matches whole words of the device name, so L40 is not L4 and GB200 is not B200;
+# None: the SXM / only form. H100 PCIe and NVL (and H200 NVL) have fewer SMs or lower clocks than SXM.
+PEAK_BF16_FLOPS: dict[str, dict[str | None, float]] = {
+    "B200": {None: 2250e12},
+    "GB200": {None: 2500e12},  # per GPU of a GB200 superchip (NVL72: 180 PFLOPS dense / 72)
+    "H200": {None: 989e12, "NVL": 835e12},
+    "H100": {None: 989e12, "NVL": 835e12, "PCIE": 756e12},
+    "H800": {None: 989e12, "PCIE": 756e12},
+    "A100": {None: 312e12},
+    "A800": {None: 312e12},
+    "L40S": {None: 362e12},
+    "L40": {None: 181e12},
+    "L4": {None: 121e12},
+    "A10G": {None: 70e12},
+}
 
 
 class MetricsWriter:
@@ -212,22 +226,36 @@ class ProgressDisplay:
             self._progress = None
 
 
-def step_flops(*, num_params: int, num_layers: int, hidden_size: int, lengths: Sequence[int]) -> float:
+def step_flops(
+    *, num_params: int, num_layers: int, hidden_size: int, lengths: Sequence[int], frozen_params: int = 0
+) -> float:
     """FLOPs of forward + backward over packed samples of `lengths` (real tokens only).
 
-    6 * params per token for the matmuls, plus causal attention: 6 * layers * hidden * len^2 per sample
-    (QK^T and AV, 2 FLOPs per multiply-add, x3 for backward, halved by the causal mask).
+    Per token and matmul parameter: 2 FLOPs forward, 2 for the gradient of the input, 2 for the gradient of
+    the weight - 6 for a trained parameter, 4 for a frozen one (`frozen_params`, e.g. LoRA's base: its input
+    gradient still flows back to the adapters below it, but no weight gradient is computed). `num_params`
+    counts the trained matmul parameters. Plus causal attention: 6 * layers * hidden * len^2 per sample (QK^T
+    and AV, 2 FLOPs per multiply-add, x3 for backward, halved by the causal mask).
     """
     tokens = sum(lengths)
     attention = 6 * num_layers * hidden_size * sum(n * n for n in lengths)
-    return 6.0 * num_params * tokens + attention
+    return (6.0 * num_params + 4.0 * frozen_params) * tokens + attention
 
 
 def peak_flops_per_device(device_name: str) -> float | None:
-    """Dense bf16 peak FLOP/s for a GPU name (e.g. 'NVIDIA H100 80GB HBM3'), None when unknown."""
-    for key, flops in PEAK_BF16_FLOPS.items():
-        if key in device_name.upper():
-            return flops
+    """Dense bf16 peak FLOP/s for a GPU name (e.g. 'NVIDIA H100 80GB HBM3'), None when unknown.
+
+    The model is the first word of the name found in `PEAK_BF16_FLOPS`; the form factor a later word
+    (PCIe, NVL), else the SXM figure.
+    """
+    words = re.split(
+        r"[^A-Z0-9]+", device_name.upper()
+    )  # "NVIDIA A100-SXM4-80GB" -> NVIDIA, A100, SXM4, 80GB
+    for i, word in enumerate(words):
+        if word in PEAK_BF16_FLOPS:
+            forms = PEAK_BF16_FLOPS[word]
+            form = next((w for w in words[i + 1 :] if w in forms), None)
+            return forms[form]
     return None
 
 

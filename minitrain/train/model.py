@@ -2,16 +2,18 @@
 
 Owns `load_model` (config checks, attention choice, rank 0 loads / other ranks build on meta),
 `CausalLMWithLoss` (the root FSDP2 unit: decoder -> final hidden states -> chunked or Liger loss) and
-`shard_model` (FSDP2 `fully_shard` per decoder block then the root, strategy mapping, mixed precision, CPU
+`shard_model` (FSDP2 `fully_shard` per decoder block, embedding and lm_head, then the root, strategy mapping, mixed precision, CPU
 offload, activation checkpointing, and the broadcast of rank 0's weights into every rank's shards).
 
 Trade-offs:
 - The loss head takes the decoder's final hidden states and the lm_head weight directly, so full logits are
   never built; models whose head is not a plain `hidden @ W.T` (an lm_head bias, logit scaling or soft-capping)
   are refused at load time instead of being trained with a silently different loss.
-- The wrapper, not the HF model, is the FSDP2 root: the embedding and lm_head weights (tied or not) live in the
-  root unit and are unsharded for the whole root forward, which is where the loss reads them. Calling
-  `lm.lm_head` from outside this forward would see sharded DTensors.
+- The wrapper, not the HF model, is the FSDP2 root. Untied embedding and lm_head are FSDP2 units of their own
+  (gathered only while used, so the vocabulary-sized weights are not held whole for the whole forward and
+  their collectives overlap with the blocks'); the loss reads lm_head's weight through a method registered
+  as an FSDP2 forward (`HEAD_LOSS_METHOD`). Tied ones are one tensor and stay in the root unit. Calling
+  `lm.lm_head` from outside the forward would see sharded DTensors.
 - Weights travel once: only rank 0 reads the checkpoint (into CPU memory); every rank (rank 0 included) moves
   its model to the meta device, shards it, allocates only its shards and receives them by broadcast. Host RAM
   holds one full copy per node-0 process, not one per rank, and no GPU ever holds the full model.
@@ -22,6 +24,7 @@ Trade-offs:
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
@@ -37,6 +40,9 @@ from minitrain.train.dist import DistInfo
 from minitrain.train.launch import causal_lm_config
 from minitrain.train.loss import linear_cross_entropy_sum
 
+# the method FSDP2 runs as a forward of the lm_head unit (see shard_model): the loss reads the weight directly
+HEAD_LOSS_METHOD = "minitrain_loss_sum"
+
 
 class CausalLMWithLoss(nn.Module):
     """Root FSDP2 unit: runs the decoder on a packed minibatch and returns the SUM of token CE."""
@@ -49,14 +55,15 @@ class CausalLMWithLoss(nn.Module):
         # where inputs go: the parameters' device now; shard_model sets the compute device (CPU offload keeps
         # the parameters on the CPU while computing on the GPU)
         self.compute_device = next(lm.parameters()).device
+        self.hsdp = False  # set by shard_model on a 2-D (replicate, shard) mesh
 
-    def _head_weight(self) -> Tensor:
+    def _head(self) -> nn.Module:
         head = self.lm.get_output_embeddings()
         if hasattr(head, "base_layer"):  # a PEFT wrapper: its adapter would be silently left out of the loss
             raise UserError(
                 "an adapter on lm_head is not supported by minitrain's loss; leave lm_head out of the targets"
             )
-        return head.weight
+        return head
 
     def forward(self, batch: PackedMinibatch) -> Tensor:
         batch = batch.to(self.compute_device)
@@ -68,10 +75,22 @@ class CausalLMWithLoss(nn.Module):
             **packed_attention_kwargs(batch.cu_seqlens, batch.max_seqlen, attn),
         )
         hidden = out.last_hidden_state  # (1, T, H), after the final norm
-        weight = self._head_weight()  # (V, H); the embedding itself when tied
+        head = self._head()
+        if hasattr(head, HEAD_LOSS_METHOD):  # lm_head is its own FSDP unit: gathered for this call only
+            return getattr(head, HEAD_LOSS_METHOD)(hidden, batch.labels)
+        return self.head_loss(head, hidden, batch.labels)  # the weight is the embedding itself when tied
+
+    def head_loss(self, head: nn.Module, hidden: Tensor, labels: Tensor) -> Tensor:
+        """SUM of token CE of hidden (1, T, H) @ head.weight (V, H).T against labels (1, T)."""
         return linear_cross_entropy_sum(
-            hidden, weight, batch.labels, use_liger=self.use_liger, chunk_size=self.chunk_size
+            hidden, head.weight, labels, use_liger=self.use_liger, chunk_size=self.chunk_size
         )
+
+    def prepare_backward(self, *, last_minibatch: bool) -> None:
+        """Before each minibatch's backward: with HSDP (HYBRID_SHARD, NO_SHARD) gradients are reduce-scattered
+        within the shard group every time but all-reduced across replicas only after the step's last one."""
+        if self.hsdp:
+            self.set_requires_all_reduce(last_minibatch)
 
 
 def load_model(
@@ -94,7 +113,9 @@ def load_model(
 
     config = causal_lm_config(model_name_or_path)
     config.use_cache = False
-    attn = choose_attention(dist.device)
+    attn = choose_attention(
+        dist.device, warn=lambda line: print(line, file=sys.stderr, flush=True) if dist.is_main else None
+    )
     if quantization is None and not dist.is_main:
         with torch.device("meta"):
             lm = AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=dtype)
@@ -123,6 +144,40 @@ def load_model(
     return lm
 
 
+def stored_dtype(model_dir: Path) -> torch.dtype | None:
+    """The one floating dtype of every tensor in `model_dir`'s safetensors files (read from their headers),
+    None when they differ, there are none, or `model_dir` is not a local folder."""
+    import json
+    import struct
+
+    names = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+    found: set[str] = set()
+    files = sorted(Path(model_dir).glob("*.safetensors")) if Path(model_dir).is_dir() else []
+    for file in files:
+        with file.open("rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(size))
+        found |= {
+            v["dtype"]
+            for k, v in header.items()
+            if k != "__metadata__" and v["dtype"].startswith(("F", "BF"))
+        }
+    return names.get(found.pop()) if len(found) == 1 else None
+
+
+def load_dtype(
+    model_name_or_path: str | Path, master_dtype: torch.dtype, *, from_scratch: bool, adapters: bool
+) -> torch.dtype:
+    """The dtype rank 0 loads the weights in: the checkpoint's own 16-bit dtype when the master weights are
+    fp32 (widened per shard after sharding, exactly), so rank 0's host never holds an fp32 copy of a bf16
+    checkpoint (280 GB for 70B); else `master_dtype`. Not for from-scratch weights (drawn in fp32) nor adapter
+    runs (PEFT initialises the new adapter in the base's dtype: bf16 would round its random init)."""
+    if from_scratch or adapters or master_dtype != torch.float32:
+        return master_dtype
+    stored = stored_dtype(Path(model_name_or_path))
+    return stored if stored in (torch.bfloat16, torch.float16) else master_dtype
+
+
 def decoder_blocks(lm: PreTrainedModel) -> nn.ModuleList:
     """The repeated decoder blocks (one FSDP2 unit and one activation-checkpointing unit each)."""
     layers = getattr(lm.get_decoder(), "layers", None)
@@ -142,6 +197,12 @@ def _mesh(dist: DistInfo, strategy: str):
     if strategy == "NO_SHARD":  # HSDP with shards of one rank: every rank holds everything, grads all-reduced
         return init_device_mesh(kind, (dist.world_size, 1), mesh_dim_names=("replicate", "shard"))
     if strategy == "HYBRID_SHARD":  # shard within a node, replicate across nodes
+        if dist.local_world_size is None:
+            raise UserError(
+                "HYBRID_SHARD needs the processes per node, which SLURM did not say (no "
+                "SLURM_STEP_TASKS_PER_NODE/SLURM_TASKS_PER_NODE, or uneven nodes); run srun with "
+                "--ntasks-per-node, or use FULL_SHARD"
+            )
         if dist.world_size % dist.local_world_size:
             raise UserError(
                 f"HYBRID_SHARD needs the same number of processes per node ({dist.world_size} over "
@@ -152,6 +213,22 @@ def _mesh(dist: DistInfo, strategy: str):
     raise UserError(
         f"unknown FSDP sharding strategy {strategy!r}; pick one of {', '.join(SHARDING_STRATEGIES)}"
     )
+
+
+def _shard_head(model: CausalLMWithLoss, head: nn.Module, kwargs: dict) -> None:
+    """lm_head as its own FSDP2 unit whose "forward" is the loss: the loss reads `head.weight` directly, so
+    `register_fsdp_forward_method` makes that call gather the weight (and hook the backward's reduce-scatter)
+    as `head(x)` would. It stays gathered from its forward to its backward, which follows at once."""
+    import types
+
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+    def loss_sum(self: nn.Module, hidden: Tensor, labels: Tensor) -> Tensor:
+        return model.head_loss(self, hidden, labels)
+
+    setattr(head, HEAD_LOSS_METHOD, types.MethodType(loss_sum, head))
+    fully_shard(head, reshard_after_forward=False, **kwargs)
+    register_fsdp_forward_method(head, HEAD_LOSS_METHOD)
 
 
 def shard_model(
@@ -165,7 +242,8 @@ def shard_model(
     activation_checkpointing: bool,
     replicated: set[nn.Parameter] | None = None,
 ) -> CausalLMWithLoss:
-    """FSDP2: `fully_shard` per decoder block, then the root; rank 0's weights end up in every rank's shards.
+    """FSDP2: `fully_shard` per decoder block (and untied embedding / lm_head), then the root; rank 0's weights
+    end up in every rank's shards.
 
     Needs an initialised process group (also for a world of one). strategy: FULL_SHARD (reshard after
     forward), SHARD_GRAD_OP (keep gathered until backward), NO_SHARD (2-D mesh world x 1: replicated, grads
@@ -184,20 +262,26 @@ def shard_model(
 
     mesh = _mesh(dist, strategy)
     lm = model.lm
-    for p in lm.parameters():  # parameters only: buffers such as rotary inv_freq keep their fp32
-        if not replicated or p not in replicated:  # packed 4-bit weights keep their storage dtype
-            p.data = p.data.to(master_dtype)
+
+    def to_master_dtype() -> None:  # parameters only: buffers such as rotary inv_freq keep their fp32
+        for p in lm.parameters():
+            if not replicated or p not in replicated:  # packed 4-bit weights keep their storage dtype
+                p.data = p.data.to(master_dtype)
 
     if replicated:  # every rank holds the whole model already; only the adapter's random init must agree
+        to_master_dtype()
         if dist.world_size > 1:
             for p in lm.parameters():
                 if p.requires_grad:
                     torch_dist.broadcast(p.data, src=0)
     else:  # 1. keep rank 0's weights and buffers on the CPU, then free every rank's full model (meta is free)
+        # in the dtype they were loaded in (`load_dtype`: bf16 from a bf16 checkpoint even for fp32 master
+        # weights); each rank widens only its own shards when they arrive (step 4), exactly
         full_state = {k: v.cpu() for k, v in model.state_dict().items()} if dist.is_main else {}
         buffers = {name: b.detach().cpu() for name, b in model.named_buffers()} if dist.is_main else {}
         model.to("meta")
         lm.tie_weights()  # moving devices replaces Parameters one module at a time, which unties tied weights
+        to_master_dtype()  # on meta: free
 
     # 2. activation checkpointing wraps each block before sharding (state-dict names are unchanged)
     blocks = decoder_blocks(lm)
@@ -215,7 +299,12 @@ def shard_model(
     reshard = strategy != "SHARD_GRAD_OP"
     for block in blocks:
         fully_shard(block, reshard_after_forward=reshard, **kwargs)
+    embedding, head = lm.get_input_embeddings(), model._head()
+    if head.weight is not embedding.weight:  # untied: each its own unit, gathered only while it is used
+        fully_shard(embedding, reshard_after_forward=reshard, **kwargs)
+        _shard_head(model, head, kwargs)
     fully_shard(model, reshard_after_forward=reshard, **kwargs)
+    model.hsdp = mesh.ndim == 2
     model.compute_device = dist.device
     if replicated:
         return model

@@ -26,7 +26,7 @@ from minitrain.config import TrainConfig
 from minitrain.data.sampler import InfiniteSampler
 from minitrain.data.store import TokenStore
 from minitrain.errors import UserError, first_line
-from minitrain.train.checkpoint import save_hf_checkpoint
+from minitrain.train.checkpoint import merge_host_bytes, save_hf_checkpoint
 from minitrain.train.dist import (
     DistInfo,
     close_distributed,
@@ -47,7 +47,7 @@ from minitrain.train.metrics import (
     peak_flops_per_device,
     step_flops,
 )
-from minitrain.train.model import CausalLMWithLoss, load_model, shard_model
+from minitrain.train.model import CausalLMWithLoss, load_dtype, load_model, shard_model
 from minitrain.train.optim import build_optimizer, build_scheduler
 from minitrain.train.state import load_training_state, resolve_resume, save_training_state, scan_checkpoints
 from minitrain.train.trackers import open_trackers
@@ -84,7 +84,7 @@ def _train(config: TrainConfig, dist: DistInfo, tokenizer_source: str | None) ->
     except Exception as err:  # noqa: BLE001 - re-raised below, after the other ranks know
         error = err
     stop_if_any_rank_failed(dist, error, stage="building the model")
-    num_params = _matmul_params(lm)
+    num_params, frozen_params = _matmul_params(lm)
     use_liger = config.use_liger_kernels and on_gpu
     if config.use_liger_kernels and not on_gpu and dist.is_main:  # a warning: stderr, as the parent's
         print(
@@ -133,6 +133,14 @@ def _train(config: TrainConfig, dist: DistInfo, tokenizer_source: str | None) ->
         print0(dist, f"resumed from {checkpoint} at step {state.step} ({state.samples_seen} samples)")
 
     export_dtype = torch.bfloat16 if on_gpu else master_dtype  # checkpoints in the compute dtype
+    if lora is not None and config.merge_lora:
+        from minitrain.train.adapters import logical_numel
+
+        need = merge_host_bytes(sum(logical_numel(p) for p in lm.parameters()), master_dtype, export_dtype)
+        print0(
+            dist,
+            f"--merge-lora: each checkpoint merges the whole model in rank 0's host memory (~{need / 1e9:,.1f} GB)",
+        )
 
     def save(samples: int) -> Path:
         path = save_hf_checkpoint(
@@ -170,8 +178,8 @@ def _train(config: TrainConfig, dist: DistInfo, tokenizer_source: str | None) ->
     if peak is not None:
         text = lm.config.get_text_config()
         mfu = functools.partial(
-            _mfu, num_params=num_params, num_layers=text.num_hidden_layers, hidden_size=text.hidden_size,
-            peak_flops=peak * dist.world_size,
+            _mfu, num_params=num_params, frozen_params=frozen_params, num_layers=text.num_hidden_layers,
+            hidden_size=text.hidden_size, peak_flops=peak * dist.world_size,
         )  # fmt: skip
     print0(
         dist,
@@ -233,10 +241,18 @@ def _build_model(
         from minitrain.train.adapters import nf4_config
 
         quantization = nf4_config(torch.bfloat16 if on_gpu else master_dtype)
+    dtype = master_dtype
+    if quantization is None:
+        dtype = load_dtype(
+            config.model_name_or_path,
+            master_dtype,
+            from_scratch=config.from_scratch,
+            adapters=lora is not None,
+        )
     lm = load_model(
         config.model_name_or_path,
         from_scratch=config.from_scratch,
-        dtype=master_dtype,
+        dtype=dtype,
         dist=dist,
         quantization=quantization,
     )
@@ -297,15 +313,19 @@ def _resume_point(config: TrainConfig, dist: DistInfo) -> Path:
     return choice[0]
 
 
-def _matmul_params(lm: torch.nn.Module) -> int:
-    """Parameters that cost FLOPs per token: all but the input embedding table (a lookup), unless it is tied."""
+def _matmul_params(lm: torch.nn.Module) -> tuple[int, int]:
+    """(trained, frozen) parameters that cost FLOPs per token: all but the input embedding table (a lookup),
+    unless it is tied to the output head."""
     from minitrain.train.adapters import logical_numel
 
-    total = sum(logical_numel(p) for p in lm.parameters())  # a 4-bit weight's FLOPs are its full shape's
+    counts = [0, 0]
     embedding = lm.get_input_embeddings().weight
     output = lm.get_output_embeddings()
     tied = output is not None and output.weight is embedding
-    return total if tied else total - embedding.numel()
+    for p in lm.parameters():  # a 4-bit weight's FLOPs are its full shape's
+        if p is not embedding or tied:
+            counts[not p.requires_grad] += logical_numel(p)
+    return counts[0], counts[1]
 
 
 def _mfu(
@@ -313,11 +333,15 @@ def _mfu(
     seconds: float,
     *,
     num_params: int,
+    frozen_params: int,
     num_layers: int,
     hidden_size: int,
     peak_flops: float,
 ) -> float:
-    flops = step_flops(num_params=num_params, num_layers=num_layers, hidden_size=hidden_size, lengths=lengths)
+    flops = step_flops(
+        num_params=num_params, frozen_params=frozen_params, num_layers=num_layers, hidden_size=hidden_size,
+        lengths=lengths,
+    )  # fmt: skip
     return flops / (seconds * peak_flops)
 
 

@@ -307,3 +307,34 @@ def test_truncate_plans_what_training_trains(data: tuple[Path, list[dict]]) -> N
         max(trained),
     )
     assert report.trained_tokens_per_step.mean == pytest.approx(sum(trained) / 3)
+
+
+def test_the_peak_per_gpu_is_the_memory_model_of_the_largest_minibatch(
+    data: tuple[Path, list[dict]], tmp_path: Path
+) -> None:
+    from minitrain.data.dryrun import model_shape
+    from minitrain.train.memory import RankPlan, estimate_peak
+
+    config = tiny_llama_config()
+    config.save_pretrained(tmp_path / "model")
+    report = run(data[0], model_name_or_path=str(tmp_path / "model"), world_size=2)
+    peak = report.memory["peak"]
+    assert {(r["master_dtype"], r["activation_checkpointing"], r["cpu_offload"]) for r in peak} == {
+        (m, ac, off) for m in ("fp32", "bf16") for ac, off in ((False, False), (True, False), (True, True))
+    }
+    largest = int(report.tokens_per_rank.max)
+    assert all(r["tokens"] == largest for r in peak)
+    plan = RankPlan(tokens=largest, shards=2, master_bytes=4, compute_bytes=2, checkpointing=True)
+    want = estimate_peak(model_shape(config.to_dict()), plan).total_gib
+    row = next(
+        r
+        for r in peak
+        if r["master_dtype"] == "fp32" and r["activation_checkpointing"] and not r["cpu_offload"]
+    )
+    assert row["peak_gib"] == pytest.approx(want)
+    out = io.StringIO()
+    render_dry_run(report, Console(file=out, width=160))
+    assert (
+        f"predicted peak per GPU, bf16 compute, FULL_SHARD over 2 ranks, largest minibatch {largest:,}"
+        in (out.getvalue())
+    )

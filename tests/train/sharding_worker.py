@@ -72,6 +72,12 @@ def check_model(model_dir: str, dist) -> None:
             cpu_offload=False,
             activation_checkpointing=ac,
         )
+        # untied embedding and lm_head are FSDP2 units of their own; a tied one is the root's
+        from torch.distributed.fsdp import FSDPModule
+
+        untied = not lm.config.tie_word_embeddings
+        assert isinstance(lm.get_output_embeddings(), FSDPModule) is untied, strategy
+        assert isinstance(lm.get_input_embeddings(), FSDPModule) is untied, strategy
         # weights: rank 0's checkpoint, exactly, gathered back from the shards
         full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if dist.is_main:
@@ -98,6 +104,37 @@ def check_model(model_dir: str, dist) -> None:
         if dist.is_main:
             name = os.path.basename(model_dir.rstrip("/"))
             print(f"OK {name} {strategy} ac={ac} loss={mean:.6f} worst_grad_rel={worst[0]:.1e}", flush=True)
+    check_hsdp_accumulation(dist, model_dir, samples, global_tokens, want)
+
+
+def check_hsdp_accumulation(dist, model_dir: str, samples, global_tokens: int, want) -> None:
+    """NO_SHARD (HSDP with shards of one rank) over 2 minibatches per rank: the first backward keeps its
+    gradient in FSDP2's partial reduction (no all-reduce, no .grad yet), the last all-reduces the sum once;
+    the gradients equal the single-process reference all the same."""
+    lm = load_model(model_dir, from_scratch=False, dtype=torch.float32, dist=dist)
+    model = shard_model(
+        CausalLMWithLoss(lm, use_liger=False, chunk_size=8), dist=dist, strategy="NO_SHARD",
+        mixed_precision=False, master_dtype=torch.float32, cpu_offload=False, activation_checkpointing=False,
+    )  # fmt: skip
+    assert model.hsdp
+    mine = samples[dist.rank]
+    halves = [pack(mine[:1]), pack(mine[1:])]
+    for m, batch in enumerate(halves):
+        loss_sum = model(batch)
+        model.prepare_backward(last_minibatch=m == len(halves) - 1)
+        scale_for_fsdp(loss_sum, global_tokens, dist.world_size).backward()
+        if m == 0:
+            assert all(p.grad is None for p in model.parameters()), "all-reduced before the last minibatch"
+    got = grads(model)
+    worst = max(
+        ((got[n] - want[n]).abs().max().item() / max(want[n].abs().max().item(), 1e-12), n) for n in want
+    )
+    assert worst[0] <= 1e-5, ("NO_SHARD accumulation", "grad", worst)
+    if dist.is_main:
+        print(
+            f"OK {os.path.basename(model_dir.rstrip('/'))} HSDP accumulation worst_grad_rel={worst[0]:.1e}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

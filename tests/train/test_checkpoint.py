@@ -95,3 +95,33 @@ def test_export_round_trips_through_from_pretrained(tmp_path, dist, tied):
     assert (loaded.lm_head.weight is loaded.model.embed_tokens.weight) is tied
     tokenizer = AutoTokenizer.from_pretrained(path)
     assert tokenizer.get_vocab() == AutoTokenizer.from_pretrained(SMOLLM2).get_vocab()
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied-embeddings"])
+def test_the_streamed_export_state_equals_gather_then_cast(dist, tied):
+    from transformers import AutoModelForCausalLM
+
+    from minitrain.train.checkpoint import gather_full_state_dict, gather_full_state_dict_as
+    from minitrain.train.model import CausalLMWithLoss, shard_model
+
+    torch.manual_seed(0)
+    lm = AutoModelForCausalLM.from_config(tiny_llama_config(tie_word_embeddings=tied))
+    model = shard_model(
+        CausalLMWithLoss(lm, use_liger=False), dist=dist, strategy="FULL_SHARD", mixed_precision=False,
+        master_dtype=torch.float32, cpu_offload=False, activation_checkpointing=True,
+    )  # fmt: skip
+    want = {k: v.to(torch.bfloat16) for k, v in gather_full_state_dict(model).items()}
+    got = gather_full_state_dict_as(model, torch.bfloat16)
+    assert list(got) == list(want)  # the same names (no activation-checkpointing prefix), in the same order
+    for k, v in want.items():
+        assert got[k].dtype == torch.bfloat16 and got[k].device.type == "cpu" and torch.equal(got[k], v), k
+    if tied:  # gathered once, kept under both names
+        assert got["model.embed_tokens.weight"] is got["lm_head.weight"]
+
+
+def test_merge_lora_host_memory_is_said_in_bytes_per_parameter():
+    from minitrain.train.checkpoint import merge_host_bytes
+
+    # 70B with fp32 master weights, bf16 export: 4 (gathered) + 4 (PEFT's CPU model) + 2 (cast) bytes each
+    assert merge_host_bytes(70_000_000_000, torch.float32, torch.bfloat16) == 700_000_000_000
+    assert merge_host_bytes(10, torch.bfloat16, torch.bfloat16) == 80

@@ -109,8 +109,45 @@ def test_flops_count_matmuls_and_causal_attention_per_sample():
     ) == 6 * 1000 * 8 + 6 * 2 * 8 * (9 + 25)
 
 
+def test_a_frozen_parameter_costs_4_flops_per_token_not_6():
+    # LoRA: the frozen base computes its forward (2) and its input gradient (2), never a weight gradient
+    full = step_flops(num_params=1000, num_layers=2, hidden_size=8, lengths=[3, 5])
+    lora = step_flops(num_params=10, frozen_params=990, num_layers=2, hidden_size=8, lengths=[3, 5])
+    assert full - lora == 2 * 990 * 8
+
+
 @pytest.mark.parametrize(
-    ("name", "peak"), [("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA A100-SXM4-80GB", 312e12), ("Quadro", None)]
+    ("name", "peak"),
+    [
+        ("NVIDIA H100 80GB HBM3", 989e12),
+        ("NVIDIA H100 PCIe", 756e12),
+        ("NVIDIA H100 NVL", 835e12),
+        ("NVIDIA H200", 989e12),
+        ("NVIDIA H200 NVL", 835e12),
+        ("NVIDIA A100-SXM4-80GB", 312e12),
+        ("NVIDIA A100 80GB PCIe", 312e12),
+        ("NVIDIA L40", 181e12),  # not the L4's 121
+        ("NVIDIA L40S", 362e12),
+        ("NVIDIA L4", 121e12),
+        ("NVIDIA GB200", 2500e12),  # not the B200's 2250
+        ("NVIDIA B200", 2250e12),
+        ("Quadro RTX 8000", None),
+        ("NVIDIA H20", None),  # a different chip, not an H200 or H100
+    ],
 )
 def test_peak_flops_by_device_name(name, peak):
     assert peak_flops_per_device(name) == peak
+
+
+def test_lora_counts_the_base_as_frozen_and_the_embedding_table_not_at_all(tiny_llama):
+    from minitrain.train.adapters import LoraSettings, add_adapters
+    from minitrain.train.worker import _matmul_params
+
+    embedding = tiny_llama.get_input_embeddings().weight.numel()
+    total = sum(p.numel() for p in tiny_llama.parameters())
+    assert _matmul_params(tiny_llama) == (total - embedding, 0)
+    lm = add_adapters(tiny_llama, LoraSettings(rank=4, target_modules=("q_proj", "v_proj")))
+    trained = sum(p.numel() for p in lm.parameters() if p.requires_grad)
+    # 2 layers x (q: 4 x (64 + 64), v: 4 x (64 + 32))
+    assert trained == 2 * (4 * 128 + 4 * 96)
+    assert _matmul_params(lm) == (trained, total - embedding)

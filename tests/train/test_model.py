@@ -265,3 +265,50 @@ def test_a_weights_error_without_a_message_is_still_a_user_error(tmp_path, monke
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", fail)
     with pytest.raises(UserError, match=r"cannot load weights from .* \(OSError\)"):
         load_model(tmp_path / "m", from_scratch=False, dtype=torch.float32, dist=CPU1)
+
+
+def test_the_stored_dtype_is_read_from_the_safetensors_headers(tmp_path) -> None:
+    from minitrain.train.model import load_dtype, stored_dtype
+
+    lm = build_lm()
+    lm.save_pretrained(tmp_path / "fp32")
+    lm.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    assert stored_dtype(tmp_path / "fp32") == torch.float32
+    assert stored_dtype(tmp_path / "bf16") == torch.bfloat16
+    assert stored_dtype(tmp_path / "nowhere") is None
+    assert stored_dtype(tmp_path) is None  # no weights in this folder
+    fp32, bf16 = torch.float32, torch.bfloat16
+    # fp32 master weights from a bf16 checkpoint: loaded in bf16 (widened per shard later, exactly)
+    assert load_dtype(tmp_path / "bf16", fp32, from_scratch=False, adapters=False) == bf16
+    assert load_dtype(tmp_path / "fp32", fp32, from_scratch=False, adapters=False) == fp32  # never narrowed
+    assert load_dtype(tmp_path / "bf16", fp32, from_scratch=True, adapters=False) == fp32
+    assert load_dtype(tmp_path / "bf16", fp32, from_scratch=False, adapters=True) == fp32
+    assert load_dtype("org/model-on-the-hub", fp32, from_scratch=False, adapters=False) == fp32
+    assert load_dtype(tmp_path / "fp32", bf16, from_scratch=False, adapters=False) == bf16
+
+
+def test_a_bf16_checkpoint_becomes_exact_fp32_master_shards(one_rank_group, tmp_path, monkeypatch) -> None:
+    # rank 0 holds the bf16 weights only (what it broadcasts); each shard is widened when it arrives
+    import torch.distributed.checkpoint.state_dict as dcp_state
+
+    sent: set[torch.dtype] = set()
+    real = dcp_state.set_model_state_dict
+
+    def spy(model, state, **kwargs):
+        sent.update(v.dtype for v in state.values())
+        return real(model, state, **kwargs)
+
+    monkeypatch.setattr(dcp_state, "set_model_state_dict", spy)
+    build_lm(PACKED_ATTENTION).to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    lm = load_model(tmp_path / "bf16", from_scratch=False, dtype=torch.bfloat16, dist=CPU1)
+    want = {k: v.float() for k, v in lm.state_dict().items()}
+    model = shard_model(
+        CausalLMWithLoss(lm, use_liger=False), dist=CPU1, strategy="FULL_SHARD", mixed_precision=False,
+        master_dtype=torch.float32, cpu_offload=False, activation_checkpointing=False,
+    )  # fmt: skip
+    got = {k.removeprefix("lm."): v.full_tensor() for k, v in model.state_dict().items()}
+    assert got.keys() == want.keys()
+    for k, v in want.items():
+        assert got[k].dtype == torch.float32 and torch.equal(got[k], v), k
+    assert all(b.dtype == torch.float32 for b in model.buffers())
+    assert sent == {torch.bfloat16}  # no fp32 copy of the whole model on rank 0

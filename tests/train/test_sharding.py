@@ -3,6 +3,8 @@
 The worker (tests/train/sharding_worker.py) checks, for FULL_SHARD, SHARD_GRAD_OP (+ activation
 checkpointing), NO_SHARD and HYBRID_SHARD: rank 0 loads / rank 1 builds on meta and the broadcast gives the
 saved weights exactly; the world-size-scaled loss and the gathered gradients equal a single-process run.
+Untied embedding and lm_head are FSDP2 units of their own. Then NO_SHARD over two minibatches per rank: no
+all-reduce before the last one (FSDP2's `set_requires_all_reduce(False)`), the same gradients.
 """
 
 from __future__ import annotations
@@ -49,5 +51,5 @@ def test_two_ranks_match_one_process_tied_and_untied(tmp_path: Path) -> None:
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-6000:]
     for name in models:
-        for strategy in ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD"):
+        for strategy in ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD", "HSDP accumulation"):
             assert f"OK {name} {strategy} " in proc.stdout, out[-6000:]
