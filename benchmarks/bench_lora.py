@@ -78,7 +78,8 @@ def build(rank: int | None, layers: int, four_bit: bool = False):
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from minitrain.train.adapters import LoraSettings, add_adapters, nf4_config, quantized_parameters
+    from minitrain.config import LoraSettings
+    from minitrain.train.adapters import add_adapters, nf4_config, quantized_parameters
     from minitrain.train.attention import choose_attention
     from minitrain.train.model import CausalLMWithLoss
     from minitrain.train.optim import build_optimizer

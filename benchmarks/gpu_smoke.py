@@ -161,7 +161,7 @@ def _train(out: Path, model_dir: Path, data: Path, name: str, nproc: int, *extra
         "--nproc", str(nproc), "--batch-size", "64", "--max-tokens-per-gpu", "8192", "--learning-rate", "1e-4",
         "--seed", "7", *(() if "--resume" in extra else ("--overwrite",)), *extra,
     ])  # fmt: skip
-    from minitrain.train.metrics import METRICS_FILE, read_metrics
+    from minitrain.rundir import METRICS_FILE, read_metrics
 
     return [r for r in read_metrics(run / METRICS_FILE) if "loss" in r]
 
@@ -203,7 +203,7 @@ def main(out: Path) -> int:
     diff = _same_curve(resumed[2:], many[2:])
     _record(out, "resume", {"worst_loss_rel": diff, "ok": len(resumed) == STEPS and diff < BF16_RTOL})
 
-    from minitrain.data.dryrun import dry_run
+    from minitrain.train.dryrun import dry_run
 
     report = dry_run(
         data_path=data, batch_size=64, max_tokens_per_gpu=8192, world_size=gpus, seed=7, max_steps=STEPS,

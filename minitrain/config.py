@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 from minitrain.errors import UserError
-from minitrain.rundir import TRAINING_PARAMS_FILE  # noqa: F401 - re-exported
 
 # ------------------------------------------------------------------------------------------- tokenize
 
@@ -300,11 +299,9 @@ class TrainConfig:
         _check_report_to(self)
 
     def lora_settings(self):
-        """The adapter to train (`minitrain.train.adapters.LoraSettings`), or None for full fine-tuning."""
+        """The adapter to train (`LoraSettings`), or None for full fine-tuning."""
         if self.lora_rank is None:
             return None
-        from minitrain.train.adapters import LoraSettings, parse_target_modules
-
         return LoraSettings(
             rank=self.lora_rank,
             alpha=self.lora_alpha,
@@ -416,6 +413,45 @@ class InspectConfig:
             or self.tokens
         )
         return bool(explicit) or not (self.stats or self.audit)
+
+
+# -------------------------------------------------------------------------------------------- adapters
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoraSettings:
+    """What to train: a new LoRA adapter, optionally on top of frozen earlier ones."""
+
+    rank: int
+    alpha: float | None = None  # None: 2 x rank
+    dropout: float = 0.0
+    target_modules: str | tuple[str, ...] = "all-linear"
+    base_adapters: tuple[Path, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.rank <= 0:
+            raise UserError(f"--lora-rank must be positive, got {self.rank}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"--lora-dropout must be in [0, 1), got {self.dropout}")
+        if isinstance(self.target_modules, tuple) and not self.target_modules:
+            raise UserError("--lora-target-modules is empty: name modules (q_proj,v_proj) or all-linear")
+        for path in self.base_adapters:
+            if not (Path(path) / "adapter_config.json").is_file():
+                raise UserError(
+                    f"--base-adapter {path}: no adapter_config.json there (not a PEFT adapter directory)"
+                )
+
+    @property
+    def lora_alpha(self) -> float:
+        return self.alpha if self.alpha is not None else 2.0 * self.rank
+
+
+def parse_target_modules(text: str) -> str | tuple[str, ...]:
+    """`all-linear` or a comma-separated list of module names."""
+    text = text.strip()
+    if text == "all-linear":
+        return text
+    return tuple(name.strip() for name in text.split(",") if name.strip())
 
 
 # ------------------------------------------------------------------------------------------------ plot

@@ -55,7 +55,7 @@ def prepare_output_dir(output_dir: Path, overwrite: bool) -> None:
     --overwrite removes only what a demo wrote (the `data/` and `run/` folders of a folder that holds the
     demo's marker file); a folder with other content and no marker is never touched.
     """
-    from minitrain.train.launch import check_output_dir
+    from minitrain.train.preflight import check_output_dir
 
     check_output_dir(output_dir)
     contents = [p.name for p in output_dir.iterdir()]
@@ -135,8 +135,8 @@ def run_demo(
     """
     from minitrain.config import TokenizeConfig, TrainConfig
     from minitrain.data.pipeline import render_summary, tokenize_file
+    from minitrain.rundir import METRICS_FILE, read_metrics
     from minitrain.train.launch import run_training
-    from minitrain.train.metrics import METRICS_FILE, read_metrics
 
     console = console or Console()
     start = time.perf_counter()

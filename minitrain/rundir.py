@@ -3,11 +3,11 @@
     OUT/
         training_params.json        the latest launch's settings at the top level (what the workers read),
                                     and `launches`: every launch of this run, oldest first (written by
-                                    `minitrain.train.launch.write_training_params`)
+                                    `write_training_params` below)
         training_metrics_0.jsonl    one line per step (`minitrain.train.metrics`)
-        checkpoints/                resumable training state (`minitrain.train.state`): samples_<N>/,
+        checkpoints/                resumable training state (`minitrain.train.checkpoint`): samples_<N>/,
                                     `latest`, leftovers of interrupted writes (.tmp-samples_<N>, .old-...)
-        hf_format/                  Hugging Face exports (`minitrain.train.checkpoint`): samples_<N>/, and
+        hf_format/                  Hugging Face exports (`minitrain.train.export`): samples_<N>/, and
                                     .samples_<N>.tmp while one is written
 
 Only these names are minitrain's. `--overwrite` removes exactly them (`remove_previous_run`), never another
@@ -27,13 +27,22 @@ from __future__ import annotations
 
 import re
 import shutil
+import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import datetime, timezone
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from minitrain import __version__
+from minitrain.atomic import atomic_write
 from minitrain.errors import UserError
+
+if TYPE_CHECKING:
+    from minitrain.config import TrainConfig
 
 TRAINING_PARAMS_FILE = "training_params.json"
 METRICS_FILE = "training_metrics_0.jsonl"
@@ -289,3 +298,70 @@ def metrics_path(run: Path) -> Path:
     if run.exists():
         return run
     raise UserError(f"{run} does not exist; pass a training output directory or a metrics .jsonl file")
+
+
+# ---------------------------------------------------------------------------------------- training_params
+
+
+def write_training_params(config: TrainConfig, *, world_size: int, data: Mapping[str, Any] | None) -> Path:
+    """OUT/training_params.json: this launch's settings at the top level, every launch of the run in `launches`.
+
+    Top level (what the workers and other readers take): every parameter, the versions that ran, the world
+    size, the data summary, `created` (this launch) and `resumed_from` (the checkpoint, or null). `launches`:
+    the same record for every launch of this run, oldest first; a `--resume` appends to it, a fresh start or
+    `--overwrite` begins it anew. A file written before `launches` existed becomes the first entry.
+    """
+    path = Path(config.output_dir) / TRAINING_PARAMS_FILE
+    launch: dict[str, Any] = config.to_dict()
+    resumed_from = None
+    if config.resume is not None:
+        resumed_from = str(
+            resolve_resume(config.output_dir, None if config.resume == "latest" else Path(config.resume))
+        )
+    launch.update(
+        world_size=world_size,
+        minitrain_version=__version__,
+        torch_version=_version("torch"),
+        transformers_version=_version("transformers"),
+        python_version=sys.version.split()[0],
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        resumed_from=resumed_from,
+    )
+    launch.update(data or {})  # the data summary of the parent's checks (`Preflight.params`)
+    history: list[dict[str, Any]] = []
+    if config.resume is not None and path.is_file():
+        try:
+            previous = orjson.loads(path.read_bytes())
+        except orjson.JSONDecodeError:
+            previous = None  # unreadable: this launch starts the history (the file is replaced below)
+        if isinstance(previous, dict):
+            history = previous.pop("launches", None) or [previous]
+    params = {**launch, "launches": [*history, launch]}
+    with atomic_write(path) as f:
+        f.write(orjson.dumps(params, option=orjson.OPT_INDENT_2) + b"\n")
+    return path
+
+
+def read_training_params(run_dir: Path) -> dict[str, Any]:
+    """The parameters a run was started with (raises UserError when the file is missing or broken)."""
+    path = Path(run_dir) / TRAINING_PARAMS_FILE
+    try:
+        return orjson.loads(path.read_bytes())
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such file; start training with `minitrain train`") from None
+    except orjson.JSONDecodeError as err:
+        raise UserError(f"{path}: not valid JSON ({err})") from None
+
+
+def _version(package: str) -> str | None:
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """Every complete record of a metrics file, read once (`MetricsFile`'s rules)."""
+    reader = MetricsFile(Path(path))
+    reader.refresh()
+    return reader.rows

@@ -445,10 +445,11 @@ def test_more_cpu_processes_than_cores_warns_once(ws: Path, monkeypatch, capsys)
     import torch
 
     import minitrain.train.launch as launch
+    import minitrain.train.preflight as preflight
 
     launched = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(launch, "usable_cores", lambda: 2)
+    monkeypatch.setattr(preflight, "usable_cores", lambda: 2)
     monkeypatch.setattr(launch, "run_command", lambda cmd, env=None: launched.append(cmd) or 0)
     args = _fill(_train("--from-scratch", "--max-steps", "1", out=f"{W}/oversubscribed"), ws)
     args[args.index("--nproc") + 1] = "3"

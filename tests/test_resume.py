@@ -1,6 +1,6 @@
 """Resume, interruption and refusal through the real CLI (`python -m minitrain train`, torchrun, gloo, CPU).
 
-Issue 6 end to end; the unit-level proofs of minitrain/train/state.py and faults.py are in tests/train/. All
+Issue 6 end to end; the unit-level proofs of minitrain/train/checkpoint.py and faults.py are in tests/train/. All
 runs train the same tiny Llama from scratch (seed 7) on 16 samples, 4 per step (an epoch is 4 steps), and are
 shared by the tests below through module-scoped fixtures:
 
@@ -199,7 +199,7 @@ def test_resumed_weights_equal_the_uninterrupted_ones(resumed):
 
 
 def test_sigterm_stops_at_a_step_saves_and_exits_143(stopped):
-    from minitrain.train.state import is_complete
+    from minitrain.rundir import is_complete
 
     assert stopped["code"] == 143, stopped["output"][-3000:]
     assert stopped["seconds"] < EXIT_BOUND_S

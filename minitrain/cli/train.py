@@ -283,7 +283,8 @@ def train(
     """
     from minitrain.config import TrainConfig
     from minitrain.errors import UserError
-    from minitrain.train.launch import check_inputs, default_nproc, is_rank0, run_training
+    from minitrain.train.launch import default_nproc, run_training
+    from minitrain.train.preflight import check_inputs, is_rank0
 
     console = Console(stderr=False)
     model = Path(model_name_or_path).expanduser()
@@ -336,8 +337,8 @@ def train(
     if nproc is None:
         config = dataclasses.replace(config, nproc=default_nproc())  # imports torch: after validation
     if dry_run:
-        from minitrain.data.dryrun import dry_run as plan_run
-        from minitrain.data.dryrun import render_dry_run
+        from minitrain.train.dryrun import dry_run as plan_run
+        from minitrain.train.dryrun import render_dry_run
 
         report = plan_run(
             data_path=config.data_path,

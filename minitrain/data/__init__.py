@@ -1,5 +1,7 @@
 """The data pipeline: conversations -> token ids and labels -> store -> sampler -> planner -> packed batch.
 
+tokenizer.py model paths and the one tokenizer loader
+sources.py   the record shapes and files people have (ShareGPT, Alpaca, Parquet, ...) -> messages records
 chat.py      one conversation -> input_ids + labels (masks computed against the rendered template)
 pipeline.py  the `tokenize` stage: JSONL in, tokenized JSONL + sidecar + rejects out (parallel)
 format.py    the tokenized-file contract every later stage reads
@@ -7,5 +9,4 @@ store.py     memory-mapped binary cache of a tokenized file
 sampler.py   infinite, seeded, resumable order of sample indices
 packing.py   pure minibatch planning on lengths (no torch)
 batch.py     one rank's packed minibatch tensors
-dryrun.py    `train --dry-run`: replay sampler + planner without a model
 """

@@ -23,11 +23,11 @@ import importlib.util
 import json
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from minitrain import __version__
+from minitrain.config import LoraSettings
 from minitrain.errors import UserError
 
 if TYPE_CHECKING:
@@ -37,42 +37,6 @@ if TYPE_CHECKING:
 
 NEW_ADAPTER = "default"  # PEFT saves the adapter named "default" at the root of the directory
 STACK_FILE = "minitrain_adapter.json"  # beside adapter_config.json: what the adapter was trained on top of
-
-
-@dataclass(frozen=True, kw_only=True)
-class LoraSettings:
-    """What to train: a new LoRA adapter, optionally on top of frozen earlier ones."""
-
-    rank: int
-    alpha: float | None = None  # None: 2 x rank
-    dropout: float = 0.0
-    target_modules: str | tuple[str, ...] = "all-linear"
-    base_adapters: tuple[Path, ...] = field(default_factory=tuple)
-
-    def __post_init__(self) -> None:
-        if self.rank <= 0:
-            raise UserError(f"--lora-rank must be positive, got {self.rank}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise UserError(f"--lora-dropout must be in [0, 1), got {self.dropout}")
-        if isinstance(self.target_modules, tuple) and not self.target_modules:
-            raise UserError("--lora-target-modules is empty: name modules (q_proj,v_proj) or all-linear")
-        for path in self.base_adapters:
-            if not (Path(path) / "adapter_config.json").is_file():
-                raise UserError(
-                    f"--base-adapter {path}: no adapter_config.json there (not a PEFT adapter directory)"
-                )
-
-    @property
-    def lora_alpha(self) -> float:
-        return self.alpha if self.alpha is not None else 2.0 * self.rank
-
-
-def parse_target_modules(text: str) -> str | tuple[str, ...]:
-    """`all-linear` or a comma-separated list of module names."""
-    text = text.strip()
-    if text == "all-linear":
-        return text
-    return tuple(name.strip() for name in text.split(",") if name.strip())
 
 
 def base_adapter_names(count: int) -> list[str]:

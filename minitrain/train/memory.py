@@ -33,8 +33,9 @@ for 8B/70B; GPU measurements are for benchmarks/gpu_smoke.sh.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from minitrain.config import parse_target_modules
 from minitrain.errors import UserError
 
 if TYPE_CHECKING:
@@ -232,7 +233,6 @@ def fit_config_to_gpu(config: TrainConfig, device_bytes: int) -> tuple[TrainConf
     import json
     from pathlib import Path
 
-    from minitrain.data.dryrun import block_linear_weights, lora_parameters, model_shape
     from minitrain.data.store import TokenStore
 
     config_file = Path(config.model_name_or_path).expanduser() / "config.json"
@@ -261,3 +261,105 @@ def fit_config_to_gpu(config: TrainConfig, device_bytes: int) -> tuple[TrainConf
         config, activation_checkpointing=chosen.checkpointing, max_tokens_per_gpu=chosen.tokens
     )
     return changed, line
+
+
+# ------------------------------------------------------------------ model shapes from a config dict
+
+
+def _text(config: dict[str, Any]) -> dict[str, Any]:
+    """The language model's part of a config (a multimodal config nests it under text_config)."""
+    return config.get("text_config") or config
+
+
+def num_experts(config: dict[str, Any]) -> int:
+    text = _text(config)
+    return int(text.get("num_local_experts") or text.get("num_experts") or 1)
+
+
+def block_linears(config: dict[str, Any]) -> dict[str, tuple[int, int, int]]:
+    """name -> (in_features, out_features, copies) of the linear layers of one Llama-family decoder block.
+
+    Copies is the number of experts for the MLP projections of a mixture-of-experts config, else 1; an MoE
+    block also has its router `gate` (hidden -> experts).
+    """
+    text = _text(config)
+    h = int(text["hidden_size"])
+    heads = int(text["num_attention_heads"])
+    kv_heads = int(text.get("num_key_value_heads") or heads)
+    head_dim = int(text.get("head_dim") or h // heads)
+    inter = int(text.get("intermediate_size") or 4 * h)
+    experts = num_experts(config)
+    if experts > 1:
+        inter = int(text.get("moe_intermediate_size") or inter)
+    layers = {
+        "q_proj": (h, heads * head_dim, 1),
+        "k_proj": (h, kv_heads * head_dim, 1),
+        "v_proj": (h, kv_heads * head_dim, 1),
+        "o_proj": (heads * head_dim, h, 1),
+        "gate_proj": (h, inter, experts),
+        "up_proj": (h, inter, experts),
+        "down_proj": (inter, h, experts),
+    }
+    if experts > 1:
+        layers["gate"] = (h, experts, 1)  # the router
+    return layers
+
+
+def block_linear_weights(config: dict[str, Any]) -> int:
+    """Weights of every decoder block's linear layers: what QLoRA stores in NF4."""
+    per_block = sum(i * o * copies for i, o, copies in block_linears(config).values())
+    return int(_text(config)["num_hidden_layers"]) * per_block
+
+
+def count_parameters(config: dict[str, Any]) -> int:
+    """Parameters of a Llama-family decoder from its config.json (biases ignored)."""
+    text = _text(config)
+    h = int(text["hidden_size"])
+    vocab = int(text["vocab_size"])
+    norms = int(text["num_hidden_layers"]) * 2 * h + h  # two RMSNorms a block, one at the end
+    embeddings = vocab * h * (1 if text.get("tie_word_embeddings", config.get("tie_word_embeddings")) else 2)
+    return embeddings + block_linear_weights(config) + norms
+
+
+def model_shape(config: dict[str, Any]) -> ModelShape:
+    """The sizes of a Llama-family config.json that set memory (`minitrain.train.memory`)."""
+    text = _text(config)
+    h = int(text["hidden_size"])
+    heads = int(text["num_attention_heads"])
+    experts = num_experts(config)
+    inter = int(text.get("intermediate_size") or 4 * h)
+    if experts > 1:
+        inter = int(text.get("moe_intermediate_size") or inter)
+    return ModelShape(
+        num_params=count_parameters(config),
+        vocab=int(text["vocab_size"]),
+        hidden=h,
+        layers=int(text["num_hidden_layers"]),
+        intermediate=inter,
+        heads=heads,
+        kv_heads=int(text.get("num_key_value_heads") or heads),
+        head_dim=int(text.get("head_dim") or h // heads),
+        tied=bool(text.get("tie_word_embeddings", config.get("tie_word_embeddings"))),
+        experts=experts,
+        qk_norm=str(text.get("model_type", config.get("model_type", ""))).startswith("qwen3"),
+    )
+
+
+def lora_parameters(
+    config: dict[str, Any], rank: int, target_modules: str
+) -> tuple[int, list[str], list[str]]:
+    """(adapter parameters, layer names targeted, names given that match no layer) of a rank-`rank` LoRA.
+
+    LoRA adds A (rank x in) and B (out x rank) beside each targeted linear layer. `all-linear` targets every
+    linear layer of the decoder blocks (not lm_head, not the embeddings); a list targets the layers named.
+    """
+    layers = block_linears(config)
+    targets = parse_target_modules(target_modules)
+    if targets == "all-linear":
+        chosen, unknown = list(layers), []
+    else:
+        wanted = [name.rsplit(".", 1)[-1] for name in targets]
+        chosen = [name for name in layers if name in wanted]
+        unknown = [name for name in targets if name.rsplit(".", 1)[-1] not in layers]
+    per_block = sum(rank * (layers[n][0] + layers[n][1]) * layers[n][2] for n in chosen)
+    return int(_text(config)["num_hidden_layers"]) * per_block, chosen, unknown

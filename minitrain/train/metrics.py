@@ -44,8 +44,6 @@ import orjson
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from minitrain.rundir import METRICS_FILE  # noqa: F401 - re-exported
-
 if TYPE_CHECKING:
     from minitrain.train.trackers import Trackers
 METRIC_KEYS = (
@@ -268,15 +266,3 @@ def peak_memory_gb(device: Any) -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # ru_maxrss is in KiB on Linux
-
-
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """Every record of a metrics file (a partially written last line is ignored)."""
-    records = []
-    with Path(path).open("rb") as f:
-        for line in f:
-            try:
-                records.append(orjson.loads(line))
-            except orjson.JSONDecodeError:
-                continue
-    return records

@@ -37,8 +37,8 @@ from minitrain.data.tokenizer import resolve_model_path
 from minitrain.errors import UserError, first_line
 from minitrain.train.attention import choose_attention, packed_attention_kwargs
 from minitrain.train.dist import DistInfo
-from minitrain.train.launch import causal_lm_config
 from minitrain.train.loss import linear_cross_entropy_sum
+from minitrain.train.preflight import causal_lm_config
 
 # the method FSDP2 runs as a forward of the lm_head unit (see shard_model): the loss reads the weight directly
 HEAD_LOSS_METHOD = "minitrain_loss_sum"

@@ -25,8 +25,9 @@ import torch  # noqa: E402 - after the handler above: importing torch takes seco
 from minitrain.config import TrainConfig
 from minitrain.data.sampler import InfiniteSampler
 from minitrain.data.store import TokenStore
-from minitrain.errors import UserError, first_line
-from minitrain.train.checkpoint import merge_host_bytes, save_hf_checkpoint
+from minitrain.errors import UserError, first_line, say
+from minitrain.rundir import METRICS_FILE, read_training_params, resolve_resume, scan_checkpoints
+from minitrain.train.checkpoint import load_training_state, save_training_state
 from minitrain.train.dist import (
     DistInfo,
     close_distributed,
@@ -36,11 +37,10 @@ from minitrain.train.dist import (
     stop_if_any_rank_failed,
 )
 from minitrain.train.evaluate import evaluate, plan_eval
+from minitrain.train.export import merge_host_bytes, save_hf_checkpoint
 from minitrain.train.faults import StopFlag, die_with_parent
-from minitrain.train.launch import read_training_params
 from minitrain.train.loop import StopRule, TrainState, train_loop
 from minitrain.train.metrics import (
-    METRICS_FILE,
     MetricsWriter,
     ProgressDisplay,
     no_stop_rule_line,
@@ -49,7 +49,6 @@ from minitrain.train.metrics import (
 )
 from minitrain.train.model import CausalLMWithLoss, load_dtype, load_model, shard_model
 from minitrain.train.optim import build_optimizer, build_scheduler
-from minitrain.train.state import load_training_state, resolve_resume, save_training_state, scan_checkpoints
 from minitrain.train.trackers import open_trackers
 
 
@@ -345,12 +344,6 @@ def _mfu(
     return flops / (seconds * peak_flops)
 
 
-def _say(line: str) -> None:
-    """One line to stderr in one write, so that lines from several ranks on one pipe never interleave."""
-    sys.stderr.write(line + "\n")
-    sys.stderr.flush()
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: read RUN_DIR/training_params.json and train; a user error is one line and exit 1."""
     args = list(sys.argv[1:] if argv is None else argv)
@@ -365,13 +358,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as err:
         if os.environ.get("MINITRAIN_DEBUG"):
             raise
-        _say(f"minitrain: error (rank {os.environ.get('RANK', 0)}): {err}")
+        say(f"minitrain: error (rank {os.environ.get('RANK', 0)}): {err}")
         return 1
     except Exception as err:
         if os.environ.get("MINITRAIN_DEBUG") or not is_peer_loss(err):
             raise
         first = first_line(err)
-        _say(
+        say(
             f"minitrain: error (rank {os.environ.get('RANK', 0)}): lost another rank in a collective ({first}); "
             "the rank that failed first says why (MINITRAIN_DEBUG=1 shows this traceback)"
         )

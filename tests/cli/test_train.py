@@ -69,7 +69,9 @@ def launched(monkeypatch):
         seen["config"] = config
         return seen["code"]
 
-    monkeypatch.setattr("minitrain.train.launch.check_inputs", lambda config: None)  # the files do not exist
+    monkeypatch.setattr(
+        "minitrain.train.preflight.check_inputs", lambda config: None
+    )  # the files do not exist
     monkeypatch.setattr("minitrain.train.launch.run_training", fake)
     return seen
 
@@ -158,7 +160,7 @@ def test_missing_data_file_is_refused(tmp_path):
 
 
 def test_dry_run_plans_without_training(tmp_path):
-    pytest.importorskip("minitrain.data.dryrun", reason="the dry-run planner (data engine) is not built yet")
+    pytest.importorskip("minitrain.train.dryrun", reason="the dry-run planner (data engine) is not built yet")
     data = write_tokenized(tmp_path / "d.jsonl", num=20, vocab=64, seed=0)
     tiny_llama_config(vocab_size=64).save_pretrained(tmp_path / "model")
     report = tmp_path / "plan.json"

@@ -9,17 +9,16 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
+from minitrain.config import LoraSettings, parse_target_modules
 from minitrain.errors import UserError
 from minitrain.train.adapters import (
     CPU_QLORA_ENV,
     NEW_ADAPTER,
     STACK_FILE,
-    LoraSettings,
     add_adapters,
     logical_numel,
     merged_state_dict,
     nf4_config,
-    parse_target_modules,
     quantized_parameters,
     require_qlora,
     save_adapter,

@@ -1,7 +1,7 @@
 """Faults (minitrain/train/faults.py): non-finite steps, graceful SIGTERM/SIGINT, signal forwarding in the
 launcher, orphan protection, and one rank dying.
 
-The two torchrun tests use tests/train/state_worker.py: `stop` trains a tiny Llama on 2 ranks until a signal
+The two torchrun tests use tests/train/checkpoint_worker.py: `stop` trains a tiny Llama on 2 ranks until a signal
 and must stop every rank at the same step, save a complete checkpoint and exit 143; `hang` loops on
 all_reduce and must end within seconds (non-zero) when one rank is SIGKILLed.
 """
@@ -24,6 +24,7 @@ import pytest
 import torch
 
 from minitrain.errors import UserError
+from minitrain.rundir import find_latest_checkpoint, is_complete, scan_checkpoints
 from minitrain.train.dist import DistInfo
 from minitrain.train.faults import (
     NonFiniteError,
@@ -32,7 +33,6 @@ from minitrain.train.faults import (
     kill_process_tree,
     wait_forwarding_signals,
 )
-from minitrain.train.state import find_latest_checkpoint, is_complete, scan_checkpoints
 from tests.train.test_state import REPO, WORKER, make_run_dir
 
 SOLO = DistInfo(
@@ -188,7 +188,7 @@ def test_a_worker_dies_with_its_parent(tmp_path: Path) -> None:
 
 
 def test_a_diverging_run_stops_before_nan_reaches_the_weights(tmp_path: Path) -> None:
-    from minitrain.train.state import load_training_state, save_training_state
+    from minitrain.train.checkpoint import load_training_state, save_training_state
 
     class Sampler:
         def state_dict(self) -> dict:

@@ -18,16 +18,9 @@ import pytest
 
 from minitrain.config import TrainConfig
 from minitrain.errors import UserError
-from minitrain.train.launch import (
-    check_inputs,
-    in_launched_env,
-    preflight,
-    read_training_params,
-    run_command,
-    torchrun_command,
-    torchrun_env,
-    write_training_params,
-)
+from minitrain.rundir import read_training_params, write_training_params
+from minitrain.train.launch import run_command, torchrun_command, torchrun_env
+from minitrain.train.preflight import check_inputs, in_launched_env, preflight
 from tests.conftest import SMOLLM2, needs_fixtures, tiny_llama_config
 from tests.train.test_loop import write_tokenized
 
@@ -292,7 +285,7 @@ def test_the_cheap_checks_pass_a_good_run_on_to_preflight(tmp_path):
 def test_more_cpu_processes_than_cores_is_one_warning(tmp_path, capsys, monkeypatch):
     import torch
 
-    import minitrain.train.launch as launch
+    import minitrain.train.preflight as preflight_module
 
     data = write_tokenized(tmp_path / "d.jsonl", num=4, vocab=100, seed=0)
     config = _config(
@@ -300,7 +293,7 @@ def test_more_cpu_processes_than_cores_is_one_warning(tmp_path, capsys, monkeypa
         from_scratch=True, nproc=3,
     )  # fmt: skip
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(launch, "usable_cores", lambda: 2)
+    monkeypatch.setattr(preflight_module, "usable_cores", lambda: 2)
     preflight(config)
     err = capsys.readouterr().err
     assert err.count("\n") == 1
@@ -360,14 +353,14 @@ def test_each_launch_is_appended_to_the_params_history(tmp_path):
     out = tmp_path / "o"
     out.mkdir()
     first = _config(output_dir=out, learning_rate=1e-5)
-    write_training_params(first, world_size=1, preflight=None)
+    write_training_params(first, world_size=1, data=None)
     params = read_training_params(out)
     assert params["learning_rate"] == 1e-5 and params["resumed_from"] is None
     assert [launch["learning_rate"] for launch in params["launches"]] == [1e-5]
 
     checkpoint = _fake_complete_checkpoint(out, 8)
     write_training_params(
-        _config(output_dir=out, learning_rate=2e-5, resume="latest"), world_size=2, preflight=None
+        _config(output_dir=out, learning_rate=2e-5, resume="latest"), world_size=2, data=None
     )
     params = read_training_params(out)
     assert params["learning_rate"] == 2e-5 and params["world_size"] == 2  # the top level: the latest launch
@@ -378,7 +371,7 @@ def test_each_launch_is_appended_to_the_params_history(tmp_path):
     ]  # fmt: skip
     assert all(x["created"] for x in params["launches"])
 
-    write_training_params(_config(output_dir=out, overwrite=True), world_size=1, preflight=None)  # a new run
+    write_training_params(_config(output_dir=out, overwrite=True), world_size=1, data=None)  # a new run
     assert len(read_training_params(out)["launches"]) == 1
 
 
@@ -388,7 +381,7 @@ def test_a_params_file_from_before_the_history_becomes_its_first_launch(tmp_path
     old = _config(output_dir=out).to_dict() | {"created": "2026-01-01T00:00:00+00:00", "world_size": 4}
     (out / "training_params.json").write_bytes(orjson.dumps(old))
     _fake_complete_checkpoint(out, 8)
-    write_training_params(_config(output_dir=out, resume="latest"), world_size=1, preflight=None)
+    write_training_params(_config(output_dir=out, resume="latest"), world_size=1, data=None)
     launches = read_training_params(out)["launches"]
     assert [x["created"] for x in launches][0] == "2026-01-01T00:00:00+00:00" and len(launches) == 2
 

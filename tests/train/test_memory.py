@@ -7,9 +7,8 @@ from dataclasses import replace
 
 import pytest
 
-from minitrain.data.dryrun import model_shape
 from minitrain.errors import UserError
-from minitrain.train.memory import GIB, RankPlan, estimate_peak, fit, fits
+from minitrain.train.memory import GIB, RankPlan, estimate_peak, fit, fits, model_shape
 
 LLAMA_8B = {  # meta-llama/Llama-3.1-8B config.json
     "vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
@@ -121,7 +120,7 @@ def test_a_plan_that_cannot_fit_is_refused_with_the_flags_that_would():
 
 def test_the_launcher_fits_a_training_config_to_a_faked_gpu(tmp_path, capsys):
     from minitrain.config import TrainConfig
-    from minitrain.train.launch import fit_to_gpus
+    from minitrain.train.preflight import fit_to_gpus
     from tests.conftest import tiny_llama_config
     from tests.data.test_store import make_samples, write_tokenized
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from rich.console import Console
 
+from minitrain.rundir import read_metrics
 from minitrain.train.metrics import (
     METRIC_KEYS,
     MetricsWriter,
@@ -12,7 +13,6 @@ from minitrain.train.metrics import (
     format_line,
     no_stop_rule_line,
     peak_flops_per_device,
-    read_metrics,
     step_flops,
 )
 

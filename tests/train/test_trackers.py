@@ -18,7 +18,8 @@ import orjson
 import pytest
 
 from minitrain.errors import UserError
-from minitrain.train.metrics import MetricsWriter, read_metrics
+from minitrain.rundir import read_metrics
+from minitrain.train.metrics import MetricsWriter
 from minitrain.train.trackers import Trackers, check_trackers, flatten, scalars
 from tests.conftest import REPO, tiny_llama_config
 from tests.train.test_loop import write_tokenized

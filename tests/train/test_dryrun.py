@@ -17,17 +17,11 @@ import orjson
 import pytest
 from rich.console import Console
 
-from minitrain.data.dryrun import (
-    NF4_BYTES_PER_WEIGHT,
-    block_linear_weights,
-    count_parameters,
-    dry_run,
-    lora_parameters,
-    render_dry_run,
-)
 from minitrain.data.packing import plan_minibatches
 from minitrain.data.sampler import InfiniteSampler
 from minitrain.errors import UserError
+from minitrain.train.dryrun import NF4_BYTES_PER_WEIGHT, dry_run, render_dry_run
+from minitrain.train.memory import block_linear_weights, count_parameters, lora_parameters
 from tests.conftest import tiny_llama_config
 from tests.data.test_store import make_samples, write_tokenized
 
@@ -133,7 +127,8 @@ TINY_LORA_R8_QV = 2 * 8 * (128 + 96)  # 3,584
 def test_adapter_estimate_counts_what_peft_trains(targets: str, overrides: dict) -> None:
     from transformers import AutoModelForCausalLM
 
-    from minitrain.train.adapters import LoraSettings, add_adapters, parse_target_modules
+    from minitrain.config import LoraSettings, parse_target_modules
+    from minitrain.train.adapters import add_adapters
 
     config = tiny_llama_config(**overrides)
     settings = LoraSettings(rank=8, target_modules=parse_target_modules(targets))
@@ -278,7 +273,7 @@ def test_every_sample_too_long_is_a_user_error(tmp_path: Path) -> None:
 
 def test_plan_modules_do_not_import_torch() -> None:
     code = (
-        "import sys, minitrain.data.dryrun, minitrain.data.packing, minitrain.data.sampler, "
+        "import sys, minitrain.train.dryrun, minitrain.data.packing, minitrain.data.sampler, "
         "minitrain.data.store; assert 'torch' not in sys.modules, 'torch imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
@@ -312,8 +307,7 @@ def test_truncate_plans_what_training_trains(data: tuple[Path, list[dict]]) -> N
 def test_the_peak_per_gpu_is_the_memory_model_of_the_largest_minibatch(
     data: tuple[Path, list[dict]], tmp_path: Path
 ) -> None:
-    from minitrain.data.dryrun import model_shape
-    from minitrain.train.memory import RankPlan, estimate_peak
+    from minitrain.train.memory import RankPlan, estimate_peak, model_shape
 
     config = tiny_llama_config()
     config.save_pretrained(tmp_path / "model")

@@ -1,7 +1,7 @@
-"""torchrun worker for tests/train/test_state.py and test_faults.py: the real engine pieces, a loop step like
+"""torchrun worker for tests/train/test_checkpoint.py and test_faults.py: the real engine pieces, a loop step like
 minitrain.train.loop's, and `save_training_state` / `load_training_state` / `StopFlag` around them.
 
-Usage: torchrun --standalone --nproc-per-node N tests/train/state_worker.py MODE RUN_DIR
+Usage: torchrun --standalone --nproc-per-node N tests/train/checkpoint_worker.py MODE RUN_DIR
 RUN_DIR holds model/ (a tiny Llama config) and data.jsonl (tokenized), written by the test.
 
   train   6 steps from scratch (seed 0); training state saved after steps 1, 2, 3 with keep_last=2; after step
@@ -30,9 +30,10 @@ import numpy as np
 import torch
 import torch.distributed as torch_dist
 
+from minitrain.rundir import find_latest_checkpoint
+from minitrain.train.checkpoint import load_training_state, save_training_state
 from minitrain.train.dist import DistInfo, close_distributed, init_distributed
 from minitrain.train.faults import StopFlag, check_finite, die_with_parent
-from minitrain.train.state import find_latest_checkpoint, load_training_state, save_training_state
 
 BATCH_SIZE = 4  # global batch (samples per optimizer step)
 MAX_TOKENS = 48  # per rank per minibatch: several minibatches per step, packed differently on 1 and 2 ranks
@@ -188,7 +189,7 @@ def run_resume(run_dir: Path, dist: DistInfo, crash: bool) -> None:
     result = {"checkpoint": checkpoint.name, "losses": losses, "state_equal": True}
     write_json(run_dir / f"resume_w{dist.world_size}_rank{dist.rank}.json", {**result, "rng": draws})
     if crash:
-        import minitrain.train.state as state_module
+        import minitrain.train.checkpoint as state_module
 
         def die(*_args: object) -> None:  # the machine goes down after the shards, before seal + rename
             os._exit(17)
