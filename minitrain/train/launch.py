@@ -357,8 +357,10 @@ def _check_data(path: Path, *, label: str, config: TrainConfig, vocab_size: int)
 
     Returns the store and how many of its samples are longer than --max-tokens-per-gpu (skipped).
     """
+    from minitrain.data.format import check_kind, read_sidecar
     from minitrain.data.store import TokenStore
 
+    check_kind(path, read_sidecar(path), "sft")  # --objective dpo (issue 15) will pass its objective here
     store = TokenStore.open(path)
     if len(store) == 0:
         raise UserError(f"{label}: no samples; check the tokenize step's rejects file")
