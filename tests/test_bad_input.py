@@ -143,6 +143,8 @@ ROWS = [
         ("no samples (empty file)", "run `minitrain tokenize` first")),
     Row("inspect", "file is not a tokenize output (raw conversations)", (f"{W}/in.jsonl", "--stats"),
         ("in.jsonl:1: not a tokenized sample", "run `minitrain tokenize` first")),
+    Row("inspect", "--source on a preference file", (f"{W}/pairs-tok.jsonl", "--audit", "--source", f"{W}/in.jsonl"),
+        ("compares SFT samples with their messages", "holds preference pairs", "drop --source")),
     Row("inspect", "tokenized file with a malformed line", (f"{W}/bad.jsonl", "--stats"),
         ("bad.jsonl:4: malformed JSON", "fix or delete that line")),
     # ------------------------------------------------------------------------------------------- train
