@@ -130,10 +130,20 @@ ROWS = [
         (f"{W}/in.jsonl", "-o", f"{W}/t.jsonl", "--model-name-or-path", TOKENIZER, "--split-turns",
          "--train-on", "last"),
         ("--split-turns trains every turn", "pass one of them")),
-    Row("tokenize", "every line rejected (a preference file: prompt/chosen/rejected)",
-        (f"{W}/prefs.jsonl", "-o", f"{W}/t.jsonl", "--model-name-or-path", TOKENIZER, "--num-workers", "1"),
-        ("prefs.jsonl: no line could be tokenized, nothing written", "2 rejected: no known shape (2)",
+    Row("tokenize", "every line rejected (records of no known shape)",
+        (f"{W}/in-odd2.jsonl", "-o", f"{W}/t.jsonl", "--model-name-or-path", TOKENIZER, "--num-workers", "1"),
+        ("in-odd2.jsonl: no line could be tokenized, nothing written", "2 rejected: no known shape (2)",
          "first, line 1: no known shape", "fix the input")),
+    Row("tokenize", "every pair rejected (preference lines with empty responses)",
+        (f"{W}/prefs.jsonl", "-o", f"{W}/t.jsonl", "--model-name-or-path", TOKENIZER, "--num-workers", "1"),
+        ("prefs.jsonl: no line could be tokenized, nothing written", "2 rejected: empty response (2)",
+         "first, line 1: empty response", "fix the input")),
+    Row("tokenize", "--split-turns on a preference file",
+        (f"{W}/prefs.jsonl", "-o", f"{W}/t.jsonl", "--model-name-or-path", TOKENIZER, "--split-turns"),
+        ("prefs.jsonl holds preference pairs", "drop --split-turns")),
+    Row("tokenize", "--train-on last on a preference file",
+        (f"{W}/prefs.jsonl", "-o", f"{W}/t.jsonl", "--model-name-or-path", TOKENIZER, "--train-on", "last"),
+        ("prefs.jsonl holds preference pairs", "a pair trains its whole response; drop --train-on")),
     # ----------------------------------------------------------------------------------------- inspect
     Row("inspect", "file does not exist", (f"{W}/nope.jsonl",),
         ("nope.jsonl: no such file", "pass the OUT.jsonl written by `minitrain tokenize`")),
@@ -141,9 +151,14 @@ ROWS = [
         ("no samples (empty file)", "run `minitrain tokenize` first")),
     Row("inspect", "file is not a tokenize output (raw conversations)", (f"{W}/in.jsonl", "--stats"),
         ("in.jsonl:1: not a tokenized sample", "run `minitrain tokenize` first")),
+    Row("inspect", "--source on a preference file", (f"{W}/pairs-tok.jsonl", "--audit", "--source", f"{W}/in.jsonl"),
+        ("compares SFT samples with their messages", "holds preference pairs", "drop --source")),
     Row("inspect", "tokenized file with a malformed line", (f"{W}/bad.jsonl", "--stats"),
         ("bad.jsonl:4: malformed JSON", "fix or delete that line")),
     # ------------------------------------------------------------------------------------------- train
+    Row("train", "a preference file (tokenized prompt/chosen/rejected) given to SFT training",
+        _train(data=f"{W}/pairs-tok.jsonl"),
+        ("pairs-tok.jsonl was tokenized as preference pairs", "train it with --objective dpo")),
     Row("train", "data file does not exist", _train(data=f"{W}/nope.jsonl"),
         ("nope.jsonl: no such file", "pass the output of `minitrain tokenize`")),
     Row("train", "data file is empty", _train(data=f"{W}/empty.jsonl"),
@@ -286,6 +301,13 @@ def ws(tmp_path_factory) -> Path:
     (w / "afile").write_text("a file, not a folder\n")
     (w / "in.jsonl").write_text(_good_conversation() + "\n")
     (w / "in-odd.jsonl").write_text('{"text": "hi", "label": 1}\n')
+    (w / "in-odd2.jsonl").write_text('{"text": "hi", "label": 1}\n' * 2)
+    side = {"input_ids": [1, 2], "labels": [-100, 2], "len": 2, "num_loss_counted_tokens": 1}
+    pair = {"chosen": side, "rejected": side, "prompt_len": 1, "source_line": 1}
+    (w / "pairs-tok.jsonl").write_bytes(orjson.dumps(pair) + b"\n")
+    (w / "pairs-tok.meta.json").write_bytes(
+        orjson.dumps({"format": "minitrain.tokenized", "kind": "preference", "counts": {"pairs": 1}})
+    )
     if importlib.util.find_spec("pyarrow") is not None:  # the `datasets` extra; its rows skip without it
         import pyarrow
         import pyarrow.parquet as pq

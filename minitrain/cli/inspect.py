@@ -96,6 +96,8 @@ def inspect(
       text_mismatch       (error)   --source: a trained span does not end with its assistant content (+ end-of-turn)
       reasoning_masked    (error)   --source: a turn's reasoning is rendered in the sample but masked
       source_unmatched    (error)   --source: a sample's source_line is missing, out of order or past the end
+      prompt_mismatch     (error)   pairs: the first prompt_len ids differ between chosen and rejected
+      trained_in_prompt   (error)   pairs: a side's first trained token is not at prompt_len
       sidecar_mismatch    (error)   the sidecar's written/tokens/trained_tokens disagree with the file
 
     Examples:
@@ -108,7 +110,13 @@ def inspect(
 
     from minitrain.config import InspectConfig
     from minitrain.inspect import inspect_file
-    from minitrain.inspect.render import render_audit, render_sample, render_stats
+    from minitrain.inspect.render import (
+        render_audit,
+        render_pair,
+        render_pair_stats,
+        render_sample,
+        render_stats,
+    )
 
     config = InspectConfig(
         path=path,
@@ -135,11 +143,12 @@ def inspect(
         if not result.samples:
             message = f"no sample matches --grep {grep!r}" if grep is not None else "no samples selected"
             console.print(message, markup=False, soft_wrap=True)
+        show = render_pair if result.pairs else render_sample
         for s in result.samples:
-            render_sample(
-                console, result.tokenizer, s.index, s.sample, result.special_ids, tokens=tokens, color=color
-            )
-    if result.stats is not None:
+            show(console, result.tokenizer, s.index, s.sample, result.special_ids, tokens=tokens, color=color)
+    if result.pairs and result.stats is not None:
+        render_pair_stats(result.stats, console)
+    elif result.stats is not None:
         render_stats(result.stats, console)
     if result.audit is not None:
         render_audit(result.audit, console, color=color)

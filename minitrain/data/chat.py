@@ -88,6 +88,12 @@ NO_END_OF_TURN = "no end of turn"
 OUTSIDE_TURN = "content outside its turn"
 TOKEN_STRADDLE = "token crosses a turn edge"
 CONTENTS_REWRITTEN = "template rewrites contents"
+# Preference pairs (minitrain/data/preference.py) and files mixing pairs with SFT records.
+MISSING_SIDE = "missing side"
+EMPTY_RESPONSE = "empty response"
+NON_ASSISTANT_RESPONSE = "non-assistant response"
+PROMPT_TOKENS_DIFFER = "prompt tokens differ"
+MIXED_KINDS = "mixed kinds"
 REJECT_REASONS = (
     MALFORMED_JSON,
     NOT_UTF8,
@@ -103,6 +109,11 @@ REJECT_REASONS = (
     OUTSIDE_TURN,
     TOKEN_STRADDLE,
     CONTENTS_REWRITTEN,
+    MISSING_SIDE,
+    EMPTY_RESPONSE,
+    NON_ASSISTANT_RESPONSE,
+    PROMPT_TOKENS_DIFFER,
+    MIXED_KINDS,
 )
 REASONING_KEYS = ("reasoning_content", "reasoning", "thinking")  # assistant fields that hold reasoning
 TOO_LONG = "too long"  # the one reason a line is dropped

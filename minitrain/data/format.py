@@ -18,6 +18,20 @@ name in the same directory, renamed into place when complete):
 `read == written + dropped + rejected` holds in the sidecar's counts (input lines; with `--split-turns` a
 written line gives several samples, all with its `source_line`, counted in `samples`). The keys of OUT.jsonl are the ones
 mini_trainer uses, so its users can switch either way.
+
+A file is of one kind, named by the sidecar's `kind` ("sft" above; a sidecar without `kind` is "sft"), or
+"preference" (input lines with `chosen` and `rejected`, see `minitrain.data.preference`). A preference
+OUT.jsonl holds one JSON object per written pair, in input order:
+
+    chosen        {"input_ids", "labels", "len", "num_loss_counted_tokens"}   the chosen side, as an SFT sample
+    rejected      {"input_ids", "labels", "len", "num_loss_counted_tokens"}   the rejected side
+    prompt_len    int   ids shared by both sides: chosen.input_ids[:prompt_len] == rejected.input_ids[:prompt_len],
+                        all masked; the first trained label of each side is at index prompt_len
+    source_line   int   1-based line number in the input
+
+Its sidecar's counts add `pairs` (== written == samples: one output line per pair); `tokens` and
+`trained_tokens` add up both sides. `--max-sample-num-tokens` drops a pair when either side is longer.
+Training reads pairs with `iter_pairs`; `check_kind` refuses a file of the wrong kind for the objective.
 """
 
 from __future__ import annotations
@@ -33,6 +47,9 @@ from minitrain.errors import UserError
 FORMAT_NAME = "minitrain.tokenized"
 FORMAT_VERSION = 1
 IGNORE_INDEX = -100
+KIND_SFT = "sft"
+KIND_PREFERENCE = "preference"
+SIDE_KEYS = ("chosen", "rejected")
 
 
 def _stem(out: Path) -> Path:
@@ -56,8 +73,9 @@ def read_sidecar(out: Path) -> dict[str, Any] | None:
     input (path, or NAME:split for --dataset), input_format (jsonl, parquet, arrow, save_to_disk, dataset;
     absent before it was added), tokenizer {path, class, vocab_size, bos_token_id, eos_token_id, pad_token_id,
     end_of_turn_token_ids, turn_token_ids (added tokens trained inside a turn: `<think>` ...), fingerprint},
-    chat_template_sha256, max_sample_num_tokens, counts {read, written (lines), samples (output lines: more
-    than written with --split-turns), dropped, rejected, rejected_by_reason {reason: n}}, tokens,
+    chat_template_sha256, max_sample_num_tokens, kind ("sft" or "preference"; absent before it was added:
+    "sft"), counts {read, written (lines), samples (output lines: more than written with --split-turns),
+    pairs (preference files), dropped, rejected, rejected_by_reason {reason: n}}, tokens,
     trained_tokens, reasoning_dropped_by_template {turns, tokens}, config (with train_on, split_turns).
     """
     path = sidecar_path(out)
@@ -85,6 +103,11 @@ def parse_sample(raw: bytes, path: Path, line: int) -> dict[str, Any]:
             f"{path}:{line}: expected a JSON object, got {type(sample).__name__}; fix or delete that line"
         )
     missing = [k for k in ("input_ids", "labels") if k not in sample]
+    if missing and all(isinstance(sample.get(k), dict) for k in SIDE_KEYS):
+        raise UserError(
+            f"{path}:{line}: a preference pair (chosen/rejected), not an SFT sample; this file was tokenized as "
+            "preference pairs; train it with --objective dpo"
+        )
     if missing:
         raise UserError(
             f"{path}:{line}: not a tokenized sample (missing {', '.join(missing)}); run `minitrain tokenize` first"
@@ -101,3 +124,59 @@ def iter_samples(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
         for line_no, raw in enumerate(f, 1):
             if raw.strip():
                 yield line_no, parse_sample(raw, path, line_no)
+
+
+def is_preference(meta: dict[str, Any] | None) -> bool:
+    """True when a sidecar says its file holds preference pairs (a missing `kind` is "sft")."""
+    return (meta or {}).get("kind", KIND_SFT) == KIND_PREFERENCE
+
+
+def check_kind(path: Path, meta: dict[str, Any] | None, objective: str) -> None:
+    """UserError when the file's kind does not fit the training objective ("sft" or "dpo")."""
+    if objective == "sft" and is_preference(meta):
+        raise UserError(f"{path} was tokenized as preference pairs; train it with --objective dpo")
+    if objective != "sft" and not is_preference(meta):
+        raise UserError(
+            f"{path} holds SFT samples; --objective {objective} needs preference pairs "
+            "(tokenize prompt/chosen/rejected lines)"
+        )
+
+
+def parse_pair(raw: bytes, path: Path, line: int) -> dict[str, Any]:
+    """One line of a preference file, checked for both sides and `prompt_len`; errors name `FILE:LINE`."""
+    try:
+        pair = orjson.loads(raw)
+    except orjson.JSONDecodeError as err:
+        raise UserError(
+            f"{path}:{line}: malformed JSON ({err}); fix or delete that line, or re-run `minitrain tokenize`"
+        ) from None
+    if not isinstance(pair, dict):
+        raise UserError(
+            f"{path}:{line}: expected a JSON object, got {type(pair).__name__}; fix or delete that line"
+        )
+    if "input_ids" in pair:
+        raise UserError(
+            f"{path}:{line}: an SFT sample, not a preference pair; tokenize prompt/chosen/rejected lines "
+            "for --objective dpo"
+        )
+    for key in SIDE_KEYS:
+        side = pair.get(key)
+        if not isinstance(side, dict) or not all(k in side for k in ("input_ids", "labels")):
+            raise UserError(
+                f"{path}:{line}: not a tokenized pair (`{key}` lacks input_ids/labels); "
+                "run `minitrain tokenize` on prompt/chosen/rejected lines first"
+            )
+    if not isinstance(pair.get("prompt_len"), int):
+        raise UserError(f"{path}:{line}: not a tokenized pair (no `prompt_len`); re-run `minitrain tokenize`")
+    return pair
+
+
+def iter_pairs(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Stream (1-based line number, pair) from a tokenized preference file; blank lines are skipped."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such file")
+    with path.open("rb") as f:
+        for line_no, raw in enumerate(f, 1):
+            if raw.strip():
+                yield line_no, parse_pair(raw, path, line_no)

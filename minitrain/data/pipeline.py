@@ -1,6 +1,7 @@
 """The `tokenize` stage: records in; tokenized JSONL, rejects and sidecar out (format: `format.py`).
 
-    INPUT.jsonl --(reader: chunks of raw lines)--> workers (sources.to_chat_record, ChatEncoder.encode)
+    INPUT.jsonl --(reader: chunks of raw lines)--> workers (sources.to_chat_record, ChatEncoder.encode;
+                                                            pairs: sources.to_pair_record, encode_pair)
     (Parquet, Arrow, save_to_disk, --dataset: `sources.read_row_chunks`, one JSON line per row)
                 --(results, in input order)--> OUT.jsonl + OUT.rejects.jsonl --> OUT.meta.json
 
@@ -8,6 +9,8 @@ Streaming: the reader keeps at most a few chunks per worker in flight, so memory
 input. Workers do everything per line (UTF-8, JSON, encode, length check, serialising the output line);
 the parent only writes bytes in order. Every non-blank input line ends up written, dropped (longer than
 `max_sample_num_tokens`) or rejected with a reason, so `read == written + dropped + rejected`.
+The file's kind (SFT samples or preference pairs) is decided by its first line that parses as a JSON object,
+read by the parent before the workers start; lines of the other kind are rejected ("mixed kinds").
 Outputs are written atomically (temporary files renamed at the end): an interrupted or failed run
 leaves no partial OUT. The trade-off: one tokenizer per worker process (pickled to each worker once; a
 few MB each) and output bytes pickled between processes (about 40% more CPU per sample than one process,
@@ -36,6 +39,7 @@ from minitrain.atomic import atomic_write
 from minitrain.config import TokenizeConfig
 from minitrain.data.chat import (
     MALFORMED_JSON,
+    MIXED_KINDS,
     NOT_UTF8,
     TOO_LONG,
     ChatEncoder,
@@ -46,18 +50,23 @@ from minitrain.data.format import (
     FORMAT_NAME,
     FORMAT_VERSION,
     IGNORE_INDEX,
+    KIND_PREFERENCE,
+    KIND_SFT,
     rejects_path,
     sidecar_path,
 )
+from minitrain.data.preference import encode_pair
 from minitrain.data.sources import (
     FieldMapping,
     RowSource,
     check_columns,
     field_mapping,
+    is_pair_record,
     is_row_input,
     open_rows,
     read_row_chunks,
     to_chat_record,
+    to_pair_record,
 )
 from minitrain.errors import UserError
 
@@ -91,6 +100,7 @@ class TokenizeResult:
     rejects_file: Path
     sidecar_file: Path
     num_workers: int
+    kind: str = KIND_SFT  # or KIND_PREFERENCE: one output line per pair
     read: int = 0
     written: int = 0
     samples: int = 0  # output lines: == written, more with --split-turns (one per trained turn)
@@ -125,6 +135,7 @@ class Policy:
     train_on: str = "all"
     split_turns: bool = False
     mapping: FieldMapping | None = None  # None: the default layouts (data/sources.py)
+    kind: str = KIND_SFT  # the file's kind; a line of the other kind is rejected ("mixed kinds")
 
 
 def encode_lines(encoder: ChatEncoder, policy: Policy, lines: list[tuple[int, bytes]]) -> ChunkResult:
@@ -146,6 +157,11 @@ def encode_lines(encoder: ChatEncoder, policy: Policy, lines: list[tuple[int, by
                 record = orjson.loads(text)
             except orjson.JSONDecodeError as err:
                 raise SampleRejected(MALFORMED_JSON, str(err)) from None
+            if is_pair_record(record, policy.mapping) != (policy.kind == KIND_PREFERENCE):
+                raise SampleRejected(MIXED_KINDS, _mixed_detail(policy.kind))
+            if policy.kind == KIND_PREFERENCE:
+                _encode_pair_line(encoder, policy, line_no, record, result, out)
+                continue
             record = to_chat_record(record, policy.mapping)  # ShareGPT, Alpaca, ... -> messages
             if policy.split_turns:
                 samples = encoder.encode_turns(record)
@@ -188,6 +204,62 @@ def encode_lines(encoder: ChatEncoder, policy: Policy, lines: list[tuple[int, by
         out.append(b"")
         result.out = b"\n".join(out)
     return result
+
+
+def _mixed_detail(kind: str) -> str:
+    if kind == KIND_PREFERENCE:
+        return "an SFT record (no `chosen`/`rejected`) in a file of preference pairs (its first line decides)"
+    return "a preference pair (`chosen`/`rejected`) in a file of SFT records (its first line decides)"
+
+
+def _encode_pair_line(
+    encoder: ChatEncoder, policy: Policy, line_no: int, record: Any, result: ChunkResult, out: list[bytes]
+) -> None:
+    """One pair line -> one output line (format.py), or a reject; SampleRejected passes through."""
+    pair = encode_pair(encoder, to_pair_record(record, policy.mapping))
+    sides = {"chosen": pair.chosen, "rejected": pair.rejected}
+    longest = max(len(side.input_ids) for side in sides.values())
+    if policy.max_tokens is not None and longest > policy.max_tokens:
+        result.rejects.append(
+            (
+                line_no,
+                "dropped",
+                TOO_LONG,
+                f"its longer side has {longest} tokens > --max-sample-num-tokens {policy.max_tokens}",
+            )
+        )
+        return
+    line: dict[str, Any] = {}
+    for key, side in sides.items():
+        n = len(side.input_ids)
+        trained = n - side.labels.count(IGNORE_INDEX)
+        line[key] = {
+            "input_ids": side.input_ids,
+            "labels": side.labels,
+            "len": n,
+            "num_loss_counted_tokens": trained,
+        }
+        result.tokens += n
+        result.trained_tokens += trained
+        result.reasoning_dropped_turns += side.reasoning_dropped_turns
+        result.reasoning_dropped_tokens += side.reasoning_dropped_tokens
+    line["prompt_len"] = pair.prompt_len
+    line["source_line"] = line_no
+    out.append(orjson.dumps(line))
+    result.written += 1
+    result.samples += 1
+
+
+def detect_kind(lines: Iterator[tuple[int, bytes]], mapping: FieldMapping | None) -> str:
+    """The file's kind: decided by the first line that parses as a JSON object (sft when none does)."""
+    for _, raw in lines:
+        try:
+            record = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            continue
+        if isinstance(record, dict):
+            return KIND_PREFERENCE if is_pair_record(record, mapping) else KIND_SFT
+    return KIND_SFT
 
 
 # Worker-process state: set once by the pool initializer.
@@ -289,6 +361,13 @@ def tokenize_file(config: TokenizeConfig, *, console: Any = None) -> TokenizeRes
         if total == 0:
             raise UserError(f"{inp}: the file is empty; nothing to tokenize")
     _check_output_folder(out)  # before any work: atomic_write would only fail at the end
+    chunks = read_row_chunks(rows, 1) if rows else _read_chunks(inp)
+    try:
+        kind = detect_kind((line for chunk in chunks for line in chunk), field_mapping(config))
+    finally:
+        chunks.close()  # the file (or the Parquet/Arrow reader) is read again from the start below
+    if kind == KIND_PREFERENCE:
+        _check_pair_flags(config, rows.label if rows is not None else inp)
     loaded = load_chat_encoder(config.model_name_or_path, config.chat_template)
     workers = config.workers()
     result = TokenizeResult(
@@ -297,10 +376,25 @@ def tokenize_file(config: TokenizeConfig, *, console: Any = None) -> TokenizeRes
         rejects_file=rejects_path(out),
         sidecar_file=sidecar_path(out),
         num_workers=workers,
+        kind=kind,
     )
     with _sigterm_raises():
         _write_outputs(config, loaded, result, _progress(console, total), total, rows)
     return result
+
+
+def _check_pair_flags(config: TokenizeConfig, inp: Any) -> None:
+    """UserError for the flags that choose turns of a conversation: a pair trains its whole response."""
+    if config.split_turns:
+        raise UserError(
+            f"{inp} holds preference pairs (its first line has chosen/rejected); --split-turns makes one "
+            "sample per turn of a conversation, which a pair does not have; drop --split-turns"
+        )
+    if config.train_on != "all":
+        raise UserError(
+            f"{inp} holds preference pairs (its first line has chosen/rejected); --train-on "
+            f"{config.train_on} chooses turns of a conversation, a pair trains its whole response; drop --train-on"
+        )
 
 
 def _check_output_folder(out: Path) -> None:
@@ -357,7 +451,9 @@ def _write_outputs(
             # The pool is created (forked) inside the generator before the progress bar starts its thread.
             chunks = read_row_chunks(rows, CHUNK_LINES) if rows else _read_chunks(config.input_file)
             mapping = None if field_mapping(config).is_default else field_mapping(config)
-            policy = Policy(config.max_sample_num_tokens, config.train_on, config.split_turns, mapping)
+            policy = Policy(
+                config.max_sample_num_tokens, config.train_on, config.split_turns, mapping, result.kind
+            )
             results = _results_in_order(loaded.encoder, policy, chunks, result.num_workers)
             first = next(results, None)
             task = None
@@ -453,10 +549,12 @@ def _sidecar(
         "chat_template_origin": loaded.template_origin,
         "end_of_turn_text": loaded.encoder.eot_text,
         "max_sample_num_tokens": config.max_sample_num_tokens,
+        "kind": result.kind,
         "counts": {
             "read": result.read,
             "written": result.written,
             "samples": result.samples,
+            **({"pairs": result.written} if result.kind == KIND_PREFERENCE else {}),
             "dropped": result.dropped,
             "rejected": result.rejected,
             "rejected_by_reason": result.rejected_by_reason,
@@ -482,7 +580,8 @@ def render_summary(result: TokenizeResult, console: Any) -> None:
     table.add_column("", style="bold")
     table.add_column("count", justify="right")
     table.add_row("lines read", f"{result.read:,}")
-    table.add_row("written", f"[green]{result.written:,}[/green]")
+    written = "written (preference pairs)" if result.kind == KIND_PREFERENCE else "written"
+    table.add_row(written, f"[green]{result.written:,}[/green]")
     if result.samples != result.written:
         table.add_row("  samples (one per trained turn)", f"{result.samples:,}")
     table.add_row(

@@ -7,6 +7,18 @@ Record shapes (detected per line/row, in this order; a record matching none is r
     Alpaca             {"instruction", "input"?, "output", "system"?, "history"?: [[user, assistant], ...]}
     prompt/generation  {"prompt", "generation"} (passed to the encoder unchanged)
 
+Preference pairs (a line with `chosen` or `rejected`; `to_pair_record`, encoded by data/preference.py):
+
+    conversational     {"prompt": [messages], "chosen": [assistant message(s)], "rejected": [...], "system"?,
+                        "tools"?}
+    plain strings      {"prompt": "text", "chosen": "text", "rejected": "text"}
+    shared prefix      {"chosen": [full conversation], "rejected": [full conversation]}: the messages before
+                       the first one that differs are the prompt (compared as parsed JSON)
+
+A file holds one kind: its first line that parses as a JSON object decides (pairs or not); lines of the
+other kind are rejected ("mixed kinds"). With `--messages-field` every line is an SFT record (that flag
+names where its conversation is, e.g. `chosen`), so no line is a pair.
+
 Role names (ShareGPT and mapped layouts; `--user-role` & co add more):
 
     human, user -> user    gpt, assistant -> assistant    system -> system    observation, tool -> tool
@@ -45,7 +57,15 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from minitrain.data.chat import NO_KNOWN_SHAPE, NON_STRING_CONTENT, UNKNOWN_ROLE, SampleRejected
+from minitrain.data.chat import (
+    EMPTY_RESPONSE,
+    MISSING_SIDE,
+    NO_KNOWN_SHAPE,
+    NON_STRING_CONTENT,
+    UNKNOWN_ROLE,
+    SampleRejected,
+)
+from minitrain.data.format import SIDE_KEYS
 from minitrain.errors import UserError
 
 if TYPE_CHECKING:
@@ -118,6 +138,58 @@ def to_chat_record(record: Any, mapping: FieldMapping | None = None) -> Any:
         "expected `messages`, `conversations` (ShareGPT), `instruction`+`output` (Alpaca) or "
         f"`prompt`+`generation`; saw keys: {_keys(record)} (name yours with --messages-field)",
     )
+
+
+def is_pair_record(record: Any, mapping: FieldMapping | None = None) -> bool:
+    """True when a parsed line is a preference pair (has `chosen` or `rejected`) and no --messages-field."""
+    if mapping is not None and mapping.messages_field is not None:
+        return False
+    return isinstance(record, dict) and any(k in record for k in SIDE_KEYS)
+
+
+def to_pair_record(record: dict[str, Any], mapping: FieldMapping | None = None) -> dict[str, Any]:
+    """A pair line in any of its shapes -> {"prompt", "chosen", "rejected", "tools"?}: all strings (plain)
+    or all lists of messages (prompt may be empty for a shared-prefix pair whose first message differs).
+
+    Shape checks only; the roles of the response messages and the tokens are checked by the encoder.
+    """
+    mapping = mapping or FieldMapping()
+    missing = [k for k in SIDE_KEYS if record.get(k) is None]
+    if missing:
+        raise SampleRejected(MISSING_SIDE, f"no `{missing[0]}`; a pair needs both `chosen` and `rejected`")
+    prompt, chosen, rejected = record.get("prompt"), record["chosen"], record["rejected"]
+    if all(isinstance(x, str) for x in (prompt, chosen, rejected)):
+        for key, side in (("chosen", chosen), ("rejected", rejected)):
+            if not side.strip():
+                raise SampleRejected(EMPTY_RESPONSE, f"`{key}` is empty")
+        return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+    if not all(isinstance(x, list) for x in (chosen, rejected)) or not isinstance(prompt, (list, type(None))):
+        kinds = ", ".join(f"{k}: {type(record.get(k)).__name__}" for k in ("prompt", *SIDE_KEYS))
+        raise SampleRejected(
+            NO_KNOWN_SHAPE,
+            f"a pair's `prompt`, `chosen` and `rejected` must be all strings or all lists of messages ({kinds})",
+        )
+    roles = {**ROLE_ALIASES, **dict(mapping.roles)}
+    for key, side in (("chosen", chosen), ("rejected", rejected)):
+        if not side:
+            raise SampleRejected(EMPTY_RESPONSE, f"`{key}` is an empty list")
+    chosen, rejected = _turns(chosen, mapping, roles), _turns(rejected, mapping, roles)
+    if prompt is None:  # shared prefix: the prompt is everything before the first differing message
+        shared = next(
+            (i for i, (c, r) in enumerate(zip(chosen, rejected, strict=False)) if c != r),
+            min(len(chosen), len(rejected)),
+        )
+        for key, side in (("chosen", chosen), ("rejected", rejected)):
+            if shared == len(side):
+                raise SampleRejected(
+                    EMPTY_RESPONSE,
+                    f"`{key}` is the shared prefix of both conversations ({shared} messages): no response",
+                )
+        prompt, chosen, rejected = chosen[:shared], chosen[shared:], rejected[shared:]
+    elif prompt:
+        prompt = _turns(prompt, mapping, roles)
+    out = _with_system_and_tools({"messages": prompt}, record)
+    return {"prompt": out.pop("messages"), "chosen": chosen, "rejected": rejected, **out}
 
 
 def _keys(record: dict[str, Any]) -> str:
@@ -266,11 +338,17 @@ def check_columns(source: RowSource, mapping: FieldMapping) -> None:
                 f"{', '.join(columns) or 'none'}; pass the column that holds the conversation"
             )
         return
-    shapes = (("messages",), ("conversations",), ("instruction", "output"), ("prompt", "generation"))
+    shapes = (
+        ("messages",),
+        ("conversations",),
+        ("instruction", "output"),
+        ("prompt", "generation"),
+        ("chosen", "rejected"),
+    )
     if not any(all(c in columns for c in shape) for shape in shapes):
         raise UserError(
-            f"{source.label}: no conversation column (messages, conversations, instruction+output or "
-            f"prompt+generation); its columns are {', '.join(columns) or 'none'}; name yours with --messages-field"
+            f"{source.label}: no conversation column (messages, conversations, instruction+output, "
+            f"prompt+generation or chosen+rejected); its columns are {', '.join(columns) or 'none'}; name yours with --messages-field"
         )
 
 

@@ -45,7 +45,7 @@ import numpy as np
 import orjson
 
 from minitrain.atomic import atomic_write
-from minitrain.data.format import IGNORE_INDEX, iter_samples, read_sidecar
+from minitrain.data.format import IGNORE_INDEX, check_kind, iter_samples, read_sidecar
 from minitrain.errors import UserError
 
 CACHE_VERSION = 3
@@ -272,6 +272,9 @@ class TokenStore:
             raise UserError(f"{jsonl_path}: no such file; pass the output of `minitrain tokenize`")
         if jsonl_path.stat().st_size == 0:
             raise UserError(f"{jsonl_path}: the file is empty; tokenize some data first")
+        # the store holds SFT samples; a preference file (its sidecar says so, or its first line shows a pair
+        # when there is none: format.parse_sample) is one line naming the flag, before any cache is built
+        check_kind(jsonl_path, read_sidecar(jsonl_path), "sft")
         fp = fingerprint(jsonl_path)
         beside, fallback = cache_dirs(jsonl_path)
         for cache_dir in (beside, fallback):  # an up-to-date cache anywhere is used, even read-only

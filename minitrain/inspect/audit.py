@@ -24,7 +24,7 @@ import numpy as np
 import orjson
 
 from minitrain.data.chat import assistant_parts
-from minitrain.data.format import IGNORE_INDEX, parse_sample
+from minitrain.data.format import IGNORE_INDEX, parse_pair, parse_sample
 from minitrain.errors import UserError
 from minitrain.inspect.select import first_sample, iter_raw
 from minitrain.inspect.stats import NUM_EXAMPLES, StatsAccumulator
@@ -68,6 +68,14 @@ CHECKS: dict[str, Check] = {
     ),
     "source_unmatched": Check(
         "error", "--source: no source_line, or it goes backwards, or past the end, or that line is unreadable"
+    ),
+    "prompt_mismatch": Check(
+        "error",
+        "pairs: the first prompt_len ids differ between the chosen and rejected sides (or do not exist)",
+    ),
+    "trained_in_prompt": Check(
+        "error",
+        "pairs: a side's first trained token is not at prompt_len (a prompt token trained, or none at it)",
     ),
     "sidecar_mismatch": Check(
         "error", "the sidecar's counts (written, tokens, trained_tokens) disagree with the file"
@@ -435,13 +443,16 @@ def audit_file(
     *,
     source: Path | None = None,
     stats: StatsAccumulator | None = None,
+    pairs: bool = False,
 ) -> AuditReport:
     """Check every sample of a tokenized file (see `CHECKS`) in one streaming pass.
 
     With `stats`, the same pass also feeds `--stats` (every sample whose input_ids and labels are lists).
+    `pairs`: a preference file; both sides of each pair get every sample check, the pair the pair checks,
+    and `samples` counts pairs. `--source` compares SFT samples only (refused by `inspect_file` for pairs).
     """
     path = Path(path)
-    first_sample(path)  # not tokenize output at all -> one-line error, not a finding per line
+    first_sample(path, pairs)  # not tokenize output at all -> one-line error, not a finding per line
     vocab = _vocab_tables(tokenizer, meta)
     decode_batch = _batch_decoder(tokenizer)
     report = AuditReport(path)
@@ -496,34 +507,88 @@ def audit_file(
         for index, line_no, raw in iter_raw(path):
             report.samples += 1
             try:
-                sample = parse_sample(raw, path, line_no)
+                parsed = (parse_pair if pairs else parse_sample)(raw, path, line_no)
             except UserError as err:
                 report.add("malformed_line", index, None, str(err).split(": ", 2)[-1][:80])
                 continue
-            line = sample.get("source_line")
-            ids, labels = sample["input_ids"], sample["labels"]
-            if not isinstance(ids, list) or not isinstance(labels, list):
-                report.add("malformed_line", index, line, "input_ids or labels is not a list")
-                continue
-            if stats is not None:
-                stats.add(index, line, len(ids), len(labels) - labels.count(IGNORE_INDEX))
-            if sample.get("len") != len(ids):
-                report.add(
-                    "len_mismatch", index, line, f"len={sample.get('len')!r}, input_ids has {len(ids)}"
-                )
-            elif len(labels) != len(ids):
-                report.add("len_mismatch", index, line, f"labels has {len(labels)}, input_ids has {len(ids)}")
-            if len(labels) != len(ids):
-                continue  # nothing token-level can be aligned
-            pending.append(_Pending(index, line, ids, labels, sample.get("num_loss_counted_tokens")))
-            if len(pending) == BATCH_SAMPLES:
-                check(pending)
-                pending = []
+            if pairs:
+                _check_pair(report, index, parsed)
+            for sample in (parsed["chosen"], parsed["rejected"]) if pairs else (parsed,):
+                pending = _queue(report, index, parsed.get("source_line"), sample, pending, stats)
+                if len(pending) >= BATCH_SAMPLES:
+                    check(pending)
+                    pending = []
         if pending:
             check(pending)
     finally:
         if reader is not None:
             reader.close()
+    _check_sidecar(report, meta, tokens, trained_tokens)
+    if reader is not None:
+        report.notes.append(
+            f"--source {source}: {compared:,} samples compared with their source line"
+            + (f", {skipped:,} not comparable as text (tool calls)" if skipped else "")
+        )
+    elif pairs:
+        report.notes.append(f"{report.samples:,} preference pairs: every sample check ran on both sides")
+    elif (meta or {}).get("input"):
+        report.notes.append(f"trained text not compared with the input; add --source {meta['input']}")
+    return report
+
+
+def _check_pair(report: AuditReport, index: int, pair: dict[str, Any]) -> None:
+    """The pair checks: both sides share their first prompt_len ids, and each trains from prompt_len on."""
+    line, k = pair.get("source_line"), pair["prompt_len"]
+    sides = {key: (pair[key]["input_ids"], pair[key]["labels"]) for key in ("chosen", "rejected")}
+    if not all(isinstance(x, list) for side in sides.values() for x in side):
+        return  # the side's own check reports it
+    (chosen, _), (rejected, _) = sides.values()
+    if not 0 <= k <= min(len(chosen), len(rejected)) or chosen[:k] != rejected[:k]:
+        at = next((j for j, (a, b) in enumerate(zip(chosen[:k], rejected[:k], strict=False)) if a != b), None)
+        where = (
+            f"first differ at id {at}"
+            if at is not None
+            else f"sides of {len(chosen)} and {len(rejected)} ids"
+        )
+        report.add("prompt_mismatch", index, line, f"prompt_len {k}, {where}")
+    for key, (_, labels) in sides.items():
+        first = next((j for j, label in enumerate(labels) if label != IGNORE_INDEX), None)
+        if first is not None and first != k:
+            report.add(
+                "trained_in_prompt", index, line, f"{key}: first trained token at {first}, prompt_len {k}"
+            )
+            break
+
+
+def _queue(
+    report: AuditReport,
+    index: int,
+    line: Any,
+    sample: dict[str, Any],
+    pending: list[_Pending],
+    stats: StatsAccumulator | None,
+) -> list[_Pending]:
+    """The per-line checks of one sample; queues it for the batch checks when its ids and labels align."""
+    ids, labels = sample["input_ids"], sample["labels"]
+    if not isinstance(ids, list) or not isinstance(labels, list):
+        report.add("malformed_line", index, line, "input_ids or labels is not a list")
+        return pending
+    if stats is not None:
+        stats.add(index, line, len(ids), len(labels) - labels.count(IGNORE_INDEX))
+    if sample.get("len") != len(ids):
+        report.add("len_mismatch", index, line, f"len={sample.get('len')!r}, input_ids has {len(ids)}")
+    elif len(labels) != len(ids):
+        report.add("len_mismatch", index, line, f"labels has {len(labels)}, input_ids has {len(ids)}")
+    if len(labels) != len(ids):
+        return pending  # nothing token-level can be aligned
+    pending.append(_Pending(index, line, ids, labels, sample.get("num_loss_counted_tokens")))
+    return pending
+
+
+def _check_sidecar(
+    report: AuditReport, meta: dict[str, Any] | None, tokens: int, trained_tokens: int
+) -> None:
+    """sidecar_mismatch: the sidecar's written/tokens/trained_tokens against what the file holds."""
     if meta is not None:
         counts = meta.get("counts") or {}
         written = counts.get("samples", counts.get("written"))  # samples: more than lines with --split-turns
@@ -535,11 +600,3 @@ def audit_file(
         off = [f"{k}: sidecar {a}, file {b}" for k, (a, b) in claims.items() if a is not None and a != b]
         if off and "malformed_line" not in report.counts and "len_mismatch" not in report.counts:
             report.add("sidecar_mismatch", None, None, "; ".join(off))
-    if reader is not None:
-        report.notes.append(
-            f"--source {source}: {compared:,} samples compared with their source line"
-            + (f", {skipped:,} not comparable as text (tool calls)" if skipped else "")
-        )
-    elif (meta or {}).get("input"):
-        report.notes.append(f"trained text not compared with the input; add --source {meta['input']}")
-    return report

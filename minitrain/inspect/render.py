@@ -35,7 +35,7 @@ from minitrain.errors import UserError
 
 if TYPE_CHECKING:
     from minitrain.inspect.audit import AuditReport
-    from minitrain.inspect.stats import DatasetStats
+    from minitrain.inspect.stats import DatasetStats, PairStats
 
 SPAN_OPEN = "\u27e6"  # ⟦ opens a trained span in plain output
 SPAN_CLOSE = "\u27e7"  # ⟧ closes it
@@ -239,6 +239,96 @@ def render_sample(
     end = "" if body.plain.endswith("\n") else "\n"
     console.print(body, soft_wrap=not color or not tokens, highlight=False, markup=False, end=end)
     console.print()
+
+
+def render_pair(
+    console: Console,
+    tokenizer: Any,
+    index: int,
+    pair: dict[str, Any],
+    special_ids: Collection[int],
+    *,
+    tokens: bool,
+    color: bool,
+) -> None:
+    """Print one preference pair: a header, the shared prompt once, then the chosen and the rejected response.
+
+    Each side is decoded whole and cut at `prompt_len` (a segment boundary: the prompt is masked and the
+    response starts trained), so the response text is what it is inside its sequence.
+    """
+    k = pair["prompt_len"]
+    sides = {key: (pair[key]["input_ids"], pair[key]["labels"]) for key in ("chosen", "rejected")}
+    counts = {
+        key: (len(ids), sum(1 for lab in labels if lab != IGNORE_INDEX))
+        for key, (ids, labels) in sides.items()
+    }
+    line = pair.get("source_line", "?")
+    console.print(
+        Text(
+            f"=== pair {index} | source line {line} | prompt {k} tokens | chosen {counts['chosen'][0]} tokens,"
+            f" {counts['chosen'][1]} trained | rejected {counts['rejected'][0]} tokens, {counts['rejected'][1]}"
+            " trained ===",
+            style=HEADER if color else "",
+        ),
+        soft_wrap=True,
+    )
+    parts = []
+    for key, (ids, labels) in sides.items():
+        labels = list(labels[: len(ids)]) + [IGNORE_INDEX] * (len(ids) - len(labels))
+        try:
+            if tokens:
+                cut = [(0, k), (k, len(ids))]
+                bodies = [
+                    token_cells(tokenizer, ids[a:b], labels[a:b], special_ids, color=color) for a, b in cut
+                ]
+            else:
+                segments = decode_segments(tokenizer, ids, labels, special_ids)
+                bodies = [
+                    sample_text([s for s in segments if s.end <= k], color=color),
+                    sample_text([s for s in segments if s.start >= k], color=color),
+                ]
+        except Exception as err:  # ids the tokenizer cannot decode
+            raise UserError(
+                f"pair {index}: cannot decode its {key} input_ids ({err}); run --audit to see why"
+            ) from None
+        parts.append((key, bodies))
+    shown = [("prompt (shared, masked)", parts[0][1][0])] + [
+        (f"{key} response", bodies[1]) for key, bodies in parts
+    ]
+    for title, body in shown:
+        console.print(Text(f"--- {title}", style=HEADER if color else ""), soft_wrap=True)
+        end = "" if body.plain.endswith("\n") else "\n"
+        console.print(body, soft_wrap=not color or not tokens, highlight=False, markup=False, end=end)
+    console.print()
+
+
+def render_pair_stats(stats: PairStats, console: Console) -> None:
+    """Print `--stats` of a preference file: pairs, lengths of prompt/chosen/rejected, trained tokens, margins."""
+    console.print(Text(f"statistics of {stats.path} (preference pairs)", style="bold"), soft_wrap=True)
+    table = Table()
+    table.add_column("", style="bold")
+    for title in ("prompt", "chosen", "rejected"):
+        table.add_column(title, justify="right")
+    parts = (stats.prompt, stats.chosen, stats.rejected)
+    table.add_row("tokens", *(f"{p.tokens:,}" for p in parts))
+    table.add_row(
+        "trained tokens", "-", f"{stats.chosen.trained_tokens:,}", f"{stats.rejected.trained_tokens:,}"
+    )
+    table.add_row("mean length", *(f"{p.mean_length:,.1f}" for p in parts))
+    for q in stats.chosen.percentiles:
+        table.add_row(f"length p{q}", *(f"{p.percentiles[q]:,}" for p in parts))
+    totals = Table(show_header=False)
+    totals.add_column(style="bold")
+    totals.add_column(justify="right")
+    totals.add_row("pairs", f"{stats.pairs:,}")
+    totals.add_row("length margin, chosen - rejected (mean)", f"{stats.margin_mean:+,.1f}")
+    for q, v in stats.margin_percentiles.items():
+        totals.add_row(f"length margin p{q}", f"{v:+,}")
+    totals.add_row("pairs whose chosen side trains more tokens", f"{stats.chosen_longer:,}")
+    totals.add_row("pairs whose rejected side trains more tokens", f"{stats.rejected_longer:,}")
+    totals.add_row("pairs with a side that trains nothing", f"{stats.zero_trained:,}")
+    console.print(totals)
+    console.print(table)
 
 
 def _bar(count: int, peak: int, width: int = 40) -> str:

@@ -13,7 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from minitrain.data.format import IGNORE_INDEX, parse_sample
+import orjson
+
+from minitrain.data.format import IGNORE_INDEX, is_preference, parse_pair, parse_sample
 from minitrain.errors import UserError
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -57,16 +59,18 @@ def select_samples(
     random_k: int | None = None,
     seed: int = 42,
     grep: Callable[[dict[str, Any]], bool] | None = None,
+    pairs: bool = False,
 ) -> list[SelectedSample]:
     """The samples to show, in file order: the first `n` (default 3), the given `indices`, or `random_k` at random.
 
     `grep` (a predicate on the parsed sample) filters first: `n`/`random_k` then count matching samples
-    and `indices` keep only those that match.
+    and `indices` keep only those that match. `pairs`: the file holds preference pairs (one per line).
     """
     path = Path(path)
+    parse = parse_pair if pairs else parse_sample
 
     def parsed(index: int, line: int, raw: bytes) -> SelectedSample:
-        return SelectedSample(index, line, parse_sample(raw, path, line))
+        return SelectedSample(index, line, parse(raw, path, line))
 
     def candidates() -> Iterator[SelectedSample]:
         for index, line, raw in iter_raw(path):
@@ -115,8 +119,21 @@ def select_samples(
     return out
 
 
-def first_sample(path: Path) -> dict[str, Any]:
-    """The first sample, parsed: a one-line error if the file is empty or not tokenize output."""
+def is_pair_file(path: Path, meta: dict[str, Any] | None) -> bool:
+    """True for a preference file: its sidecar says so, or (no sidecar) its first line has both sides."""
+    if meta is not None:
+        return is_preference(meta)
+    for _, _, raw in iter_raw(path):
+        try:
+            first = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            return False
+        return isinstance(first, dict) and all(isinstance(first.get(k), dict) for k in ("chosen", "rejected"))
+    return False
+
+
+def first_sample(path: Path, pairs: bool = False) -> dict[str, Any]:
+    """The first sample (or pair), parsed: a one-line error if the file is empty or not tokenize output."""
     for _, line, raw in iter_raw(path):
-        return parse_sample(raw, Path(path), line)
+        return (parse_pair if pairs else parse_sample)(raw, Path(path), line)
     raise UserError(f"{path}: no samples (empty file); run `minitrain tokenize` first")

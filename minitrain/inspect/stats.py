@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from minitrain.data.format import parse_sample
+from minitrain.data.format import parse_pair, parse_sample
 from minitrain.errors import UserError
 from minitrain.inspect.select import first_sample, iter_raw, sample_counts
 
@@ -183,3 +183,77 @@ def compute_stats(
             seed=seed,
         )
     return acc.finish(path, packing)
+
+
+# ------------------------------------------------------------------------------------------ preference pairs
+
+
+@dataclass(frozen=True)
+class SideStats:
+    """Lengths of one part of every pair (the shared prompt, the chosen side or the rejected side)."""
+
+    tokens: int
+    trained_tokens: int
+    mean_length: float
+    percentiles: dict[int, int]
+
+
+@dataclass(frozen=True)
+class PairStats:
+    """The numbers `--stats` prints for a preference file (packing is planned for SFT samples only)."""
+
+    path: Path
+    pairs: int
+    prompt: SideStats
+    chosen: SideStats
+    rejected: SideStats
+    margin_mean: float  # mean of len(chosen) - len(rejected), tokens
+    margin_percentiles: dict[int, int]  # of the same difference (negative: chosen shorter)
+    chosen_longer: int  # pairs whose chosen side has more trained tokens than the rejected one
+    rejected_longer: int
+    zero_trained: int  # pairs with a side that trains nothing
+
+
+def _side_stats(lengths: np.ndarray, trained: np.ndarray) -> SideStats:
+    pct = {p: int(np.percentile(lengths, p, method="higher")) for p in PERCENTILES} if lengths.size else {}
+    return SideStats(
+        int(lengths.sum()), int(trained.sum()), float(lengths.mean()) if lengths.size else 0.0, pct
+    )
+
+
+def compute_pair_stats(path: Path) -> PairStats:
+    """`--stats` of a preference file: prompt, chosen and rejected lengths, trained tokens per side, margins.
+
+    Keeps five int64 per pair (prompt, chosen, rejected lengths and the two trained counts).
+    """
+    path = Path(path)
+    first_sample(path, pairs=True)
+    cols = [array("q") for _ in range(5)]  # prompt_len, len c, len r, trained c, trained r
+    for _, line, raw in iter_raw(path):
+        pair = parse_pair(raw, path, line)
+        counts = [sample_counts(pair[key]) for key in ("chosen", "rejected")]
+        if counts[0] is None or counts[1] is None:
+            raise UserError(
+                f"{path}:{line}: input_ids or labels is not a list; run `minitrain inspect --audit`"
+            )
+        (nc, tc), (nr, tr) = counts
+        for col, value in zip(cols, (pair["prompt_len"], nc, nr, tc, tr), strict=True):
+            col.append(value)
+    prompt, nc, nr, tc, tr = (
+        np.frombuffer(c, dtype=np.int64) if len(c) else np.zeros(0, np.int64) for c in cols
+    )
+    margin = nc - nr
+    return PairStats(
+        path=path,
+        pairs=int(prompt.size),
+        prompt=_side_stats(prompt, np.zeros_like(prompt)),
+        chosen=_side_stats(nc, tc),
+        rejected=_side_stats(nr, tr),
+        margin_mean=float(margin.mean()) if margin.size else 0.0,
+        margin_percentiles={p: int(np.percentile(margin, p, method="higher")) for p in PERCENTILES}
+        if margin.size
+        else {},
+        chosen_longer=int((tc > tr).sum()),
+        rejected_longer=int((tr > tc).sum()),
+        zero_trained=int(((tc == 0) | (tr == 0)).sum()),
+    )

@@ -257,3 +257,20 @@ def test_sharegpt_parquet_with_mapping_flags_through_the_cli(tmp_path):
     assert ref.exit_code == 0, ref.output
     assert (tmp_path / "out.jsonl").read_bytes() == (tmp_path / "ref.tok.jsonl").read_bytes()
     assert read_sidecar(tmp_path / "out.jsonl")["config"]["assistant_role"] == ["bot"]
+
+
+def test_a_preference_file_through_the_cli(tmp_path):
+    """The fixture's prompt/chosen/rejected lines: pairs in the summary, the sidecar and OUT.jsonl."""
+    from minitrain.data.format import iter_pairs
+
+    head = b"".join((DATA / "dpo_en_demo.preference.jsonl").read_bytes().splitlines(keepends=True)[:5])
+    inp = tmp_path / "pairs.jsonl"
+    inp.write_bytes(head + b'{"messages": [{"role": "user", "content": "hi"}]}\n')
+    out = tmp_path / "out.jsonl"
+    result = runner.invoke(app, ["tokenize", str(inp), "-o", str(out), "--model-name-or-path", str(SMOLLM2)])
+    assert result.exit_code == 0, result.output
+    assert "written (preference pairs)" in result.output and "mixed kinds" in result.output
+    meta = read_sidecar(out)
+    assert meta["kind"] == "preference" and meta["counts"]["pairs"] == 5
+    assert meta["counts"]["rejected_by_reason"] == {"mixed kinds": 1}
+    assert [p["source_line"] for _, p in iter_pairs(out)] == [1, 2, 3, 4, 5]

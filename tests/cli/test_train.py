@@ -174,6 +174,36 @@ def test_dry_run_plans_without_training(tmp_path):
     assert report.is_file() and not (tmp_path / "out" / "training_metrics_0.jsonl").exists()
 
 
+@pytest.mark.parametrize("sidecar", [True, False], ids=["with sidecar", "without sidecar"])
+def test_a_preference_file_is_refused_by_sft_training_naming_the_flag(tmp_path, sidecar):
+    """A file tokenized from prompt/chosen/rejected lines, given to `train` (and its --dry-run): one line."""
+    from minitrain.data.format import sidecar_path
+    from tests.conftest import SMOLLM2
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(
+        '{"prompt": "Q: 2+2?", "chosen": " 4", "rejected": " 5"}\n'
+        '{"chosen": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}], '
+        '"rejected": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Bye."}]}\n'
+    )
+    data = tmp_path / "d.jsonl"
+    done = CliRunner().invoke(
+        app,
+        ["tokenize", str(pairs), "-o", str(data), "--model-name-or-path", str(SMOLLM2), "--num-workers", "1"],
+    )
+    assert done.exit_code == 0, done.output
+    if not sidecar:
+        sidecar_path(data).unlink()
+    tiny_llama_config(vocab_size=64).save_pretrained(tmp_path / "model")
+    base = ["train", "--data-path", str(data), "--model-name-or-path", str(tmp_path / "model"),
+            "--output-dir", str(tmp_path / "out"), "--nproc", "1"]  # fmt: skip
+    for args in (base, [*base, "--dry-run"]):
+        message = _invoke_expecting_user_error(args)
+        assert "tokenized as preference pairs; train it with --objective dpo" in message, message
+        assert str(data) in message and "\n" not in message
+    assert not (data.with_suffix(".mtcache") / "store.bin").exists()  # no cache of a pair file
+
+
 def test_dry_run_report_needs_dry_run(launched):
     result = CliRunner().invoke(
         app, ["train", "--nproc", "1", *MINI_TRAINER, "--dry-run-report", str(Path("r.json"))]

@@ -120,6 +120,7 @@ def test_sidecar_has_the_documented_keys(tmp_path):
         "trained_tokens",
     ):
         assert key in meta, key
+    assert meta["kind"] == "sft" and "pairs" not in meta["counts"]
     for key in (
         "path",
         "class",
@@ -286,8 +287,8 @@ def test_summary_renders_every_count(tmp_path):
 
 def test_nothing_written_is_an_error_with_the_top_reasons_and_no_files(tmp_path):
     """Every line rejected: one UserError (exit 1) naming the counts, top reasons and the first line; no OUT."""
-    inp = tmp_path / "prefs.jsonl"
-    inp.write_bytes(b'{"prompt": "q", "chosen": "a"}\n' * 3 + b"{broken\n")
+    inp = tmp_path / "odd.jsonl"
+    inp.write_bytes(b'{"text": "q", "label": "a"}\n' * 3 + b"{broken\n")
     with pytest.raises(UserError) as err:
         run(tmp_path, inp)
     message = str(err.value)
@@ -372,3 +373,122 @@ def test_train_on_and_split_turns_are_validated(tmp_path, kwargs, says):
             model_name_or_path="m",
             **kwargs,
         )
+
+
+# ------------------------------------------------------------------------------------- preference pairs
+
+
+def _pair(prompt: str, chosen: str, rejected: str) -> bytes:
+    import orjson
+
+    user = [{"role": "user", "content": prompt}]
+    return orjson.dumps(
+        {
+            "prompt": user,
+            "chosen": [{"role": "assistant", "content": chosen}],
+            "rejected": [{"role": "assistant", "content": rejected}],
+        }
+    )
+
+
+PAIR_LINES = [  # (line, what becomes of it)
+    (_pair("Hi", "Hello there.", "Go away."), "written"),
+    (GOOD, chat.MIXED_KINDS),
+    (b'{"prompt": "q", "chosen": "a"}', chat.MISSING_SIDE),
+    (b'{"prompt": [{"role": "user", "content": "q"}], "chosen": [], "rejected": []}', chat.EMPTY_RESPONSE),
+    (
+        b'{"prompt": [], "chosen": [{"role": "user", "content": "q"}], '
+        b'"rejected": [{"role": "assistant", "content": "a"}]}',
+        chat.NON_ASSISTANT_RESPONSE,
+    ),
+    (b'{"prompt": "Answer: ", "chosen": "Yes", "rejected": "\\nNo"}', chat.PROMPT_TOKENS_DIFFER),
+    (b"{broken", chat.MALFORMED_JSON),
+    (b"", "blank"),
+    (_pair("Hi", "word " * 300, "Short."), chat.TOO_LONG),  # the chosen side is too long: the pair goes
+    (b'{"prompt": "Q: capital of France?", "chosen": " Paris", "rejected": " Lyon"}', "written"),
+    (
+        b'{"chosen": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}], '
+        b'"rejected": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Bye."}]}',
+        "written",
+    ),
+]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_preference_file_counts_every_line_and_writes_one_line_per_pair(tmp_path, workers):
+    import orjson
+
+    from minitrain.data.format import iter_pairs
+
+    inp = tmp_path / "pairs.jsonl"
+    inp.write_bytes(b"\n".join(line for line, _ in PAIR_LINES) + b"\n")
+    result, out = run(tmp_path, inp, workers=workers, max_sample_num_tokens=200)
+    fates = {n: fate for n, (_, fate) in enumerate(PAIR_LINES, 1)}
+    rejected = {n: fate for n, fate in fates.items() if fate not in ("written", "blank", chat.TOO_LONG)}
+    assert result.kind == "preference"
+    assert result.read == result.written + result.dropped + result.rejected == len(PAIR_LINES) - 1
+    assert (result.written, result.dropped, result.rejected, result.blank) == (3, 1, len(rejected), 1)
+    rejects = [orjson.loads(line) for line in rejects_path(out).read_bytes().splitlines()]
+    assert {r["line"]: r["reason"] for r in rejects} == {
+        n: fate for n, fate in fates.items() if fate not in ("written", "blank")
+    }
+    pairs = list(iter_pairs(out))
+    assert [p["source_line"] for _, p in pairs] == [n for n, fate in fates.items() if fate == "written"]
+    for _, p in pairs:
+        k = p["prompt_len"]
+        assert p["chosen"]["input_ids"][:k] == p["rejected"]["input_ids"][:k]
+        for side in (p["chosen"], p["rejected"]):
+            assert side["len"] == len(side["input_ids"]) == len(side["labels"])
+            assert side["num_loss_counted_tokens"] == sum(label != -100 for label in side["labels"])
+            assert set(side["labels"][:k]) == {-100} and side["labels"][k] == side["input_ids"][k]
+    sides = [p[key] for _, p in pairs for key in ("chosen", "rejected")]
+    assert result.tokens == sum(s["len"] for s in sides)
+    assert result.trained_tokens == sum(s["num_loss_counted_tokens"] for s in sides)
+    meta = read_sidecar(out)
+    assert meta["kind"] == "preference" and meta["counts"]["pairs"] == meta["counts"]["written"] == 3
+    counts = meta["counts"]
+    assert counts["read"] == counts["written"] + counts["dropped"] + counts["rejected"]
+
+
+def test_an_sft_file_rejects_pair_lines_as_mixed_kinds(tmp_path):
+    inp = tmp_path / "sft.jsonl"
+    inp.write_bytes(b"{broken\n" + GOOD + b"\n" + _pair("Hi", "a", "b") + b"\n" + GOOD + b"\n")
+    result, out = run(tmp_path, inp)
+    assert result.kind == "sft" and read_sidecar(out)["kind"] == "sft"
+    assert (result.written, result.rejected_by_reason) == (2, {chat.MALFORMED_JSON: 1, chat.MIXED_KINDS: 1})
+
+
+@pytest.mark.parametrize(
+    ("flags", "says"),
+    [({"split_turns": True}, "drop --split-turns"), ({"train_on": "last"}, "drop --train-on")],
+)
+def test_turn_flags_are_refused_on_a_preference_file(tmp_path, flags, says):
+    inp = tmp_path / "pairs.jsonl"
+    inp.write_bytes(_pair("Hi", "a", "b") + b"\n")
+    with pytest.raises(UserError, match=f"holds preference pairs .*; {says}"):
+        run(tmp_path, inp, **flags)
+
+
+def test_the_fixture_preference_file(tmp_path):
+    """dpo_en_demo (300 pairs, prompts of 1 to 13 messages): every pair written; the first ones exactly as the
+    reference render gives each side."""
+    import orjson
+    from transformers import AutoTokenizer
+
+    from minitrain.data.format import iter_pairs
+    from tests.conftest import DATA
+    from tests.data.test_preference import reference_side
+
+    inp = DATA / "dpo_en_demo.preference.jsonl"
+    result, out = run(tmp_path, inp)
+    assert (result.read, result.written, result.dropped, result.rejected) == (300, 300, 0, 0)
+    tok = AutoTokenizer.from_pretrained(str(SMOLLM2))
+    records = [orjson.loads(line) for line in inp.read_bytes().splitlines()]
+    for _, pair in iter_pairs(out):
+        k = pair["prompt_len"]
+        assert pair["chosen"]["input_ids"][:k] == pair["rejected"]["input_ids"][:k]
+        record = records[pair["source_line"] - 1]
+        if pair["source_line"] <= 20:
+            for key in ("chosen", "rejected"):
+                ids, labels, prompt_len = reference_side(tok, record["prompt"], record[key])
+                assert (pair[key]["input_ids"], pair[key]["labels"], k) == (ids, labels, prompt_len)

@@ -657,3 +657,103 @@ def test_masked_reasoning_is_found(tmp_path: Path) -> None:
     # line 1: the last turn's reasoning (the first turn's is dropped by the template); line 2: inline <think>
     assert report.counts == {"reasoning_masked": 2}, report.examples
     assert [e.source_line for e in report.examples["reasoning_masked"]] == [1, 2]
+
+
+# ------------------------------------------------------------------------------------------ preference pairs
+
+
+@pytest.fixture(scope="module")
+def pair_file(tmp_path_factory) -> Path:
+    """The first 12 pairs of the fixture, tokenized with SmolLM2 (prompts of 1 to several messages)."""
+    from minitrain.config import TokenizeConfig
+    from minitrain.data.pipeline import tokenize_file
+
+    folder = tmp_path_factory.mktemp("pairs")
+    inp = folder / "in.jsonl"
+    inp.write_bytes(
+        b"".join((DATA / "dpo_en_demo.preference.jsonl").read_bytes().splitlines(keepends=True)[:12])
+    )
+    config = TokenizeConfig(
+        input_file=inp, output_file=folder / "pairs.jsonl", model_name_or_path=str(SMOLLM2), num_workers=1
+    )
+    tokenize_file(config)
+    return config.output_file
+
+
+def _pairs(path: Path) -> list[dict[str, Any]]:
+    from minitrain.data.format import iter_pairs
+
+    return [p for _, p in iter_pairs(path)]
+
+
+def test_the_pair_view_shows_the_prompt_once_then_each_response(pair_file):
+    from typer.testing import CliRunner
+
+    from minitrain.cli import app
+    from minitrain.inspect.render import SPAN_CLOSE, SPAN_OPEN
+
+    result = CliRunner().invoke(app, ["inspect", str(pair_file), "--index", "2", "--no-color"])
+    assert result.exit_code == 0, result.output
+    pair = _pairs(pair_file)[2]
+    tok = _tokenizer(SMOLLM2)
+    text = {k: tok.decode(pair[k]["input_ids"], skip_special_tokens=False) for k in ("chosen", "rejected")}
+    k = pair["prompt_len"]
+    prompt = tok.decode(pair["chosen"]["input_ids"][:k], skip_special_tokens=False)
+    head, rest = result.output.split("--- prompt (shared, masked)\n")
+    assert head.startswith("=== pair 2 | source line 3 | prompt ")
+    shown_prompt, rest = rest.split("\n--- chosen response\n")
+    chosen, rejected = rest.split("\n--- rejected response\n")
+    assert shown_prompt + "\n" == prompt and SPAN_OPEN not in shown_prompt  # shown once, all masked
+    for key, shown in (("chosen", chosen), ("rejected", rejected)):
+        response = shown.rstrip("\n").replace(SPAN_OPEN, "").replace(SPAN_CLOSE, "")
+        assert prompt + response == text[key].rstrip("\n")
+        assert shown.startswith(SPAN_OPEN)  # the response starts trained
+
+
+def _tokenizer(path: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+def test_pair_stats_against_a_direct_count(pair_file):
+    from minitrain.inspect.stats import compute_pair_stats
+
+    pairs = _pairs(pair_file)
+    stats = compute_pair_stats(pair_file)
+    trained = {k: [sum(x != -100 for x in p[k]["labels"]) for p in pairs] for k in ("chosen", "rejected")}
+    lengths = {k: [len(p[k]["input_ids"]) for p in pairs] for k in ("chosen", "rejected")}
+    assert stats.pairs == len(pairs) == 12
+    assert stats.prompt.tokens == sum(p["prompt_len"] for p in pairs)
+    for key in ("chosen", "rejected"):
+        side = getattr(stats, key)
+        assert (side.tokens, side.trained_tokens) == (sum(lengths[key]), sum(trained[key]))
+        assert (
+            side.percentiles[100] == max(lengths[key]) and side.percentiles[50] == sorted(lengths[key])[6]
+        )  # "higher"
+    margins = [c - r for c, r in zip(lengths["chosen"], lengths["rejected"], strict=True)]
+    assert stats.margin_mean == pytest.approx(sum(margins) / 12)
+    assert stats.chosen_longer == sum(
+        c > r for c, r in zip(trained["chosen"], trained["rejected"], strict=True)
+    )
+    config = InspectConfig(path=pair_file, stats=True, audit=True)
+    assert inspect_file(config).stats == stats
+
+
+def test_pair_audit_is_clean_and_finds_each_broken_pair(pair_file, tmp_path):
+    tok = _tokenizer(SMOLLM2)
+    meta = read_sidecar(pair_file)
+    report = audit_file(pair_file, tok, meta, pairs=True)
+    assert report.ok and report.samples == 12 and not report.counts, report.counts
+    pairs = _pairs(pair_file)
+    pairs[1]["rejected"]["input_ids"][0] += 1  # the sides' prompts differ
+    k = pairs[4]["prompt_len"]
+    pairs[4]["chosen"]["labels"][k - 1] = pairs[4]["chosen"]["input_ids"][k - 1]  # a prompt token trained
+    pairs[4]["chosen"]["num_loss_counted_tokens"] += 1
+    pairs[7]["prompt_len"] += 1  # prompt_len past the first trained token
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b"".join(orjson.dumps(p) + b"\n" for p in pairs))
+    report = audit_file(bad, tok, None, pairs=True)
+    assert [e.index for e in report.examples["prompt_mismatch"]] == [1]
+    assert [e.index for e in report.examples["trained_in_prompt"]] == [4, 7]
+    assert report.counts["prompt_mismatch"] == 1 and report.counts["trained_in_prompt"] == 2 and not report.ok

@@ -1,0 +1,58 @@
+"""Tests for minitrain/data/format.py's file kinds: is_preference, check_kind, iter_pairs and parse_sample on pairs."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+
+from minitrain.data.format import check_kind, is_preference, iter_pairs, iter_samples
+from minitrain.errors import UserError
+
+SIDE = {"input_ids": [1, 2, 3], "labels": [-100, 2, 3], "len": 3, "num_loss_counted_tokens": 2}
+PAIR = {"chosen": SIDE, "rejected": SIDE, "prompt_len": 1, "source_line": 1}
+
+
+def test_kind_of_a_sidecar():
+    assert is_preference({"kind": "preference"})
+    assert not is_preference({"kind": "sft"}) and not is_preference({}) and not is_preference(None)
+
+
+def test_check_kind_names_the_flag_in_both_directions(tmp_path):
+    path = tmp_path / "d.jsonl"
+    check_kind(path, {"kind": "sft"}, "sft")
+    check_kind(path, None, "sft")  # no sidecar (e.g. mini_trainer's files): SFT
+    check_kind(path, {"kind": "preference"}, "dpo")
+    with pytest.raises(
+        UserError, match=r"d.jsonl was tokenized as preference pairs; train it with --objective dpo"
+    ):
+        check_kind(path, {"kind": "preference"}, "sft")
+    with pytest.raises(UserError, match=r"d.jsonl holds SFT samples; --objective dpo needs preference pairs"):
+        check_kind(path, {}, "dpo")
+
+
+def test_iter_pairs_reads_pairs_and_names_file_and_line(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_bytes(orjson.dumps(PAIR) + b"\n\n" + orjson.dumps({**PAIR, "source_line": 3}) + b"\n")
+    assert [(n, p["source_line"]) for n, p in iter_pairs(path)] == [(1, 1), (3, 3)]
+    bad = [
+        (b"{broken", "p.jsonl:2: malformed JSON"),
+        (b"[1]", "p.jsonl:2: expected a JSON object"),
+        (orjson.dumps(SIDE), "p.jsonl:2: an SFT sample, not a preference pair"),
+        (
+            orjson.dumps({**PAIR, "rejected": {"input_ids": [1]}}),
+            "p.jsonl:2: not a tokenized pair (`rejected`",
+        ),
+        (orjson.dumps({k: v for k, v in PAIR.items() if k != "prompt_len"}), "no `prompt_len`"),
+    ]
+    for line, says in bad:
+        path.write_bytes(orjson.dumps(PAIR) + b"\n" + line + b"\n")
+        with pytest.raises(UserError, match=says.replace("(", r"\(").replace("[", r"\[")) as err:
+            list(iter_pairs(path))
+        assert "\n" not in str(err.value)
+
+
+def test_a_pair_read_as_an_sft_sample_names_the_flag(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_bytes(orjson.dumps(PAIR) + b"\n")
+    with pytest.raises(UserError, match=r"p.jsonl:1: a preference pair .* train it with --objective dpo"):
+        list(iter_samples(path))
