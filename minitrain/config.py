@@ -20,6 +20,7 @@ from minitrain.errors import UserError
 
 # ------------------------------------------------------------------------------------------- tokenize
 
+RESUME_LATEST = "latest"  # --resume with no path: the latest complete checkpoint
 TRAIN_ON = ("all", "last")  # tokenize --train-on values
 
 
@@ -327,6 +328,10 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict of every field (paths as strings)."""
         return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    def resume_checkpoint(self) -> Path | None:
+        """The checkpoint folder `--resume` names; None for the latest one (or without --resume)."""
+        return None if self.resume in (None, RESUME_LATEST) else Path(self.resume)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:

@@ -24,3 +24,8 @@ def say(line: str) -> None:
     """One line on stderr in one write, flushed: the lines of several ranks on one pipe never interleave."""
     sys.stderr.write(line + "\n")
     sys.stderr.flush()
+
+
+def signal_exit_code(signum: int) -> int:
+    """The exit code of a process ended by signal `signum`, as a shell reports it: 128 + N (130 SIGINT, 143 SIGTERM)."""
+    return 128 + signum

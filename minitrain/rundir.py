@@ -315,9 +315,7 @@ def write_training_params(config: TrainConfig, *, world_size: int, data: Mapping
     launch: dict[str, Any] = config.to_dict()
     resumed_from = None
     if config.resume is not None:
-        resumed_from = str(
-            resolve_resume(config.output_dir, None if config.resume == "latest" else Path(config.resume))
-        )
+        resumed_from = str(resolve_resume(config.output_dir, config.resume_checkpoint()))
     launch.update(
         world_size=world_size,
         minitrain_version=__version__,

@@ -33,7 +33,7 @@ def _minitrain(*args: str | Path, cwd: Path) -> subprocess.CompletedProcess:
 def test_tokenize_train_plot(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from minitrain.train.metrics import METRIC_KEYS
+    from tests.train.test_metrics import MINI_TRAINER_KEYS
 
     rows = (DATA / "alpaca_en_demo.messages.jsonl").read_bytes().splitlines(keepends=True)[:24]
     (tmp_path / "chat.jsonl").write_bytes(b"".join(rows))
@@ -67,7 +67,7 @@ def test_tokenize_train_plot(tmp_path):
     records = [orjson.loads(line) for line in (run / "training_metrics_0.jsonl").read_bytes().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3]
     for record in records:
-        assert set(METRIC_KEYS) <= record.keys()
+        assert set(MINI_TRAINER_KEYS) <= record.keys()
         assert record["num_samples"] > 0 and record["num_loss_counted_tokens"] > 0
     checkpoints = sorted(p.name for p in (run / "hf_format").iterdir())
     total = records[-1]["total_samples_accumulated"]

@@ -17,7 +17,13 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from minitrain.config import LOGGING_LEVELS, LR_SCHEDULERS, MASTER_DTYPES, SHARDING_STRATEGIES
+from minitrain.config import (
+    LOGGING_LEVELS,
+    LR_SCHEDULERS,
+    MASTER_DTYPES,
+    RESUME_LATEST,
+    SHARDING_STRATEGIES,
+)
 
 _LAUNCH = "Launch"
 _BATCH = "Batch"
@@ -375,9 +381,6 @@ def train(
             file=sys.stderr,
         )
     raise typer.Exit(code)
-
-
-RESUME_LATEST = "latest"
 
 
 def _resolve_resume(value: str | None) -> str | None:

@@ -68,7 +68,7 @@ from minitrain.data.sources import (
     to_chat_record,
     to_pair_record,
 )
-from minitrain.errors import UserError
+from minitrain.errors import UserError, signal_exit_code
 
 CHUNK_LINES = 64  # lines per task sent to a worker
 CHUNK_BYTES = 1 << 20  # ... or fewer when the lines are long
@@ -421,7 +421,7 @@ def _sigterm_raises() -> Iterator[None]:
         return
 
     def _exit(signum: int, frame: Any) -> None:
-        raise SystemExit(128 + signum)
+        raise SystemExit(signal_exit_code(signum))
 
     previous = signal.signal(signal.SIGTERM, _exit)
     try:

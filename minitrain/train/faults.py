@@ -5,7 +5,7 @@ Owns four small pieces, one per fault:
 - `StopFlag` (in every worker): the first SIGINT/SIGTERM only *asks* for a stop; `should_stop(dist)` is
   called once per step boundary and all-reduces (MAX) the signal number, so every rank sees the request at
   the same step even when the signal reached them a few milliseconds apart. The loop then saves a checkpoint
-  and exits with `exit_code` (128 + signal: 130 for SIGINT, 143 for SIGTERM). A second signal to the same
+  and the process exits with `errors.signal_exit_code` of the signal (130 for SIGINT, 143 for SIGTERM). A second signal to the same
   worker ends it at once (default action).
 - `check_finite(loss, grad_norm, step)`: called after clipping and BEFORE `optimizer.step()`, so a diverged
   step raises `NonFiniteError` (one line, the step number) and no NaN ever reaches the weights or a checkpoint.
@@ -34,7 +34,7 @@ from collections.abc import Callable, Iterable
 from types import FrameType, TracebackType
 from typing import Any
 
-from minitrain.errors import UserError
+from minitrain.errors import UserError, signal_exit_code
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -47,7 +47,7 @@ class StopFlag:
     """Graceful-stop request from SIGINT/SIGTERM, agreed across ranks at step boundaries.
 
     Use as `with StopFlag(announce=dist.is_main) as stop:` around the loop (main thread only), and at the end
-    of every step: `if stop.should_stop(dist): save(); return stop.exit_code`.
+    of every step: `if stop.should_stop(dist): save(); return` (the stop's signal is `stop.agreed`).
     """
 
     def __init__(self, signals: Iterable[int] = STOP_SIGNALS, *, announce: bool = True) -> None:
@@ -89,11 +89,6 @@ class StopFlag:
         else:
             self.agreed = self.received
         return self.agreed != 0
-
-    @property
-    def exit_code(self) -> int:
-        """128 + the agreed signal (130 SIGINT, 143 SIGTERM), as a shell reports a process it killed; 0 if none."""
-        return 128 + self.agreed if self.agreed else 0
 
     @property
     def signal_name(self) -> str | None:
@@ -176,10 +171,10 @@ def wait_forwarding_signals(
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    code = 128 - code if code < 0 else code
+    code = signal_exit_code(-code) if code < 0 else code
     first = received[0] if received else None
     if first is not None and code != 0:
-        code = 128 + first
+        code = signal_exit_code(first)
     return code, first
 
 

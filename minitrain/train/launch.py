@@ -18,6 +18,7 @@ import sys
 from collections.abc import Mapping, Sequence
 
 from minitrain.config import TrainConfig, usable_cores
+from minitrain.errors import signal_exit_code
 from minitrain.rundir import write_training_params
 from minitrain.train.preflight import Inputs, fit_to_gpus, in_launched_env, preflight
 
@@ -83,7 +84,7 @@ def run_training(config: TrainConfig, inputs: Inputs | None = None) -> int:
         if rank == 0:
             write_training_params(config, world_size=world, data=info.params())
         state = run(config, tokenizer_source=info.tokenizer_source)
-        return 128 + state.stop_signal if state.stop_signal else 0
+        return signal_exit_code(state.stop_signal) if state.stop_signal else 0
     config = fit_to_gpus(config)
     write_training_params(config, world_size=config.world_size(), data=info.params())
     return run_command(torchrun_command(config), env=torchrun_env(config.nproc))
@@ -125,7 +126,7 @@ def torchrun_main(argv: Sequence[str]) -> int:
             print(f"minitrain: rank {rank} (pid {failure.pid}) {how}", file=sys.stderr, flush=True)
         return 1
     except SignalException as err:
-        return 128 + int(err.sigval)
+        return signal_exit_code(int(err.sigval))
     return 0
 
 

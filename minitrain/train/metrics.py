@@ -46,11 +46,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 
 if TYPE_CHECKING:
     from minitrain.train.trackers import Trackers
-METRIC_KEYS = (
-    "step", "lr", "grad_norm", "loss", "num_samples", "num_loss_counted_tokens", "num_total_tokens",
-    "grad_accum", "time_per_batch", "tokens_per_second", "samples_per_second", "total_samples_accumulated",
-    "peak_memory_usage_GB", "epoch", "timestamp",
-)  # fmt: skip
+
 
 # dense bf16 peak FLOP/s per GPU (no sparsity), from NVIDIA's data sheets: model -> form factor -> peak.
 # `peak_flops_per_device` matches whole words of the device name, so L40 is not L4 and GB200 is not B200;

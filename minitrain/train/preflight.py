@@ -304,7 +304,7 @@ def _check_previous_run(config: TrainConfig) -> None:
     """An output dir holding a run is continued (--resume), replaced (--overwrite, later), or refused."""
     out = Path(config.output_dir)
     if config.resume is not None:
-        resolve_resume(out, None if config.resume == "latest" else Path(config.resume))  # a clear error now
+        resolve_resume(out, config.resume_checkpoint())  # a clear error now
         return
     found = sorted({p.relative_to(out).parts[0] for p in run_files(out)})
     if found and not config.overwrite:

@@ -25,7 +25,7 @@ import torch  # noqa: E402 - after the handler above: importing torch takes seco
 from minitrain.config import TrainConfig
 from minitrain.data.sampler import InfiniteSampler
 from minitrain.data.store import TokenStore
-from minitrain.errors import UserError, first_line, say
+from minitrain.errors import UserError, first_line, say, signal_exit_code
 from minitrain.rundir import METRICS_FILE, read_training_params, resolve_resume, scan_checkpoints
 from minitrain.train.checkpoint import load_training_state, save_training_state
 from minitrain.train.dist import (
@@ -299,7 +299,7 @@ def _resume_point(config: TrainConfig, dist: DistInfo) -> Path:
     choice: list = [None]
     if dist.is_main:
         try:
-            resume = None if config.resume == "latest" else Path(config.resume)
+            resume = config.resume_checkpoint()
             choice[0] = resolve_resume(config.output_dir, resume)
             for leftover in scan_checkpoints(config.output_dir).incomplete:
                 print0(dist, f"minitrain: ignoring incomplete checkpoint {leftover} (an interrupted write)")
@@ -369,7 +369,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "the rank that failed first says why (MINITRAIN_DEBUG=1 shows this traceback)"
         )
         return 1
-    return 128 + state.stop_signal if state.stop_signal else 0  # 130 / 143 after a graceful stop
+    return signal_exit_code(state.stop_signal) if state.stop_signal else 0  # 130 / 143 after a graceful stop
 
 
 if __name__ == "__main__":

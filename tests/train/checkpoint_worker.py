@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import torch.distributed as torch_dist
 
+from minitrain.errors import signal_exit_code
 from minitrain.rundir import find_latest_checkpoint
 from minitrain.train.checkpoint import load_training_state, save_training_state
 from minitrain.train.dist import DistInfo, close_distributed, init_distributed
@@ -220,12 +221,12 @@ def run_stop(run_dir: Path, dist: DistInfo) -> int:
                     run_dir / f"stopped_{dist.rank}.json",
                     {
                         "step": step,
-                        "exit_code": stop.exit_code,
+                        "exit_code": signal_exit_code(stop.agreed) if stop.agreed else 0,
                         "received": stop.received,
                         "checkpoint": path.name,
                     },
                 )
-                return stop.exit_code
+                return signal_exit_code(stop.agreed) if stop.agreed else 0
     return 1
 
 
@@ -237,7 +238,7 @@ def run_hang(run_dir: Path, dist: DistInfo) -> int:
         while not stop.should_stop(dist):
             torch_dist.all_reduce(x)
             time.sleep(0.01)
-    return stop.exit_code
+    return signal_exit_code(stop.agreed) if stop.agreed else 0
 
 
 def main(argv: list[str]) -> int:

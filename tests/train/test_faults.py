@@ -33,7 +33,7 @@ from minitrain.train.faults import (
     kill_process_tree,
     wait_forwarding_signals,
 )
-from tests.train.test_state import REPO, WORKER, make_run_dir
+from tests.train.test_checkpoint import REPO, WORKER, make_run_dir
 
 SOLO = DistInfo(
     rank=0, local_rank=0, world_size=1, local_world_size=1, device=torch.device("cpu"), backend="gloo"
@@ -62,14 +62,14 @@ def test_check_finite_passes_numbers_and_names_the_step_otherwise() -> None:
 def test_stop_flag_records_the_first_signal_and_restores_handlers() -> None:
     before = signal.getsignal(signal.SIGTERM)
     with StopFlag(announce=False) as stop:
-        assert not stop.should_stop(SOLO) and stop.exit_code == 0
+        assert not stop.should_stop(SOLO) and stop.agreed == 0
         os.kill(os.getpid(), signal.SIGTERM)  # handled: this test process lives on
         assert stop.received == signal.SIGTERM
-        assert stop.should_stop(SOLO) and stop.exit_code == 143 and stop.signal_name == "SIGTERM"
+        assert stop.should_stop(SOLO) and stop.agreed == signal.SIGTERM and stop.signal_name == "SIGTERM"
     assert signal.getsignal(signal.SIGTERM) is before
     stop = StopFlag()
     stop.request(signal.SIGINT)
-    assert stop.should_stop(SOLO) and stop.exit_code == 130
+    assert stop.should_stop(SOLO) and stop.agreed == signal.SIGINT
 
 
 def test_a_second_signal_ends_the_worker_at_once() -> None:

@@ -137,7 +137,7 @@ def test_a_tiny_model_overfits_a_few_samples(runs):
 
 
 def test_run_directory_holds_params_metrics_and_checkpoints(runs):
-    from minitrain.train.metrics import METRIC_KEYS
+    from tests.train.test_metrics import MINI_TRAINER_KEYS
 
     for name, world in (("one", 1), ("two", 2), ("split", 2)):
         run = runs[name]
@@ -146,7 +146,7 @@ def test_run_directory_holds_params_metrics_and_checkpoints(runs):
         assert params["batch_size"] == NUM_SAMPLES and params["seed"] == 7
         assert {"minitrain_version", "torch_version", "transformers_version"} <= params.keys()
         for record in _metrics(run):
-            assert set(METRIC_KEYS) <= record.keys()
+            assert set(MINI_TRAINER_KEYS) <= record.keys()
             assert record["num_samples"] == NUM_SAMPLES
         names = sorted(p.name for p in (run / "hf_format").iterdir())
         half, full = NUM_SAMPLES * STEPS // 2, NUM_SAMPLES * STEPS
