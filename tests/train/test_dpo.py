@@ -41,7 +41,7 @@ def write_pairs(path: Path, *, num: int, vocab: int, seed: int, sidecar: bool = 
         for line in range(1, num + 1):
             prompt = [rng.randrange(vocab) for _ in range(rng.randint(2, 10))]
 
-            def side() -> dict:
+            def side(prompt: list[int] = prompt) -> dict:
                 response = [rng.randrange(vocab) for _ in range(rng.randint(2, 14))]
                 ids = prompt + response
                 return {
