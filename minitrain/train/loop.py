@@ -3,6 +3,7 @@
 One step, on every rank at once:
 
     sampler.next_batch(B)              B sample indices, the same on every rank (the global batch)
+    run_step(indices) = sft_step:      (`--objective dpo`: minitrain.train.dpo.preference_step, on pairs)
       -> plan_minibatches(lengths)     plan[m][r]: the samples rank r packs into minibatch m (<= token budget)
       -> count_loss_tokens(all)        trained tokens of the whole global batch: the loss normaliser
       -> for each minibatch m:         every rank runs len(plan) minibatches (an empty list packs a dummy
