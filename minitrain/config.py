@@ -121,6 +121,8 @@ SHARDING_STRATEGIES = ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD"
 MASTER_DTYPES = ("fp32", "bf16")
 LOGGING_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 TRACKERS = ("none", "tensorboard", "wandb", "mlflow")  # --report-to (minitrain/train/trackers.py)
+OBJECTIVES = ("sft", "dpo")  # --objective: token cross-entropy, or preference pairs (minitrain/train/dpo.py)
+PREFERENCE_LOSSES = ("sigmoid", "ipo", "hinge", "simpo", "orpo")  # --preference-loss (train/preference.py)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -180,6 +182,12 @@ class TrainConfig:
     eval_every_samples: int | None = None
     # experiment trackers fed by rank 0 beside the metrics JSONL (minitrain/train/trackers.py)
     report_to: tuple[str, ...] = ()
+    # objective: SFT, or preference pairs with one of the losses of minitrain/train/preference.py
+    objective: str = "sft"
+    preference_loss: str = "sigmoid"
+    beta: float = 0.1
+    simpo_gamma: float = 0.5
+    sft_weight: float = 0.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data_path", Path(self.data_path))
@@ -298,6 +306,7 @@ class TrainConfig:
         if not self.model_name_or_path:
             raise UserError("--model-name-or-path is empty; give a local model folder or a Hub id")
         _check_report_to(self)
+        _check_objective(self)
 
     def lora_settings(self):
         """The adapter to train (`LoraSettings`), or None for full fine-tuning."""
@@ -338,6 +347,56 @@ class TrainConfig:
         """Inverse of `to_dict`; extra keys (versions, world size) are ignored, missing ones take defaults."""
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def _check_objective(config: TrainConfig) -> None:
+    """--objective and the preference flags: known names, finite values, no preference flag with sft."""
+    object.__setattr__(config, "objective", str(config.objective).lower())
+    object.__setattr__(config, "preference_loss", str(config.preference_loss).lower())
+    if config.objective not in OBJECTIVES:
+        raise UserError(f"--objective must be one of {', '.join(OBJECTIVES)}; got {config.objective!r}")
+    if config.preference_loss not in PREFERENCE_LOSSES:
+        raise UserError(
+            f"--preference-loss must be one of {', '.join(PREFERENCE_LOSSES)}; got {config.preference_loss!r}"
+        )
+    if not (math.isfinite(config.beta) and config.beta > 0):
+        raise UserError(f"--beta must be a positive number, got {config.beta}")
+    if not math.isfinite(config.simpo_gamma):
+        raise UserError(f"--simpo-gamma must be a finite number, got {config.simpo_gamma}")
+    if not (math.isfinite(config.sft_weight) and config.sft_weight >= 0):
+        raise UserError(f"--sft-weight must be >= 0, got {config.sft_weight}")
+    if config.objective == "sft":
+        given = [
+            flag
+            for flag, changed in (
+                ("--preference-loss", config.preference_loss != "sigmoid"),
+                ("--beta", config.beta != 0.1),
+                ("--simpo-gamma", config.simpo_gamma != 0.5),
+                ("--sft-weight", config.sft_weight != 0.0),
+            )
+            if changed
+        ]
+        if given:
+            raise UserError(f"{given[0]} sets a preference loss: add --objective dpo")
+        return
+    if config.simpo_gamma != 0.5 and config.preference_loss != "simpo":
+        raise UserError("--simpo-gamma is SimPO's margin: add --preference-loss simpo, or drop it")
+    if config.sft_weight and config.preference_loss == "orpo":
+        raise UserError("--preference-loss orpo has its own SFT term; drop --sft-weight")
+    unsupported = [
+        flag
+        for flag, given in (
+            ("--truncate", config.truncate),
+            ("--eval-data-path", config.eval_data_path is not None),
+            ("--lora-rank", config.lora_rank is not None),
+        )
+        if given
+    ]
+    if unsupported:
+        raise UserError(
+            f"--objective dpo does not support {unsupported[0]} yet; drop it (train pairs that fit "
+            "--max-tokens-per-gpu, full fine-tuning, no eval set)"
+        )
 
 
 def _check_report_to(config: TrainConfig) -> None:

@@ -7,6 +7,8 @@
         training_metrics_0.jsonl    one line per step (`minitrain.train.metrics`)
         checkpoints/                resumable training state (`minitrain.train.checkpoint`): samples_<N>/,
                                     `latest`, leftovers of interrupted writes (.tmp-samples_<N>, .old-...)
+        reference_logps.npy         --objective dpo with a reference: the initial model's summed log-probs of
+        reference_logps.json        every pair's sides, and the key they were computed for (`minitrain.train.dpo`)
         hf_format/                  Hugging Face exports (`minitrain.train.export`): samples_<N>/, and
                                     .samples_<N>.tmp while one is written
 
@@ -46,6 +48,8 @@ if TYPE_CHECKING:
 
 TRAINING_PARAMS_FILE = "training_params.json"
 METRICS_FILE = "training_metrics_0.jsonl"
+REFERENCE_LOGPS_FILE = "reference_logps.npy"
+REFERENCE_KEY_FILE = "reference_logps.json"
 CHECKPOINTS_DIR = "checkpoints"
 HF_FORMAT_DIR = "hf_format"
 LATEST_FILE = "latest"
@@ -183,7 +187,8 @@ def prune_checkpoints(out_dir: Path, keep_last: int) -> list[Path]:
 def run_files(out_dir: Path) -> list[Path]:
     """Everything minitrain wrote in `out_dir` (by name; nothing else there is touched), sorted."""
     out = Path(out_dir)
-    found = [out / name for name in (TRAINING_PARAMS_FILE, METRICS_FILE) if (out / name).is_file()]
+    names = (TRAINING_PARAMS_FILE, METRICS_FILE, REFERENCE_LOGPS_FILE, REFERENCE_KEY_FILE)
+    found = [out / name for name in names if (out / name).is_file()]
     root = checkpoints_root(out)
     if root.is_dir():
         found += [

@@ -159,6 +159,29 @@ ROWS = [
     Row("train", "a preference file (tokenized prompt/chosen/rejected) given to SFT training",
         _train(data=f"{W}/pairs-tok.jsonl"),
         ("pairs-tok.jsonl was tokenized as preference pairs", "train it with --objective dpo")),
+    Row("train", "an SFT file given to --objective dpo", _train("--objective", "dpo"),
+        ("d.jsonl holds SFT samples", "--objective dpo needs preference pairs", "tokenize prompt/chosen/rejected")),
+    Row("train", "a tokenized pair without its rejected side",
+        _train("--objective", "dpo", data=f"{W}/pairs-bad.jsonl"),
+        ("pairs-bad.jsonl:1: not a tokenized pair (`rejected` lacks input_ids/labels)", "run `minitrain tokenize`")),
+    Row("train", "every pair longer than --max-tokens-per-gpu",
+        _train("--objective", "dpo", "--max-tokens-per-gpu", "3", data=f"{W}/pairs-tok.jsonl"),
+        ("every pair is longer than --max-tokens-per-gpu 3", "raise --max-tokens-per-gpu")),
+    Row("train", "--objective ppo", _train("--objective", "ppo"), ("--objective must be one of sft, dpo",)),
+    Row("train", "--preference-loss kto", _train("--objective", "dpo", "--preference-loss", "kto"),
+        ("--preference-loss must be one of sigmoid, ipo, hinge, simpo, orpo",)),
+    Row("train", "--beta 0", _train("--objective", "dpo", "--beta", "0"), ("--beta must be a positive number",)),
+    Row("train", "--sft-weight -1", _train("--objective", "dpo", "--sft-weight", "-1"),
+        ("--sft-weight must be >= 0",)),
+    Row("train", "a preference flag without --objective dpo", _train("--beta", "0.5"),
+        ("--beta sets a preference loss", "add --objective dpo")),
+    Row("train", "--simpo-gamma with another loss", _train("--objective", "dpo", "--simpo-gamma", "1"),
+        ("--simpo-gamma is SimPO's margin", "add --preference-loss simpo")),
+    Row("train", "--sft-weight with orpo",
+        _train("--objective", "dpo", "--preference-loss", "orpo", "--sft-weight", "1"),
+        ("orpo has its own SFT term", "drop --sft-weight")),
+    Row("train", "--objective dpo with --lora-rank (not yet)", _train("--objective", "dpo", "--lora-rank", "8"),
+        ("--objective dpo does not support --lora-rank yet", "drop it")),
     Row("train", "data file does not exist", _train(data=f"{W}/nope.jsonl"),
         ("nope.jsonl: no such file", "pass the output of `minitrain tokenize`")),
     Row("train", "data file is empty", _train(data=f"{W}/empty.jsonl"),
@@ -308,6 +331,10 @@ def ws(tmp_path_factory) -> Path:
     (w / "pairs-tok.meta.json").write_bytes(
         orjson.dumps({"format": "minitrain.tokenized", "kind": "preference", "counts": {"pairs": 1}})
     )
+    (w / "pairs-bad.jsonl").write_bytes(
+        orjson.dumps({"chosen": side, "prompt_len": 1, "source_line": 1}) + b"\n"
+    )
+    shutil.copy(w / "pairs-tok.meta.json", w / "pairs-bad.meta.json")
     if importlib.util.find_spec("pyarrow") is not None:  # the `datasets` extra; its rows skip without it
         import pyarrow
         import pyarrow.parquet as pq

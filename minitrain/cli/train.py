@@ -21,6 +21,8 @@ from minitrain.config import (
     LOGGING_LEVELS,
     LR_SCHEDULERS,
     MASTER_DTYPES,
+    OBJECTIVES,
+    PREFERENCE_LOSSES,
     RESUME_LATEST,
     SHARDING_STRATEGIES,
 )
@@ -33,6 +35,7 @@ _MODEL = "Model and memory"
 _RESUME = "Resume and checkpoints"
 _LORA = "Adapters (LoRA)"
 _EVAL = "Evaluation"
+_PREF = "Objective (preference pairs)"
 
 
 def one_of(values: tuple[str, ...]):
@@ -281,6 +284,37 @@ def train(
             rich_help_panel=_EVAL,
         ),
     ] = None,
+    objective: Annotated[
+        str,
+        typer.Option(
+            help="sft: token cross-entropy; dpo: preference pairs (a file tokenized from chosen/rejected).",
+            autocompletion=one_of(OBJECTIVES),
+            rich_help_panel=_PREF,
+        ),
+    ] = "sft",
+    preference_loss: Annotated[
+        str,
+        typer.Option(
+            help="With --objective dpo: sigmoid (DPO), ipo, hinge, simpo or orpo (the last two: no reference).",
+            autocompletion=one_of(PREFERENCE_LOSSES),
+            rich_help_panel=_PREF,
+        ),
+    ] = "sigmoid",
+    beta: Annotated[
+        float,
+        typer.Option(help="Preference strength beta (rewards are beta x log-ratio).", rich_help_panel=_PREF),
+    ] = 0.1,
+    simpo_gamma: Annotated[
+        float,
+        typer.Option(help="SimPO's target margin gamma (--preference-loss simpo).", rich_help_panel=_PREF),
+    ] = 0.5,
+    sft_weight: Annotated[
+        float,
+        typer.Option(
+            help="Add this weight x the chosen side's per-token NLL to the preference loss (not orpo).",
+            rich_help_panel=_PREF,
+        ),
+    ] = 0.0,
 ) -> None:
     """Train a causal LM on tokenized data with FSDP2, no padding, on every visible GPU (or the CPU).
 
@@ -336,6 +370,11 @@ def train(
         eval_data_path=eval_data_path.expanduser().resolve() if eval_data_path else None,
         eval_every_samples=eval_every_samples,
         report_to=tuple(report_to or ()),
+        objective=objective,
+        preference_loss=preference_loss,
+        beta=beta,
+        simpo_gamma=simpo_gamma,
+        sft_weight=sft_weight,
     )
     if dry_run_report is not None and not dry_run:
         raise UserError("--dry-run-report needs --dry-run")
@@ -361,6 +400,7 @@ def train(
             lora_rank=config.lora_rank,
             lora_target_modules=config.lora_target_modules,
             load_in_4bit=config.load_in_4bit,
+            objective=config.objective,
         )
         render_dry_run(report, console)
         return

@@ -13,6 +13,10 @@ in `minitrain.data.format`) on first use into one file, `OUT.mtcache/store.bin`,
     num_trained        int64 [N]   labels != -100 after the in-sample shift (the first label never trains)
     source_lines       int64 [N]   1-based JSONL line of each sample
 
+A preference file (`--objective dpo`, pairs from `format.iter_pairs`) is stored the same way with pair i
+flattened into samples 2i (chosen) and 2i+1 (rejected), both with the pair's source line; its header says
+`"kind": "preference"` and `num_pairs` is N / 2. Training samples pair indices and expands them.
+
 The cache is rebuilt when the JSONL's fingerprint changes (size, mtime_ns and a BLAKE2 hash of its first
 and last 1 MiB). It is built by one process while the others wait on `OUT.mtcache/build.lock`
 (`fcntl.flock`), written to a temporary file and renamed into place, so a crash never leaves a
@@ -45,7 +49,16 @@ import numpy as np
 import orjson
 
 from minitrain.atomic import atomic_write
-from minitrain.data.format import IGNORE_INDEX, check_kind, iter_samples, read_sidecar
+from minitrain.data.format import (
+    IGNORE_INDEX,
+    KIND_PREFERENCE,
+    KIND_SFT,
+    SIDE_KEYS,
+    check_kind,
+    iter_pairs,
+    iter_samples,
+    read_sidecar,
+)
 from minitrain.errors import UserError
 
 CACHE_VERSION = 3
@@ -182,12 +195,22 @@ class _Builder:
         self.buf_lines, self.buf_lens = [], []
 
 
-def _build(jsonl_path: Path, cache_file: Path, fp: dict[str, Any]) -> None:
+def _flat_samples(jsonl_path: Path, kind: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line, sample) of an SFT file, or of a preference file with each pair as chosen then rejected."""
+    if kind == KIND_SFT:
+        yield from iter_samples(jsonl_path)
+        return
+    for line, pair in iter_pairs(jsonl_path):
+        for side in SIDE_KEYS:
+            yield line, pair[side]
+
+
+def _build(jsonl_path: Path, cache_file: Path, fp: dict[str, Any], kind: str = KIND_SFT) -> None:
     """Convert the JSONL into `cache_file` atomically (`atomic_write`: temporary file + rename)."""
     with atomic_write(cache_file, "w+b") as out, tempfile.TemporaryFile(dir=cache_file.parent) as side:
         out.write(b"\0" * HEADER_BYTES)
         builder = _Builder(jsonl_path, out, side)
-        for line, sample in iter_samples(jsonl_path):
+        for line, sample in _flat_samples(jsonl_path, kind):
             builder.add(line, sample)
         builder.flush()
         n, t = len(builder.lengths), builder.num_tokens
@@ -218,6 +241,7 @@ def _build(jsonl_path: Path, cache_file: Path, fp: dict[str, Any]) -> None:
         header = orjson.dumps(
             {
                 "version": CACHE_VERSION,
+                "kind": kind,
                 "source": str(jsonl_path),
                 "fingerprint": fp,
                 "n": n,
@@ -263,23 +287,38 @@ class TokenStore:
         self.max_token_id = int(header["max_token_id"])
         self.num_tokens = int(header["num_tokens"])
         self.meta = read_sidecar(path)
+        self.kind = header.get("kind", KIND_SFT)
+
+    @property
+    def num_pairs(self) -> int:
+        """Preference pairs (samples 2i and 2i+1); 0 for an SFT file."""
+        return len(self.lengths) // 2 if self.kind == KIND_PREFERENCE else 0
+
+    @property
+    def pair_lengths(self) -> np.ndarray:
+        """int64 [num_pairs] tokens of both sides of each pair: the unit the planner packs."""
+        return self.lengths[0::2] + self.lengths[1::2]
 
     @classmethod
-    def open(cls, jsonl_path: Path) -> TokenStore:
-        """Open a tokenized JSONL through its cache, building or refreshing the cache first if needed."""
+    def open(cls, jsonl_path: Path, objective: str = "sft") -> TokenStore:
+        """Open a tokenized JSONL through its cache, building or refreshing the cache first if needed.
+
+        `objective` "sft" wants SFT samples, "dpo" preference pairs (flattened, see the module docstring).
+        """
         jsonl_path = Path(jsonl_path)
         if not jsonl_path.is_file():
             raise UserError(f"{jsonl_path}: no such file; pass the output of `minitrain tokenize`")
         if jsonl_path.stat().st_size == 0:
             raise UserError(f"{jsonl_path}: the file is empty; tokenize some data first")
-        # the store holds SFT samples; a preference file (its sidecar says so, or its first line shows a pair
-        # when there is none: format.parse_sample) is one line naming the flag, before any cache is built
-        check_kind(jsonl_path, read_sidecar(jsonl_path), "sft")
+        # a file of the other kind (its sidecar says so, or, without one, a pair line met by
+        # format.parse_sample) is one line naming the flag, before any cache is built
+        check_kind(jsonl_path, read_sidecar(jsonl_path), objective)
+        kind = KIND_SFT if objective == "sft" else KIND_PREFERENCE
         fp = fingerprint(jsonl_path)
         beside, fallback = cache_dirs(jsonl_path)
         for cache_dir in (beside, fallback):  # an up-to-date cache anywhere is used, even read-only
             header = _read_header(cache_dir / "store.bin")
-            if header is not None and header["fingerprint"] == fp:
+            if header is not None and header["fingerprint"] == fp and header.get("kind", KIND_SFT) == kind:
                 return cls(jsonl_path, cache_dir / "store.bin", header)
         cache_dir = beside if _writable(beside) else fallback
         cache_file = cache_dir / "store.bin"
@@ -291,8 +330,8 @@ class TokenStore:
             ) from None
         with _exclusive(cache_dir / "build.lock"):
             header = _read_header(cache_file)  # another process may have built it while we waited
-            if header is None or header["fingerprint"] != fp:
-                _build(jsonl_path, cache_file, fp)
+            if header is None or header["fingerprint"] != fp or header.get("kind", KIND_SFT) != kind:
+                _build(jsonl_path, cache_file, fp, kind)
                 header = _read_header(cache_file)
         if header is None:
             raise RuntimeError(f"{cache_file}: cache unreadable right after building it")

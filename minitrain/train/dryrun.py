@@ -110,6 +110,7 @@ class DryRunReport:
     dropped_samples: int  # distinct samples longer than max_tokens_per_gpu (never trained)
     dropped_occurrences: int  # times such samples were drawn in the planned steps
     dropped: list[dict[str, int]] = field(default_factory=list)  # {index, source_line, length}, sorted
+    unit: str = "samples"  # what is counted as a sample: "pairs" for --objective dpo
     truncated_samples: int = 0  # with --truncate: samples cut to max_tokens_per_gpu tokens (none dropped)
     truncated_tokens: int = 0  # with --truncate: tokens cut off them
     memory: dict[str, Any] | None = None  # see estimate_memory
@@ -287,12 +288,15 @@ def dry_run(
     lora_target_modules: str = "all-linear",
     load_in_4bit: bool = False,
     truncate: bool = False,
+    objective: str = "sft",
 ) -> DryRunReport:
     """Replay sampler + planner for the run's steps (one epoch without a stop criterion) and report.
 
     `lora_rank`, `lora_target_modules` and `load_in_4bit` shape the memory estimate as `train` would run
     (None: full fine-tuning). `truncate` cuts longer samples to `max_tokens_per_gpu` tokens as `train
-    --truncate` does (`TokenStore.truncated`), instead of dropping them.
+    --truncate` does (`TokenStore.truncated`), instead of dropping them. With `objective` "dpo" the unit
+    is the preference pair (both sides packed together, as `train --objective dpo` does): every count that
+    says samples counts pairs.
     """
     started = time.perf_counter()
     if batch_size <= 0:
@@ -308,20 +312,27 @@ def dry_run(
     ):
         if value is not None and not value > 0:
             raise UserError(f"{flag} must be positive, got {value}")
-    store = TokenStore.open(Path(data_path))
+    store = TokenStore.open(Path(data_path), objective)
     truncated_samples = truncated_tokens = 0
     if truncate:
         over = store.lengths[store.lengths > max_tokens_per_gpu]
         truncated_samples, truncated_tokens = int(over.size), int((over - max_tokens_per_gpu).sum())
         store = store.truncated(int(max_tokens_per_gpu))
     n, lengths, budget = len(store), store.lengths, int(max_tokens_per_gpu)
+    num_trained, source_lines, unit = store.num_trained, store.source_lines, "samples"
+    if objective == "dpo":  # the pair is the unit: both sides' tokens, trained tokens and source line
+        n, lengths, unit = store.num_pairs, store.pair_lengths, "pairs"
+        num_trained, source_lines = (
+            store.num_trained[0::2] + store.num_trained[1::2],
+            store.source_lines[0::2],
+        )
     too_long = lengths > budget
     if too_long.all():
         raise UserError(
             f"every sample is longer than --max-tokens-per-gpu {budget} (shortest: {int(lengths.min())} "
             "tokens); raise --max-tokens-per-gpu or tokenize with a lower --max-sample-num-tokens"
         )
-    if int(store.num_trained[~too_long].sum()) == 0:
+    if int(num_trained[~too_long].sum()) == 0:
         raise UserError(
             f"{data_path}: no sample that fits has a trained token; check the masking in tokenize"
         )
@@ -345,7 +356,7 @@ def dry_run(
         lens = lengths[indices]
         plan = plan_minibatches(lens, budget, world_size)
         placed = [i for mb in plan for r in mb for i in r]
-        trained = int(store.num_trained[indices[placed]].sum()) if placed else 0
+        trained = int(num_trained[indices[placed]].sum()) if placed else 0
         dropped_occurrences += int((lens > budget).sum())
         if trained == 0:
             skipped += 1
@@ -410,7 +421,7 @@ def dry_run(
         dropped_samples=int(drop_idx.size),
         dropped_occurrences=dropped_occurrences,
         dropped=[
-            {"index": int(i), "source_line": int(store.source_lines[i]), "length": int(lengths[i])}
+            {"index": int(i), "source_line": int(source_lines[i]), "length": int(lengths[i])}
             for i in drop_idx[:MAX_LISTED_DROPS]
         ],
         truncated_samples=truncated_samples,
@@ -418,6 +429,7 @@ def dry_run(
         memory=memory,
         memory_note=memory_note,
         report_path=str(report_path) if report_path is not None else None,
+        unit=unit,
     )
     report.seconds = time.perf_counter() - started
     if report_path is not None:
@@ -442,9 +454,9 @@ def render_dry_run(report: DryRunReport, console: Any) -> None:
     run.add_column(style="bold")
     run.add_column()
     rows = [
-        ("samples / tokens", f"{report.num_samples:,} / {report.num_tokens:,}"),
+        (f"{report.unit} / tokens", f"{report.num_samples:,} / {report.num_tokens:,}"),
         ("ranks x max tokens per rank", f"{report.world_size} x {report.max_tokens_per_gpu:,}"),
-        ("batch size (samples per step)", f"{report.batch_size:,}"),
+        (f"batch size ({report.unit} per step)", f"{report.batch_size:,}"),
         ("stop", report.stop),
         ("optimizer steps planned", f"{report.steps:,} ({report.epochs:.2f} epochs)"),
         ("optimizer steps per epoch", f"{report.steps_per_epoch:,}"),
@@ -457,7 +469,10 @@ def render_dry_run(report: DryRunReport, console: Any) -> None:
         ("padding-free utilization", f"{report.utilization:.1%}"),
         ("tokens per step", stats(report.tokens_per_step)),
         ("trained tokens per step", stats(report.trained_tokens_per_step)),
-        ("dropped as too long", f"{report.dropped_samples:,} samples ({report.dropped_occurrences:,} draws)"),
+        (
+            "dropped as too long",
+            f"{report.dropped_samples:,} {report.unit} ({report.dropped_occurrences:,} draws)",
+        ),
         ("cut by --truncate", f"{report.truncated_samples:,} samples ({report.truncated_tokens:,} tokens)"),
     ]  # fmt: skip
     if report.skipped_batches:

@@ -3,6 +3,7 @@
 One step, on every rank at once:
 
     sampler.next_batch(B)              B sample indices, the same on every rank (the global batch)
+    run_step(indices) = sft_step:      (`--objective dpo`: minitrain.train.dpo.preference_step, on pairs)
       -> plan_minibatches(lengths)     plan[m][r]: the samples rank r packs into minibatch m (<= token budget)
       -> count_loss_tokens(all)        trained tokens of the whole global batch: the loss normaliser
       -> for each minibatch m:         every rank runs len(plan) minibatches (an empty list packs a dummy
@@ -20,9 +21,10 @@ broadcast, which keeps the loop free of data collectives.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -74,48 +76,38 @@ def train_loop(
     stop_flag: StopFlag | None = None,
     evaluate: Callable[[], float] | None = None,
     eval_every_samples: int | None = None,
+    run_step: Callable[[list[int]], StepResult | None] | None = None,
 ) -> TrainState:
     """Train until `stop` is reached; save every `min_samples_per_checkpoint` samples and at the end.
 
     `model(batch)` returns the SUM of token cross-entropy over the minibatch's trained tokens. `mfu(lengths,
     seconds)` turns a step's real sample lengths and duration into model FLOPs utilisation (GPU only).
     `evaluate()` returns the eval loss; it runs each time the samples seen pass a multiple of
-    `eval_every_samples`, and at the end.
+    `eval_every_samples`, and at the end. `run_step(indices)` does the forward/backward of a global batch
+    (default: `sft_step`; `--objective dpo`: `minitrain.train.dpo.preference_step` on pair indices).
     """
     state = state or TrainState()
-    rank, world, device = dist.rank, dist.world_size, dist.device
+    device = dist.device
+    if run_step is None:
+        run_step = functools.partial(sft_step, model, store, dist=dist, max_tokens_per_gpu=max_tokens_per_gpu)
     model.train()
     while not stop.reached(steps=state.step, samples_seen=state.samples_seen, epochs=sampler.epochs_consumed):
         start = time.perf_counter()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
 
-        # --- the global batch and this step's plan: identical on every rank, no communication
-        indices = sampler.next_batch(batch_size)  # [B] sample ids
-        lengths = store.lengths[indices].tolist()  # [B] tokens per sample
-        plan = plan_minibatches(lengths, max_tokens_per_gpu, world)  # plan[m][r] = positions into `indices`
-        picked = [i for minibatch in plan for ranks in minibatch for i in ranks]  # over-long ones are absent
-        trained = [indices[i] for i in picked]  # sample ids trained this step, all ranks
-        global_loss_tokens = count_loss_tokens(store, trained)  # the normaliser of every rank's loss
-        if global_loss_tokens == 0:  # nothing to learn in this batch (all masked or too long): no step
+        # --- the global batch (sample ids, or pair ids for --objective dpo), the same on every rank; its
+        #     forward/backward accumulates the step's gradient in the (sharded) grads
+        indices = sampler.next_batch(batch_size)
+        result = run_step(indices)
+        if result is None:  # nothing to learn in this batch (all masked or too long): no step
             display.print(f"skipping a batch of {len(indices)} samples with no trained token")
             continue
-
-        # --- forward/backward over this rank's minibatches; gradients accumulate in the (sharded) grads
-        loss_sum = torch.zeros((), dtype=torch.float32, device=device)  # this rank's sum of token losses
-        for m, minibatch in enumerate(plan):
-            batch = collate(store, [indices[i] for i in minibatch[rank]])  # (1, T) tensors, [] -> a dummy
-            minibatch_loss = model(batch)  # scalar: sum of CE over labels != -100 (model moves the batch)
-            model.prepare_backward(last_minibatch=m == len(plan) - 1)  # HSDP: all-reduce across nodes once
-            scale_for_fsdp(minibatch_loss, global_loss_tokens, world).backward()
-            loss_sum += minibatch_loss.detach().float()
 
         # --- the optimizer step
         grad_norm = _clip_grad_norm(model, max_grad_norm)  # global norm, before clipping
         lr = scheduler.get_last_lr()[0]  # the rate this step is taken with
-        if world > 1:
-            torch_dist.all_reduce(loss_sum)  # the only collective outside FSDP: the loss to report
-        loss = loss_sum.item() / global_loss_tokens  # mean token CE of the global batch
+        loss = result.loss
         check_finite(loss, grad_norm, state.step + 1)  # before the step: no NaN reaches the weights
         optimizer.step()
         scheduler.step()
@@ -123,28 +115,29 @@ def train_loop(
         seconds = time.perf_counter() - start
 
         # --- bookkeeping, metrics, checkpoint
-        trained_lengths = [lengths[i] for i in picked]
+        trained_lengths = result.sample_lengths
         num_tokens = sum(trained_lengths)
         state.step += 1
-        state.samples_seen += len(trained)
+        state.samples_seen += result.units
         state.tokens_seen += num_tokens
         record = {
             "step": state.step,
             "lr": lr,
             "grad_norm": grad_norm,
             "loss": loss,
-            "num_samples": len(trained),
-            "num_loss_counted_tokens": global_loss_tokens,
+            "num_samples": result.units,
+            "num_loss_counted_tokens": result.loss_tokens,
             "num_total_tokens": num_tokens,
-            "grad_accum": len(plan),
+            "grad_accum": result.minibatches,
             "time_per_batch": seconds,
             "tokens_per_second": num_tokens / seconds,
-            "samples_per_second": len(trained) / seconds,
+            "samples_per_second": result.units / seconds,
             "total_samples_accumulated": state.samples_seen,
             "peak_memory_usage_GB": peak_memory_gb(device),
             "epoch": sampler.epochs_consumed,
             "timestamp": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
         }
+        record.update(result.metrics)
         if mfu is not None:
             record["mfu"] = mfu(trained_lengths, seconds)
         metrics.write(record)
@@ -162,7 +155,7 @@ def train_loop(
             # each time samples seen crosses a multiple of N: a function of the counters alone, so a resumed
             # run evaluates at the same points as an uninterrupted one
             and state.samples_seen // eval_every_samples
-            > (state.samples_seen - len(trained)) // eval_every_samples
+            > (state.samples_seen - result.units) // eval_every_samples
         ):
             _log_eval(evaluate, state, sampler, metrics, display)
         if stop_flag is not None and stop_flag.should_stop(dist):  # every rank agrees, at this step
@@ -177,6 +170,48 @@ def train_loop(
         state.last_checkpoint_samples = state.samples_seen
         display.print(f"saved {path}")
     return state
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What a step's forward/backward reports: the global loss (all-reduced) and the counts of its metrics."""
+
+    loss: float  # the global batch's loss (SFT: mean token CE; dpo: mean pair loss)
+    units: int  # samples (pairs for dpo) trained: the sampler's unit, counted in samples_seen
+    sample_lengths: list[int]  # tokens of every trained sequence (both sides of a pair)
+    loss_tokens: int  # trained tokens of the global batch
+    minibatches: int  # packed minibatches per rank (grad_accum)
+    metrics: dict[str, float] = field(default_factory=dict)  # objective-specific keys of the metrics line
+
+
+def sft_step(
+    model: nn.Module, store: TokenStore, indices: list[int], *, dist: DistInfo, max_tokens_per_gpu: int
+) -> StepResult | None:
+    """Forward/backward of one global batch of SFT samples on this rank (None: nothing trained in it)."""
+    rank, world = dist.rank, dist.world_size
+    lengths = store.lengths[indices].tolist()  # [B] tokens per sample
+    plan = plan_minibatches(lengths, max_tokens_per_gpu, world)  # plan[m][r] = positions into `indices`
+    picked = [i for minibatch in plan for ranks in minibatch for i in ranks]  # over-long ones are absent
+    trained = [indices[i] for i in picked]  # sample ids trained this step, all ranks
+    global_loss_tokens = count_loss_tokens(store, trained)  # the normaliser of every rank's loss
+    if global_loss_tokens == 0:
+        return None
+    loss_sum = torch.zeros((), dtype=torch.float32, device=dist.device)  # this rank's sum of token losses
+    for m, minibatch in enumerate(plan):
+        batch = collate(store, [indices[i] for i in minibatch[rank]])  # (1, T) tensors, [] -> a dummy
+        minibatch_loss = model(batch)  # scalar: sum of CE over labels != -100 (model moves the batch)
+        model.prepare_backward(last_minibatch=m == len(plan) - 1)  # HSDP: all-reduce across nodes once
+        scale_for_fsdp(minibatch_loss, global_loss_tokens, world).backward()
+        loss_sum += minibatch_loss.detach().float()
+    if world > 1:
+        torch_dist.all_reduce(loss_sum)  # the only collective outside FSDP: the loss to report
+    return StepResult(
+        loss=loss_sum.item() / global_loss_tokens,  # mean token CE of the global batch
+        units=len(trained),
+        sample_lengths=[lengths[i] for i in picked],
+        loss_tokens=global_loss_tokens,
+        minibatches=len(plan),
+    )
 
 
 def _log_eval(

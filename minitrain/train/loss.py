@@ -1,7 +1,9 @@
 """The loss head: linear + token cross-entropy, summed, without ever holding the (tokens x vocab) logits.
 
 Owns `linear_cross_entropy_sum` (the seam: Liger's fused kernel on GPU when asked, else the chunked path),
-`chunked_cross_entropy_sum` (plain PyTorch) and `scale_for_fsdp` (the one line of distributed loss math).
+`chunked_cross_entropy_sum` (plain PyTorch), `weighted_head_loss` (the preference objectives' head: per-token
+log-probabilities first, then a per-token weighted CE sum whose gradient is the objective's) and
+`scale_for_fsdp` (the one line of distributed loss math).
 
 Trade-off of the chunked path: like Liger, it computes the gradients *in the forward pass*, chunk by chunk
 (one (chunk x vocab) fp32 buffer at a time, reused in place for logits -> softmax -> dlogits), and keeps only
@@ -15,6 +17,13 @@ the caller never calls backward while grad mode is on (use `torch.no_grad()` for
 value is computed). Only positions with labels != -100 are gathered and multiplied, so masked prompt tokens
 cost nothing in the head.
 
+Preference objectives (`weighted_head_loss`): a pair's loss depends on its sequences only through their
+summed log-probabilities, so its gradient is that of sum_t w_t * CE_t for per-token constants w_t that depend
+on those sums (`minitrain.train.preference.token_weights`). The head therefore runs twice per chunk: a
+no-grad pass for every trained token's CE (= -log p), the caller's `weigh` turns them into w_t, and the
+weighted pass computes value and gradients as above with each row of dlogits scaled by its w_t. One more
+(C x V) matmul per chunk than SFT (4 instead of 3), never a (T x V) buffer.
+
 Loss convention (see the data contract): `labels` are already shifted; the loss is the SUM over positions with
 labels != -100 of CE(hidden[t] @ weight.T, labels[t]). Dividing by the global trained-token count (and undoing
 FSDP2's gradient averaging) is `scale_for_fsdp`'s job, so every rank and minibatch adds up to the same loss.
@@ -23,6 +32,7 @@ FSDP2's gradient averaging) is `scale_for_fsdp`'s job, so every rank and minibat
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -31,7 +41,7 @@ from minitrain.data.format import IGNORE_INDEX
 
 
 def _chunk_ce(h: Tensor, weight: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """CE sum of one chunk, in ONE (C x V) fp32 buffer: returns (loss_sum, exp(logits - max), row sums).
+    """CE of one chunk, in ONE (C x V) fp32 buffer: returns (per-row CE (C,), exp(logits - max), row sums).
 
     h (C, H), weight (V, H), y (C,). The matmul runs in the parameter dtype, as a plain lm_head would. The
     buffer is reused in place (logits -> exp(logits - max)); torch.logsumexp would allocate a second one.
@@ -45,15 +55,24 @@ def _chunk_ce(h: Tensor, weight: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Ten
     unnorm = logits.sub_(peak).exp_()  # (C, V) in place
     denom = unnorm.sum(dim=-1, keepdim=True)  # (C, 1)
     lse = (peak + denom.log()).squeeze(1)  # (C,)
-    return (lse - target).sum(), unnorm, denom
+    return lse - target, unnorm, denom
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
-    """Sum of CE over `rows` of hidden; gradients computed in forward, chunk by chunk."""
+    """Sum of CE (times `row_weights` when given) over `rows` of hidden; gradients computed in forward."""
 
     @staticmethod
-    def forward(ctx, hidden: Tensor, weight: Tensor, labels: Tensor, rows: Tensor, chunk_size: int) -> Tensor:
-        # hidden (T, H), weight (V, H), labels (T,), rows (N,) = positions with a trained label
+    def forward(
+        ctx,
+        hidden: Tensor,
+        weight: Tensor,
+        labels: Tensor,
+        rows: Tensor,
+        chunk_size: int,
+        row_weights: Tensor | None = None,
+    ) -> Tensor:
+        # hidden (T, H), weight (V, H), labels (T,), rows (N,) = positions with a trained label,
+        # row_weights (N,) fp32 or None (all 1)
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_hidden = torch.zeros_like(hidden) if need_h else None  # (T, H), rows outside `rows` stay 0
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_w else None  # (V, H) fp32 accum
@@ -62,11 +81,16 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             idx = rows[start : start + chunk_size]  # (C,)
             h = hidden.index_select(0, idx)  # (C, H)
             y = labels.index_select(0, idx)  # (C,)
-            loss, unnorm, denom = _chunk_ce(h, weight, y)  # unnorm (C, V) fp32: the only vocab-sized buffer
-            total += loss
+            ce, unnorm, denom = _chunk_ce(h, weight, y)  # unnorm (C, V) fp32: the only vocab-sized buffer
             # dCE/dlogits = softmax - onehot, built in place in the same buffer
             grad_logits = unnorm.div_(denom)
             grad_logits.scatter_add_(1, y[:, None], torch.full_like(denom, -1.0))
+            if row_weights is None:
+                total += ce.sum()
+            else:  # d(sum_t w_t CE_t)/dlogits: each row scaled by its weight
+                w = row_weights[start : start + chunk_size]  # (C,)
+                total += (w * ce).sum()
+                grad_logits.mul_(w[:, None])
             # both gradient matmuls run in the compute dtype (tensor cores in bf16, fp32 accumulation inside
             # the matmul); only the sum over chunks of grad_weight is kept in fp32, as Liger's accum_dtype does
             g = grad_logits.to(weight.dtype)  # (C, V); no copy in fp32
@@ -96,7 +120,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             grad_hidden.mul_(grad_output.to(grad_hidden.dtype))
         if grad_weight is not None:
             grad_weight.mul_(grad_output.to(grad_weight.dtype))
-        return grad_hidden, grad_weight, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None
 
 
 def chunked_cross_entropy_sum(
@@ -118,8 +142,37 @@ def chunked_cross_entropy_sum(
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
     for start in range(0, rows.numel(), chunk_size):
         idx = rows[start : start + chunk_size]
-        total += _chunk_ce(hidden.index_select(0, idx), weight, labels.index_select(0, idx))[0]
+        total += _chunk_ce(hidden.index_select(0, idx), weight, labels.index_select(0, idx))[0].sum()
     return total
+
+
+def weighted_head_loss(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    weigh: Callable[[Tensor, Tensor], Tensor],
+    chunk_size: int = 1024,
+) -> Tensor:
+    """sum_t w_t * CE(hidden[t] @ weight.T, labels[t]) over labels != -100, with w = weigh(rows, ce).
+
+    hidden (..., H), weight (V, H), labels (...) shifted. `weigh(rows (N,), ce (N,) fp32)` sees the trained
+    positions and their cross-entropies (= -log p, computed without gradients) and returns the weights (N,)
+    fp32; gradients then flow as for `chunked_cross_entropy_sum`, each token's scaled by its weight. Under
+    `torch.no_grad()` only the value is formed (and `weigh` still sees every CE: a log-prob pass).
+    """
+    hidden = hidden.reshape(-1, hidden.shape[-1])  # (T, H)
+    labels = labels.reshape(-1)  # (T,)
+    rows = (labels != IGNORE_INDEX).nonzero().squeeze(1)  # (N,)
+    with torch.no_grad():
+        parts = [
+            _chunk_ce(hidden.index_select(0, idx), weight, labels.index_select(0, idx))[0]
+            for idx in rows.split(chunk_size)
+        ]
+        ce = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float32, device=hidden.device)
+    weights = weigh(rows, ce).to(torch.float32).detach()
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        return _ChunkedLinearCrossEntropy.apply(hidden, weight, labels, rows, chunk_size, weights)
+    return (weights * ce).sum()
 
 
 def liger_available(device: torch.device | str) -> bool:

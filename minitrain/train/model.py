@@ -25,6 +25,7 @@ Trade-offs:
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -37,7 +38,7 @@ from minitrain.data.tokenizer import resolve_model_path
 from minitrain.errors import UserError, first_line
 from minitrain.train.attention import choose_attention, packed_attention_kwargs
 from minitrain.train.dist import DistInfo
-from minitrain.train.loss import linear_cross_entropy_sum
+from minitrain.train.loss import linear_cross_entropy_sum, weighted_head_loss
 from minitrain.train.preflight import causal_lm_config
 
 # the method FSDP2 runs as a forward of the lm_head unit (see shard_model): the loss reads the weight directly
@@ -65,7 +66,10 @@ class CausalLMWithLoss(nn.Module):
             )
         return head
 
-    def forward(self, batch: PackedMinibatch) -> Tensor:
+    def forward(
+        self, batch: PackedMinibatch, weigh: Callable[[Tensor, Tensor], Tensor] | None = None
+    ) -> Tensor:
+        """SUM of token CE; with `weigh` (preference objectives), sum of w_t * CE_t (`weighted_head_loss`)."""
         batch = batch.to(self.compute_device)
         attn = self.lm.config._attn_implementation
         out = self.lm.get_decoder()(
@@ -77,11 +81,19 @@ class CausalLMWithLoss(nn.Module):
         hidden = out.last_hidden_state  # (1, T, H), after the final norm
         head = self._head()
         if hasattr(head, HEAD_LOSS_METHOD):  # lm_head is its own FSDP unit: gathered for this call only
-            return getattr(head, HEAD_LOSS_METHOD)(hidden, batch.labels)
-        return self.head_loss(head, hidden, batch.labels)  # the weight is the embedding itself when tied
+            return getattr(head, HEAD_LOSS_METHOD)(hidden, batch.labels, weigh)
+        return self.head_loss(
+            head, hidden, batch.labels, weigh
+        )  # the weight is the embedding itself when tied
 
-    def head_loss(self, head: nn.Module, hidden: Tensor, labels: Tensor) -> Tensor:
-        """SUM of token CE of hidden (1, T, H) @ head.weight (V, H).T against labels (1, T)."""
+    def head_loss(
+        self, head: nn.Module, hidden: Tensor, labels: Tensor, weigh: Callable | None = None
+    ) -> Tensor:
+        """SUM of token CE of hidden (1, T, H) @ head.weight (V, H).T against labels (1, T) (weighted: `weigh`).
+
+        The weighted path is always the chunked one (Liger has no per-token weights)."""
+        if weigh is not None:
+            return weighted_head_loss(hidden, head.weight, labels, weigh, self.chunk_size)
         return linear_cross_entropy_sum(
             hidden, head.weight, labels, use_liger=self.use_liger, chunk_size=self.chunk_size
         )
@@ -223,8 +235,8 @@ def _shard_head(model: CausalLMWithLoss, head: nn.Module, kwargs: dict) -> None:
 
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
-    def loss_sum(self: nn.Module, hidden: Tensor, labels: Tensor) -> Tensor:
-        return model.head_loss(self, hidden, labels)
+    def loss_sum(self: nn.Module, hidden: Tensor, labels: Tensor, weigh=None) -> Tensor:
+        return model.head_loss(self, hidden, labels, weigh)
 
     setattr(head, HEAD_LOSS_METHOD, types.MethodType(loss_sum, head))
     fully_shard(head, reshard_after_forward=False, **kwargs)

@@ -35,7 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-PREFERENCE_LOSSES = ("sigmoid", "ipo", "hinge", "simpo", "orpo")
+from minitrain.config import PREFERENCE_LOSSES
+
 REFERENCE_FREE = frozenset({"simpo", "orpo"})
 
 

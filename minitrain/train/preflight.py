@@ -80,6 +80,7 @@ def check_inputs(config: TrainConfig) -> Inputs:
         _check_weights(config.model_name_or_path, model_dir)
     check_output_dir(config.output_dir)
     _check_previous_run(config)
+    num_units, unit = (store.num_pairs, "pairs") if config.objective == "dpo" else (len(store), "samples")
     if is_rank0():
         if too_long and config.truncate:
             say(
@@ -89,10 +90,10 @@ def check_inputs(config: TrainConfig) -> Inputs:
             )
         elif too_long:
             say(
-                f"minitrain: warning: {too_long} of {len(store)} samples are longer than --max-tokens-per-gpu "
+                f"minitrain: warning: {too_long} of {num_units} {unit} are longer than --max-tokens-per-gpu "
                 f"{config.max_tokens_per_gpu} and will be skipped (raise it to train them, or add --truncate)"
             )
-        total = config.total_steps(len(store))
+        total = config.total_steps(num_units)
         if total is not None and config.lr_scheduler != "constant" and total < config.num_warmup_steps:
             say(
                 f"minitrain: warning: the run stops after {total} steps, before the {config.num_warmup_steps} "
@@ -322,15 +323,18 @@ def _open_data(path: Path, *, label: str, config: TrainConfig):
     """
     from minitrain.data.store import TokenStore
 
-    store = TokenStore.open(path)
+    store = TokenStore.open(path, config.objective)
     if len(store) == 0:
         raise UserError(f"{label}: no samples; check the tokenize step's rejects file")
-    over = store.lengths[store.lengths > config.max_tokens_per_gpu]
+    # --objective dpo packs pairs: a pair is trained only when both sides fit the budget together
+    lengths, unit = (store.pair_lengths, "pair") if config.objective == "dpo" else (store.lengths, "sample")
+    over = lengths[lengths > config.max_tokens_per_gpu]
     too_long = int(over.size)
-    if too_long == len(store) and not config.truncate:
+    if too_long == len(lengths) and not config.truncate:
         raise UserError(
-            f"{label}: every sample is longer than --max-tokens-per-gpu {config.max_tokens_per_gpu} (shortest: "
-            f"{int(store.lengths.min())} tokens); raise --max-tokens-per-gpu or add --truncate"
+            f"{label}: every {unit} is longer than --max-tokens-per-gpu {config.max_tokens_per_gpu} (shortest: "
+            f"{int(lengths.min())} tokens); raise --max-tokens-per-gpu"
+            + ("" if config.objective == "dpo" else " or add --truncate")
         )
     cut = int((over - config.max_tokens_per_gpu).sum()) if config.truncate else 0
     return store, too_long, cut

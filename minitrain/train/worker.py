@@ -70,7 +70,10 @@ def _train(config: TrainConfig, dist: DistInfo, tokenizer_source: str | None) ->
     on_gpu = dist.device.type == "cuda"
     # from-scratch weights are drawn on rank 0 and broadcast: the same on any world size
     torch.manual_seed(config.seed)
-    store = TokenStore.open(config.data_path)
+    store = TokenStore.open(config.data_path, config.objective)
+    dpo = config.objective == "dpo"
+    num_units = store.num_pairs if dpo else len(store)  # what the sampler draws: samples, or pairs
+    unit = "pairs" if dpo else "samples"
     if config.truncate:  # over-long samples keep their first tokens instead of being skipped by the planner
         store = store.truncated(config.max_tokens_per_gpu)
 
@@ -85,7 +88,9 @@ def _train(config: TrainConfig, dist: DistInfo, tokenizer_source: str | None) ->
     stop_if_any_rank_failed(dist, error, stage="building the model")
     num_params, frozen_params = _matmul_params(lm)
     use_liger = config.use_liger_kernels and on_gpu
-    if config.use_liger_kernels and not on_gpu and dist.is_main:  # a warning: stderr, as the parent's
+    if config.use_liger_kernels and dpo and dist.is_main:  # Liger has no per-token weights
+        say("minitrain: warning: --use-liger-kernels with --objective dpo: using the chunked cross-entropy")
+    elif config.use_liger_kernels and not on_gpu and dist.is_main:  # a warning: stderr, as the parent's
         print(
             "minitrain: warning: --use-liger-kernels needs a GPU; using the chunked cross-entropy instead",
             file=sys.stderr,
@@ -105,24 +110,27 @@ def _train(config: TrainConfig, dist: DistInfo, tokenizer_source: str | None) ->
     optimizer = build_optimizer(
         model, learning_rate=config.learning_rate, weight_decay=config.weight_decay, device=dist.device
     )
-    total_steps = config.total_steps(len(store))
+    total_steps = config.total_steps(num_units)
     scheduler = build_scheduler(
         optimizer,
         name=config.lr_scheduler,
         num_warmup_steps=config.num_warmup_steps,
         num_training_steps=total_steps,
     )
-    sampler = InfiniteSampler(num_samples=len(store), seed=config.seed)
+    sampler = InfiniteSampler(num_samples=num_units, seed=config.seed)
     state = TrainState()
+    run_step = None  # the loop's SFT step
+    if dpo:  # the reference is the initial model: before a resumed state is loaded
+        run_step = _preference_step(config, model, store, dist)
     if config.resume is not None:
         checkpoint = _resume_point(config, dist)
         sampler_state, counters = load_training_state(
             checkpoint, model=model, optimizer=optimizer, scheduler=scheduler, dist=dist
         )
-        if sampler_state["num_samples"] != len(store):
+        if sampler_state["num_samples"] != num_units:
             raise UserError(
-                f"{checkpoint} was trained on {sampler_state['num_samples']} samples but {config.data_path} has "
-                f"{len(store)}; resume with the same --data-path"
+                f"{checkpoint} was trained on {sampler_state['num_samples']} {unit} but {config.data_path} has "
+                f"{num_units}; resume with the same --data-path"
             )
         sampler = InfiniteSampler.from_state_dict(sampler_state)
         state = TrainState(
@@ -182,7 +190,7 @@ def _train(config: TrainConfig, dist: DistInfo, tokenizer_source: str | None) ->
         )  # fmt: skip
     print0(
         dist,
-        f"training {config.model_name_or_path} on {len(store):,} samples with {dist.world_size} "
+        f"training {config.model_name_or_path} on {num_units:,} {unit} with {dist.world_size} "
         f"{'GPU' if on_gpu else 'CPU process'}{'es' if dist.world_size > 1 and not on_gpu else ''}"
         f"{'s' if dist.world_size > 1 and on_gpu else ''}; writing to {config.output_dir}",
     )
@@ -226,9 +234,39 @@ def _train(config: TrainConfig, dist: DistInfo, tokenizer_source: str | None) ->
                 stop_flag=stop,
                 evaluate=evaluate_now,
                 eval_every_samples=config.eval_every_samples,
+                run_step=run_step,
             )
         finally:
             display.close()
+
+
+def _preference_step(config: TrainConfig, model: torch.nn.Module, store: TokenStore, dist: DistInfo):
+    """`--objective dpo`: the loop's step on pair indices, with the reference sums loaded or computed."""
+    from minitrain.train.dpo import (
+        PreferenceObjective,
+        load_or_compute_reference,
+        preference_step,
+        reference_key,
+    )
+
+    objective = PreferenceObjective(
+        loss=config.preference_loss, beta=config.beta, simpo_gamma=config.simpo_gamma,
+        sft_weight=config.sft_weight,
+    )  # fmt: skip
+    reference = None
+    if objective.needs_reference:
+        key = reference_key(
+            data_path=config.data_path, model_name_or_path=config.model_name_or_path,
+            from_scratch=config.from_scratch, seed=config.seed, master_dtype=config.master_dtype,
+        )  # fmt: skip
+        reference = load_or_compute_reference(
+            model, store, output_dir=config.output_dir, key=key, dist=dist,
+            max_tokens_per_gpu=config.max_tokens_per_gpu, pairs_per_plan=config.batch_size,
+        )  # fmt: skip
+    return functools.partial(
+        preference_step, model, store, objective=objective, reference=reference, dist=dist,
+        max_tokens_per_gpu=config.max_tokens_per_gpu,
+    )  # fmt: skip
 
 
 def _build_model(

@@ -23,7 +23,7 @@ FLAGS = {
     "--dry-run-report", "--logging-level", "--resume", "--overwrite", "--no-overwrite", "--keep-last",
     "--lora-rank", "--lora-alpha", "--lora-dropout", "--lora-target-modules", "--merge-lora", "--no-merge-lora",
     "--base-adapter", "--load-in-4bit", "--no-load-in-4bit", "--eval-data-path", "--eval-every-samples",
-    "--report-to",
+    "--report-to", "--objective", "--preference-loss", "--beta", "--simpo-gamma", "--sft-weight",
 }  # fmt: skip
 
 MINI_TRAINER = [

@@ -332,3 +332,33 @@ def test_the_peak_per_gpu_is_the_memory_model_of_the_largest_minibatch(
         f"predicted peak per GPU, bf16 compute, FULL_SHARD over 2 ranks, largest minibatch {largest:,}"
         in (out.getvalue())
     )
+
+
+def test_dpo_plan_counts_and_packs_pairs(tmp_path: Path) -> None:
+    """--objective dpo: the unit is the pair (both sides' tokens), as `train --objective dpo` plans it."""
+    from minitrain.data.store import TokenStore
+    from tests.train.test_dpo import write_pairs
+
+    path = write_pairs(tmp_path / "pairs.jsonl", num=20, vocab=64, seed=3)
+    store = TokenStore.open(path, "dpo")
+    pair_lengths = store.pair_lengths
+    budget = int(np.sort(pair_lengths)[-3])  # the two longest pairs do not fit
+    report = run(
+        path, objective="dpo", batch_size=6, max_tokens_per_gpu=budget, report_path=tmp_path / "p.json"
+    )
+    assert report.unit == "pairs" and report.num_samples == 20
+    assert report.steps == math.ceil(20 / 6)
+    sampler = InfiniteSampler(num_samples=20, seed=7)
+    plan = orjson.loads((tmp_path / "p.json").read_bytes())
+    for step in plan["steps"]:
+        batch = sampler.next_batch(6)
+        expected = plan_minibatches(pair_lengths[batch].tolist(), budget, 2)
+        assert step["minibatches"] == [[[batch[i] for i in r] for r in mb] for mb in expected]
+        placed = [batch[i] for mb in expected for r in mb for i in r]
+        assert step["trained_tokens"] == int(
+            sum(store.num_trained[2 * p] + store.num_trained[2 * p + 1] for p in placed)
+        )
+    assert report.dropped_samples == int((pair_lengths > budget).sum()) == 2
+    assert [d["source_line"] for d in report.dropped] == [
+        int(i) + 1 for i in np.flatnonzero(pair_lengths > budget)
+    ]

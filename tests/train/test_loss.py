@@ -193,3 +193,37 @@ def test_fp32_gradients_take_no_bf16_shortcut() -> None:
         loss = chunked_cross_entropy_sum(hidden, weight, labels, chunk_size=16)
     loss.backward()
     assert mode.seen and all(set(d) == {torch.float32} for d in mode.seen)
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 1024])
+def test_weighted_head_equals_weighted_cross_entropy_on_full_logits(chunk):
+    """weighted_head_loss: value and gradients of sum_t w_t CE_t, with w from the CEs it hands to `weigh`."""
+    from minitrain.train.loss import weighted_head_loss
+
+    hidden, weight, labels = _problem(seed=3)
+    rows_seen = []
+
+    def weigh(rows, ce):  # weights that depend on the values, as the preference objectives' do
+        rows_seen.append(rows.clone())
+        return torch.sigmoid(ce) - 0.3 * (rows % 3)
+
+    loss, gh, gw = _grads(lambda h, w, y: weighted_head_loss(h, w, y, weigh, chunk), hidden, weight, labels)
+    rows = (labels != -100).nonzero().squeeze(1)
+    assert torch.equal(rows_seen[0], rows)
+    ce_full = F.cross_entropy((hidden @ weight.T).float(), labels, ignore_index=-100, reduction="none")[rows]
+    w_ref = (torch.sigmoid(ce_full) - 0.3 * (rows % 3)).detach()
+    ref_loss, ref_gh, ref_gw = _grads(
+        lambda h, w, y: (
+            w_ref * F.cross_entropy((h @ w.T).float(), y, ignore_index=-100, reduction="none")[rows]
+        ).sum(),
+        hidden,
+        weight,
+        labels,
+    )
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(gh, ref_gh, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gw, ref_gw, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():  # the log-prob pass alone: value only, `weigh` still sees every CE
+        assert weighted_head_loss(hidden, weight, labels, weigh, chunk).item() == pytest.approx(
+            ref_loss.item(), rel=1e-6
+        )
