@@ -3,8 +3,8 @@
 One step = what the training loop does on one packed minibatch: `CausalLMWithLoss` forward (minitrain_packed
 attention, chunked loss), loss / trained tokens, backward, AdamW step (`build_optimizer`, so only parameters
 with requires_grad are in it), zero_grad. Every variant starts from the same seeded Llama built from a config
-(4 layers by default, hidden 512, 8 heads (4 KV), MLP 1408, vocabulary 32,000, untied head, fp32) and runs the same
-packed batches; LoRA wraps it with `add_adapters` (PEFT, all-linear: every projection of every block, not
+(4 layers by default, hidden 512, 8 heads (4 KV), MLP 1408, vocabulary 32,000, untied head, fp32) and runs the
+same packed batches; LoRA wraps it with `add_adapters` (PEFT, all-linear: every projection of every block, not
 lm_head, not the embedding). QLoRA first reloads the same weights through bitsandbytes in NF4 (`nf4_config`,
 fp32 compute: bitsandbytes' CPU backend, so its step time says nothing of the GPU kernels; its memory does
 show what 4-bit weights save). Skipped when bitsandbytes is not installed. Unsharded, one process, one torch
@@ -118,7 +118,8 @@ def _bytes(tensors) -> int:
 
 
 def child(args) -> dict:
-    """Timing (all variants interleaved) or memory (one variant) in this process; returns JSON-able results."""
+    """Timing (all variants interleaved) or memory (one variant) in this process; returns JSON-able
+    results."""
     import torch
 
     from minitrain.train.adapters import logical_numel
@@ -276,7 +277,8 @@ def main() -> None:
     table = Table(title=title)
     cols = (
         "variant", "trainable", "% params", "tok/CPU-s", "CPU s/step", "fwd+bwd s", "optim s", "wall tok/s",
-        "weights MB", "grads MB", "optim MB", "base RSS MB", "steady MB", "peak RSS MB", "peak +MB", "act+other MB",
+        "weights MB", "grads MB", "optim MB", "base RSS MB", "steady MB", "peak RSS MB", "peak +MB",
+        "act+other MB",
     )  # fmt: skip
     for col in cols:
         table.add_column(col, justify="left" if col == "variant" else "right")
@@ -302,7 +304,8 @@ def main() -> None:
     console.print(table)
     for v, ratio in ratios.items():
         console.print(
-            f"{v} / full: step CPU time {ratio['cpu_s_per_step']:.2f}x (fwd+bwd {ratio['fwd_bwd_cpu_s']:.2f}x), "
+            f"{v} / full: step CPU time {ratio['cpu_s_per_step']:.2f}x "
+            f"(fwd+bwd {ratio['fwd_bwd_cpu_s']:.2f}x), "
             f"weights {ratio['weights']:.2f}x, peak RSS {ratio['peak_rss']:.2f}x, "
             f"memory added by training {ratio['peak_added']:.2f}x"
         )

@@ -7,8 +7,9 @@ Then it counts the bytes of the tensors alive (weights and AdamW state, by their
 the kernel's peak-RSS counter (`/proc/self/clear_refs` 5), takes a second step on a packed minibatch of T
 tokens, and reports (peak RSS - RSS before the step) + the live tensors: what the step held at its peak,
 without the interpreter, the imported model code and the allocator's state, which are no tensor of ours.
-(`naive_bytes` in the JSON: peak RSS minus the RSS before anything was built, for comparison.) glibc's mmap threshold is pinned (MALLOC_MMAP_THRESHOLD_) so that
-large freed tensors go back to the kernel instead of staying in the heap and inflating the peak.
+(`naive_bytes` in the JSON: peak RSS minus the RSS before anything was built, for comparison.) glibc's mmap
+threshold is pinned (MALLOC_MMAP_THRESHOLD_) so that large freed tensors go back to the kernel instead of
+staying in the heap and inflating the peak.
 
 CPU figures use fp32 compute (c = 4, no mixed precision, no all-gather copies on one rank). GPU figures (bf16,
 8 ranks) are benchmarks/gpu_smoke.sh's job.
@@ -191,7 +192,8 @@ def main() -> None:
         table.add_column(col, justify="left" if col == "shape" else "right")
     for r in rows:
         table.add_row(
-            r["shape"], f"{r['num_params'] / 1e6:.1f}M", f"{r['tokens']:,}", "on" if r["checkpointing"] else "off",
+            r["shape"], f"{r['num_params'] / 1e6:.1f}M", f"{r['tokens']:,}",
+            "on" if r["checkpointing"] else "off",
             f"{r['measured_mib']:,.0f} MiB", f"{r['predicted_mib']:,.0f} MiB", f"{r['ratio']:.2f}",
         )  # fmt: skip
     Console().print(table)

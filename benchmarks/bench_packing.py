@@ -213,7 +213,8 @@ def main() -> None:
                         ffd_m = None
                         for pname, planner in planners.items():
                             if pname == "lpt-greedy" and n > 2048:
-                                continue  # quadratic-ish in pure Python; mini_trainer's numba version is the real one
+                                # quadratic-ish in pure Python; mini_trainer's numba version is the real one
+                                continue
                             t0 = time.process_time()  # CPU time: robust to other jobs on a shared machine
                             plan = planner(lens_l, budget, world)
                             ms = (time.process_time() - t0) * 1e3
@@ -286,7 +287,8 @@ def fmt(dist: str, world: str, pname: str, rs: list[dict]) -> list[str]:
     return [
         dist, world, pname, str(len(rs)), f"{at:.1f}", str(over), str(more_than_ffd),
         f"{np.mean([r['util'] for r in rs]):.3f}", f"{max(r['worst_imbalance'] for r in rs):.2f}",
-        f"{np.mean([r['balance'] for r in rs]):.4f}", f"{np.mean([r['balance_in_minibatch'] for r in rs]):.4f}",
+        f"{np.mean([r['balance'] for r in rs]):.4f}",
+        f"{np.mean([r['balance_in_minibatch'] for r in rs]):.4f}",
         f"{np.median([r['ms'] for r in rs]):.1f}",
         f"{max(r['ms'] for r in rs):.1f}", f"{np.median(big):.1f}" if big else "-",
     ]  # fmt: skip

@@ -187,7 +187,8 @@ def show(rows: list[dict]) -> None:
     for r in rows:
         if r["lists_s"]:
             print(
-                f"{r['samples']:,}: open is {r['lists_s'] * 1e3 / r['open_ms']:.0f}x faster than loading lists; "
+                f"{r['samples']:,}: open is {r['lists_s'] * 1e3 / r['open_ms']:.0f}x faster "
+                "than loading lists; "
                 f"anon RSS {r['lists_anon_rss_mib'] / max(r['open_anon_rss_mib'], 0.1):.0f}x smaller"
             )
 

@@ -160,7 +160,8 @@ def main() -> None:
     for row in rows.values():
         row["samples_per_s"] = row["samples"] / row["seconds"]
         row["tokens_per_s"] = row["tokens"] / row["seconds"]
-        # per core: samples per CPU-second of all processes of the variant (robust to other load on the machine)
+        # per core: samples per CPU-second of all processes of the variant
+        # (robust to other load on the machine)
         row["samples_per_cpu_s"] = row["samples"] / row["cpu_seconds"]
     floor = rows["floor (render + batched encode, no mask)"]["samples_per_cpu_s"]
     for row in rows.values():
@@ -170,7 +171,8 @@ def main() -> None:
     from rich.table import Table
 
     table = Table(
-        title=f"tokenize, {args.tokenizer}, {args.data or 'all'} data, {args.samples} samples ({os.cpu_count()} cores, load {os.getloadavg()[0]:.1f})"
+        title=f"tokenize, {args.tokenizer}, {args.data or 'all'} data, {args.samples} samples "
+        f"({os.cpu_count()} cores, load {os.getloadavg()[0]:.1f})"
     )
     for col in (
         "variant",
@@ -194,7 +196,8 @@ def main() -> None:
     one = rows["minitrain tokenize, 1 worker"]
     naive = rows["naive (apply_chat_template + per-turn prefixes)"]
     print(
-        f"minitrain (1 worker) vs naive, per CPU-second: {one['samples_per_cpu_s'] / naive['samples_per_cpu_s']:.1f}x faster"
+        "minitrain (1 worker) vs naive, per CPU-second: "
+        f"{one['samples_per_cpu_s'] / naive['samples_per_cpu_s']:.1f}x faster"
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_bytes(

@@ -7,8 +7,8 @@ Table 1 (the issue's comparison), one global batch of fixture samples per step:
   minitrain   CausalLMWithLoss on one packed row (minitrain_packed attention, chunked loss), loss scaled
               by the trained-token count, backward, AdamW step, zero_grad - what the training loop does
   hf padded   the same samples in micro-batches of --micro-batch, right-padded to each micro-batch's
-              longest, `model(input_ids, attention_mask, labels=...)` (sdpa, full logits), loss / micro-batches,
-              backward; AdamW step once per step (gradient accumulation, as HF Trainer does)
+              longest, `model(input_ids, attention_mask, labels=...)` (sdpa, full logits), loss /
+              micro-batches, backward; AdamW step once per step (gradient accumulation, as HF Trainer does)
   limit       bare decoder forward + chunked loss + backward on the same packed tensors, already in place:
               no optimizer, no wrapper, no batch moves
 Table 2 (attention choice), forward+backward of decoder + chunked loss on packs of 16/32/64 samples, for a
@@ -23,7 +23,8 @@ Samples: ../shared/fixtures/data/*.messages.jsonl rendered with the TinyLlama ch
 vocabulary, real ids), the user turn masked; samples longer than --max-len are left out. Model: Llama,
 4 layers, hidden 256, 4 heads (2 KV), vocabulary 32,000.
 
-    python benchmarks/bench_train.py [--batch 32] [--steps 2] [--repeats 2] [--quick] [--out benchmarks/results/train.json]
+    python benchmarks/bench_train.py [--batch 32] [--steps 2] [--repeats 2] [--quick]
+        [--out benchmarks/results/train.json]
 """
 
 from __future__ import annotations
@@ -185,7 +186,8 @@ def make_step(variant: str, model: str, vocab: int, batches, micro_batch: int):
 
 
 def child(args) -> dict:
-    """Timing (all variants interleaved, min over repeats) or memory (one variant, peak RSS) in this process."""
+    """Timing (all variants interleaved, min over repeats) or memory (one variant, peak RSS) in this
+    process."""
     import torch
 
     torch.set_num_threads(args.threads)
@@ -268,7 +270,8 @@ def run(args, variants: list[str], model: str, batch: int, vocab: int) -> list[d
             {"variant": v, "model": model, "batch": batch, "vocab": vocab, **timing[v], "peak_added_mb": mem}
         )
         print(
-            f"  {v:16} {model:8} {batch:3} samples: {timing[v]['tokens_per_s']:8.0f} tok/CPU-s, +{mem:.0f} MB",
+            f"  {v:16} {model:8} {batch:3} samples: {timing[v]['tokens_per_s']:8.0f} tok/CPU-s, "
+            f"+{mem:.0f} MB",
             flush=True,
         )
     return rows

@@ -3,8 +3,9 @@
     python benchmarks/gpu_smoke.py OUT_DIR        (gpu_smoke.sh runs it under a time limit)
 
 Builds everything in OUT_DIR (no downloads): a small Llama config with random weights (about 0.1B
-parameters, the demo tokenizer's vocabulary), prompt/generation pairs tokenized with that tokenizer. Then, each check
-writing its result into OUT_DIR/results.json as soon as it ends (a time limit leaves the finished ones):
+parameters, the demo tokenizer's vocabulary), prompt/generation pairs tokenized with that tokenizer. Then,
+each check writing its result into OUT_DIR/results.json as soon as it ends (a time limit leaves the finished
+ones):
 
   flash_vs_sdpa     flash-attn varlen vs minitrain's packed SDPA: loss and gradients, one packed bf16 batch
   liger_vs_chunked  Liger's fused linear cross-entropy vs the chunked loss head: loss and gradients, bf16
@@ -158,8 +159,8 @@ def _train(out: Path, model_dir: Path, data: Path, name: str, nproc: int, *extra
     run = out / name
     _minitrain([
         "train", "--data-path", str(data), "--model-name-or-path", str(model_dir), "--output-dir", str(run),
-        "--nproc", str(nproc), "--batch-size", "64", "--max-tokens-per-gpu", "8192", "--learning-rate", "1e-4",
-        "--seed", "7", *(() if "--resume" in extra else ("--overwrite",)), *extra,
+        "--nproc", str(nproc), "--batch-size", "64", "--max-tokens-per-gpu", "8192",
+        "--learning-rate", "1e-4", "--seed", "7", *(() if "--resume" in extra else ("--overwrite",)), *extra,
     ])  # fmt: skip
     from minitrain.rundir import METRICS_FILE, read_metrics
 
@@ -223,7 +224,8 @@ def main(out: Path) -> int:
     results = json.loads((out / "results.json").read_text())
     failed = [k for k, v in results.items() if isinstance(v, dict) and (v.get("ok") is False or "error" in v)]
     print(
-        f"gpu_smoke: {'FAILED: ' + ', '.join(failed) if failed else 'all checks passed'}; see {out}/results.json"
+        f"gpu_smoke: {'FAILED: ' + ', '.join(failed) if failed else 'all checks passed'}; "
+        f"see {out}/results.json"
     )
     return 1 if failed else 0
 

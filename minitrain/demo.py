@@ -44,7 +44,8 @@ DEMO_PARTS = ("data", "run")  # everything else a demo writes lives under these
 
 
 def default_output_dir() -> Path:
-    """Where `minitrain demo` writes by default: $XDG_CACHE_HOME/minitrain/demo, else ~/.cache/minitrain/demo."""
+    """Where `minitrain demo` writes by default: $XDG_CACHE_HOME/minitrain/demo, else
+    ~/.cache/minitrain/demo."""
     cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(cache) / "minitrain" / "demo"
 
@@ -83,7 +84,8 @@ def assets_dir() -> Path:
 
 
 def arithmetic_conversations(num: int, seed: int = 0) -> Iterator[dict[str, Any]]:
-    """`num` chat records {"messages": [user, assistant]}: a question about two numbers below 100 and its answer."""
+    """`num` chat records {"messages": [user, assistant]}: a question about two numbers below 100 and its
+    answer."""
     rng = random.Random(seed)
     for _ in range(num):
         op = rng.choice(tuple(_OPS))
@@ -129,7 +131,8 @@ def run_demo(
     learning_rate: float = 3e-3,
     console: Console | None = None,
 ) -> DemoResult:
-    """Generate, tokenize, inspect one sample, train from scratch with torchrun, plot the loss; return the paths.
+    """Generate, tokenize, inspect one sample, train from scratch with torchrun, plot the loss; return the
+    paths.
 
     `output_dir` defaults to `default_output_dir()`; a previous demo there is replaced only with `overwrite`.
     """

@@ -27,5 +27,6 @@ def say(line: str) -> None:
 
 
 def signal_exit_code(signum: int) -> int:
-    """The exit code of a process ended by signal `signum`, as a shell reports it: 128 + N (130 SIGINT, 143 SIGTERM)."""
+    """The exit code of a process ended by signal `signum`, as a shell reports it: 128 + N (130 SIGINT, 143
+    SIGTERM)."""
     return 128 + signum

@@ -64,7 +64,8 @@ _EXPORT_TMP = re.compile(r"\.samples_(\d+)\.tmp")
 
 @dataclass(frozen=True)
 class CheckpointScan:
-    """What OUT/checkpoints holds: complete checkpoints, leftovers of interrupted writes, the one to resume."""
+    """What OUT/checkpoints holds: complete checkpoints, leftovers of interrupted writes, the one to
+    resume."""
 
     complete: tuple[Path, ...]  # oldest first (by samples)
     incomplete: tuple[Path, ...]  # .tmp-/.old- folders and samples_<N> without COMPLETE: never resumed from
@@ -139,7 +140,8 @@ def resolve_resume(out_dir: Path, resume: Path | None) -> Path:
                 else ""
             )
             raise UserError(
-                f"--resume: no complete checkpoint in {checkpoints_root(out_dir)}{found}; start without --resume"
+                f"--resume: no complete checkpoint in {checkpoints_root(out_dir)}{found}; "
+                "start without --resume"
             )
         return scan.latest
     path = Path(resume)
@@ -309,7 +311,8 @@ def metrics_path(run: Path) -> Path:
 
 
 def write_training_params(config: TrainConfig, *, world_size: int, data: Mapping[str, Any] | None) -> Path:
-    """OUT/training_params.json: this launch's settings at the top level, every launch of the run in `launches`.
+    """OUT/training_params.json: this launch's settings at the top level, every launch of the run in
+    `launches`.
 
     Top level (what the workers and other readers take): every parameter, the versions that ran, the world
     size, the data summary, `created` (this launch) and `resumed_from` (the checkpoint, or null). `launches`:

@@ -1,4 +1,5 @@
-"""Build minitrain/assets/demo/: the demo's tiny tokenizer (with a ChatML chat template) and tiny model config.
+"""Build minitrain/assets/demo/: the demo's tiny tokenizer (with a ChatML chat template) and tiny model
+config.
 
 Run from the repository root after changing the demo dataset: `python scripts/build_demo_assets.py`. The
 output is committed as data, so `minitrain demo` needs neither this script nor a network at run time.
@@ -92,7 +93,8 @@ def build_config(out: Path, vocab_size: int) -> None:
 
 
 def _drop_version(path: Path) -> None:
-    """Remove the `transformers_version` that save_pretrained stamps: the assets are data, not a version claim.
+    """Remove the `transformers_version` that save_pretrained stamps: the assets are data, not a version
+    claim.
 
     Without it the committed files are the same whichever transformers built them, so the test that rebuilds
     them compares bytes and never a library's version string. The layout is save_pretrained's own.

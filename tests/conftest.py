@@ -1,4 +1,5 @@
-"""Shared test fixtures: offline mode, the real fixture tokenizers and data, and tiny models built from a config."""
+"""Shared test fixtures: offline mode, the real fixture tokenizers and data, and tiny models built from a
+config."""
 
 from __future__ import annotations
 

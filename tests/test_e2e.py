@@ -23,8 +23,8 @@ pytestmark = [pytest.mark.slow, needs_fixtures]
 def _minitrain(*args: str | Path, cwd: Path) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     done = subprocess.run(
-        [sys.executable, "-m", "minitrain", *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True,
-        timeout=300,
+        [sys.executable, "-m", "minitrain", *map(str, args)], cwd=cwd, env=env, capture_output=True,
+        text=True, timeout=300,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done
@@ -54,9 +54,10 @@ def test_tokenize_train_plot(tmp_path):
         cwd=tmp_path,
     )
     _minitrain(
-        "train", "--data-path", "tok.jsonl", "--model-name-or-path", model, "--output-dir", "run", "--nproc", "2",
-        "--from-scratch", "--max-steps", "3", "--batch-size", "8", "--max-tokens-per-gpu", "1024",
-        "--min-samples-per-checkpoint", "8", "--learning-rate", "1e-3", "--num-warmup-steps", "1",
+        "train", "--data-path", "tok.jsonl", "--model-name-or-path", model, "--output-dir", "run",
+        "--nproc", "2", "--from-scratch", "--max-steps", "3", "--batch-size", "8",
+        "--max-tokens-per-gpu", "1024", "--min-samples-per-checkpoint", "8", "--learning-rate", "1e-3",
+        "--num-warmup-steps", "1",
         cwd=tmp_path,
     )  # fmt: skip
 

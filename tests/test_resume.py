@@ -1,8 +1,8 @@
 """Resume, interruption and refusal through the real CLI (`python -m minitrain train`, torchrun, gloo, CPU).
 
-Issue 6 end to end; the unit-level proofs of minitrain/train/checkpoint.py and faults.py are in tests/train/. All
-runs train the same tiny Llama from scratch (seed 7) on 16 samples, 4 per step (an epoch is 4 steps), and are
-shared by the tests below through module-scoped fixtures:
+Issue 6 end to end; the unit-level proofs of minitrain/train/checkpoint.py and faults.py are in tests/train/.
+All runs train the same tiny Llama from scratch (seed 7) on 16 samples, 4 per step (an epoch is 4 steps), and
+are shared by the tests below through module-scoped fixtures:
 
     diverged    --learning-rate 1e30 on 2 ranks: step 1 blows the weights up to ~1e30, step 2's loss is NaN
     full        a copy of `diverged` trained again: without flags (refused), then with --overwrite as the
@@ -67,8 +67,9 @@ def _env() -> dict[str, str]:
 def _args(root: Path, out: Path, *extra: str | int | float) -> list[str]:
     return [
         "train", "--data-path", str(root / "data.jsonl"), "--model-name-or-path", str(root / "model"),
-        "--output-dir", str(out), "--from-scratch", "--batch-size", str(BATCH), "--max-tokens-per-gpu", "4096",
-        "--learning-rate", str(LR), "--num-warmup-steps", str(WARMUP), "--seed", "7", *map(str, extra),
+        "--output-dir", str(out), "--from-scratch", "--batch-size", str(BATCH),
+        "--max-tokens-per-gpu", "4096", "--learning-rate", str(LR), "--num-warmup-steps", str(WARMUP),
+        "--seed", "7", *map(str, extra),
     ]  # fmt: skip
 
 

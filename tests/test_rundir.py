@@ -1,4 +1,5 @@
-"""minitrain/rundir.py: `--overwrite` removes only minitrain's files, `--keep-last` prunes state and exports."""
+"""minitrain/rundir.py: `--overwrite` removes only minitrain's files, `--keep-last` prunes state and
+exports."""
 
 from __future__ import annotations
 
@@ -58,8 +59,8 @@ def test_keep_last_prunes_the_exports_with_the_training_state(tmp_path):
     (tmp_path / "hf_format" / "keep-me").mkdir()  # the user's
     removed = prune_checkpoints(tmp_path, keep_last=2)
     assert sorted(str(p.relative_to(tmp_path)) for p in removed) == [
-        "checkpoints/samples_16", "checkpoints/samples_8", "hf_format/.samples_40.tmp", "hf_format/samples_16",
-        "hf_format/samples_8",
+        "checkpoints/samples_16", "checkpoints/samples_8", "hf_format/.samples_40.tmp",
+        "hf_format/samples_16", "hf_format/samples_8",
     ]  # fmt: skip
     assert sorted(p.name for p in (tmp_path / "hf_format").iterdir()) == [
         "keep-me",

@@ -23,7 +23,8 @@ def demo(
     nproc: Annotated[int, typer.Option(help="Training processes (torchrun ranks) on the CPU.")] = 2,
     max_steps: Annotated[int, typer.Option(help="Optimizer steps to train.")] = 300,
 ) -> None:
-    """Tokenize a synthetic arithmetic chat set, train a tiny model from scratch, plot its loss (a few minutes).
+    """Tokenize a synthetic arithmetic chat set, train a tiny model from scratch, plot its loss \
+(a few minutes).
 
     Example: minitrain demo --output-dir /tmp/demo --overwrite
     """

@@ -53,7 +53,8 @@ def inspect(
         bool,
         typer.Option(
             "--stats",
-            help="Samples, tokens, trained fraction, length percentiles and histogram, zero-trained and longest samples.",
+            help="Samples, tokens, trained fraction, length percentiles and histogram, zero-trained and "
+            "longest samples.",
         ),
     ] = False,
     audit: Annotated[
@@ -93,7 +94,8 @@ def inspect(
       zero_trained        (warning) a sample with no trained token
       trained_special     (error)   a trained special token that is not end-of-turn (role header, BOS ...)
       eot_not_trained     (error)   a trained span that does not end with an end-of-turn token
-      text_mismatch       (error)   --source: a trained span does not end with its assistant content (+ end-of-turn)
+      text_mismatch       (error)   --source: a trained span does not end with its assistant content \
+(+ end-of-turn)
       reasoning_masked    (error)   --source: a turn's reasoning is rendered in the sample but masked
       source_unmatched    (error)   --source: a sample's source_line is missing, out of order or past the end
       prompt_mismatch     (error)   pairs: the first prompt_len ids differ between chosen and rejected

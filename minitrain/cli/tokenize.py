@@ -132,7 +132,8 @@ def tokenize(
         typer.Option(
             "--split-turns",
             help="One sample per assistant turn, rendered as at inference and trained on that turn: keeps "
-            "the reasoning of every turn when the template drops earlier reasoning (Qwen3, DeepSeek-R1, gpt-oss).",
+            "the reasoning of every turn when the template drops earlier reasoning "
+            "(Qwen3, DeepSeek-R1, gpt-oss).",
         ),
     ] = False,
 ) -> None:
@@ -146,9 +147,11 @@ def tokenize(
 
       minitrain tokenize --dataset tatsu-lab/alpaca:train -o alpaca.tok.jsonl --model-name-or-path ./my-model
 
-      minitrain tokenize chats.jsonl -o out.jsonl --model-name-or-path M --messages-field dialog --role-field speaker --content-field text --user-role customer --assistant-role agent
+      minitrain tokenize chats.jsonl -o out.jsonl --model-name-or-path M --messages-field dialog \
+--role-field speaker --content-field text --user-role customer --assistant-role agent
 
-      minitrain tokenize --input-file in.jsonl --output-file out.jsonl --model-name-or-path M --max-sample-num-tokens 32768
+      minitrain tokenize --input-file in.jsonl --output-file out.jsonl --model-name-or-path M \
+--max-sample-num-tokens 32768
 
       minitrain tokenize reasoning.jsonl -o r.tok.jsonl --model-name-or-path ./qwen3 --split-turns
     """

@@ -155,7 +155,8 @@ def _build_environment() -> Any:
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     class GenerationTag(Extension):
-        # `{% generation %}...{% endgeneration %}` (transformers' assistant-mask tag) renders its body unchanged.
+        # `{% generation %}...{% endgeneration %}` (transformers' assistant-mask tag) renders its body
+        # unchanged.
         tags = {"generation"}
 
         def parse(self, parser: Any) -> Any:
@@ -190,7 +191,8 @@ def _build_environment() -> Any:
 
 
 def _template_message(message: dict[str, Any], content: Any) -> dict[str, Any]:
-    """The message as a template sees it: None-valued keys dropped (as transformers does), reasoning aliased."""
+    """The message as a template sees it: None-valued keys dropped (as transformers does), reasoning
+    aliased."""
     out = {k: v for k, v in message.items() if v is not None and k != "content"}
     if content is not None:
         out["content"] = content
@@ -350,7 +352,8 @@ class ChatEncoder:
         shift: int,
         spans: list[tuple[int, int]],
     ) -> list[int]:
-        """Label the tokens overlapping the trained char spans; reject on any token that crosses a boundary."""
+        """Label the tokens overlapping the trained char spans; reject on any token that crosses a
+        boundary."""
         labels = [IGNORE_INDEX] * len(ids)
         prev_hi = 0
         for start, end in spans:
@@ -434,9 +437,11 @@ class ChatEncoder:
         inside_whitespace: bool,
         skip_role: str | None = None,
     ) -> tuple[dict[int, list[int]], dict[int, list[int]]] | None:
-        """Where each content sits in `text`, from a render with markers; None if it does not reproduce `text`.
+        """Where each content sits in `text`, from a render with markers; None if it does not reproduce
+        `text`.
 
-        `skip_role`: messages of that role are not marked (assistant contents a template may split or rewrite).
+        `skip_role`: messages of that role are not marked (assistant contents a template may split or
+        rewrite).
         """
         marked = []
         for i, m in enumerate(messages):
@@ -509,8 +514,8 @@ class ChatEncoder:
                 if not at:
                     raise SampleRejected(
                         CONTENTS_REWRITTEN,
-                        f"message {j}: its content cannot be located in the rendered text, so the end of turn {i}"
-                        " is unknown",
+                        f"message {j}: its content cannot be located in the rendered text, "
+                        f"so the end of turn {i} is unknown",
                     )
                 bound = min(bound, at[0])
                 break
@@ -549,11 +554,13 @@ class ChatEncoder:
                 return len(before) + common
         raise SampleRejected(
             PREFIX_MISMATCH,
-            f"message {i}: render(messages[:{i}], add_generation_prompt=True) is not a prefix of the rendered text",
+            f"message {i}: render(messages[:{i}], add_generation_prompt=True) is not a prefix of the "
+            "rendered text",
         )
 
     def _turn_end(self, text: str, i: int, start: int, bound: int) -> int:
-        """The end of the last end-of-turn token in text[start:bound] (gpt-oss: `<|end|>` inside, `<|return|>` last)."""
+        """The end of the last end-of-turn token in text[start:bound] (gpt-oss: `<|end|>` inside,
+        `<|return|>` last)."""
         best = -1
         for token in self.eot_tokens:
             at = text.rfind(token, start, bound)
@@ -562,12 +569,14 @@ class ChatEncoder:
         if best < 0:
             raise SampleRejected(
                 NO_END_OF_TURN,
-                f"message {i}: no end-of-turn token ({', '.join(self.eot_tokens) or 'none found'}) after its text",
+                f"message {i}: no end-of-turn token ({', '.join(self.eot_tokens) or 'none found'}) "
+                "after its text",
             )
         return best
 
     def _check_turn(self, message: dict[str, Any], text: str, i: int, start: int, end: int) -> str:
-        """The turn's answer, reasoning and tool calls lie in text[start:end]; returns reasoning the template dropped."""
+        """The turn's answer, reasoning and tool calls lie in text[start:end]; returns reasoning the
+        template dropped."""
         answer, reasoning = assistant_parts(message)
         turn = text[start:end]
         if answer.strip() and answer.strip() not in turn:
@@ -587,7 +596,8 @@ class ChatEncoder:
         return reasoning  # the template does not render it (Qwen3 before the last user query, DeepSeek-R1)
 
     def _encode_spans(self, text: str, spans: list[tuple[int, int]], append: bool = False) -> EncodedSample:
-        """Encode `text` once and label `spans`; a token that straddles a turn's start splits the encode there.
+        """Encode `text` once and label `spans`; a token that straddles a turn's start splits the encode
+        there.
 
         A straddling token ("\n " from a header newline and a content that opens with a space) does not exist
         at inference: the prompt is tokenized alone and the model generates from a fresh token. So the text is
@@ -613,7 +623,8 @@ class ChatEncoder:
         return EncodedSample(ids, labels)
 
     def _ids_in_pieces(self, text: str, cuts: list[int]) -> tuple[list[int], list[tuple[int, int]], int]:
-        """`_ids_with_prefix`, but text[a:b] encoded alone between cuts; each later piece must decode to itself."""
+        """`_ids_with_prefix`, but text[a:b] encoded alone between cuts; each later piece must decode to
+        itself."""
         bounds = [0, *sorted(set(cuts)), len(text)]
         ids, offsets, shift = self._ids_with_prefix(text[: bounds[1]])
         for a, b in zip(bounds[1:-1], bounds[2:], strict=True):
@@ -701,7 +712,8 @@ def resolve_chat_template(tokenizer: Any, chat_template: str | None) -> tuple[st
             source = source.get("default")
         if not source:
             raise UserError(
-                "the tokenizer has no chat template; pass --chat-template chatml (built in) or --chat-template PATH.jinja"
+                "the tokenizer has no chat template; pass --chat-template chatml (built in) or "
+                "--chat-template PATH.jinja"
             )
         return source, "tokenizer"
     if chat_template in BUILTIN_TEMPLATES:
@@ -711,7 +723,8 @@ def resolve_chat_template(tokenizer: Any, chat_template: str | None) -> tuple[st
     path = Path(chat_template)
     if not path.is_file():
         raise UserError(
-            f"--chat-template {chat_template}: not a built-in template ({', '.join(BUILTIN_TEMPLATES)}) and no such file"
+            f"--chat-template {chat_template}: not a built-in template ({', '.join(BUILTIN_TEMPLATES)}) "
+            "and no such file"
         )
     return path.read_text("utf-8"), str(path)
 
@@ -834,7 +847,8 @@ def has_generation_prompt(encoder: ChatEncoder) -> bool:
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
-    """sha256 of the vocabulary in id order (added tokens included): equal fingerprints mean equal id meanings."""
+    """sha256 of the vocabulary in id order (added tokens included): equal fingerprints mean equal id
+    meanings."""
     vocab = tokenizer.get_vocab()
     digest = hashlib.sha256()
     for token, idx in sorted(vocab.items(), key=lambda item: item[1]):
@@ -876,7 +890,8 @@ def load_chat_encoder(model_name_or_path: str, chat_template: str | None = None)
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         raise UserError(
-            f"{model_name_or_path}: the tokenizer has no fast (tokenizer.json) backend, which tokenize needs for character offsets"
+            f"{model_name_or_path}: the tokenizer has no fast (tokenizer.json) backend, "
+            "which tokenize needs for character offsets"
         )
     if tokenizer.eos_token_id is None:
         raise UserError(
@@ -885,7 +900,8 @@ def load_chat_encoder(model_name_or_path: str, chat_template: str | None = None)
     source, origin = resolve_chat_template(tokenizer, chat_template)
     with_specials = backend.encode("a", add_special_tokens=True).ids
     plain = backend.encode("a", add_special_tokens=False).ids
-    # What the tokenizer puts in front of a text (BOS for Llama-style tokenizers); anything it appends is ignored.
+    # What the tokenizer puts in front of a text (BOS for Llama-style tokenizers); anything it appends is
+    # ignored.
     at = next((j for j in range(len(with_specials)) if with_specials[j : j + len(plain)] == plain), 0)
     try:
         encoder = ChatEncoder(

@@ -11,22 +11,25 @@ name in the same directory, renamed into place when complete):
                           num_loss_counted_tokens  int         count of labels != -100
                           source_line              int         1-based line number in the input JSONL
                                                                (row number for Parquet/Arrow/datasets input)
-    OUT.meta.json       the sidecar (its keys: `read_sidecar` below): tokenizer, template hash, counts, version
+    OUT.meta.json       the sidecar (its keys: `read_sidecar` below): tokenizer, template hash, counts,
+                        version
     OUT.rejects.jsonl   one object per dropped or rejected input line:
                           {"line": int, "kind": "dropped"|"rejected", "reason": str, "detail": str}
 
 `read == written + dropped + rejected` holds in the sidecar's counts (input lines; with `--split-turns` a
-written line gives several samples, all with its `source_line`, counted in `samples`). The keys of OUT.jsonl are the ones
-mini_trainer uses, so its users can switch either way.
+written line gives several samples, all with its `source_line`, counted in `samples`). The keys of OUT.jsonl
+are the ones mini_trainer uses, so its users can switch either way.
 
 A file is of one kind, named by the sidecar's `kind` ("sft" above; a sidecar without `kind` is "sft"), or
 "preference" (input lines with `chosen` and `rejected`, see `minitrain.data.preference`). A preference
 OUT.jsonl holds one JSON object per written pair, in input order:
 
-    chosen        {"input_ids", "labels", "len", "num_loss_counted_tokens"}   the chosen side, as an SFT sample
+    chosen        {"input_ids", "labels", "len", "num_loss_counted_tokens"}   the chosen side, as an SFT
+                                                                              sample
     rejected      {"input_ids", "labels", "len", "num_loss_counted_tokens"}   the rejected side
-    prompt_len    int   ids shared by both sides: chosen.input_ids[:prompt_len] == rejected.input_ids[:prompt_len],
-                        all masked; the first trained label of each side is at index prompt_len
+    prompt_len    int   ids shared by both sides:
+                        chosen.input_ids[:prompt_len] == rejected.input_ids[:prompt_len], all masked;
+                        the first trained label of each side is at index prompt_len
     source_line   int   1-based line number in the input
 
 Its sidecar's counts add `pairs` (== written == samples: one output line per pair); `tokens` and
@@ -105,12 +108,13 @@ def parse_sample(raw: bytes, path: Path, line: int) -> dict[str, Any]:
     missing = [k for k in ("input_ids", "labels") if k not in sample]
     if missing and all(isinstance(sample.get(k), dict) for k in SIDE_KEYS):
         raise UserError(
-            f"{path}:{line}: a preference pair (chosen/rejected), not an SFT sample; this file was tokenized as "
-            "preference pairs; train it with --objective dpo"
+            f"{path}:{line}: a preference pair (chosen/rejected), not an SFT sample; this file was tokenized "
+            "as preference pairs; train it with --objective dpo"
         )
     if missing:
         raise UserError(
-            f"{path}:{line}: not a tokenized sample (missing {', '.join(missing)}); run `minitrain tokenize` first"
+            f"{path}:{line}: not a tokenized sample (missing {', '.join(missing)}); "
+            "run `minitrain tokenize` first"
         )
     return sample
 

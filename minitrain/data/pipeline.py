@@ -393,7 +393,8 @@ def _check_pair_flags(config: TokenizeConfig, inp: Any) -> None:
     if config.train_on != "all":
         raise UserError(
             f"{inp} holds preference pairs (its first line has chosen/rejected); --train-on "
-            f"{config.train_on} chooses turns of a conversation, a pair trains its whole response; drop --train-on"
+            f"{config.train_on} chooses turns of a conversation, a pair trains its whole response; "
+            "drop --train-on"
         )
 
 
@@ -600,7 +601,8 @@ def render_summary(result: TokenizeResult, console: Any) -> None:
     if result.reasoning_dropped_turns:
         table.add_row(
             "reasoning dropped by the template",
-            f"[yellow]{result.reasoning_dropped_turns:,} turns, {result.reasoning_dropped_tokens:,} tokens[/yellow]",
+            f"[yellow]{result.reasoning_dropped_turns:,} turns, "
+            f"{result.reasoning_dropped_tokens:,} tokens[/yellow]",
         )
     table.add_row("samples/s", f"{result.samples_per_s:,.0f}")
     table.add_row("tokens/s", f"{result.tokens_per_s:,.0f}")

@@ -64,12 +64,14 @@ def encode_pair(encoder: ChatEncoder, pair: dict[str, Any]) -> EncodedPair:
                 if message["role"] != "assistant":
                     raise SampleRejected(
                         NON_ASSISTANT_RESPONSE,
-                        f"`{key}` message {i} has role {message['role']!r}; a response is assistant messages only",
+                        f"`{key}` message {i} has role {message['role']!r}; "
+                        "a response is assistant messages only",
                     )
                 if message.get("train", True) is not True:
                     raise SampleRejected(
                         NO_KNOWN_SHAPE,
-                        f"`{key}` message {i} has `train`: {message['train']!r}; a pair trains its whole response",
+                        f"`{key}` message {i} has `train`: {message['train']!r}; "
+                        "a pair trains its whole response",
                     )
             record = {"messages": [*context, *pair[key]], "tools": pair.get("tools")}
             sides.append(encoder.encode(record))

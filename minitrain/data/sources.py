@@ -40,8 +40,9 @@ chunks of (1-based row number, the row as one JSON line), the same chunks the JS
 worker pool and everything after it are unchanged and a row's number is its `source_line`. Streaming:
 Parquet is read one batch at a time (`iter_batches`), Arrow files one record batch at a time (counted
 beforehand through a memory map, which touches only the batch headers), so memory stays flat whatever the
-file size (an Arrow file written as one giant record batch is read as that batch). The trade-off: each row is serialised to JSON once
-in the parent and parsed again in a worker (cheap next to tokenizing it), in exchange for one code path.
+file size (an Arrow file written as one giant record batch is read as that batch). The trade-off: each row
+is serialised to JSON once in the parent and parsed again in a worker (cheap next to tokenizing it), in
+exchange for one code path.
 pyarrow and datasets (the `datasets` extra) are imported only when such an input is read.
 """
 
@@ -167,7 +168,8 @@ def to_pair_record(record: dict[str, Any], mapping: FieldMapping | None = None) 
         kinds = ", ".join(f"{k}: {type(record.get(k)).__name__}" for k in ("prompt", *SIDE_KEYS))
         raise SampleRejected(
             NO_KNOWN_SHAPE,
-            f"a pair's `prompt`, `chosen` and `rejected` must be all strings or all lists of messages ({kinds})",
+            "a pair's `prompt`, `chosen` and `rejected` must be all strings or all lists of messages "
+            f"({kinds})",
         )
     roles = {**ROLE_ALIASES, **dict(mapping.roles)}
     for key, side in (("chosen", chosen), ("rejected", rejected)):
@@ -286,7 +288,8 @@ def _alpaca(record: dict[str, Any]) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class RowSource:
-    """A table-shaped input (Parquet, Arrow, save_to_disk folder, Hub dataset): where, what and how many rows."""
+    """A table-shaped input (Parquet, Arrow, save_to_disk folder, Hub dataset): where, what and how many
+    rows."""
 
     label: str  # what messages and the sidecar call it
     kind: str  # parquet | arrow | save_to_disk | dataset
@@ -301,7 +304,8 @@ def is_row_input(path: Path) -> bool:
 
 
 def open_rows(path: Path | None, dataset: str | None) -> RowSource:
-    """Open a Parquet/Arrow file, a save_to_disk folder or `--dataset NAME[:split]`; UserError when it cannot."""
+    """Open a Parquet/Arrow file, a save_to_disk folder or `--dataset NAME[:split]`; UserError when it
+    cannot."""
     if dataset is not None:
         return _open_dataset(dataset)
     assert path is not None
@@ -348,7 +352,8 @@ def check_columns(source: RowSource, mapping: FieldMapping) -> None:
     if not any(all(c in columns for c in shape) for shape in shapes):
         raise UserError(
             f"{source.label}: no conversation column (messages, conversations, instruction+output, "
-            f"prompt+generation or chosen+rejected); its columns are {', '.join(columns) or 'none'}; name yours with --messages-field"
+            f"prompt+generation or chosen+rejected); its columns are {', '.join(columns) or 'none'}; "
+            "name yours with --messages-field"
         )
 
 
@@ -483,5 +488,6 @@ def _first_line(err: BaseException) -> str:
 
 
 def _dumps(row: dict[str, Any]) -> bytes:
-    """One row as a JSON object (numpy scalars, dates as JSON; other odd values, e.g. bytes, as their text)."""
+    """One row as a JSON object (numpy scalars, dates as JSON; other odd values, e.g. bytes, as their
+    text)."""
     return orjson.dumps(row, default=str, option=orjson.OPT_SERIALIZE_NUMPY)

@@ -115,7 +115,8 @@ def resolve_model_path(name: str | Path, what: str = "--model-name-or-path") -> 
 
 
 def load_tokenizer(name: str | Path, what: str = "--model-name-or-path") -> Any:
-    """A transformers tokenizer from a folder or Hub id, resolved as above; any failure is one UserError line."""
+    """A transformers tokenizer from a folder or Hub id, resolved as above; any failure is one UserError
+    line."""
     source = resolve_model_path(name, what)
     folder = Path(source)
     if folder.is_dir() and not any(next(folder.glob(pattern), None) for pattern in TOKENIZER_FILES):

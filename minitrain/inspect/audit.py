@@ -39,7 +39,8 @@ class Check:
     description: str
 
 
-# Every audit check, in the order the report lists them. `minitrain inspect --help` and docs/formats.md show these.
+# Every audit check, in the order the report lists them. `minitrain inspect --help` and docs/formats.md show
+# these.
 CHECKS: dict[str, Check] = {
     "malformed_line": Check("error", "a line that is not JSON or has no input_ids/labels lists of ints"),
     "len_mismatch": Check("error", "`len` missing or != len(input_ids), or len(labels) != len(input_ids)"),
@@ -94,7 +95,8 @@ class Example:
 
 @dataclass
 class AuditReport:
-    """Findings of `--audit`: samples per kind (a sample counts once per kind) and the first examples of each."""
+    """Findings of `--audit`: samples per kind (a sample counts once per kind) and the first examples of
+    each."""
 
     path: Path
     samples: int = 0

@@ -102,7 +102,8 @@ def sample_header(
     pct = 100.0 * num_trained / num_tokens if num_tokens else 0.0
     line = "?" if source_line is None else str(source_line)
     return Text(
-        f"=== sample {index} | source line {line} | {num_tokens} tokens | {num_trained} trained ({pct:.1f}%) ===",
+        f"=== sample {index} | source line {line} | {num_tokens} tokens | "
+        f"{num_trained} trained ({pct:.1f}%) ===",
         style=HEADER if color else "",
     )
 
@@ -133,7 +134,8 @@ def _split_at(text: str, offset: int, ranges: Sequence[tuple[int, int]]) -> list
 
 
 def sample_text(segments: Sequence[Segment], *, color: bool) -> Text:
-    """The decoded sample: styled spans in colour (reasoning in its own style), `⟦trained⟧` delimiters without."""
+    """The decoded sample: styled spans in colour (reasoning in its own style), `⟦trained⟧` delimiters
+    without."""
     out = Text()
     inside = False
     ranges = reasoning_ranges("".join(seg.text for seg in segments)) if color else []
@@ -174,7 +176,8 @@ def token_cells(
     *,
     color: bool,
 ) -> Text:
-    """One `id:piece` cell per token, separated by spaces; a line break after each token that decodes to a newline.
+    """One `id:piece` cell per token, separated by spaces; a line break after each token that decodes to a
+    newline.
 
     In colour trained cells are green and masked cells dim; without colour each run of trained cells is
     enclosed in `⟦ ⟧` as in the text view.
@@ -218,7 +221,8 @@ def render_sample(
     tokens: bool,
     color: bool,
 ) -> None:
-    """Print one sample: its header, then its text (or its token cells with `tokens=True`), then a blank line."""
+    """Print one sample: its header, then its text (or its token cells with `tokens=True`), then a blank
+    line."""
     ids, labels = sample["input_ids"], sample["labels"]
     trained = sum(1 for lab in labels if lab != IGNORE_INDEX)
     console.print(
@@ -265,9 +269,9 @@ def render_pair(
     line = pair.get("source_line", "?")
     console.print(
         Text(
-            f"=== pair {index} | source line {line} | prompt {k} tokens | chosen {counts['chosen'][0]} tokens,"
-            f" {counts['chosen'][1]} trained | rejected {counts['rejected'][0]} tokens, {counts['rejected'][1]}"
-            " trained ===",
+            f"=== pair {index} | source line {line} | prompt {k} tokens | "
+            f"chosen {counts['chosen'][0]} tokens, {counts['chosen'][1]} trained | "
+            f"rejected {counts['rejected'][0]} tokens, {counts['rejected'][1]} trained ===",
             style=HEADER if color else "",
         ),
         soft_wrap=True,
@@ -303,7 +307,8 @@ def render_pair(
 
 
 def render_pair_stats(stats: PairStats, console: Console) -> None:
-    """Print `--stats` of a preference file: pairs, lengths of prompt/chosen/rejected, trained tokens, margins."""
+    """Print `--stats` of a preference file: pairs, lengths of prompt/chosen/rejected, trained tokens,
+    margins."""
     console.print(Text(f"statistics of {stats.path} (preference pairs)", style="bold"), soft_wrap=True)
     table = Table()
     table.add_column("", style="bold")
@@ -336,7 +341,8 @@ def _bar(count: int, peak: int, width: int = 40) -> str:
 
 
 def render_stats(stats: DatasetStats, console: Console) -> None:
-    """Print `--stats`: totals, length percentiles, a length histogram, zero-trained and longest samples, packing."""
+    """Print `--stats`: totals, length percentiles, a length histogram, zero-trained and longest samples,
+    packing."""
     frac = stats.trained_tokens / stats.tokens if stats.tokens else 0.0
     console.print(
         Text(f"statistics of {stats.path}", style="bold"), soft_wrap=True
@@ -385,7 +391,8 @@ def render_stats(stats: DatasetStats, console: Console) -> None:
     if p is not None:
         console.print(
             Text(
-                f"packing (planner, one epoch in sampler order for seed {p.seed}): batch size {p.batch_size}, "
+                f"packing (planner, one epoch in sampler order for seed {p.seed}): "
+                f"batch size {p.batch_size}, "
                 f"{p.max_tokens_per_gpu:,} tokens per GPU, {p.nproc} GPU(s)",
                 style="bold",
             ),

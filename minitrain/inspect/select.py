@@ -61,7 +61,8 @@ def select_samples(
     grep: Callable[[dict[str, Any]], bool] | None = None,
     pairs: bool = False,
 ) -> list[SelectedSample]:
-    """The samples to show, in file order: the first `n` (default 3), the given `indices`, or `random_k` at random.
+    """The samples to show, in file order: the first `n` (default 3), the given `indices`, or `random_k` at
+    random.
 
     `grep` (a predicate on the parsed sample) filters first: `n`/`random_k` then count matching samples
     and `indices` keep only those that match. `pairs`: the file holds preference pairs (one per line).

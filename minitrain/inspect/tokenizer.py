@@ -17,7 +17,8 @@ KNOWN_END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<|endoftext|>", "<e
 
 
 def load_tokenizer(path: Path, meta: dict[str, Any] | None, override: str | None) -> Any:
-    """The tokenizer named by `--model-name-or-path`, else the one recorded in the sidecar; one-line errors."""
+    """The tokenizer named by `--model-name-or-path`, else the one recorded in the sidecar; one-line
+    errors."""
     if override is None:
         recorded = ((meta or {}).get("tokenizer") or {}).get("path")
         if not recorded:
@@ -54,7 +55,8 @@ def special_token_ids(tokenizer: Any) -> frozenset[int]:
 
 
 def end_of_turn_ids(tokenizer: Any, meta: dict[str, Any] | None) -> frozenset[int]:
-    """End-of-turn ids: the sidecar's list (+ EOS), else EOS and the usual end-of-turn tokens in the vocabulary."""
+    """End-of-turn ids: the sidecar's list (+ EOS), else EOS and the usual end-of-turn tokens in the
+    vocabulary."""
     ids: set[int] = set()
     recorded = ((meta or {}).get("tokenizer") or {}).get("end_of_turn_token_ids")
     if recorded:

@@ -200,7 +200,8 @@ def build_curves(runs: Sequence[tuple[str, Sequence[dict[str, Any]]]], config: P
         fix = f"use --x {' or --x '.join(shared)}" if shared else "no x-axis is shared by all of these runs"
         verb = "has" if len(missing) == 1 else "have"
         raise UserError(
-            f"no common x-axis for --x {config.x}: {', '.join(missing)} {verb} no {X_SOURCES[config.x]}; {fix}"
+            f"no common x-axis for --x {config.x}: "
+            f"{', '.join(missing)} {verb} no {X_SOURCES[config.x]}; {fix}"
         )
 
     x_label = config.x

@@ -1,4 +1,5 @@
-"""Which runs `minitrain plot` reads: each run's metrics file (through `minitrain.rundir`) and its legend name."""
+"""Which runs `minitrain plot` reads: each run's metrics file (through `minitrain.rundir`) and its legend
+name."""
 
 from __future__ import annotations
 
@@ -53,7 +54,8 @@ class Runs:
             path = metrics_path(run)
             if not wait and not path.exists():
                 raise UserError(
-                    f"{run} has no {METRICS_FILE}; pass a directory written by 'minitrain train' or a metrics .jsonl"
+                    f"{run} has no {METRICS_FILE}; "
+                    "pass a directory written by 'minitrain train' or a metrics .jsonl"
                 )
             files.append(MetricsFile(path))
         return cls(files, run_names(paths))

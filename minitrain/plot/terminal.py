@@ -147,7 +147,8 @@ class _Canvas:
 
 
 def _panel_rows(panel: Panel, curves: Curves, width: int, height: int) -> list[Text]:
-    """The text rows of one panel, each exactly `width` cells: title, canvas with y ticks, x ticks, x label."""
+    """The text rows of one panel, each exactly `width` cells: title, canvas with y ticks, x ticks, x
+    label."""
     x_range = curves.x_range()
     ys = [a for line in panel.lines for a in (line.y, line.smoothed) if a is not None]
     y0 = min((float(a.min()) for a in ys), default=0.0)

@@ -121,7 +121,8 @@ def trainable_parameter_count(model: torch.nn.Module) -> tuple[int, int]:
 def save_adapter(
     model: PeftModel, full_state_dict: dict[str, torch.Tensor], out_dir: Path, settings: LoraSettings
 ) -> None:
-    """Write the new adapter in PEFT's format (adapter_config.json, adapter_model.safetensors) + the stack record."""
+    """Write the new adapter in PEFT's format (adapter_config.json, adapter_model.safetensors) + the stack
+    record."""
     from peft import get_peft_model_state_dict
 
     out_dir = Path(out_dir)
@@ -166,14 +167,16 @@ def require_qlora(device_type: str) -> None:
     """
     if device_type != "cuda" and os.environ.get(CPU_QLORA_ENV) != "1":
         raise UserError(
-            "--load-in-4bit (QLoRA) needs a CUDA GPU; none is visible. Drop the flag to train LoRA in full precision"
+            "--load-in-4bit (QLoRA) needs a CUDA GPU; none is visible. "
+            "Drop the flag to train LoRA in full precision"
         )
     if importlib.util.find_spec("bitsandbytes") is None:
         raise UserError("--load-in-4bit needs bitsandbytes: pip install 'minitrain[qlora]'")
 
 
 def nf4_config(compute_dtype: torch.dtype):
-    """QLoRA's quantisation: NF4 weights, double-quantised scales, matmuls in `compute_dtype` (bf16 on GPU)."""
+    """QLoRA's quantisation: NF4 weights, double-quantised scales, matmuls in `compute_dtype` (bf16 on
+    GPU)."""
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(

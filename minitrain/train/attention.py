@@ -112,7 +112,8 @@ def _packed_mask(*args: Any, attention_mask: Tensor | None = None, **kwargs: Any
     """Mask interface for `minitrain_packed`: no (T x T) mask is ever built; padding masks are refused."""
     if attention_mask is not None and not bool(attention_mask.all()):
         raise ValueError(
-            f"{PACKED_ATTENTION} attention does not take padded batches; pack the samples into one row instead"
+            f"{PACKED_ATTENTION} attention does not take padded batches; "
+            "pack the samples into one row instead"
         )
     return None
 
@@ -131,12 +132,13 @@ FLASH_ATTN_MIN_VERSION = "2.3.3"  # what transformers' is_flash_attn_2_available
 
 
 def flash_attn_problem() -> str | None:
-    """Why the installed flash-attn cannot serve `flash_attention_2`, None when it can; checked as transformers
-    does (the `flash_attn` module belongs to the flash-attn distribution, at least 2.3.3) plus an import of
-    `flash_attn_varlen_func` that really runs (a build against another torch fails only there).
+    """Why the installed flash-attn cannot serve `flash_attention_2`, None when it can; checked as
+    transformers does (the `flash_attn` module belongs to the flash-attn distribution, at least 2.3.3) plus an
+    import of `flash_attn_varlen_func` that really runs (a build against another torch fails only there).
 
-    flash-attn 4 (`flash-attn-4`) installs the same module name with another API, hence the distribution check.
-    Not installed at all is a problem too ("not installed"); the caller decides whether that is worth a word.
+    flash-attn 4 (`flash-attn-4`) installs the same module name with another API, hence the distribution
+    check. Not installed at all is a problem too ("not installed"); the caller decides whether that is worth
+    a word.
     """
     from importlib import metadata
 
@@ -148,7 +150,10 @@ def flash_attn_problem() -> str | None:
         name.lower().replace("_", "-") for name in metadata.packages_distributions().get("flash_attn", [])
     ]
     if "flash-attn" not in owners:
-        return f"the flash_attn module comes from {', '.join(owners) or 'no known distribution'}, not flash-attn 2"
+        return (
+            f"the flash_attn module comes from {', '.join(owners) or 'no known distribution'}, "
+            "not flash-attn 2"
+        )
     version = metadata.version("flash-attn")
     try:
         too_old = Version(version) < Version(FLASH_ATTN_MIN_VERSION)

@@ -163,8 +163,8 @@ def load_training_state(
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Load a checkpoint into `model` (any sharding), `optimizer`, `scheduler` and this rank's RNGs.
 
-    Returns (sampler_state, counters): build the sampler with `InfiniteSampler.from_state_dict(sampler_state)`.
-    Every rank must call this.
+    Returns (sampler_state, counters): build the sampler with
+    `InfiniteSampler.from_state_dict(sampler_state)`. Every rank must call this.
     """
     from torch.distributed.checkpoint import CheckpointException
     from torch.distributed.checkpoint import load as dcp_load
@@ -299,7 +299,8 @@ def _dumps(value: Any) -> bytes:
 
 
 def _write_durably(path: Path, data: bytes) -> None:
-    """Write `data` through a fsynced temporary file renamed onto `path`: readers see the old or the new file."""
+    """Write `data` through a fsynced temporary file renamed onto `path`: readers see the old or the new
+    file."""
     with atomic_write(path) as f:
         f.write(data)
 
@@ -329,7 +330,8 @@ def _attempt(run: bool, action: Any) -> BaseException | None:
 def _agree(
     dist: DistInfo, error: BaseException | None, final: Path, out_dir: Path, tmp: Path | None = None
 ) -> None:
-    """Collective: if any rank failed, every rank raises (an OSError as CheckpointSaveError), after cleanup."""
+    """Collective: if any rank failed, every rank raises (an OSError as CheckpointSaveError), after
+    cleanup."""
     if _initialized() and dist.world_size > 1:
         errors: list[Any] = [None] * dist.world_size
         torch_dist.all_gather_object(errors, None if error is None else (repr(error), _os_error(error)))

@@ -40,7 +40,8 @@ class DistInfo:
 
 
 def ranks_from_env(env: Mapping[str, str]) -> tuple[int, int, int, int | None]:
-    """(rank, local_rank, world_size, local_world_size) from torchrun's or SLURM's variables; (0, 0, 1, 1) alone.
+    """(rank, local_rank, world_size, local_world_size) from torchrun's or SLURM's variables; (0, 0, 1, 1)
+    alone.
 
     Under SLURM the processes on this node come from the step's layout (SLURM_STEP_TASKS_PER_NODE, else
     SLURM_TASKS_PER_NODE, e.g. "8(x2)"; SLURM_NTASKS_PER_NODE is set only with --ntasks-per-node). None when
@@ -81,8 +82,9 @@ def cuda_index(local_rank: int, device_count: int) -> int:
         return 0
     if not 0 <= local_rank < device_count:
         raise UserError(
-            f"local rank {local_rank} has no GPU: this process sees {device_count} GPUs; start one process per "
-            "GPU (torchrun --nproc-per-node, or srun --ntasks-per-node equal to the GPUs per node)"
+            f"local rank {local_rank} has no GPU: this process sees {device_count} GPUs; "
+            "start one process per GPU (torchrun --nproc-per-node, "
+            "or srun --ntasks-per-node equal to the GPUs per node)"
         )
     return local_rank
 

@@ -5,7 +5,8 @@ Layout of one export (what `AutoModelForCausalLM.from_pretrained(path)` and `Aut
     OUT/hf_format/samples_<N>/      N = samples trained when it was written
         config.json  generation_config.json
         model.safetensors | model-0000k-of-0000n.safetensors + model.safetensors.index.json
-        tokenizer.json  tokenizer_config.json  special_tokens_map.json  ...  (copied from the tokenizer source)
+        tokenizer.json  tokenizer_config.json  special_tokens_map.json  ...
+                                        (copied from the tokenizer source)
 
 Every rank takes part in gathering the full state dict (`get_model_state_dict(full_state_dict=True,
 cpu_offload=True)`: shards are all-gathered one tensor at a time and moved to CPU, so no GPU ever holds the
@@ -63,10 +64,11 @@ def gather_full_state_dict(
 
 
 def gather_full_state_dict_as(model: nn.Module, dtype: torch.dtype, *, prefix: str = "lm.") -> dict:
-    """Full state dict of the HF model inside `model` on rank 0 (empty elsewhere), floating tensors in `dtype`;
-    collective. Streams: each tensor is all-gathered on its device, cast there, moved to the CPU, and its
-    gathered copy freed before the next, so rank 0's host holds the model once in `dtype` (2 bytes a parameter
-    for bf16), never a master-dtype copy beside it. A tied weight is gathered once, under both its names."""
+    """Full state dict of the HF model inside `model` on rank 0 (empty elsewhere), floating tensors in
+    `dtype`; collective. Streams: each tensor is all-gathered on its device, cast there, moved to the CPU, and
+    its gathered copy freed before the next, so rank 0's host holds the model once in `dtype` (2 bytes a
+    parameter for bf16), never a master-dtype copy beside it. A tied weight is gathered once, under both its
+    names."""
     from torch.distributed.tensor import DTensor
 
     rank0 = not torch_dist.is_initialized() or torch_dist.get_rank() == 0

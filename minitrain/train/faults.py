@@ -5,10 +5,11 @@ Owns four small pieces, one per fault:
 - `StopFlag` (in every worker): the first SIGINT/SIGTERM only *asks* for a stop; `should_stop(dist)` is
   called once per step boundary and all-reduces (MAX) the signal number, so every rank sees the request at
   the same step even when the signal reached them a few milliseconds apart. The loop then saves a checkpoint
-  and the process exits with `errors.signal_exit_code` of the signal (130 for SIGINT, 143 for SIGTERM). A second signal to the same
-  worker ends it at once (default action).
+  and the process exits with `errors.signal_exit_code` of the signal (130 for SIGINT, 143 for SIGTERM). A
+  second signal to the same worker ends it at once (default action).
 - `check_finite(loss, grad_norm, step)`: called after clipping and BEFORE `optimizer.step()`, so a diverged
-  step raises `NonFiniteError` (one line, the step number) and no NaN ever reaches the weights or a checkpoint.
+  step raises `NonFiniteError` (one line, the step number) and no NaN ever reaches the weights or a
+  checkpoint.
 - `die_with_parent()` (in every worker): the kernel sends SIGKILL to the worker if its parent (torchrun)
   dies, so killing the launcher never leaves orphans training on.
 - `wait_forwarding_signals(proc)` (in the launcher): the first SIGINT/SIGTERM is forwarded to torchrun (which
@@ -18,8 +19,8 @@ A rank that dies (killed, out of memory) ends the run through torchrun: with `--
 its agent notices within `--monitor-interval` (0.1 s), sends SIGTERM to the other ranks and SIGKILL after
 `--shutdown-timeout` seconds. Survivors blocked in a collective see the dead peer's closed connection (gloo:
 at once) or the process group's timeout (NCCL). Measured here: SIGKILL of one of two gloo ranks ends the
-torchrun in about a second (tests/train/test_faults.py). Trade-off: the shutdown timeout bounds both the time a
-graceful stop has to save and the time a hung NCCL rank survives a dead peer; one number serves both.
+torchrun in about a second (tests/train/test_faults.py). Trade-off: the shutdown timeout bounds both the time
+a graceful stop has to save and the time a hung NCCL rank survives a dead peer; one number serves both.
 """
 
 from __future__ import annotations

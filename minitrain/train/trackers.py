@@ -5,8 +5,10 @@ each tracker receives the same record right after it is written: every number in
 eval_loss, throughput, ...) as a scalar at the record's `step`. At start each tracker gets the run name (the
 output folder's name), the training parameters and the tokenized data's sidecar, flattened to `a.b.c` keys.
 
-    tensorboard  OUT/tensorboard/ event files (torch.utils.tensorboard; `tensorboard --logdir OUT/tensorboard`)
-    wandb        a W&B run in OUT/wandb/; project $WANDB_PROJECT or "minitrain"; offline with WANDB_MODE=offline
+    tensorboard  OUT/tensorboard/ event files (torch.utils.tensorboard;
+                 `tensorboard --logdir OUT/tensorboard`)
+    wandb        a W&B run in OUT/wandb/; project $WANDB_PROJECT or "minitrain"; offline with
+                 WANDB_MODE=offline
     mlflow       a run in $MLFLOW_TRACKING_URI, else the file store OUT/mlruns (no server, no network);
                  experiment $MLFLOW_EXPERIMENT_NAME or "minitrain"
 

@@ -38,7 +38,8 @@ def test_version():
 def test_importing_the_cli_imports_no_heavy_library():
     code = (
         "import sys, minitrain.cli\n"
-        "heavy = [m for m in ('torch', 'transformers', 'matplotlib', 'numpy', 'tokenizers') if m in sys.modules]\n"
+        "heavy = [m for m in ('torch', 'transformers', 'matplotlib', 'numpy', 'tokenizers') if m in "
+        "sys.modules]\n"
         "print(','.join(heavy))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

@@ -47,7 +47,8 @@ def test_default_view_is_the_first_three_samples_in_plain_text(clean: Path) -> N
         "=== sample 0 | source line 1 | 76 tokens | 26 trained (34.2%) ===\n"
         "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
         "<|im_start|>user\nWho are you?<|im_end|>\n<|im_start|>assistant\n"
-        "⟦I am Vicuna, a language model trained by researchers from Large Model Systems Organization (LMSYS).<|im_end|>⟧\n"
+        "⟦I am Vicuna, a language model trained by researchers from Large Model Systems Organization "
+        "(LMSYS).<|im_end|>⟧\n"
         "<|im_start|>user\nHave a nice day!<|im_end|>\n<|im_start|>assistant\n⟦You too!<|im_end|>⟧"
     )
     assert "\x1b[" not in result.output

@@ -211,7 +211,8 @@ def test_help_and_a_jsonl_tokenize_import_neither_pyarrow_nor_datasets(tmp_path)
         f"res = r.invoke(app, ['tokenize', {str(inp)!r}, '-o', {str(tmp_path / 'o.jsonl')!r}, "
         f"'--model-name-or-path', {str(SMOLLM2)!r}, '--num-workers', '1'])\n"
         "assert res.exit_code == 0, res.output\n"
-        "print(','.join(m for m in ('pyarrow', 'datasets', 'wandb', 'mlflow', 'tensorboard') if m in sys.modules))\n"
+        "print(','.join(m for m in ('pyarrow', 'datasets', 'wandb', 'mlflow', 'tensorboard') if m in "
+        "sys.modules))\n"
     )
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)

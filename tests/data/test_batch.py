@@ -12,7 +12,8 @@ from tests.data.test_store import make_samples, write_tokenized
 
 
 def reference(samples: list[dict], indices: list[int]) -> tuple[list[int], list[int], list[int]]:
-    """Obviously-right layout: per sample, ids as is, labels shifted left by one with -100 last, positions 0.."""
+    """Obviously-right layout: per sample, ids as is, labels shifted left by one with -100 last, positions
+    0.."""
     ids, labels, positions = [], [], []
     for i in indices:
         s = samples[i]

@@ -154,7 +154,7 @@ def test_all_train_false_trains_nothing(smollm2):
     assert set(smollm2.encoder.encode(record).labels) == {IGNORE_INDEX}
 
 
-# --------------------------------------------------------------------------------- pretrain and prompt/generation
+# ----------------------------------------------------------------------------- pretrain and prompt/generation
 
 
 def test_pretrain_trains_content_and_eos(smollm2, tinyllama, hf_tokenizers):
@@ -177,18 +177,21 @@ def test_prompt_generation_masks_prompt_trains_generation_and_eos(smollm2, tinyl
         assert len(trained) == len(tok.encode(" four", add_special_tokens=False)) + 1
 
 
-# ------------------------------------------------------------------- a tokenizer built in the test (Llama 3 style)
+# -------------------------------------------------------------- a tokenizer built in the test (Llama 3 style)
 
 LLAMA3_TEMPLATE = (
     "{{- bos_token }}{%- for message in messages %}"
-    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}"
-    "{%- endfor %}{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
+    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim + "
+    "'<|eot_id|>' }}"
+    "{%- endfor %}{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}"
+    "{%- endif %}"
 )
 
 
 @pytest.fixture(scope="module")
 def llama3_dir(tmp_path_factory) -> Path:
-    """A small byte-level BPE trained here, with Llama-3 special tokens; EOS (<|end_of_text|>) != end of turn."""
+    """A small byte-level BPE trained here, with Llama-3 special tokens; EOS (<|end_of_text|>) != end of
+    turn."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -241,12 +244,17 @@ def test_llama3_style_tokenizer_built_in_test(llama3_dir):
     assert_exact(sample, tok, ["hello world, how are you?", "jumps over the lazy dog"], "<|eot_id|>")
 
 
-# ----------------------------------------------------------- templates that break the "prefix renders a prefix" rule
+# ---------------------------------------------------- templates that break the "prefix renders a prefix" rule
 
 
 def test_template_that_renders_the_last_turn_differently(tmp_path, hf_tokenizers):
     """A prefix of the conversation does not render to a prefix of the text; masks must still be exact."""
-    template = "{% for m in messages %}{{ '<|im_start|>' + m['role'] + ('-final' if loop.last else '') + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+    template = (
+        "{% for m in messages %}"
+        "{{ '<|im_start|>' + m['role'] + ('-final' if loop.last else '') + '\\n' + m['content'] + "
+        "'<|im_end|>\\n' }}"
+        "{% endfor %}"
+    )
     loaded = load_chat_encoder(str(write_tokenizer(tmp_path, SMOLLM2, template)))
     messages = [
         {"role": "user", "content": "a"},
@@ -290,7 +298,12 @@ def test_template_that_drops_earlier_reasoning_is_counted_not_rejected(tmp_path,
 
 def test_token_crossing_the_content_start_is_rejected(tmp_path):
     """No generation prompt; header "assist" + content "ant ..." tokenizes as "ass" "istant" -> reject."""
-    template = "{% for m in messages %}{{ '<|im_start|>' + ('assist' if m['role'] == 'assistant' else m['role']) + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+    template = (
+        "{% for m in messages %}"
+        "{{ '<|im_start|>' + ('assist' if m['role'] == 'assistant' else m['role']) + m['content'] + "
+        "'<|im_end|>\\n' }}"
+        "{% endfor %}"
+    )
     loaded = load_chat_encoder(str(write_tokenizer(tmp_path, SMOLLM2, template)))
     with pytest.raises(SampleRejected) as err:
         loaded.encoder.encode(
@@ -301,7 +314,8 @@ def test_token_crossing_the_content_start_is_rejected(tmp_path):
 
 def test_header_newline_merged_into_the_content_is_cut_as_inference_sees_it(smollm2, hf_tokenizers):
     """ChatML "assistant\\n" + "  Hi" pre-tokenizes "\\n " as one token. At inference the prompt ends in
-    "\\n" and the model generates "  Hi": the prompt and the turn are encoded apart, and the turn is trained."""
+    "\\n" and the model generates "  Hi": the prompt and the turn are encoded apart, and the turn is
+    trained."""
     tok = hf_tokenizers[SMOLLM2]
     messages = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "  Hi"}]
     sample = smollm2.encoder.encode({"messages": messages})
@@ -334,8 +348,10 @@ def test_non_ascii_contents_are_exact(smollm2, tinyllama, hf_tokenizers):
 def test_sentencepiece_space_merged_into_first_content_token(tmp_path, hf_tokenizers):
     """Llama-2 style "[/INST] Hello": the token "▁Hello" starts on the template's space; it is trained."""
     template = (
-        "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}{{ '[INST] ' + m['content'] + ' [/INST]' }}"
-        "{% elif m['role'] == 'assistant' %}{{ ' ' + m['content'].strip() + ' ' + eos_token }}{% endif %}{% endfor %}"
+        "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}"
+        "{{ '[INST] ' + m['content'] + ' [/INST]' }}"
+        "{% elif m['role'] == 'assistant' %}{{ ' ' + m['content'].strip() + ' ' + eos_token }}{% endif %}"
+        "{% endfor %}"
     )
     loaded = load_chat_encoder(str(write_tokenizer(tmp_path, TINYLLAMA, template)))
     assert loaded.encoder.eot_text == " </s>"
@@ -359,8 +375,10 @@ def test_sentencepiece_space_merged_into_first_content_token(tmp_path, hf_tokeni
 TOOL_TEMPLATE = (
     "{%- if tools %}{{- '<|im_start|>system\\nTools: ' + (tools | tojson) + '<|im_end|>\\n' }}{%- endif %}"
     "{%- for m in messages %}"
-    "{%- if m['role'] == 'assistant' %}{{- '<|im_start|>assistant\\n' }}{%- if m['content'] %}{{- m['content'] }}{%- endif %}"
-    "{%- for call in m.get('tool_calls', []) %}{{- '\\n<tool_call>\\n' + (call['function'] | tojson) + '\\n</tool_call>' }}{%- endfor %}"
+    "{%- if m['role'] == 'assistant' %}{{- '<|im_start|>assistant\\n' }}{%- if m['content'] %}"
+    "{{- m['content'] }}{%- endif %}"
+    "{%- for call in m.get('tool_calls', []) %}"
+    "{{- '\\n<tool_call>\\n' + (call['function'] | tojson) + '\\n</tool_call>' }}{%- endfor %}"
     "{{- '<|im_end|>\\n' }}"
     "{%- else %}{{- '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{%- endif %}"
     "{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
@@ -454,7 +472,8 @@ def test_rejection_reasons(smollm2, record, reason):
 
 def test_template_raise_exception_is_a_template_error(tmp_path):
     template = (
-        "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system role') }}{% endif %}"
+        "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system role') }}"
+        "{% endif %}"
         "{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
     )
     loaded = load_chat_encoder(str(write_tokenizer(tmp_path, SMOLLM2, template)))
@@ -471,7 +490,7 @@ def test_template_raise_exception_is_a_template_error(tmp_path):
     assert err.value.reason == chat.TEMPLATE_ERROR and "no system role" in err.value.detail
 
 
-# ----------------------------------------------------------------------------------- templates chosen up front
+# ---------------------------------------------------------------------------------- templates chosen up front
 
 
 def test_tokenizer_without_template_is_refused_with_a_hint(tmp_path, hf_tokenizers):
@@ -673,7 +692,8 @@ def test_train_on_last_trains_the_final_turn_only(qwen3):
 
 
 def test_split_turns_keeps_the_reasoning_of_every_turn(qwen3):
-    """One sample per turn, each the conversation up to it: Qwen3 renders that turn's reasoning as the last."""
+    """One sample per turn, each the conversation up to it: Qwen3 renders that turn's reasoning as the
+    last."""
     loaded, tok = qwen3
     messages = _ua("Hi", "Hello!", "2+2?", "4", "3+3?", "6")
     for k, reason in ((1, REASON_A), (3, REASON_B), (5, "Three and three.")):

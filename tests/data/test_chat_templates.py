@@ -25,14 +25,19 @@ QWEN3 = TOKENIZERS / "qwen3"
 
 LLAMA3 = (
     "{{- bos_token }}{%- for m in messages %}"
-    "{{- '<|start_header_id|>' + m['role'] + '<|end_header_id|>\\n\\n' + m['content'] | trim + '<|eot_id|>' }}"
-    "{%- endfor %}{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
+    "{{- '<|start_header_id|>' + m['role'] + '<|end_header_id|>\\n\\n' + m['content'] | trim + "
+    "'<|eot_id|>' }}"
+    "{%- endfor %}{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}"
+    "{%- endif %}"
 )
 GEMMA3 = (
-    "{{ bos_token }}{%- if messages[0]['role'] == 'system' %}{%- set first = messages[0]['content'] + '\\n\\n' %}"
-    "{%- set loop_messages = messages[1:] %}{%- else %}{%- set first = '' %}{%- set loop_messages = messages %}{%- endif %}"
+    "{{ bos_token }}{%- if messages[0]['role'] == 'system' %}"
+    "{%- set first = messages[0]['content'] + '\\n\\n' %}"
+    "{%- set loop_messages = messages[1:] %}{%- else %}{%- set first = '' %}"
+    "{%- set loop_messages = messages %}{%- endif %}"
     "{%- for m in loop_messages %}{%- set role = 'model' if m['role'] == 'assistant' else m['role'] %}"
-    "{{ '<start_of_turn>' + role + '\\n' + (first if loop.first else '') + m['content'] | trim + '<end_of_turn>\\n' }}"
+    "{{ '<start_of_turn>' + role + '\\n' + (first if loop.first else '') + m['content'] | trim + "
+    "'<end_of_turn>\\n' }}"
     "{%- endfor %}{%- if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{%- endif %}"
 )
 PHI3 = (
@@ -42,7 +47,8 @@ PHI3 = (
 DEEPSEEK_V3 = (
     "{{ bos_token }}{%- for m in messages if m['role'] == 'system' %}{{ m['content'] }}{%- endfor %}"
     "{%- for m in messages %}{%- if m['role'] == 'user' %}{{ '<｜User｜>' + m['content'] }}"
-    "{%- elif m['role'] == 'assistant' %}{{ '<｜Assistant｜>' + m['content'] + '<｜end▁of▁sentence｜>' }}{%- endif %}"
+    "{%- elif m['role'] == 'assistant' %}{{ '<｜Assistant｜>' + m['content'] + '<｜end▁of▁sentence｜>' }}"
+    "{%- endif %}"
     "{%- endfor %}{%- if add_generation_prompt %}{{ '<｜Assistant｜>' }}{%- endif %}"
 )
 # R1 (and its distills): earlier reasoning cut at </think> on every turn; the generation prompt opens <think>
@@ -57,14 +63,19 @@ GPT_OSS = (
     "{%- set ns = namespace(last_user=-1) %}{%- for m in messages %}{%- if m['role'] == 'user' %}"
     "{%- set ns.last_user = loop.index0 %}{%- endif %}{%- endfor %}"
     "{%- for m in messages %}"
-    "{%- if m['role'] in ('system', 'user') %}{{ '<|start|>' + m['role'] + '<|message|>' + m['content'] + '<|end|>' }}"
+    "{%- if m['role'] in ('system', 'user') %}"
+    "{{ '<|start|>' + m['role'] + '<|message|>' + m['content'] + '<|end|>' }}"
     "{%- elif m['role'] == 'assistant' %}"
     "{%- if m.get('thinking') and (loop.last or (m.get('tool_calls') and loop.index0 > ns.last_user)) %}"
     "{{ '<|start|>assistant<|channel|>analysis<|message|>' + m['thinking'] + '<|end|>' }}{%- endif %}"
     "{%- if m.get('tool_calls') %}{%- set call = m['tool_calls'][0]['function'] %}"
-    "{{ '<|start|>assistant to=functions.' + call['name'] + '<|channel|>commentary json<|message|>' + (call['arguments'] | tojson) + '<|call|>' }}"
-    "{%- else %}{{ '<|start|>assistant<|channel|>final<|message|>' + m['content'] + ('<|return|>' if loop.last else '<|end|>') }}{%- endif %}"
-    "{%- elif m['role'] == 'tool' %}{{ '<|start|>functions.tool to=assistant<|channel|>commentary<|message|>' + m['content'] + '<|end|>' }}"
+    "{{ '<|start|>assistant to=functions.' + call['name'] + '<|channel|>commentary json<|message|>' + "
+    "(call['arguments'] | tojson) + '<|call|>' }}"
+    "{%- else %}"
+    "{{ '<|start|>assistant<|channel|>final<|message|>' + m['content'] + "
+    "('<|return|>' if loop.last else '<|end|>') }}{%- endif %}"
+    "{%- elif m['role'] == 'tool' %}"
+    "{{ '<|start|>functions.tool to=assistant<|channel|>commentary<|message|>' + m['content'] + '<|end|>' }}"
     "{%- endif %}{%- endfor %}{%- if add_generation_prompt %}{{ '<|start|>assistant' }}{%- endif %}"
 )
 # GLM-4: no end-of-turn token; the next role token ends a turn (and is a stop token at generation)
@@ -239,10 +250,13 @@ def test_every_family_every_shape_is_exact(family, shape):
 # TRL-style training template: {% generation %} marks what the assistant generates; transformers turns it
 # into an assistant mask, a second opinion that owes nothing to minitrain's rule.
 GENERATION_MARKED = (
-    "{%- for m in messages %}{%- if m['role'] == 'assistant' %}{{ '<|im_start|>assistant\\n' }}{% generation %}"
-    "{%- if m.get('reasoning_content') %}{{ '<think>\\n' + m['reasoning_content'] + '\\n</think>\\n\\n' }}{%- endif %}"
+    "{%- for m in messages %}{%- if m['role'] == 'assistant' %}{{ '<|im_start|>assistant\\n' }}"
+    "{% generation %}"
+    "{%- if m.get('reasoning_content') %}{{ '<think>\\n' + m['reasoning_content'] + '\\n</think>\\n\\n' }}"
+    "{%- endif %}"
     "{{ m['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\\n' }}"
-    "{%- else %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{%- endif %}{%- endfor %}"
+    "{%- else %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{%- endif %}"
+    "{%- endfor %}"
     "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{%- endif %}"
 )
 

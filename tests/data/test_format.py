@@ -1,4 +1,5 @@
-"""Tests for minitrain/data/format.py's file kinds: is_preference, check_kind, iter_pairs and parse_sample on pairs."""
+"""Tests for minitrain/data/format.py's file kinds: is_preference, check_kind, iter_pairs and parse_sample on
+pairs."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Planner guarantees (property tests against plain checks), lower bound, FFD reference count, compute cost."""
+"""Planner guarantees (property tests against plain checks), lower bound, FFD reference count, compute
+cost."""
 
 from __future__ import annotations
 

@@ -37,7 +37,8 @@ BAD_LINES = [
         chat.TEMPLATE_ERROR,
     ),
     (
-        b'{"messages": [{"role": "user", "content": "\xf4\x8f\xbf\xb0"}, {"role": "assistant", "content": "y"}]}',
+        b'{"messages": [{"role": "user", "content": "\xf4\x8f\xbf\xb0"}, '
+        b'{"role": "assistant", "content": "y"}]}',
         chat.ALIGNMENT_FAILURE,
     ),
 ]
@@ -172,7 +173,8 @@ def test_strict_with_workers_stops_them(tmp_path):
 
 
 def test_workers_die_on_sigterm_instead_of_inheriting_the_parents_handler():
-    """Regression: a forked worker kept tokenize's SIGTERM handler and could hang in the pool's terminate()."""
+    """Regression: a forked worker kept tokenize's SIGTERM handler and could hang in the pool's
+    terminate()."""
     import signal
 
     saved = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
@@ -286,7 +288,8 @@ def test_summary_renders_every_count(tmp_path):
 
 
 def test_nothing_written_is_an_error_with_the_top_reasons_and_no_files(tmp_path):
-    """Every line rejected: one UserError (exit 1) naming the counts, top reasons and the first line; no OUT."""
+    """Every line rejected: one UserError (exit 1) naming the counts, top reasons and the first line; no
+    OUT."""
     inp = tmp_path / "odd.jsonl"
     inp.write_bytes(b'{"text": "q", "label": "a"}\n' * 3 + b"{broken\n")
     with pytest.raises(UserError) as err:

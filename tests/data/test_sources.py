@@ -166,7 +166,8 @@ def make_hub_cache(cache, rows, repo="tester/tiny_chat"):
 
 
 def test_dataset_from_the_offline_cache_through_the_cli(tmp_path, reference):
-    """The real CLI with HF_DATASETS_OFFLINE set: the cached dataset is read; a missing one is one line, at once."""
+    """The real CLI with HF_DATASETS_OFFLINE set: the cached dataset is read; a missing one is one line, at
+    once."""
     pytest.importorskip("datasets")
     cache = tmp_path / "cache"
     make_hub_cache(cache, [as_sharegpt(c) for c in conversations()])

@@ -1,4 +1,5 @@
-"""minitrain/data/tokenizer.py: where a model path points (folder, cached Hub id, one Hub request) and the loader.
+"""minitrain/data/tokenizer.py: where a model path points (folder, cached Hub id, one Hub request) and the
+loader.
 
 The Hub is never reached from a test: `ask_hub` is replaced by a stub that counts its calls, except in the
 test that points it at a closed local port to prove a refused connection reads as "unreachable".

@@ -54,7 +54,8 @@ def tokenizer(name: str) -> Any:
 
 
 def reference_row(name: str, messages: list[dict[str, Any]], source_line: int) -> dict[str, Any]:
-    """One tokenized sample whose labels are right by construction (pieces encoded and labelled separately)."""
+    """One tokenized sample whose labels are right by construction (pieces encoded and labelled
+    separately)."""
     tok = tokenizer(name)
     header, eot, after, default_system = LAYOUTS[name]
     pieces: list[tuple[str, bool]] = []
@@ -624,7 +625,8 @@ def test_reasoning_files_from_tokenize_audit_clean(tmp_path: Path, kwargs: dict)
     result = inspect_file(InspectConfig(path=out, audit=True, stats=True, source=inp))
     assert result.audit is not None and result.audit.counts == {}, result.audit.examples
     assert result.audit.samples == (4 if kwargs.get("split_turns") else 3)
-    # --stats says what the template dropped: line 1's first reasoning (not trained with last, kept with split)
+    # --stats says what the template dropped: line 1's first reasoning (not trained with last, kept with
+    # split)
     dropped = result.stats.reasoning_dropped
     assert dropped["turns"] == (0 if kwargs else 1)  # only trained turns count
     assert (dropped["tokens"] > 0) == bool(dropped["turns"])

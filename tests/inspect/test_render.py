@@ -1,4 +1,5 @@
-"""minitrain/inspect/render.py: the sample view on the fixture tokenizers, plain output exactly, colour by style."""
+"""minitrain/inspect/render.py: the sample view on the fixture tokenizers, plain output exactly, colour by
+style."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""minitrain/plot/ and minitrain/rundir.py: safe reading of live metrics files, x-axes, smoothing, the image and the terminal plot."""
+"""minitrain/plot/ and minitrain/rundir.py: safe reading of live metrics files, x-axes, smoothing, the image
+and the terminal plot."""
 
 from __future__ import annotations
 

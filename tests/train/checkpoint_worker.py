@@ -1,5 +1,5 @@
-"""torchrun worker for tests/train/test_checkpoint.py and test_faults.py: the real engine pieces, a loop step like
-minitrain.train.loop's, and `save_training_state` / `load_training_state` / `StopFlag` around them.
+"""torchrun worker for tests/train/test_checkpoint.py and test_faults.py: the real engine pieces, a loop step
+like minitrain.train.loop's, and `save_training_state` / `load_training_state` / `StopFlag` around them.
 
 Usage: torchrun --standalone --nproc-per-node N tests/train/checkpoint_worker.py MODE RUN_DIR
 RUN_DIR holds model/ (a tiny Llama config) and data.jsonl (tokenized), written by the test.

@@ -1,12 +1,13 @@
-"""torchrun worker for tests/train/test_sharding.py: FSDP2 on 2 CPU ranks (gloo) against one unsharded process.
+"""torchrun worker for tests/train/test_sharding.py: FSDP2 on 2 CPU ranks (gloo) against one unsharded
+process.
 
 Usage: torchrun --standalone --nproc-per-node 2 tests/train/sharding_worker.py MODEL_DIR [MODEL_DIR ...]
 Each MODEL_DIR holds a tiny Llama saved by the test (tied embeddings or not); one launch checks them all
 (a torchrun launch costs far more than the checks). For every model and sharding configuration:
-rank 0 loads the weights, rank 1 builds on meta, `shard_model` broadcasts; the gathered weights must equal the
-saved ones exactly; each rank trains its own packed minibatch; the summed scaled loss and the gathered gradients
-must equal a single-process run of the unsharded model on both minibatches. Prints "OK <model folder name>
-<strategy> ..." per model and configuration and exits non-zero on the first mismatch.
+rank 0 loads the weights, rank 1 builds on meta, `shard_model` broadcasts; the gathered weights must equal
+the saved ones exactly; each rank trains its own packed minibatch; the summed scaled loss and the gathered
+gradients must equal a single-process run of the unsharded model on both minibatches. Prints "OK <model
+folder name> <strategy> ..." per model and configuration and exits non-zero on the first mismatch.
 """
 
 from __future__ import annotations

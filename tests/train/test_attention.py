@@ -1,4 +1,5 @@
-"""Packed attention: a packed forward (and backward) equals each sample run alone, for every CPU attention path."""
+"""Packed attention: a packed forward (and backward) equals each sample run alone, for every CPU attention
+path."""
 
 from __future__ import annotations
 
@@ -125,7 +126,8 @@ def flash_attn_varlen_func(  # flash-attn 2.8's signature: transformers inspects
     causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None, deterministic=False,
     return_attn_probs=False, block_table=None,
 ):  # fmt: skip
-    """A CPU stand-in for flash-attn's varlen kernel: q (total, Hq, D), k/v (total, Hkv, D) -> (total, Hq, D)."""
+    """A CPU stand-in for flash-attn's varlen kernel: q (total, Hq, D), k/v (total, Hkv, D) -> (total, Hq,
+    D)."""
     assert cu_seqlens_q.dtype == torch.int32 and torch.equal(cu_seqlens_q, cu_seqlens_k)
     assert causal and window_size == (-1, -1) and dropout_p == 0.0 and not softcap
     bounds = cu_seqlens_q.tolist()

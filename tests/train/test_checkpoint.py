@@ -1,8 +1,8 @@
-"""Training-state checkpoints (minitrain/train/checkpoint.py): exact resume on the same and another world size,
-atomic writes, crash leftovers, pruning, and clear errors when the disk refuses.
+"""Training-state checkpoints (minitrain/train/checkpoint.py): exact resume on the same and another world
+size, atomic writes, crash leftovers, pruning, and clear errors when the disk refuses.
 
-The distributed half runs tests/train/checkpoint_worker.py under a real torchrun (gloo, CPU) three times in one
-module-scoped fixture: 6 uninterrupted steps on 2 ranks (saving after steps 1-3, keep_last=2), then a
+The distributed half runs tests/train/checkpoint_worker.py under a real torchrun (gloo, CPU) three times in
+one module-scoped fixture: 6 uninterrupted steps on 2 ranks (saving after steps 1-3, keep_last=2), then a
 resume of steps 4-6 on 1 rank whose final save is killed half-way, then a resume on 2 ranks. The reference
 is the uninterrupted run: its losses and its full gathered state at step 3. The single-process half uses a
 plain module without a process group.

@@ -1,8 +1,8 @@
 """Faults (minitrain/train/faults.py): non-finite steps, graceful SIGTERM/SIGINT, signal forwarding in the
 launcher, orphan protection, and one rank dying.
 
-The two torchrun tests use tests/train/checkpoint_worker.py: `stop` trains a tiny Llama on 2 ranks until a signal
-and must stop every rank at the same step, save a complete checkpoint and exit 143; `hang` loops on
+The two torchrun tests use tests/train/checkpoint_worker.py: `stop` trains a tiny Llama on 2 ranks until a
+signal and must stop every rank at the same step, save a complete checkpoint and exit 143; `hang` loops on
 all_reduce and must end within seconds (non-zero) when one rank is SIGKILLed.
 """
 
@@ -114,7 +114,9 @@ def _spawn_tree(tmp_path: Path, *, child_on_term: str) -> subprocess.Popen:
     script = textwrap.dedent(
         f"""
         import signal, subprocess, sys, time
-        worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+        worker = subprocess.Popen(
+            [sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True
+        )
         open({str(tmp_path / "worker.pid")!r}, "w").write(str(worker.pid))
         signal.signal(signal.SIGTERM, {child_on_term})
         signal.signal(signal.SIGINT, {child_on_term})

@@ -188,7 +188,8 @@ def test_torchrun_gets_the_cores_shared_by_the_ranks_unless_the_user_chose(monke
 
 
 def test_no_omp_banner_on_a_two_process_run(tmp_path):
-    """torchrun's banner of asterisks (its OMP_NUM_THREADS default) is not printed when minitrain starts it."""
+    """torchrun's banner of asterisks (its OMP_NUM_THREADS default) is not printed when minitrain starts
+    it."""
     env = torchrun_env(2, {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"})
     script = tmp_path / "noop.py"
     script.write_text("pass\n")
@@ -331,8 +332,8 @@ def test_truncate_says_what_it_cut(tmp_path, capsys):
     inputs = check_inputs(_config(**base, output_dir=tmp_path / "o", max_tokens_per_gpu=12, truncate=True))
     assert (inputs.num_too_long, inputs.tokens_truncated) == (over.size, int((over - 12).sum()))
     assert capsys.readouterr().err == (
-        f"minitrain: {over.size} of 6 samples are longer than --max-tokens-per-gpu 12: --truncate keeps their "
-        f"first 12 tokens ({int((over - 12).sum()):,} tokens cut)\n"
+        f"minitrain: {over.size} of 6 samples are longer than --max-tokens-per-gpu 12: "
+        f"--truncate keeps their first 12 tokens ({int((over - 12).sum()):,} tokens cut)\n"
     )
     check_inputs(_config(**base, output_dir=tmp_path / "p", max_tokens_per_gpu=12))
     assert "will be skipped (raise it to train them, or add --truncate)" in capsys.readouterr().err
@@ -386,7 +387,7 @@ def test_a_params_file_from_before_the_history_becomes_its_first_launch(tmp_path
     assert [x["created"] for x in launches][0] == "2026-01-01T00:00:00+00:00" and len(launches) == 2
 
 
-# --- Ctrl+C at any moment of start-up: our one line, exit 130, no traceback ----------------------------------
+# --- Ctrl+C at any moment of start-up: our one line, exit 130, no traceback ---------------------------------
 
 
 def _importing_torch(pid: int, module: str) -> bool:
@@ -417,8 +418,9 @@ def test_ctrl_c_during_start_up_is_one_line_and_exit_130(tmp_path, moment):
         if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "TORCHELASTIC_RUN_ID")
     }
     cmd = [
-        sys.executable, "-m", "minitrain", "train", "--data-path", str(data), "--model-name-or-path", str(model),
-        "--output-dir", str(tmp_path / "o"), "--from-scratch", "--nproc", "2", "--batch-size", "4",
+        sys.executable, "-m", "minitrain", "train", "--data-path", str(data),
+        "--model-name-or-path", str(model), "--output-dir", str(tmp_path / "o"), "--from-scratch",
+        "--nproc", "2", "--batch-size", "4",
     ]  # fmt: skip
     proc = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env | {"OMP_NUM_THREADS": "1"},
@@ -442,7 +444,8 @@ def test_ctrl_c_during_start_up_is_one_line_and_exit_130(tmp_path, moment):
 
 
 def test_a_truncated_run_trains_every_sample_cut_to_the_budget(tmp_path):
-    """One real step over the whole data with --truncate: every sample is in it, at min(length, budget) tokens."""
+    """One real step over the whole data with --truncate: every sample is in it, at min(length, budget)
+    tokens."""
     from minitrain.data.store import TokenStore
 
     data = write_tokenized(tmp_path / "d.jsonl", num=8, vocab=100, seed=0, min_len=8, max_len=30)
@@ -457,8 +460,9 @@ def test_a_truncated_run_trains_every_sample_cut_to_the_budget(tmp_path):
     }
     done = subprocess.run(
         [sys.executable, "-m", "minitrain", "train", "--data-path", str(data), "--model-name-or-path",
-         str(_model(tmp_path, 128)), "--output-dir", str(out), "--from-scratch", "--nproc", "1", "--batch-size", "8",
-         "--max-tokens-per-gpu", "12", "--truncate", "--max-steps", "1", "--num-warmup-steps", "0"],
+         str(_model(tmp_path, 128)), "--output-dir", str(out), "--from-scratch", "--nproc", "1",
+         "--batch-size", "8", "--max-tokens-per-gpu", "12", "--truncate", "--max-steps", "1",
+         "--num-warmup-steps", "0"],
         capture_output=True, text=True, env=env | {"OMP_NUM_THREADS": "1"}, timeout=300,
         cwd=Path(__file__).resolve().parents[2],
     )  # fmt: skip

@@ -24,7 +24,8 @@ def _rates(name: str, warmup: int, total: int | None, steps: int) -> list[float]
 
 
 def _reference(name: str, warmup: int, total: int, step: int) -> float:
-    """Step `step` (1-based), written out by hand: s/W during the warm-up, then the usual decay from the peak."""
+    """Step `step` (1-based), written out by hand: s/W during the warm-up, then the usual decay from the
+    peak."""
     if name != "constant" and step <= warmup:
         return step / warmup
     if name in ("constant", "constant_with_warmup"):

@@ -69,7 +69,8 @@ def _grad_norms(out: Path) -> dict[int, float]:
 
 
 def nf4_base(root: Path) -> torch.nn.Module:
-    """The base as stock transformers loads it for QLoRA: NF4, double quantization, fp32 compute on the CPU."""
+    """The base as stock transformers loads it for QLoRA: NF4, double quantization, fp32 compute on the
+    CPU."""
     lm = AutoModelForCausalLM.from_pretrained(
         root / "base", quantization_config=nf4_config(torch.float32), device_map={"": "cpu"}
     )

@@ -177,8 +177,8 @@ def test_a_real_run_reports_the_jsonl_curve_to_every_tracker(tmp_path):
     args += ["--from-scratch", "--max-steps", "3", "--batch-size", "8", "--learning-rate", "1e-2"]
     args += ["--report-to", "tensorboard", "--report-to", "wandb", "--report-to", "mlflow"]
     done = subprocess.run(
-        [sys.executable, "-m", "minitrain", "train", *map(str, args)], env=env, capture_output=True, text=True,
-        timeout=300,
+        [sys.executable, "-m", "minitrain", "train", *map(str, args)], env=env, capture_output=True,
+        text=True, timeout=300,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     jsonl = [(r["step"], r["loss"]) for r in read_metrics(out / "training_metrics_0.jsonl") if "loss" in r]
