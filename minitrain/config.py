@@ -141,7 +141,8 @@ class TrainConfig:
     node_rank: int = 0
     rdzv_endpoint: str | None = None
     rdzv_id: str = "minitrain"
-    # batch: a global batch of `batch_size` samples, packed into minibatches of at most this many tokens per rank
+    # batch: a global batch of `batch_size` samples, packed into minibatches of at most this many tokens
+    # per rank
     batch_size: int = 128
     max_tokens_per_gpu: int = 16384
     truncate: bool = False  # samples longer than max_tokens_per_gpu: keep their first tokens (else: skipped)
@@ -201,7 +202,8 @@ class TrainConfig:
         _positive("--nnodes", self.nnodes)
         if not 0 <= self.node_rank < self.nnodes:
             raise UserError(
-                f"--node-rank must be in 0..{self.nnodes - 1} for --nnodes {self.nnodes}, got {self.node_rank}"
+                f"--node-rank must be in 0..{self.nnodes - 1} for --nnodes {self.nnodes}, "
+                f"got {self.node_rank}"
             )
         if self.nnodes > 1 and not self.rdzv_endpoint:
             raise UserError(
@@ -325,7 +327,8 @@ class TrainConfig:
         return self.nproc * self.nnodes
 
     def total_steps(self, num_samples: int) -> int | None:
-        """Optimizer steps until the stop criterion (None: train until interrupted); the LR schedule's length."""
+        """Optimizer steps until the stop criterion (None: train until interrupted); the LR schedule's
+        length."""
         if self.max_steps is not None:
             return self.max_steps
         if self.max_samples is not None:
@@ -544,7 +547,8 @@ class PlotConfig:
             raise UserError(f"--smooth {self.smooth} is out of range; use a value from 0.0 (off) to 0.99")
         if self.output is not None and self.output.suffix.lower() not in IMAGE_SUFFIXES:
             raise UserError(
-                f"-o {self.output}: unknown image type {self.output.suffix!r}; end it in {', '.join(IMAGE_SUFFIXES)}"
+                f"-o {self.output}: unknown image type {self.output.suffix!r}; "
+                f"end it in {', '.join(IMAGE_SUFFIXES)}"
             )
         if self.output is not None and not self.output.parent.is_dir():  # before any run is read or drawn
             raise UserError(

@@ -8,7 +8,8 @@
         checkpoints/                resumable training state (`minitrain.train.checkpoint`): samples_<N>/,
                                     `latest`, leftovers of interrupted writes (.tmp-samples_<N>, .old-...)
         reference_logps.npy         --objective dpo with a reference: the initial model's summed log-probs of
-        reference_logps.json        every pair's sides, and the key they were computed for (`minitrain.train.dpo`)
+        reference_logps.json        every pair's sides, and the key they were computed for
+                                    (`minitrain.train.dpo`)
         hf_format/                  Hugging Face exports (`minitrain.train.export`): samples_<N>/, and
                                     .samples_<N>.tmp while one is written
 

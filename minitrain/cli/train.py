@@ -39,7 +39,8 @@ _PREF = "Objective (preference pairs)"
 
 
 def one_of(values: tuple[str, ...]):
-    """Shell completion of an option's fixed values; the config validates them (a one-line error naming all)."""
+    """Shell completion of an option's fixed values; the config validates them (a one-line error naming
+    all)."""
 
     def complete(incomplete: str) -> list[str]:
         return [value for value in values if value.startswith(incomplete)]
@@ -202,16 +203,16 @@ def train(
     overwrite: Annotated[
         bool,
         typer.Option(
-            help="Replace a run already in --output-dir (only minitrain's files: params, metrics, checkpoints, "
-            "exports).",
+            help="Replace a run already in --output-dir (only minitrain's files: params, metrics, "
+            "checkpoints, exports).",
             rich_help_panel=_RESUME,
         ),
     ] = False,
     keep_last: Annotated[
         int | None,
         typer.Option(
-            help="Keep only the K newest checkpoints, training state and hf_format/ export alike (older ones go "
-            "once a newer one is complete).",
+            help="Keep only the K newest checkpoints, training state and hf_format/ export alike (older "
+            "ones go once a newer one is complete).",
             show_default=False,
             rich_help_panel=_RESUME,
         ),
@@ -295,7 +296,8 @@ def train(
     preference_loss: Annotated[
         str,
         typer.Option(
-            help="With --objective dpo: sigmoid (DPO), ipo, hinge, simpo or orpo (the last two: no reference).",
+            help="With --objective dpo: sigmoid (DPO), ipo, hinge, simpo or orpo (the last two: no "
+            "reference).",
             autocompletion=one_of(PREFERENCE_LOSSES),
             rich_help_panel=_PREF,
         ),
@@ -431,7 +433,8 @@ def _resolve_resume(value: str | None) -> str | None:
 
 
 def expand_bare_resume(argv: list[str]) -> list[str]:
-    """`minitrain train ... --resume` with no value means the latest checkpoint: spell it out for the parser."""
+    """`minitrain train ... --resume` with no value means the latest checkpoint: spell it out for the
+    parser."""
     if "train" not in argv:
         return argv
     out = list(argv)

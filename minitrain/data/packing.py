@@ -394,7 +394,8 @@ def plan_minibatches(
     cost: str = "tokens",
     compute_coeffs: tuple[float, float] = (1.0, 1.0 / 8192),
 ) -> Plan:
-    """Split one global batch into minibatches: result[m][r] = indices (into lengths) for rank r in minibatch m.
+    """Split one global batch into minibatches: result[m][r] = indices (into lengths) for rank r in
+    minibatch m.
 
     Every index with `lengths[i] <= max_tokens_per_rank` appears exactly once; longer ones appear nowhere
     (the caller counts and reports them). Every minibatch has `world_size` lists (possibly empty) and every

@@ -125,7 +125,8 @@ class StopRule:
     max_epochs: float | None = None
 
     def reached(self, *, steps: int, samples_seen: int, epochs: float) -> bool:
-        """True once `steps` optimizer steps, `samples_seen` trained samples or `epochs` passes reach a limit."""
+        """True once `steps` optimizer steps, `samples_seen` trained samples or `epochs` passes reach a
+        limit."""
         return (
             (self.max_steps is not None and steps >= self.max_steps)
             or (self.max_samples is not None and samples_seen >= self.max_samples)

@@ -178,7 +178,8 @@ class _Builder:
         if bad.any():
             sample = int(np.searchsorted(np.cumsum(self.buf_lens), int(np.argmax(bad)), side="right"))
             raise UserError(
-                f"{self.path}:{self.buf_lines[sample]}: negative token id or label (only -100 may be negative)"
+                f"{self.path}:{self.buf_lines[sample]}: negative token id or label "
+                "(only -100 may be negative)"
             )
         trained = (labels != IGNORE_INDEX).astype(np.int64)
         ends = np.cumsum(self.buf_lens)
@@ -257,7 +258,8 @@ def _build(jsonl_path: Path, cache_file: Path, fp: dict[str, Any], kind: str = K
 
 
 class TokenStore:
-    """A tokenized file, memory-mapped: every array (tokens and per-sample) is a read-only view of the cache."""
+    """A tokenized file, memory-mapped: every array (tokens and per-sample) is a read-only view of the
+    cache."""
 
     path: Path
     cache_path: Path

@@ -151,7 +151,8 @@ def _pair_weigher(
                 objective.loss,
                 chosen=sums[0::2], rejected=sums[1::2],
                 chosen_tokens=counts[0::2], rejected_tokens=counts[1::2],
-                ref_chosen=None if ref is None else ref[0::2], ref_rejected=None if ref is None else ref[1::2],
+                ref_chosen=None if ref is None else ref[0::2],
+                ref_rejected=None if ref is None else ref[1::2],
                 beta=objective.beta, simpo_gamma=objective.simpo_gamma, sft_weight=objective.sft_weight,
             )  # fmt: skip
             (grad,) = torch.autograd.grad(terms.loss.sum() * scale, sums)
@@ -218,7 +219,8 @@ def reference_logps(
 def reference_key(
     *, data_path: Path, model_name_or_path: str, from_scratch: bool, seed: int, master_dtype: str
 ) -> dict[str, Any]:
-    """What the reference log-probs depend on: the data, the model's weight files (or the from-scratch seed)."""
+    """What the reference log-probs depend on: the data, the model's weight files (or the from-scratch
+    seed)."""
     model_dir = Path(model_name_or_path)
     files = []
     if model_dir.is_dir():

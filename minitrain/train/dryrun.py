@@ -215,7 +215,8 @@ def _model_memory(
     if not targets:
         notes.append(
             f"--lora-target-modules {lora_target_modules} names no linear layer of a decoder block "
-            f"({', '.join(block_linears(config))}): no adapter counted, and training would stop with PEFT's error"
+            f"({', '.join(block_linears(config))}): no adapter counted, and training would stop with "
+            "PEFT's error"
         )
     elif unknown:
         notes.append(
@@ -223,13 +224,13 @@ def _model_memory(
         )
     if load_in_4bit:
         notes.append(
-            f"the decoder blocks' linear weights in NF4 at {NF4_BYTES_PER_WEIGHT:.3f} bytes a weight, whole on "
-            "every rank; embeddings, lm_head and norms frozen in the master dtype"
+            f"the decoder blocks' linear weights in NF4 at {NF4_BYTES_PER_WEIGHT:.3f} bytes a weight, "
+            "whole on every rank; embeddings, lm_head and norms frozen in the master dtype"
         )
     if num_experts(config) > 1:
         notes.append(
-            "MoE: experts counted as separate linear layers (transformers 4); transformers 5 fuses them, keeps "
-            "them out of NF4 and PEFT adapts them otherwise, so the adapter and NF4 figures are rough"
+            "MoE: experts counted as separate linear layers (transformers 4); transformers 5 fuses them, "
+            "keeps them out of NF4 and PEFT adapts them otherwise, so the adapter and NF4 figures are rough"
         )
     return memory, "; ".join(notes)
 
@@ -463,7 +464,10 @@ def render_dry_run(report: DryRunReport, console: Any) -> None:
         ("minibatches per step (min/mean/max)", stats(report.minibatches_per_step, "{:.2f}")),
         ("steps at the lower bound", f"{report.at_lower_bound:.1%}"),
         ("tokens per rank per minibatch", stats(report.tokens_per_rank)),
-        ("empty ranks (1-token dummies)", f"{report.empty_rank_slots:,} of {report.minibatches_total * report.world_size:,}"),
+        (
+            "empty ranks (1-token dummies)",
+            f"{report.empty_rank_slots:,} of {report.minibatches_total * report.world_size:,}",
+        ),
         ("imbalance busiest/mean (min/mean/max)", stats(report.imbalance, "{:.3f}")),
         ("balance (1.0 = no rank waits)", f"{report.balance:.4f}"),
         ("padding-free utilization", f"{report.utilization:.1%}"),
@@ -557,7 +561,10 @@ def _peak_table(rows: list[dict[str, Any]], world_size: int, size: Any) -> Any:
     for r in rows:
         state = sum(r.get(f"{k}_gib", 0.0) for k in ("weights", "grads", "optimizer", "gathered"))
         table.add_row(
-            r["master_dtype"], "on" if r["activation_checkpointing"] else "off", "on" if r["cpu_offload"] else "off",
-            size(state), size(r["activations_gib"]), size(r["loss_head_gib"]), size(r["peak_gib"]), r["peak_at"],
+            r["master_dtype"],
+            "on" if r["activation_checkpointing"] else "off",
+            "on" if r["cpu_offload"] else "off",
+            size(state), size(r["activations_gib"]), size(r["loss_head_gib"]), size(r["peak_gib"]),
+            r["peak_at"],
         )  # fmt: skip
     return table

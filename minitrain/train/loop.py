@@ -237,7 +237,8 @@ def _log_eval(
 
 
 def _clip_grad_norm(model: nn.Module, max_norm: float) -> float:
-    """Clip to `max_norm` and return the global norm before clipping (DTensor-aware: FSDP2 shards are summed)."""
+    """Clip to `max_norm` and return the global norm before clipping (DTensor-aware: FSDP2 shards are
+    summed)."""
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
     if hasattr(norm, "full_tensor"):  # a DTensor when the parameters are FSDP2 shards
         norm = norm.full_tensor()

@@ -92,7 +92,8 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 total += (w * ce).sum()
                 grad_logits.mul_(w[:, None])
             # both gradient matmuls run in the compute dtype (tensor cores in bf16, fp32 accumulation inside
-            # the matmul); only the sum over chunks of grad_weight is kept in fp32, as Liger's accum_dtype does
+            # the matmul); only the sum over chunks of grad_weight is kept in fp32, as Liger's accum_dtype
+            # does
             g = grad_logits.to(weight.dtype)  # (C, V); no copy in fp32
             if need_h:
                 grad_hidden.index_copy_(0, idx, (g @ weight).to(hidden.dtype))  # (C, H)
@@ -126,7 +127,8 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
 def chunked_cross_entropy_sum(
     hidden: Tensor, weight: Tensor, labels: Tensor, chunk_size: int = 1024
 ) -> Tensor:
-    """Sum over positions with labels != -100 of CE(hidden @ weight.T, labels); never holds all (T x V) logits.
+    """Sum over positions with labels != -100 of CE(hidden @ weight.T, labels); never holds all (T x V)
+    logits.
 
     hidden (..., H), weight (V, H), labels (...) int64 already shifted. Returns a 0-dim fp32 tensor.
     """
@@ -204,7 +206,8 @@ def linear_cross_entropy_sum(
             )
             return loss.float()
         warnings.warn(
-            f"Liger kernels need a CUDA GPU with liger-kernel installed; using the chunked loss on {hidden.device}",
+            "Liger kernels need a CUDA GPU with liger-kernel installed; "
+            f"using the chunked loss on {hidden.device}",
             stacklevel=2,
         )
     return chunked_cross_entropy_sum(hidden, weight, labels, chunk_size)

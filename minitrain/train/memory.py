@@ -16,12 +16,13 @@ dtype's bytes, P parameters of which the rank holds 1/shards:
     activations  per token and layer, what autograd saves for a Llama-family block with packed SDPA:
                    2 RMSNorms      2 x (4H fp32 input + cH normalised + cH scaled output); Qwen3's
                                    q/k norms the same on q and k
-                   attention       c x (q H + k kv + v kv + output H + o_proj input H) + 4 x heads (log-sum-exp)
+                   attention       c x (q H + k kv + v kv + output H + o_proj input H) + 4 x heads
+                                   (log-sum-exp)
                    gated MLP       c x 4 I (gate, up, silu(gate), product)
                  x layers x T; with activation checkpointing only each block's input (cH) is kept, plus one
                  block recomputed in backward. Either way one more block's worth for the backward's gradients.
-    loss head    the final norm (4H + 2cH per token), grad_hidden (cH per token), grad_weight in fp32 (4VH) and,
-                 when c < 4, its cast (cVH), the bf16 product temporary (cVH) and one chunk's buffers
+    loss head    the final norm (4H + 2cH per token), grad_hidden (cH per token), grad_weight in fp32 (4VH)
+                 and, when c < 4, its cast (cVH), the bf16 product temporary (cVH) and one chunk's buffers
                  (chunk x V in fp32 and c); with untied embeddings also lm_head gathered (cVH).
 
 Trade-offs: a formula, not a trace. It ignores allocator fragmentation and small buffers (a few %), counts
@@ -202,8 +203,8 @@ def fit(
             got = _size(estimate_peak(shape, lower).total)
             turned = "" if plan.checkpointing else "turning on --activation-checkpointing and "
             return lower, (
-                f"minitrain: {said}; {turned}lowering --max-tokens-per-gpu from {plan.tokens:,} to {tokens:,} "
-                f"(~{got})"
+                f"minitrain: {said}; {turned}lowering --max-tokens-per-gpu from {plan.tokens:,} "
+                f"to {tokens:,} (~{got})"
             )
     options = []
     for tokens in dict.fromkeys((candidate.tokens, max(min_tokens, 1))):  # the budget asked, then the least
@@ -249,7 +250,8 @@ def fit_config_to_gpu(config: TrainConfig, device_bytes: int) -> tuple[TrainConf
         config.fsdp_sharding_strategy, config.world_size()
     )
     plan = RankPlan(
-        tokens=config.max_tokens_per_gpu, shards=shards, master_bytes=4 if config.master_dtype == "fp32" else 2,
+        tokens=config.max_tokens_per_gpu, shards=shards,
+        master_bytes=4 if config.master_dtype == "fp32" else 2,
         compute_bytes=2, checkpointing=config.activation_checkpointing, trainable_params=trainable,
         nf4_params=block_linear_weights(model_config) if config.load_in_4bit else 0,
         cpu_offload=config.cpu_offload,

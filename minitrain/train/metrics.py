@@ -16,7 +16,8 @@ in flight:
     tokens_per_second          float  num_total_tokens / time_per_batch, all ranks together
     samples_per_second         float  num_samples / time_per_batch
     total_samples_accumulated  int    samples trained since the start of the run
-    peak_memory_usage_GB       float  peak GPU memory allocated on rank 0 in this step (on CPU: peak RSS of rank 0)
+    peak_memory_usage_GB       float  peak GPU memory allocated on rank 0 in this step (on CPU: peak RSS
+                                      of rank 0)
     epoch                      float  passes over the data so far (1.5 = halfway through the second)
     timestamp                  str    ISO 8601, UTC, when the step ended
     mfu                        float  on GPU only: model FLOPs utilisation of real tokens (0..1)
@@ -194,13 +195,15 @@ class ProgressDisplay:
             print(format_line(record, self.total_steps, self.eta(record)), flush=True)
             return
         stats = (
-            f"epoch {record['epoch']:.2f}  loss {record['loss']:.4f}  lr {record['lr']:.3g}  {record['tokens_per_second']:,.0f} tok/s  "
+            f"epoch {record['epoch']:.2f}  loss {record['loss']:.4f}  lr {record['lr']:.3g}  "
+            f"{record['tokens_per_second']:,.0f} tok/s  "
             f"samples {record['total_samples_accumulated']:,}"
         )
         self._progress.update(self._task, completed=record["step"], stats=stats)
 
     def eta(self, record: dict[str, Any]) -> float | None:
-        """Seconds left: the mean `time_per_batch` of the steps shown so far x the steps left (None: no total)."""
+        """Seconds left: the mean `time_per_batch` of the steps shown so far x the steps left (None: no
+        total)."""
         if self._first_step is None:
             self._first_step = record["step"]
         self._seconds += record["time_per_batch"]

@@ -2,13 +2,14 @@
 
 Owns `load_model` (config checks, attention choice, rank 0 loads / other ranks build on meta),
 `CausalLMWithLoss` (the root FSDP2 unit: decoder -> final hidden states -> chunked or Liger loss) and
-`shard_model` (FSDP2 `fully_shard` per decoder block, embedding and lm_head, then the root, strategy mapping, mixed precision, CPU
-offload, activation checkpointing, and the broadcast of rank 0's weights into every rank's shards).
+`shard_model` (FSDP2 `fully_shard` per decoder block, embedding and lm_head, then the root, strategy mapping,
+mixed precision, CPU offload, activation checkpointing, and the broadcast of rank 0's weights into every
+rank's shards).
 
 Trade-offs:
 - The loss head takes the decoder's final hidden states and the lm_head weight directly, so full logits are
-  never built; models whose head is not a plain `hidden @ W.T` (an lm_head bias, logit scaling or soft-capping)
-  are refused at load time instead of being trained with a silently different loss.
+  never built; models whose head is not a plain `hidden @ W.T` (an lm_head bias, logit scaling or
+  soft-capping) are refused at load time instead of being trained with a silently different loss.
 - The wrapper, not the HF model, is the FSDP2 root. Untied embedding and lm_head are FSDP2 units of their own
   (gathered only while used, so the vocabulary-sized weights are not held whole for the whole forward and
   their collectives overlap with the blocks'); the loss reads lm_head's weight through a method registered
@@ -89,7 +90,8 @@ class CausalLMWithLoss(nn.Module):
     def head_loss(
         self, head: nn.Module, hidden: Tensor, labels: Tensor, weigh: Callable | None = None
     ) -> Tensor:
-        """SUM of token CE of hidden (1, T, H) @ head.weight (V, H).T against labels (1, T) (weighted: `weigh`).
+        """SUM of token CE of hidden (1, T, H) @ head.weight (V, H).T against labels (1, T) (weighted:
+        `weigh`).
 
         The weighted path is always the chunked one (Liger has no per-token weights)."""
         if weigh is not None:
@@ -115,8 +117,8 @@ def load_model(
 ) -> PreTrainedModel:
     """Build the HF causal LM for packed training, on the CPU (rank 0) or the meta device (other ranks).
 
-    use_cache is off; the attention implementation is `choose_attention(dist.device)`. Rank 0 reads the weights
-    (or initialises them from the config with `from_scratch`); `shard_model` then broadcasts them.
+    use_cache is off; the attention implementation is `choose_attention(dist.device)`. Rank 0 reads the
+    weights (or initialises them from the config with `from_scratch`); `shard_model` then broadcasts them.
     With `quantization` (QLoRA: a transformers `BitsAndBytesConfig`), every rank reads the weights itself,
     straight onto its own device, where bitsandbytes quantises the linear layers; modules it leaves alone
     (embeddings, norms, lm_head) are in `dtype`.
@@ -147,7 +149,8 @@ def load_model(
         except OSError as e:
             first = first_line(e)
             raise UserError(
-                f"cannot load weights from {model_name_or_path} ({first}); use --from-scratch to start from the config"
+                f"cannot load weights from {model_name_or_path} ({first}); "
+                "use --from-scratch to start from the config"
             ) from e
     head = lm.get_output_embeddings()
     if head is None or getattr(head, "bias", None) is not None:
@@ -254,8 +257,8 @@ def shard_model(
     activation_checkpointing: bool,
     replicated: set[nn.Parameter] | None = None,
 ) -> CausalLMWithLoss:
-    """FSDP2: `fully_shard` per decoder block (and untied embedding / lm_head), then the root; rank 0's weights
-    end up in every rank's shards.
+    """FSDP2: `fully_shard` per decoder block (and untied embedding / lm_head), then the root; rank 0's
+    weights end up in every rank's shards.
 
     Needs an initialised process group (also for a world of one). strategy: FULL_SHARD (reshard after
     forward), SHARD_GRAD_OP (keep gathered until backward), NO_SHARD (2-D mesh world x 1: replicated, grads

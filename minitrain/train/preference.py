@@ -11,9 +11,11 @@ token log-probabilities into per-sequence sums with one scatter-add.
     sigmoid (DPO)  -log sigmoid(logits_p)                         Rafailov et al. 2023
     hinge          max(0, 1 - logits_p)                           SLiC (Zhao et al. 2023)
     ipo            (h - 1 / (2 beta))^2, h = (avg_pi_c - avg_ref_c) - (avg_pi_r - avg_ref_r)
-                                                                  Azar et al. 2023 (log-probs averaged per token)
+                                                                  Azar et al. 2023 (log-probs averaged
+                                                                  per token)
     simpo          -log sigmoid(beta * (avg_pi_c - avg_pi_r) - gamma)      Meng et al. 2024, reference-free
-    orpo           nll_c - beta * log sigmoid(log_odds), log_odds = (a_c - log(1 - e^a_c)) - (a_r - log(1 - e^a_r)),
+    orpo           nll_c - beta * log sigmoid(log_odds),
+                   log_odds = (a_c - log(1 - e^a_c)) - (a_r - log(1 - e^a_r)),
                    a = avg_pi, nll_c = -a_c                       Hong et al. 2024, reference-free
 
 Rewards (logged, not trained): beta * (pi - ref) for the objectives with a reference, beta * avg_pi for

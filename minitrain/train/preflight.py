@@ -85,8 +85,8 @@ def check_inputs(config: TrainConfig) -> Inputs:
         if too_long and config.truncate:
             say(
                 f"minitrain: {too_long} of {len(store)} samples are longer than --max-tokens-per-gpu "
-                f"{config.max_tokens_per_gpu}: --truncate keeps their first {config.max_tokens_per_gpu} tokens "
-                f"({cut:,} tokens cut)"
+                f"{config.max_tokens_per_gpu}: --truncate keeps their first {config.max_tokens_per_gpu} "
+                f"tokens ({cut:,} tokens cut)"
             )
         elif too_long:
             say(
@@ -96,9 +96,9 @@ def check_inputs(config: TrainConfig) -> Inputs:
         total = config.total_steps(num_units)
         if total is not None and config.lr_scheduler != "constant" and total < config.num_warmup_steps:
             say(
-                f"minitrain: warning: the run stops after {total} steps, before the {config.num_warmup_steps} "
-                f"warm-up steps end: the learning rate never reaches --learning-rate {config.learning_rate:g} "
-                "(lower --num-warmup-steps)"
+                f"minitrain: warning: the run stops after {total} steps, before the "
+                f"{config.num_warmup_steps} warm-up steps end: the learning rate never reaches "
+                f"--learning-rate {config.learning_rate:g} (lower --num-warmup-steps)"
             )
     source = tokenizer_source(config.model_name_or_path, store.meta)
     return Inputs(store, too_long, cut, eval_store, source)
@@ -135,8 +135,8 @@ def preflight(config: TrainConfig, inputs: Inputs | None = None) -> Preflight:
             )
         if not gpus and config.nproc > (cores := usable_cores()):
             say(
-                f"minitrain: warning: --nproc {config.nproc} CPU processes on {cores} usable cores: they take "
-                f"turns and every step gets slower; use --nproc {cores} or fewer"
+                f"minitrain: warning: --nproc {config.nproc} CPU processes on {cores} usable cores: they "
+                f"take turns and every step gets slower; use --nproc {cores} or fewer"
             )
     if config.overwrite and is_rank0():
         remove_previous_run(config.output_dir)
@@ -213,12 +213,14 @@ def check_model_path(name: str) -> Path | None:
 
 
 def model_vocab_size(model_name_or_path: str) -> int:
-    """The model's vocabulary size from its config (no weights loaded); refuses what minitrain cannot train."""
+    """The model's vocabulary size from its config (no weights loaded); refuses what minitrain cannot
+    train."""
     return int(causal_lm_config(model_name_or_path).get_text_config().vocab_size)
 
 
 def tokenizer_source(model_name_or_path: str, meta: dict | None) -> str | None:
-    """Where checkpoints copy tokenizer files from: the model folder if it has them, else the one the data used."""
+    """Where checkpoints copy tokenizer files from: the model folder if it has them, else the one the data
+    used."""
     try:
         source = resolve_model_path(model_name_or_path)
     except UserError:
@@ -252,8 +254,9 @@ def check_tokenizer_matches(meta: dict | None, model_name_or_path: str, data_pat
     actual = tokenizer_fingerprint(tokenizer)
     if actual != recorded:
         raise UserError(
-            f"{data_path} was tokenized with {meta['tokenizer'].get('path')} (fingerprint {recorded[:12]}), not "
-            f"with {model_name_or_path}'s tokenizer ({actual[:12]}); re-run `minitrain tokenize` with this model"
+            f"{data_path} was tokenized with {meta['tokenizer'].get('path')} (fingerprint {recorded[:12]}), "
+            f"not with {model_name_or_path}'s tokenizer ({actual[:12]}); re-run `minitrain tokenize` with "
+            "this model"
         )
 
 
@@ -297,7 +300,8 @@ def _check_weights(model_name_or_path: str, folder: Path) -> None:
     if not any((folder / name).is_file() for name in WEIGHT_FILES):
         raise UserError(
             f"--model-name-or-path {model_name_or_path}: no weights there (model.safetensors or "
-            "pytorch_model.bin); add --from-scratch to start from its config, or pass the folder with the weights"
+            "pytorch_model.bin); add --from-scratch to start from its config, or pass the folder with "
+            "the weights"
         )
 
 
@@ -332,8 +336,8 @@ def _open_data(path: Path, *, label: str, config: TrainConfig):
     too_long = int(over.size)
     if too_long == len(lengths) and not config.truncate:
         raise UserError(
-            f"{label}: every {unit} is longer than --max-tokens-per-gpu {config.max_tokens_per_gpu} (shortest: "
-            f"{int(lengths.min())} tokens); raise --max-tokens-per-gpu"
+            f"{label}: every {unit} is longer than --max-tokens-per-gpu {config.max_tokens_per_gpu} "
+            f"(shortest: {int(lengths.min())} tokens); raise --max-tokens-per-gpu"
             + ("" if config.objective == "dpo" else " or add --truncate")
         )
     cut = int((over - config.max_tokens_per_gpu).sum()) if config.truncate else 0

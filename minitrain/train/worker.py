@@ -77,7 +77,8 @@ def _train(config: TrainConfig, dist: DistInfo, tokenizer_source: str | None) ->
     if config.truncate:  # over-long samples keep their first tokens instead of being skipped by the planner
         store = store.truncated(config.max_tokens_per_gpu)
 
-    # master weights: fp32 (bf16 compute on GPU through FSDP2's mixed precision) or bf16 with --master-dtype bf16
+    # master weights: fp32 (bf16 compute on GPU through FSDP2's mixed precision) or bf16 with
+    # --master-dtype bf16
     master_dtype = torch.bfloat16 if config.master_dtype == "bf16" else torch.float32
     lora = config.lora_settings()  # None: full fine-tuning
     error = None
@@ -129,8 +130,8 @@ def _train(config: TrainConfig, dist: DistInfo, tokenizer_source: str | None) ->
         )
         if sampler_state["num_samples"] != num_units:
             raise UserError(
-                f"{checkpoint} was trained on {sampler_state['num_samples']} {unit} but {config.data_path} has "
-                f"{num_units}; resume with the same --data-path"
+                f"{checkpoint} was trained on {sampler_state['num_samples']} {unit} but {config.data_path} "
+                f"has {num_units}; resume with the same --data-path"
             )
         sampler = InfiniteSampler.from_state_dict(sampler_state)
         state = TrainState(
@@ -146,7 +147,8 @@ def _train(config: TrainConfig, dist: DistInfo, tokenizer_source: str | None) ->
         need = merge_host_bytes(sum(logical_numel(p) for p in lm.parameters()), master_dtype, export_dtype)
         print0(
             dist,
-            f"--merge-lora: each checkpoint merges the whole model in rank 0's host memory (~{need / 1e9:,.1f} GB)",
+            "--merge-lora: each checkpoint merges the whole model in rank 0's host memory "
+            f"(~{need / 1e9:,.1f} GB)",
         )
 
     def save(samples: int) -> Path:
@@ -331,7 +333,8 @@ def _quiet_libraries(dist: DistInfo) -> None:
 
 
 def _resume_point(config: TrainConfig, dist: DistInfo) -> Path:
-    """Rank 0 picks the checkpoint (and reports leftovers of interrupted writes); every rank gets its choice."""
+    """Rank 0 picks the checkpoint (and reports leftovers of interrupted writes); every rank gets its
+    choice."""
     import torch.distributed as torch_dist
 
     choice: list = [None]
@@ -403,8 +406,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         first = first_line(err)
         say(
-            f"minitrain: error (rank {os.environ.get('RANK', 0)}): lost another rank in a collective ({first}); "
-            "the rank that failed first says why (MINITRAIN_DEBUG=1 shows this traceback)"
+            f"minitrain: error (rank {os.environ.get('RANK', 0)}): lost another rank in a collective "
+            f"({first}); the rank that failed first says why (MINITRAIN_DEBUG=1 shows this traceback)"
         )
         return 1
     return signal_exit_code(state.stop_signal) if state.stop_signal else 0  # 130 / 143 after a graceful stop

@@ -14,16 +14,17 @@ from tests.conftest import tiny_llama_config
 from tests.train.test_loop import write_tokenized
 
 FLAGS = {
-    "--data-path", "--model-name-or-path", "--output-dir", "--nproc", "--nnodes", "--node-rank", "--rdzv-endpoint",
-    "--rdzv-id", "--batch-size", "--max-tokens-per-gpu", "--truncate", "--no-truncate", "--learning-rate", "--num-warmup-steps", "--lr-scheduler",
-    "--weight-decay", "--max-grad-norm", "--max-steps", "--max-samples", "--max-epochs",
-    "--min-samples-per-checkpoint", "--seed", "--use-liger-kernels", "--no-use-liger-kernels",
-    "--fsdp-sharding-strategy", "--activation-checkpointing", "--no-activation-checkpointing", "--from-scratch",
-    "--no-from-scratch", "--master-dtype", "--cpu-offload", "--no-cpu-offload", "--dry-run", "--no-dry-run",
-    "--dry-run-report", "--logging-level", "--resume", "--overwrite", "--no-overwrite", "--keep-last",
-    "--lora-rank", "--lora-alpha", "--lora-dropout", "--lora-target-modules", "--merge-lora", "--no-merge-lora",
-    "--base-adapter", "--load-in-4bit", "--no-load-in-4bit", "--eval-data-path", "--eval-every-samples",
-    "--report-to", "--objective", "--preference-loss", "--beta", "--simpo-gamma", "--sft-weight",
+    "--data-path", "--model-name-or-path", "--output-dir", "--nproc", "--nnodes", "--node-rank",
+    "--rdzv-endpoint", "--rdzv-id", "--batch-size", "--max-tokens-per-gpu", "--truncate", "--no-truncate",
+    "--learning-rate", "--num-warmup-steps", "--lr-scheduler", "--weight-decay", "--max-grad-norm",
+    "--max-steps", "--max-samples", "--max-epochs", "--min-samples-per-checkpoint", "--seed",
+    "--use-liger-kernels", "--no-use-liger-kernels", "--fsdp-sharding-strategy", "--activation-checkpointing",
+    "--no-activation-checkpointing", "--from-scratch", "--no-from-scratch", "--master-dtype", "--cpu-offload",
+    "--no-cpu-offload", "--dry-run", "--no-dry-run", "--dry-run-report", "--logging-level", "--resume",
+    "--overwrite", "--no-overwrite", "--keep-last", "--lora-rank", "--lora-alpha", "--lora-dropout",
+    "--lora-target-modules", "--merge-lora", "--no-merge-lora", "--base-adapter", "--load-in-4bit",
+    "--no-load-in-4bit", "--eval-data-path", "--eval-every-samples", "--report-to", "--objective",
+    "--preference-loss", "--beta", "--simpo-gamma", "--sft-weight",
 }  # fmt: skip
 
 MINI_TRAINER = [
@@ -62,7 +63,8 @@ def test_flag_set_is_frozen():
 
 @pytest.fixture
 def launched(monkeypatch):
-    """Replace the launcher and the file checks: record the config the CLI built, return a chosen exit code."""
+    """Replace the launcher and the file checks: record the config the CLI built, return a chosen exit
+    code."""
     seen: dict = {"code": 0}
 
     def fake(config, inputs=None):
@@ -153,7 +155,8 @@ def test_data_that_does_not_fit_the_model_is_refused_before_spawning(tmp_path):
 def test_missing_data_file_is_refused(tmp_path):
     tiny_llama_config(vocab_size=64).save_pretrained(tmp_path / "model")
     message = _invoke_expecting_user_error(
-        ["train", "--data-path", str(tmp_path / "nope.jsonl"), "--model-name-or-path", str(tmp_path / "model"),
+        ["train", "--data-path", str(tmp_path / "nope.jsonl"),
+         "--model-name-or-path", str(tmp_path / "model"),
          "--output-dir", str(tmp_path / "out"), "--nproc", "1"]
     )  # fmt: skip
     assert "nope.jsonl" in message and "\n" not in message

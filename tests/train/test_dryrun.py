@@ -1,4 +1,5 @@
-"""Dry run: the report agrees with a direct replay of sampler + planner; stop rules, drops, JSON, memory, errors.
+"""Dry run: the report agrees with a direct replay of sampler + planner; stop rules, drops, JSON, memory,
+errors.
 
 The adapter memory estimate is checked against PEFT (trainable parameters of a real LoRA model), against
 bitsandbytes (what an NF4 load quantizes and stores) and against hand arithmetic (bytes per rank).

@@ -4,8 +4,8 @@ Three real runs on the same data and seed (torchrun, gloo, CPU, fp32), shared by
 
     one     `minitrain train --nproc 1`, a token budget that fits the whole batch (one minibatch per step)
     two     `minitrain train --nproc 2`, the same budget
-    split   `torchrun --nproc-per-node 2 -m minitrain train`, a budget that forces several minibatches per rank
-            (the launcher sees torchrun's environment and runs the worker in-process)
+    split   `torchrun --nproc-per-node 2 -m minitrain train`, a budget that forces several minibatches per
+            rank (the launcher sees torchrun's environment and runs the worker in-process)
 
 The reference is the obvious one: the single process with everything in one minibatch. Per-step losses and
 the exported weights must agree to 1e-5 (relative) across all three (gradient norms to 1e-4).
@@ -35,7 +35,8 @@ SMALL_BUDGET = 48  # every sample is <= 40 tokens, so none is skipped, but a ran
 def write_tokenized(
     path: Path, *, num: int, vocab: int, seed: int, min_len: int = 6, max_len: int = 40
 ) -> Path:
-    """A tokenized JSONL of random samples with a masked prompt and a trained answer (the `tokenize` format)."""
+    """A tokenized JSONL of random samples with a masked prompt and a trained answer (the `tokenize`
+    format)."""
     rng = random.Random(seed)
     with path.open("wb") as f:
         for line in range(1, num + 1):

@@ -1,4 +1,5 @@
-"""CausalLMWithLoss, load_model and shard_model (one process) against per-sample runs of the plain HF model."""
+"""CausalLMWithLoss, load_model and shard_model (one process) against per-sample runs of the plain HF
+model."""
 
 from __future__ import annotations
 
@@ -36,7 +37,8 @@ def make_samples(
 
 
 def pack(samples: list[tuple[torch.Tensor, torch.Tensor]]) -> PackedMinibatch:
-    """The data contract built by hand: concatenated, labels shifted within each sample, positions restarting."""
+    """The data contract built by hand: concatenated, labels shifted within each sample, positions
+    restarting."""
     ids = torch.cat([s[0] for s in samples])[None]
     shifted = torch.cat([torch.cat([s[1][1:], torch.tensor([-100])]) for s in samples])[None]
     pos = torch.cat([torch.arange(len(s[0])) for s in samples])[None]
