@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -25,6 +25,7 @@ from minitrain.config import (
     PREFERENCE_LOSSES,
     RESUME_LATEST,
     SHARDING_STRATEGIES,
+    TrainConfig,
 )
 
 _LAUNCH = "Launch"
@@ -323,61 +324,12 @@ def train(
     Example: minitrain train --data-path tok.jsonl --model-name-or-path Qwen/Qwen2.5-1.5B-Instruct
     --output-dir runs/qwen --max-epochs 3 --learning-rate 6e-6
     """
-    from minitrain.config import TrainConfig
     from minitrain.errors import UserError
     from minitrain.train.launch import default_nproc, run_training
     from minitrain.train.preflight import check_inputs, is_rank0
 
     console = Console(stderr=False)
-    model = Path(model_name_or_path).expanduser()
-    config = TrainConfig(
-        data_path=data_path.expanduser().resolve(),
-        model_name_or_path=str(model.resolve()) if model.exists() else model_name_or_path,
-        output_dir=output_dir.expanduser().resolve(),
-        nproc=nproc if nproc is not None else 1,  # resolved below, after the cheap checks
-        nnodes=nnodes,
-        node_rank=node_rank,
-        rdzv_endpoint=rdzv_endpoint,
-        rdzv_id=rdzv_id,
-        batch_size=batch_size,
-        max_tokens_per_gpu=max_tokens_per_gpu,
-        truncate=truncate,
-        learning_rate=learning_rate,
-        num_warmup_steps=num_warmup_steps,
-        lr_scheduler=lr_scheduler,
-        weight_decay=weight_decay,
-        max_grad_norm=max_grad_norm,
-        max_steps=max_steps,
-        max_samples=max_samples,
-        max_epochs=max_epochs,
-        min_samples_per_checkpoint=min_samples_per_checkpoint,
-        seed=seed,
-        use_liger_kernels=use_liger_kernels,
-        fsdp_sharding_strategy=fsdp_sharding_strategy,
-        activation_checkpointing=activation_checkpointing,
-        from_scratch=from_scratch,
-        master_dtype=master_dtype,
-        cpu_offload=cpu_offload,
-        logging_level=logging_level,
-        resume=_resolve_resume(resume),
-        overwrite=overwrite,
-        keep_last=keep_last,
-        lora_rank=lora_rank,
-        lora_alpha=lora_alpha,
-        lora_dropout=lora_dropout,
-        lora_target_modules=lora_target_modules,
-        merge_lora=merge_lora,
-        base_adapters=tuple(str(p.expanduser().resolve()) for p in base_adapter or ()),
-        load_in_4bit=load_in_4bit,
-        eval_data_path=eval_data_path.expanduser().resolve() if eval_data_path else None,
-        eval_every_samples=eval_every_samples,
-        report_to=tuple(report_to or ()),
-        objective=objective,
-        preference_loss=preference_loss,
-        beta=beta,
-        simpo_gamma=simpo_gamma,
-        sft_weight=sft_weight,
-    )
+    config = train_config(locals())
     if dry_run_report is not None and not dry_run:
         raise UserError("--dry-run-report needs --dry-run")
     inputs = None if dry_run else check_inputs(config)  # files and folders, before anything imports torch
@@ -423,6 +375,29 @@ def train(
             file=sys.stderr,
         )
     raise typer.Exit(code)
+
+
+def train_config(flags: dict[str, Any]) -> TrainConfig:
+    """The `TrainConfig` of the command's flags: each flag is the field of the same name, paths made absolute.
+
+    Flags that are not fields (`--dry-run`, `--dry-run-report`) are left out; `--base-adapter` (repeatable)
+    is the field `base_adapters`; `--nproc` left unset is 1 here and resolved after the cheap checks.
+    """
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    values = {name: value for name, value in flags.items() if name in fields}
+    model = Path(flags["model_name_or_path"]).expanduser()
+    eval_data = flags["eval_data_path"]
+    values.update(
+        data_path=flags["data_path"].expanduser().resolve(),
+        model_name_or_path=str(model.resolve()) if model.exists() else flags["model_name_or_path"],
+        output_dir=flags["output_dir"].expanduser().resolve(),
+        nproc=flags["nproc"] if flags["nproc"] is not None else 1,
+        resume=_resolve_resume(flags["resume"]),
+        base_adapters=tuple(str(p.expanduser().resolve()) for p in flags["base_adapter"] or ()),
+        eval_data_path=eval_data.expanduser().resolve() if eval_data else None,
+        report_to=tuple(flags["report_to"] or ()),
+    )
+    return TrainConfig(**values)
 
 
 def _resolve_resume(value: str | None) -> str | None:
