@@ -105,8 +105,6 @@ def save_training_state(
     for key in ("step", "samples_seen"):
         if not isinstance(counters.get(key), int):
             raise ValueError(f"counters[{key!r}] must be an int, got {counters.get(key)!r}")
-    if keep_last is not None and keep_last < 1:
-        raise UserError(f"--keep-last must be >= 1, got {keep_last}")
     final = training_state_dir(out_dir, counters["samples_seen"])
     tmp = final.parent / f"{TMP_PREFIX}{final.name}"
     trainer_state = {

@@ -300,19 +300,7 @@ def dry_run(
     says samples counts pairs.
     """
     started = time.perf_counter()
-    if batch_size <= 0:
-        raise UserError(f"--batch-size must be >= 1, got {batch_size}")
-    if max_tokens_per_gpu <= 0:
-        raise UserError(f"--max-tokens-per-gpu must be >= 1, got {max_tokens_per_gpu}")
-    if world_size <= 0:
-        raise UserError(f"the number of ranks must be >= 1, got {world_size}")
-    for flag, value in (
-        ("--max-steps", max_steps),
-        ("--max-samples", max_samples),
-        ("--max-epochs", max_epochs),
-    ):
-        if value is not None and not value > 0:
-            raise UserError(f"{flag} must be positive, got {value}")
+    # the values come from a validated TrainConfig (`minitrain.config`): not checked again here
     store = TokenStore.open(Path(data_path), objective)
     truncated_samples = truncated_tokens = 0
     if truncate:

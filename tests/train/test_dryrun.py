@@ -253,18 +253,6 @@ def test_nf4_part_is_what_bitsandbytes_quantizes_and_stores(tmp_path: Path) -> N
     assert stored == pytest.approx(weights * NF4_BYTES_PER_WEIGHT, rel=0.01)
 
 
-@pytest.mark.parametrize(
-    ("overrides", "message"),
-    [
-        ({"batch_size": 0}, "--batch-size"),
-        ({"max_tokens_per_gpu": 0}, "--max-tokens-per-gpu"),
-    ],
-)
-def test_user_errors(data: tuple[Path, list[dict]], overrides: dict, message: str) -> None:
-    with pytest.raises(UserError, match=message):
-        run(data[0], **overrides)
-
-
 def test_every_sample_too_long_is_a_user_error(tmp_path: Path) -> None:
     samples = [s for s in make_samples(40, seed=2) if s["len"] > 4]
     path = write_tokenized(tmp_path / "long.jsonl", samples)
