@@ -39,7 +39,7 @@ Training reads pairs with `iter_pairs`; `check_kind` refuses a file of the wrong
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -121,13 +121,19 @@ def parse_sample(raw: bytes, path: Path, line: int) -> dict[str, Any]:
 
 def iter_samples(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """Stream (1-based line number, sample) from a tokenized JSONL file; blank lines are skipped."""
-    path = Path(path)
+    return _iter_lines(Path(path), parse_sample)
+
+
+def _iter_lines(
+    path: Path, parse: Callable[[bytes, Path, int], dict[str, Any]]
+) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(1-based line number, parse(line)) for every non-blank line of `path`."""
     if not path.is_file():
         raise UserError(f"{path}: no such file")
     with path.open("rb") as f:
         for line_no, raw in enumerate(f, 1):
             if raw.strip():
-                yield line_no, parse_sample(raw, path, line_no)
+                yield line_no, parse(raw, path, line_no)
 
 
 def is_preference(meta: dict[str, Any] | None) -> bool:
@@ -177,10 +183,4 @@ def parse_pair(raw: bytes, path: Path, line: int) -> dict[str, Any]:
 
 def iter_pairs(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """Stream (1-based line number, pair) from a tokenized preference file; blank lines are skipped."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: no such file")
-    with path.open("rb") as f:
-        for line_no, raw in enumerate(f, 1):
-            if raw.strip():
-                yield line_no, parse_pair(raw, path, line_no)
+    return _iter_lines(Path(path), parse_pair)
