@@ -118,6 +118,9 @@ ROWS = [
     Row("tokenize", "--dataset and an input file",
         (f"{W}/in.jsonl", "--dataset", "a/b", "-o", f"{W}/t.jsonl", "--model-name-or-path", TOKENIZER),
         ("give one input", "not both")),
+    Row("tokenize", "--config file with a misspelt key",
+        ("--config", f"{W}/tok-typo.yaml", "-o", f"{W}/t.jsonl"),
+        ("tok-typo.yaml: unknown key 'max_sample_tokens'", "did you mean max_sample_num_tokens?")),
     Row("tokenize", "one role name for two roles",
         (f"{W}/in.jsonl", "-o", f"{W}/t.jsonl", "--model-name-or-path", TOKENIZER, "--user-role", "bot",
          "--assistant-role", "bot"),
@@ -276,6 +279,18 @@ ROWS = [
               "add GPUs (--nproc, --nnodes) or use LoRA/QLoRA")),
     Row("train", "--dry-run-report without --dry-run", _train("--dry-run-report", f"{W}/plan.json"),
         ("--dry-run-report needs --dry-run",)),
+    Row("train", "--config file does not exist", _train("--config", f"{W}/nope.yaml"),
+        ("--config", "nope.yaml: no such file")),
+    Row("train", "--config file with a misspelt key", _train("--config", f"{W}/cfg-typo.yaml"),
+        ("cfg-typo.yaml: unknown key 'max-tokens-per-gpus'", "did you mean max_tokens_per_gpu?")),
+    Row("train", "--config file with a value of the wrong type", _train("--config", f"{W}/cfg-type.yaml"),
+        ("cfg-type.yaml: key 'batch_size' must be an integer, got 1.5",)),
+    Row("train", "--config file that is not valid YAML", _train("--config", f"{W}/cfg-bad.yaml"),
+        ("cfg-bad.yaml: not valid YAML at line",)),
+    Row("train", "--config file that is not a mapping", _train("--config", f"{W}/cfg-list.json"),
+        ("cfg-list.json: expected a mapping of flag names to values",)),
+    Row("train", "--config file of an unknown type", _train("--config", f"{W}/run.toml"),
+        ("unknown file type '.toml'", "name it .yaml, .yml or .json")),
     # -------------------------------------------------------------------------------------------- plot
     Row("plot", "run directory does not exist", (f"{W}/norun",),
         ("norun does not exist", "pass a training output directory or a metrics .jsonl file")),
@@ -307,6 +322,7 @@ RENDERED = [
     "train: --batch-size 0",
     "train: --model-name-or-path org/typo (a typo'd Hub id), offline mode on",
     "plot: unknown --metric",
+    "train: --config file with a misspelt key",
 ]
 
 
@@ -340,6 +356,12 @@ def ws(tmp_path_factory) -> Path:
     lines[3] = '{"input_ids": [1, 2'  # line 4: cut short, as a crashed writer leaves it
     (w / "bad.jsonl").write_text("\n".join(lines) + "\n")
     (w / "empty.jsonl").write_text("")
+    (w / "cfg-typo.yaml").write_text("max-tokens-per-gpus: 64\n")
+    (w / "cfg-type.yaml").write_text("batch_size: 1.5\n")
+    (w / "cfg-bad.yaml").write_text("batch_size: [1\n")
+    (w / "cfg-list.json").write_text('["--batch-size", 8]')
+    (w / "run.toml").write_text("batch_size = 8\n")
+    (w / "tok-typo.yaml").write_text("max_sample_tokens: 64\n")
     (w / "afile").write_text("a file, not a folder\n")
     (w / "in.jsonl").write_text(_good_conversation() + "\n")
     (w / "in-odd.jsonl").write_text('{"text": "hi", "label": 1}\n')

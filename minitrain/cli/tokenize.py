@@ -13,7 +13,14 @@ from typing import Annotated
 
 import typer
 
+from minitrain.cli.configopt import apply_config_file
 from minitrain.errors import UserError
+
+
+def _read_config(ctx: typer.Context, value: Path | None) -> Path | None:
+    """--config FILE: the file's values become the flags' defaults (the command line wins)."""
+    apply_config_file(ctx, value, command=tokenize)
+    return value
 
 
 def tokenize(
@@ -136,6 +143,17 @@ def tokenize(
             "(Qwen3, DeepSeek-R1, gpt-oss).",
         ),
     ] = False,
+    config_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            help="YAML or JSON file of flag values (keys as the flags, e.g. max_sample_num_tokens, "
+            "input_file); flags given here override it.",
+            show_default=False,
+            is_eager=True,
+            callback=_read_config,
+        ),
+    ] = None,
 ) -> None:
     """Tokenize conversations with exact loss masks (what the model generates in each assistant turn).
 

@@ -17,6 +17,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
+from minitrain.cli.configopt import apply_config_file
 from minitrain.config import (
     LOGGING_LEVELS,
     LR_SCHEDULERS,
@@ -27,6 +28,7 @@ from minitrain.config import (
     SHARDING_STRATEGIES,
     TrainConfig,
 )
+from minitrain.configfile import TRAINING_PARAMS_EXTRAS
 
 _LAUNCH = "Launch"
 _BATCH = "Batch"
@@ -47,6 +49,16 @@ def one_of(values: tuple[str, ...]):
         return [value for value in values if value.startswith(incomplete)]
 
     return complete
+
+
+def _read_config(ctx: typer.Context, value: Path | None) -> Path | None:
+    """--config FILE: the file's values become the flags' defaults (the command line wins)."""
+    apply_config_file(ctx, value, command=train, aliases=CONFIG_ALIASES, ignored=TRAINING_PARAMS_EXTRAS)
+    return value
+
+
+# training_params.json spells these TrainConfig fields differently from their flags
+CONFIG_ALIASES = {"base_adapters": "base_adapter"}
 
 
 def train(
@@ -318,6 +330,17 @@ def train(
             rich_help_panel=_PREF,
         ),
     ] = 0.0,
+    config_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            help="YAML or JSON file of flag values (keys as the flags, e.g. max_tokens_per_gpu); flags given "
+            "here override it. A run's training_params.json is one.",
+            show_default=False,
+            is_eager=True,
+            callback=_read_config,
+        ),
+    ] = None,
 ) -> None:
     """Train a causal LM on tokenized data with FSDP2, no padding, on every visible GPU (or the CPU).
 

@@ -42,6 +42,7 @@ def test_help_lists_every_flag():
         "--strict",
         "--train-on",
         "--split-turns",
+        "--config",
     ):
         assert flag in result.output, flag
 

@@ -24,7 +24,7 @@ FLAGS = {
     "--overwrite", "--no-overwrite", "--keep-last", "--lora-rank", "--lora-alpha", "--lora-dropout",
     "--lora-target-modules", "--merge-lora", "--no-merge-lora", "--base-adapter", "--load-in-4bit",
     "--no-load-in-4bit", "--eval-data-path", "--eval-every-samples", "--report-to", "--objective",
-    "--preference-loss", "--beta", "--simpo-gamma", "--sft-weight",
+    "--preference-loss", "--beta", "--simpo-gamma", "--sft-weight", "--config",
 }  # fmt: skip
 
 MINI_TRAINER = [
