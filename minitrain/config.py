@@ -10,6 +10,7 @@ opens those files (`minitrain.train.launch.preflight` for training).
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 from dataclasses import dataclass
@@ -119,6 +120,10 @@ def _check_tokenize_input(config: TokenizeConfig) -> None:
 LR_SCHEDULERS = ("constant_with_warmup", "cosine", "linear", "constant")
 SHARDING_STRATEGIES = ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD")
 MASTER_DTYPES = ("fp32", "bf16")
+SAVE_DTYPES = ("fp32", "bf16", "fp16")  # --save-dtype: the dtype of the hf_format/ exports
+# --lr-scheduler-kwargs: the keyword arguments each schedule takes beyond the warm-up and the length
+# (transformers' get_*_schedule_with_warmup; tests/train/test_config.py checks them against transformers)
+LR_SCHEDULER_KWARGS = {"constant_with_warmup": (), "cosine": ("num_cycles",), "linear": (), "constant": ()}
 LOGGING_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 TRACKERS = ("none", "tensorboard", "wandb", "mlflow")  # --report-to (minitrain/train/trackers.py)
 OBJECTIVES = ("sft", "dpo")  # --objective: token cross-entropy, or preference pairs (minitrain/train/dpo.py)
@@ -152,10 +157,17 @@ class TrainConfig:
     lr_scheduler: str = "constant_with_warmup"
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
+    beta1: float = 0.9  # AdamW's betas and epsilon (mini_trainer's names)
+    beta2: float = 0.95
+    eps: float = 1e-8
+    lr_scheduler_kwargs: str | None = (
+        None  # JSON object of extra schedule arguments, e.g. {"num_cycles": 0.5}
+    )
     # when to stop (none: train until interrupted) and when to save
     max_steps: int | None = None
     max_samples: int | None = None
     max_epochs: float | None = None
+    max_tokens: int | None = None  # total tokens of the trained samples (the metrics' num_total_tokens)
     min_samples_per_checkpoint: int | None = None
     seed: int = 42
     # model and memory
@@ -164,6 +176,10 @@ class TrainConfig:
     activation_checkpointing: bool = False
     from_scratch: bool = False
     master_dtype: str = "fp32"
+    save_dtype: str | None = None  # None: the compute dtype (bf16 on GPU, the master dtype on CPU)
+    trust_remote_code: bool = (
+        False  # run the model repository's own code (AutoConfig/AutoModel/AutoTokenizer)
+    )
     cpu_offload: bool = False
     logging_level: str = "INFO"
     # reliability: resume ("latest" or a checkpoint folder) and how many training states to keep
@@ -225,7 +241,12 @@ class TrainConfig:
             raise UserError(f"--weight-decay must be >= 0, got {self.weight_decay}")
         if not (self.max_grad_norm > 0):
             raise UserError(f"--max-grad-norm must be > 0, got {self.max_grad_norm}")
-        stops = [f for f in ("max_steps", "max_samples", "max_epochs") if getattr(self, f) is not None]
+        _check_optimizer(self)
+        stops = [
+            f
+            for f in ("max_steps", "max_samples", "max_epochs", "max_tokens")
+            if getattr(self, f) is not None
+        ]
         if len(stops) > 1:
             flags = " and ".join("--" + f.replace("_", "-") for f in stops)
             raise UserError(f"give at most one stop criterion, not {flags}")
@@ -235,11 +256,15 @@ class TrainConfig:
             _positive("--max-samples", self.max_samples)
         if self.max_epochs is not None and not (math.isfinite(self.max_epochs) and self.max_epochs > 0):
             raise UserError(f"--max-epochs must be a positive number, got {self.max_epochs}")
-        if self.lr_scheduler in ("cosine", "linear") and not stops:
+        if self.max_tokens is not None:
+            _positive("--max-tokens", self.max_tokens)
+        if self.lr_scheduler in ("cosine", "linear") and not set(stops) - {"max_tokens"}:
             raise UserError(
                 f"--lr-scheduler {self.lr_scheduler} decays to 0 at the end of training, so it needs "
                 "--max-steps, --max-samples or --max-epochs (or use constant_with_warmup)"
+                + ("; --max-tokens gives no step count in advance" if stops else "")
             )
+        self.scheduler_kwargs()  # validates --lr-scheduler-kwargs against the schedule
         if self.min_samples_per_checkpoint is not None:
             _positive("--min-samples-per-checkpoint", self.min_samples_per_checkpoint)
         if self.seed < 0:
@@ -251,6 +276,12 @@ class TrainConfig:
             )
         if self.master_dtype not in MASTER_DTYPES:
             raise UserError(f"--master-dtype must be fp32 or bf16, got {self.master_dtype!r}")
+        if self.save_dtype is not None:
+            object.__setattr__(self, "save_dtype", str(self.save_dtype).lower())
+            if self.save_dtype not in SAVE_DTYPES:
+                raise UserError(
+                    f"--save-dtype must be one of {', '.join(SAVE_DTYPES)}; got {self.save_dtype!r}"
+                )
         if self.logging_level not in LOGGING_LEVELS:
             raise UserError(
                 f"--logging-level must be one of {', '.join(LOGGING_LEVELS)}; got {self.logging_level!r}"
@@ -322,6 +353,30 @@ class TrainConfig:
             base_adapters=tuple(Path(p) for p in self.base_adapters),
         )
 
+    def scheduler_kwargs(self) -> dict[str, Any]:
+        """--lr-scheduler-kwargs as a dict, checked: a JSON object of the schedule's own arguments."""
+        if self.lr_scheduler_kwargs is None:
+            return {}
+        try:
+            kwargs = json.loads(self.lr_scheduler_kwargs)
+        except json.JSONDecodeError as err:
+            raise UserError(
+                f"--lr-scheduler-kwargs is not valid JSON ({err.msg} at column {err.colno}); "
+                """write a JSON object such as '{"num_cycles": 0.5}'"""
+            ) from None
+        if not isinstance(kwargs, dict):
+            raise UserError(
+                f"--lr-scheduler-kwargs must be a JSON object of argument names to values, got {kwargs!r}"
+            )
+        allowed = LR_SCHEDULER_KWARGS[self.lr_scheduler]
+        for key in kwargs:
+            if key not in allowed:
+                takes = ", ".join(allowed) if allowed else "no extra arguments"
+                raise UserError(
+                    f"--lr-scheduler-kwargs: {self.lr_scheduler} has no argument {key!r}; it takes {takes}"
+                )
+        return kwargs
+
     def world_size(self) -> int:
         """Total number of training processes (ranks) over all nodes."""
         return self.nproc * self.nnodes
@@ -350,6 +405,15 @@ class TrainConfig:
         """Inverse of `to_dict`; extra keys (versions, world size) are ignored, missing ones take defaults."""
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def _check_optimizer(config: TrainConfig) -> None:
+    """--beta1, --beta2 in [0, 1) and --eps > 0, as torch.optim.AdamW requires."""
+    for flag, value in (("--beta1", config.beta1), ("--beta2", config.beta2)):
+        if not (isinstance(value, (int, float)) and 0.0 <= value < 1.0):
+            raise UserError(f"{flag} must be in [0, 1), got {value}")
+    if not (math.isfinite(config.eps) and config.eps > 0):
+        raise UserError(f"--eps must be a positive number, got {config.eps}")
 
 
 def _check_objective(config: TrainConfig) -> None:

@@ -46,7 +46,9 @@ TRAINING_PARAMS_EXTRAS = frozenset(
     }
 )
 
-KINDS = ("integer", "float", "boolean", "text", "path")  # the value kinds of the commands' flags
+# the value kinds of the commands' flags; "json": a flag taking a JSON object, written in the file as a
+# mapping (or as the JSON text)
+KINDS = ("integer", "float", "boolean", "text", "path", "json")
 
 
 @dataclass(frozen=True)
@@ -143,6 +145,7 @@ def _checked(value: Any, key: Key, *, raw: str, path: Path) -> Any:
         "boolean": isinstance(value, bool),
         "text": isinstance(value, str),
         "path": isinstance(value, str),
+        "json": isinstance(value, (str, dict)),
     }[key.kind]
     if not ok:
         expected = {
@@ -151,8 +154,11 @@ def _checked(value: Any, key: Key, *, raw: str, path: Path) -> Any:
             "boolean": "true or false",
             "text": "a string",
             "path": "a path (a string)",
+            "json": "a mapping (or its JSON text)",
         }[key.kind]
         raise UserError(
             f"--config {path}: key {raw!r} must be {expected}, got {value!r} ({type(value).__name__})"
         )
+    if key.kind == "json" and isinstance(value, dict):
+        return json.dumps(value)  # the flag's own spelling: the config checks it like a command-line value
     return float(value) if key.kind == "float" else value

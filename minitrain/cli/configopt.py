@@ -36,7 +36,7 @@ def config_keys(command: Callable[..., Any], aliases: Mapping[str, str] | None =
         info = next((m for m in meta if isinstance(m, OptionInfo)), None)
         if info is None or name == "config_file":
             continue
-        key = _key(name, base)
+        key = _key(name, base, json=info.metavar == "JSON")
         decls = [*info.param_decls, *([info.default] if isinstance(info.default, str) else [])]
         spellings = {name}
         for decl in decls:
@@ -50,14 +50,15 @@ def config_keys(command: Callable[..., Any], aliases: Mapping[str, str] | None =
     return keys
 
 
-def _key(name: str, hint: Any) -> Key:
-    """The `Key` of parameter `name` with type hint `hint` (`int | None`, `list[Path] | None`, `bool`...)."""
+def _key(name: str, hint: Any, *, json: bool = False) -> Key:
+    """The `Key` of parameter `name` with type hint `hint` (`int | None`, `list[Path] | None`, `bool`...);
+    `json`: a text flag whose value is a JSON object (metavar JSON)."""
     args = [a for a in typing.get_args(hint) if a is not type(None)] if typing.get_args(hint) else [hint]
     base = args[0] if len(args) == 1 else hint
     multiple = typing.get_origin(base) is list
     if multiple:
         base = typing.get_args(base)[0]
-    return Key(param=name, kind=_KINDS[base], multiple=multiple)
+    return Key(param=name, kind="json" if json else _KINDS[base], multiple=multiple)
 
 
 def apply_config_file(

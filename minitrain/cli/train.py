@@ -25,6 +25,7 @@ from minitrain.config import (
     OBJECTIVES,
     PREFERENCE_LOSSES,
     RESUME_LATEST,
+    SAVE_DTYPES,
     SHARDING_STRATEGIES,
     TrainConfig,
 )
@@ -137,6 +138,18 @@ def train(
     max_grad_norm: Annotated[
         float, typer.Option(help="Gradient clipping norm.", rich_help_panel=_OPTIM)
     ] = 1.0,
+    beta1: Annotated[float, typer.Option(help="AdamW beta1.", rich_help_panel=_OPTIM)] = 0.9,
+    beta2: Annotated[float, typer.Option(help="AdamW beta2.", rich_help_panel=_OPTIM)] = 0.95,
+    eps: Annotated[float, typer.Option(help="AdamW epsilon.", rich_help_panel=_OPTIM)] = 1e-8,
+    lr_scheduler_kwargs: Annotated[
+        str | None,
+        typer.Option(
+            metavar="JSON",
+            help="""The schedule's own arguments as a JSON object, e.g. '{"num_cycles": 0.5}' (cosine).""",
+            show_default=False,
+            rich_help_panel=_OPTIM,
+        ),
+    ] = None,
     max_steps: Annotated[
         int | None, typer.Option(help="Stop after this many optimizer steps.", rich_help_panel=_STOP)
     ] = None,
@@ -147,6 +160,14 @@ def train(
         float | None,
         typer.Option(
             help="Stop after this many passes over the data (fractions allowed).", rich_help_panel=_STOP
+        ),
+    ] = None,
+    max_tokens: Annotated[
+        int | None,
+        typer.Option(
+            help="Stop after training this many tokens (all tokens of the trained samples).",
+            show_default=False,
+            rich_help_panel=_STOP,
         ),
     ] = None,
     min_samples_per_checkpoint: Annotated[
@@ -190,6 +211,23 @@ def train(
             rich_help_panel=_MODEL,
         ),
     ] = "fp32",
+    save_dtype: Annotated[
+        str | None,
+        typer.Option(
+            help=r"dtype of the hf_format/ exports: fp32, bf16 or fp16. \[default: bf16 on GPU, else "
+            "--master-dtype]",
+            autocompletion=one_of(SAVE_DTYPES),
+            show_default=False,
+            rich_help_panel=_MODEL,
+        ),
+    ] = None,
+    trust_remote_code: Annotated[
+        bool,
+        typer.Option(
+            help="Run the model repository's own code (config, model, tokenizer); only for ones you trust.",
+            rich_help_panel=_MODEL,
+        ),
+    ] = False,
     cpu_offload: Annotated[
         bool, typer.Option(help="Keep parameters and optimizer state in CPU memory.", rich_help_panel=_MODEL)
     ] = False,
@@ -372,6 +410,7 @@ def train(
             max_steps=config.max_steps,
             max_samples=config.max_samples,
             max_epochs=config.max_epochs,
+            max_tokens=config.max_tokens,
             model_name_or_path=config.model_name_or_path,
             report_path=dry_run_report,
             lora_rank=config.lora_rank,

@@ -7,8 +7,8 @@ ranks split them with `minitrain.data.packing.plan_minibatches`, so the sequence
 depend on the number of ranks and a run resumed on a different world size trains exactly the samples
 the uninterrupted run would have.
 
-`StopRule` says when the stream ends (steps, samples or epochs); the training loop and `train --dry-run`
-share it.
+`StopRule` says when the stream ends (steps, samples, epochs or tokens); the training loop and
+`train --dry-run` share it.
 
 Trade-off: the state is three integers (seed, epoch, position) instead of a saved index list, at the
 price of recomputing one permutation (about 20 ms per million samples) per epoch and after a resume.
@@ -118,17 +118,24 @@ class InfiniteSampler:
 
 @dataclass(frozen=True)
 class StopRule:
-    """When training ends; all None means never (until interrupted)."""
+    """When training ends; all None means never (until interrupted).
+
+    `max_tokens` counts the tokens of the trained samples (every token of each, prompt included: the
+    metrics' `num_total_tokens`); it is checked before each step, so the last step may pass it by up to
+    one global batch.
+    """
 
     max_steps: int | None = None
     max_samples: int | None = None
     max_epochs: float | None = None
+    max_tokens: int | None = None
 
-    def reached(self, *, steps: int, samples_seen: int, epochs: float) -> bool:
-        """True once `steps` optimizer steps, `samples_seen` trained samples or `epochs` passes reach a
-        limit."""
+    def reached(self, *, steps: int, samples_seen: int, epochs: float, tokens_seen: int = 0) -> bool:
+        """True once `steps` optimizer steps, `samples_seen` trained samples, `epochs` passes or
+        `tokens_seen` trained tokens reach a limit."""
         return (
             (self.max_steps is not None and steps >= self.max_steps)
             or (self.max_samples is not None and samples_seen >= self.max_samples)
             or (self.max_epochs is not None and epochs >= self.max_epochs - 1e-12)
+            or (self.max_tokens is not None and tokens_seen >= self.max_tokens)
         )

@@ -257,16 +257,22 @@ def peak_rows(
 
 
 def _stop_rule(
-    max_steps: int | None, max_samples: int | None, max_epochs: float | None, steps_per_epoch: int
+    max_steps: int | None,
+    max_samples: int | None,
+    max_epochs: float | None,
+    steps_per_epoch: int,
+    max_tokens: int | None = None,
 ) -> tuple[str, StopRule]:
     """(description, the training loop's stop rule); no criterion = one epoch."""
-    rule = StopRule(max_steps, max_samples, max_epochs)
+    rule = StopRule(max_steps, max_samples, max_epochs, max_tokens)
     if max_steps is not None:
         return f"{max_steps} steps (--max-steps)", rule
     if max_samples is not None:
         return f"{max_samples} trained samples (--max-samples)", rule
     if max_epochs is not None:
         return f"{max_epochs:g} epochs (--max-epochs)", rule
+    if max_tokens is not None:
+        return f"{max_tokens:,} trained tokens (--max-tokens)", rule
     return (
         f"one epoch = {steps_per_epoch} steps (no stop criterion given; training would run until stopped)",
         StopRule(max_steps=steps_per_epoch),
@@ -285,6 +291,7 @@ def dry_run(
     max_epochs: float | None,
     model_name_or_path: str | None,
     report_path: Path | None,
+    max_tokens: int | None = None,
     lora_rank: int | None = None,
     lora_target_modules: str = "all-linear",
     load_in_4bit: bool = False,
@@ -326,10 +333,10 @@ def dry_run(
             f"{data_path}: no sample that fits has a trained token; check the masking in tokenize"
         )
     steps_per_epoch = math.ceil(n / batch_size)
-    stop, rule = _stop_rule(max_steps, max_samples, max_epochs, steps_per_epoch)
+    stop, rule = _stop_rule(max_steps, max_samples, max_epochs, steps_per_epoch, max_tokens)
 
     sampler = InfiniteSampler(num_samples=n, seed=seed)
-    steps = skipped = samples_seen = 0
+    steps = skipped = samples_seen = tokens_seen = 0
     mb_counts: list[int] = []
     bounds_hit = 0
     rank_tokens: list[np.ndarray] = []
@@ -339,7 +346,9 @@ def dry_run(
     tokens_per_step: list[int] = []
     dropped_occurrences = 0
     plan_json: list[dict[str, Any]] = []
-    while not rule.reached(steps=steps, samples_seen=samples_seen, epochs=sampler.epochs_consumed):
+    while not rule.reached(
+        steps=steps, samples_seen=samples_seen, epochs=sampler.epochs_consumed, tokens_seen=tokens_seen
+    ):
         epoch, position = sampler.epoch, sampler.position
         indices = np.asarray(sampler.next_batch(batch_size), dtype=np.int64)
         lens = lengths[indices]
@@ -353,6 +362,7 @@ def dry_run(
         steps += 1
         samples_seen += len(placed)
         loads = np.array([[int(lens[r].sum()) if r else 0 for r in mb] for mb in plan], dtype=np.int64)
+        tokens_seen += int(loads.sum())  # the loop's num_total_tokens: every token of the placed samples
         mb_counts.append(len(plan))
         bounds_hit += len(plan) == lower_bound(lens, budget, world_size)
         rank_tokens.append(loads.ravel())

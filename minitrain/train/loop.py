@@ -91,7 +91,12 @@ def train_loop(
     if run_step is None:
         run_step = functools.partial(sft_step, model, store, dist=dist, max_tokens_per_gpu=max_tokens_per_gpu)
     model.train()
-    while not stop.reached(steps=state.step, samples_seen=state.samples_seen, epochs=sampler.epochs_consumed):
+    while not stop.reached(
+        steps=state.step,
+        samples_seen=state.samples_seen,
+        epochs=sampler.epochs_consumed,
+        tokens_seen=state.tokens_seen,
+    ):
         start = time.perf_counter()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)

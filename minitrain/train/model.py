@@ -114,6 +114,7 @@ def load_model(
     dtype: torch.dtype,
     dist: DistInfo,
     quantization=None,
+    trust_remote_code: bool = False,
 ) -> PreTrainedModel:
     """Build the HF causal LM for packed training, on the CPU (rank 0) or the meta device (other ranks).
 
@@ -125,16 +126,17 @@ def load_model(
     """
     from transformers import AutoModelForCausalLM
 
-    config = causal_lm_config(model_name_or_path)
+    config = causal_lm_config(model_name_or_path, trust_remote_code=trust_remote_code)
     config.use_cache = False
+    remote = {"trust_remote_code": trust_remote_code}  # --trust-remote-code: the repository's own classes
     attn = choose_attention(
         dist.device, warn=lambda line: print(line, file=sys.stderr, flush=True) if dist.is_main else None
     )
     if quantization is None and not dist.is_main:
         with torch.device("meta"):
-            lm = AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=dtype)
+            lm = AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=dtype, **remote)
     elif from_scratch:
-        lm = AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=dtype)
+        lm = AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=dtype, **remote)
     else:
         extra = (
             {}
@@ -144,7 +146,7 @@ def load_model(
         source = resolve_model_path(model_name_or_path)  # a folder, or a cached Hub id's snapshot
         try:
             lm = AutoModelForCausalLM.from_pretrained(
-                source, config=config, attn_implementation=attn, dtype=dtype, **extra
+                source, config=config, attn_implementation=attn, dtype=dtype, **extra, **remote
             )
         except OSError as e:
             first = first_line(e)

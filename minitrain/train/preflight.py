@@ -114,7 +114,7 @@ def preflight(config: TrainConfig, inputs: Inputs | None = None) -> Preflight:
     inputs = inputs if inputs is not None else check_inputs(config)
     import torch  # before transformers: one import cost, paid here
 
-    vocab_size = model_vocab_size(config.model_name_or_path)
+    vocab_size = model_vocab_size(config.model_name_or_path, trust_remote_code=config.trust_remote_code)
     store = inputs.store
     _check_vocab(store, label=str(config.data_path), config=config, vocab_size=vocab_size)
     check_tokenizer_matches(store.meta, config.model_name_or_path, config.data_path)
@@ -156,8 +156,11 @@ UNSUPPORTED_HEAD_ATTRS = (
 )
 
 
-def causal_lm_config(model_name_or_path: str | Path):
+def causal_lm_config(model_name_or_path: str | Path, *, trust_remote_code: bool = False):
     """The model's transformers config (no weights read), refusing what minitrain cannot train.
+
+    `trust_remote_code` (--trust-remote-code) lets transformers run the model repository's own config and
+    model code; such a model is accepted when its `auto_map` names an `AutoModelForCausalLM` class.
 
     The path is resolved by `data.tokenizer.resolve_model_path` (folder, cached Hub id, or one Hub request).
     Refused: a path that does not exist, a folder or Hub id with no readable config, a model that is not a
@@ -174,14 +177,22 @@ def causal_lm_config(model_name_or_path: str | Path):
     )
 
     try:
-        config = AutoConfig.from_pretrained(source)
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
+        if "trust_remote_code" in str(err) and not trust_remote_code:
+            raise UserError(
+                f"--model-name-or-path {name} ships its own model code; add --trust-remote-code to run it "
+                "(only for a repository you trust)"
+            ) from None
         raise UserError(
             f"--model-name-or-path {name}: cannot read its config ({first_line(err)}); pass a model folder "
             "(config.json and weights) or a Hub id"
         ) from None
     encoder = type(config) in MODEL_FOR_MASKED_LM_MAPPING and not getattr(config, "is_decoder", False)
-    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING or encoder:  # BERT & co: bidirectional, not causal
+    remote = trust_remote_code and "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {})
+    if (
+        type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING or encoder
+    ) and not remote:  # BERT & co: bidirectional, not causal
         raise UserError(
             f"--model-name-or-path {name} is a {config.model_type!r} model, not a causal LM; "
             "pass a decoder-only model (Llama, Qwen, Mistral, ...)"
@@ -212,10 +223,11 @@ def check_model_path(name: str) -> Path | None:
     return source if source.is_dir() else None
 
 
-def model_vocab_size(model_name_or_path: str) -> int:
+def model_vocab_size(model_name_or_path: str, *, trust_remote_code: bool = False) -> int:
     """The model's vocabulary size from its config (no weights loaded); refuses what minitrain cannot
     train."""
-    return int(causal_lm_config(model_name_or_path).get_text_config().vocab_size)
+    config = causal_lm_config(model_name_or_path, trust_remote_code=trust_remote_code)
+    return int(config.get_text_config().vocab_size)
 
 
 def tokenizer_source(model_name_or_path: str, meta: dict | None) -> str | None:

@@ -109,14 +109,16 @@ def _train(config: TrainConfig, dist: DistInfo, tokenizer_source: str | None) ->
         replicated=replicated,
     )
     optimizer = build_optimizer(
-        model, learning_rate=config.learning_rate, weight_decay=config.weight_decay, device=dist.device
-    )
+        model, learning_rate=config.learning_rate, weight_decay=config.weight_decay, device=dist.device,
+        betas=(config.beta1, config.beta2), eps=config.eps,
+    )  # fmt: skip
     total_steps = config.total_steps(num_units)
     scheduler = build_scheduler(
         optimizer,
         name=config.lr_scheduler,
         num_warmup_steps=config.num_warmup_steps,
         num_training_steps=total_steps,
+        scheduler_kwargs=config.scheduler_kwargs(),
     )
     sampler = InfiniteSampler(num_samples=num_units, seed=config.seed)
     state = TrainState()
@@ -140,7 +142,9 @@ def _train(config: TrainConfig, dist: DistInfo, tokenizer_source: str | None) ->
         )  # fmt: skip
         print0(dist, f"resumed from {checkpoint} at step {state.step} ({state.samples_seen} samples)")
 
-    export_dtype = torch.bfloat16 if on_gpu else master_dtype  # checkpoints in the compute dtype
+    export_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(
+        config.save_dtype, torch.bfloat16 if on_gpu else master_dtype
+    )  # --save-dtype, else the compute dtype
     if lora is not None and config.merge_lora:
         from minitrain.train.adapters import logical_numel
 
@@ -226,7 +230,7 @@ def _train(config: TrainConfig, dist: DistInfo, tokenizer_source: str | None) ->
                 batch_size=config.batch_size,
                 max_tokens_per_gpu=config.max_tokens_per_gpu,
                 max_grad_norm=config.max_grad_norm,
-                stop=StopRule(config.max_steps, config.max_samples, config.max_epochs),
+                stop=StopRule(config.max_steps, config.max_samples, config.max_epochs, config.max_tokens),
                 min_samples_per_checkpoint=config.min_samples_per_checkpoint,
                 save_checkpoint=save,
                 metrics=metrics,
@@ -294,6 +298,7 @@ def _build_model(
         dtype=dtype,
         dist=dist,
         quantization=quantization,
+        trust_remote_code=config.trust_remote_code,
     )
     if lora is None:
         return lm, None

@@ -25,6 +25,8 @@ FLAGS = {
     "--lora-target-modules", "--merge-lora", "--no-merge-lora", "--base-adapter", "--load-in-4bit",
     "--no-load-in-4bit", "--eval-data-path", "--eval-every-samples", "--report-to", "--objective",
     "--preference-loss", "--beta", "--simpo-gamma", "--sft-weight", "--config",
+    "--beta1", "--beta2", "--eps", "--lr-scheduler-kwargs", "--max-tokens", "--save-dtype",
+    "--trust-remote-code", "--no-trust-remote-code",
 }  # fmt: skip
 
 MINI_TRAINER = [
