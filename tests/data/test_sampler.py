@@ -97,3 +97,6 @@ def test_stop_rule_ends_at_the_first_limit_reached() -> None:
     assert rule.reached(steps=5, samples_seen=0, epochs=0.0)
     assert rule.reached(steps=0, samples_seen=100, epochs=0.0)
     assert rule.reached(steps=0, samples_seen=0, epochs=2.0 - 1e-13)  # float epochs: a tolerance
+    tokens = StopRule(max_tokens=1000)
+    assert not tokens.reached(steps=10**9 - 1, samples_seen=10**9, epochs=1e9, tokens_seen=999)
+    assert tokens.reached(steps=0, samples_seen=0, epochs=0.0, tokens_seen=1000)

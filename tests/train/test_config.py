@@ -62,6 +62,23 @@ def test_frozen_and_keyword_only():
         ({"min_samples_per_checkpoint": 0}, "--min-samples-per-checkpoint must be a positive integer"),
         ({"logging_level": "LOUD"}, "--logging-level must be one of"),
         ({"nproc": 0}, "--nproc must be a positive integer"),
+        ({"beta1": 1.0}, "--beta1 must be in [0, 1), got 1.0"),
+        ({"beta2": -0.1}, "--beta2 must be in [0, 1), got -0.1"),
+        ({"eps": 0.0}, "--eps must be a positive number, got 0.0"),
+        ({"save_dtype": "fp8"}, "--save-dtype must be one of fp32, bf16, fp16; got 'fp8'"),
+        ({"max_tokens": 0}, "--max-tokens must be a positive integer, got 0"),
+        ({"max_tokens": 10, "max_steps": 2}, "not --max-steps and --max-tokens"),
+        ({"max_tokens": 10, "lr_scheduler": "cosine"}, "--max-tokens gives no step count in advance"),
+        ({"lr_scheduler_kwargs": "{num_cycles: 1}"}, "--lr-scheduler-kwargs is not valid JSON"),
+        ({"lr_scheduler_kwargs": "[0.5]"}, "--lr-scheduler-kwargs must be a JSON object"),
+        (
+            {"lr_scheduler_kwargs": '{"num_cycle": 1}', "lr_scheduler": "cosine", "max_steps": 3},
+            "--lr-scheduler-kwargs: cosine has no argument 'num_cycle'; it takes num_cycles",
+        ),
+        (
+            {"lr_scheduler_kwargs": '{"num_cycles": 1}'},
+            "constant_with_warmup has no argument 'num_cycles'; it takes no extra arguments",
+        ),
     ],
 )
 def test_bad_values_name_the_flag(overrides, message):
@@ -80,3 +97,27 @@ def test_bad_values_name_the_flag(overrides, message):
 )
 def test_total_steps_follow_the_stop_criterion(overrides, steps):
     assert TrainConfig(**BASE | overrides).total_steps(num_samples=1000) == steps
+
+
+def test_new_optimizer_and_stop_fields_default_to_todays_behaviour():
+    config = TrainConfig(**BASE)
+    assert (config.beta1, config.beta2, config.eps) == (0.9, 0.95, 1e-8)
+    assert config.save_dtype is None and config.max_tokens is None and not config.trust_remote_code
+    assert config.scheduler_kwargs() == {}
+    cosine = TrainConfig(**BASE, lr_scheduler="cosine", max_steps=3, lr_scheduler_kwargs='{"num_cycles": 1}')
+    assert cosine.scheduler_kwargs() == {"num_cycles": 1}
+    assert TrainConfig(**BASE, save_dtype="BF16").save_dtype == "bf16"
+
+
+def test_the_schedule_arguments_table_is_transformers_own():
+    """LR_SCHEDULER_KWARGS lists each schedule's arguments beyond the optimizer, warm-up, length and epoch."""
+    import inspect
+
+    from transformers.optimization import TYPE_TO_SCHEDULER_FUNCTION, SchedulerType
+
+    from minitrain.config import LR_SCHEDULER_KWARGS
+
+    common = {"optimizer", "num_warmup_steps", "num_training_steps", "last_epoch"}
+    for name, allowed in LR_SCHEDULER_KWARGS.items():
+        function = TYPE_TO_SCHEDULER_FUNCTION[SchedulerType(name)]
+        assert set(inspect.signature(function).parameters) - common == set(allowed), name

@@ -90,6 +90,19 @@ def test_stop_rules(data: tuple[Path, list[dict]]) -> None:
     assert report.steps == pytest.approx(math.ceil(40 / (16 * fits)), abs=1)
 
 
+def test_max_tokens_stops_at_the_step_that_reaches_them(data: tuple[Path, list[dict]], tmp_path: Path):
+    path, _ = data
+    long = run(path, max_steps=30, report_path=tmp_path / "plan.json")
+    per_step = [
+        sum(map(sum, step["tokens"])) for step in orjson.loads((tmp_path / "plan.json").read_bytes())["steps"]
+    ]
+    budget = sum(per_step[:7]) - 1  # reached during step 7
+    assert run(path, max_tokens=budget).steps == 7
+    assert run(path, max_tokens=sum(per_step[:7])).steps == 7  # reached exactly at the end of step 7
+    assert run(path, max_tokens=sum(per_step[:6]) + 1).steps == 7
+    assert long.steps == 30
+
+
 def test_memory_estimate_counts_parameters_like_the_model(
     data: tuple[Path, list[dict]], tmp_path: Path
 ) -> None:

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from minitrain.train.optim import build_scheduler
+from minitrain.train.optim import build_optimizer, build_scheduler
 
 
 def _rates(name: str, warmup: int, total: int | None, steps: int) -> list[float]:
@@ -48,3 +48,43 @@ def test_no_step_trains_at_rate_zero():
         rates = _rates(name, 4, 10, 10)
         assert rates[0] == pytest.approx(0.25) and min(rates) > 0, name
         assert rates[3] == pytest.approx(1.0), name  # the peak at step W
+
+
+def test_betas_and_eps_are_adams_written_by_hand():
+    """Three steps of build_optimizer(betas, eps) against Adam's update written out (no weight decay)."""
+    torch.manual_seed(0)
+    param = torch.nn.Parameter(torch.randn(3, 2, dtype=torch.float64))
+    model = torch.nn.Module()
+    model.w = param
+    b1, b2, eps, lr = 0.5, 0.7, 1e-2, 0.1
+    optimizer = build_optimizer(
+        model, learning_rate=lr, weight_decay=0.0, device=torch.device("cpu"), betas=(b1, b2), eps=eps
+    )
+    ref, m, v = param.detach().clone(), torch.zeros_like(param), torch.zeros_like(param)
+    for t in range(1, 4):
+        grad = torch.randn_like(param)
+        param.grad = grad.clone()
+        optimizer.step()
+        m, v = b1 * m + (1 - b1) * grad, b2 * v + (1 - b2) * grad**2
+        ref = ref - lr * (m / (1 - b1**t)) / ((v / (1 - b2**t)).sqrt() + eps)
+        assert torch.allclose(param.detach(), ref, atol=1e-12), t
+
+
+def test_scheduler_kwargs_reach_the_schedule():
+    """cosine with num_cycles=1: a full cosine period over the run (down to 0 half-way, back up)."""
+    param = torch.nn.Parameter(torch.zeros(2))
+    optimizer = torch.optim.AdamW([param], lr=1.0)
+    scheduler = build_scheduler(
+        optimizer,
+        name="cosine",
+        num_warmup_steps=0,
+        num_training_steps=8,
+        scheduler_kwargs={"num_cycles": 1.0},
+    )
+    rates = []
+    for _ in range(8):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    reference = [max(0.0, 0.5 * (1 + math.cos(2 * math.pi * k / 8))) for k in range(8)]
+    assert rates == pytest.approx(reference, abs=1e-12)
