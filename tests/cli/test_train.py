@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -300,3 +301,44 @@ def test_qlora_without_a_gpu_is_refused_before_spawning(tmp_path):
          "--output-dir", str(tmp_path / "out"), "--nproc", "1", "--lora-rank", "4", "--load-in-4bit"]
     )  # fmt: skip
     assert "CUDA GPU" in message and "\n" not in message
+
+
+def _run(*args: str) -> list[dict]:
+    done = subprocess.run([sys.executable, "-m", "minitrain", "train", *args], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    from minitrain.rundir import read_metrics
+
+    out = Path(args[args.index("--output-dir") + 1])
+    return [r for r in read_metrics(out / "training_metrics_0.jsonl") if "loss" in r]
+
+
+def test_mini_trainers_newer_flags_take_effect(tmp_path):
+    """--max-tokens stops at the step that reaches it, --save-dtype sets the export's dtype,
+    --lr-scheduler-kwargs shapes the schedule (given in a config file), --beta2 changes Adam from step 3."""
+    import torch
+    from safetensors import safe_open
+
+    data = write_tokenized(tmp_path / "d.jsonl", num=16, vocab=64, seed=1)
+    tiny_llama_config(vocab_size=64).save_pretrained(tmp_path / "model")
+    base = ["--data-path", str(data), "--model-name-or-path", str(tmp_path / "model"), "--nproc", "1",
+            "--from-scratch", "--batch-size", "4", "--max-tokens-per-gpu", "64", "--learning-rate", "1e-2",
+            "--num-warmup-steps", "0"]  # fmt: skip
+    rows = _run(*base, "--output-dir", str(tmp_path / "a"), "--max-tokens", "200", "--save-dtype", "bf16")
+    seen = [sum(r["num_total_tokens"] for r in rows[: i + 1]) for i in range(len(rows))]
+    assert len(rows) >= 2 and seen[-2] < 200 <= seen[-1]
+    (export,) = (tmp_path / "a" / "hf_format").glob("samples_*/model.safetensors")
+    with safe_open(str(export), "pt") as f:
+        names = f.keys()
+        assert {f.get_tensor(k).dtype for k in names} == {torch.bfloat16}  # the CPU default is fp32
+
+    (tmp_path / "run.yaml").write_text(
+        "lr_scheduler: cosine\nmax_steps: 4\nlr_scheduler_kwargs: {num_cycles: 1.0}\n"
+    )
+    cosine = ["--config", str(tmp_path / "run.yaml"), *base]
+    rows = _run(*cosine, "--output-dir", str(tmp_path / "b"))
+    reference = [1e-2 * 0.5 * (1 + math.cos(2 * math.pi * k / 4)) for k in range(4)]
+    assert [r["lr"] for r in rows] == pytest.approx(reference, abs=1e-12)
+    other = _run(*cosine, "--output-dir", str(tmp_path / "c"), "--beta2", "0.5")
+    losses, other_losses = [r["loss"] for r in rows], [r["loss"] for r in other]
+    assert losses[:2] == pytest.approx(other_losses[:2], rel=1e-6)  # Adam's first update ignores the betas
+    assert losses[2] != pytest.approx(other_losses[2], rel=1e-6)
