@@ -4,6 +4,7 @@ model."""
 from __future__ import annotations
 
 import copy
+import json
 import socket
 
 import pytest
@@ -314,3 +315,39 @@ def test_a_bf16_checkpoint_becomes_exact_fp32_master_shards(one_rank_group, tmp_
         assert got[k].dtype == torch.float32 and torch.equal(got[k], v), k
     assert all(b.dtype == torch.float32 for b in model.buffers())
     assert sent == {torch.bfloat16}  # no fp32 copy of the whole model on rank 0
+
+
+def _remote_code_model(folder):
+    """A model folder that ships its own config and model classes (auto_map), as custom Hub models do."""
+    tiny_llama_config(vocab_size=64).save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(
+        model_type="mini_custom",
+        auto_map={
+            "AutoConfig": "configuration_mini.MiniConfig",
+            "AutoModelForCausalLM": "modeling_mini.MiniForCausalLM",
+        },
+    )
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "configuration_mini.py").write_text(
+        "from transformers import LlamaConfig\n\n\n"
+        "class MiniConfig(LlamaConfig):\n    model_type = 'mini_custom'\n"
+    )
+    (folder / "modeling_mini.py").write_text(
+        "from transformers import LlamaForCausalLM\n\nfrom .configuration_mini import MiniConfig\n\n\n"
+        "class MiniForCausalLM(LlamaForCausalLM):\n    config_class = MiniConfig\n"
+    )
+    return folder
+
+
+def test_trust_remote_code_runs_the_models_own_classes(tmp_path, monkeypatch):
+    from minitrain.train.preflight import causal_lm_config
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    folder = _remote_code_model(tmp_path / "custom")
+    with pytest.raises(UserError, match="ships its own model code; add --trust-remote-code") as err:
+        causal_lm_config(folder)
+    assert "\n" not in str(err.value)
+    assert causal_lm_config(folder, trust_remote_code=True).model_type == "mini_custom"
+    lm = load_model(folder, from_scratch=True, dtype=torch.float32, dist=CPU1, trust_remote_code=True)
+    assert type(lm).__name__ == "MiniForCausalLM"
