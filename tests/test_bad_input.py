@@ -33,6 +33,7 @@ from minitrain.cli import app
 from minitrain.errors import UserError
 from tests.conftest import SMOLLM2, tiny_llama_config, tiny_softcapped_config
 from tests.train.test_loop import write_tokenized
+from tests.train.test_model import remote_code_model
 
 W = "{w}"  # replaced by the workspace folder in every argument
 
@@ -279,6 +280,23 @@ ROWS = [
               "add GPUs (--nproc, --nnodes) or use LoRA/QLoRA")),
     Row("train", "--dry-run-report without --dry-run", _train("--dry-run-report", f"{W}/plan.json"),
         ("--dry-run-report needs --dry-run",)),
+    Row("train", "--beta1 1.0", _train("--beta1", "1.0"), ("--beta1 must be in [0, 1), got 1.0",)),
+    Row("train", "--eps 0", _train("--eps", "0"), ("--eps must be a positive number, got 0.0",)),
+    Row("train", "--save-dtype fp8", _train("--save-dtype", "fp8"),
+        ("--save-dtype must be one of fp32, bf16, fp16; got 'fp8'",)),
+    Row("train", "--max-tokens 0", _train("--max-tokens", "0"), ("--max-tokens must be a positive integer",)),
+    Row("train", "--max-tokens with --lr-scheduler cosine",
+        _train("--max-tokens", "1000", "--lr-scheduler", "cosine"),
+        ("--lr-scheduler cosine decays to 0", "needs --max-steps, --max-samples or --max-epochs",
+         "--max-tokens gives no step count in advance")),
+    Row("train", "--lr-scheduler-kwargs that is not JSON", _train("--lr-scheduler-kwargs", "{num_cycles: 1}"),
+        ("--lr-scheduler-kwargs is not valid JSON", """write a JSON object such as '{"num_cycles": 0.5}'""")),
+    Row("train", "--lr-scheduler-kwargs with an argument the schedule does not take",
+        _train("--lr-scheduler", "cosine", "--max-steps", "3", "--lr-scheduler-kwargs", '{"cycles": 1}'),
+        ("cosine has no argument 'cycles'", "it takes num_cycles")),
+    Row("train", "a model with its own code, without --trust-remote-code",
+        _train("--from-scratch", model=f"{W}/custom-model"),
+        ("custom-model ships its own model code", "add --trust-remote-code")),
     Row("train", "--config file does not exist", _train("--config", f"{W}/nope.yaml"),
         ("--config", "nope.yaml: no such file")),
     Row("train", "--config file with a misspelt key", _train("--config", f"{W}/cfg-typo.yaml"),
@@ -356,6 +374,7 @@ def ws(tmp_path_factory) -> Path:
     lines[3] = '{"input_ids": [1, 2'  # line 4: cut short, as a crashed writer leaves it
     (w / "bad.jsonl").write_text("\n".join(lines) + "\n")
     (w / "empty.jsonl").write_text("")
+    remote_code_model(w / "custom-model")
     (w / "cfg-typo.yaml").write_text("max-tokens-per-gpus: 64\n")
     (w / "cfg-type.yaml").write_text("batch_size: 1.5\n")
     (w / "cfg-bad.yaml").write_text("batch_size: [1\n")

@@ -317,7 +317,7 @@ def test_a_bf16_checkpoint_becomes_exact_fp32_master_shards(one_rank_group, tmp_
     assert sent == {torch.bfloat16}  # no fp32 copy of the whole model on rank 0
 
 
-def _remote_code_model(folder):
+def remote_code_model(folder):
     """A model folder that ships its own config and model classes (auto_map), as custom Hub models do."""
     tiny_llama_config(vocab_size=64).save_pretrained(folder)
     config = json.loads((folder / "config.json").read_text())
@@ -344,7 +344,7 @@ def test_trust_remote_code_runs_the_models_own_classes(tmp_path, monkeypatch):
     from minitrain.train.preflight import causal_lm_config
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    folder = _remote_code_model(tmp_path / "custom")
+    folder = remote_code_model(tmp_path / "custom")
     with pytest.raises(UserError, match="ships its own model code; add --trust-remote-code") as err:
         causal_lm_config(folder)
     assert "\n" not in str(err.value)
