@@ -100,3 +100,15 @@ def test_two_spellings_of_one_flag_are_refused():
 def test_a_value_of_the_wrong_type_names_the_key(key, value, says):
     with pytest.raises(UserError, match=f"run.yaml: key '{key}' {says}"):
         resolve_config({key: value}, KEYS, path=P)
+
+
+def test_a_json_flag_takes_a_mapping_or_its_text():
+    keys = {"lr_scheduler_kwargs": Key("lr_scheduler_kwargs", "json")}
+    assert resolve_config({"lr_scheduler_kwargs": {"num_cycles": 0.5}}, keys, path=P) == {
+        "lr_scheduler_kwargs": '{"num_cycles": 0.5}'
+    }
+    assert resolve_config({"lr_scheduler_kwargs": '{"num_cycles": 1}'}, keys, path=P) == {
+        "lr_scheduler_kwargs": '{"num_cycles": 1}'
+    }
+    with pytest.raises(UserError, match="must be a mapping"):
+        resolve_config({"lr_scheduler_kwargs": [1]}, keys, path=P)

@@ -48,6 +48,7 @@ def test_keys_are_the_flags_in_both_spellings():
     assert keys["user_role"].multiple and keys["max_sample_num_tokens"].kind == "integer"
     assert "input_path" not in keys and "config_file" not in keys and "config" not in keys
     train_keys = config_keys(train, CONFIG_ALIASES)
+    assert train_keys["lr_scheduler_kwargs"].kind == "json"
     assert train_keys["base_adapters"].param == "base_adapter" and train_keys[
         "activation_checkpointing"
     ].kind == ("boolean")
