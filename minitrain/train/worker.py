@@ -52,16 +52,25 @@ from minitrain.train.optim import build_optimizer, build_scheduler
 from minitrain.train.trackers import open_trackers
 
 
-def run(config: TrainConfig, *, tokenizer_source: str | None) -> TrainState:
-    """Train one rank's part of the run described by `config`; every rank calls this."""
+def run(config: TrainConfig, *, tokenizer_source: str | None, tear_down: bool = True) -> TrainState:
+    """Train one rank's part of the run described by `config`; every rank calls this.
+
+    `tear_down=False` (the torchrun entry point, which exits right after): on success every rank waits for
+    the others and leaves the process group in place for `os._exit` to drop, see `main`.
+    """
     die_with_parent()  # torchrun killed (second Ctrl+C) -> this rank dies too, no orphan keeps training
     dist = init_distributed()
     try:
         state = _train(config, dist, tokenizer_source)
+        if not tear_down:
+            if dist.world_size > 1:
+                torch.distributed.barrier()  # every rank is done: none exits while a peer still trains
+            return state
         close_distributed(synchronize=True)
         return state
-    finally:
+    except BaseException:
         close_distributed()
+        raise
 
 
 def _train(config: TrainConfig, dist: DistInfo, tokenizer_source: str | None) -> TrainState:
@@ -400,7 +409,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         params = read_training_params(Path(args[0]))
-        state = run(TrainConfig.from_dict(params), tokenizer_source=params.get("tokenizer_source"))
+        state = run(
+            TrainConfig.from_dict(params), tokenizer_source=params.get("tokenizer_source"), tear_down=False
+        )
     except UserError as err:
         if os.environ.get("MINITRAIN_DEBUG"):
             raise
@@ -419,4 +430,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # A finished rank leaves without tearing torch down: its C++ teardown of the gloo process group at
+    # interpreter exit aborted a rank ("terminate called without an active exception", SIGABRT) in 2 of
+    # about 30 two-rank CI launches, after everything was saved. Every file is written and closed by now,
+    # so the rank flushes its streams and ends at once (a failure raised above still ends as before).
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
