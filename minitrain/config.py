@@ -391,14 +391,13 @@ def _check_objective(config: TrainConfig) -> None:
         for flag, given in (
             ("--truncate", config.truncate),
             ("--eval-data-path", config.eval_data_path is not None),
-            ("--lora-rank", config.lora_rank is not None),
         )
         if given
     ]
     if unsupported:
         raise UserError(
             f"--objective dpo does not support {unsupported[0]} yet; drop it (train pairs that fit "
-            "--max-tokens-per-gpu, full fine-tuning, no eval set)"
+            "--max-tokens-per-gpu, no eval set)"
         )
 
 

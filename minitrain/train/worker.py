@@ -243,13 +243,9 @@ def _train(config: TrainConfig, dist: DistInfo, tokenizer_source: str | None) ->
 
 
 def _preference_step(config: TrainConfig, model: torch.nn.Module, store: TokenStore, dist: DistInfo):
-    """`--objective dpo`: the loop's step on pair indices, with the reference sums loaded or computed."""
-    from minitrain.train.dpo import (
-        PreferenceObjective,
-        load_or_compute_reference,
-        preference_step,
-        reference_key,
-    )
+    """`--objective dpo`: the loop's step on pair indices, with its reference (None for SimPO/ORPO): the
+    cached sums of the initial model (full fine-tuning), or the model with the new adapter off (adapters)."""
+    from minitrain.train.dpo import PreferenceObjective, preference_step
 
     objective = PreferenceObjective(
         loss=config.preference_loss, beta=config.beta, simpo_gamma=config.simpo_gamma,
@@ -257,18 +253,37 @@ def _preference_step(config: TrainConfig, model: torch.nn.Module, store: TokenSt
     )  # fmt: skip
     reference = None
     if objective.needs_reference:
-        key = reference_key(
-            data_path=config.data_path, model_name_or_path=config.model_name_or_path,
-            from_scratch=config.from_scratch, seed=config.seed, master_dtype=config.master_dtype,
-        )  # fmt: skip
-        reference = load_or_compute_reference(
-            model, store, output_dir=config.output_dir, key=key, dist=dist,
-            max_tokens_per_gpu=config.max_tokens_per_gpu, pairs_per_plan=config.batch_size,
-        )  # fmt: skip
+        reference = _reference(config, model, store, dist)
     return functools.partial(
         preference_step, model, store, objective=objective, reference=reference, dist=dist,
         max_tokens_per_gpu=config.max_tokens_per_gpu,
     )  # fmt: skip
+
+
+def _reference(config: TrainConfig, model: torch.nn.Module, store: TokenStore, dist: DistInfo, **kw):
+    """The DPO reference of `store`'s pairs (training or eval): computed per minibatch for an adapter run,
+    else loaded from (or computed once into) the run directory's cache."""
+    from minitrain.train.dpo import (
+        adapter_reference,
+        cached_reference,
+        load_or_compute_reference,
+        reference_key,
+    )
+
+    if config.lora_rank is not None:
+        from minitrain.train.adapters import base_adapter_names, reference_adapters
+
+        base_names = base_adapter_names(len(config.base_adapters))
+        return adapter_reference(model, functools.partial(reference_adapters, model.lm, base_names))
+    key = reference_key(
+        data_path=store.path, model_name_or_path=config.model_name_or_path,
+        from_scratch=config.from_scratch, seed=config.seed, master_dtype=config.master_dtype,
+    )  # fmt: skip
+    values = load_or_compute_reference(
+        model, store, output_dir=config.output_dir, key=key, dist=dist,
+        max_tokens_per_gpu=config.max_tokens_per_gpu, pairs_per_plan=config.batch_size, **kw,
+    )  # fmt: skip
+    return cached_reference(values)
 
 
 def _build_model(
