@@ -54,7 +54,13 @@ from minitrain.data.store import TokenStore, fingerprint
 from minitrain.rundir import REFERENCE_KEY_FILE, REFERENCE_LOGPS_FILE
 from minitrain.train.dist import DistInfo, print0
 from minitrain.train.loop import StepResult
-from minitrain.train.preference import REFERENCE_FREE, pair_terms, segment_sums, token_weights
+from minitrain.train.preference import (
+    REFERENCE_FREE,
+    PairTerms,
+    pair_terms,
+    segment_sums,
+    token_weights,
+)
 
 # the per-step sums all-reduced once per step, in this order (each divided by the step's pairs when logged)
 METRIC_NAMES = (
@@ -202,32 +208,41 @@ def _pair_weigher(
         counts = torch.bincount(segment, minlength=num_samples)  # [S] trained tokens per sequence
         with torch.enable_grad():
             sums = segment_sums(-ce, segment, num_samples).requires_grad_()  # [S] float64 log p sums
-            terms = pair_terms(
-                objective.loss,
-                chosen=sums[0::2], rejected=sums[1::2],
-                chosen_tokens=counts[0::2], rejected_tokens=counts[1::2],
-                ref_chosen=None if ref is None else ref[0::2],
-                ref_rejected=None if ref is None else ref[1::2],
-                beta=objective.beta, simpo_gamma=objective.simpo_gamma, sft_weight=objective.sft_weight,
-            )  # fmt: skip
+            terms = pair_objective(objective, sums, counts, ref)
             (grad,) = torch.autograd.grad(terms.loss.sum() * scale, sums)
-        logps = sums.detach()
-        totals.add_(
-            torch.stack(
-                [
-                    terms.loss.detach().sum(),
-                    terms.rewards_chosen.sum(),
-                    terms.rewards_rejected.sum(),
-                    terms.accuracies.sum(),
-                    terms.margins.sum(),
-                    logps[0::2].sum(),
-                    logps[1::2].sum(),
-                ]
-            ).to(totals.dtype)
-        )
+        totals.add_(metric_sums(terms, sums.detach()).to(totals.dtype))
         return token_weights(grad, segment)
 
     return weigh
+
+
+def pair_objective(
+    objective: PreferenceObjective, sums: Tensor, counts: Tensor, ref: Tensor | None
+) -> PairTerms:
+    """The objective per pair from the sides' sums [S] and trained-token counts [S] (chosen, rejected ...)."""
+    return pair_terms(
+        objective.loss,
+        chosen=sums[0::2], rejected=sums[1::2],
+        chosen_tokens=counts[0::2], rejected_tokens=counts[1::2],
+        ref_chosen=None if ref is None else ref[0::2],
+        ref_rejected=None if ref is None else ref[1::2],
+        beta=objective.beta, simpo_gamma=objective.simpo_gamma, sft_weight=objective.sft_weight,
+    )  # fmt: skip
+
+
+def metric_sums(terms: PairTerms, logps: Tensor) -> Tensor:
+    """[len(METRIC_NAMES)] sums over the pairs of `terms` of each metric (`logps` [S]: the sides' sums)."""
+    return torch.stack(
+        [
+            terms.loss.detach().sum(),
+            terms.rewards_chosen.sum(),
+            terms.rewards_rejected.sum(),
+            terms.accuracies.sum(),
+            terms.margins.sum(),
+            logps[0::2].sum(),
+            logps[1::2].sum(),
+        ]
+    )
 
 
 def reference_logps(
@@ -288,10 +303,12 @@ def load_or_compute_reference(
     dist: DistInfo,
     max_tokens_per_gpu: int,
     pairs_per_plan: int,
+    files: tuple[str, str] = (REFERENCE_LOGPS_FILE, REFERENCE_KEY_FILE),
 ) -> np.ndarray:
     """The reference sums: OUT/reference_logps.npy when its key matches (rank 0 reads, every rank gets it),
-    else computed now (`reference_logps`) and saved by rank 0. Call before loading a resumed state."""
-    npy, key_file = Path(output_dir) / REFERENCE_LOGPS_FILE, Path(output_dir) / REFERENCE_KEY_FILE
+    else computed now (`reference_logps`) and saved by rank 0. Call before loading a resumed state.
+    `files`: the (sums, key) file names in OUT (the eval set's are `EVAL_REFERENCE_*`)."""
+    npy, key_file = Path(output_dir) / files[0], Path(output_dir) / files[1]
     cached: list[Any] = [None]
     if dist.is_main and npy.is_file() and key_file.is_file():
         try:

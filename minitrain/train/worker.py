@@ -36,7 +36,7 @@ from minitrain.train.dist import (
     print0,
     stop_if_any_rank_failed,
 )
-from minitrain.train.evaluate import evaluate, plan_eval
+from minitrain.train.evaluate import evaluate, evaluate_pairs, plan_eval, plan_pair_eval
 from minitrain.train.export import merge_host_bytes, save_hf_checkpoint
 from minitrain.train.faults import StopFlag, die_with_parent
 from minitrain.train.loop import StopRule, TrainState, train_loop
@@ -123,6 +123,9 @@ def _train(config: TrainConfig, dist: DistInfo, tokenizer_source: str | None) ->
     run_step = None  # the loop's SFT step
     if dpo:  # the reference is the initial model: before a resumed state is loaded
         run_step = _preference_step(config, model, store, dist)
+    evaluate_now = None  # (for dpo: the eval pairs' reference too, so also before)
+    if config.eval_data_path is not None:
+        evaluate_now = _evaluator(config, model, dist)
     if config.resume is not None:
         checkpoint = _resume_point(config, dist)
         sampler_state, counters = load_training_state(
@@ -163,24 +166,6 @@ def _train(config: TrainConfig, dist: DistInfo, tokenizer_source: str | None) ->
             counters=counters, dist=dist, keep_last=config.keep_last,
         )  # fmt: skip
         return path
-
-    evaluate_now = None
-    if config.eval_data_path is not None:
-        eval_plan = plan_eval(
-            TokenStore.open(config.eval_data_path),
-            max_tokens_per_gpu=config.max_tokens_per_gpu,
-            world_size=dist.world_size,
-        )
-        evaluate_now = functools.partial(evaluate, model, eval_plan, dist=dist)
-        print0(
-            dist,
-            f"eval set: {eval_plan.samples:,} samples, {eval_plan.loss_tokens:,} trained tokens"
-            + (
-                f" ({eval_plan.skipped} longer than --max-tokens-per-gpu skipped)"
-                if eval_plan.skipped
-                else ""
-            ),
-        )
 
     mfu = None
     peak = peak_flops_per_device(torch.cuda.get_device_name(dist.device)) if on_gpu else None
@@ -245,18 +230,54 @@ def _train(config: TrainConfig, dist: DistInfo, tokenizer_source: str | None) ->
 def _preference_step(config: TrainConfig, model: torch.nn.Module, store: TokenStore, dist: DistInfo):
     """`--objective dpo`: the loop's step on pair indices, with its reference (None for SimPO/ORPO): the
     cached sums of the initial model (full fine-tuning), or the model with the new adapter off (adapters)."""
-    from minitrain.train.dpo import PreferenceObjective, preference_step
+    from minitrain.train.dpo import preference_step
 
-    objective = PreferenceObjective(
-        loss=config.preference_loss, beta=config.beta, simpo_gamma=config.simpo_gamma,
-        sft_weight=config.sft_weight,
-    )  # fmt: skip
+    objective = _objective(config)
     reference = None
     if objective.needs_reference:
         reference = _reference(config, model, store, dist)
     return functools.partial(
         preference_step, model, store, objective=objective, reference=reference, dist=dist,
         max_tokens_per_gpu=config.max_tokens_per_gpu,
+    )  # fmt: skip
+
+
+def _evaluator(config: TrainConfig, model: torch.nn.Module, dist: DistInfo):
+    """`evaluate()` -> the eval metrics of --eval-data-path (eval_loss; for dpo also eval_rewards/...). For
+    dpo with a reference, the eval pairs' reference is prepared here: before a resumed state is loaded."""
+    if config.objective != "dpo":
+        plan = plan_eval(
+            TokenStore.open(config.eval_data_path),
+            max_tokens_per_gpu=config.max_tokens_per_gpu,
+            world_size=dist.world_size,
+        )
+        skipped = f" ({plan.skipped} longer than --max-tokens-per-gpu skipped)" if plan.skipped else ""
+        print0(dist, f"eval set: {plan.samples:,} samples, {plan.loss_tokens:,} trained tokens{skipped}")
+        return lambda: {"eval_loss": evaluate(model, plan, dist=dist)}
+    from minitrain.rundir import EVAL_REFERENCE_KEY_FILE, EVAL_REFERENCE_LOGPS_FILE
+
+    store = TokenStore.open(config.eval_data_path, "dpo")
+    pair_plan = plan_pair_eval(
+        store, max_tokens_per_gpu=config.max_tokens_per_gpu, world_size=dist.world_size
+    )
+    skipped = f" ({pair_plan.skipped} longer than --max-tokens-per-gpu skipped)" if pair_plan.skipped else ""
+    print0(dist, f"eval set: {pair_plan.pairs:,} pairs{skipped}")
+    objective = _objective(config)
+    reference = None
+    if objective.needs_reference:
+        files = (EVAL_REFERENCE_LOGPS_FILE, EVAL_REFERENCE_KEY_FILE)
+        reference = _reference(config, model, store, dist, files=files)
+    return functools.partial(
+        evaluate_pairs, model, pair_plan, objective=objective, reference=reference, dist=dist
+    )
+
+
+def _objective(config: TrainConfig):
+    from minitrain.train.dpo import PreferenceObjective
+
+    return PreferenceObjective(
+        loss=config.preference_loss, beta=config.beta, simpo_gamma=config.simpo_gamma,
+        sft_weight=config.sft_weight,
     )  # fmt: skip
 
 

@@ -45,6 +45,7 @@ from minitrain.train.dpo import (
     sequence_logps,
     sides,
 )
+from minitrain.train.evaluate import evaluate_pairs, plan_pair_eval
 from minitrain.train.model import CausalLMWithLoss
 from tests.conftest import tiny_llama_config
 from tests.train.test_adapters import randomize_new_adapter
@@ -220,6 +221,44 @@ def test_the_adapter_reference_is_the_model_without_the_new_adapter(pairs_store,
     assert np.abs(np.subtract(policy, want)).max() > 1e-3  # the new adapter matters: the test can fail
 
 
+def _direct_eval(policy, reference, store: TokenStore, pairs: list[int], kind: str, beta: float) -> dict:
+    """The eval metrics written out: each side alone, the textbook formula, plain means over `pairs`."""
+    rows = []
+    with torch.no_grad():
+        for p in pairs:
+            c, r = 2 * p, 2 * p + 1
+            pc, pr = _seq_logp(policy, store, c), _seq_logp(policy, store, r)
+            rc, rr = reference(c), reference(r)
+            nc, nr = int(store.num_trained[c]), int(store.num_trained[r])
+            loss, wc, wr = (t.item() for t in _textbook(kind, pc, pr, rc, rr, nc, nr, beta, 0.5, 0.0))
+            rows.append([loss, wc, wr, float(wc > wr), wc - wr, pc.item(), pr.item()])
+    names = ["loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins"]
+    names += ["logps/chosen", "logps/rejected"]
+    return {f"eval_{n}": v for n, v in zip(names, np.mean(rows, axis=0), strict=True)}
+
+
+@pytest.mark.parametrize("kind", ["sigmoid", "simpo"])
+def test_eval_on_pairs_equals_the_direct_computation(pairs_store, kind):
+    lm = build_lm(vocab_size=VOCAB)
+    model = CausalLMWithLoss(lm, use_liger=False, chunk_size=5)
+    shift = np.random.default_rng(1).uniform(-3, 3, size=len(pairs_store))
+    values = reference_logps(model, pairs_store, dist=CPU1, max_tokens_per_gpu=4096, pairs_per_plan=8) + shift
+    longest = int(np.argmax(pairs_store.pair_lengths))
+    budget = int(np.sort(pairs_store.pair_lengths)[-2])  # the longest pair does not fit: skipped, counted
+    assert pairs_store.pair_lengths[longest] > budget
+    plan = plan_pair_eval(pairs_store, max_tokens_per_gpu=budget, world_size=1)
+    assert len(plan.plan) > 1 and plan.skipped == 1 and plan.pairs == NUM_PAIRS - 1
+    reference = None if kind == "simpo" else cached_reference(values)
+    objective = PreferenceObjective(loss=kind, beta=0.3)
+    got = evaluate_pairs(model, plan, objective=objective, reference=reference, dist=CPU1)
+    pairs = [p for p in range(NUM_PAIRS) if p != longest]
+    want = _direct_eval(lm, lambda s: torch.tensor(values[s]), pairs_store, pairs, kind, 0.3)
+    assert got.keys() == want.keys()
+    for key in want:
+        assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-6), key  # fp32 token log-probs
+    assert 0 < want["eval_rewards/accuracies"] < 1  # the numbers compared are not trivial
+
+
 # ----------------------------------------------------------------------------------- through the CLI
 
 STEPS = 6
@@ -311,17 +350,21 @@ def test_the_reference_is_cached_beside_the_run_and_reused_on_resume(runs):
 
 @pytest.fixture(scope="module")
 def adapter_runs(tmp_path_factory) -> dict[str, Path]:
-    """DPO adapter runs through the CLI: LoRA (2 ranks), a DPO adapter stacked on an SFT adapter (2 ranks),
-    QLoRA on bitsandbytes' CPU backend (1 rank)."""
+    """DPO runs of a saved tiny model through the CLI: LoRA (2 ranks, eval pairs), a DPO adapter stacked on an
+    SFT adapter (2 ranks), QLoRA on bitsandbytes' CPU backend (1 rank), full fine-tuning (2 ranks, eval)."""
     root = tmp_path_factory.mktemp("dpo_adapter_runs")
     data = write_pairs(root / "pairs.jsonl", num=NUM_PAIRS, vocab=VOCAB, seed=11)
+    write_pairs(root / "eval.jsonl", num=6, vocab=VOCAB, seed=12)
     model = root / "model"
     build_lm(vocab_size=VOCAB).save_pretrained(model)  # the base the SFT adapter was made on
     sft = save_sft_adapter(root / "sft")
-    out = {name: root / name for name in ("lora", "stacked", "qlora")}
-    common = [sys.executable, "-m", "minitrain", *_args(data, model, Path("."), 4096)]
-    common = [a for a in common if a != "--from-scratch"] + ["--lora-rank", "4", "--learning-rate", "5e-2"]
-    _run([*common, "--output-dir", str(out["lora"]), "--nproc", "2"], root)
+    out = {name: root / name for name in ("lora", "stacked", "qlora", "full")}
+    full = [sys.executable, "-m", "minitrain", *_args(data, model, Path("."), 4096)]
+    full = [a for a in full if a != "--from-scratch"]
+    common = [*full, "--lora-rank", "4", "--learning-rate", "5e-2"]
+    evaluated = ["--eval-data-path", str(root / "eval.jsonl"), "--eval-every-samples", "8"]
+    _run([*common, *evaluated, "--output-dir", str(out["lora"]), "--nproc", "2"], root)
+    _run([*full, *evaluated, "--output-dir", str(out["full"]), "--nproc", "2"], root)
     _run([*common, "--output-dir", str(out["stacked"]), "--nproc", "2", "--base-adapter", str(sft)], root)
     with pytest.MonkeyPatch.context() as env:
         env.setenv(CPU_QLORA_ENV, "1")
@@ -332,7 +375,7 @@ def adapter_runs(tmp_path_factory) -> dict[str, Path]:
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["lora", "stacked", "qlora"])
 def test_adapter_runs_start_at_ln2_with_zero_rewards_and_learn(adapter_runs, name):
-    rows = _metrics(adapter_runs[name])
+    rows = [r for r in _metrics(adapter_runs[name]) if "loss" in r]  # step lines (lora has eval lines too)
     assert len(rows) == STEPS
     # LoRA B starts at 0: the policy IS the reference (stacked: base + SFT adapter, which is not the base)
     assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
@@ -341,3 +384,28 @@ def test_adapter_runs_start_at_ln2_with_zero_rewards_and_learn(adapter_runs, nam
     assert rows[-1]["loss"] < rows[0]["loss"]
     assert rows[-1]["rewards/margins"] > 0
     assert not (adapter_runs[name] / "reference_logps.npy").exists()  # per minibatch, no cache
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["lora", "full"])
+def test_eval_pairs_of_a_run_equal_the_direct_computation_with_its_final_weights(adapter_runs, name):
+    from transformers import AutoModelForCausalLM
+
+    run = adapter_runs[name]
+    evals = [r for r in _metrics(run) if "eval_loss" in r]
+    assert [r["total_samples_accumulated"] for r in evals] == [8, 16, 24]  # pairs
+    final = max((run / "hf_format").glob("samples_*"), key=lambda p: int(p.name.split("_")[1]))
+    base = run.parent / "model"
+    initial = AutoModelForCausalLM.from_pretrained(base).eval()
+    if name == "lora":
+        policy = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), str(final)).eval()
+    else:
+        policy = AutoModelForCausalLM.from_pretrained(final).eval()
+    store = TokenStore.open(run.parent / "eval.jsonl", "dpo")
+    with torch.no_grad():
+        reference = [_seq_logp(initial, store, s) for s in range(len(store))]
+    want = _direct_eval(policy, reference.__getitem__, store, list(range(store.num_pairs)), "sigmoid", 0.1)
+    for key, value in want.items():
+        assert evals[-1][key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+    assert evals[-1]["eval_rewards/margins"] != pytest.approx(0, abs=1e-4)  # the policy moved away
+    assert (run / "eval_reference_logps.npy").exists() == (name == "full")  # adapters: per minibatch
