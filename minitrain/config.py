@@ -450,19 +450,10 @@ def _check_objective(config: TrainConfig) -> None:
         raise UserError("--simpo-gamma is SimPO's margin: add --preference-loss simpo, or drop it")
     if config.sft_weight and config.preference_loss == "orpo":
         raise UserError("--preference-loss orpo has its own SFT term; drop --sft-weight")
-    unsupported = [
-        flag
-        for flag, given in (
-            ("--truncate", config.truncate),
-            ("--eval-data-path", config.eval_data_path is not None),
-            ("--lora-rank", config.lora_rank is not None),
-        )
-        if given
-    ]
-    if unsupported:
+    if config.truncate:
         raise UserError(
-            f"--objective dpo does not support {unsupported[0]} yet; drop it (train pairs that fit "
-            "--max-tokens-per-gpu, full fine-tuning, no eval set)"
+            "--objective dpo does not support --truncate yet; drop it (train pairs that fit "
+            "--max-tokens-per-gpu)"
         )
 
 

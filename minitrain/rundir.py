@@ -9,7 +9,9 @@
                                     `latest`, leftovers of interrupted writes (.tmp-samples_<N>, .old-...)
         reference_logps.npy         --objective dpo with a reference: the initial model's summed log-probs of
         reference_logps.json        every pair's sides, and the key they were computed for
-                                    (`minitrain.train.dpo`)
+                                    (`minitrain.train.dpo`; full fine-tuning only)
+        eval_reference_logps.npy    the same for the --eval-data-path pairs
+        eval_reference_logps.json
         hf_format/                  Hugging Face exports (`minitrain.train.export`): samples_<N>/, and
                                     .samples_<N>.tmp while one is written
 
@@ -51,6 +53,8 @@ TRAINING_PARAMS_FILE = "training_params.json"
 METRICS_FILE = "training_metrics_0.jsonl"
 REFERENCE_LOGPS_FILE = "reference_logps.npy"
 REFERENCE_KEY_FILE = "reference_logps.json"
+EVAL_REFERENCE_LOGPS_FILE = "eval_reference_logps.npy"  # the same for --eval-data-path's pairs
+EVAL_REFERENCE_KEY_FILE = "eval_reference_logps.json"
 CHECKPOINTS_DIR = "checkpoints"
 HF_FORMAT_DIR = "hf_format"
 LATEST_FILE = "latest"
@@ -190,7 +194,10 @@ def prune_checkpoints(out_dir: Path, keep_last: int) -> list[Path]:
 def run_files(out_dir: Path) -> list[Path]:
     """Everything minitrain wrote in `out_dir` (by name; nothing else there is touched), sorted."""
     out = Path(out_dir)
-    names = (TRAINING_PARAMS_FILE, METRICS_FILE, REFERENCE_LOGPS_FILE, REFERENCE_KEY_FILE)
+    names = (
+        TRAINING_PARAMS_FILE, METRICS_FILE, REFERENCE_LOGPS_FILE, REFERENCE_KEY_FILE,
+        EVAL_REFERENCE_LOGPS_FILE, EVAL_REFERENCE_KEY_FILE,
+    )  # fmt: skip
     found = [out / name for name in names if (out / name).is_file()]
     root = checkpoints_root(out)
     if root.is_dir():

@@ -2,7 +2,9 @@
 
 Renderer-independent and pure (numpy only): `build_curves` turns each run's rows into one panel per
 metric with a line per run (and each run's `eval_loss` on the loss panel), and turns every user mistake
-(an unknown metric, no shared x-axis) into a one-line `UserError`.
+(an unknown metric, no shared x-axis) into a one-line `UserError`. A preference run (`--objective dpo`)
+also gets `rewards/margins` and `rewards/accuracies` panels right after the loss by default, with its
+eval pairs' `eval_rewards/...` on them; an SFT run's default panels do not change.
 """
 
 from __future__ import annotations
@@ -19,7 +21,13 @@ from minitrain.config import PLOT_X_AXES, PlotConfig
 from minitrain.errors import UserError
 
 DEFAULT_METRICS = ("loss", "lr", "grad_norm", "tokens_per_second")
+PREFERENCE_METRICS = ("rewards/margins", "rewards/accuracies")  # default panels after loss, when present
 EVAL_METRIC = "eval_loss"  # drawn on the `loss` panel when present
+EVAL_OF = {  # each eval metric is drawn on its training metric's panel
+    "loss": EVAL_METRIC,
+    "rewards/margins": "eval_rewards/margins",
+    "rewards/accuracies": "eval_rewards/accuracies",
+}
 X_SOURCES = {  # what each --x reads, for error messages
     "step": "'step'",
     "samples": "'total_samples_accumulated'",
@@ -27,7 +35,7 @@ X_SOURCES = {  # what each --x reads, for error messages
     "time": "'timestamp' or 'time_per_batch'",
 }
 # lr is a schedule, not a measurement (smoothing it would only add lag); eval_loss is sparse.
-UNSMOOTHED = frozenset({"lr", EVAL_METRIC})
+UNSMOOTHED = frozenset({"lr", *EVAL_OF.values()})
 # matplotlib's tab10, so a run has the same colour in the image and in the terminal.
 COLORS = (
     "#1f77b4",
@@ -129,7 +137,7 @@ class Line:
 
     @property
     def is_eval(self) -> bool:
-        return self.metric == EVAL_METRIC
+        return self.metric in EVAL_OF.values()
 
 
 @dataclass(frozen=True)
@@ -148,6 +156,12 @@ class Curves:
     runs: tuple[str, ...]
     x_label: str
     smooth: float
+
+    def eval_legend(self) -> str | None:
+        """The legend entry of the eval markers: `eval_loss`, `eval_*` when eval rewards are drawn too, or
+        None without an eval line."""
+        drawn = {line.metric for p in self.panels for line in p.lines if line.is_eval}
+        return None if not drawn else EVAL_METRIC if drawn == {EVAL_METRIC} else "eval_*"
 
     def x_range(self) -> tuple[float, float]:
         xs = [(float(ln.x[0]), float(ln.x[-1])) for p in self.panels for ln in p.lines if len(ln.x)]
@@ -185,7 +199,8 @@ def build_curves(runs: Sequence[tuple[str, Sequence[dict[str, Any]]]], config: P
             available = _available([rows for _, rows in runs])
             raise UserError(f"unknown metric {metric!r}; available: {', '.join(available)}")
     if not metrics:
-        metrics = [m for m in DEFAULT_METRICS if present(m)]
+        defaults = (DEFAULT_METRICS[0], *PREFERENCE_METRICS, *DEFAULT_METRICS[1:])
+        metrics = [m for m in defaults if present(m)]
         if not metrics:
             available = _available([rows for _, rows in runs])
             raise UserError(
@@ -211,12 +226,13 @@ def build_curves(runs: Sequence[tuple[str, Sequence[dict[str, Any]]]], config: P
         xs = [x / scale for x in xs]
         x_label = f"time ({unit})"
 
-    with_eval = "loss" in metrics and EVAL_METRIC not in metrics and present(EVAL_METRIC)
     panels = []
     for metric in metrics:
         lines = []
+        eval_of = EVAL_OF.get(metric)  # its eval counterpart, unless asked for as a panel of its own
+        drawn = (metric, eval_of) if eval_of and eval_of not in metrics and present(eval_of) else (metric,)
         for i, ((name, _rows), x) in enumerate(zip(runs, xs, strict=True)):
-            for m in (metric, EVAL_METRIC) if metric == "loss" and with_eval else (metric,):
+            for m in drawn:
                 y = column(i, m)
                 keep = np.isfinite(x) & np.isfinite(y)
                 if not keep.any():

@@ -17,7 +17,7 @@ import numpy as np
 
 from minitrain.atomic import atomic_write
 from minitrain.errors import UserError
-from minitrain.plot.curves import COLORS, EVAL_METRIC, Curves
+from minitrain.plot.curves import COLORS, Curves
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -101,8 +101,8 @@ def draw_image(curves: Curves, output: Path, *, buckets: int | None = IMAGE_BUCK
     handles = [
         Line2D([], [], color=COLORS[i % len(COLORS)], lw=1.5, label=r) for i, r in enumerate(curves.runs)
     ]
-    if any(line.is_eval for p in curves.panels for line in p.lines):
-        handles.append(Line2D([], [], color="gray", ls="--", marker="o", ms=3, label=EVAL_METRIC))
+    if (eval_label := curves.eval_legend()) is not None:
+        handles.append(Line2D([], [], color="gray", ls="--", marker="o", ms=3, label=eval_label))
     title = f"EMA {curves.smooth:g} (raw faded)" if curves.smooth > 0 else None
     fig.legend(
         handles=handles, loc="outside upper center", ncols=min(len(handles), 5), frameon=False, title=title

@@ -15,7 +15,7 @@ import numpy as np
 from rich.console import Console, ConsoleOptions, RenderResult
 from rich.text import Text
 
-from minitrain.plot.curves import COLORS, EVAL_METRIC, Curves, Panel
+from minitrain.plot.curves import COLORS, Curves, Panel
 
 # Braille dot bits, indexed [row 0..3][col 0..1] within one character cell.
 _BRAILLE_BITS = np.array([[0x01, 0x08], [0x02, 0x10], [0x04, 0x20], [0x40, 0x80]], dtype=np.uint8)
@@ -234,8 +234,8 @@ class TerminalPlot:
         text = Text()
         for i, run in enumerate(self.curves.runs):
             text.append("  " if i else "").append("━━ ", COLORS[i % len(COLORS)]).append(run)
-        if any(line.is_eval for p in self.curves.panels for line in p.lines):
-            text.append("   ● ", "bold").append(EVAL_METRIC)
+        if (eval_label := self.curves.eval_legend()) is not None:
+            text.append("   ● ", "bold").append(eval_label)
         if self.curves.smooth > 0:
             text.append(f"   EMA {self.curves.smooth:g}, raw dimmed", "dim")
         return text

@@ -11,6 +11,11 @@ on rank 0 (`torch.distributed.checkpoint.state_dict.get_model_state_dict(full_st
 like the PEFT model's own `state_dict()`. Merging (`--merge-lora`) rebuilds the PEFT model on rank 0's
 CPU from that state dict, so it needs the full model in host memory once; the adapter export does not.
 
+The DPO reference of an adapter run (`reference_adapters`) is the same model with the new adapter switched
+off and the base adapters of a stack still on: no second copy of the weights, one no-grad forward per
+minibatch. PEFT's switches also flip `requires_grad`; FSDP2 reads that flag when it gathers a parameter, so
+the flags are put back to the training ones before the reference forward runs, not only after it.
+
 QLoRA (`--load-in-4bit`): transformers loads the base through bitsandbytes in NF4 with double-quantized
 scales (`nf4_config`); PEFT puts its LoRA layers around bitsandbytes' `Linear4bit`. The 4-bit parameters
 (`quantized_parameters`) stay out of FSDP2, replicated on every rank. Merging is refused: it would round the
@@ -22,7 +27,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -102,8 +108,31 @@ def add_adapters(lm: PreTrainedModel, settings: LoraSettings, *, load_base_weigh
 def activate_stack(model: PeftModel, base_names: Sequence[str]) -> None:
     """Make the base adapters and the new one active together; only the new one trains."""
     model.base_model.set_adapter([*base_names, NEW_ADAPTER])
+    _train_only_new(model)
+
+
+def _train_only_new(model: PeftModel) -> None:
     for name, param in model.named_parameters():
         param.requires_grad = f".{NEW_ADAPTER}." in name
+
+
+@contextmanager
+def reference_adapters(model: PeftModel, base_names: Sequence[str]) -> Iterator[None]:
+    """Inside: the model is the DPO reference, the base model plus the frozen base adapters (in order) with
+    the new adapter off (PEFT's `disable_adapter()` without base adapters, `set_adapter(base_names)` with
+    them). `requires_grad` stays as in training throughout; on exit every adapter of the stack is active
+    again."""
+    if base_names:
+        model.base_model.set_adapter(list(base_names))
+        switch = nullcontext()
+    else:
+        switch = model.disable_adapter()
+    try:
+        with switch:
+            _train_only_new(model)  # PEFT froze every adapter: FSDP2 must see the training flags
+            yield
+    finally:
+        activate_stack(model, base_names)
 
 
 def logical_numel(param: torch.Tensor) -> int:

@@ -23,12 +23,20 @@ seed of a from-scratch model, the master dtype) in OUT/reference_logps.json, and
 resumed run, or a new run with the same key in the same folder, reads the file instead of recomputing.
 Trade-off: one extra forward pass over the data before the first step and 16 bytes per pair on disk,
 instead of a second model in memory (a frozen copy doubles the weights) or a second forward per step.
+
+Adapter runs (`--lora-rank`, QLoRA, stacked `--base-adapter`): the reference is the same model with the new
+adapter switched off (`minitrain.train.adapters.reference_adapters`: the base model, plus the frozen base
+adapters of a stack), run per minibatch with no gradients just before the policy's forward
+(`adapter_reference`). No cache and no second copy; the price is one no-grad forward per minibatch. Both
+kinds are a `ReferenceSums`: `reference(samples, batch)` -> float64 [S] sums of the minibatch's sides, which
+every rank calls for every minibatch (a dummy too: the adapter kind runs FSDP's collectives).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,13 +48,19 @@ import torch.distributed as torch_dist
 from torch import Tensor, nn
 
 from minitrain.atomic import atomic_write
-from minitrain.data.batch import collate
+from minitrain.data.batch import PackedMinibatch, collate
 from minitrain.data.packing import plan_minibatches
 from minitrain.data.store import TokenStore, fingerprint
 from minitrain.rundir import REFERENCE_KEY_FILE, REFERENCE_LOGPS_FILE
 from minitrain.train.dist import DistInfo, print0
 from minitrain.train.loop import StepResult
-from minitrain.train.preference import REFERENCE_FREE, pair_terms, segment_sums, token_weights
+from minitrain.train.preference import (
+    REFERENCE_FREE,
+    PairTerms,
+    pair_terms,
+    segment_sums,
+    token_weights,
+)
 
 # the per-step sums all-reduced once per step, in this order (each divided by the step's pairs when logged)
 METRIC_NAMES = (
@@ -74,6 +88,55 @@ class PreferenceObjective:
         return self.loss not in REFERENCE_FREE
 
 
+# reference(samples, batch) -> float64 [S]: the reference's summed log-probs of the minibatch's sides
+ReferenceSums = Callable[[list[int], PackedMinibatch], Tensor]
+
+
+def cached_reference(values: np.ndarray) -> ReferenceSums:
+    """The reference of a full fine-tuning run: a lookup into the sums computed before training."""
+
+    def lookup(samples: list[int], batch: PackedMinibatch) -> Tensor:
+        return torch.from_numpy(values[samples])
+
+    return lookup
+
+
+def adapter_reference(model: nn.Module, switch: Callable[[], AbstractContextManager]) -> ReferenceSums:
+    """The reference of an adapter run: the same model's no-grad forward inside `switch()` (the new adapter
+    off, `minitrain.train.adapters.reference_adapters`)."""
+
+    def run(samples: list[int], batch: PackedMinibatch) -> Tensor:
+        with switch():
+            sums, _ = sequence_logps(model, batch, len(samples))
+        return sums
+
+    return run
+
+
+def sequence_logps(model: nn.Module, batch: PackedMinibatch, num_samples: int) -> tuple[Tensor, Tensor]:
+    """(float64 [S] summed log-probs of each sequence's trained tokens, int64 [S] their counts) of a packed
+    minibatch, with no gradients and dropout off. Every rank calls it (S = 0: the dummy)."""
+    out = torch.zeros(num_samples, dtype=torch.float64)
+    counts = torch.zeros(num_samples, dtype=torch.int64)
+
+    def capture(rows: Tensor, ce: Tensor) -> Tensor:
+        nonlocal out, counts
+        if num_samples:
+            segment = _segments(rows, batch.cu_seqlens)
+            out = segment_sums(-ce, segment, num_samples)
+            counts = torch.bincount(segment, minlength=num_samples)
+        return torch.zeros_like(ce)
+
+    was_training = model.training
+    model.eval()  # dropout off: the reference is the model as it is
+    try:
+        with torch.no_grad():
+            model(batch, weigh=capture)
+    finally:
+        model.train(was_training)
+    return out, counts
+
+
 def sides(pairs: list[int]) -> list[int]:
     """Sample ids of the pairs' sides, chosen then rejected: [2p, 2p + 1 for p in pairs]."""
     return [s for p in pairs for s in (2 * p, 2 * p + 1)]
@@ -90,13 +153,13 @@ def preference_step(
     pairs: list[int],
     *,
     objective: PreferenceObjective,
-    reference: np.ndarray | None,
+    reference: ReferenceSums | None,
     dist: DistInfo,
     max_tokens_per_gpu: int,
 ) -> StepResult | None:
     """Forward/backward of one global batch of pairs on this rank (None: no pair fits the token budget).
 
-    `reference` float64 [2 * num_pairs]: the reference sums of every side (None for SimPO/ORPO).
+    `reference`: the reference sums of a minibatch's sides (None for SimPO/ORPO), called before its forward.
     """
     rank, world = dist.rank, dist.world_size
     lengths = store.pair_lengths[pairs].tolist()  # [B] tokens of both sides
@@ -110,9 +173,7 @@ def preference_step(
     for m, minibatch in enumerate(plan):
         samples = sides([pairs[i] for i in minibatch[rank]])
         batch = collate(store, samples)  # [] -> the zero-loss dummy, keeping FSDP's collectives in step
-        ref = None
-        if reference is not None and samples:
-            ref = torch.from_numpy(reference[samples]).to(dist.device)
+        ref = None if reference is None else reference(samples, batch).to(dist.device)  # no grad
         weigh = _pair_weigher(objective, batch.cu_seqlens, len(samples), ref, scale, totals)
         weighted = model(batch, weigh=weigh)  # sum_t w_t CE_t, its gradient the minibatch's share of the loss
         model.prepare_backward(last_minibatch=m == len(plan) - 1)
@@ -147,32 +208,41 @@ def _pair_weigher(
         counts = torch.bincount(segment, minlength=num_samples)  # [S] trained tokens per sequence
         with torch.enable_grad():
             sums = segment_sums(-ce, segment, num_samples).requires_grad_()  # [S] float64 log p sums
-            terms = pair_terms(
-                objective.loss,
-                chosen=sums[0::2], rejected=sums[1::2],
-                chosen_tokens=counts[0::2], rejected_tokens=counts[1::2],
-                ref_chosen=None if ref is None else ref[0::2],
-                ref_rejected=None if ref is None else ref[1::2],
-                beta=objective.beta, simpo_gamma=objective.simpo_gamma, sft_weight=objective.sft_weight,
-            )  # fmt: skip
+            terms = pair_objective(objective, sums, counts, ref)
             (grad,) = torch.autograd.grad(terms.loss.sum() * scale, sums)
-        logps = sums.detach()
-        totals.add_(
-            torch.stack(
-                [
-                    terms.loss.detach().sum(),
-                    terms.rewards_chosen.sum(),
-                    terms.rewards_rejected.sum(),
-                    terms.accuracies.sum(),
-                    terms.margins.sum(),
-                    logps[0::2].sum(),
-                    logps[1::2].sum(),
-                ]
-            ).to(totals.dtype)
-        )
+        totals.add_(metric_sums(terms, sums.detach()).to(totals.dtype))
         return token_weights(grad, segment)
 
     return weigh
+
+
+def pair_objective(
+    objective: PreferenceObjective, sums: Tensor, counts: Tensor, ref: Tensor | None
+) -> PairTerms:
+    """The objective per pair from the sides' sums [S] and trained-token counts [S] (chosen, rejected ...)."""
+    return pair_terms(
+        objective.loss,
+        chosen=sums[0::2], rejected=sums[1::2],
+        chosen_tokens=counts[0::2], rejected_tokens=counts[1::2],
+        ref_chosen=None if ref is None else ref[0::2],
+        ref_rejected=None if ref is None else ref[1::2],
+        beta=objective.beta, simpo_gamma=objective.simpo_gamma, sft_weight=objective.sft_weight,
+    )  # fmt: skip
+
+
+def metric_sums(terms: PairTerms, logps: Tensor) -> Tensor:
+    """[len(METRIC_NAMES)] sums over the pairs of `terms` of each metric (`logps` [S]: the sides' sums)."""
+    return torch.stack(
+        [
+            terms.loss.detach().sum(),
+            terms.rewards_chosen.sum(),
+            terms.rewards_rejected.sum(),
+            terms.accuracies.sum(),
+            terms.margins.sum(),
+            logps[0::2].sum(),
+            logps[1::2].sum(),
+        ]
+    )
 
 
 def reference_logps(
@@ -188,26 +258,13 @@ def reference_logps(
     n = store.num_pairs
     lengths = store.pair_lengths
     out = torch.zeros(2 * n, dtype=torch.float64, device=dist.device)
-    was_training = model.training
-    model.eval()  # dropout off: the reference is the model as it is
-
-    def capture(samples: list[int], cu_seqlens: Tensor) -> Callable[[Tensor, Tensor], Tensor]:
-        def weigh(rows: Tensor, ce: Tensor) -> Tensor:
+    for start in range(0, n, pairs_per_plan):
+        ids = list(range(start, min(n, start + pairs_per_plan)))
+        for minibatch in plan_minibatches(lengths[ids].tolist(), max_tokens_per_gpu, world):
+            samples = sides([ids[i] for i in minibatch[rank]])
+            sums, _ = sequence_logps(model, collate(store, samples), len(samples))
             if samples:
-                sums = segment_sums(-ce, _segments(rows, cu_seqlens), len(samples))
-                out[torch.tensor(samples, device=out.device)] = sums
-            return torch.zeros_like(ce)
-
-        return weigh
-
-    with torch.no_grad():
-        for start in range(0, n, pairs_per_plan):
-            ids = list(range(start, min(n, start + pairs_per_plan)))
-            for minibatch in plan_minibatches(lengths[ids].tolist(), max_tokens_per_gpu, world):
-                samples = sides([ids[i] for i in minibatch[rank]])
-                batch = collate(store, samples)
-                model(batch, weigh=capture(samples, batch.cu_seqlens))
-    model.train(was_training)
+                out[torch.tensor(samples, device=out.device)] = sums.to(out.device)
     if world > 1:
         torch_dist.all_reduce(out)
     result = out.cpu().numpy()
@@ -246,10 +303,12 @@ def load_or_compute_reference(
     dist: DistInfo,
     max_tokens_per_gpu: int,
     pairs_per_plan: int,
+    files: tuple[str, str] = (REFERENCE_LOGPS_FILE, REFERENCE_KEY_FILE),
 ) -> np.ndarray:
     """The reference sums: OUT/reference_logps.npy when its key matches (rank 0 reads, every rank gets it),
-    else computed now (`reference_logps`) and saved by rank 0. Call before loading a resumed state."""
-    npy, key_file = Path(output_dir) / REFERENCE_LOGPS_FILE, Path(output_dir) / REFERENCE_KEY_FILE
+    else computed now (`reference_logps`) and saved by rank 0. Call before loading a resumed state.
+    `files`: the (sums, key) file names in OUT (the eval set's are `EVAL_REFERENCE_*`)."""
+    npy, key_file = Path(output_dir) / files[0], Path(output_dir) / files[1]
     cached: list[Any] = [None]
     if dist.is_main and npy.is_file() and key_file.is_file():
         try:

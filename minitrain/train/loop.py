@@ -74,7 +74,7 @@ def train_loop(
     mfu: Callable[[Sequence[int], float], float] | None = None,
     state: TrainState | None = None,
     stop_flag: StopFlag | None = None,
-    evaluate: Callable[[], float] | None = None,
+    evaluate: Callable[[], dict[str, float]] | None = None,
     eval_every_samples: int | None = None,
     run_step: Callable[[list[int]], StepResult | None] | None = None,
 ) -> TrainState:
@@ -82,9 +82,10 @@ def train_loop(
 
     `model(batch)` returns the SUM of token cross-entropy over the minibatch's trained tokens. `mfu(lengths,
     seconds)` turns a step's real sample lengths and duration into model FLOPs utilisation (GPU only).
-    `evaluate()` returns the eval loss; it runs each time the samples seen pass a multiple of
-    `eval_every_samples`, and at the end. `run_step(indices)` does the forward/backward of a global batch
-    (default: `sft_step`; `--objective dpo`: `minitrain.train.dpo.preference_step` on pair indices).
+    `evaluate()` returns the eval metrics ({"eval_loss": ...}, more for dpo); it runs each time the samples
+    seen pass a multiple of `eval_every_samples`, and at the end. `run_step(indices)` does the
+    forward/backward of a global batch (default: `sft_step`; `--objective dpo`:
+    `minitrain.train.dpo.preference_step` on pair indices).
     """
     state = state or TrainState()
     device = dist.device
@@ -220,25 +221,26 @@ def sft_step(
 
 
 def _log_eval(
-    evaluate: Callable[[], float],
+    evaluate: Callable[[], dict[str, float]],
     state: TrainState,
     sampler: InfiniteSampler,
     metrics: MetricsWriter,
     display: ProgressDisplay,
 ) -> None:
-    """Measure the eval loss and log it as its own metrics line (step and samples seen say when)."""
-    eval_loss = evaluate()
+    """Measure the eval metrics and log them as their own metrics line (step and samples seen say when)."""
+    values = evaluate()
     state.last_eval_samples = state.samples_seen
     metrics.write(
         {
             "step": state.step,
-            "eval_loss": eval_loss,
+            **values,
             "total_samples_accumulated": state.samples_seen,
             "epoch": sampler.epochs_consumed,
             "timestamp": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
         }
     )
-    display.print(f"step {state.step}: eval_loss {eval_loss:.4f}")
+    shown = ("eval_loss", "eval_rewards/accuracies", "eval_rewards/margins")
+    display.print(f"step {state.step}: " + ", ".join(f"{k} {values[k]:.4f}" for k in shown if k in values))
 
 
 def _clip_grad_norm(model: nn.Module, max_norm: float) -> float:

@@ -23,7 +23,9 @@ in flight:
     mfu                        float  on GPU only: model FLOPs utilisation of real tokens (0..1)
 
 With an eval set, eval lines stand between the step lines: {step, eval_loss, total_samples_accumulated,
-epoch, timestamp}. A resumed run keeps the lines up to its checkpoint's step and appends after them.
+epoch, timestamp}; with `--objective dpo` also eval_rewards/chosen|rejected|accuracies|margins and
+eval_logps/chosen|rejected (`minitrain.train.evaluate.evaluate_pairs`). A resumed run keeps the lines up to
+its checkpoint's step and appends after them.
 
 Display: a rich progress bar on a terminal (step, epoch, loss, lr, tokens/s, samples, ETA when the run has a
 stop criterion), one plain line per step otherwise (logs, pipes: the same, with `step N/TOTAL` and an ETA from

@@ -36,7 +36,7 @@ from minitrain.train.dist import (
     print0,
     stop_if_any_rank_failed,
 )
-from minitrain.train.evaluate import evaluate, plan_eval
+from minitrain.train.evaluate import evaluate, evaluate_pairs, plan_eval, plan_pair_eval
 from minitrain.train.export import merge_host_bytes, save_hf_checkpoint
 from minitrain.train.faults import StopFlag, die_with_parent
 from minitrain.train.loop import StopRule, TrainState, train_loop
@@ -134,6 +134,9 @@ def _train(config: TrainConfig, dist: DistInfo, tokenizer_source: str | None) ->
     run_step = None  # the loop's SFT step
     if dpo:  # the reference is the initial model: before a resumed state is loaded
         run_step = _preference_step(config, model, store, dist)
+    evaluate_now = None  # (for dpo: the eval pairs' reference too, so also before)
+    if config.eval_data_path is not None:
+        evaluate_now = _evaluator(config, model, dist)
     if config.resume is not None:
         checkpoint = _resume_point(config, dist)
         sampler_state, counters = load_training_state(
@@ -176,24 +179,6 @@ def _train(config: TrainConfig, dist: DistInfo, tokenizer_source: str | None) ->
             counters=counters, dist=dist, keep_last=config.keep_last,
         )  # fmt: skip
         return path
-
-    evaluate_now = None
-    if config.eval_data_path is not None:
-        eval_plan = plan_eval(
-            TokenStore.open(config.eval_data_path),
-            max_tokens_per_gpu=config.max_tokens_per_gpu,
-            world_size=dist.world_size,
-        )
-        evaluate_now = functools.partial(evaluate, model, eval_plan, dist=dist)
-        print0(
-            dist,
-            f"eval set: {eval_plan.samples:,} samples, {eval_plan.loss_tokens:,} trained tokens"
-            + (
-                f" ({eval_plan.skipped} longer than --max-tokens-per-gpu skipped)"
-                if eval_plan.skipped
-                else ""
-            ),
-        )
 
     mfu = None
     peak = peak_flops_per_device(torch.cuda.get_device_name(dist.device)) if on_gpu else None
@@ -256,32 +241,83 @@ def _train(config: TrainConfig, dist: DistInfo, tokenizer_source: str | None) ->
 
 
 def _preference_step(config: TrainConfig, model: torch.nn.Module, store: TokenStore, dist: DistInfo):
-    """`--objective dpo`: the loop's step on pair indices, with the reference sums loaded or computed."""
-    from minitrain.train.dpo import (
-        PreferenceObjective,
-        load_or_compute_reference,
-        preference_step,
-        reference_key,
-    )
+    """`--objective dpo`: the loop's step on pair indices, with its reference (None for SimPO/ORPO): the
+    cached sums of the initial model (full fine-tuning), or the model with the new adapter off (adapters)."""
+    from minitrain.train.dpo import preference_step
 
-    objective = PreferenceObjective(
-        loss=config.preference_loss, beta=config.beta, simpo_gamma=config.simpo_gamma,
-        sft_weight=config.sft_weight,
-    )  # fmt: skip
+    objective = _objective(config)
     reference = None
     if objective.needs_reference:
-        key = reference_key(
-            data_path=config.data_path, model_name_or_path=config.model_name_or_path,
-            from_scratch=config.from_scratch, seed=config.seed, master_dtype=config.master_dtype,
-        )  # fmt: skip
-        reference = load_or_compute_reference(
-            model, store, output_dir=config.output_dir, key=key, dist=dist,
-            max_tokens_per_gpu=config.max_tokens_per_gpu, pairs_per_plan=config.batch_size,
-        )  # fmt: skip
+        reference = _reference(config, model, store, dist)
     return functools.partial(
         preference_step, model, store, objective=objective, reference=reference, dist=dist,
         max_tokens_per_gpu=config.max_tokens_per_gpu,
     )  # fmt: skip
+
+
+def _evaluator(config: TrainConfig, model: torch.nn.Module, dist: DistInfo):
+    """`evaluate()` -> the eval metrics of --eval-data-path (eval_loss; for dpo also eval_rewards/...). For
+    dpo with a reference, the eval pairs' reference is prepared here: before a resumed state is loaded."""
+    if config.objective != "dpo":
+        plan = plan_eval(
+            TokenStore.open(config.eval_data_path),
+            max_tokens_per_gpu=config.max_tokens_per_gpu,
+            world_size=dist.world_size,
+        )
+        skipped = f" ({plan.skipped} longer than --max-tokens-per-gpu skipped)" if plan.skipped else ""
+        print0(dist, f"eval set: {plan.samples:,} samples, {plan.loss_tokens:,} trained tokens{skipped}")
+        return lambda: {"eval_loss": evaluate(model, plan, dist=dist)}
+    from minitrain.rundir import EVAL_REFERENCE_KEY_FILE, EVAL_REFERENCE_LOGPS_FILE
+
+    store = TokenStore.open(config.eval_data_path, "dpo")
+    pair_plan = plan_pair_eval(
+        store, max_tokens_per_gpu=config.max_tokens_per_gpu, world_size=dist.world_size
+    )
+    skipped = f" ({pair_plan.skipped} longer than --max-tokens-per-gpu skipped)" if pair_plan.skipped else ""
+    print0(dist, f"eval set: {pair_plan.pairs:,} pairs{skipped}")
+    objective = _objective(config)
+    reference = None
+    if objective.needs_reference:
+        files = (EVAL_REFERENCE_LOGPS_FILE, EVAL_REFERENCE_KEY_FILE)
+        reference = _reference(config, model, store, dist, files=files)
+    return functools.partial(
+        evaluate_pairs, model, pair_plan, objective=objective, reference=reference, dist=dist
+    )
+
+
+def _objective(config: TrainConfig):
+    from minitrain.train.dpo import PreferenceObjective
+
+    return PreferenceObjective(
+        loss=config.preference_loss, beta=config.beta, simpo_gamma=config.simpo_gamma,
+        sft_weight=config.sft_weight,
+    )  # fmt: skip
+
+
+def _reference(config: TrainConfig, model: torch.nn.Module, store: TokenStore, dist: DistInfo, **kw):
+    """The DPO reference of `store`'s pairs (training or eval): computed per minibatch for an adapter run,
+    else loaded from (or computed once into) the run directory's cache."""
+    from minitrain.train.dpo import (
+        adapter_reference,
+        cached_reference,
+        load_or_compute_reference,
+        reference_key,
+    )
+
+    if config.lora_rank is not None:
+        from minitrain.train.adapters import base_adapter_names, reference_adapters
+
+        base_names = base_adapter_names(len(config.base_adapters))
+        return adapter_reference(model, functools.partial(reference_adapters, model.lm, base_names))
+    key = reference_key(
+        data_path=store.path, model_name_or_path=config.model_name_or_path,
+        from_scratch=config.from_scratch, seed=config.seed, master_dtype=config.master_dtype,
+    )  # fmt: skip
+    values = load_or_compute_reference(
+        model, store, output_dir=config.output_dir, key=key, dist=dist,
+        max_tokens_per_gpu=config.max_tokens_per_gpu, pairs_per_plan=config.batch_size, **kw,
+    )  # fmt: skip
+    return cached_reference(values)
 
 
 def _build_model(

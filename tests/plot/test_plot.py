@@ -297,6 +297,43 @@ def test_default_panels_put_eval_loss_with_loss(tmp_path):
     ]
 
 
+def dpo_rows(n: int, *, eval_every: int = 0) -> list[dict]:
+    """Rows of a `--objective dpo` run: the step keys plus rewards/..., eval rows with eval_rewards/..."""
+    rows = metrics_rows(n, eval_every=eval_every)
+    for row in rows:
+        step = row["step"]
+        if "loss" in row:
+            row.update({"rewards/margins": step / 10, "rewards/accuracies": min(1.0, 0.5 + step / 40)})
+        else:
+            row.update({"eval_rewards/margins": step / 20, "eval_rewards/accuracies": 0.25 + step / 100})
+    return rows
+
+
+def test_a_preference_run_gets_margins_and_accuracies_after_the_loss(tmp_path):
+    dpo = run_dir(tmp_path, "dpo", dpo_rows(20, eval_every=5))
+    sft = run_dir(tmp_path, "sft", metrics_rows(20, eval_every=5))
+    want = ["loss", "rewards/margins", "rewards/accuracies", *DEFAULT_METRICS[1:]]
+    c = curves([dpo, sft])
+    assert [p.metric for p in c.panels] == want
+    panels = {p.metric: p for p in c.panels}
+    assert [(ln.run, ln.metric) for ln in panels["rewards/margins"].lines] == [
+        ("dpo", "rewards/margins"),
+        ("dpo", "eval_rewards/margins"),  # the eval pairs' margins on the same panel, as eval_loss on loss
+    ]
+    assert panels["rewards/margins"].lines[0].y.tolist() == [s / 10 for s in range(1, 21)]
+    assert panels["rewards/accuracies"].lines[1].y.tolist() == [0.3, 0.35, 0.4, 0.45]
+    assert panels["rewards/accuracies"].lines[1].is_eval and c.eval_legend() == "eval_*"
+    # an SFT run alone keeps its panels and legend
+    alone = curves([sft])
+    assert [p.metric for p in alone.panels] == list(DEFAULT_METRICS) and alone.eval_legend() == "eval_loss"
+    # the terminal and the image draw the new panels
+    lines = render(plot(PlotConfig(runs=(dpo,))).terminal).splitlines()
+    assert all(any(line.strip() == metric for line in lines) for metric in want)
+    assert "● eval_*" in lines[0]
+    figure = plot(PlotConfig(runs=(dpo,), output=tmp_path / "dpo.png")).figure
+    assert [ax.get_title() for ax in figure.axes] == want
+
+
 def test_decimate_keeps_the_envelope_in_order():
     rng = np.random.default_rng(0)
     x = np.arange(100_003, dtype=float)

@@ -12,6 +12,7 @@ same per-step losses; a few steps move the margins up; a resumed run reads the c
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 import subprocess
@@ -23,11 +24,31 @@ import orjson
 import pytest
 import torch
 import torch.nn.functional as F
+from peft import PeftModel
 
+from minitrain.config import LoraSettings
+from minitrain.data.batch import collate
 from minitrain.data.store import TokenStore
-from minitrain.train.dpo import PreferenceObjective, preference_step, reference_logps
+from minitrain.train.adapters import (
+    CPU_QLORA_ENV,
+    add_adapters,
+    base_adapter_names,
+    reference_adapters,
+    save_adapter,
+)
+from minitrain.train.dpo import (
+    PreferenceObjective,
+    adapter_reference,
+    cached_reference,
+    preference_step,
+    reference_logps,
+    sequence_logps,
+    sides,
+)
+from minitrain.train.evaluate import evaluate_pairs, plan_pair_eval
 from minitrain.train.model import CausalLMWithLoss
 from tests.conftest import tiny_llama_config
+from tests.train.test_adapters import randomize_new_adapter
 from tests.train.test_model import CPU1, build_lm, grads
 
 VOCAB = 128
@@ -127,7 +148,7 @@ def test_step_loss_rewards_and_gradients_equal_the_textbook_computation(pairs_st
     )
     objective = PreferenceObjective(loss=kind, beta=0.3, simpo_gamma=0.4, sft_weight=sft_weight)
     pairs = [5, 0, 3, 7, 1, 2]
-    ref = None if kind in ("simpo", "orpo") else reference
+    ref = None if kind in ("simpo", "orpo") else cached_reference(reference)
     budget = int(pairs_store.pair_lengths.max())  # every pair fits, a few per minibatch
     result = preference_step(
         model, pairs_store, pairs, objective=objective, reference=ref, dist=CPU1, max_tokens_per_gpu=budget
@@ -164,6 +185,78 @@ def test_step_loss_rewards_and_gradients_equal_the_textbook_computation(pairs_st
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-7, msg=name)
     assert any(g.abs().max() > 0 for g in want.values())  # a real gradient was compared
+
+
+def save_sft_adapter(path: Path) -> Path:
+    """A LoRA adapter with real (non-zero) weights on the tiny base: an SFT adapter to stack a DPO one on."""
+    settings = LoraSettings(rank=4, target_modules=("q_proj", "v_proj", "down_proj"))
+    model = add_adapters(build_lm(vocab_size=VOCAB), settings)
+    randomize_new_adapter(model, seed=1)
+    save_adapter(model, model.state_dict(), path, settings)
+    return path
+
+
+@pytest.mark.parametrize("stacked", [False, True], ids=["lora", "stacked"])
+def test_the_adapter_reference_is_the_model_without_the_new_adapter(pairs_store, tmp_path, stacked):
+    base = (save_sft_adapter(tmp_path / "sft"),) if stacked else ()
+    peft = add_adapters(build_lm(vocab_size=VOCAB), LoraSettings(rank=4, base_adapters=base))
+    randomize_new_adapter(peft, seed=2)  # a trained DPO adapter: the policy is not its reference
+    flags = {name: p.requires_grad for name, p in peft.named_parameters()}
+    model = CausalLMWithLoss(peft, use_liger=False, chunk_size=5)
+    switch = functools.partial(reference_adapters, peft, base_adapter_names(len(base)))
+    samples = sides([0, 3, 5])  # three pairs packed into one minibatch
+    batch = collate(pairs_store, samples)
+    got = adapter_reference(model, switch)(samples, batch)
+
+    # obviously right: a fresh base model (plus the SFT adapter, loaded by PEFT itself), each side alone
+    lm = build_lm(vocab_size=VOCAB)
+    reference = PeftModel.from_pretrained(lm, str(base[0])) if stacked else lm
+    with torch.no_grad():
+        want = [_seq_logp(reference, pairs_store, s).item() for s in samples]
+        policy = [_seq_logp(peft, pairs_store, s).item() for s in samples]
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-6)
+    # afterwards the new adapter is on again and only it trains
+    assert {name: p.requires_grad for name, p in peft.named_parameters()} == flags
+    np.testing.assert_allclose(sequence_logps(model, batch, len(samples))[0].numpy(), policy, rtol=1e-6)
+    assert np.abs(np.subtract(policy, want)).max() > 1e-3  # the new adapter matters: the test can fail
+
+
+def _direct_eval(policy, reference, store: TokenStore, pairs: list[int], kind: str, beta: float) -> dict:
+    """The eval metrics written out: each side alone, the textbook formula, plain means over `pairs`."""
+    rows = []
+    with torch.no_grad():
+        for p in pairs:
+            c, r = 2 * p, 2 * p + 1
+            pc, pr = _seq_logp(policy, store, c), _seq_logp(policy, store, r)
+            rc, rr = reference(c), reference(r)
+            nc, nr = int(store.num_trained[c]), int(store.num_trained[r])
+            loss, wc, wr = (t.item() for t in _textbook(kind, pc, pr, rc, rr, nc, nr, beta, 0.5, 0.0))
+            rows.append([loss, wc, wr, float(wc > wr), wc - wr, pc.item(), pr.item()])
+    names = ["loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins"]
+    names += ["logps/chosen", "logps/rejected"]
+    return {f"eval_{n}": v for n, v in zip(names, np.mean(rows, axis=0), strict=True)}
+
+
+@pytest.mark.parametrize("kind", ["sigmoid", "simpo"])
+def test_eval_on_pairs_equals_the_direct_computation(pairs_store, kind):
+    lm = build_lm(vocab_size=VOCAB)
+    model = CausalLMWithLoss(lm, use_liger=False, chunk_size=5)
+    shift = np.random.default_rng(1).uniform(-3, 3, size=len(pairs_store))
+    values = reference_logps(model, pairs_store, dist=CPU1, max_tokens_per_gpu=4096, pairs_per_plan=8) + shift
+    longest = int(np.argmax(pairs_store.pair_lengths))
+    budget = int(np.sort(pairs_store.pair_lengths)[-2])  # the longest pair does not fit: skipped, counted
+    assert pairs_store.pair_lengths[longest] > budget
+    plan = plan_pair_eval(pairs_store, max_tokens_per_gpu=budget, world_size=1)
+    assert len(plan.plan) > 1 and plan.skipped == 1 and plan.pairs == NUM_PAIRS - 1
+    reference = None if kind == "simpo" else cached_reference(values)
+    objective = PreferenceObjective(loss=kind, beta=0.3)
+    got = evaluate_pairs(model, plan, objective=objective, reference=reference, dist=CPU1)
+    pairs = [p for p in range(NUM_PAIRS) if p != longest]
+    want = _direct_eval(lm, lambda s: torch.tensor(values[s]), pairs_store, pairs, kind, 0.3)
+    assert got.keys() == want.keys()
+    for key in want:
+        assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-6), key  # fp32 token log-probs
+    assert 0 < want["eval_rewards/accuracies"] < 1  # the numbers compared are not trivial
 
 
 # ----------------------------------------------------------------------------------- through the CLI
@@ -253,3 +346,66 @@ def test_the_reference_is_cached_beside_the_run_and_reused_on_resume(runs):
     rows = _metrics(run)
     assert [r["step"] for r in rows] == list(range(1, STEPS + 3))
     assert np.array_equal(np.load(run / "reference_logps.npy"), cached)
+
+
+@pytest.fixture(scope="module")
+def adapter_runs(tmp_path_factory) -> dict[str, Path]:
+    """DPO runs of a saved tiny model through the CLI: LoRA (2 ranks, eval pairs), a DPO adapter stacked on an
+    SFT adapter (2 ranks), QLoRA on bitsandbytes' CPU backend (1 rank), full fine-tuning (2 ranks, eval)."""
+    root = tmp_path_factory.mktemp("dpo_adapter_runs")
+    data = write_pairs(root / "pairs.jsonl", num=NUM_PAIRS, vocab=VOCAB, seed=11)
+    write_pairs(root / "eval.jsonl", num=6, vocab=VOCAB, seed=12)
+    model = root / "model"
+    build_lm(vocab_size=VOCAB).save_pretrained(model)  # the base the SFT adapter was made on
+    sft = save_sft_adapter(root / "sft")
+    out = {name: root / name for name in ("lora", "stacked", "qlora", "full")}
+    full = [sys.executable, "-m", "minitrain", *_args(data, model, Path("."), 4096)]
+    full = [a for a in full if a != "--from-scratch"]
+    common = [*full, "--lora-rank", "4", "--learning-rate", "5e-2"]
+    evaluated = ["--eval-data-path", str(root / "eval.jsonl"), "--eval-every-samples", "8"]
+    _run([*common, *evaluated, "--output-dir", str(out["lora"]), "--nproc", "2"], root)
+    _run([*full, *evaluated, "--output-dir", str(out["full"]), "--nproc", "2"], root)
+    _run([*common, "--output-dir", str(out["stacked"]), "--nproc", "2", "--base-adapter", str(sft)], root)
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv(CPU_QLORA_ENV, "1")
+        _run([*common, "--output-dir", str(out["qlora"]), "--nproc", "1", "--load-in-4bit"], root)
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["lora", "stacked", "qlora"])
+def test_adapter_runs_start_at_ln2_with_zero_rewards_and_learn(adapter_runs, name):
+    rows = [r for r in _metrics(adapter_runs[name]) if "loss" in r]  # step lines (lora has eval lines too)
+    assert len(rows) == STEPS
+    # LoRA B starts at 0: the policy IS the reference (stacked: base + SFT adapter, which is not the base)
+    assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins"):
+        assert abs(rows[0][key]) < 1e-6, key
+    assert rows[-1]["loss"] < rows[0]["loss"]
+    assert rows[-1]["rewards/margins"] > 0
+    assert not (adapter_runs[name] / "reference_logps.npy").exists()  # per minibatch, no cache
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["lora", "full"])
+def test_eval_pairs_of_a_run_equal_the_direct_computation_with_its_final_weights(adapter_runs, name):
+    from transformers import AutoModelForCausalLM
+
+    run = adapter_runs[name]
+    evals = [r for r in _metrics(run) if "eval_loss" in r]
+    assert [r["total_samples_accumulated"] for r in evals] == [8, 16, 24]  # pairs
+    final = max((run / "hf_format").glob("samples_*"), key=lambda p: int(p.name.split("_")[1]))
+    base = run.parent / "model"
+    initial = AutoModelForCausalLM.from_pretrained(base).eval()
+    if name == "lora":
+        policy = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), str(final)).eval()
+    else:
+        policy = AutoModelForCausalLM.from_pretrained(final).eval()
+    store = TokenStore.open(run.parent / "eval.jsonl", "dpo")
+    with torch.no_grad():
+        reference = [_seq_logp(initial, store, s) for s in range(len(store))]
+    want = _direct_eval(policy, reference.__getitem__, store, list(range(store.num_pairs)), "sigmoid", 0.1)
+    for key, value in want.items():
+        assert evals[-1][key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+    assert evals[-1]["eval_rewards/margins"] != pytest.approx(0, abs=1e-4)  # the policy moved away
+    assert (run / "eval_reference_logps.npy").exists() == (name == "full")  # adapters: per minibatch
