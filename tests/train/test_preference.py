@@ -110,9 +110,9 @@ def test_weighted_token_surrogate_has_the_objectives_gradient(kind: str) -> None
     ce = (torch.rand(int(sum(lengths)), generator=g, dtype=torch.float64) * 3 + 0.05).requires_grad_()
     ref = -torch.rand(len(lengths), generator=g, dtype=torch.float64) * 20
 
-    def objective(token_ce: torch.Tensor) -> torch.Tensor:
-        sums = segment_sums(-token_ce, segment, len(lengths))  # log p = -CE
-        counts = torch.tensor(lengths)
+    counts = torch.tensor(lengths)
+
+    def mean_loss(sums: torch.Tensor) -> torch.Tensor:  # the objective of 3 pairs from 6 sequence sums
         terms = pair_terms(
             kind,
             chosen=sums[0::2],
@@ -126,23 +126,10 @@ def test_weighted_token_surrogate_has_the_objectives_gradient(kind: str) -> None
         )
         return terms.loss.sum() / 3
 
-    (direct,) = torch.autograd.grad(objective(ce), ce)
+    # log p = -CE: autograd through the sums, straight to the token CEs
+    (direct,) = torch.autograd.grad(mean_loss(segment_sums(-ce, segment, len(lengths))), ce)
     sums = segment_sums(-ce.detach(), segment, len(lengths)).requires_grad_()
-    counts = torch.tensor(lengths)
-    loss = (
-        pair_terms(
-            kind,
-            chosen=sums[0::2],
-            rejected=sums[1::2],
-            chosen_tokens=counts[0::2],
-            rejected_tokens=counts[1::2],
-            ref_chosen=ref[0::2],
-            ref_rejected=ref[1::2],
-            beta=0.2,
-            sft_weight=0.3,
-        ).loss.sum()
-        / 3
-    )
+    loss = mean_loss(sums)
     (sums_grad,) = torch.autograd.grad(loss, sums)
     c = token_weights(sums_grad, segment)
     (surrogate,) = torch.autograd.grad((c * ce).sum(), ce)
