@@ -93,8 +93,8 @@ def read_sidecar(out: Path) -> dict[str, Any] | None:
     return meta
 
 
-def parse_sample(raw: bytes, path: Path, line: int) -> dict[str, Any]:
-    """One line of a tokenized file, checked for the required keys; errors name `FILE:LINE`."""
+def _parse_object(raw: bytes, path: Path, line: int) -> dict[str, Any]:
+    """One line of a tokenized file as a JSON object; errors name `FILE:LINE`."""
     try:
         sample = orjson.loads(raw)
     except orjson.JSONDecodeError as err:
@@ -105,6 +105,12 @@ def parse_sample(raw: bytes, path: Path, line: int) -> dict[str, Any]:
         raise UserError(
             f"{path}:{line}: expected a JSON object, got {type(sample).__name__}; fix or delete that line"
         )
+    return sample
+
+
+def parse_sample(raw: bytes, path: Path, line: int) -> dict[str, Any]:
+    """One line of a tokenized file, checked for the required keys; errors name `FILE:LINE`."""
+    sample = _parse_object(raw, path, line)
     missing = [k for k in ("input_ids", "labels") if k not in sample]
     if missing and all(isinstance(sample.get(k), dict) for k in SIDE_KEYS):
         raise UserError(
@@ -154,16 +160,7 @@ def check_kind(path: Path, meta: dict[str, Any] | None, objective: str) -> None:
 
 def parse_pair(raw: bytes, path: Path, line: int) -> dict[str, Any]:
     """One line of a preference file, checked for both sides and `prompt_len`; errors name `FILE:LINE`."""
-    try:
-        pair = orjson.loads(raw)
-    except orjson.JSONDecodeError as err:
-        raise UserError(
-            f"{path}:{line}: malformed JSON ({err}); fix or delete that line, or re-run `minitrain tokenize`"
-        ) from None
-    if not isinstance(pair, dict):
-        raise UserError(
-            f"{path}:{line}: expected a JSON object, got {type(pair).__name__}; fix or delete that line"
-        )
+    pair = _parse_object(raw, path, line)
     if "input_ids" in pair:
         raise UserError(
             f"{path}:{line}: an SFT sample, not a preference pair; tokenize prompt/chosen/rejected lines "
