@@ -8,7 +8,7 @@ and which ones, trained tokens per step, and - when the model's config.json is r
 rank of parameters, gradients and AdamW state for fp32 / bf16 master weights under FULL_SHARD / NO_SHARD.
 With `report_path` the per-step plan is written as JSON (sample ids per rank per minibatch).
 
-The memory follows what training holds (`estimate_memory`):
+The memory follows what training holds (`estimate_memory`, a table of `memory.state_bytes`):
   full   every parameter in the master dtype with its gradient and two AdamW states, sharded (FULL_SHARD:
          / ranks; NO_SHARD: whole).
   lora   the base frozen in the master dtype (no gradient, no AdamW state), sharded the same way; the
@@ -46,6 +46,7 @@ from minitrain.data.store import TokenStore
 from minitrain.errors import UserError
 from minitrain.train.memory import (
     GIB,
+    NF4_BYTES_PER_WEIGHT,
     ModelShape,
     RankPlan,
     block_linear_weights,
@@ -55,12 +56,10 @@ from minitrain.train.memory import (
     lora_parameters,
     model_shape,
     num_experts,
+    state_bytes,
 )
 
 MAX_LISTED_DROPS = 1000  # dropped samples listed in the report (all are counted)
-# NF4 with double quantization: 4 bits a weight + an 8-bit absmax per 64 weights + an fp32 scale per 256
-# absmax blocks = 4 + 8/64 + 32/16384 bits = 0.516 bytes
-NF4_BYTES_PER_WEIGHT = (4 + 8 / 64 + 32 / (64 * 256)) / 8
 
 
 @dataclass
@@ -133,37 +132,32 @@ def estimate_memory(
     whole on every rank (QLoRA). Each row splits params_gib into trainable_gib (the trained weights),
     frozen_gib (the frozen base in the master dtype) and nf4_gib.
     """
-    gib = 1024**3
     mode = "full" if trainable_params is None else "qlora" if nf4_params else "lora"
-    trainable = num_params if trainable_params is None else trainable_params
-    frozen = 0 if trainable_params is None else num_params - nf4_params
     out: dict[str, Any] = {
         "mode": mode,
         "num_params": num_params,
-        "trainable_params": trainable,
-        "frozen_params": frozen,
+        "trainable_params": num_params if trainable_params is None else trainable_params,
+        "frozen_params": 0 if trainable_params is None else num_params - nf4_params,
         "nf4_params": nf4_params,
         "rows": [],
     }
-    nf4 = nf4_params * NF4_BYTES_PER_WEIGHT / gib  # replicated: never divided by the ranks
     for master, nbytes in (("fp32", 4), ("bf16", 2)):
         for strategy, shards in (("FULL_SHARD", world_size), ("NO_SHARD", 1)):
-            trained = trainable * nbytes / shards / gib
-            frozen_gib = frozen * nbytes / shards / gib
-            params = trained + frozen_gib + nf4
-            grads = trained
-            optim = 2 * trained
+            state = state_bytes(
+                num_params, shards, nbytes, trainable_params=trainable_params, nf4_params=nf4_params
+            )
+            gib = {k: v / GIB for k, v in state.items()}
             out["rows"].append(
                 {
                     "master_dtype": master,
                     "strategy": strategy,
-                    "params_gib": params,
-                    "trainable_gib": trained,
-                    "frozen_gib": frozen_gib,
-                    "nf4_gib": nf4,
-                    "grads_gib": grads,
-                    "optimizer_gib": optim,
-                    "total_gib": params + grads + optim,
+                    "params_gib": gib["weights"],
+                    "trainable_gib": gib["trainable"],
+                    "frozen_gib": gib["frozen"],
+                    "nf4_gib": gib["nf4"],
+                    "grads_gib": gib["grads"],
+                    "optimizer_gib": gib["optimizer"],
+                    "total_gib": gib["weights"] + gib["grads"] + gib["optimizer"],
                 }
             )
     return out

@@ -42,7 +42,9 @@ from minitrain.errors import UserError
 if TYPE_CHECKING:
     from minitrain.config import TrainConfig
 
-NF4_BYTES_PER_WEIGHT = (4 + 8 / 64 + 32 / (64 * 256)) / 8  # 4-bit weights + double-quantised scales
+# NF4 with double quantization: 4 bits a weight + an 8-bit absmax per 64 weights + an fp32 scale per 256
+# absmax blocks = 4 + 8/64 + 32/16384 bits = 0.516 bytes
+NF4_BYTES_PER_WEIGHT = (4 + 8 / 64 + 32 / (64 * 256)) / 8
 GIB = 1024**3
 
 
@@ -108,6 +110,36 @@ class MemoryEstimate:
         return self.total / GIB
 
 
+def state_bytes(
+    num_params: int,
+    shards: int,
+    master_bytes: int,
+    *,
+    trainable_params: int | None = None,
+    nf4_params: int = 0,
+) -> dict[str, int]:
+    """Bytes per rank of what training holds between steps, by part.
+
+    `trainable_params` None is full fine-tuning; else the base is frozen in the master dtype (no gradient, no
+    AdamW state) and only the adapter trains. `nf4_params` of the base are NF4 weights held whole on every
+    rank (QLoRA). Parts: trainable, frozen and nf4 weights, their sum `weights`, `grads` (sharded, trained
+    weights only) and `optimizer` (AdamW's two moments).
+    """
+    trained = num_params if trainable_params is None else trainable_params
+    frozen = 0 if trainable_params is None else num_params - nf4_params
+    parts = {
+        "trainable": trained * master_bytes // shards,
+        "frozen": frozen * master_bytes // shards,
+        "nf4": int(nf4_params * NF4_BYTES_PER_WEIGHT),  # replicated: never divided by the ranks
+    }
+    return {
+        **parts,
+        "weights": sum(parts.values()),
+        "grads": parts["trainable"],
+        "optimizer": 2 * parts["trainable"],
+    }
+
+
 def estimate_peak(shape: ModelShape, plan: RankPlan) -> MemoryEstimate:
     """Bytes per part at the peak of a step on one rank (see the module docstring), and their total.
 
@@ -123,13 +155,11 @@ def estimate_peak(shape: ModelShape, plan: RankPlan) -> MemoryEstimate:
     m, c, t, s = plan.master_bytes, plan.compute_bytes, plan.tokens, plan.shards
     h, v = shape.hidden, shape.vocab
     full = plan.trainable_params is None
-    trained = shape.num_params if full else plan.trainable_params
-    frozen = 0 if full else shape.num_params - plan.nf4_params
-    static = {
-        "weights": (trained + frozen) * m // s + int(plan.nf4_params * NF4_BYTES_PER_WEIGHT),
-        "optimizer": 2 * trained * m // s,
-    }
-    sharded_grads = trained * m // s
+    state = state_bytes(
+        shape.num_params, s, m, trainable_params=plan.trainable_params, nf4_params=plan.nf4_params
+    )
+    static = {"weights": state["weights"], "optimizer": state["optimizer"]}
+    sharded_grads = state["grads"]
     copies = s > 1 or c != m  # FSDP2 gathers into separate buffers (a world of one in fp32 computes in place)
     block = shape.block_params
     per_layer = shape.activation_bytes_per_token_layer(c)

@@ -21,8 +21,13 @@ from rich.console import Console
 from minitrain.data.packing import plan_minibatches
 from minitrain.data.sampler import InfiniteSampler
 from minitrain.errors import UserError
-from minitrain.train.dryrun import NF4_BYTES_PER_WEIGHT, dry_run, render_dry_run
-from minitrain.train.memory import block_linear_weights, count_parameters, lora_parameters
+from minitrain.train.dryrun import dry_run, render_dry_run
+from minitrain.train.memory import (
+    NF4_BYTES_PER_WEIGHT,
+    block_linear_weights,
+    count_parameters,
+    lora_parameters,
+)
 from tests.conftest import tiny_llama_config
 from tests.data.test_store import make_samples, write_tokenized
 
