@@ -103,6 +103,8 @@ def save_hf_checkpoint(
     tokenizer_source: str | None,
     adapter: LoraSettings | None = None,
     merge_adapter: bool = False,
+    folder: Path | None = None,
+    extra_files: dict[str, bytes] | None = None,
 ) -> Path:
     """Write `model`'s weights (sharded or not) as a Hugging Face checkpoint; every rank must call this.
 
@@ -110,9 +112,11 @@ def save_hf_checkpoint(
     `save_pretrained` are used). With `adapter`, `lm` is a PEFT model and the folder holds the new adapter
     in PEFT's format instead (`PeftModel.from_pretrained(base, folder)`), plus, with `merge_adapter`, the
     base model with every adapter merged in under `merged/` (`AutoModelForCausalLM.from_pretrained`).
+    `folder` replaces the default OUT/hf_format/samples_<N> (`--save-best-val-loss`: OUT/hf_format/best) and
+    `extra_files` (name -> bytes) are written into it with the weights, so they are replaced together.
     Returns the checkpoint folder.
     """
-    final = checkpoint_dir(output_dir, samples)
+    final = checkpoint_dir(output_dir, samples) if folder is None else Path(folder)
     if adapter is None:  # cast tensor by tensor while gathering: one copy, in the export dtype
         state = gather_full_state_dict_as(model, dtype)
     else:  # the adapter alone (small), or the whole model in the master dtype to merge into (--merge-lora)
@@ -134,13 +138,25 @@ def save_hf_checkpoint(
                 )
                 _copy_tokenizer(tokenizer_source, tmp / "merged")
         _copy_tokenizer(tokenizer_source, tmp)
-        if final.exists():  # the same sample count saved twice (e.g. final save right after a periodic one)
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        for name, data in (extra_files or {}).items():
+            (tmp / name).write_bytes(data)
+        replace_folder(tmp, final)
     del state
     if torch_dist.is_initialized():
         torch_dist.barrier()
     return final
+
+
+def replace_folder(new: Path, final: Path) -> None:
+    """Move the complete folder `new` to `final`; an existing `final` (the same sample count saved twice, or
+    hf_format/best improved) is first renamed aside and removed only after `new` is in place, so `final`, when
+    it exists, is always one whole export, the old or the new."""
+    old = final.with_name(f".{final.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(new, final)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _save_pretrained(lm: nn.Module, path: Path, state: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
