@@ -49,6 +49,7 @@ class TokenizeConfig:
     system_role: tuple[str, ...] = ()  # ... system
     train_on: str = "all"  # "all" assistant turns, or the "last" one only
     split_turns: bool = False  # one sample per trained assistant turn, each rendered as at inference
+    trust_remote_code: bool = False  # let the tokenizer repository's own code run (AutoTokenizer)
 
     def __post_init__(self) -> None:
         _check_tokenize_input(self)
@@ -483,9 +484,7 @@ def _check_eval(config: TrainConfig) -> None:
     has_eval = config.eval_data_path is not None or split is not None
     if config.eval_every_samples is not None:
         if not has_eval:
-            raise UserError(
-                "--eval-every-samples needs --eval-data-path TOK.jsonl or --validation-split F"
-            )
+            raise UserError("--eval-every-samples needs --eval-data-path TOK.jsonl or --validation-split F")
         _positive("--eval-every-samples", config.eval_every_samples)
     if config.save_best_val_loss and not has_eval:
         raise UserError(

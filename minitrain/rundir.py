@@ -230,7 +230,8 @@ def run_files(out_dir: Path) -> list[Path]:
         found += [
             p
             for p in exports.iterdir()
-            if p.is_dir() and (_NAME.fullmatch(p.name) or _EXPORT_TMP.fullmatch(p.name) or p.name == BEST_EXPORT)
+            if p.is_dir()
+            and (_NAME.fullmatch(p.name) or _EXPORT_TMP.fullmatch(p.name) or p.name == BEST_EXPORT)
         ]
     return sorted(found)
 

@@ -34,7 +34,7 @@ def epoch_permutation(num_samples: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(num_samples)
 
 
-VALIDATION_STREAM = 0x76616C69  # the held-out draw's RNG key beside the seed, apart from the epochs' [seed, e]
+VALIDATION_STREAM = 0x76616C69  # the held-out draw's RNG key beside the seed (epochs use [seed, e])
 
 
 def split_validation(num_samples: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -105,6 +105,7 @@ def save_hf_checkpoint(
     merge_adapter: bool = False,
     folder: Path | None = None,
     extra_files: dict[str, bytes] | None = None,
+    trust_remote_code: bool = False,
 ) -> Path:
     """Write `model`'s weights (sharded or not) as a Hugging Face checkpoint; every rank must call this.
 
@@ -136,8 +137,8 @@ def save_hf_checkpoint(
                 _save_pretrained(
                     lm.get_base_model(), tmp / "merged", {k: v.to(dtype) for k, v in merged.items()}, dtype
                 )
-                _copy_tokenizer(tokenizer_source, tmp / "merged")
-        _copy_tokenizer(tokenizer_source, tmp)
+                _copy_tokenizer(tokenizer_source, tmp / "merged", trust_remote_code)
+        _copy_tokenizer(tokenizer_source, tmp, trust_remote_code)
         for name, data in (extra_files or {}).items():
             (tmp / name).write_bytes(data)
         replace_folder(tmp, final)
@@ -176,7 +177,7 @@ def _save_pretrained(lm: nn.Module, path: Path, state: dict[str, torch.Tensor], 
             hf_logging.enable_progress_bar()
 
 
-def _copy_tokenizer(source: str | None, dest: Path) -> None:
+def _copy_tokenizer(source: str | None, dest: Path, trust_remote_code: bool = False) -> None:
     """Tokenizer files beside the weights: copied from a folder, or saved from a Hub id's cached tokenizer."""
     if source is None:
         return
@@ -188,4 +189,4 @@ def _copy_tokenizer(source: str | None, dest: Path) -> None:
         return
     from transformers import AutoTokenizer
 
-    AutoTokenizer.from_pretrained(source).save_pretrained(dest)
+    AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code).save_pretrained(dest)

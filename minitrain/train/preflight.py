@@ -129,11 +129,14 @@ def preflight(config: TrainConfig, inputs: Inputs | None = None) -> Preflight:
     vocab_size = model_vocab_size(config.model_name_or_path, trust_remote_code=config.trust_remote_code)
     store = inputs.store
     _check_vocab(store, label=str(config.data_path), config=config, vocab_size=vocab_size)
-    check_tokenizer_matches(store.meta, config.model_name_or_path, config.data_path)
+    remote = config.trust_remote_code
+    check_tokenizer_matches(store.meta, config.model_name_or_path, config.data_path, trust_remote_code=remote)
     if inputs.eval_store is not None:
         label = f"--eval-data-path {config.eval_data_path}"
         _check_vocab(inputs.eval_store, label=label, config=config, vocab_size=vocab_size)
-        check_tokenizer_matches(inputs.eval_store.meta, config.model_name_or_path, config.eval_data_path)
+        check_tokenizer_matches(
+            inputs.eval_store.meta, config.model_name_or_path, config.eval_data_path, trust_remote_code=remote
+        )
     gpu = torch.cuda.is_available()
     if config.load_in_4bit:
         from minitrain.train.adapters import require_qlora
@@ -259,7 +262,9 @@ def tokenizer_source(model_name_or_path: str, meta: dict | None) -> str | None:
     return str(recorded) if recorded and Path(recorded).is_dir() else None
 
 
-def check_tokenizer_matches(meta: dict | None, model_name_or_path: str, data_path: Path) -> None:
+def check_tokenizer_matches(
+    meta: dict | None, model_name_or_path: str, data_path: Path, *, trust_remote_code: bool = False
+) -> None:
     """Refuse data tokenized with another tokenizer than the model's (when both fingerprints are known)."""
     recorded = ((meta or {}).get("tokenizer") or {}).get("fingerprint")
     if not recorded:
@@ -272,7 +277,7 @@ def check_tokenizer_matches(meta: dict | None, model_name_or_path: str, data_pat
     from minitrain.data.chat import tokenizer_fingerprint
 
     try:
-        tokenizer = load_tokenizer(model_name_or_path)
+        tokenizer = load_tokenizer(model_name_or_path, trust_remote_code=trust_remote_code)
     except UserError:
         return  # no tokenizer beside the model: nothing to compare with
     actual = tokenizer_fingerprint(tokenizer)

@@ -149,7 +149,7 @@ def _train(config: TrainConfig, dist: DistInfo, tokenizer_source: str | None) ->
             checkpoint, model=model, optimizer=optimizer, scheduler=scheduler, dist=dist
         )
         if sampler_state["num_samples"] != num_trained:
-            held = f" ({num_units - num_trained} held out by --validation-split)" if held_out is not None else ""
+            held = "" if held_out is None else f" ({len(held_out)} held out by --validation-split)"
             raise UserError(
                 f"{checkpoint} was trained on {sampler_state['num_samples']} {unit} but {config.data_path} "
                 f"has {num_trained} to train{held}; resume with the same --data-path and --validation-split"
@@ -178,6 +178,7 @@ def _train(config: TrainConfig, dist: DistInfo, tokenizer_source: str | None) ->
         path = save_hf_checkpoint(
             model, model.lm, output_dir=config.output_dir, samples=samples, dist=dist, dtype=export_dtype,
             tokenizer_source=tokenizer_source, adapter=lora, merge_adapter=config.merge_lora,
+            trust_remote_code=config.trust_remote_code,
         )  # fmt: skip
         # the full state last: a complete OUT/checkpoints/samples_N implies OUT/hf_format/samples_N exists
         counters = {"step": state.step, "samples_seen": samples, "tokens_seen": state.tokens_seen}
@@ -200,10 +201,10 @@ def _train(config: TrainConfig, dist: DistInfo, tokenizer_source: str | None) ->
             _mfu, num_params=num_params, frozen_params=frozen_params, num_layers=text.num_hidden_layers,
             hidden_size=text.hidden_size, peak_flops=peak * dist.world_size,
         )  # fmt: skip
+    held_note = "" if held_out is None else f" ({len(held_out):,} of {num_units:,} held out as the eval set)"
     print0(
         dist,
-        f"training {config.model_name_or_path} on {num_trained:,} {unit}"
-        f"{'' if held_out is None else f' ({len(held_out):,} of {num_units:,} held out as the eval set)'} with {dist.world_size} "
+        f"training {config.model_name_or_path} on {num_trained:,} {unit}{held_note} with {dist.world_size} "
         f"{'GPU' if on_gpu else 'CPU process'}{'es' if dist.world_size > 1 and not on_gpu else ''}"
         f"{'s' if dist.world_size > 1 and on_gpu else ''}; writing to {config.output_dir}",
     )
@@ -339,6 +340,7 @@ def _keeping_best(evaluate_now, config: TrainConfig, model, state: TrainState, d
             path = save_hf_checkpoint(
                 model, model.lm, output_dir=config.output_dir, samples=state.samples_seen, dist=dist,
                 adapter=config.lora_settings(), merge_adapter=config.merge_lora,
+                trust_remote_code=config.trust_remote_code,
                 folder=best_export_dir(config.output_dir),
                 extra_files={BEST_INFO_FILE: orjson.dumps(info, option=orjson.OPT_INDENT_2) + b"\n"},
                 **export,
