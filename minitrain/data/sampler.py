@@ -41,12 +41,11 @@ def split_validation(num_samples: int, fraction: float, seed: int) -> tuple[np.n
     """`--validation-split`: (trained ids, held-out ids), each sorted int64. The held-out ones are the first
     `floor(fraction x num_samples)` of `default_rng([seed, VALIDATION_STREAM]).permutation(num_samples)`: a
     function of the seed and the sample index alone, the same on every rank, machine and world size."""
-    held = math.floor(fraction * num_samples)
-    if held < 1 or held >= num_samples:
-        need = "at least one sample" if held < 1 else "at least one sample to train"
+    held = math.floor(fraction * num_samples)  # < num_samples, as fraction < 1
+    if held < 1:
         raise UserError(
-            f"--validation-split {fraction:g} of {num_samples} samples holds out {held}, leaving {need}; "
-            f"choose a fraction between {1 / num_samples:.4g} and {1 - 1 / num_samples:.4g}"
+            f"--validation-split {fraction:g} of {num_samples} samples holds out none; raise it to at least "
+            f"{1 / num_samples:.4g} (one sample), or pass --eval-data-path"
         )
     order = np.random.default_rng([seed, VALIDATION_STREAM]).permutation(num_samples)
     return np.sort(order[held:]), np.sort(order[:held])

@@ -131,6 +131,11 @@ def load_tokenizer(
     try:
         return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     except Exception as err:  # transformers raises OSError, ValueError, ... for a missing or broken tokenizer
+        if "custom code" in str(err) and not trust_remote_code:
+            raise UserError(
+                f"cannot load a tokenizer from {name}: it ships its own tokenizer code; add "
+                "--trust-remote-code if you trust that repository"
+            ) from None
         raise UserError(
             f"cannot load a tokenizer from {name} ({type(err).__name__}: {first_line(err)}); "
             "pass a local tokenizer or model folder"
