@@ -145,7 +145,9 @@ def tokenize(
     ] = False,
     trust_remote_code: Annotated[
         bool,
-        typer.Option(help="Run the tokenizer repository's own code; only for ones you trust."),
+        typer.Option(
+            "--trust-remote-code", help="Run the tokenizer repository's own code; only for ones you trust."
+        ),
     ] = False,
     config_file: Annotated[
         Path | None,

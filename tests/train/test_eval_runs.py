@@ -96,7 +96,9 @@ def test_the_best_export_holds_the_lowest_eval_loss_and_says_when(run):
     assert info == {"eval_loss": best["eval_loss"], "step": best["step"],
                     "samples": best["total_samples_accumulated"]}  # fmt: skip
     # the weights in best/ are the ones that eval loss was measured on
-    assert _reference_eval_loss(folder, run["data"], _held_out()) == pytest.approx(info["eval_loss"], rel=1e-5)
+    assert _reference_eval_loss(folder, run["data"], _held_out()) == pytest.approx(
+        info["eval_loss"], rel=1e-5
+    )
 
 
 def test_checkpoint_at_epoch_saves_the_end_of_each_epoch_and_the_final_one(run):
