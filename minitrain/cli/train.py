@@ -451,6 +451,7 @@ def train(
             lora_target_modules=config.lora_target_modules,
             load_in_4bit=config.load_in_4bit,
             objective=config.objective,
+            validation_split=config.validation_split,
         )
         render_dry_run(report, console)
         return

@@ -7,6 +7,8 @@ Layout of one export (what `AutoModelForCausalLM.from_pretrained(path)` and `Aut
         model.safetensors | model-0000k-of-0000n.safetensors + model.safetensors.index.json
         tokenizer.json  tokenizer_config.json  special_tokens_map.json  ...
                                         (copied from the tokenizer source)
+    OUT/hf_format/best/             --save-best-val-loss: the same, for the lowest eval_loss so far, and
+        best_val_loss.json              {eval_loss, step, samples}
 
 Every rank takes part in gathering the full state dict (`get_model_state_dict(full_state_dict=True,
 cpu_offload=True)`: shards are all-gathered one tensor at a time and moved to CPU, so no GPU ever holds the
