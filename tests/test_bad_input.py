@@ -32,8 +32,8 @@ from typer.testing import CliRunner
 from minitrain.cli import app
 from minitrain.errors import UserError
 from tests.conftest import SMOLLM2, tiny_llama_config, tiny_softcapped_config
-from tests.train.test_loop import write_tokenized
 from tests.data.test_tokenizer import remote_code_tokenizer
+from tests.train.test_loop import write_tokenized
 from tests.train.test_model import remote_code_model
 
 W = "{w}"  # replaced by the workspace folder in every argument
