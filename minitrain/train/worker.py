@@ -328,8 +328,10 @@ def _keeping_best(evaluate_now, config: TrainConfig, model, state: TrainState, d
 
     from minitrain.rundir import BEST_INFO_FILE, best_export_dir, read_best
 
-    recorded = read_best(config.output_dir) if config.resume is not None else None
+    recorded = read_best(config.output_dir) if config.resume is not None and dist.is_main else None
     best = [recorded["eval_loss"] if recorded else math.inf]
+    if dist.world_size > 1:  # rank 0's record: every rank must take the same save decisions
+        torch.distributed.broadcast_object_list(best, src=0)
 
     def evaluate_and_keep() -> dict[str, float]:
         values = evaluate_now()
