@@ -1,11 +1,11 @@
-"""mini_trainer's eval and export flags through the real CLI (`python -m minitrain train`, 1 rank, CPU):
+"""mini_trainer's eval and export flags through the real CLI (`python -m minitrain train`, CPU):
 `--validation-split`, `--save-best-val-loss`, `--checkpoint-at-epoch`, `--save-final-checkpoint`.
 
-One run serves every test: 20 samples, `--validation-split 0.2` holds out 4 (16 trained: an epoch is 4 steps
-of 4), 6 steps, an eval every 8 samples (steps 2, 4, 6), the best export kept, a checkpoint at the end of
-epoch 1 (step 4) besides the final one. The reference for every eval number is the obvious one: the exported
-weights loaded with transformers, each held-out sample run alone, the mean token cross-entropy over them.
-"""
+One 1-rank run serves every test, and a 2-rank run of the same command the last one: 20 samples,
+`--validation-split 0.2` holds out 4 (16 trained: an epoch is 4 steps of 4), 6 steps, an eval every 8
+samples (steps 2, 4, 6), the best export kept, a checkpoint at the end of epoch 1 (step 4) besides the
+final one. The reference for every eval number is the obvious one: the exported weights loaded with
+transformers, each held-out sample run alone, the mean token cross-entropy over them."""
 
 from __future__ import annotations
 
@@ -25,19 +25,15 @@ pytestmark = pytest.mark.slow
 VOCAB, NUM, SPLIT, SEED, BATCH, STEPS = 64, 20, 0.2, 7, 4, 6
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory) -> dict:
-    root = tmp_path_factory.mktemp("evalruns")
-    data = write_tokenized(root / "data.jsonl", num=NUM, vocab=VOCAB, seed=4)
-    tiny_llama_config(vocab_size=VOCAB).save_pretrained(root / "model")
-    out = root / "out"
+def _train(root: Path, out: Path, nproc: int) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1")
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "TORCHELASTIC_RUN_ID"):
         env.pop(var, None)
+    data = root / "data.jsonl"
     done = subprocess.run(
         [sys.executable, "-m", "minitrain", "train", "--data-path", str(data), "--model-name-or-path",
-         str(root / "model"), "--output-dir", str(out), "--nproc", "1", "--from-scratch", "--seed", str(SEED),
-         "--batch-size", str(BATCH), "--max-tokens-per-gpu", "4096", "--learning-rate", "1e-2",
+         str(root / "model"), "--output-dir", str(out), "--nproc", str(nproc), "--from-scratch", "--seed",
+         str(SEED), "--batch-size", str(BATCH), "--max-tokens-per-gpu", "4096", "--learning-rate", "1e-2",
          "--num-warmup-steps", "0", "--max-steps", str(STEPS), "--validation-split", str(SPLIT),
          "--eval-every-samples", "8", "--save-best-val-loss", "--checkpoint-at-epoch",
          "--save-final-checkpoint"],
@@ -46,6 +42,19 @@ def run(tmp_path_factory) -> dict:
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     rows = [orjson.loads(line) for line in (out / "training_metrics_0.jsonl").read_bytes().splitlines()]
     return {"out": out, "data": data, "done": done, "rows": rows}
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("evalruns")
+    write_tokenized(root / "data.jsonl", num=NUM, vocab=VOCAB, seed=4)
+    tiny_llama_config(vocab_size=VOCAB).save_pretrained(root / "model")
+    return root
+
+
+@pytest.fixture(scope="module")
+def run(root) -> dict:
+    return _train(root, root / "one", nproc=1)
 
 
 def _reference_eval_loss(folder: Path, data: Path, ids: list[int]) -> float:
@@ -114,3 +123,17 @@ def test_overwrite_removes_the_best_export_too(run):
     from minitrain.rundir import run_files
 
     assert run["out"] / "hf_format" / "best" in run_files(run["out"])
+
+
+def test_two_ranks_hold_out_the_same_samples_and_measure_the_same_eval_loss(run, root):
+    two = _train(root, root / "two", nproc=2)
+    for rows in (run["rows"], two["rows"]):
+        assert [r["step"] for r in rows if "eval_loss" in r] == [2, 4, 6]
+    for a, b in zip(run["rows"], two["rows"], strict=True):  # step and eval lines, in order
+        key = "eval_loss" if "eval_loss" in a else "loss"
+        assert b[key] == pytest.approx(a[key], rel=1e-5), (a["step"], key)
+    best = [
+        orjson.loads((r["out"] / "hf_format" / "best" / "best_val_loss.json").read_bytes())
+        for r in (run, two)
+    ]
+    assert best[1]["step"] == best[0]["step"]
