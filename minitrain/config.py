@@ -49,6 +49,7 @@ class TokenizeConfig:
     system_role: tuple[str, ...] = ()  # ... system
     train_on: str = "all"  # "all" assistant turns, or the "last" one only
     split_turns: bool = False  # one sample per trained assistant turn, each rendered as at inference
+    trust_remote_code: bool = False  # let the tokenizer repository's own code run (AutoTokenizer)
 
     def __post_init__(self) -> None:
         _check_tokenize_input(self)
@@ -197,6 +198,12 @@ class TrainConfig:
     # evaluation: mean token loss over a held-out tokenized file
     eval_data_path: Path | None = None
     eval_every_samples: int | None = None
+    # mini_trainer's eval and export flags: hold out a fraction of --data-path as the eval set, keep the
+    # export with the lowest eval_loss (hf_format/best), an export at each epoch's end
+    validation_split: float | None = None  # 0 < F < 1 (minitrain/data/sampler.py: split_validation)
+    save_best_val_loss: bool = False
+    checkpoint_at_epoch: bool = False
+    save_final_checkpoint: bool = False  # accepted: minitrain always exports the final weights
     # experiment trackers fed by rank 0 beside the metrics JSONL (minitrain/train/trackers.py)
     report_to: tuple[str, ...] = ()
     # objective: SFT, or preference pairs with one of the losses of minitrain/train/preference.py
@@ -332,10 +339,7 @@ class TrainConfig:
                 raise UserError(f"--load-in-4bit with {clash[0][0]}: {clash[0][1]}")
         if self.eval_data_path is not None:
             object.__setattr__(self, "eval_data_path", Path(self.eval_data_path))
-        if self.eval_every_samples is not None:
-            if self.eval_data_path is None:
-                raise UserError("--eval-every-samples needs --eval-data-path TOK.jsonl")
-            _positive("--eval-every-samples", self.eval_every_samples)
+        _check_eval(self)
         if not self.model_name_or_path:
             raise UserError("--model-name-or-path is empty; give a local model folder or a Hub id")
         _check_report_to(self)
@@ -454,6 +458,38 @@ def _check_objective(config: TrainConfig) -> None:
         raise UserError(
             "--objective dpo does not support --truncate yet; drop it (train pairs that fit "
             "--max-tokens-per-gpu)"
+        )
+
+
+def _check_eval(config: TrainConfig) -> None:
+    """The eval set (--eval-data-path or --validation-split, not both) and what needs one."""
+    split = config.validation_split
+    if split is not None:
+        if isinstance(split, bool) or not isinstance(split, (int, float)) or not 0 < split < 1:
+            raise UserError(
+                f"--validation-split must be a fraction between 0 and 1 (exclusive), got {split!r}; "
+                "e.g. 0.05 holds out 5% of --data-path"
+            )
+        object.__setattr__(config, "validation_split", float(split))
+        if config.eval_data_path is not None:
+            raise UserError(
+                "--validation-split holds out part of --data-path as the eval set and --eval-data-path "
+                "gives one; pass one of them"
+            )
+        if str(config.objective).lower() == "dpo":
+            raise UserError(
+                "--validation-split does not split preference pairs yet; tokenize the held-out pairs into "
+                "their own file and pass --eval-data-path"
+            )
+    has_eval = config.eval_data_path is not None or split is not None
+    if config.eval_every_samples is not None:
+        if not has_eval:
+            raise UserError("--eval-every-samples needs --eval-data-path TOK.jsonl or --validation-split F")
+        _positive("--eval-every-samples", config.eval_every_samples)
+    if config.save_best_val_loss and not has_eval:
+        raise UserError(
+            "--save-best-val-loss keeps the export with the lowest eval loss: it needs an eval set, "
+            "--eval-data-path TOK.jsonl or --validation-split F"
         )
 
 

@@ -41,6 +41,7 @@ TRAINING_PARAMS_EXTRAS = frozenset(
         "num_samples",
         "num_samples_too_long",
         "num_samples_truncated",
+        "num_samples_held_out",
         "num_tokens_truncated",
         "tokenizer_source",
     }

@@ -14,6 +14,9 @@
         eval_reference_logps.json
         hf_format/                  Hugging Face exports (`minitrain.train.export`): samples_<N>/, and
                                     .samples_<N>.tmp while one is written
+            best/                   --save-best-val-loss: the export with the lowest eval_loss so far, with
+                                    best_val_loss.json (eval_loss, step, samples); .best.tmp/.best.old
+                                    while it is replaced
 
 Only these names are minitrain's. `--overwrite` removes exactly them (`remove_previous_run`), never another
 file a user put in OUT, checkpoints/ or hf_format/; `--keep-last K` prunes the training state and the
@@ -61,10 +64,12 @@ LATEST_FILE = "latest"
 COMPLETE_FILE = "COMPLETE"
 STATE_DIR = "state"
 TRAINER_STATE_FILE = "trainer_state.json"
+BEST_EXPORT = "best"  # OUT/hf_format/best (--save-best-val-loss)
+BEST_INFO_FILE = "best_val_loss.json"  # inside it: which eval it came from
 TMP_PREFIX = ".tmp-"
 OLD_PREFIX = ".old-"
 _NAME = re.compile(r"samples_(\d+)")
-_EXPORT_TMP = re.compile(r"\.samples_(\d+)\.tmp")
+_EXPORT_TMP = re.compile(r"\.(samples_\d+|best)\.(tmp|old)")  # an export being written or replaced
 
 
 @dataclass(frozen=True)
@@ -91,6 +96,19 @@ def training_state_dir(out_dir: Path, samples: int) -> Path:
 def export_dir(out_dir: Path, samples: int) -> Path:
     """OUT/hf_format/samples_<N>."""
     return Path(out_dir) / HF_FORMAT_DIR / f"samples_{samples}"
+
+
+def best_export_dir(out_dir: Path) -> Path:
+    """OUT/hf_format/best (--save-best-val-loss)."""
+    return Path(out_dir) / HF_FORMAT_DIR / BEST_EXPORT
+
+
+def read_best(out_dir: Path) -> dict[str, Any] | None:
+    """OUT/hf_format/best/best_val_loss.json ({eval_loss, step, samples}), or None when there is no best."""
+    try:
+        return orjson.loads((best_export_dir(out_dir) / BEST_INFO_FILE).read_bytes())
+    except (FileNotFoundError, orjson.JSONDecodeError):
+        return None
 
 
 def is_complete(path: Path) -> bool:
@@ -212,7 +230,8 @@ def run_files(out_dir: Path) -> list[Path]:
         found += [
             p
             for p in exports.iterdir()
-            if p.is_dir() and (_NAME.fullmatch(p.name) or _EXPORT_TMP.fullmatch(p.name))
+            if p.is_dir()
+            and (_NAME.fullmatch(p.name) or _EXPORT_TMP.fullmatch(p.name) or p.name == BEST_EXPORT)
         ]
     return sorted(found)
 
@@ -323,7 +342,10 @@ def write_training_params(config: TrainConfig, *, world_size: int, data: Mapping
     `launches`.
 
     Top level (what the workers and other readers take): every parameter, the versions that ran, the world
-    size, the data summary, `created` (this launch) and `resumed_from` (the checkpoint, or null). `launches`:
+    size, the data summary, `created` (this launch) and `resumed_from` (the checkpoint, or null). `resume` is
+    always written null: the checkpoint a launch continues from is `resumed_from` (what the workers resume
+    from), so the file replays as a fresh run (`minitrain train --config OUT/training_params.json
+    --output-dir OUT2`) even when this launch was a `--resume`. `launches`:
     the same record for every launch of this run, oldest first; a `--resume` appends to it, a fresh start or
     `--overwrite` begins it anew. A file written before `launches` existed becomes the first entry.
     """
@@ -339,6 +361,7 @@ def write_training_params(config: TrainConfig, *, world_size: int, data: Mapping
         transformers_version=_version("transformers"),
         python_version=sys.version.split()[0],
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        resume=None,  # --resume is recorded as the checkpoint it chose: resumed_from
         resumed_from=resumed_from,
     )
     launch.update(data or {})  # the data summary of the parent's checks (`Preflight.params`)

@@ -32,6 +32,7 @@ from typer.testing import CliRunner
 from minitrain.cli import app
 from minitrain.errors import UserError
 from tests.conftest import SMOLLM2, tiny_llama_config, tiny_softcapped_config
+from tests.data.test_tokenizer import remote_code_tokenizer
 from tests.train.test_loop import write_tokenized
 from tests.train.test_model import remote_code_model
 
@@ -269,7 +270,19 @@ ROWS = [
         _train("--lora-rank", "4", "--load-in-4bit", "--cpu-offload"),
         ("--load-in-4bit with --cpu-offload", "drop --cpu-offload")),
     Row("train", "--eval-every-samples without --eval-data-path", _train("--eval-every-samples", "4"),
-        ("--eval-every-samples needs --eval-data-path",)),
+        ("--eval-every-samples needs --eval-data-path TOK.jsonl or --validation-split F",)),
+    Row("train", "--validation-split outside (0, 1)", _train("--validation-split", "1.5"),
+        ("--validation-split must be a fraction between 0 and 1 (exclusive), got 1.5",)),
+    Row("train", "--validation-split with --eval-data-path",
+        _train("--validation-split", "0.2", "--eval-data-path", f"{W}/d.jsonl"),
+        ("--validation-split holds out part of --data-path", "pass one of them")),
+    Row("train", "--validation-split with --objective dpo",
+        _train("--validation-split", "0.2", "--objective", "dpo", data=f"{W}/pairs-tok.jsonl"),
+        ("--validation-split does not split preference pairs yet", "pass --eval-data-path")),
+    Row("train", "--validation-split too small to hold out one sample", _train("--validation-split", "0.05"),
+        ("--validation-split 0.05 of 8 samples holds out none", "raise it to at least 0.125")),
+    Row("train", "--save-best-val-loss without an eval set", _train("--save-best-val-loss"),
+        ("--save-best-val-loss keeps the export with the lowest eval loss: it needs an eval set",)),
     Row("train", "--lora-rank 0", _train("--lora-rank", "0"), ("--lora-rank must be positive, got 0",)),
     Row("train", "unknown --report-to", _train("--report-to", "comet"),
         ("--report-to must be one of none, tensorboard, wandb, mlflow; got 'comet'",)),
@@ -297,6 +310,9 @@ ROWS = [
     Row("train", "--lr-scheduler-kwargs with an argument the schedule does not take",
         _train("--lr-scheduler", "cosine", "--max-steps", "3", "--lr-scheduler-kwargs", '{"cycles": 1}'),
         ("cosine has no argument 'cycles'", "it takes num_cycles")),
+    Row("tokenize", "a tokenizer with its own code, without --trust-remote-code",
+        (f"{W}/in.jsonl", "-o", f"{W}/t.jsonl", "--model-name-or-path", f"{W}/custom-tokenizer"),
+        ("custom-tokenizer: it ships its own tokenizer code", "add --trust-remote-code")),
     Row("train", "a model with its own code, without --trust-remote-code",
         _train("--from-scratch", model=f"{W}/custom-model"),
         ("custom-model ships its own model code", "add --trust-remote-code")),
@@ -378,6 +394,7 @@ def ws(tmp_path_factory) -> Path:
     (w / "bad.jsonl").write_text("\n".join(lines) + "\n")
     (w / "empty.jsonl").write_text("")
     remote_code_model(w / "custom-model")
+    remote_code_tokenizer(w / "custom-tokenizer")
     (w / "cfg-typo.yaml").write_text("max-tokens-per-gpus: 64\n")
     (w / "cfg-type.yaml").write_text("batch_size: 1.5\n")
     (w / "cfg-bad.yaml").write_text("batch_size: [1\n")

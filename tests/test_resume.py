@@ -199,6 +199,24 @@ def test_resumed_weights_equal_the_uninterrupted_ones(resumed):
     ]
 
 
+def test_the_params_of_a_resumed_run_replay_as_a_fresh_run(resumed, root):
+    """`--config OUT/training_params.json --output-dir OUT2` of a resumed run trains from step 1 (no `resume:
+    latest` carried into OUT2, where there is no checkpoint) and gives the uninterrupted run's losses."""
+    params = orjson.loads((resumed["half"] / "training_params.json").read_bytes())
+    assert params["resume"] is None and params["resumed_from"] == str(
+        resumed["half"] / "checkpoints" / f"samples_{HALF * BATCH}"
+    )
+    replay = root / "replay"
+    done = _cli(["train", "--config", str(resumed["half"] / "training_params.json"), "--output-dir",
+                 str(replay)], root)  # fmt: skip
+    assert "resumed from" not in done.stdout
+    full, again = _metrics(resumed["full"]), _metrics(replay)
+    assert [r["step"] for r in again] == list(range(1, STEPS + 1))
+    for a, b in zip(full, again, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5), a["step"]
+    assert orjson.loads((replay / "training_params.json").read_bytes())["resumed_from"] is None
+
+
 def test_sigterm_stops_at_a_step_saves_and_exits_143(stopped):
     from minitrain.rundir import is_complete
 

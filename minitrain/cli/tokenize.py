@@ -143,6 +143,12 @@ def tokenize(
             "(Qwen3, DeepSeek-R1, gpt-oss).",
         ),
     ] = False,
+    trust_remote_code: Annotated[
+        bool,
+        typer.Option(
+            "--trust-remote-code", help="Run the tokenizer repository's own code; only for ones you trust."
+        ),
+    ] = False,
     config_file: Annotated[
         Path | None,
         typer.Option(
@@ -207,6 +213,7 @@ def tokenize(
         system_role=tuple(system_role or ()),
         train_on=train_on,
         split_turns=split_turns,
+        trust_remote_code=trust_remote_code,
     )
     console = Console(stderr=True)
     result = tokenize_file(config, console=console)

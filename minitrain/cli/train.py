@@ -170,6 +170,22 @@ def train(
             rich_help_panel=_STOP,
         ),
     ] = None,
+    checkpoint_at_epoch: Annotated[
+        bool,
+        typer.Option(
+            help="Also save a checkpoint (hf_format/samples_N and its training state) after the step that "
+            "ends each pass over the data.",
+            rich_help_panel=_STOP,
+        ),
+    ] = False,
+    save_final_checkpoint: Annotated[
+        bool,
+        typer.Option(
+            "--save-final-checkpoint",
+            help="Accepted for mini_trainer's command lines: minitrain always saves the final weights.",
+            rich_help_panel=_STOP,
+        ),
+    ] = False,
     min_samples_per_checkpoint: Annotated[
         int | None,
         typer.Option(
@@ -328,6 +344,24 @@ def train(
             rich_help_panel=_EVAL,
         ),
     ] = None,
+    validation_split: Annotated[
+        float | None,
+        typer.Option(
+            metavar="F",
+            help="Hold out this fraction of --data-path (0 < F < 1, drawn from --seed) as the eval set; "
+            "never trained. Measured at the end, and every --eval-every-samples.",
+            show_default=False,
+            rich_help_panel=_EVAL,
+        ),
+    ] = None,
+    save_best_val_loss: Annotated[
+        bool,
+        typer.Option(
+            help="Keep hf_format/best: the export with the lowest eval_loss so far (with "
+            "best_val_loss.json: its step and samples).",
+            rich_help_panel=_EVAL,
+        ),
+    ] = False,
     report_to: Annotated[
         list[str] | None,
         typer.Option(
@@ -417,6 +451,7 @@ def train(
             lora_target_modules=config.lora_target_modules,
             load_in_4bit=config.load_in_4bit,
             objective=config.objective,
+            validation_split=config.validation_split,
         )
         render_dry_run(report, console)
         return

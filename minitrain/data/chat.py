@@ -884,9 +884,11 @@ class LoadedTokenizer:
         return voice_token_ids(self.encoder)
 
 
-def load_chat_encoder(model_name_or_path: str, chat_template: str | None = None) -> LoadedTokenizer:
+def load_chat_encoder(
+    model_name_or_path: str, chat_template: str | None = None, *, trust_remote_code: bool = False
+) -> LoadedTokenizer:
     """Load a (fast) tokenizer, resolve its chat template and probe it; user mistakes raise UserError."""
-    tokenizer = load_tokenizer(model_name_or_path)
+    tokenizer = load_tokenizer(model_name_or_path, trust_remote_code=trust_remote_code)
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         raise UserError(

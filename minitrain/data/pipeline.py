@@ -368,7 +368,9 @@ def tokenize_file(config: TokenizeConfig, *, console: Any = None) -> TokenizeRes
         chunks.close()  # the file (or the Parquet/Arrow reader) is read again from the start below
     if kind == KIND_PREFERENCE:
         _check_pair_flags(config, rows.label if rows is not None else inp)
-    loaded = load_chat_encoder(config.model_name_or_path, config.chat_template)
+    loaded = load_chat_encoder(
+        config.model_name_or_path, config.chat_template, trust_remote_code=config.trust_remote_code
+    )
     workers = config.workers()
     result = TokenizeResult(
         input_file=inp,

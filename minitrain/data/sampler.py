@@ -7,6 +7,10 @@ ranks split them with `minitrain.data.packing.plan_minibatches`, so the sequence
 depend on the number of ranks and a run resumed on a different world size trains exactly the samples
 the uninterrupted run would have.
 
+`--validation-split F` (`split_validation`) holds out `floor(F x num_samples)` samples before any of this: the
+sampler is then given the trained ids (`ids`) and permutes positions into them, so a held-out sample is never
+drawn, and the split, drawn from the seed alone, is the same on every rank and any `--nproc`.
+
 `StopRule` says when the stream ends (steps, samples, epochs or tokens); the training loop and
 `train --dry-run` share it.
 
@@ -16,6 +20,7 @@ price of recomputing one permutation (about 20 ms per million samples) per epoch
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +34,23 @@ def epoch_permutation(num_samples: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(num_samples)
 
 
+VALIDATION_STREAM = 0x76616C69  # the held-out draw's RNG key beside the seed (epochs use [seed, e])
+
+
+def split_validation(num_samples: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """`--validation-split`: (trained ids, held-out ids), each sorted int64. The held-out ones are the first
+    `floor(fraction x num_samples)` of `default_rng([seed, VALIDATION_STREAM]).permutation(num_samples)`: a
+    function of the seed and the sample index alone, the same on every rank, machine and world size."""
+    held = math.floor(fraction * num_samples)  # < num_samples, as fraction < 1
+    if held < 1:
+        raise UserError(
+            f"--validation-split {fraction:g} of {num_samples} samples holds out none; raise it to at least "
+            f"{1 / num_samples:.4g} (one sample), or pass --eval-data-path"
+        )
+    order = np.random.default_rng([seed, VALIDATION_STREAM]).permutation(num_samples)
+    return np.sort(order[held:]), np.sort(order[:held])
+
+
 @dataclass
 class InfiniteSampler:
     """Seeded, reshuffled-every-epoch, endless sampler of sample indices; the same sequence on every rank."""
@@ -37,6 +59,8 @@ class InfiniteSampler:
     seed: int
     epoch: int = 0
     position: int = 0  # index into the current epoch's permutation, 0 <= position < num_samples
+    ids: np.ndarray | None = field(default=None, repr=False, compare=False)  # the sample id of each position
+    # (--validation-split: the trained ids, num_samples of them); None: position p is sample p
     _perm: np.ndarray | None = field(default=None, init=False, repr=False, compare=False)
     _perm_epoch: int = field(default=-1, init=False, repr=False, compare=False)
 
@@ -50,6 +74,8 @@ class InfiniteSampler:
                 f"invalid sampler state epoch={self.epoch} position={self.position} for "
                 f"{self.num_samples} samples; the checkpoint does not belong to this data file"
             )
+        if self.ids is not None and len(self.ids) != self.num_samples:
+            raise UserError(f"the sampler has {len(self.ids)} ids for {self.num_samples} samples")
         if self.position == self.num_samples:  # normalise the end of an epoch to the start of the next
             self.epoch, self.position = self.epoch + 1, 0
 
@@ -91,7 +117,8 @@ class InfiniteSampler:
             need -= take
             if self.position == self.num_samples:
                 self.epoch, self.position = self.epoch + 1, 0
-        return np.concatenate(parts).tolist()
+        batch = np.concatenate(parts)
+        return (batch if self.ids is None else self.ids[batch]).tolist()
 
     def state_dict(self) -> dict[str, int]:
         """Everything needed to resume: four integers, JSON-safe."""
@@ -103,14 +130,16 @@ class InfiniteSampler:
         }
 
     @classmethod
-    def from_state_dict(cls, d: dict[str, Any]) -> InfiniteSampler:
-        """Rebuild a sampler from `state_dict()`; independent of the number of ranks."""
+    def from_state_dict(cls, d: dict[str, Any], ids: np.ndarray | None = None) -> InfiniteSampler:
+        """Rebuild a sampler from `state_dict()` (and the trained `ids` it was built with); independent of
+        the number of ranks."""
         try:
             return cls(
                 num_samples=int(d["num_samples"]),
                 seed=int(d["seed"]),
                 epoch=int(d["epoch"]),
                 position=int(d["position"]),
+                ids=ids,
             )
         except KeyError as err:
             raise UserError(f"sampler state is missing {err}; the checkpoint is incomplete") from None

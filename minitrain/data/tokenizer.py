@@ -114,9 +114,11 @@ def resolve_model_path(name: str | Path, what: str = "--model-name-or-path") -> 
     return name
 
 
-def load_tokenizer(name: str | Path, what: str = "--model-name-or-path") -> Any:
+def load_tokenizer(
+    name: str | Path, what: str = "--model-name-or-path", *, trust_remote_code: bool = False
+) -> Any:
     """A transformers tokenizer from a folder or Hub id, resolved as above; any failure is one UserError
-    line."""
+    line. `trust_remote_code` (--trust-remote-code) lets a repository's own tokenizer class run."""
     source = resolve_model_path(name, what)
     folder = Path(source)
     if folder.is_dir() and not any(next(folder.glob(pattern), None) for pattern in TOKENIZER_FILES):
@@ -127,8 +129,13 @@ def load_tokenizer(name: str | Path, what: str = "--model-name-or-path") -> Any:
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(source)
+        return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     except Exception as err:  # transformers raises OSError, ValueError, ... for a missing or broken tokenizer
+        if "custom code" in str(err) and not trust_remote_code:
+            raise UserError(
+                f"cannot load a tokenizer from {name}: it ships its own tokenizer code; add "
+                "--trust-remote-code if you trust that repository"
+            ) from None
         raise UserError(
             f"cannot load a tokenizer from {name} ({type(err).__name__}: {first_line(err)}); "
             "pass a local tokenizer or model folder"

@@ -41,7 +41,7 @@ import orjson
 
 from minitrain.atomic import atomic_write
 from minitrain.data.packing import lower_bound, plan_minibatches
-from minitrain.data.sampler import InfiniteSampler, StopRule
+from minitrain.data.sampler import InfiniteSampler, StopRule, split_validation
 from minitrain.data.store import TokenStore
 from minitrain.errors import UserError
 from minitrain.train.memory import (
@@ -91,7 +91,7 @@ class DryRunReport:
     seed: int
     stop: str  # the stop criterion in words
     steps: int  # optimizer steps planned
-    steps_per_epoch: int  # ceil(num_samples / batch_size)
+    steps_per_epoch: int  # ceil(samples drawn / batch_size): all but --validation-split's held-out ones
     epochs: float  # passes over the data the planned steps make
     skipped_batches: int  # global batches with no trained token (the loop skips them without a step)
     minibatches_per_step: Stats
@@ -291,6 +291,7 @@ def dry_run(
     load_in_4bit: bool = False,
     truncate: bool = False,
     objective: str = "sft",
+    validation_split: float | None = None,
 ) -> DryRunReport:
     """Replay sampler + planner for the run's steps (one epoch without a stop criterion) and report.
 
@@ -298,7 +299,8 @@ def dry_run(
     (None: full fine-tuning). `truncate` cuts longer samples to `max_tokens_per_gpu` tokens as `train
     --truncate` does (`TokenStore.truncated`), instead of dropping them. With `objective` "dpo" the unit
     is the preference pair (both sides packed together, as `train --objective dpo` does): every count that
-    says samples counts pairs.
+    says samples counts pairs. `validation_split` holds out the samples `train --validation-split` would:
+    the plan draws only the others (`num_samples` still counts them all).
     """
     started = time.perf_counter()
     # the values come from a validated TrainConfig (`minitrain.config`): not checked again here
@@ -326,10 +328,14 @@ def dry_run(
         raise UserError(
             f"{data_path}: no sample that fits has a trained token; check the masking in tokenize"
         )
-    steps_per_epoch = math.ceil(n / batch_size)
+    trained_ids = None  # --validation-split: the sampler draws only these
+    if validation_split is not None:
+        trained_ids = split_validation(n, validation_split, seed)[0]
+    num_drawn = n if trained_ids is None else len(trained_ids)
+    steps_per_epoch = math.ceil(num_drawn / batch_size)
     stop, rule = _stop_rule(max_steps, max_samples, max_epochs, steps_per_epoch, max_tokens)
 
-    sampler = InfiniteSampler(num_samples=n, seed=seed)
+    sampler = InfiniteSampler(num_samples=num_drawn, seed=seed, ids=trained_ids)
     steps = skipped = samples_seen = tokens_seen = 0
     mb_counts: list[int] = []
     bounds_hit = 0

@@ -17,6 +17,7 @@ minibatch (adapter runs).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -49,16 +50,21 @@ class EvalPlan:
     skipped: int  # samples longer than the token budget
 
 
-def plan_eval(store: TokenStore, *, max_tokens_per_gpu: int, world_size: int) -> EvalPlan:
-    """Split the whole eval set into balanced packed minibatches over `world_size` ranks."""
-    plan = plan_minibatches(store.lengths.tolist(), max_tokens_per_gpu, world_size)
+def plan_eval(
+    store: TokenStore, *, max_tokens_per_gpu: int, world_size: int, indices: Sequence[int] | None = None
+) -> EvalPlan:
+    """Split the eval set into balanced packed minibatches over `world_size` ranks: the whole store, or
+    only the samples `indices` names (`--validation-split`: the held-out part of the training file)."""
+    ids = list(range(len(store))) if indices is None else [int(i) for i in indices]
+    plan = plan_minibatches(store.lengths[ids].tolist(), max_tokens_per_gpu, world_size)
+    plan = [[[ids[p] for p in ranks] for ranks in minibatch] for minibatch in plan]  # positions -> ids
     planned = [i for minibatch in plan for ranks in minibatch for i in ranks]
     return EvalPlan(
         store=store,
         plan=plan,
         loss_tokens=count_loss_tokens(store, planned),
         samples=len(planned),
-        skipped=len(store) - len(planned),
+        skipped=len(ids) - len(planned),
     )
 
 

@@ -7,6 +7,8 @@ Layout of one export (what `AutoModelForCausalLM.from_pretrained(path)` and `Aut
         model.safetensors | model-0000k-of-0000n.safetensors + model.safetensors.index.json
         tokenizer.json  tokenizer_config.json  special_tokens_map.json  ...
                                         (copied from the tokenizer source)
+    OUT/hf_format/best/             --save-best-val-loss: the same, for the lowest eval_loss so far, and
+        best_val_loss.json              {eval_loss, step, samples}
 
 Every rank takes part in gathering the full state dict (`get_model_state_dict(full_state_dict=True,
 cpu_offload=True)`: shards are all-gathered one tensor at a time and moved to CPU, so no GPU ever holds the
@@ -103,6 +105,9 @@ def save_hf_checkpoint(
     tokenizer_source: str | None,
     adapter: LoraSettings | None = None,
     merge_adapter: bool = False,
+    folder: Path | None = None,
+    extra_files: dict[str, bytes] | None = None,
+    trust_remote_code: bool = False,
 ) -> Path:
     """Write `model`'s weights (sharded or not) as a Hugging Face checkpoint; every rank must call this.
 
@@ -110,9 +115,11 @@ def save_hf_checkpoint(
     `save_pretrained` are used). With `adapter`, `lm` is a PEFT model and the folder holds the new adapter
     in PEFT's format instead (`PeftModel.from_pretrained(base, folder)`), plus, with `merge_adapter`, the
     base model with every adapter merged in under `merged/` (`AutoModelForCausalLM.from_pretrained`).
+    `folder` replaces the default OUT/hf_format/samples_<N> (`--save-best-val-loss`: OUT/hf_format/best) and
+    `extra_files` (name -> bytes) are written into it with the weights, so they are replaced together.
     Returns the checkpoint folder.
     """
-    final = checkpoint_dir(output_dir, samples)
+    final = checkpoint_dir(output_dir, samples) if folder is None else Path(folder)
     if adapter is None:  # cast tensor by tensor while gathering: one copy, in the export dtype
         state = gather_full_state_dict_as(model, dtype)
     else:  # the adapter alone (small), or the whole model in the master dtype to merge into (--merge-lora)
@@ -132,15 +139,27 @@ def save_hf_checkpoint(
                 _save_pretrained(
                     lm.get_base_model(), tmp / "merged", {k: v.to(dtype) for k, v in merged.items()}, dtype
                 )
-                _copy_tokenizer(tokenizer_source, tmp / "merged")
-        _copy_tokenizer(tokenizer_source, tmp)
-        if final.exists():  # the same sample count saved twice (e.g. final save right after a periodic one)
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+                _copy_tokenizer(tokenizer_source, tmp / "merged", trust_remote_code)
+        _copy_tokenizer(tokenizer_source, tmp, trust_remote_code)
+        for name, data in (extra_files or {}).items():
+            (tmp / name).write_bytes(data)
+        replace_folder(tmp, final)
     del state
     if torch_dist.is_initialized():
         torch_dist.barrier()
     return final
+
+
+def replace_folder(new: Path, final: Path) -> None:
+    """Move the complete folder `new` to `final`; an existing `final` (the same sample count saved twice, or
+    hf_format/best improved) is first renamed aside and removed only after `new` is in place, so `final`, when
+    it exists, is always one whole export, the old or the new."""
+    old = final.with_name(f".{final.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(new, final)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _save_pretrained(lm: nn.Module, path: Path, state: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
@@ -160,7 +179,7 @@ def _save_pretrained(lm: nn.Module, path: Path, state: dict[str, torch.Tensor], 
             hf_logging.enable_progress_bar()
 
 
-def _copy_tokenizer(source: str | None, dest: Path) -> None:
+def _copy_tokenizer(source: str | None, dest: Path, trust_remote_code: bool = False) -> None:
     """Tokenizer files beside the weights: copied from a folder, or saved from a Hub id's cached tokenizer."""
     if source is None:
         return
@@ -172,4 +191,4 @@ def _copy_tokenizer(source: str | None, dest: Path) -> None:
         return
     from transformers import AutoTokenizer
 
-    AutoTokenizer.from_pretrained(source).save_pretrained(dest)
+    AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code).save_pretrained(dest)

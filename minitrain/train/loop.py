@@ -77,6 +77,7 @@ def train_loop(
     evaluate: Callable[[], dict[str, float]] | None = None,
     eval_every_samples: int | None = None,
     run_step: Callable[[list[int]], StepResult | None] | None = None,
+    checkpoint_at_epoch: bool = False,
 ) -> TrainState:
     """Train until `stop` is reached; save every `min_samples_per_checkpoint` samples and at the end.
 
@@ -85,13 +86,15 @@ def train_loop(
     `evaluate()` returns the eval metrics ({"eval_loss": ...}, more for dpo); it runs each time the samples
     seen pass a multiple of `eval_every_samples`, and at the end. `run_step(indices)` does the
     forward/backward of a global batch (default: `sft_step`; `--objective dpo`:
-    `minitrain.train.dpo.preference_step` on pair indices).
+    `minitrain.train.dpo.preference_step` on pair indices). `checkpoint_at_epoch` also saves after the step
+    that finishes each pass over the data (`--checkpoint-at-epoch`).
     """
     state = state or TrainState()
     device = dist.device
     if run_step is None:
         run_step = functools.partial(sft_step, model, store, dist=dist, max_tokens_per_gpu=max_tokens_per_gpu)
     model.train()
+    epochs_saved = int(sampler.epochs_consumed)  # whole passes done when the last epoch checkpoint was taken
     while not stop.reached(
         steps=state.step,
         samples_seen=state.samples_seen,
@@ -155,6 +158,12 @@ def train_loop(
             path = save_checkpoint(state.samples_seen)
             state.last_checkpoint_samples = state.samples_seen
             display.print(f"saved {path}")
+        if checkpoint_at_epoch and int(sampler.epochs_consumed) > epochs_saved:  # a pass ended in this step
+            epochs_saved = int(sampler.epochs_consumed)
+            if state.last_checkpoint_samples != state.samples_seen:  # unless just saved above
+                path = save_checkpoint(state.samples_seen)
+                state.last_checkpoint_samples = state.samples_seen
+                display.print(f"saved {path} (end of epoch {epochs_saved})")
         if (
             evaluate is not None
             and eval_every_samples is not None

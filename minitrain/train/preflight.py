@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from minitrain.config import TrainConfig, usable_cores
+from minitrain.data.sampler import split_validation
 from minitrain.data.tokenizer import load_tokenizer, resolve_model_path
 from minitrain.errors import UserError, first_line, say
 from minitrain.rundir import remove_previous_run, resolve_resume, run_files
@@ -37,6 +38,7 @@ class Inputs:
     tokens_truncated: int  # tokens cut off those samples with --truncate (0 without)
     eval_store: Any | None  # the --eval-data-path TokenStore
     tokenizer_source: str | None  # where checkpoints copy tokenizer files from
+    num_held_out: int = 0  # samples --validation-split holds out of the training file as the eval set
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,7 @@ class Preflight:
     tokenizer_source: str | None  # where checkpoints copy tokenizer files from
     num_truncated: int = 0  # with --truncate: samples cut to --max-tokens-per-gpu tokens
     tokens_truncated: int = 0  # with --truncate: tokens cut off them
+    num_held_out: int = 0  # --validation-split: samples held out as the eval set, never trained
 
     def params(self) -> dict[str, Any]:
         """The data summary recorded in training_params.json."""
@@ -58,6 +61,7 @@ class Preflight:
             "num_samples_too_long": self.num_too_long,
             "num_samples_truncated": self.num_truncated,
             "num_tokens_truncated": self.tokens_truncated,
+            "num_samples_held_out": self.num_held_out,
             "tokenizer_source": self.tokenizer_source,
         }
 
@@ -81,6 +85,9 @@ def check_inputs(config: TrainConfig) -> Inputs:
     check_output_dir(config.output_dir)
     _check_previous_run(config)
     num_units, unit = (store.num_pairs, "pairs") if config.objective == "dpo" else (len(store), "samples")
+    held_out = 0
+    if config.validation_split is not None:  # refused here for too few samples, before anything is spawned
+        held_out = len(split_validation(num_units, config.validation_split, config.seed)[1])
     if is_rank0():
         if too_long and config.truncate:
             say(
@@ -93,7 +100,12 @@ def check_inputs(config: TrainConfig) -> Inputs:
                 f"minitrain: warning: {too_long} of {num_units} {unit} are longer than --max-tokens-per-gpu "
                 f"{config.max_tokens_per_gpu} and will be skipped (raise it to train them, or add --truncate)"
             )
-        total = config.total_steps(num_units)
+        if held_out:
+            say(
+                f"minitrain: --validation-split {config.validation_split:g} holds out {held_out} of "
+                f"{num_units} {unit} as the eval set; training on the other {num_units - held_out}"
+            )
+        total = config.total_steps(num_units - held_out)
         if total is not None and config.lr_scheduler != "constant" and total < config.num_warmup_steps:
             say(
                 f"minitrain: warning: the run stops after {total} steps, before the "
@@ -101,7 +113,7 @@ def check_inputs(config: TrainConfig) -> Inputs:
                 f"--learning-rate {config.learning_rate:g} (lower --num-warmup-steps)"
             )
     source = tokenizer_source(config.model_name_or_path, store.meta)
-    return Inputs(store, too_long, cut, eval_store, source)
+    return Inputs(store, too_long, cut, eval_store, source, num_held_out=held_out)
 
 
 def preflight(config: TrainConfig, inputs: Inputs | None = None) -> Preflight:
@@ -117,11 +129,14 @@ def preflight(config: TrainConfig, inputs: Inputs | None = None) -> Preflight:
     vocab_size = model_vocab_size(config.model_name_or_path, trust_remote_code=config.trust_remote_code)
     store = inputs.store
     _check_vocab(store, label=str(config.data_path), config=config, vocab_size=vocab_size)
-    check_tokenizer_matches(store.meta, config.model_name_or_path, config.data_path)
+    remote = config.trust_remote_code
+    check_tokenizer_matches(store.meta, config.model_name_or_path, config.data_path, trust_remote_code=remote)
     if inputs.eval_store is not None:
         label = f"--eval-data-path {config.eval_data_path}"
         _check_vocab(inputs.eval_store, label=label, config=config, vocab_size=vocab_size)
-        check_tokenizer_matches(inputs.eval_store.meta, config.model_name_or_path, config.eval_data_path)
+        check_tokenizer_matches(
+            inputs.eval_store.meta, config.model_name_or_path, config.eval_data_path, trust_remote_code=remote
+        )
     gpu = torch.cuda.is_available()
     if config.load_in_4bit:
         from minitrain.train.adapters import require_qlora
@@ -143,7 +158,7 @@ def preflight(config: TrainConfig, inputs: Inputs | None = None) -> Preflight:
     truncated = inputs.num_too_long if config.truncate else 0
     return Preflight(
         len(store), inputs.num_too_long, int(store.max_token_id), vocab_size, inputs.tokenizer_source,
-        num_truncated=truncated, tokens_truncated=inputs.tokens_truncated,
+        num_truncated=truncated, tokens_truncated=inputs.tokens_truncated, num_held_out=inputs.num_held_out,
     )  # fmt: skip
 
 
@@ -247,7 +262,9 @@ def tokenizer_source(model_name_or_path: str, meta: dict | None) -> str | None:
     return str(recorded) if recorded and Path(recorded).is_dir() else None
 
 
-def check_tokenizer_matches(meta: dict | None, model_name_or_path: str, data_path: Path) -> None:
+def check_tokenizer_matches(
+    meta: dict | None, model_name_or_path: str, data_path: Path, *, trust_remote_code: bool = False
+) -> None:
     """Refuse data tokenized with another tokenizer than the model's (when both fingerprints are known)."""
     recorded = ((meta or {}).get("tokenizer") or {}).get("fingerprint")
     if not recorded:
@@ -260,7 +277,7 @@ def check_tokenizer_matches(meta: dict | None, model_name_or_path: str, data_pat
     from minitrain.data.chat import tokenizer_fingerprint
 
     try:
-        tokenizer = load_tokenizer(model_name_or_path)
+        tokenizer = load_tokenizer(model_name_or_path, trust_remote_code=trust_remote_code)
     except UserError:
         return  # no tokenizer beside the model: nothing to compare with
     actual = tokenizer_fingerprint(tokenizer)

@@ -23,7 +23,7 @@ if __name__ == "__main__":  # a rank started by torchrun: Ctrl+C before the loop
 import torch  # noqa: E402 - after the handler above: importing torch takes seconds
 
 from minitrain.config import TrainConfig
-from minitrain.data.sampler import InfiniteSampler
+from minitrain.data.sampler import InfiniteSampler, split_validation
 from minitrain.data.store import TokenStore
 from minitrain.errors import UserError, first_line, say, signal_exit_code
 from minitrain.rundir import METRICS_FILE, read_training_params, resolve_resume, scan_checkpoints
@@ -85,6 +85,10 @@ def _train(config: TrainConfig, dist: DistInfo, tokenizer_source: str | None) ->
     unit = "pairs" if dpo else "samples"
     if config.truncate:  # over-long samples keep their first tokens instead of being skipped by the planner
         store = store.truncated(config.max_tokens_per_gpu)
+    trained_ids = held_out = None  # --validation-split: the sampler draws only trained_ids
+    if config.validation_split is not None:
+        trained_ids, held_out = split_validation(num_units, config.validation_split, config.seed)
+    num_trained = num_units if trained_ids is None else len(trained_ids)
 
     # master weights: fp32 (bf16 compute on GPU through FSDP2's mixed precision) or bf16 with
     # --master-dtype bf16
@@ -121,7 +125,7 @@ def _train(config: TrainConfig, dist: DistInfo, tokenizer_source: str | None) ->
         model, learning_rate=config.learning_rate, weight_decay=config.weight_decay, device=dist.device,
         betas=(config.beta1, config.beta2), eps=config.eps,
     )  # fmt: skip
-    total_steps = config.total_steps(num_units)
+    total_steps = config.total_steps(num_trained)
     scheduler = build_scheduler(
         optimizer,
         name=config.lr_scheduler,
@@ -129,7 +133,7 @@ def _train(config: TrainConfig, dist: DistInfo, tokenizer_source: str | None) ->
         num_training_steps=total_steps,
         scheduler_kwargs=config.scheduler_kwargs(),
     )
-    sampler = InfiniteSampler(num_samples=num_units, seed=config.seed)
+    sampler = InfiniteSampler(num_samples=num_trained, seed=config.seed, ids=trained_ids)
     state = TrainState()
     run_step = None  # the loop's SFT step
     if dpo:  # the reference is the initial model: before a resumed state is loaded
@@ -137,17 +141,20 @@ def _train(config: TrainConfig, dist: DistInfo, tokenizer_source: str | None) ->
     evaluate_now = None  # (for dpo: the eval pairs' reference too, so also before)
     if config.eval_data_path is not None:
         evaluate_now = _evaluator(config, model, dist)
+    elif held_out is not None:
+        evaluate_now = _held_out_evaluator(config, model, store, held_out, dist)
     if config.resume is not None:
         checkpoint = _resume_point(config, dist)
         sampler_state, counters = load_training_state(
             checkpoint, model=model, optimizer=optimizer, scheduler=scheduler, dist=dist
         )
-        if sampler_state["num_samples"] != num_units:
+        if sampler_state["num_samples"] != num_trained:
+            held = "" if held_out is None else f" ({len(held_out)} held out by --validation-split)"
             raise UserError(
                 f"{checkpoint} was trained on {sampler_state['num_samples']} {unit} but {config.data_path} "
-                f"has {num_units}; resume with the same --data-path"
+                f"has {num_trained} to train{held}; resume with the same --data-path and --validation-split"
             )
-        sampler = InfiniteSampler.from_state_dict(sampler_state)
+        sampler = InfiniteSampler.from_state_dict(sampler_state, ids=trained_ids)
         state = TrainState(
             step=counters["step"], samples_seen=counters["samples_seen"], tokens_seen=counters["tokens_seen"],
             last_checkpoint_samples=counters["samples_seen"],
@@ -171,6 +178,7 @@ def _train(config: TrainConfig, dist: DistInfo, tokenizer_source: str | None) ->
         path = save_hf_checkpoint(
             model, model.lm, output_dir=config.output_dir, samples=samples, dist=dist, dtype=export_dtype,
             tokenizer_source=tokenizer_source, adapter=lora, merge_adapter=config.merge_lora,
+            trust_remote_code=config.trust_remote_code,
         )  # fmt: skip
         # the full state last: a complete OUT/checkpoints/samples_N implies OUT/hf_format/samples_N exists
         counters = {"step": state.step, "samples_seen": samples, "tokens_seen": state.tokens_seen}
@@ -180,6 +188,11 @@ def _train(config: TrainConfig, dist: DistInfo, tokenizer_source: str | None) ->
         )  # fmt: skip
         return path
 
+    if config.save_best_val_loss and evaluate_now is not None:
+        evaluate_now = _keeping_best(
+            evaluate_now, config, model, state, dist, dtype=export_dtype, tokenizer_source=tokenizer_source
+        )
+
     mfu = None
     peak = peak_flops_per_device(torch.cuda.get_device_name(dist.device)) if on_gpu else None
     if peak is not None:
@@ -188,9 +201,10 @@ def _train(config: TrainConfig, dist: DistInfo, tokenizer_source: str | None) ->
             _mfu, num_params=num_params, frozen_params=frozen_params, num_layers=text.num_hidden_layers,
             hidden_size=text.hidden_size, peak_flops=peak * dist.world_size,
         )  # fmt: skip
+    held_note = "" if held_out is None else f" ({len(held_out):,} of {num_units:,} held out as the eval set)"
     print0(
         dist,
-        f"training {config.model_name_or_path} on {num_units:,} {unit} with {dist.world_size} "
+        f"training {config.model_name_or_path} on {num_trained:,} {unit}{held_note} with {dist.world_size} "
         f"{'GPU' if on_gpu else 'CPU process'}{'es' if dist.world_size > 1 and not on_gpu else ''}"
         f"{'s' if dist.world_size > 1 and on_gpu else ''}; writing to {config.output_dir}",
     )
@@ -235,6 +249,7 @@ def _train(config: TrainConfig, dist: DistInfo, tokenizer_source: str | None) ->
                 evaluate=evaluate_now,
                 eval_every_samples=config.eval_every_samples,
                 run_step=run_step,
+                checkpoint_at_epoch=config.checkpoint_at_epoch,
             )
         finally:
             display.close()
@@ -283,6 +298,59 @@ def _evaluator(config: TrainConfig, model: torch.nn.Module, dist: DistInfo):
     return functools.partial(
         evaluate_pairs, model, pair_plan, objective=objective, reference=reference, dist=dist
     )
+
+
+def _held_out_evaluator(
+    config: TrainConfig, model: torch.nn.Module, store: TokenStore, held_out, dist: DistInfo
+):
+    """`--validation-split`: `evaluate()` -> the eval_loss of the held-out samples of the training file (read
+    as training reads them, so `--truncate` cuts them too), with their count in each eval line."""
+    plan = plan_eval(
+        store, max_tokens_per_gpu=config.max_tokens_per_gpu, world_size=dist.world_size, indices=held_out
+    )
+    skipped = f" ({plan.skipped} longer than --max-tokens-per-gpu skipped)" if plan.skipped else ""
+    print0(
+        dist,
+        f"eval set: {plan.samples:,} samples held out of {len(store):,} by --validation-split "
+        f"{config.validation_split:g}, {plan.loss_tokens:,} trained tokens{skipped}",
+    )
+    return lambda: {"eval_loss": evaluate(model, plan, dist=dist), "eval_samples_held_out": len(held_out)}
+
+
+def _keeping_best(evaluate_now, config: TrainConfig, model, state: TrainState, dist: DistInfo, **export):
+    """`--save-best-val-loss`: `evaluate_now`, then, when eval_loss is the lowest so far, the weights exported
+    to OUT/hf_format/best with best_val_loss.json (replaced whole). eval_loss is all-reduced, so every rank
+    takes the same decision and joins the same collective export. A resumed run starts from the recorded
+    best, so it never replaces a better one."""
+    import math
+
+    import orjson
+
+    from minitrain.rundir import BEST_INFO_FILE, best_export_dir, read_best
+
+    recorded = read_best(config.output_dir) if config.resume is not None and dist.is_main else None
+    best = [recorded["eval_loss"] if recorded else math.inf]
+    if dist.world_size > 1:  # rank 0's record: every rank must take the same save decisions
+        torch.distributed.broadcast_object_list(best, src=0)
+
+    def evaluate_and_keep() -> dict[str, float]:
+        values = evaluate_now()
+        loss = values["eval_loss"]
+        if loss < best[0]:  # NaN never is
+            best[0] = loss
+            info = {"eval_loss": loss, "step": state.step, "samples": state.samples_seen}
+            path = save_hf_checkpoint(
+                model, model.lm, output_dir=config.output_dir, samples=state.samples_seen, dist=dist,
+                adapter=config.lora_settings(), merge_adapter=config.merge_lora,
+                trust_remote_code=config.trust_remote_code,
+                folder=best_export_dir(config.output_dir),
+                extra_files={BEST_INFO_FILE: orjson.dumps(info, option=orjson.OPT_INDENT_2) + b"\n"},
+                **export,
+            )  # fmt: skip
+            print0(dist, f"saved {path} (eval_loss {loss:.4f}, the lowest so far)")
+        return values
+
+    return evaluate_and_keep
 
 
 def _objective(config: TrainConfig):
@@ -445,9 +513,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         params = read_training_params(Path(args[0]))
-        state = run(
-            TrainConfig.from_dict(params), tokenizer_source=params.get("tokenizer_source"), tear_down=False
-        )
+        # the file says resume: null (it replays as a fresh run); this launch resumes from resumed_from
+        config = TrainConfig.from_dict({**params, "resume": params.get("resumed_from")})
+        state = run(config, tokenizer_source=params.get("tokenizer_source"), tear_down=False)
     except UserError as err:
         if os.environ.get("MINITRAIN_DEBUG"):
             raise

@@ -42,6 +42,7 @@ def test_help_lists_every_flag():
         "--strict",
         "--train-on",
         "--split-turns",
+        "--trust-remote-code",
         "--config",
     ):
         assert flag in result.output, flag
@@ -61,6 +62,22 @@ def test_positional_spelling(tmp_path):
     assert "lines read" in result.output and "100" in result.output
     assert sum(1 for _ in iter_samples(out)) == 100
     assert read_sidecar(out)["counts"]["written"] == 100
+
+
+def test_trust_remote_code_reaches_the_tokenizer(tmp_path, monkeypatch):
+    """A tokenizer with its own class: refused in one line without the flag, tokenized with it."""
+    from tests.data.test_tokenizer import remote_code_tokenizer
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    tokenizer = remote_code_tokenizer(tmp_path / "custom")
+    (tmp_path / "in.jsonl").write_text(GOOD + "\n")
+    args = ["tokenize", str(tmp_path / "in.jsonl"), "-o", str(tmp_path / "out.jsonl"),
+            "--model-name-or-path", str(tokenizer), "--num-workers", "1"]  # fmt: skip
+    refused = runner.invoke(app, args)
+    assert isinstance(refused.exception, UserError) and "add --trust-remote-code" in str(refused.exception)
+    result = runner.invoke(app, [*args, "--trust-remote-code"])
+    assert result.exit_code == 0, result.output
+    assert [s["source_line"] for _, s in iter_samples(tmp_path / "out.jsonl")] == [1]
 
 
 def test_mini_trainer_spelling_in_process(tmp_path):

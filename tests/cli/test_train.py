@@ -28,6 +28,8 @@ FLAGS = {
     "--preference-loss", "--beta", "--simpo-gamma", "--sft-weight", "--config",
     "--beta1", "--beta2", "--eps", "--lr-scheduler-kwargs", "--max-tokens", "--save-dtype",
     "--trust-remote-code", "--no-trust-remote-code",
+    "--validation-split", "--save-best-val-loss", "--no-save-best-val-loss", "--checkpoint-at-epoch",
+    "--no-checkpoint-at-epoch", "--save-final-checkpoint",
 }  # fmt: skip
 
 MINI_TRAINER = [

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from minitrain.data.packing import plan_minibatches
-from minitrain.data.sampler import InfiniteSampler, StopRule, epoch_permutation
+from minitrain.data.sampler import InfiniteSampler, StopRule, epoch_permutation, split_validation
 from minitrain.errors import UserError
 
 
@@ -100,3 +100,45 @@ def test_stop_rule_ends_at_the_first_limit_reached() -> None:
     tokens = StopRule(max_tokens=1000)
     assert not tokens.reached(steps=10**9 - 1, samples_seen=10**9, epochs=1e9, tokens_seen=999)
     assert tokens.reached(steps=0, samples_seen=0, epochs=0.0, tokens_seen=1000)
+
+
+# --- --validation-split ------------------------------------------------------------------------------------
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(2, 300), fraction=st.floats(0.01, 0.99), seed=st.integers(0, 2**31))
+def test_validation_split_holds_out_floor_of_the_fraction_from_the_seed_alone(n, fraction, seed) -> None:
+    held = int(fraction * n)  # the reference: floor of F x N
+    if not 1 <= held < n:
+        with pytest.raises(UserError, match="--validation-split"):
+            split_validation(n, fraction, seed)
+        return
+    trained, held_out = split_validation(n, fraction, seed)
+    assert len(held_out) == held and len(trained) == n - held
+    assert sorted(np.concatenate([trained, held_out]).tolist()) == list(range(n))  # a partition
+    again_trained, again_held = split_validation(n, fraction, seed)  # no hidden state, no rank in it
+    assert again_held.tolist() == held_out.tolist() and again_trained.tolist() == trained.tolist()
+
+
+def test_validation_split_depends_on_the_seed() -> None:
+    assert split_validation(100, 0.2, 1)[1].tolist() != split_validation(100, 0.2, 2)[1].tolist()
+
+
+def test_validation_split_refuses_a_fraction_that_holds_out_nothing() -> None:
+    with pytest.raises(UserError, match=r"--validation-split 0.05 of 10 samples holds out none; raise it to"):
+        split_validation(10, 0.05, 0)
+    assert len(split_validation(3, 0.99, 0)[0]) == 1  # floor(2.97) = 2 held out: one left to train
+
+
+def test_a_sampler_over_the_trained_ids_never_draws_a_held_out_sample_and_resumes() -> None:
+    trained, held_out = split_validation(50, 0.3, seed=5)
+    sampler = InfiniteSampler(num_samples=len(trained), seed=5, ids=trained)
+    drawn = [sampler.next_batch(7) for _ in range(15)]  # 105 draws: 3 epochs of 35
+    flat = [i for batch in drawn for i in batch]
+    assert not set(flat) & set(held_out.tolist())
+    for e in range(3):  # every trained sample exactly once per epoch, in the epoch's permutation
+        assert flat[35 * e : 35 * (e + 1)] == trained[epoch_permutation(35, 5, e)].tolist()
+    resumed = InfiniteSampler.from_state_dict(InfiniteSampler.at(35, 5, 21).state_dict(), ids=trained)
+    assert resumed.next_batch(7) == drawn[3]
+    with pytest.raises(UserError, match="ids"):
+        InfiniteSampler(num_samples=36, seed=5, ids=trained)

@@ -146,3 +146,45 @@ def test_load_tokenizer_from_a_folder_and_its_one_line_errors(tmp_path: Path, hu
     message = str(err.value)
     assert message.startswith(f"cannot load a tokenizer from {broken} (") and "\n" not in message
     assert message.endswith("); pass a local tokenizer or model folder")  # complete, not cut mid-sentence
+
+
+def remote_code_tokenizer(folder: Path) -> Path:
+    """A tokenizer folder that ships its own tokenizer class (auto_map), as custom Hub repositories do."""
+    import shutil
+
+    shutil.copytree(SMOLLM2, folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config.update(
+        tokenizer_class="MiniTokenizerFast",
+        auto_map={"AutoTokenizer": [None, "tokenization_mini.MiniTokenizerFast"]},
+    )
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    (folder / "tokenization_mini.py").write_text(
+        "from transformers import PreTrainedTokenizerFast\n\n\n"
+        "class MiniTokenizerFast(PreTrainedTokenizerFast):\n    pass\n"
+    )
+    return folder
+
+
+def test_trust_remote_code_runs_the_tokenizers_own_class(tmp_path: Path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    folder = remote_code_tokenizer(tmp_path / "custom")
+    with pytest.raises(UserError, match="ships its own tokenizer code; add --trust-remote-code") as err:
+        tk.load_tokenizer(folder)
+    assert "\n" not in str(err.value)
+    assert type(tk.load_tokenizer(folder, trust_remote_code=True)).__name__ == "MiniTokenizerFast"
+
+
+def test_train_checks_the_data_against_a_remote_code_tokenizer_only_with_the_flag(
+    tmp_path: Path, monkeypatch
+):
+    """Without --trust-remote-code the tokenizer cannot load, so the fingerprint check has nothing to compare
+    with; with it the tokenizer loads and a wrong fingerprint is refused: the flag reached the loader."""
+    from minitrain.train.preflight import check_tokenizer_matches
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    folder = remote_code_tokenizer(tmp_path / "custom")
+    meta = {"tokenizer": {"fingerprint": "0" * 64, "path": "elsewhere"}}
+    check_tokenizer_matches(meta, str(folder), tmp_path / "d.jsonl")  # skipped: no tokenizer to compare
+    with pytest.raises(UserError, match="was tokenized with elsewhere"):
+        check_tokenizer_matches(meta, str(folder), tmp_path / "d.jsonl", trust_remote_code=True)

@@ -85,6 +85,19 @@ def test_one_epoch_plan_matches_direct_replay(data: tuple[Path, list[dict]], tmp
     assert report.imbalance.min >= 1.0 and 0 < report.balance <= 1.0
 
 
+def test_validation_split_plans_only_the_trained_samples(data: tuple[Path, list[dict]], tmp_path: Path):
+    from minitrain.data.sampler import split_validation
+
+    path, _ = data
+    report = run(path, validation_split=0.2, max_epochs=2.0, report_path=tmp_path / "plan.json")
+    trained, held_out = split_validation(100, 0.2, 7)
+    assert report.steps_per_epoch == math.ceil(80 / 16) and report.steps == 10
+    drawn = [
+        i for step in orjson.loads((tmp_path / "plan.json").read_bytes())["steps"] for i in step["samples"]
+    ]
+    assert sorted(drawn) == sorted(trained.tolist() * 2)  # each trained sample once per epoch, none held out
+
+
 def test_stop_rules(data: tuple[Path, list[dict]]) -> None:
     path, samples = data
     assert run(path, max_steps=3).steps == 3

@@ -366,6 +366,7 @@ def test_each_launch_is_appended_to_the_params_history(tmp_path):
     params = read_training_params(out)
     assert params["learning_rate"] == 2e-5 and params["world_size"] == 2  # the top level: the latest launch
     assert params["resumed_from"] == str(checkpoint)
+    assert params["resume"] is None  # the file replays as a fresh run; the workers resume from resumed_from
     assert TrainConfig.from_dict(params).learning_rate == 2e-5  # what the workers read
     assert [(x["learning_rate"], x["resumed_from"]) for x in params["launches"]] == [
         (1e-5, None), (2e-5, str(checkpoint)),
