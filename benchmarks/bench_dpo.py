@@ -7,9 +7,10 @@ steps (VmHWM reset after set-up) minus its RSS then: the model, optimizer state 
 warm-up step has run, so the number is what a step adds (activations, logits, gradients).
 
 Both sides train the same Llama built from a config (4 layers, hidden 256, 4 heads (2 KV), the TinyLlama
-vocabulary of 32,000), seeded alike, on the same token ids: `../shared/fixtures/data/dpo_en_demo.preference.jsonl`
-tokenized once by `minitrain tokenize` with the TinyLlama fixture tokenizer; pairs longer than --max-pair
-tokens (both sides) are left out; each step draws --batch pairs at random (seeded, the same for both).
+vocabulary of 32,000), seeded alike, on the same token ids:
+`../shared/fixtures/data/dpo_en_demo.preference.jsonl` tokenized once by `minitrain tokenize` with the
+TinyLlama fixture tokenizer; pairs longer than --max-pair tokens (both sides) are left out; each step
+draws --batch pairs at random (seeded, the same for both).
 
   minitrain   `minitrain.train.dpo.preference_step` (the training loop's step: pairs packed into one row
               per --max-tokens-per-gpu, per-sample attention, chunked weighted loss, sigmoid DPO, beta 0.1)
@@ -87,7 +88,7 @@ def tokenize(workdir: Path) -> Path:
 
 
 def select(tokenized: Path, workdir: Path, *, batch: int, steps: int, max_pair: int, seed: int) -> Path:
-    """A tokenized file of the (steps + 1) x batch pairs the steps use (step 0: the warm-up), in step order."""
+    """A tokenized file of the (steps + 1) x batch pairs of the steps (step 0: the warm-up), in step order."""
     lines = [line for line in tokenized.read_bytes().splitlines() if line.strip()]
     fit = [ln for ln in lines if sum(json.loads(ln)[k]["len"] for k in ("chosen", "rejected")) <= max_pair]
     need = (steps + 1) * batch
@@ -158,8 +159,15 @@ def minitrain_side(args, data: Path) -> tuple:
 
     def step(i: int) -> None:
         pairs = list(range(i * args.batch, (i + 1) * args.batch))
-        preference_step(model, store, pairs, objective=objective, reference=cached_reference(values[0]), dist=cpu1,
-                        max_tokens_per_gpu=budget)  # fmt: skip
+        preference_step(
+            model,
+            store,
+            pairs,
+            objective=objective,
+            reference=cached_reference(values[0]),
+            dist=cpu1,
+            max_tokens_per_gpu=budget,
+        )
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -228,8 +236,10 @@ def child(args) -> dict:
     data = Path(args.data)
     reference_pass, step = (minitrain_side if args.child == "minitrain" else trl_side)(args, data)
     lines = [json.loads(ln) for ln in data.read_bytes().splitlines()]
-    useful = [sum(p[k]["len"] for p in lines[i * args.batch : (i + 1) * args.batch] for k in ("chosen", "rejected"))
-              for i in range(args.steps + 1)]  # fmt: skip
+    useful = [
+        sum(p[k]["len"] for p in lines[i * args.batch : (i + 1) * args.batch] for k in ("chosen", "rejected"))
+        for i in range(args.steps + 1)
+    ]
     ref_cpu, _ = _timed(reference_pass)  # over the steps' pairs and the warm-up's
     step(0)  # warm-up: allocator and optimizer state
     base = _rss()
@@ -299,8 +309,14 @@ def main() -> None:
         return
 
     with tempfile.TemporaryDirectory() as tmp:
-        data = select(tokenize(Path(tmp)), Path(tmp), batch=args.batch, steps=args.steps, max_pair=args.max_pair,
-                      seed=args.seed)  # fmt: skip
+        data = select(
+            tokenize(Path(tmp)),
+            Path(tmp),
+            batch=args.batch,
+            steps=args.steps,
+            max_pair=args.max_pair,
+            seed=args.seed,
+        )
         rows = {"minitrain": run_side(args, "minitrain", data)}
         if trl_importable(args.trl_path):
             rows["trl"] = run_side(args, "trl", data)
@@ -315,16 +331,31 @@ def main() -> None:
     table = Table(
         title=f"DPO step, Llama 4x256 vocab 32k, {args.batch} fixture pairs/step (fp32, CPU, 1 thread)"
     )
-    cols = ("side", "useful tok/CPU-s", "CPU s/step", "useful tok/step", "wall tok/s", "peak +MB", "base RSS MB",
-            "ref pass tok/CPU-s", "ref pass CPU s/step")  # fmt: skip
+    cols = (
+        "side",
+        "useful tok/CPU-s",
+        "CPU s/step",
+        "useful tok/step",
+        "wall tok/s",
+        "peak +MB",
+        "base RSS MB",
+        "ref pass tok/CPU-s",
+        "ref pass CPU s/step",
+    )
     for col in cols:
         table.add_column(col, justify="left" if col == "side" else "right")
     for side, r in rows.items():
-        table.add_row(
-            side, f"{r['tokens_per_s']:.0f}", f"{r['cpu_seconds_per_step']:.2f}", f"{r['useful_tokens_per_step']:.0f}",
-            f"{r['wall_tokens_per_s']:.0f}", f"{r['peak_added_mb']:.0f}", f"{r['baseline_rss_mb']:.0f}",
-            f"{r['reference_tokens_per_s']:.0f}", f"{r['reference_cpu_seconds_per_step']:.2f}",
-        )  # fmt: skip
+        keys = (
+            "tokens_per_s",
+            "cpu_seconds_per_step",
+            "useful_tokens_per_step",
+            "wall_tokens_per_s",
+            "peak_added_mb",
+            "baseline_rss_mb",
+            "reference_tokens_per_s",
+            "reference_cpu_seconds_per_step",
+        )
+        table.add_row(side, *(f"{r[k]:.2f}" if "seconds" in k else f"{r[k]:.0f}" for k in keys))
     console.print(table)
     ratios = {}
     if "trl" in rows:
