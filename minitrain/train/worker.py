@@ -24,7 +24,7 @@ import torch  # noqa: E402 - after the handler above: importing torch takes seco
 
 from minitrain.config import TrainConfig
 from minitrain.data.sampler import InfiniteSampler
-from minitrain.data.store import TokenStore
+from minitrain.data.store import TokenStore, truncate
 from minitrain.errors import UserError, first_line, say, signal_exit_code
 from minitrain.rundir import METRICS_FILE, read_training_params, resolve_resume, scan_checkpoints
 from minitrain.train.checkpoint import load_training_state, save_training_state
@@ -83,8 +83,8 @@ def _train(config: TrainConfig, dist: DistInfo, tokenizer_source: str | None) ->
     dpo = config.objective == "dpo"
     num_units = store.num_pairs if dpo else len(store)  # what the sampler draws: samples, or pairs
     unit = "pairs" if dpo else "samples"
-    if config.truncate:  # over-long samples keep their first tokens instead of being skipped by the planner
-        store = store.truncated(config.max_tokens_per_gpu)
+    if config.truncate:  # over-long samples (pairs) keep their first tokens instead of being skipped
+        store, _ = truncate(store, config.max_tokens_per_gpu, config.objective)
 
     # master weights: fp32 (bf16 compute on GPU through FSDP2's mixed precision) or bf16 with
     # --master-dtype bf16
