@@ -248,7 +248,7 @@ def _preference_step(config: TrainConfig, model: torch.nn.Module, store: TokenSt
     objective = _objective(config)
     reference = None
     if objective.needs_reference:
-        reference = _reference(config, model, store, dist)
+        reference = _reference(config, model, store, dist, truncated=config.truncate)
     return functools.partial(
         preference_step, model, store, objective=objective, reference=reference, dist=dist,
         max_tokens_per_gpu=config.max_tokens_per_gpu,
@@ -279,7 +279,7 @@ def _evaluator(config: TrainConfig, model: torch.nn.Module, dist: DistInfo):
     reference = None
     if objective.needs_reference:
         files = (EVAL_REFERENCE_LOGPS_FILE, EVAL_REFERENCE_KEY_FILE)
-        reference = _reference(config, model, store, dist, files=files)
+        reference = _reference(config, model, store, dist, truncated=False, files=files)  # never cut
     return functools.partial(
         evaluate_pairs, model, pair_plan, objective=objective, reference=reference, dist=dist
     )
@@ -294,9 +294,11 @@ def _objective(config: TrainConfig):
     )  # fmt: skip
 
 
-def _reference(config: TrainConfig, model: torch.nn.Module, store: TokenStore, dist: DistInfo, **kw):
-    """The DPO reference of `store`'s pairs (training or eval): computed per minibatch for an adapter run,
-    else loaded from (or computed once into) the run directory's cache."""
+def _reference(
+    config: TrainConfig, model: torch.nn.Module, store: TokenStore, dist: DistInfo, *, truncated: bool, **kw
+):
+    """The DPO reference of `store`'s pairs (training or eval; `truncated`: cut by --truncate): computed per
+    minibatch for an adapter run, else loaded from (or computed once into) the run directory's cache."""
     from minitrain.train.dpo import (
         adapter_reference,
         cached_reference,
@@ -312,6 +314,8 @@ def _reference(config: TrainConfig, model: torch.nn.Module, store: TokenStore, d
     key = reference_key(
         data_path=store.path, model_name_or_path=config.model_name_or_path,
         from_scratch=config.from_scratch, seed=config.seed, master_dtype=config.master_dtype,
+        base_adapters=tuple(Path(a) for a in config.base_adapters),
+        max_tokens_per_gpu=config.max_tokens_per_gpu, truncate=truncated,
     )  # fmt: skip
     values = load_or_compute_reference(
         model, store, output_dir=config.output_dir, key=key, dist=dist,
