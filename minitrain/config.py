@@ -151,7 +151,7 @@ class TrainConfig:
     # per rank
     batch_size: int = 128
     max_tokens_per_gpu: int = 16384
-    truncate: bool = False  # samples longer than max_tokens_per_gpu: keep their first tokens (else: skipped)
+    truncate: bool = False  # samples (pairs) longer than max_tokens_per_gpu: cut to fit (else: skipped)
     # optimisation
     learning_rate: float = 5e-6
     num_warmup_steps: int = 10
@@ -454,11 +454,6 @@ def _check_objective(config: TrainConfig) -> None:
         raise UserError("--simpo-gamma is SimPO's margin: add --preference-loss simpo, or drop it")
     if config.sft_weight and config.preference_loss == "orpo":
         raise UserError("--preference-loss orpo has its own SFT term; drop --sft-weight")
-    if config.truncate:
-        raise UserError(
-            "--objective dpo does not support --truncate yet; drop it (train pairs that fit "
-            "--max-tokens-per-gpu)"
-        )
 
 
 def _check_eval(config: TrainConfig) -> None:

@@ -167,6 +167,9 @@ ROWS = [
     Row("train", "a preference file (tokenized prompt/chosen/rejected) given to SFT training",
         _train(data=f"{W}/pairs-tok.jsonl"),
         ("pairs-tok.jsonl was tokenized as preference pairs", "train it with --objective dpo")),
+    Row("train", "a preference file without its .meta.json sidecar given to SFT training",
+        _train(data=f"{W}/pairs-nosidecar.jsonl"),
+        ("pairs-nosidecar.jsonl was tokenized as preference pairs", "train it with --objective dpo")),
     Row("train", "an SFT file given to --objective dpo", _train("--objective", "dpo"),
         ("d.jsonl holds SFT samples", "--objective dpo needs preference pairs",
          "tokenize prompt/chosen/rejected")),
@@ -194,9 +197,10 @@ ROWS = [
     Row("train", "--sft-weight with orpo",
         _train("--objective", "dpo", "--preference-loss", "orpo", "--sft-weight", "1"),
         ("orpo has its own SFT term", "drop --sft-weight")),
-    Row("train", "--objective dpo with --truncate (not yet)",
-        _train("--objective", "dpo", "--truncate"),
-        ("--objective dpo does not support --truncate yet", "drop it")),
+    Row("train", "--truncate with --objective dpo when no pair's prompt leaves room for a response",
+        _train("--objective", "dpo", "--truncate", "--max-tokens-per-gpu", "3", data=f"{W}/pairs-tok.jsonl"),
+        ("pairs-tok.jsonl: no pair fits --max-tokens-per-gpu 3 even cut by --truncate",
+         "raise --max-tokens-per-gpu")),
     Row("train", "data file does not exist", _train(data=f"{W}/nope.jsonl"),
         ("nope.jsonl: no such file", "pass the output of `minitrain tokenize`")),
     Row("train", "data file is empty", _train(data=f"{W}/empty.jsonl"),
@@ -411,6 +415,7 @@ def ws(tmp_path_factory) -> Path:
     (w / "pairs-tok.meta.json").write_bytes(
         orjson.dumps({"format": "minitrain.tokenized", "kind": "preference", "counts": {"pairs": 1}})
     )
+    shutil.copy(w / "pairs-tok.jsonl", w / "pairs-nosidecar.jsonl")  # the kind is read off its first line
     (w / "pairs-bad.jsonl").write_bytes(
         orjson.dumps({"chosen": side, "prompt_len": 1, "source_line": 1}) + b"\n"
     )

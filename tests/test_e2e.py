@@ -84,3 +84,50 @@ def test_tokenize_train_plot(tmp_path):
 
     _minitrain("plot", "run", "-o", "loss.png", cwd=tmp_path)
     assert (tmp_path / "loss.png").stat().st_size > 0
+
+
+def test_tokenize_fixture_pairs_and_train_dpo_with_truncate(tmp_path):
+    """The fixture's preference pairs: tokenized, then `train --objective dpo --truncate` with a budget that
+    cuts about half of them: the run trains, starts at ln 2, and says and records what was cut."""
+    import math
+
+    from transformers import AutoTokenizer
+
+    from minitrain.data.store import TokenStore, truncate
+
+    rows = (DATA / "dpo_en_demo.preference.jsonl").read_bytes().splitlines(keepends=True)[:24]
+    (tmp_path / "prefs.jsonl").write_bytes(b"".join(rows))
+    model = tmp_path / "model"
+    tiny_llama_config(vocab_size=len(AutoTokenizer.from_pretrained(SMOLLM2))).save_pretrained(model)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(SMOLLM2 / name, model / name)
+    _minitrain("tokenize", "prefs.jsonl", "-o", "pairs.jsonl", "--model-name-or-path", model,
+               "--num-workers", "1", cwd=tmp_path)  # fmt: skip
+    meta = orjson.loads((tmp_path / "pairs.meta.json").read_bytes())
+    assert meta["kind"] == "preference" and meta["counts"]["pairs"] == 24
+
+    store = TokenStore.open(tmp_path / "pairs.jsonl", "dpo")
+    budget = int(sorted(store.pair_lengths)[len(store.pair_lengths) // 2])  # the median pair: ~half cut
+    _, cut = truncate(store, budget, "dpo")
+    assert cut.cut > 0
+    done = _minitrain(
+        "train", "--data-path", "pairs.jsonl", "--model-name-or-path", model, "--output-dir", "run",
+        "--objective", "dpo", "--truncate", "--max-tokens-per-gpu", str(budget), "--nproc", "1",
+        "--from-scratch", "--max-steps", "3", "--batch-size", "4", "--learning-rate", "1e-3",
+        "--num-warmup-steps", "0", "--min-samples-per-checkpoint", "1000",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert (
+        f"{cut.too_long} of 24 pairs are longer than --max-tokens-per-gpu {budget}: --truncate keeps each "
+        f"side's first tokens, the prompt whole and the longer response cut first ({cut.cut} pairs cut, "
+        f"{cut.tokens_cut:,} tokens)"
+    ) in done.stdout + done.stderr
+    run = tmp_path / "run"
+    params = orjson.loads((run / "training_params.json").read_bytes())
+    assert (params["num_samples_truncated"], params["num_tokens_truncated"]) == (cut.cut, cut.tokens_cut)
+    records = [orjson.loads(line) for line in (run / "training_metrics_0.jsonl").read_bytes().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert records[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # the reference is the initial model
+    for record in records:
+        assert 0 < record["num_samples"] <= 4 and math.isfinite(record["loss"])
+        assert {"rewards/margins", "rewards/accuracies", "logps/chosen"} <= record.keys()

@@ -147,11 +147,30 @@ def is_preference(meta: dict[str, Any] | None) -> bool:
     return (meta or {}).get("kind", KIND_SFT) == KIND_PREFERENCE
 
 
+def is_pair_file(path: Path, meta: dict[str, Any] | None) -> bool:
+    """True for a preference file: its sidecar says so, or (no sidecar: a file written by hand or by another
+    tool, or the sidecar not copied along) its first non-blank line holds both sides as objects."""
+    if meta is not None:
+        return is_preference(meta)
+    if not Path(path).is_file():
+        return False  # the reader names the missing file
+    with Path(path).open("rb") as f:
+        for raw in f:
+            if raw.strip():
+                try:
+                    first = orjson.loads(raw)
+                except orjson.JSONDecodeError:
+                    return False  # the line's own error comes from parse_sample / parse_pair, with FILE:LINE
+                return isinstance(first, dict) and all(isinstance(first.get(k), dict) for k in SIDE_KEYS)
+    return False
+
+
 def check_kind(path: Path, meta: dict[str, Any] | None, objective: str) -> None:
-    """UserError when the file's kind does not fit the training objective ("sft" or "dpo")."""
-    if objective == "sft" and is_preference(meta):
+    """UserError when the file's kind (`is_pair_file`) does not fit the objective ("sft" or "dpo")."""
+    pairs = is_pair_file(path, meta)
+    if objective == "sft" and pairs:
         raise UserError(f"{path} was tokenized as preference pairs; train it with --objective dpo")
-    if objective != "sft" and not is_preference(meta):
+    if objective != "sft" and not pairs:
         raise UserError(
             f"{path} holds SFT samples; --objective {objective} needs preference pairs "
             "(tokenize prompt/chosen/rejected lines)"

@@ -42,6 +42,7 @@ import tempfile
 from array import array
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -359,15 +360,45 @@ class TokenStore:
         for the cut samples only; the token arrays are still the same memory map.
         """
         over = np.flatnonzero(self.lengths > max_tokens)
+        return self._cut({int(i): max_tokens for i in over})
+
+    def truncated_pairs(self, max_tokens: int) -> TokenStore:
+        """This preference store with each pair longer than `max_tokens` (both sides) cut to fit it
+        (`--truncate --objective dpo`).
+
+        Each side keeps its first tokens, as TRL's `truncation_mode="keep_start"` does per sequence: the
+        shared prompt stays whole and the responses lose their ends. The two sides get the largest common
+        cap c with min(len_chosen, c) + min(len_rejected, c) <= max_tokens: a side shorter than that is kept
+        whole and the longer response is cut first. A pair whose cut would leave a side without a trained
+        token (its prompt leaves no room for a response) is not cut: it stays longer than the budget and
+        the planner skips it, as without --truncate (`pair_truncation` counts both).
+        """
+        cut: dict[int, int] = {}
+        for p in np.flatnonzero(self.pair_lengths > max_tokens):
+            a, b = int(self.lengths[2 * p]), int(self.lengths[2 * p + 1])
+            short = min(a, b)
+            cap = max_tokens - short if short <= max_tokens // 2 else max_tokens // 2
+            keep = {2 * int(p): min(a, cap), 2 * int(p) + 1: min(b, cap)}
+            if all(self._trained_in_first(i, n) > 0 for i, n in keep.items()):
+                cut.update((i, n) for i, n in keep.items() if n < self.lengths[i])
+        return self._cut(cut)
+
+    def _trained_in_first(self, i: int, n: int) -> int:
+        """Trained tokens (labels != -100 after the shift) among sample i's first n tokens."""
+        return int((self._labels[self.offsets[i] + 1 : self.offsets[i] + n] != IGNORE_INDEX).sum())
+
+    def _cut(self, keep: dict[int, int]) -> TokenStore:
+        """A view of this store with sample i cut to its first keep[i] tokens, its counts recomputed."""
         view = object.__new__(TokenStore)
         view.__dict__.update(self.__dict__)
-        if over.size == 0:
+        if not keep:
             return view
-        view.lengths = np.minimum(self.lengths, max_tokens)
+        view.lengths = np.array(self.lengths)
         view.num_loss_counted = np.array(self.num_loss_counted)
         view.num_trained = np.array(self.num_trained)
-        for i in over:
-            kept = self._labels[self.offsets[i] : self.offsets[i] + max_tokens]
+        for i, n in keep.items():
+            kept = self._labels[self.offsets[i] : self.offsets[i] + n]
+            view.lengths[i] = n
             view.num_loss_counted[i] = int((kept != IGNORE_INDEX).sum())
             view.num_trained[i] = int((kept[1:] != IGNORE_INDEX).sum())
         view.num_tokens = int(view.lengths.sum())
@@ -385,3 +416,27 @@ class TokenStore:
 
     def __repr__(self) -> str:
         return f"TokenStore({str(self.path)!r}, samples={len(self)}, tokens={self.num_tokens})"
+
+
+@dataclass(frozen=True)
+class Truncation:
+    """What `--truncate` did to a store, in the objective's units (samples, or pairs)."""
+
+    too_long: int  # units longer than the budget before the cut
+    cut: int  # of those, units cut to fit it
+    tokens_cut: int  # tokens cut off them
+    skipped: int  # units still longer than the budget (pairs whose prompt leaves no room): skipped
+
+
+def truncate(store: TokenStore, max_tokens: int, objective: str) -> tuple[TokenStore, Truncation]:
+    """`store` cut to the token budget as `train --truncate` does (`TokenStore.truncated` for samples,
+    `truncated_pairs` for `--objective dpo`), and what was cut."""
+    pairs = objective == "dpo"
+    view = store.truncated_pairs(max_tokens) if pairs else store.truncated(max_tokens)
+    before, after = (store.pair_lengths, view.pair_lengths) if pairs else (store.lengths, view.lengths)
+    return view, Truncation(
+        too_long=int((before > max_tokens).sum()),
+        cut=int((after < before).sum()),
+        tokens_cut=int((before - after).sum()),
+        skipped=int((after > max_tokens).sum()),
+    )

@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from minitrain.config import InspectConfig
-from minitrain.data.format import read_sidecar
+from minitrain.data.format import is_pair_file, read_sidecar
 from minitrain.errors import UserError
 from minitrain.inspect.audit import AuditReport, audit_file
-from minitrain.inspect.select import SelectedSample, first_sample, is_pair_file, select_samples
+from minitrain.inspect.select import SelectedSample, first_sample, select_samples
 from minitrain.inspect.stats import (
     DatasetStats,
     PairStats,

@@ -13,9 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import orjson
-
-from minitrain.data.format import IGNORE_INDEX, is_preference, parse_pair, parse_sample
+from minitrain.data.format import IGNORE_INDEX, parse_pair, parse_sample
 from minitrain.errors import UserError
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -118,19 +116,6 @@ def select_samples(
         if len(out) >= (n or 3):
             break
     return out
-
-
-def is_pair_file(path: Path, meta: dict[str, Any] | None) -> bool:
-    """True for a preference file: its sidecar says so, or (no sidecar) its first line has both sides."""
-    if meta is not None:
-        return is_preference(meta)
-    for _, _, raw in iter_raw(path):
-        try:
-            first = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            return False
-        return isinstance(first, dict) and all(isinstance(first.get(k), dict) for k in ("chosen", "rejected"))
-    return False
 
 
 def first_sample(path: Path, pairs: bool = False) -> dict[str, Any]:

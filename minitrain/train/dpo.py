@@ -19,7 +19,8 @@ numbers for any `--nproc` and `--max-tokens-per-gpu` (tests/train/test_dpo.py).
 Reference (objectives with one: sigmoid, ipo, hinge): the initial model's summed log-probabilities of every
 side, computed ONCE before training by the same sharded model with no gradients (`reference_logps`), kept
 in OUT/reference_logps.npy with its key (`reference_key`: the data's fingerprint, the model's files, the
-seed of a from-scratch model, the master dtype) in OUT/reference_logps.json, and read by every step. A
+seed of a from-scratch model, the base adapters, the master dtype, the token budget and --truncate) in
+OUT/reference_logps.json, and read by every step. A
 resumed run, or a new run with the same key in the same folder, reads the file instead of recomputing.
 Trade-off: one extra forward pass over the data before the first step and 16 bytes per pair on disk,
 instead of a second model in memory (a frozen copy doubles the weights) or a second forward per step.
@@ -274,24 +275,40 @@ def reference_logps(
 
 
 def reference_key(
-    *, data_path: Path, model_name_or_path: str, from_scratch: bool, seed: int, master_dtype: str
+    *,
+    data_path: Path,
+    model_name_or_path: str,
+    from_scratch: bool,
+    seed: int,
+    master_dtype: str,
+    base_adapters: tuple[Path, ...] = (),
+    max_tokens_per_gpu: int,
+    truncate: bool,
 ) -> dict[str, Any]:
     """What the reference log-probs depend on: the data, the model's weight files (or the from-scratch
-    seed)."""
-    model_dir = Path(model_name_or_path)
-    files = []
-    if model_dir.is_dir():
-        for path in sorted(model_dir.iterdir()):
-            if path.suffix in (".safetensors", ".bin", ".json") and path.is_file():
-                st = path.stat()
-                files.append([path.name, st.st_size, st.st_mtime_ns])
+    seed), the frozen base adapters under it, the master dtype, and the token budget (which pairs are
+    skipped (NaN) and, with --truncate, where each side is cut). A change to any of them recomputes."""
     return {
         "data": fingerprint(Path(data_path)),
         "model": str(model_name_or_path),
-        "model_files": files,
+        "model_files": _weight_files(Path(model_name_or_path)),
         "from_scratch_seed": seed if from_scratch else None,
         "master_dtype": master_dtype,
+        "base_adapters": [[str(a), _weight_files(Path(a))] for a in base_adapters],
+        "max_tokens_per_gpu": max_tokens_per_gpu,
+        "truncate": truncate,
     }
+
+
+def _weight_files(folder: Path) -> list[list[Any]]:
+    """[name, size, mtime_ns] of a model or adapter folder's weight and config files ([] for a Hub id)."""
+    if not folder.is_dir():
+        return []
+    return [
+        [path.name, path.stat().st_size, path.stat().st_mtime_ns]
+        for path in sorted(folder.iterdir())
+        if path.suffix in (".safetensors", ".bin", ".json") and path.is_file()
+    ]
 
 
 def load_or_compute_reference(

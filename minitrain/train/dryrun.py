@@ -43,6 +43,7 @@ from minitrain.atomic import atomic_write
 from minitrain.data.packing import lower_bound, plan_minibatches
 from minitrain.data.sampler import InfiniteSampler, StopRule, split_validation
 from minitrain.data.store import TokenStore
+from minitrain.data.store import truncate as truncate_store
 from minitrain.errors import UserError
 from minitrain.train.memory import (
     GIB,
@@ -296,20 +297,19 @@ def dry_run(
     """Replay sampler + planner for the run's steps (one epoch without a stop criterion) and report.
 
     `lora_rank`, `lora_target_modules` and `load_in_4bit` shape the memory estimate as `train` would run
-    (None: full fine-tuning). `truncate` cuts longer samples to `max_tokens_per_gpu` tokens as `train
-    --truncate` does (`TokenStore.truncated`), instead of dropping them. With `objective` "dpo" the unit
-    is the preference pair (both sides packed together, as `train --objective dpo` does): every count that
-    says samples counts pairs. `validation_split` holds out the samples `train --validation-split` would:
-    the plan draws only the others (`num_samples` still counts them all).
+    (None: full fine-tuning). `truncate` cuts longer samples (pairs) to fit `max_tokens_per_gpu` as
+    `train --truncate` does (`minitrain.data.store.truncate`), instead of dropping them. With `objective`
+    "dpo" the unit is the preference pair (both sides packed together, as `train --objective dpo` does):
+    every count that says samples counts pairs. `validation_split` holds out the samples `train
+    --validation-split` would: the plan draws only the others (`num_samples` still counts them all).
     """
     started = time.perf_counter()
     # the values come from a validated TrainConfig (`minitrain.config`): not checked again here
     store = TokenStore.open(Path(data_path), objective)
     truncated_samples = truncated_tokens = 0
     if truncate:
-        over = store.lengths[store.lengths > max_tokens_per_gpu]
-        truncated_samples, truncated_tokens = int(over.size), int((over - max_tokens_per_gpu).sum())
-        store = store.truncated(int(max_tokens_per_gpu))
+        store, cut = truncate_store(store, int(max_tokens_per_gpu), objective)
+        truncated_samples, truncated_tokens = cut.cut, cut.tokens_cut
     n, lengths, budget = len(store), store.lengths, int(max_tokens_per_gpu)
     num_trained, source_lines, unit = store.num_trained, store.source_lines, "samples"
     if objective == "dpo":  # the pair is the unit: both sides' tokens, trained tokens and source line
@@ -475,7 +475,10 @@ def render_dry_run(report: DryRunReport, console: Any) -> None:
             "dropped as too long",
             f"{report.dropped_samples:,} {report.unit} ({report.dropped_occurrences:,} draws)",
         ),
-        ("cut by --truncate", f"{report.truncated_samples:,} samples ({report.truncated_tokens:,} tokens)"),
+        (
+            "cut by --truncate",
+            f"{report.truncated_samples:,} {report.unit} ({report.truncated_tokens:,} tokens)",
+        ),
     ]  # fmt: skip
     if report.skipped_batches:
         rows.append(("batches skipped (nothing to train)", f"{report.skipped_batches:,}"))

@@ -38,6 +38,7 @@ class Inputs:
     tokens_truncated: int  # tokens cut off those samples with --truncate (0 without)
     eval_store: Any | None  # the --eval-data-path TokenStore
     tokenizer_source: str | None  # where checkpoints copy tokenizer files from
+    num_truncated: int = 0  # with --truncate: samples (pairs) cut to fit the budget
     num_held_out: int = 0  # samples --validation-split holds out of the training file as the eval set
 
 
@@ -75,11 +76,12 @@ def check_inputs(config: TrainConfig) -> Inputs:
     """
     check_trackers(config.report_to)  # --report-to's packages: a missing one is named at once
     model_dir = check_model_path(config.model_name_or_path)
-    store, too_long, cut = _open_data(config.data_path, label=str(config.data_path), config=config)
+    store, too_long, truncation = _open_data(config.data_path, label=str(config.data_path), config=config)
+    cut = truncation.tokens_cut if truncation else 0
     eval_store = None
     if config.eval_data_path is not None:
         label = f"--eval-data-path {config.eval_data_path}"
-        eval_store, _, _ = _open_data(config.eval_data_path, label=label, config=config)
+        eval_store, _, _ = _open_data(config.eval_data_path, label=label, config=config, truncate=False)
     if not config.from_scratch and model_dir is not None:
         _check_weights(config.model_name_or_path, model_dir)
     check_output_dir(config.output_dir)
@@ -89,7 +91,19 @@ def check_inputs(config: TrainConfig) -> Inputs:
     if config.validation_split is not None:  # refused here for too few samples, before anything is spawned
         held_out = len(split_validation(num_units, config.validation_split, config.seed)[1])
     if is_rank0():
-        if too_long and config.truncate:
+        if too_long and config.truncate and config.objective == "dpo":
+            skipped = truncation.skipped
+            say(
+                f"minitrain: {too_long} of {num_units} pairs are longer than --max-tokens-per-gpu "
+                f"{config.max_tokens_per_gpu}: --truncate keeps each side's first tokens, the prompt whole "
+                f"and the longer response cut first ({truncation.cut} pairs cut, {cut:,} tokens)"
+                + (
+                    f"; {skipped} pairs whose prompt leaves no room for both responses will be skipped"
+                    if skipped
+                    else ""
+                )
+            )
+        elif too_long and config.truncate:
             say(
                 f"minitrain: {too_long} of {len(store)} samples are longer than --max-tokens-per-gpu "
                 f"{config.max_tokens_per_gpu}: --truncate keeps their first {config.max_tokens_per_gpu} "
@@ -113,7 +127,9 @@ def check_inputs(config: TrainConfig) -> Inputs:
                 f"--learning-rate {config.learning_rate:g} (lower --num-warmup-steps)"
             )
     source = tokenizer_source(config.model_name_or_path, store.meta)
-    return Inputs(store, too_long, cut, eval_store, source, num_held_out=held_out)
+    return Inputs(
+        store, too_long, cut, eval_store, source, truncation.cut if truncation else 0, num_held_out=held_out
+    )
 
 
 def preflight(config: TrainConfig, inputs: Inputs | None = None) -> Preflight:
@@ -155,7 +171,7 @@ def preflight(config: TrainConfig, inputs: Inputs | None = None) -> Preflight:
             )
     if config.overwrite and is_rank0():
         remove_previous_run(config.output_dir)
-    truncated = inputs.num_too_long if config.truncate else 0
+    truncated = inputs.num_truncated if config.truncate else 0
     return Preflight(
         len(store), inputs.num_too_long, int(store.max_token_id), vocab_size, inputs.tokenizer_source,
         num_truncated=truncated, tokens_truncated=inputs.tokens_truncated, num_held_out=inputs.num_held_out,
@@ -348,29 +364,34 @@ def _check_previous_run(config: TrainConfig) -> None:
         )
 
 
-def _open_data(path: Path, *, label: str, config: TrainConfig):
+def _open_data(path: Path, *, label: str, config: TrainConfig, truncate: bool = True):
     """Open a tokenized file (building its cache) and check it against the token budget (no torch).
 
-    Returns (the store, how many samples are longer than --max-tokens-per-gpu, how many tokens --truncate
-    cuts off them: 0 without --truncate).
+    Returns (the store, how many samples (pairs) are longer than --max-tokens-per-gpu, what --truncate cuts:
+    a `Truncation`, None without --truncate or with `truncate` False: the eval set is never cut).
     """
     from minitrain.data.store import TokenStore
+    from minitrain.data.store import truncate as truncate_store
 
     store = TokenStore.open(path, config.objective)
     if len(store) == 0:
         raise UserError(f"{label}: no samples; check the tokenize step's rejects file")
     # --objective dpo packs pairs: a pair is trained only when both sides fit the budget together
     lengths, unit = (store.pair_lengths, "pair") if config.objective == "dpo" else (store.lengths, "sample")
-    over = lengths[lengths > config.max_tokens_per_gpu]
-    too_long = int(over.size)
+    budget = config.max_tokens_per_gpu
+    too_long = int((lengths > budget).sum())
+    truncation = truncate_store(store, budget, config.objective)[1] if config.truncate and truncate else None
+    if truncation is not None and truncation.skipped == len(lengths):
+        raise UserError(
+            f"{label}: no pair fits --max-tokens-per-gpu {budget} even cut by --truncate (the prompts leave "
+            "no room for a response token on both sides); raise --max-tokens-per-gpu"
+        )
     if too_long == len(lengths) and not config.truncate:
         raise UserError(
-            f"{label}: every {unit} is longer than --max-tokens-per-gpu {config.max_tokens_per_gpu} "
-            f"(shortest: {int(lengths.min())} tokens); raise --max-tokens-per-gpu"
-            + ("" if config.objective == "dpo" else " or add --truncate")
+            f"{label}: every {unit} is longer than --max-tokens-per-gpu {budget} "
+            f"(shortest: {int(lengths.min())} tokens); raise --max-tokens-per-gpu or add --truncate"
         )
-    cut = int((over - config.max_tokens_per_gpu).sum()) if config.truncate else 0
-    return store, too_long, cut
+    return store, too_long, truncation
 
 
 def _check_vocab(store, *, label: str, config: TrainConfig, vocab_size: int) -> None:

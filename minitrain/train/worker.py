@@ -24,7 +24,7 @@ import torch  # noqa: E402 - after the handler above: importing torch takes seco
 
 from minitrain.config import TrainConfig
 from minitrain.data.sampler import InfiniteSampler, split_validation
-from minitrain.data.store import TokenStore
+from minitrain.data.store import TokenStore, truncate
 from minitrain.errors import UserError, first_line, say, signal_exit_code
 from minitrain.rundir import METRICS_FILE, read_training_params, resolve_resume, scan_checkpoints
 from minitrain.train.checkpoint import load_training_state, save_training_state
@@ -83,8 +83,8 @@ def _train(config: TrainConfig, dist: DistInfo, tokenizer_source: str | None) ->
     dpo = config.objective == "dpo"
     num_units = store.num_pairs if dpo else len(store)  # what the sampler draws: samples, or pairs
     unit = "pairs" if dpo else "samples"
-    if config.truncate:  # over-long samples keep their first tokens instead of being skipped by the planner
-        store = store.truncated(config.max_tokens_per_gpu)
+    if config.truncate:  # over-long samples (pairs) keep their first tokens instead of being skipped
+        store, _ = truncate(store, config.max_tokens_per_gpu, config.objective)
     trained_ids = held_out = None  # --validation-split: the sampler draws only trained_ids
     if config.validation_split is not None:
         trained_ids, held_out = split_validation(num_units, config.validation_split, config.seed)
@@ -263,7 +263,7 @@ def _preference_step(config: TrainConfig, model: torch.nn.Module, store: TokenSt
     objective = _objective(config)
     reference = None
     if objective.needs_reference:
-        reference = _reference(config, model, store, dist)
+        reference = _reference(config, model, store, dist, truncated=config.truncate)
     return functools.partial(
         preference_step, model, store, objective=objective, reference=reference, dist=dist,
         max_tokens_per_gpu=config.max_tokens_per_gpu,
@@ -294,7 +294,7 @@ def _evaluator(config: TrainConfig, model: torch.nn.Module, dist: DistInfo):
     reference = None
     if objective.needs_reference:
         files = (EVAL_REFERENCE_LOGPS_FILE, EVAL_REFERENCE_KEY_FILE)
-        reference = _reference(config, model, store, dist, files=files)
+        reference = _reference(config, model, store, dist, truncated=False, files=files)  # never cut
     return functools.partial(
         evaluate_pairs, model, pair_plan, objective=objective, reference=reference, dist=dist
     )
@@ -362,9 +362,11 @@ def _objective(config: TrainConfig):
     )  # fmt: skip
 
 
-def _reference(config: TrainConfig, model: torch.nn.Module, store: TokenStore, dist: DistInfo, **kw):
-    """The DPO reference of `store`'s pairs (training or eval): computed per minibatch for an adapter run,
-    else loaded from (or computed once into) the run directory's cache."""
+def _reference(
+    config: TrainConfig, model: torch.nn.Module, store: TokenStore, dist: DistInfo, *, truncated: bool, **kw
+):
+    """The DPO reference of `store`'s pairs (training or eval; `truncated`: cut by --truncate): computed per
+    minibatch for an adapter run, else loaded from (or computed once into) the run directory's cache."""
     from minitrain.train.dpo import (
         adapter_reference,
         cached_reference,
@@ -380,6 +382,8 @@ def _reference(config: TrainConfig, model: torch.nn.Module, store: TokenStore, d
     key = reference_key(
         data_path=store.path, model_name_or_path=config.model_name_or_path,
         from_scratch=config.from_scratch, seed=config.seed, master_dtype=config.master_dtype,
+        base_adapters=tuple(Path(a) for a in config.base_adapters),
+        max_tokens_per_gpu=config.max_tokens_per_gpu, truncate=truncated,
     )  # fmt: skip
     values = load_or_compute_reference(
         model, store, output_dir=config.output_dir, key=key, dist=dist,

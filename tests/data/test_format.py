@@ -1,12 +1,12 @@
-"""Tests for minitrain/data/format.py's file kinds: is_preference, check_kind, iter_pairs and parse_sample on
-pairs."""
+"""Tests for minitrain/data/format.py's file kinds: is_preference, is_pair_file, check_kind, iter_pairs and
+parse_sample on pairs."""
 
 from __future__ import annotations
 
 import orjson
 import pytest
 
-from minitrain.data.format import check_kind, is_preference, iter_pairs, iter_samples
+from minitrain.data.format import check_kind, is_pair_file, is_preference, iter_pairs, iter_samples
 from minitrain.errors import UserError
 
 SIDE = {"input_ids": [1, 2, 3], "labels": [-100, 2, 3], "len": 3, "num_loss_counted_tokens": 2}
@@ -29,6 +29,26 @@ def test_check_kind_names_the_flag_in_both_directions(tmp_path):
         check_kind(path, {"kind": "preference"}, "sft")
     with pytest.raises(UserError, match=r"d.jsonl holds SFT samples; --objective dpo needs preference pairs"):
         check_kind(path, {}, "dpo")
+
+
+def test_without_a_sidecar_the_first_line_tells_the_kind(tmp_path):
+    pairs, samples = tmp_path / "p.jsonl", tmp_path / "s.jsonl"
+    pairs.write_bytes(b"\n" + orjson.dumps(PAIR) + b"\n")  # a leading blank line is skipped
+    samples.write_bytes(orjson.dumps(SIDE) + b"\n")
+    assert is_pair_file(pairs, None) and not is_pair_file(samples, None)
+    assert not is_pair_file(pairs, {"kind": "sft"})  # a sidecar has the last word
+    assert is_pair_file(samples, {"kind": "preference"})
+    check_kind(pairs, None, "dpo")  # a pair file without its sidecar trains with --objective dpo
+    check_kind(samples, None, "sft")
+    with pytest.raises(
+        UserError, match=r"p.jsonl was tokenized as preference pairs; train it with --objective"
+    ):
+        check_kind(pairs, None, "sft")
+    with pytest.raises(UserError, match=r"s.jsonl holds SFT samples; --objective dpo needs preference pairs"):
+        check_kind(samples, None, "dpo")
+    broken = tmp_path / "b.jsonl"
+    broken.write_bytes(b"{broken\n")
+    assert not is_pair_file(broken, None)  # its reader says FILE:LINE: malformed JSON
 
 
 def test_iter_pairs_reads_pairs_and_names_file_and_line(tmp_path):

@@ -205,3 +205,54 @@ def test_truncated_leaves_the_store_it_came_from_alone(tmp_path: Path) -> None:
     store.truncated(5)
     assert_store_equals(store, samples)
     assert store.truncated(1000).lengths.tolist() == store.lengths.tolist()  # nothing to cut
+
+
+def _pairs_file(path: Path, pairs: list[tuple[int, int, int]], seed: int = 0) -> Path:
+    """A preference file of pairs (prompt length, chosen response length, rejected response length)."""
+    rng = np.random.default_rng(seed)
+    lines = []
+    for k, (prompt_len, *responses) in enumerate(pairs):
+        prompt = rng.integers(0, 1000, prompt_len).tolist()
+        sides = []
+        for n in responses:
+            response = rng.integers(0, 1000, n).tolist()
+            labels = [-100] * prompt_len + response
+            sides.append({"input_ids": prompt + response, "labels": labels, "len": prompt_len + n,
+                          "num_loss_counted_tokens": n})  # fmt: skip
+        pair = {"chosen": sides[0], "rejected": sides[1], "prompt_len": prompt_len, "source_line": k + 1}
+        lines.append(orjson.dumps(pair))
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    return path  # no sidecar: the first line says it holds pairs
+
+
+def test_truncated_pairs_keep_the_prompt_and_cut_the_longer_response_first(tmp_path: Path) -> None:
+    budget = 20
+    shapes = [(3, 4, 5), (4, 20, 3), (4, 12, 14), (6, 30, 30), (9, 5, 7), (10, 1, 1), (12, 40, 2)]
+    store = TokenStore.open(_pairs_file(tmp_path / "p.jsonl", shapes), "dpo")
+    view, cut = store_mod.truncate(store, budget, "dpo")
+    for p, (prompt_len, *_) in enumerate(shapes):
+        a, b = int(store.lengths[2 * p]), int(store.lengths[2 * p + 1])
+        # the reference: the largest common cap c with both sides' first c tokens in the budget, by search
+        c = max(c for c in range(max(a, b) + 1) if min(a, c) + min(b, c) <= budget)
+        keep = [min(a, c), min(b, c)]
+        if a + b > budget and min(keep) <= prompt_len:  # a side without a response token: skipped
+            keep = [a, b]
+        for side, n in zip((2 * p, 2 * p + 1), keep, strict=True):
+            assert view.input_ids(side).tolist() == store.input_ids(side).tolist()[:n]  # the first n tokens
+            assert view.lengths[side] == n
+            assert view.num_trained[side] == n - prompt_len  # the response tokens kept
+            assert view.num_loss_counted[side] == n - prompt_len
+    # worked by hand: 15 fits; 24+7 -> 13+7; 16+18 -> 10+10; 36+36 -> 10+10; 14+16 -> 10+10 (one response
+    # token each); 11+11 and 52+14 would keep no response token at the cap of 10: skipped
+    assert view.pair_lengths.tolist() == [15, 20, 20, 20, 20, 22, 66]
+    assert cut == store_mod.Truncation(too_long=6, cut=4, tokens_cut=11 + 14 + 52 + 10, skipped=2)
+    assert store.lengths.tolist() == [7, 8, 24, 7, 16, 18, 36, 36, 14, 16, 11, 11, 52, 14]  # left alone
+
+
+def test_truncate_of_an_sft_store_counts_samples(tmp_path: Path) -> None:
+    samples = make_samples(30, seed=5, max_len=30)
+    store = TokenStore.open(write_tokenized(tmp_path / "t.jsonl", samples))
+    view, cut = store_mod.truncate(store, 12, "sft")
+    over = [s["len"] - 12 for s in samples if s["len"] > 12]
+    assert cut == store_mod.Truncation(too_long=len(over), cut=len(over), tokens_cut=sum(over), skipped=0)
+    assert view.lengths.tolist() == store.truncated(12).lengths.tolist()

@@ -29,6 +29,7 @@ from peft import PeftModel
 from minitrain.config import LoraSettings
 from minitrain.data.batch import collate
 from minitrain.data.store import TokenStore
+from minitrain.train import dpo as dpo_module
 from minitrain.train.adapters import (
     CPU_QLORA_ENV,
     add_adapters,
@@ -40,7 +41,9 @@ from minitrain.train.dpo import (
     PreferenceObjective,
     adapter_reference,
     cached_reference,
+    load_or_compute_reference,
     preference_step,
+    reference_key,
     reference_logps,
     sequence_logps,
     sides,
@@ -194,6 +197,46 @@ def save_sft_adapter(path: Path) -> Path:
     randomize_new_adapter(model, seed=1)
     save_adapter(model, model.state_dict(), path, settings)
     return path
+
+
+def test_the_reference_cache_is_recomputed_when_anything_it_depends_on_changes(
+    pairs_store, tmp_path, monkeypatch
+):
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return np.full(2 * pairs_store.num_pairs, float(len(calls)))  # which computation a value came from
+
+    monkeypatch.setattr(dpo_module, "reference_logps", counted)
+    model_dir = tmp_path / "model"
+    tiny_llama_config(vocab_size=VOCAB).save_pretrained(model_dir)
+    adapter = save_sft_adapter(tmp_path / "sft")
+    base = dict(
+        data_path=pairs_store.path, model_name_or_path=str(model_dir), from_scratch=False, seed=0,
+        master_dtype="fp32", base_adapters=(), max_tokens_per_gpu=4096, truncate=False,
+    )  # fmt: skip
+
+    def reference(**changes) -> float:
+        key = reference_key(**{**base, **changes})
+        values = load_or_compute_reference(
+            None, pairs_store, output_dir=tmp_path / "run", key=key, dist=CPU1, max_tokens_per_gpu=4096,
+            pairs_per_plan=4,
+        )  # fmt: skip
+        return float(values[0])
+
+    assert reference() == 1 and reference() == 1  # computed once, then read
+    assert reference(base_adapters=(adapter,)) == 2  # a frozen base adapter under the model: recomputed
+    assert reference(base_adapters=(adapter,)) == 2
+    save_sft_adapter(adapter)  # the same folder, new weights (a new file)
+    assert reference(base_adapters=(adapter,)) == 3
+    assert reference(max_tokens_per_gpu=64) == 4  # another budget: other pairs skipped, other cuts
+    assert reference(truncate=True) == 5
+    assert reference(master_dtype="bf16") == 6
+    assert reference(seed=1, from_scratch=True) == 7
+    (model_dir / "config.json").write_text((model_dir / "config.json").read_text() + " ")  # model edited
+    assert reference() == 8
+    assert reference() == 8 and len(calls) == 8
 
 
 @pytest.mark.parametrize("stacked", [False, True], ids=["lora", "stacked"])

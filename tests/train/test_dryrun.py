@@ -382,3 +382,24 @@ def test_dpo_plan_counts_and_packs_pairs(tmp_path: Path) -> None:
     assert [d["source_line"] for d in report.dropped] == [
         int(i) + 1 for i in np.flatnonzero(pair_lengths > budget)
     ]
+
+
+def test_dpo_truncate_plans_the_cut_pairs(tmp_path: Path) -> None:
+    """--objective dpo --truncate: the plan is over the pairs as training cuts them (`truncated_pairs`)."""
+    from minitrain.data.store import TokenStore, truncate
+    from tests.train.test_dpo import write_pairs
+
+    path = write_pairs(tmp_path / "pairs.jsonl", num=20, vocab=64, seed=3)
+    store = TokenStore.open(path, "dpo")
+    budget = int(np.sort(store.pair_lengths)[10])  # about half the pairs are cut
+    cut_store, cut = truncate(store, budget, "dpo")
+    report = run(path, objective="dpo", batch_size=6, max_tokens_per_gpu=budget, truncate=True,
+                 report_path=tmp_path / "p.json")  # fmt: skip
+    assert cut.cut > 0
+    assert (report.truncated_samples, report.truncated_tokens) == (cut.cut, cut.tokens_cut)
+    assert report.dropped_samples == cut.skipped
+    sampler = InfiniteSampler(num_samples=20, seed=7)
+    for step in orjson.loads((tmp_path / "p.json").read_bytes())["steps"]:
+        batch = sampler.next_batch(6)
+        expected = plan_minibatches(cut_store.pair_lengths[batch].tolist(), budget, 2)
+        assert step["minibatches"] == [[[batch[i] for i in r] for r in mb] for mb in expected]
