@@ -27,7 +27,7 @@ from torch import nn
 from minitrain.data.batch import collate, count_loss_tokens
 from minitrain.data.packing import plan_minibatches
 from minitrain.data.store import TokenStore
-from minitrain.train.dist import DistInfo
+from minitrain.train.dist import DistInfo, print0
 from minitrain.train.dpo import (
     METRIC_NAMES,
     PreferenceObjective,
@@ -125,3 +125,26 @@ def evaluate_pairs(
         torch_dist.all_reduce(totals)
     means = (totals / plan.pairs).tolist() if plan.pairs else [float("nan")] * len(METRIC_NAMES)
     return {f"eval_{name}": value for name, value in zip(METRIC_NAMES, means, strict=True)}
+
+
+def held_out_evaluator(
+    model: nn.Module,
+    store: TokenStore,
+    held_out: Sequence[int],
+    *,
+    max_tokens_per_gpu: int,
+    validation_split: float,
+    dist: DistInfo,
+):
+    """`--validation-split`: `evaluate()` -> the eval_loss of the held-out samples of the training file (read
+    as training reads them, so `--truncate` cuts them too), with their count in each eval line."""
+    plan = plan_eval(
+        store, max_tokens_per_gpu=max_tokens_per_gpu, world_size=dist.world_size, indices=held_out
+    )
+    skipped = f" ({plan.skipped} longer than --max-tokens-per-gpu skipped)" if plan.skipped else ""
+    print0(
+        dist,
+        f"eval set: {plan.samples:,} samples held out of {len(store):,} by --validation-split "
+        f"{validation_split:g}, {plan.loss_tokens:,} trained tokens{skipped}",
+    )
+    return lambda: {"eval_loss": evaluate(model, plan, dist=dist), "eval_samples_held_out": len(held_out)}

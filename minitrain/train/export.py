@@ -35,10 +35,10 @@ import torch.distributed as torch_dist
 from torch import nn
 
 from minitrain.rundir import export_dir
-from minitrain.train.dist import DistInfo
+from minitrain.train.dist import DistInfo, print0
 
 if TYPE_CHECKING:
-    from minitrain.config import LoraSettings
+    from minitrain.config import LoraSettings, TrainConfig
 
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json",
@@ -148,6 +148,42 @@ def save_hf_checkpoint(
     if torch_dist.is_initialized():
         torch_dist.barrier()
     return final
+
+
+def keep_best(evaluate_now, config: TrainConfig, model, state, dist: DistInfo, **export):
+    """`--save-best-val-loss`: `evaluate_now`, then, when eval_loss is the lowest so far, the weights exported
+    to OUT/hf_format/best with best_val_loss.json (replaced whole). eval_loss is all-reduced, so every rank
+    takes the same decision and joins the same collective export. A resumed run starts from the recorded
+    best, so it never replaces a better one."""
+    import math
+
+    import orjson
+
+    from minitrain.rundir import BEST_INFO_FILE, best_export_dir, read_best
+
+    recorded = read_best(config.output_dir) if config.resume is not None and dist.is_main else None
+    best = [recorded["eval_loss"] if recorded else math.inf]
+    if dist.world_size > 1:  # rank 0's record: every rank must take the same save decisions
+        torch.distributed.broadcast_object_list(best, src=0)
+
+    def evaluate_and_keep() -> dict[str, float]:
+        values = evaluate_now()
+        loss = values["eval_loss"]
+        if loss < best[0]:  # NaN never is
+            best[0] = loss
+            info = {"eval_loss": loss, "step": state.step, "samples": state.samples_seen}
+            path = save_hf_checkpoint(
+                model, model.lm, output_dir=config.output_dir, samples=state.samples_seen, dist=dist,
+                adapter=config.lora_settings(), merge_adapter=config.merge_lora,
+                trust_remote_code=config.trust_remote_code,
+                folder=best_export_dir(config.output_dir),
+                extra_files={BEST_INFO_FILE: orjson.dumps(info, option=orjson.OPT_INDENT_2) + b"\n"},
+                **export,
+            )  # fmt: skip
+            print0(dist, f"saved {path} (eval_loss {loss:.4f}, the lowest so far)")
+        return values
+
+    return evaluate_and_keep
 
 
 def replace_folder(new: Path, final: Path) -> None:

@@ -241,6 +241,39 @@ def step_flops(
     return (6.0 * num_params + 4.0 * frozen_params) * tokens + attention
 
 
+def matmul_params(lm: Any) -> tuple[int, int]:
+    """(trained, frozen) parameters that cost FLOPs per token: all but the input embedding table (a lookup),
+    unless it is tied to the output head."""
+    from minitrain.train.adapters import logical_numel
+
+    counts = [0, 0]
+    embedding = lm.get_input_embeddings().weight
+    output = lm.get_output_embeddings()
+    tied = output is not None and output.weight is embedding
+    for p in lm.parameters():  # a 4-bit weight's FLOPs are its full shape's
+        if p is not embedding or tied:
+            counts[not p.requires_grad] += logical_numel(p)
+    return counts[0], counts[1]
+
+
+def model_flops_utilization(
+    lengths: Sequence[int],
+    seconds: float,
+    *,
+    num_params: int,
+    frozen_params: int,
+    num_layers: int,
+    hidden_size: int,
+    peak_flops: float,
+) -> float:
+    """Model FLOPs utilisation of a step: `step_flops` of its real tokens over `seconds` at `peak_flops`."""
+    flops = step_flops(
+        num_params=num_params, frozen_params=frozen_params, num_layers=num_layers, hidden_size=hidden_size,
+        lengths=lengths,
+    )  # fmt: skip
+    return flops / (seconds * peak_flops)
+
+
 def peak_flops_per_device(device_name: str) -> float | None:
     """Dense bf16 peak FLOP/s for a GPU name (e.g. 'NVIDIA H100 80GB HBM3'), None when unknown.
 

@@ -36,16 +36,17 @@ from minitrain.train.dist import (
     print0,
     stop_if_any_rank_failed,
 )
-from minitrain.train.evaluate import evaluate, evaluate_pairs, plan_eval, plan_pair_eval
-from minitrain.train.export import merge_host_bytes, save_hf_checkpoint
+from minitrain.train.evaluate import evaluate, evaluate_pairs, held_out_evaluator, plan_eval, plan_pair_eval
+from minitrain.train.export import keep_best, merge_host_bytes, save_hf_checkpoint
 from minitrain.train.faults import StopFlag, die_with_parent
 from minitrain.train.loop import StopRule, TrainState, train_loop
 from minitrain.train.metrics import (
     MetricsWriter,
     ProgressDisplay,
+    matmul_params,
+    model_flops_utilization,
     no_stop_rule_line,
     peak_flops_per_device,
-    step_flops,
 )
 from minitrain.train.model import CausalLMWithLoss, load_dtype, load_model, shard_model
 from minitrain.train.optim import build_optimizer, build_scheduler
@@ -100,7 +101,7 @@ def _train(config: TrainConfig, dist: DistInfo, tokenizer_source: str | None) ->
     except Exception as err:  # noqa: BLE001 - re-raised below, after the other ranks know
         error = err
     stop_if_any_rank_failed(dist, error, stage="building the model")
-    num_params, frozen_params = _matmul_params(lm)
+    num_params, frozen_params = matmul_params(lm)
     use_liger = config.use_liger_kernels and on_gpu
     if config.use_liger_kernels and dpo and dist.is_main:  # Liger has no per-token weights
         say("minitrain: warning: --use-liger-kernels with --objective dpo: using the chunked cross-entropy")
@@ -142,7 +143,10 @@ def _train(config: TrainConfig, dist: DistInfo, tokenizer_source: str | None) ->
     if config.eval_data_path is not None:
         evaluate_now = _evaluator(config, model, dist)
     elif held_out is not None:
-        evaluate_now = _held_out_evaluator(config, model, store, held_out, dist)
+        evaluate_now = held_out_evaluator(
+            model, store, held_out, max_tokens_per_gpu=config.max_tokens_per_gpu,
+            validation_split=config.validation_split, dist=dist,
+        )  # fmt: skip
     if config.resume is not None:
         checkpoint = _resume_point(config, dist)
         sampler_state, counters = load_training_state(
@@ -189,7 +193,7 @@ def _train(config: TrainConfig, dist: DistInfo, tokenizer_source: str | None) ->
         return path
 
     if config.save_best_val_loss and evaluate_now is not None:
-        evaluate_now = _keeping_best(
+        evaluate_now = keep_best(
             evaluate_now, config, model, state, dist, dtype=export_dtype, tokenizer_source=tokenizer_source
         )
 
@@ -198,8 +202,9 @@ def _train(config: TrainConfig, dist: DistInfo, tokenizer_source: str | None) ->
     if peak is not None:
         text = lm.config.get_text_config()
         mfu = functools.partial(
-            _mfu, num_params=num_params, frozen_params=frozen_params, num_layers=text.num_hidden_layers,
-            hidden_size=text.hidden_size, peak_flops=peak * dist.world_size,
+            model_flops_utilization, num_params=num_params, frozen_params=frozen_params,
+            num_layers=text.num_hidden_layers, hidden_size=text.hidden_size,
+            peak_flops=peak * dist.world_size,
         )  # fmt: skip
     held_note = "" if held_out is None else f" ({len(held_out):,} of {num_units:,} held out as the eval set)"
     print0(
@@ -298,59 +303,6 @@ def _evaluator(config: TrainConfig, model: torch.nn.Module, dist: DistInfo):
     return functools.partial(
         evaluate_pairs, model, pair_plan, objective=objective, reference=reference, dist=dist
     )
-
-
-def _held_out_evaluator(
-    config: TrainConfig, model: torch.nn.Module, store: TokenStore, held_out, dist: DistInfo
-):
-    """`--validation-split`: `evaluate()` -> the eval_loss of the held-out samples of the training file (read
-    as training reads them, so `--truncate` cuts them too), with their count in each eval line."""
-    plan = plan_eval(
-        store, max_tokens_per_gpu=config.max_tokens_per_gpu, world_size=dist.world_size, indices=held_out
-    )
-    skipped = f" ({plan.skipped} longer than --max-tokens-per-gpu skipped)" if plan.skipped else ""
-    print0(
-        dist,
-        f"eval set: {plan.samples:,} samples held out of {len(store):,} by --validation-split "
-        f"{config.validation_split:g}, {plan.loss_tokens:,} trained tokens{skipped}",
-    )
-    return lambda: {"eval_loss": evaluate(model, plan, dist=dist), "eval_samples_held_out": len(held_out)}
-
-
-def _keeping_best(evaluate_now, config: TrainConfig, model, state: TrainState, dist: DistInfo, **export):
-    """`--save-best-val-loss`: `evaluate_now`, then, when eval_loss is the lowest so far, the weights exported
-    to OUT/hf_format/best with best_val_loss.json (replaced whole). eval_loss is all-reduced, so every rank
-    takes the same decision and joins the same collective export. A resumed run starts from the recorded
-    best, so it never replaces a better one."""
-    import math
-
-    import orjson
-
-    from minitrain.rundir import BEST_INFO_FILE, best_export_dir, read_best
-
-    recorded = read_best(config.output_dir) if config.resume is not None and dist.is_main else None
-    best = [recorded["eval_loss"] if recorded else math.inf]
-    if dist.world_size > 1:  # rank 0's record: every rank must take the same save decisions
-        torch.distributed.broadcast_object_list(best, src=0)
-
-    def evaluate_and_keep() -> dict[str, float]:
-        values = evaluate_now()
-        loss = values["eval_loss"]
-        if loss < best[0]:  # NaN never is
-            best[0] = loss
-            info = {"eval_loss": loss, "step": state.step, "samples": state.samples_seen}
-            path = save_hf_checkpoint(
-                model, model.lm, output_dir=config.output_dir, samples=state.samples_seen, dist=dist,
-                adapter=config.lora_settings(), merge_adapter=config.merge_lora,
-                trust_remote_code=config.trust_remote_code,
-                folder=best_export_dir(config.output_dir),
-                extra_files={BEST_INFO_FILE: orjson.dumps(info, option=orjson.OPT_INDENT_2) + b"\n"},
-                **export,
-            )  # fmt: skip
-            print0(dist, f"saved {path} (eval_loss {loss:.4f}, the lowest so far)")
-        return values
-
-    return evaluate_and_keep
 
 
 def _objective(config: TrainConfig):
@@ -473,38 +425,6 @@ def _resume_point(config: TrainConfig, dist: DistInfo) -> Path:
     if isinstance(choice[0], UserError):
         raise choice[0]
     return choice[0]
-
-
-def _matmul_params(lm: torch.nn.Module) -> tuple[int, int]:
-    """(trained, frozen) parameters that cost FLOPs per token: all but the input embedding table (a lookup),
-    unless it is tied to the output head."""
-    from minitrain.train.adapters import logical_numel
-
-    counts = [0, 0]
-    embedding = lm.get_input_embeddings().weight
-    output = lm.get_output_embeddings()
-    tied = output is not None and output.weight is embedding
-    for p in lm.parameters():  # a 4-bit weight's FLOPs are its full shape's
-        if p is not embedding or tied:
-            counts[not p.requires_grad] += logical_numel(p)
-    return counts[0], counts[1]
-
-
-def _mfu(
-    lengths: Sequence[int],
-    seconds: float,
-    *,
-    num_params: int,
-    frozen_params: int,
-    num_layers: int,
-    hidden_size: int,
-    peak_flops: float,
-) -> float:
-    flops = step_flops(
-        num_params=num_params, frozen_params=frozen_params, num_layers=num_layers, hidden_size=hidden_size,
-        lengths=lengths,
-    )  # fmt: skip
-    return flops / (seconds * peak_flops)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

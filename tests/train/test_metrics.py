@@ -141,13 +141,13 @@ def test_peak_flops_by_device_name(name, peak):
 
 def test_lora_counts_the_base_as_frozen_and_the_embedding_table_not_at_all(tiny_llama):
     from minitrain.train.adapters import LoraSettings, add_adapters
-    from minitrain.train.worker import _matmul_params
+    from minitrain.train.metrics import matmul_params
 
     embedding = tiny_llama.get_input_embeddings().weight.numel()
     total = sum(p.numel() for p in tiny_llama.parameters())
-    assert _matmul_params(tiny_llama) == (total - embedding, 0)
+    assert matmul_params(tiny_llama) == (total - embedding, 0)
     lm = add_adapters(tiny_llama, LoraSettings(rank=4, target_modules=("q_proj", "v_proj")))
     trained = sum(p.numel() for p in lm.parameters() if p.requires_grad)
     # 2 layers x (q: 4 x (64 + 64), v: 4 x (64 + 32))
     assert trained == 2 * (4 * 128 + 4 * 96)
-    assert _matmul_params(lm) == (trained, total - embedding)
+    assert matmul_params(lm) == (trained, total - embedding)
