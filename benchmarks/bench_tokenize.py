@@ -36,6 +36,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 FIXTURES = REPO.parent / "shared" / "fixtures"
 SMOLLM2 = FIXTURES / "tokenizers" / "smollm2-135m-instruct"
+MINI_TRAINER = "mini_trainer process_data.py (end to end)"
+CLI = "minitrain tokenize CLI (end to end)"
 
 
 def build_input(path: Path, samples: int, data: str = "") -> list[bytes]:
@@ -119,6 +121,96 @@ def bench_minitrain(inp: Path, out: Path, workers: int, tokenizer: Path = SMOLLM
     return median
 
 
+def bench_cli(inp: Path, out: Path, workers: int, tokenizer: Path) -> dict:
+    """`minitrain tokenize` as a user runs it, end to end (start-up, imports, load, run), in a fresh
+    process; CPU from RUSAGE_CHILDREN (its forkserver and workers exit with it and are reaped)."""
+    args = ["-o", str(out), "--model-name-or-path", str(tokenizer), "--num-workers", str(workers)]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    c0, t0 = _cpu(resource.RUSAGE_CHILDREN), time.perf_counter()
+    subprocess.run(
+        [sys.executable, "-m", "minitrain", "tokenize", str(inp), *args],
+        env=env,
+        check=True,
+        capture_output=True,
+    )
+    wall, cpu = time.perf_counter() - t0, _cpu(resource.RUSAGE_CHILDREN) - c0
+    samples = tokens = 0
+    for line in out.read_bytes().splitlines():
+        samples += 1
+        tokens += orjson.loads(line)["len"]
+    return {"samples": samples, "tokens": tokens, "seconds": wall, "cpu_seconds": cpu, "cores": workers}
+
+
+# Runs mini_trainer's process_data command with three shims, each needed on this machine (printed):
+# its special-token inference asserts on all three fixture tokenizers, so the ChatML delimiters it would
+# find are given; transformers 5 returns a dict from apply_chat_template(tokenize=True), where it
+# expects ids; its hard-coded num_proc=64 is capped at the cores given (64 processes on 2 cores would
+# measure process start-up, not tokenizing). Its own code is not copied: it is imported from FOLDER.
+_MINI_TRAINER_DRIVER = """
+import sys
+import datasets, transformers
+import process_data
+
+def chatml_delimiters(tok):
+    delimiters = ("<|im_start|>assistant\\n", "<|im_start|>user\\n")
+    return [tok.encode(s, add_special_tokens=False) for s in delimiters]
+
+process_data.infer_special_token_sequences = chatml_delimiters
+base = transformers.PreTrainedTokenizerBase.apply_chat_template
+def ids_not_dict(self, *args, **kwargs):
+    kwargs.setdefault("return_dict", False)
+    return base(self, *args, **kwargs)
+transformers.PreTrainedTokenizerBase.apply_chat_template = ids_not_dict
+cores = int(sys.argv.pop(1))
+for name in ("map", "filter"):
+    def capped(self, *args, _f=getattr(datasets.Dataset, name), **kwargs):
+        kwargs["num_proc"] = min(kwargs.get("num_proc") or 1, cores)
+        return _f(self, *args, **kwargs)
+    setattr(datasets.Dataset, name, capped)
+sys.argv[0] = "process_data.py"
+process_data.app()
+"""
+
+
+def bench_mini_trainer(inp: Path, out: Path, tokenizer: Path, folder: Path, cores: int) -> dict | None:
+    """mini_trainer's `process_data.py` command (with the shims above) in a fresh process, end to end:
+    tokenizer load, `datasets` map/filter on `cores` processes, to_json.
+
+    None when FOLDER/process_data.py is absent or fails (printed). Its CPU: the process and its pool
+    workers (forked and reaped by it), from RUSAGE_CHILDREN.
+    """
+    script = folder / "process_data.py"
+    if not script.is_file():
+        print(f"mini_trainer row skipped: no {script} (--mini-trainer-path: the folder holding it)")
+        return None
+    if not (tokenizer / "tokenizer_config.json").read_text().count("<|im_start|>"):
+        print(f"mini_trainer row skipped: {tokenizer.name} is not a ChatML template (the shim gives ChatML)")
+        return None
+    cache = out.parent / "hf-datasets-cache"  # fresh: no map results cached from an earlier run
+    env = {**os.environ, "PYTHONPATH": str(folder), "HF_DATASETS_CACHE": str(cache)}
+    args = ["--input-file", str(inp), "--output-file", str(out), "--model-name-or-path", str(tokenizer)]
+    c0, t0 = _cpu(resource.RUSAGE_CHILDREN), time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-c", _MINI_TRAINER_DRIVER, str(cores), *args],
+        env=env,
+        capture_output=True,
+        cwd=out.parent,
+    )
+    wall, cpu = time.perf_counter() - t0, _cpu(resource.RUSAGE_CHILDREN) - c0
+    if proc.returncode:
+        print(f"mini_trainer row skipped: process_data.py failed ({proc.stderr.decode()[-300:].strip()})")
+        return None
+    print(
+        "mini_trainer process_data.py ran with shims: ChatML delimiters given (its inference asserts on "
+        f"these tokenizers), apply_chat_template ids (transformers 5), num_proc 64 capped at {cores}"
+    )
+    samples = tokens = 0
+    for line in out.read_bytes().splitlines():
+        samples += 1
+        tokens += orjson.loads(line)["len"]
+    return {"samples": samples, "tokens": tokens, "seconds": wall, "cpu_seconds": cpu, "cores": cores}
+
+
 def bench_naive(lines: list[bytes], tokenizer: Path = SMOLLM2) -> dict:
     from transformers import AutoTokenizer
 
@@ -189,6 +281,12 @@ def main() -> None:
         "--tokenizer", default=SMOLLM2.name, help="a folder under ../shared/fixtures/tokenizers"
     )
     parser.add_argument("--data", default="", help="only fixture files whose name starts with this")
+    parser.add_argument(
+        "--mini-trainer-path",
+        type=Path,
+        default=Path("/work/mt-pkgs"),
+        help="a folder with mini_trainer's process_data.py (run with it on PYTHONPATH); absent: row skipped",
+    )
     args = parser.parse_args()
     tokenizer = FIXTURES / "tokenizers" / args.tokenizer
 
@@ -205,6 +303,12 @@ def main() -> None:
                 lines[:: max(1, len(lines) // args.naive_samples)], tokenizer
             ),
         }
+        rows[CLI] = bench_cli(inp, Path(tmp) / "cli.jsonl", args.workers, tokenizer)
+        mini = bench_mini_trainer(
+            inp, Path(tmp) / "mini_trainer.jsonl", tokenizer, args.mini_trainer_path, args.workers
+        )
+        if mini is not None:
+            rows[MINI_TRAINER] = mini
     for row in rows.values():
         row["samples_per_s"] = row["samples"] / row["seconds"]
         row["tokens_per_s"] = row["tokens"] / row["seconds"]
@@ -259,6 +363,13 @@ def main() -> None:
         f"(streaming seconds, 1 worker {rows[one]['repeats_seconds']}, "
         f"{args.workers} workers {rows[many]['repeats_seconds']})"
     )
+    if MINI_TRAINER in rows:
+        mini, cli = rows[MINI_TRAINER], rows[CLI]
+        print(
+            f"minitrain tokenize vs mini_trainer process_data.py, both end to end on the same cores: wall "
+            f"{cli['samples_per_s'] / mini['samples_per_s']:.1f}x, per CPU-second "
+            f"{cli['samples_per_cpu_s'] / mini['samples_per_cpu_s']:.1f}x"
+        )
     print(
         "minitrain (1 worker) vs naive, per CPU-second: "
         f"{rows[one]['samples_per_cpu_s'] / naive['samples_per_cpu_s']:.1f}x faster"
