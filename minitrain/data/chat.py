@@ -212,11 +212,20 @@ def _build_environment() -> Any:
             return verdict
 
         def getattr(self, obj: Any, attribute: str) -> Any:
-            if type(obj) is dict and attribute not in dict_attributes:
+            kind = type(obj)
+            if kind is dict and attribute not in dict_attributes:
                 try:
                     return obj[attribute]
                 except KeyError:
                     return self.undefined(obj=obj, name=attribute)
+            # A remembered verdict: the sandbox's own path, less its checks (str.format is left to it).
+            verdict = self.verdicts.get((kind, attribute))
+            if verdict is not None and attribute not in ("format", "format_map"):
+                try:
+                    value = getattr(obj, attribute)
+                except AttributeError:
+                    return super().getattr(obj, attribute)
+                return value if verdict else self.unsafe_undefined(obj, attribute)
             return super().getattr(obj, attribute)
 
     env = Sandbox(trim_blocks=True, lstrip_blocks=True, extensions=[GenerationTag, loopcontrols])
@@ -294,15 +303,17 @@ class ChatEncoder:
         # model generates this token there (it is a stop token), so it is appended and trained
         self.final_turn_ender = final_turn_ender
         self._template = _build_environment().from_string(template_source)
+        self._globals = dict(self._template.globals)  # a ChainMap in Jinja: merged once, not per render
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        del state["_template"]  # compiled Jinja is not picklable; recompiled on arrival
+        del state["_template"], state["_globals"]  # compiled Jinja is not picklable; recompiled on arrival
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._template = _build_environment().from_string(self.template_source)
+        self._globals = dict(self._template.globals)
 
     # ---------------------------------------------------------------- rendering
     def render(
@@ -312,7 +323,7 @@ class ChatEncoder:
         template = self._template
         # What Template.render does (globals, then the special tokens, then the call's names), with the
         # globals merged here instead of through a ChainMap on every call: several renders per sample.
-        variables = {**template.globals, **self.template_kwargs}
+        variables = {**self._globals, **self.template_kwargs}
         variables.update(
             messages=messages, tools=tools, documents=None, add_generation_prompt=add_generation_prompt
         )

@@ -301,6 +301,24 @@ def _read_chunks(path: Path) -> Iterator[list[tuple[int, bytes]]]:
         yield chunk
 
 
+def _worker_context() -> Any:
+    """The multiprocessing context of the workers, its forkserver started (it imports `_WORKER_MODULES`).
+
+    Not fork: a parent that has started threads (torch's OpenMP pool, a progress bar, tokenizers' Rust
+    threads) can fork a child that deadlocks on a lock held at fork time, and then terminate() hangs
+    (seen: --strict after torch was imported). forkserver forks from a clean single-threaded server.
+    Called early by `tokenize_file`, so the server starts while the parent loads the tokenizer.
+    """
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    from multiprocessing import forkserver
+
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(list(_WORKER_MODULES))  # read when the server starts (once a process)
+    forkserver.ensure_running()
+    return ctx
+
+
 def _results_in_order(
     encoder: ChatEncoder, policy: Policy, chunks: Iterator[list[tuple[int, bytes]]], workers: int
 ) -> Iterator[ChunkResult]:
@@ -309,13 +327,7 @@ def _results_in_order(
         for chunk in chunks:
             yield encode_lines(encoder, policy, chunk)
         return
-    # Not fork: a parent that has started threads (torch's OpenMP pool, a progress bar, tokenizers' Rust
-    # threads) can fork a child that deadlocks on a lock held at fork time, and then terminate() hangs
-    # (seen: --strict after torch was imported). forkserver forks from a clean single-threaded server.
-    methods = multiprocessing.get_all_start_methods()
-    ctx = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
-    if "forkserver" in methods:
-        ctx.set_forkserver_preload(list(_WORKER_MODULES))  # read when the server starts (once a process)
+    ctx = _worker_context()
     # The tokenizer pickles as its whole JSON (1.5 MB for SmolLM2, 5 MB for Qwen3): serialised once here,
     # not once per worker by the pool.
     state = pickle.dumps((encoder, policy), protocol=pickle.HIGHEST_PROTOCOL)
@@ -379,8 +391,10 @@ def tokenize_file(config: TokenizeConfig, *, console: Any = None) -> TokenizeRes
         chunks.close()  # the file (or the Parquet/Arrow reader) is read again from the start below
     if kind == KIND_PREFERENCE:
         _check_pair_flags(config, rows.label if rows is not None else inp)
-    loaded = load_chat_encoder(config.model_name_or_path, config.chat_template)
     workers = config.workers()
+    if workers > 1:
+        _worker_context()  # the workers' server starts now, while this process loads the tokenizer
+    loaded = load_chat_encoder(config.model_name_or_path, config.chat_template)
     result = TokenizeResult(
         input_file=inp,
         output_file=out,
