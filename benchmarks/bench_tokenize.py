@@ -1,18 +1,24 @@
-"""Benchmark `minitrain tokenize` against a naive masking pipeline and a no-masking floor.
+"""Benchmark `minitrain tokenize` against a naive masking pipeline, a no-masking floor and mini_trainer.
 
-    python benchmarks/bench_tokenize.py [--samples 20000] [--naive-samples 2000] [--workers N] [--out PATH]
+    python benchmarks/bench_tokenize.py [--samples 20000] [--naive-samples 2000] [--workers N] [--repeats 3]
                                         [--tokenizer smollm2-135m-instruct|qwen3|...] [--data alpaca|fastchat]
+                                        [--mini-trainer-path DIR] [--out PATH]
 
 Data: ../shared/fixtures/data/*.messages.jsonl (or only those whose name starts with --data: alpaca is
 single-turn, fastchat multi-turn) replicated to --samples lines; tokenizer: a fixture folder (SmolLM2).
-Variants, side by side (samples/s, tokens/s, and per core):
-  minitrain (1 worker)   the real stage, `tokenize_file`, on one process (parse, mask, verify, write)
-  minitrain (N workers)  the same with N worker processes (default: all cores)
+Variants, side by side (samples/s, tokens/s, and per CPU-second):
+  floor                  one template render + one batched encode per sample, no mask, nothing written
+  minitrain (1 worker)   the real stage, `tokenize_file`, in a fresh process (parse, mask, verify, write);
+                         the tokenizer load is timed apart and left out of the row
+  minitrain (N workers)  the same with N worker processes; CPU = the parent's + the workers' (reaped
+                         through the forkserver), with the split per sample shown; --repeats: median
   naive                  per sample `apply_chat_template(tokenize=True)` + per-turn prefix renders to find
                          each assistant turn (the approach peers use; it assumes prefix renders are prefixes)
-  floor                  one template render + one batched encode per sample, no masking, nothing written
+  CLI (end to end)       `python -m minitrain tokenize` as a user runs it: start-up, imports, load, run
+  mini_trainer           its `process_data.py` (from --mini-trainer-path; skipped with a note when absent),
+                         end to end, with the shims described at `_MINI_TRAINER_DRIVER`
 The trade-off of this benchmark: it measures throughput on whatever else the machine is doing; the
-ratios in one run are what to compare, not absolute numbers across runs.
+ratios in one run are what to compare (CPU-seconds are steadier than wall), not numbers across runs.
 """
 
 from __future__ import annotations

@@ -187,6 +187,7 @@ def _build_environment() -> Any:
     # Exact types whose attributes' safety depends on (type, name) alone: what JSON records and loops hold.
     plain_types = frozenset({str, dict, list, tuple, int, float, bool, type(None), LoopContext, Namespace})
     dict_attributes = frozenset(dir({}))
+    builtin_method = type("".split)
 
     class Sandbox(ImmutableSandboxedEnvironment):
         """transformers' sandbox, with the same verdicts found faster (renders are most of tokenize's CPU).
@@ -227,6 +228,20 @@ def _build_environment() -> Any:
                     return super().getattr(obj, attribute)
                 return value if verdict else self.unsafe_undefined(obj, attribute)
             return super().getattr(obj, attribute)
+
+        def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805
+            # A builtin method (`content.split`, `messages.items`) is safely callable and takes no context:
+            # the sandbox's and the context's checks both pass it straight through; done here directly.
+            if type(__obj) is not builtin_method:
+                return super().call(__context, __obj, *args, **kwargs)
+            kwargs.pop("_block_vars", None)
+            kwargs.pop("_loop_vars", None)
+            try:
+                return __obj(*args, **kwargs)
+            except StopIteration:
+                return __self.undefined(
+                    "value was undefined because a callable raised a StopIteration exception"
+                )
 
     env = Sandbox(trim_blocks=True, lstrip_blocks=True, extensions=[GenerationTag, loopcontrols])
     env.filters["tojson"] = tojson
