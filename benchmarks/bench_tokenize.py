@@ -127,14 +127,28 @@ def bench_minitrain(inp: Path, out: Path, workers: int, tokenizer: Path = SMOLLM
     return median
 
 
+# `python -m minitrain ARGS`, then the forkserver stopped and waited for, so that its CPU and its
+# workers' reach this process's RUSAGE_CHILDREN (a server left to exit on its own is never reaped).
+_CLI_DRIVER = """
+import runpy, sys
+from multiprocessing import forkserver
+sys.argv = ["minitrain", *sys.argv[1:]]
+try:
+    runpy.run_module("minitrain", run_name="__main__")
+finally:
+    if getattr(forkserver._forkserver, "_forkserver_pid", None) is not None:
+        forkserver._forkserver._stop()
+"""
+
+
 def bench_cli(inp: Path, out: Path, workers: int, tokenizer: Path) -> dict:
     """`minitrain tokenize` as a user runs it, end to end (start-up, imports, load, run), in a fresh
-    process; CPU from RUSAGE_CHILDREN (its forkserver and workers exit with it and are reaped)."""
+    process; CPU from RUSAGE_CHILDREN (the process, its forkserver and the workers it reaped)."""
     args = ["-o", str(out), "--model-name-or-path", str(tokenizer), "--num-workers", str(workers)]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     c0, t0 = _cpu(resource.RUSAGE_CHILDREN), time.perf_counter()
     subprocess.run(
-        [sys.executable, "-m", "minitrain", "tokenize", str(inp), *args],
+        [sys.executable, "-c", _CLI_DRIVER, "tokenize", str(inp), *args],
         env=env,
         check=True,
         capture_output=True,
