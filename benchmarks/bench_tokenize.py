@@ -1,18 +1,24 @@
-"""Benchmark `minitrain tokenize` against a naive masking pipeline and a no-masking floor.
+"""Benchmark `minitrain tokenize` against a naive masking pipeline, a no-masking floor and mini_trainer.
 
-    python benchmarks/bench_tokenize.py [--samples 20000] [--naive-samples 2000] [--workers N] [--out PATH]
+    python benchmarks/bench_tokenize.py [--samples 20000] [--naive-samples 2000] [--workers N] [--repeats 3]
                                         [--tokenizer smollm2-135m-instruct|qwen3|...] [--data alpaca|fastchat]
+                                        [--mini-trainer-path DIR] [--out PATH]
 
 Data: ../shared/fixtures/data/*.messages.jsonl (or only those whose name starts with --data: alpaca is
 single-turn, fastchat multi-turn) replicated to --samples lines; tokenizer: a fixture folder (SmolLM2).
-Variants, side by side (samples/s, tokens/s, and per core):
-  minitrain (1 worker)   the real stage, `tokenize_file`, on one process (parse, mask, verify, write)
-  minitrain (N workers)  the same with N worker processes (default: all cores)
+Variants, side by side (samples/s, tokens/s, and per CPU-second):
+  floor                  one template render + one batched encode per sample, no mask, nothing written
+  minitrain (1 worker)   the real stage, `tokenize_file`, in a fresh process (parse, mask, verify, write);
+                         the tokenizer load is timed apart and left out of the row
+  minitrain (N workers)  the same with N worker processes; CPU = the parent's + the workers' (reaped
+                         through the forkserver), with the split per sample shown; --repeats: median
   naive                  per sample `apply_chat_template(tokenize=True)` + per-turn prefix renders to find
                          each assistant turn (the approach peers use; it assumes prefix renders are prefixes)
-  floor                  one template render + one batched encode per sample, no masking, nothing written
+  CLI (end to end)       `python -m minitrain tokenize` as a user runs it: start-up, imports, load, run
+  mini_trainer           its `process_data.py` (from --mini-trainer-path; skipped with a note when absent),
+                         end to end, with the shims described at `_MINI_TRAINER_DRIVER`
 The trade-off of this benchmark: it measures throughput on whatever else the machine is doing; the
-ratios in one run are what to compare, not absolute numbers across runs.
+ratios in one run are what to compare (CPU-seconds are steadier than wall), not numbers across runs.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import argparse
 import itertools
 import os
 import resource
+import subprocess
 import sys
 import tempfile
 import time
@@ -35,6 +42,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 FIXTURES = REPO.parent / "shared" / "fixtures"
 SMOLLM2 = FIXTURES / "tokenizers" / "smollm2-135m-instruct"
+MINI_TRAINER = "mini_trainer process_data.py (end to end)"
+CLI = "minitrain tokenize CLI (end to end)"
 
 
 def build_input(path: Path, samples: int, data: str = "") -> list[bytes]:
@@ -49,30 +58,177 @@ def build_input(path: Path, samples: int, data: str = "") -> list[bytes]:
     return chosen
 
 
-def bench_minitrain(inp: Path, out: Path, workers: int, tokenizer: Path = SMOLLM2) -> dict:
+def _cpu(who: int) -> float:
+    usage = resource.getrusage(who)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run_minitrain(inp: Path, out: Path, workers: int, tokenizer: Path) -> dict:
+    """`tokenize_file` in this (fresh) process; the tokenizer load timed apart from the steady run.
+
+    CPU: this process (the parent) and its workers. Workers are children of multiprocessing's forkserver,
+    which reaps them; stopping the forkserver after the run (waited for) brings their CPU, with its own,
+    into this process's RUSAGE_CHILDREN. The run loads the tokenizer itself; that load is measured on its
+    own (a second load, imports and file caches warm) and taken out of the parent's CPU.
+    """
+    import multiprocessing.forkserver
+
     from minitrain.config import TokenizeConfig
+    from minitrain.data.chat import load_chat_encoder
     from minitrain.data.pipeline import tokenize_file
+
+    load_chat_encoder(str(tokenizer))  # imports, file caches
+    t0, c0 = time.perf_counter(), _cpu(resource.RUSAGE_SELF)
+    load_chat_encoder(str(tokenizer))
+    load_wall, load_cpu = time.perf_counter() - t0, _cpu(resource.RUSAGE_SELF) - c0
 
     config = TokenizeConfig(
         input_file=inp, output_file=out, model_name_or_path=str(tokenizer), num_workers=workers
     )
-
-    def cpu() -> float:  # this process and its (finished) worker processes
-        me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-        return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
-
-    t0, c0 = time.perf_counter(), cpu()
+    self0, kids0, t0 = _cpu(resource.RUSAGE_SELF), _cpu(resource.RUSAGE_CHILDREN), time.perf_counter()
     result = tokenize_file(config)
-    wall, cpu_seconds = time.perf_counter() - t0, cpu() - c0
+    wall = time.perf_counter() - t0
+    server = multiprocessing.forkserver._forkserver  # private, but the only way to reap its children
+    if getattr(server, "_forkserver_pid", None) is not None:
+        server._stop()
+    parent_cpu = _cpu(resource.RUSAGE_SELF) - self0 - load_cpu
+    workers_cpu = _cpu(resource.RUSAGE_CHILDREN) - kids0
     assert result.rejected == 0 and result.dropped == 0
     return {
         "samples": result.written,
         "tokens": result.tokens,
-        "seconds": result.elapsed_s,
+        "seconds": result.elapsed_s,  # the streaming part: after the load, pool start-up included
         "seconds_with_load": wall,
-        "cpu_seconds": cpu_seconds,  # includes loading the tokenizer (about 0.3 s): slightly pessimistic
+        "load_seconds": load_wall,
+        "load_cpu_seconds": load_cpu,
+        "parent_cpu_seconds": parent_cpu,
+        "workers_cpu_seconds": workers_cpu,
+        "cpu_seconds": parent_cpu + workers_cpu,
         "cores": workers,
     }
+
+
+def bench_minitrain(inp: Path, out: Path, workers: int, tokenizer: Path = SMOLLM2, repeats: int = 1) -> dict:
+    """`run_minitrain` in a fresh process per repeat (no warm pool, no CPU of earlier runs); the median
+    run by wall time."""
+    runs = []
+    job = orjson.dumps([str(inp), str(out), workers, str(tokenizer)])
+    for _ in range(repeats):
+        proc = subprocess.run(
+            [sys.executable, __file__, "--child", job],
+            capture_output=True,
+            check=True,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+        )
+        runs.append(orjson.loads(proc.stdout.splitlines()[-1]))
+    runs.sort(key=lambda run: run["seconds"])
+    median = dict(runs[len(runs) // 2])
+    median["repeats_seconds"] = [run["seconds"] for run in runs]
+    return median
+
+
+# `python -m minitrain ARGS`, then the forkserver stopped and waited for, so that its CPU and its
+# workers' reach this process's RUSAGE_CHILDREN (a server left to exit on its own is never reaped).
+_CLI_DRIVER = """
+import runpy, sys
+from multiprocessing import forkserver
+sys.argv = ["minitrain", *sys.argv[1:]]
+try:
+    runpy.run_module("minitrain", run_name="__main__")
+finally:
+    if getattr(forkserver._forkserver, "_forkserver_pid", None) is not None:
+        forkserver._forkserver._stop()
+"""
+
+
+def bench_cli(inp: Path, out: Path, workers: int, tokenizer: Path) -> dict:
+    """`minitrain tokenize` as a user runs it, end to end (start-up, imports, load, run), in a fresh
+    process; CPU from RUSAGE_CHILDREN (the process, its forkserver and the workers it reaped)."""
+    args = ["-o", str(out), "--model-name-or-path", str(tokenizer), "--num-workers", str(workers)]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    c0, t0 = _cpu(resource.RUSAGE_CHILDREN), time.perf_counter()
+    subprocess.run(
+        [sys.executable, "-c", _CLI_DRIVER, "tokenize", str(inp), *args],
+        env=env,
+        check=True,
+        capture_output=True,
+    )
+    wall, cpu = time.perf_counter() - t0, _cpu(resource.RUSAGE_CHILDREN) - c0
+    samples = tokens = 0
+    for line in out.read_bytes().splitlines():
+        samples += 1
+        tokens += orjson.loads(line)["len"]
+    return {"samples": samples, "tokens": tokens, "seconds": wall, "cpu_seconds": cpu, "cores": workers}
+
+
+# Runs mini_trainer's process_data command with three shims, each needed on this machine (printed):
+# its special-token inference asserts on all three fixture tokenizers, so the ChatML delimiters it would
+# find are given; transformers 5 returns a dict from apply_chat_template(tokenize=True), where it
+# expects ids; its hard-coded num_proc=64 is capped at the cores given (64 processes on 2 cores would
+# measure process start-up, not tokenizing). Its own code is not copied: it is imported from FOLDER.
+_MINI_TRAINER_DRIVER = """
+import sys
+import datasets, transformers
+import process_data
+
+def chatml_delimiters(tok):
+    delimiters = ("<|im_start|>assistant\\n", "<|im_start|>user\\n")
+    return [tok.encode(s, add_special_tokens=False) for s in delimiters]
+
+process_data.infer_special_token_sequences = chatml_delimiters
+base = transformers.PreTrainedTokenizerBase.apply_chat_template
+def ids_not_dict(self, *args, **kwargs):
+    kwargs.setdefault("return_dict", False)
+    return base(self, *args, **kwargs)
+transformers.PreTrainedTokenizerBase.apply_chat_template = ids_not_dict
+cores = int(sys.argv.pop(1))
+for name in ("map", "filter"):
+    def capped(self, *args, _f=getattr(datasets.Dataset, name), **kwargs):
+        kwargs["num_proc"] = min(kwargs.get("num_proc") or 1, cores)
+        return _f(self, *args, **kwargs)
+    setattr(datasets.Dataset, name, capped)
+sys.argv[0] = "process_data.py"
+process_data.app()
+"""
+
+
+def bench_mini_trainer(inp: Path, out: Path, tokenizer: Path, folder: Path, cores: int) -> dict | None:
+    """mini_trainer's `process_data.py` command (with the shims above) in a fresh process, end to end:
+    tokenizer load, `datasets` map/filter on `cores` processes, to_json.
+
+    None when FOLDER/process_data.py is absent or fails (printed). Its CPU: the process and its pool
+    workers (forked and reaped by it), from RUSAGE_CHILDREN.
+    """
+    script = folder / "process_data.py"
+    if not script.is_file():
+        print(f"mini_trainer row skipped: no {script} (--mini-trainer-path: the folder holding it)")
+        return None
+    if not (tokenizer / "tokenizer_config.json").read_text().count("<|im_start|>"):
+        print(f"mini_trainer row skipped: {tokenizer.name} is not a ChatML template (the shim gives ChatML)")
+        return None
+    cache = out.parent / "hf-datasets-cache"  # fresh: no map results cached from an earlier run
+    env = {**os.environ, "PYTHONPATH": str(folder), "HF_DATASETS_CACHE": str(cache)}
+    args = ["--input-file", str(inp), "--output-file", str(out), "--model-name-or-path", str(tokenizer)]
+    c0, t0 = _cpu(resource.RUSAGE_CHILDREN), time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-c", _MINI_TRAINER_DRIVER, str(cores), *args],
+        env=env,
+        capture_output=True,
+        cwd=out.parent,
+    )
+    wall, cpu = time.perf_counter() - t0, _cpu(resource.RUSAGE_CHILDREN) - c0
+    if proc.returncode:
+        print(f"mini_trainer row skipped: process_data.py failed ({proc.stderr.decode()[-300:].strip()})")
+        return None
+    print(
+        "mini_trainer process_data.py ran with shims: ChatML delimiters given (its inference asserts on "
+        f"these tokenizers), apply_chat_template ids (transformers 5), num_proc 64 capped at {cores}"
+    )
+    samples = tokens = 0
+    for line in out.read_bytes().splitlines():
+        samples += 1
+        tokens += orjson.loads(line)["len"]
+    return {"samples": samples, "tokens": tokens, "seconds": wall, "cpu_seconds": cpu, "cores": cores}
 
 
 def bench_naive(lines: list[bytes], tokenizer: Path = SMOLLM2) -> dict:
@@ -125,6 +281,10 @@ def bench_floor(lines: list[bytes], batch: int = 64, tokenizer: Path = SMOLLM2) 
 
 
 def main() -> None:
+    if len(sys.argv) == 3 and sys.argv[1] == "--child":  # one minitrain run, for bench_minitrain
+        inp, out, workers, tokenizer = orjson.loads(sys.argv[2])
+        print(orjson.dumps(run_minitrain(Path(inp), Path(out), workers, Path(tokenizer))).decode())
+        return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=20000)
     parser.add_argument(
@@ -135,32 +295,44 @@ def main() -> None:
         type=int,
         default=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
     )
+    parser.add_argument("--repeats", type=int, default=1, help="minitrain runs per row; the median is shown")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "tokenize.json")
     parser.add_argument(
         "--tokenizer", default=SMOLLM2.name, help="a folder under ../shared/fixtures/tokenizers"
     )
     parser.add_argument("--data", default="", help="only fixture files whose name starts with this")
+    parser.add_argument(
+        "--mini-trainer-path",
+        type=Path,
+        default=Path("/work/mt-pkgs"),
+        help="a folder with mini_trainer's process_data.py (run with it on PYTHONPATH); absent: row skipped",
+    )
     args = parser.parse_args()
     tokenizer = FIXTURES / "tokenizers" / args.tokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
         inp = Path(tmp) / "bench.jsonl"
         lines = build_input(inp, args.samples, args.data)
+        one, many = "minitrain tokenize, 1 worker", f"minitrain tokenize, {args.workers} workers"
         rows = {
             "floor (render + batched encode, no mask)": bench_floor(lines, tokenizer=tokenizer),
-            "minitrain tokenize, 1 worker": bench_minitrain(inp, Path(tmp) / "one.jsonl", 1, tokenizer),
-            f"minitrain tokenize, {args.workers} workers": bench_minitrain(
-                inp, Path(tmp) / "many.jsonl", args.workers, tokenizer
-            ),
+            one: bench_minitrain(inp, Path(tmp) / "one.jsonl", 1, tokenizer, args.repeats),
+            many: bench_minitrain(inp, Path(tmp) / "many.jsonl", args.workers, tokenizer, args.repeats),
             # every k-th line, so the naive subset has the same mix of single- and multi-turn samples
             "naive (apply_chat_template + per-turn prefixes)": bench_naive(
                 lines[:: max(1, len(lines) // args.naive_samples)], tokenizer
             ),
         }
+        rows[CLI] = bench_cli(inp, Path(tmp) / "cli.jsonl", args.workers, tokenizer)
+        mini = bench_mini_trainer(
+            inp, Path(tmp) / "mini_trainer.jsonl", tokenizer, args.mini_trainer_path, args.workers
+        )
+        if mini is not None:
+            rows[MINI_TRAINER] = mini
     for row in rows.values():
         row["samples_per_s"] = row["samples"] / row["seconds"]
         row["tokens_per_s"] = row["tokens"] / row["seconds"]
-        # per core: samples per CPU-second of all processes of the variant
+        # per core: samples per CPU-second of all processes of the variant, the tokenizer load excluded
         # (robust to other load on the machine)
         row["samples_per_cpu_s"] = row["samples"] / row["cpu_seconds"]
     floor = rows["floor (render + batched encode, no mask)"]["samples_per_cpu_s"]
@@ -174,16 +346,22 @@ def main() -> None:
         title=f"tokenize, {args.tokenizer}, {args.data or 'all'} data, {args.samples} samples "
         f"({os.cpu_count()} cores, load {os.getloadavg()[0]:.1f})"
     )
-    for col in (
+    columns = (
         "variant",
         "samples",
         "samples/s (wall)",
         "tokens/s (wall)",
         "samples per CPU-s",
         "floor/this per core",
-    ):
+        "CPU ms/sample: parent | workers",
+    )
+    for col in columns:
         table.add_column(col, justify="right" if col != "variant" else "left")
     for name, row in rows.items():
+        split = ""
+        if "parent_cpu_seconds" in row:
+            per = 1000 / row["samples"]
+            split = f"{row['parent_cpu_seconds'] * per:.3f} | {row['workers_cpu_seconds'] * per:.3f}"
         table.add_row(
             name,
             f"{row['samples']:,}",
@@ -191,13 +369,30 @@ def main() -> None:
             f"{row['tokens_per_s']:,.0f}",
             f"{row['samples_per_cpu_s']:,.0f}",
             f"{row['floor_over_this_per_core']:.2f}x",
+            split,
         )
-    Console(width=150).print(table)
-    one = rows["minitrain tokenize, 1 worker"]
+    Console(width=170).print(table)
     naive = rows["naive (apply_chat_template + per-turn prefixes)"]
     print(
+        f"tokenizer load (not in the rows above): {rows[one]['load_seconds']:.2f} s wall, "
+        f"{rows[one]['load_cpu_seconds']:.2f} CPU-s"
+    )
+    print(
+        f"{args.workers} workers vs 1, wall throughput (median of {args.repeats}): "
+        f"{rows[many]['samples_per_s'] / rows[one]['samples_per_s']:.2f}x "
+        f"(streaming seconds, 1 worker {rows[one]['repeats_seconds']}, "
+        f"{args.workers} workers {rows[many]['repeats_seconds']})"
+    )
+    if MINI_TRAINER in rows:
+        mini, cli = rows[MINI_TRAINER], rows[CLI]
+        print(
+            f"minitrain tokenize vs mini_trainer process_data.py, both end to end on the same cores: wall "
+            f"{cli['samples_per_s'] / mini['samples_per_s']:.1f}x, per CPU-second "
+            f"{cli['samples_per_cpu_s'] / mini['samples_per_cpu_s']:.1f}x"
+        )
+    print(
         "minitrain (1 worker) vs naive, per CPU-second: "
-        f"{one['samples_per_cpu_s'] / naive['samples_per_cpu_s']:.1f}x faster"
+        f"{rows[one]['samples_per_cpu_s'] / naive['samples_per_cpu_s']:.1f}x faster"
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_bytes(

@@ -712,3 +712,53 @@ def test_split_turns_keeps_the_reasoning_of_every_turn(qwen3):
     assert len(loaded.encoder.encode_turns({"messages": messages})) == 2
     one = {"messages": _ua("Hi", "Hello!")}
     assert loaded.encoder.encode_turns(one) == [loaded.encoder.encode(one)]
+
+
+# --------------------------------------------------------------------------- the faster sandbox, same renders
+
+
+def test_renders_equal_transformers_on_every_fixture_record_and_prefix(qwen3, smollm2, hf_tokenizers):
+    """The sandbox's remembered verdicts and direct render give transformers' text, full and per prefix."""
+    encoders = [(qwen3[0].encoder, qwen3[1]), (smollm2.encoder, hf_tokenizers[SMOLLM2])]
+    records = [orjson.loads(line) for p in MESSAGES_FILES for line in p.read_bytes().splitlines()]
+    for encoder, tok in encoders:
+        for record in records[::3]:
+            messages = record["messages"]
+            assert encoder.render(messages) == tok.apply_chat_template(messages, tokenize=False)
+            for i in range(1, len(messages)):
+                assert encoder.render(messages[:i], add_generation_prompt=True) == tok.apply_chat_template(
+                    messages[:i], tokenize=False, add_generation_prompt=True
+                )
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "{{ messages.append(1) }}{{ messages | length }}",  # mutating a list: SecurityError
+        "{{ messages[0].update({'a': 1}) }}",  # mutating a dict
+        "{{ messages[0].clear }}",
+        "{{ messages.__class__ }}",  # internals
+        "{{ ''.__class__.__mro__ }}",
+        "{% for m in messages %}{{ loop.__class__ }}{{ loop.index0 }}{% endfor %}",
+        "{% set ns = namespace(a=1) %}{{ ns.a }}{{ ns.__init__ }}",
+        "{{ messages[0].role }}{{ messages[0].items() | list }}{{ messages[0].nope is defined }}",
+        "{{ 'a{0}'.format(messages[0].role) }}{{ messages[0].content.split(' ')[0].upper() }}",
+    ],
+)
+def test_sandbox_verdicts_match_jinjas_own(source):
+    """Each access is allowed or refused exactly as jinja's ImmutableSandboxedEnvironment decides, also
+    the second time (when the verdict is remembered)."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def outcome(env):
+        messages = [{"role": "user", "content": "hello there"}]
+        try:
+            return env.from_string(source).render(messages=messages)
+        except Exception as err:
+            return type(err).__name__
+
+    stock = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    ours = chat._build_environment()
+    assert type(ours) is not ImmutableSandboxedEnvironment
+    expected = outcome(stock)
+    assert outcome(ours) == expected and outcome(ours) == expected

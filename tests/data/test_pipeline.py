@@ -180,7 +180,7 @@ def test_workers_die_on_sigterm_instead_of_inheriting_the_parents_handler():
     saved = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     try:
         signal.signal(signal.SIGTERM, lambda *_: None)
-        pipeline._init_worker(None, None)
+        pipeline._init_worker(None)
         assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
         assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
     finally:
