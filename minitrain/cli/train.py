@@ -197,6 +197,14 @@ def train(
             rich_help_panel=_MODEL,
         ),
     ] = False,
+    compile: Annotated[
+        bool,
+        typer.Option(
+            help="torch.compile each decoder block (faster steps after a compile of a minute or more "
+            "at the first step).",
+            rich_help_panel=_MODEL,
+        ),
+    ] = False,
     from_scratch: Annotated[
         bool,
         typer.Option(

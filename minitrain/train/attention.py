@@ -53,6 +53,7 @@ def _sample_bounds(query: Tensor, kwargs: dict[str, Any]) -> list[int] | None:
     return [*starts, pos.numel()]
 
 
+@torch.compiler.disable  # eager inside a compiled block (--compile): a graph per sample count otherwise
 def packed_sdpa_attention_forward(
     module: torch.nn.Module,
     query: Tensor,

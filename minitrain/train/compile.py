@@ -1,0 +1,37 @@
+"""`--compile`: `torch.compile` of each decoder block for training (inductor: C++ on the CPU, Triton on GPUs).
+
+Owns `compile_blocks`, called by the worker after the adapters are added and before `shard_model`.
+
+Why per block and how:
+- Per block, not the whole model: a block is also the FSDP2 unit and the activation-checkpointing unit, so
+  FSDP2's gather/reshard hooks and `checkpoint_wrapper` stay outside the compiled code, and the loss head
+  (chunked cross-entropy, Liger) stays the eager code that its parity tests cover.
+- The block's `forward` is replaced in place by its compiled version (an instance attribute), not wrapped in
+  an `OptimizedModule`: module names and state-dict keys (checkpoints, exports, resume) do not change.
+- Packed attention runs eagerly: `minitrain_packed` loops over the samples of the pack, whose number
+  changes every minibatch, so it is `torch.compiler.disable`d (minitrain/train/attention.py) and each block
+  becomes two graphs (before and after attention) around one graph break. The dense work (norms,
+  projections, rotary, MLP, LoRA) is what gets fused.
+- `dynamic=True`: the token dimension T of a packed minibatch (1, T) changes every step; symbolic shapes
+  compile each graph once for every T instead of once per length. The compiled code is shared by every block
+  of the model (dynamo guards on the module's class and parameter shapes, not on the instance), so a model
+  compiles the same number of graphs whatever its depth; measured with `torch._dynamo.utils.counters`
+  (tests/train/test_compile.py asserts no recompile across packs of other lengths and sample counts).
+- Gradient mode is part of the guard: evaluation (no_grad) compiles its own graphs once, at the first eval.
+
+Cost: the first step of a run includes the compile (about a minute of CPU time for a 2-layer model on the
+CPU, benchmarks/bench_train.py reports it apart from the steady tokens/s); inductor's on-disk cache makes
+later runs of the same model start faster.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def compile_blocks(blocks: nn.ModuleList) -> None:
+    """Compile each block's forward in place, with the token dimension dynamic (see the module docstring)."""
+    for block in blocks:
+        # the bound method of this instance: hooks (FSDP2's) and the module tree stay untouched
+        block.forward = torch.compile(block.forward, dynamic=True)
