@@ -36,10 +36,15 @@ def _fresh_dynamo():
 
 
 def _step(model: torch.nn.Module, batch) -> tuple[torch.Tensor, dict]:
+    """(loss, gradients of the trained parameters, by their unwrapped names) of one forward + backward."""
     model.zero_grad(set_to_none=True)
     loss = model(batch)
     loss.backward()
-    return loss.detach(), grads(model)
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    for p in frozen:  # `grads` reads every parameter's gradient: give the frozen ones (LoRA's base) a zero
+        p.grad = torch.zeros_like(p)
+    out = grads(model)
+    return loss.detach(), {name: g for (name, g), p in zip(out.items(), model.parameters()) if p.requires_grad}
 
 
 def _assert_close(loss, ref, got: dict, want: dict) -> None:
