@@ -425,6 +425,7 @@ def train(
             lora_target_modules=config.lora_target_modules,
             load_in_4bit=config.load_in_4bit,
             objective=config.objective,
+            compile=config.compile,
         )
         render_dry_run(report, console)
         return

@@ -1,4 +1,4 @@
-"""minitrain/train/compile.py: compiled decoder blocks give eager's numbers, with no recompile per pack length.
+"""minitrain/train/compile.py: compiled decoder blocks give eager's numbers, compiled once for every pack.
 
 References are the same model run eagerly (the code every other parity test here checks). Inductor really
 compiles (C++ on the CPU), which costs tens of seconds per new graph on a cold cache; inductor's on-disk
@@ -19,6 +19,7 @@ from minitrain.config import LoraSettings
 from minitrain.train.attention import PACKED_ATTENTION
 from minitrain.train.compile import compile_blocks
 from minitrain.train.model import CausalLMWithLoss, decoder_blocks, shard_model
+from tests.conftest import tiny_llama_config
 from tests.train.test_loop import _run, write_tokenized
 from tests.train.test_model import CPU1, build_lm, grads, make_samples, one_rank_group, pack  # noqa: F401
 
@@ -43,8 +44,8 @@ def _step(model: torch.nn.Module, batch) -> tuple[torch.Tensor, dict]:
     frozen = [p for p in model.parameters() if not p.requires_grad]
     for p in frozen:  # `grads` reads every parameter's gradient: give the frozen ones (LoRA's base) a zero
         p.grad = torch.zeros_like(p)
-    out = grads(model)
-    return loss.detach(), {name: g for (name, g), p in zip(out.items(), model.parameters()) if p.requires_grad}
+    trained = [p.requires_grad for p in model.parameters()]
+    return loss.detach(), {n: g for (n, g), t in zip(grads(model).items(), trained, strict=True) if t}
 
 
 def _assert_close(loss, ref, got: dict, want: dict) -> None:
@@ -104,27 +105,21 @@ def _metrics(run: Path) -> list[dict]:
 
 
 def test_train_compile_through_the_cli_matches_eager_losses_and_weights(tmp_path) -> None:
-    """`minitrain train --compile` (1 rank, activation checkpointing, eval) against the same run without it."""
+    """`minitrain train --compile` (1 rank, activation checkpointing, eval) against the same run without."""
     from safetensors.torch import load_file
 
     data = write_tokenized(tmp_path / "data.jsonl", num=8, vocab=128, seed=3)
     evaluation = write_tokenized(tmp_path / "eval.jsonl", num=3, vocab=128, seed=4)
-    from tests.conftest import tiny_llama_config
-
     tiny_llama_config(vocab_size=128, num_hidden_layers=1).save_pretrained(tmp_path / "model")
+    command = [
+        sys.executable, "-m", "minitrain", "train", "--data-path", str(data), "--model-name-or-path",
+        str(tmp_path / "model"), "--from-scratch", "--batch-size", "8", "--max-tokens-per-gpu", "128",
+        "--max-steps", str(STEPS), "--learning-rate", "1e-2", "--num-warmup-steps", "0", "--nproc", "1",
+        "--activation-checkpointing", "--eval-data-path", str(evaluation), "--eval-every-samples", "16",
+    ]  # fmt: skip
     runs = {name: tmp_path / name for name in ("eager", "compiled")}
-    for name, out in runs.items():
-        _run(
-            [
-                sys.executable, "-m", "minitrain", "train", "--data-path", str(data), "--model-name-or-path",
-                str(tmp_path / "model"), "--output-dir", str(out), "--from-scratch", "--batch-size", "8",
-                "--max-tokens-per-gpu", "128", "--max-steps", str(STEPS), "--learning-rate", "1e-2",
-                "--num-warmup-steps", "0", "--nproc", "1", "--activation-checkpointing",
-                "--eval-data-path", str(evaluation), "--eval-every-samples", "16",
-                *(["--compile"] if name == "compiled" else []),
-            ],  # fmt: skip
-            tmp_path,
-        )
+    _run([*command, "--output-dir", str(runs["eager"])], tmp_path)
+    _run([*command, "--output-dir", str(runs["compiled"]), "--compile"], tmp_path)
     params = orjson.loads((runs["compiled"] / "training_params.json").read_bytes())
     assert params["compile"] is True
     eager, compiled = _metrics(runs["eager"]), _metrics(runs["compiled"])
