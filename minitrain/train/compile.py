@@ -1,6 +1,8 @@
 """`--compile`: `torch.compile` of each decoder block for training (inductor: C++ on the CPU, Triton on GPUs).
 
-Owns `compile_blocks`, called by the worker after the adapters are added and before `shard_model`.
+Owns `compile_blocks`, called by the worker after the adapters are added and before `shard_model`, and
+`require_compiler`, the preflight check that inductor has the compiler it needs (the parent runs it before
+spawning: otherwise the first step of every rank fails with a long traceback).
 
 Why per block and how:
 - Per block, not the whole model: a block is also the FSDP2 unit and the activation-checkpointing unit, so
@@ -26,8 +28,36 @@ later runs of the same model start faster.
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 from torch import nn
+
+from minitrain.errors import UserError
+
+
+def require_compiler(device_type: str) -> None:
+    """Refuse `--compile` up front when inductor cannot build kernels: Triton on a GPU, a C++ compiler
+    (g++, or inductor's `cpp.cxx` setting / $CXX) on the CPU."""
+    if device_type == "cuda":
+        if importlib.util.find_spec("triton") is None:
+            raise UserError(
+                "--compile on a GPU needs Triton (inductor writes its GPU kernels in it): "
+                "pip install triton, or drop --compile"
+            )
+        return
+    from torch._inductor import config, exc
+    from torch._inductor.cpp_builder import cpp_compiler_search
+
+    search = tuple(config.cpp.cxx) if isinstance(config.cpp.cxx, (list, tuple)) else (config.cpp.cxx,)
+    try:
+        cpp_compiler_search(search)  # inductor's own search: the first that answers `--version`
+    except exc.InvalidCxxCompiler:
+        names = ", ".join(name for name in search if name)
+        raise UserError(
+            f"--compile on the CPU needs a C++ compiler and none of {names} runs: install g++ (e.g. apt "
+            "install g++) or set CXX to one, or drop --compile"
+        ) from None
 
 
 def compile_blocks(blocks: nn.ModuleList) -> None:

@@ -119,7 +119,7 @@ def test_train_compile_through_the_cli_matches_eager_losses_and_weights(tmp_path
     ]  # fmt: skip
     runs = {name: tmp_path / name for name in ("eager", "compiled")}
     _run([*command, "--output-dir", str(runs["eager"])], tmp_path)
-    _run([*command, "--output-dir", str(runs["compiled"]), "--compile"], tmp_path)
+    _run([*command, "--output-dir", str(runs["compiled"]), "--compile"], tmp_path, timeout=900)
     params = orjson.loads((runs["compiled"] / "training_params.json").read_bytes())
     assert params["compile"] is True
     eager, compiled = _metrics(runs["eager"]), _metrics(runs["compiled"])
@@ -136,3 +136,25 @@ def test_train_compile_through_the_cli_matches_eager_losses_and_weights(tmp_path
     assert got.keys() == want.keys()
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_compile_without_a_cpu_compiler_is_one_line_before_spawning(tmp_path, monkeypatch) -> None:
+    """On the CPU inductor builds its kernels with a C++ compiler: none is a one-line error up front."""
+    import torch._inductor.config
+    from typer.testing import CliRunner
+
+    from minitrain.cli import app
+    from minitrain.errors import UserError
+
+    data = write_tokenized(tmp_path / "data.jsonl", num=4, vocab=64, seed=0)
+    tiny_llama_config(vocab_size=64).save_pretrained(tmp_path / "model")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch._inductor.config.cpp, "cxx", (None, "no-such-c++"))
+    monkeypatch.setattr("minitrain.train.launch.run_command", lambda *a, **k: pytest.fail("launched"))
+    args = ["train", "--data-path", str(data), "--model-name-or-path", str(tmp_path / "model"),
+            "--output-dir", str(tmp_path / "out"), "--nproc", "1", "--compile"]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert isinstance(result.exception, UserError), result.output
+    message = str(result.exception)
+    assert "\n" not in message and "needs a C++ compiler" in message and "no-such-c++" in message
+    assert "drop --compile" in message
