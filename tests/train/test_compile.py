@@ -152,7 +152,7 @@ def test_compile_without_a_cpu_compiler_is_one_line_before_spawning(tmp_path, mo
     monkeypatch.setattr(torch._inductor.config.cpp, "cxx", (None, "no-such-c++"))
     monkeypatch.setattr("minitrain.train.launch.run_command", lambda *a, **k: pytest.fail("launched"))
     args = ["train", "--data-path", str(data), "--model-name-or-path", str(tmp_path / "model"),
-            "--output-dir", str(tmp_path / "out"), "--nproc", "1", "--compile"]  # fmt: skip
+            "--output-dir", str(tmp_path / "out"), "--nproc", "1", "--from-scratch", "--compile"]  # fmt: skip
     result = CliRunner().invoke(app, args)
     assert isinstance(result.exception, UserError), result.output
     message = str(result.exception)
