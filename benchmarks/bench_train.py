@@ -26,7 +26,7 @@ Samples: ../shared/fixtures/data/*.messages.jsonl rendered with the TinyLlama ch
 vocabulary, real ids), the user turn masked; samples longer than --max-len are left out. Model: Llama,
 4 layers, hidden 256, 4 heads (2 KV), vocabulary 32,000.
 
-    python benchmarks/bench_train.py [--batch 32] [--steps 2] [--repeats 2] [--quick]
+    python benchmarks/bench_train.py [--batch 32] [--steps 2] [--repeats 2] [--quick] [--no-attention]
         [--out benchmarks/results/train.json]
 """
 
@@ -313,6 +313,7 @@ def main() -> None:
     ap.add_argument("--variants", help=argparse.SUPPRESS)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier on a shared CPU)")
     ap.add_argument("--quick", action="store_true", help="fewer configurations (smoke run)")
+    ap.add_argument("--no-attention", action="store_true", help="table 1 only (skip the attention table)")
     ap.add_argument("--model", default="moderate", help=argparse.SUPPRESS)
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "train.json")
@@ -336,7 +337,7 @@ def main() -> None:
         "minitrain --compile / limit": by["minitrain --compile"] / by["limit"],
     }
     print("table 2: attention")
-    packs = (16,) if args.quick else (16, 32, 64)
+    packs = () if args.no_attention else (16,) if args.quick else (16, 32, 64)
     t2 = [
         row
         for m in MODELS
