@@ -134,8 +134,13 @@ def test_train_compile_through_the_cli_matches_eager_losses_and_weights(tmp_path
     want = load_file(runs["eager"] / "hf_format" / final / "model.safetensors")
     got = load_file(runs["compiled"] / "hf_format" / final / "model.safetensors")
     assert got.keys() == want.keys()
+    # fused kernels sum in another order (gradients differ by ~1e-7 relative); AdamW divides each gradient by
+    # its own running RMS, so an element whose gradient is ~0 can move by a visible fraction of one step
+    # (lr 1e-2): measured 2.1e-5 on 1 of 8,192 elements, 8e-6 relative over the tensor. A real difference
+    # (a wrong mask, a dropped adapter) changes the losses above at once.
     for name in want:
-        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5, msg=name)
+        diff = got[name] - want[name]
+        assert diff.abs().max() < 1e-4 and diff.norm() < 2e-5 * want[name].norm(), (name, diff.abs().max())
 
 
 def test_compile_without_a_cpu_compiler_is_one_line_before_spawning(tmp_path, monkeypatch) -> None:
