@@ -9,6 +9,8 @@ Table 1 (the issue's comparison), one global batch of fixture samples per step:
   hf padded   the same samples in micro-batches of --micro-batch, right-padded to each micro-batch's
               longest, `model(input_ids, attention_mask, labels=...)` (sdpa, full logits), loss /
               micro-batches, backward; AdamW step once per step (gradient accumulation, as HF Trainer does)
+  minitrain --compile   the same with each decoder block torch.compiled (minitrain/train/compile.py;
+              inductor, dynamic shapes); its compile is the warm-up step, timed apart ("warm-up s")
   limit       bare decoder forward + chunked loss + backward on the same packed tensors, already in place:
               no optimizer, no wrapper, no batch moves
 Table 2 (attention choice), forward+backward of decoder + chunked loss on packs of 16/32/64 samples, for a
@@ -16,14 +18,15 @@ tiny (2 layers, hidden 64) and a moderate (4 layers, hidden 256) model:
   block-diag sdpa   attn "sdpa" on the packed row: transformers builds a (T x T) block-diagonal mask
   per-sample sdpa   attn "minitrain_packed": causal SDPA on each sample alone (cu_seqlens)
   padded sdpa       the same samples as a right-padded (B x Lmax) batch with an attention mask
-Each measurement runs in its own subprocess; peak memory is that process's peak RSS minus its RSS before the
-first step (model, optimizer state and data included in the baseline).
+Each measurement runs in its own subprocess; peak memory is that process's peak RSS during a step after the
+warm-up step minus its RSS before that step (model, optimizer state and data included in the baseline; the
+peak is reset after the warm-up through /proc/self/clear_refs, so a compile's own memory is left out).
 
 Samples: ../shared/fixtures/data/*.messages.jsonl rendered with the TinyLlama chat template (32,000-token
 vocabulary, real ids), the user turn masked; samples longer than --max-len are left out. Model: Llama,
 4 layers, hidden 256, 4 heads (2 KV), vocabulary 32,000.
 
-    python benchmarks/bench_train.py [--batch 32] [--steps 2] [--repeats 2] [--quick]
+    python benchmarks/bench_train.py [--batch 32] [--steps 2] [--repeats 2] [--quick] [--no-attention]
         [--out benchmarks/results/train.json]
 """
 
@@ -33,7 +36,6 @@ import argparse
 import json
 import os
 import random
-import resource
 import subprocess
 import sys
 import time
@@ -52,6 +54,18 @@ MODELS = {
 def _rss() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _reset_peak_rss() -> None:
+    """Start VmHWM (the peak RSS) again from the current RSS (Linux >= 4.0)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def _peak_rss() -> int:
+    with open("/proc/self/status") as f:
+        line = next(x for x in f if x.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024
 
 
 def load_samples(max_len: int) -> list[tuple[list[int], list[int]]]:
@@ -142,7 +156,12 @@ def make_step(variant: str, model: str, vocab: int, batches, micro_batch: int):
         hidden = lm.model(input_ids=ids, position_ids=pos, attention_mask=mask, use_cache=False, **kwargs)
         return chunked_cross_entropy_sum(hidden.last_hidden_state, lm.lm_head.weight, labels)
 
-    if variant == "minitrain":
+    if variant in ("minitrain", "minitrain --compile"):
+        if variant == "minitrain --compile":
+            from minitrain.train.compile import compile_blocks
+            from minitrain.train.model import decoder_blocks
+
+            compile_blocks(decoder_blocks(lm))
         wrapped = CausalLMWithLoss(lm, use_liger=False)
         packed = [pack(b) for b in batches]
 
@@ -202,14 +221,18 @@ def child(args) -> dict:
     if args.child == "memory":
         (variant,) = variants
         step = make_step(variant, args.model, args.vocab, batches, args.micro_batch)
-        step(0)
+        step(0)  # warm-up (and compile): its peak is not the step's
+        _reset_peak_rss()
         base = _rss()
         step(1)
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        peak = _peak_rss()
         return {variant: max(peak - base, 0) / MB}
     steps = {v: make_step(v, args.model, args.vocab, batches, args.micro_batch) for v in variants}
-    for step in steps.values():
+    warmup = {}
+    for v, step in steps.items():  # the first step: allocations, and the whole compile for --compile
+        t0 = time.perf_counter()
         step(0)
+        warmup[v] = time.perf_counter() - t0
     # contended, shared CPU: interleave the variants and keep each batch's fastest repeat, in CPU seconds of
     # this (single-threaded) process - the work done, whatever the other processes on the machine do - and
     # in wall seconds beside it
@@ -228,6 +251,7 @@ def child(args) -> dict:
             "cpu_seconds_per_step": sum(cpu[v]) / args.steps,
             "wall_tokens_per_s": useful / sum(wall[v]),
             "useful_tokens_per_step": useful / args.steps,
+            "warmup_wall_s": warmup[v],
         }
         for v in variants
     }
@@ -270,8 +294,8 @@ def run(args, variants: list[str], model: str, batch: int, vocab: int) -> list[d
             {"variant": v, "model": model, "batch": batch, "vocab": vocab, **timing[v], "peak_added_mb": mem}
         )
         print(
-            f"  {v:16} {model:8} {batch:3} samples: {timing[v]['tokens_per_s']:8.0f} tok/CPU-s, "
-            f"+{mem:.0f} MB",
+            f"  {v:20} {model:8} {batch:3} samples: {timing[v]['tokens_per_s']:8.0f} tok/CPU-s, "
+            f"+{mem:.0f} MB, warm-up {timing[v]['warmup_wall_s']:.1f} s",
             flush=True,
         )
     return rows
@@ -289,6 +313,7 @@ def main() -> None:
     ap.add_argument("--variants", help=argparse.SUPPRESS)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier on a shared CPU)")
     ap.add_argument("--quick", action="store_true", help="fewer configurations (smoke run)")
+    ap.add_argument("--no-attention", action="store_true", help="table 1 only (skip the attention table)")
     ap.add_argument("--model", default="moderate", help=argparse.SUPPRESS)
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "train.json")
@@ -303,14 +328,16 @@ def main() -> None:
     if args.quick:
         args.batch, args.steps, args.repeats = 8, 1, 1
     print("table 1: training step")
-    t1 = run(args, ["minitrain", "hf padded", "limit"], "moderate", args.batch, 32000)
+    t1 = run(args, ["minitrain", "minitrain --compile", "hf padded", "limit"], "moderate", args.batch, 32000)
     by = {r["variant"]: r["tokens_per_s"] for r in t1}
     ratios = {
         "minitrain / hf padded": by["minitrain"] / by["hf padded"],
         "minitrain / limit": by["minitrain"] / by["limit"],
+        "minitrain --compile / minitrain": by["minitrain --compile"] / by["minitrain"],
+        "minitrain --compile / limit": by["minitrain --compile"] / by["limit"],
     }
     print("table 2: attention")
-    packs = (16,) if args.quick else (16, 32, 64)
+    packs = () if args.no_attention else (16,) if args.quick else (16, 32, 64)
     t2 = [
         row
         for m in MODELS
@@ -325,7 +352,16 @@ def main() -> None:
 
     console = Console(width=150)
     table = Table(title=f"training step, moderate Llama, {args.batch} fixture samples/step (fp32, CPU)")
-    for col in ("variant", "useful tok/CPU-s", "CPU s/step", "useful tok/step", "wall tok/s", "peak +MB"):
+    columns = (
+        "variant",
+        "useful tok/CPU-s",
+        "CPU s/step",
+        "useful tok/step",
+        "wall tok/s",
+        "peak +MB",
+        "warm-up s",
+    )
+    for col in columns:
         table.add_column(col, justify="left" if col == "variant" else "right")
     for r in t1:
         table.add_row(
@@ -335,6 +371,7 @@ def main() -> None:
             f"{r['useful_tokens_per_step']:.0f}",
             f"{r['wall_tokens_per_s']:.0f}",
             f"{r['peak_added_mb']:.0f}",
+            f"{r['warmup_wall_s']:.1f}",
         )
     console.print(table)
     for k, v in ratios.items():

@@ -175,6 +175,7 @@ class TrainConfig:
     use_liger_kernels: bool = False
     fsdp_sharding_strategy: str = "FULL_SHARD"
     activation_checkpointing: bool = False
+    compile: bool = False  # torch.compile each decoder block (minitrain/train/compile.py)
     from_scratch: bool = False
     master_dtype: str = "fp32"
     save_dtype: str | None = None  # None: the compute dtype (bf16 on GPU, the master dtype on CPU)

@@ -213,6 +213,14 @@ def train(
             rich_help_panel=_MODEL,
         ),
     ] = False,
+    compile: Annotated[
+        bool,
+        typer.Option(
+            help="torch.compile each decoder block (faster steps after a compile of a minute or more "
+            "at the first step).",
+            rich_help_panel=_MODEL,
+        ),
+    ] = False,
     from_scratch: Annotated[
         bool,
         typer.Option(
@@ -452,6 +460,7 @@ def train(
             load_in_4bit=config.load_in_4bit,
             objective=config.objective,
             validation_split=config.validation_split,
+            compile=config.compile,
         )
         render_dry_run(report, console)
         return

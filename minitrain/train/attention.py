@@ -23,6 +23,9 @@ The three ways to keep packed samples apart, and their trade-off:
   (benchmarks/bench_train.py, CPU, fp32, fixture lengths, forward + backward): 2.3-3.5x the block-diagonal
   path's tokens/s on packs of 16-32 samples and 5.8-10x on 64, at a fraction of its peak memory (moderate
   model, 64 samples: 572 MB vs 2,830 MB), and faster than padded batches everywhere.
+
+Under `--compile` (minitrain/train/compile.py) `minitrain_packed` stays eager (`torch.compiler.disable`): its
+loop runs once per sample, and their number changes with every pack.
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ def _sample_bounds(query: Tensor, kwargs: dict[str, Any]) -> list[int] | None:
     return [*starts, pos.numel()]
 
 
+@torch.compiler.disable  # eager inside a compiled block (--compile): a graph per sample count otherwise
 def packed_sdpa_attention_forward(
     module: torch.nn.Module,
     query: Tensor,

@@ -117,6 +117,7 @@ class DryRunReport:
     memory_note: str | None = None
     seconds: float = 0.0
     report_path: str | None = None
+    compile: bool = False  # --compile: the decoder blocks compile during the first step
 
     def summary(self) -> dict[str, Any]:
         """A JSON-ready dict of the whole report."""
@@ -293,6 +294,7 @@ def dry_run(
     truncate: bool = False,
     objective: str = "sft",
     validation_split: float | None = None,
+    compile: bool = False,
 ) -> DryRunReport:
     """Replay sampler + planner for the run's steps (one epoch without a stop criterion) and report.
 
@@ -429,6 +431,7 @@ def dry_run(
         memory_note=memory_note,
         report_path=str(report_path) if report_path is not None else None,
         unit=unit,
+        compile=compile,
     )
     report.seconds = time.perf_counter() - started
     if report_path is not None:
@@ -482,6 +485,8 @@ def render_dry_run(report: DryRunReport, console: Any) -> None:
     ]  # fmt: skip
     if report.skipped_batches:
         rows.append(("batches skipped (nothing to train)", f"{report.skipped_batches:,}"))
+    if report.compile:
+        rows.append(("--compile", "each decoder block compiles in the first step (and the first eval)"))
     rows.append(("planned in", f"{report.seconds:.2f} s"))
     if report.report_path:
         rows.append(("per-step plan written to", report.report_path))

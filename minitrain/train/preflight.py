@@ -136,7 +136,8 @@ def preflight(config: TrainConfig, inputs: Inputs | None = None) -> Preflight:
     """Check data, model and output folder; raise `UserError` naming the problem and the fix.
 
     `inputs` is what `check_inputs` returned (it runs here when not given); the rest needs torch and the
-    model's config: token ids against the vocabulary, the tokenizer fingerprint, QLoRA's GPU, the GPU count.
+    model's config: token ids against the vocabulary, the tokenizer fingerprint, QLoRA's GPU, --compile's
+    compiler, the GPU count.
     Last, with every check passed, `--overwrite` removes the previous run's files.
     """
     inputs = inputs if inputs is not None else check_inputs(config)
@@ -158,6 +159,10 @@ def preflight(config: TrainConfig, inputs: Inputs | None = None) -> Preflight:
         from minitrain.train.adapters import require_qlora
 
         require_qlora("cuda" if gpu else "cpu")
+    if config.compile:
+        from minitrain.train.compile import require_compiler
+
+        require_compiler("cuda" if gpu else "cpu")
     if not in_launched_env():
         gpus = torch.cuda.device_count() if gpu else 0
         if gpus and config.nproc > gpus:

@@ -28,6 +28,7 @@ from minitrain.data.store import TokenStore, truncate
 from minitrain.errors import UserError, first_line, say, signal_exit_code
 from minitrain.rundir import METRICS_FILE, read_training_params, resolve_resume, scan_checkpoints
 from minitrain.train.checkpoint import load_training_state, save_training_state
+from minitrain.train.compile import compile_blocks
 from minitrain.train.dist import (
     DistInfo,
     close_distributed,
@@ -48,7 +49,7 @@ from minitrain.train.metrics import (
     no_stop_rule_line,
     peak_flops_per_device,
 )
-from minitrain.train.model import CausalLMWithLoss, load_dtype, load_model, shard_model
+from minitrain.train.model import CausalLMWithLoss, decoder_blocks, load_dtype, load_model, shard_model
 from minitrain.train.optim import build_optimizer, build_scheduler
 from minitrain.train.trackers import open_trackers
 
@@ -111,6 +112,9 @@ def _train(config: TrainConfig, dist: DistInfo, tokenizer_source: str | None) ->
             file=sys.stderr,
             flush=True,
         )
+    if config.compile:  # before sharding: FSDP2's hooks and checkpoint_wrapper stay outside the compiled code
+        compile_blocks(decoder_blocks(lm))
+        print0(dist, "--compile: the decoder blocks compile during the first step (and the first eval)")
     model = CausalLMWithLoss(lm, use_liger=use_liger)
     model = shard_model(
         model,

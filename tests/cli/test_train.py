@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import subprocess
 import sys
@@ -30,6 +31,7 @@ FLAGS = {
     "--trust-remote-code", "--no-trust-remote-code",
     "--validation-split", "--save-best-val-loss", "--no-save-best-val-loss", "--checkpoint-at-epoch",
     "--no-checkpoint-at-epoch", "--save-final-checkpoint",
+    "--compile", "--no-compile",
 }  # fmt: skip
 
 MINI_TRAINER = [
@@ -344,3 +346,18 @@ def test_mini_trainers_newer_flags_take_effect(tmp_path):
     losses, other_losses = [r["loss"] for r in rows], [r["loss"] for r in other]
     assert losses[:2] == pytest.approx(other_losses[:2], rel=1e-6)  # Adam's first update ignores the betas
     assert losses[2] != pytest.approx(other_losses[2], rel=1e-6)
+
+
+def test_dry_run_says_compile(tmp_path):
+    """`--dry-run --compile` names the compile in its table and its JSON report; without it, nothing."""
+    data = write_tokenized(tmp_path / "d.jsonl", num=20, vocab=64, seed=0)
+    tiny_llama_config(vocab_size=64).save_pretrained(tmp_path / "model")
+    base = ["train", "--data-path", str(data), "--model-name-or-path", str(tmp_path / "model"),
+            "--output-dir", str(tmp_path / "out"), "--nproc", "1", "--batch-size", "8", "--max-steps", "3",
+            "--dry-run", "--dry-run-report"]  # fmt: skip
+    for extra, said in (([], False), (["--compile"], True)):
+        report = tmp_path / f"plan{len(extra)}.json"
+        result = CliRunner().invoke(app, [*base, str(report), *extra], env={"COLUMNS": "200"})
+        assert result.exit_code == 0, result.output
+        assert ("--compile" in result.output) is said
+        assert json.loads(report.read_text())["summary"]["compile"] is said
