@@ -390,24 +390,33 @@ def test_a_params_file_from_before_the_history_becomes_its_first_launch(tmp_path
 # --- Ctrl+C at any moment of start-up: our one line, exit 130, no traceback ---------------------------------
 
 
-def _importing_torch(pid: int, module: str) -> bool:
-    """True when process `pid` runs `-m module` and has started importing torch (libtorch is mapped)."""
+def _at(pid: int, module: str, stage: str) -> bool:
+    """True when process `pid` runs `python [-u] -m module` (its own module, not an argument of torchrun's
+    command line) and is at `stage`: "starting" (Python's start-up, before torch: SIGINT handled by Python or
+    blocked by its launcher, libtorch not mapped) or "importing-torch" (libtorch mapped)."""
     try:
-        if module not in Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode():
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        if module.encode() != argv[argv.index(b"-m") + 1]:
             return False
-        return "libtorch" in Path(f"/proc/{pid}/maps").read_text()
-    except OSError:
+        torch_mapped = "libtorch" in Path(f"/proc/{pid}/maps").read_text()
+        status = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+    except (OSError, ValueError, IndexError):
         return False
+    sigint = 1 << (signal.SIGINT - 1)
+    caught_or_blocked = (int(status["SigCgt"], 16) | int(status["SigBlk"], 16)) & sigint
+    return torch_mapped if stage == "importing-torch" else bool(caught_or_blocked) and not torch_mapped
 
 
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the child processes in /proc (Linux)")
 @pytest.mark.parametrize(
     "moment",
-    ["torchrun-importing-torch", "ranks-importing-torch"],
+    ["torchrun-starting", "torchrun-importing-torch", "rank-starting", "rank-importing-torch"],
 )
 def test_ctrl_c_during_start_up_is_one_line_and_exit_130(tmp_path, moment):
-    """SIGINT to `minitrain train` (as a terminal's Ctrl+C reaches it) while torchrun's process, or a rank's,
-    is importing torch: a KeyboardInterrupt there used to print a 45-line traceback."""
+    """SIGINT to `minitrain train` (as a terminal's Ctrl+C reaches it) and to torchrun's process or the
+    rank while it starts Python (the `site` import: "Fatal Python error" and a traceback) or imports torch
+    (a 45-line KeyboardInterrupt traceback): one line, exit 130. The signal goes to the process itself too,
+    so that it lands at that moment and not only after the launcher forwarded it a few ms later."""
     from minitrain.train.faults import _descendants, kill_process_tree
 
     data = write_tokenized(tmp_path / "d.jsonl", num=8, vocab=100, seed=0)
@@ -420,18 +429,20 @@ def test_ctrl_c_during_start_up_is_one_line_and_exit_130(tmp_path, moment):
     cmd = [
         sys.executable, "-m", "minitrain", "train", "--data-path", str(data),
         "--model-name-or-path", str(model), "--output-dir", str(tmp_path / "o"), "--from-scratch",
-        "--nproc", "2", "--batch-size", "4",
+        "--nproc", "1", "--batch-size", "4",
     ]  # fmt: skip
     proc = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env | {"OMP_NUM_THREADS": "1"},
         cwd=Path(__file__).resolve().parents[2],
     )  # fmt: skip
-    wanted = "minitrain.train.launch" if moment.startswith("torchrun") else "minitrain.train.worker"
+    who, stage = moment.split("-", 1)
+    module = "minitrain.train.launch" if who == "torchrun" else "minitrain.train.worker"
     try:
         deadline = time.monotonic() + 120
-        while not any(_importing_torch(p, wanted) for p in _descendants(proc.pid)):
+        while not (target := [p for p in _descendants(proc.pid) if _at(p, module, stage)]):
             assert proc.poll() is None and time.monotonic() < deadline, "the process never started"
-            time.sleep(0.005)
+            time.sleep(0.002)
+        os.kill(target[0], signal.SIGINT)
         proc.send_signal(signal.SIGINT)
         output, _ = proc.communicate(timeout=120)
     finally:
@@ -439,7 +450,7 @@ def test_ctrl_c_during_start_up_is_one_line_and_exit_130(tmp_path, moment):
             kill_process_tree(proc.pid)
             proc.wait()
     assert proc.returncode == 130, output
-    assert "Traceback" not in output and "KeyboardInterrupt" not in output, output
+    assert "Traceback" not in output and "KeyboardInterrupt" not in output and "Fatal" not in output, output
     assert output.rstrip("\n").splitlines()[-1] == "minitrain: training interrupted (exit 130)", output
 
 
