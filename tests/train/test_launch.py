@@ -79,6 +79,8 @@ def test_exit_codes_pass_through():
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_signals_are_forwarded_to_the_child(tmp_path, signum):
     child = textwrap.dedent(f"""
+        from minitrain.train.faults import start_quietly
+        start_quietly()  # as torchrun's process does first: run_command starts it with the signals blocked
         import pathlib, signal, sys, time
         def stop(signum, frame):
             pathlib.Path({str(tmp_path / "got")!r}).write_text(str(signum))
