@@ -30,7 +30,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from tests.conftest import tiny_llama_config
+from tests.conftest import in_process_if_one_rank, tiny_llama_config
 from tests.train.test_loop import write_tokenized
 
 pytestmark = pytest.mark.slow
@@ -47,10 +47,11 @@ RESUME_LR = 5e-3  # the run resumed after SIGTERM lowers --learning-rate: the ne
 
 
 def _cli(args: list[str], cwd: Path, *, ok: bool = True) -> subprocess.CompletedProcess:
-    """`python -m minitrain ARGS` outside any launcher; with `ok`, assert it exited 0."""
+    """`python -m minitrain ARGS` outside any launcher (`--nproc 1`: in the CLI's own process, no torchrun);
+    with `ok`, assert it exited 0."""
     done = subprocess.run(
-        [sys.executable, "-m", "minitrain", *args], cwd=cwd, env=_env(), capture_output=True, text=True,
-        timeout=300,
+        [sys.executable, "-m", "minitrain", *args], cwd=cwd, env=in_process_if_one_rank(args, _env()),
+        capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     if ok:
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

@@ -14,6 +14,15 @@ Owns four small pieces, one per fault:
   dies, so killing the launcher never leaves orphans training on.
 - `wait_forwarding_signals(proc)` (in the launcher): the first SIGINT/SIGTERM is forwarded to torchrun (which
   forwards it to every rank); a second one kills torchrun and every process under it at once.
+- Start-up (a signal in the first ~0.2 s of a process, while Python imports `site` or our modules): a
+  process ends in a `KeyboardInterrupt` traceback (or "Fatal Python error: init_import_site") if SIGINT
+  reaches it before its entry point can install anything. So every process we start begins with
+  SIGINT/SIGTERM *blocked* (the mask is inherited through fork and exec, and a blocked signal waits,
+  pending, instead of being lost): the launcher blocks them while it starts torchrun, torchrun's process
+  keeps them blocked in the thread that starts the ranks (`block_stop_signals_in_children`), and the
+  first statement of each entry point (`start_quietly`) restores their default action - end the process,
+  print nothing - and unblocks them, so a signal that came early is acted on then. The run's own
+  handlers (torchrun's, `StopFlag`) replace that default later.
 
 A rank that dies (killed, out of memory) ends the run through torchrun: with `--max-restarts 0` (the default)
 its agent notices within `--monitor-interval` (0.1 s), sends SIGTERM to the other ranks and SIGKILL after
@@ -31,6 +40,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterable
 from types import FrameType, TracebackType
 from typing import Any
@@ -139,36 +149,71 @@ def die_with_parent(sig: int = signal.SIGKILL) -> bool:
     return True
 
 
+def start_quietly() -> None:
+    """The first statement of a process we start: SIGINT/SIGTERM end it at once with nothing printed (until
+    the run installs its own handlers), then they are unblocked, so one that arrived while the process
+    started, blocked by its launcher, is acted on now. Call it before any other import."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_DFL)  # the kernel ends the process: no Python code, no traceback
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+def block_stop_signals_in_children() -> None:
+    """From now on, processes this thread starts begin with SIGINT/SIGTERM blocked (see `start_quietly`),
+    while this process still receives them. Call it from the main thread, before it starts children.
+
+    The signals are blocked in this thread only; one helper thread, started first so that it keeps them
+    unblocked, is where the kernel delivers them, and Python runs their handlers in the main thread as
+    always (within torchrun's monitor interval, 0.1 s, when the main thread sleeps).
+    """
+    receiver = threading.Thread(target=threading.Event().wait, name="minitrain-signals", daemon=True)
+    receiver.start()
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+
+
 def wait_forwarding_signals(
-    proc: subprocess.Popen, *, notify: Callable[[str], None] | None = None
+    proc: subprocess.Popen | Callable[[], subprocess.Popen], *, notify: Callable[[str], None] | None = None
 ) -> tuple[int, int | None]:
     """Wait for `proc`, forwarding the first SIGINT/SIGTERM to it and killing its tree on the second.
 
     Returns (exit code, first signal or None). The code is the child's, or 128 + N for death by signal N;
     when the user sent a signal and the child exited non-zero, it is 128 + that signal (torchrun itself
     reports a forwarded signal as a plain failure). Start `proc` with `start_new_session=True` so a terminal
-    Ctrl+C reaches it only through here.
+    Ctrl+C reaches it only through here. Pass a function that starts it instead, and it is started after
+    the handlers are in place, with SIGINT/SIGTERM blocked (inherited by the child, whose entry point calls
+    `start_quietly`); a signal that arrives meanwhile is forwarded as soon as the child exists.
     """
     received: list[int] = []
+    child: list[subprocess.Popen] = [proc] if isinstance(proc, subprocess.Popen) else []
 
     def handle(signum: int, _frame: FrameType | None) -> None:
         received.append(signum)
         name = signal.Signals(signum).name
         if len(received) == 1:
-            if proc.poll() is None:
-                proc.send_signal(signum)
+            if child and child[0].poll() is None:
+                child[0].send_signal(signum)
             if notify:
                 notify(
                     f"{name}: stopping at the next step and saving a checkpoint; press Ctrl+C again to abort"
                 )
-        elif len(received) == 2:
-            kill_process_tree(proc.pid)
+        elif len(received) == 2 and child:
+            kill_process_tree(child[0].pid)
             if notify:
                 notify(f"{name} again: aborting now (the last complete checkpoint is kept)")
 
     previous = {sig: signal.signal(sig, handle) for sig in STOP_SIGNALS}
     try:
-        code = proc.wait()
+        if not child:
+            mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+            try:
+                child.append(proc())
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # what came meanwhile is handled here
+            if received and child[0].poll() is None:  # it came before the child existed: forward it now
+                child[0].send_signal(received[0])
+                if len(received) > 1:
+                    kill_process_tree(child[0].pid)
+        code = child[0].wait()
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

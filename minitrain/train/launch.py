@@ -12,6 +12,11 @@ This module imports torch only inside functions: building and asserting the comm
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # torchrun's process: started with SIGINT/SIGTERM blocked (see train.faults)
+    from minitrain.train.faults import start_quietly
+
+    start_quietly()
+
 import os
 import subprocess
 import sys
@@ -62,9 +67,9 @@ def run_command(cmd: Sequence[str], env: Mapping[str, str] | None = None) -> int
 
     env = dict(os.environ if env is None else env)
     env.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "600")  # seconds the ranks get to save after a signal
-    proc = subprocess.Popen(list(cmd), env=env, start_new_session=True)
     code, _ = wait_forwarding_signals(
-        proc, notify=lambda m: print(f"minitrain: {m}", file=sys.stderr, flush=True)
+        lambda: subprocess.Popen(list(cmd), env=env, start_new_session=True),  # starts with signals blocked
+        notify=lambda m: print(f"minitrain: {m}", file=sys.stderr, flush=True),
     )
     return code
 
@@ -115,8 +120,11 @@ def torchrun_main(argv: Sequence[str]) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun
 
+    from minitrain.train.faults import block_stop_signals_in_children
+
     if not sys.stderr.isatty():  # a log file: no "Sending process N closing signal" lines after our own
         _quiet_torchrun()
+    block_stop_signals_in_children()  # each rank starts with them blocked; its entry point lets them in
     try:
         torchrun(list(argv))
     except ChildFailedError as err:
@@ -139,10 +147,5 @@ def _quiet_torchrun() -> None:
             logger.setLevel(logging.ERROR)
 
 
-if __name__ == "__main__":
-    try:
-        sys.exit(torchrun_main(sys.argv[1:]))
-    except (
-        KeyboardInterrupt
-    ):  # Ctrl+C forwarded while torch was still importing: no rank started, nothing to save
-        sys.exit(130)
+if __name__ == "__main__":  # a Ctrl+C before torchrun's handlers ends it quietly (start_quietly, above)
+    sys.exit(torchrun_main(sys.argv[1:]))

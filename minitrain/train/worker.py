@@ -9,18 +9,19 @@ function rather than a registry of components; swapping a piece means editing th
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # a rank started by torchrun: Ctrl+C before the loop has nothing to save
+    from minitrain.train.faults import start_quietly
+
+    start_quietly()  # started with SIGINT/SIGTERM blocked; from here they end it quietly until StopFlag
+
 import functools
 import logging
 import os
-import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-if __name__ == "__main__":  # a rank started by torchrun: Ctrl+C before the loop has nothing to save
-    signal.signal(signal.SIGINT, lambda *_: sys.exit(130))  # exit quietly, not a traceback of an import
-
-import torch  # noqa: E402 - after the handler above: importing torch takes seconds
+import torch
 
 from minitrain.config import TrainConfig
 from minitrain.data.sampler import InfiniteSampler, split_validation

@@ -2,13 +2,19 @@
 loader.
 
 The Hub is never reached from a test: `ask_hub` is replaced by a stub that counts its calls, except in the
-test that points it at a closed local port to prove a refused connection reads as "unreachable".
+tests that point it at a local address: a closed port (unreachable), a resolver that never answers (the
+deadline still holds), and a small local HTTP server that answers as the Hub does (404, 401, 200).
 """
 
 from __future__ import annotations
 
+import http.server
 import json
+import os
 import socket
+import subprocess
+import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -81,7 +87,7 @@ def test_online_but_unreachable_hub_is_asked_once_and_answers_in_one_line(hub):
     hub.answer = None  # what ask_hub returns when the one request fails (no network, DNS, timeout)
     with pytest.raises(UserError) as err:
         tk.resolve_model_path("org/typo")
-    assert "the Hub cannot be reached (one try, 2 s)" in str(err.value) and "\n" not in str(err.value)
+    assert "the Hub cannot be reached (one try, 1 s)" in str(err.value) and "\n" not in str(err.value)
     assert hub.asked == ["org/typo"]
 
 
@@ -127,6 +133,73 @@ def test_ask_hub_reads_a_refused_connection_as_unreachable(monkeypatch):
         port = s.getsockname()[1]
     monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{port}")
     assert tk.ask_hub("org/name") is None
+
+
+def test_an_unreachable_hub_is_answered_without_importing_the_http_client():
+    """The connection probe is plain sockets: huggingface_hub's HTTP client (httpx, ~0.4 s) stays unloaded."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = (
+        "import sys\n"
+        "from minitrain.data import tokenizer as tk\n"
+        "answer = tk.ask_hub('org/nmae')\n"
+        "print(answer, sorted(m for m in sys.modules if m.split('.')[0].startswith('httpx')))\n"
+    )
+    env = {**_clean_env(), "HF_ENDPOINT": f"http://127.0.0.1:{port}"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True)
+    assert done.stdout.strip() == "None []"
+
+
+def test_a_resolver_that_never_answers_is_left_behind_at_the_deadline(monkeypatch):
+    """getaddrinfo has no timeout of its own: a hung lookup must not hold the answer past HUB_TIMEOUT_S."""
+    from huggingface_hub import constants
+
+    release = threading.Event()
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *args, **kwargs: release.wait() and [])
+    monkeypatch.setattr(tk, "HUB_TIMEOUT_S", 0.05)
+    monkeypatch.setattr(constants, "ENDPOINT", "https://hub.invalid")
+    try:
+        assert tk.ask_hub("org/name") is None  # without the deadline this call would wait forever
+    finally:
+        release.set()
+
+
+@pytest.mark.parametrize(("status", "answer"), [(404, False), (401, False), (200, True), (500, None)])
+def test_ask_hub_reads_the_hubs_answer(status: int, answer: bool | None, monkeypatch):
+    """A local server stands in for the Hub: the probe connects, then one HEAD request reads its status."""
+    from huggingface_hub import constants
+
+    asked: list[str] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_HEAD(self) -> None:  # noqa: N802 - the name http.server dispatches to
+            asked.append(self.path)
+            self.send_response(status)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}")
+        for variable in (*tk.OFFLINE_VARIABLES, "http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
+            monkeypatch.delenv(variable, raising=False)
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # read at import; it would block the request
+        assert tk.ask_hub("org/name") is answer
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert asked == ["/api/models/org/name"]  # one request, no retries
+
+
+def _clean_env() -> dict[str, str]:
+    """This process's environment with offline mode and proxies off, for a child that must try the Hub."""
+    drop = {*tk.OFFLINE_VARIABLES, "http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy"}
+    return {k: v for k, v in os.environ.items() if k not in drop and k != "ALL_PROXY"}
 
 
 def test_load_tokenizer_from_a_folder_and_its_one_line_errors(tmp_path: Path, hub):

@@ -27,6 +27,7 @@ from minitrain.errors import UserError
 from minitrain.rundir import find_latest_checkpoint, is_complete, scan_checkpoints
 from minitrain.train.dist import DistInfo
 from minitrain.train.faults import (
+    STOP_SIGNALS,
     NonFiniteError,
     StopFlag,
     check_finite,
@@ -165,6 +166,54 @@ def test_the_launcher_forwards_the_first_signal_and_kills_the_tree_on_the_second
         time.sleep(0.05)
     assert not _alive(worker)  # the worker in its own session died too
     assert "press Ctrl+C again to abort" in notes[0] and "aborting now" in notes[1]
+
+
+def test_a_child_started_by_the_launcher_holds_an_early_signal_until_it_can_end_quietly() -> None:
+    """The launcher starts the child with SIGINT/SIGTERM blocked: a SIGINT during its start-up waits (no
+    KeyboardInterrupt traceback) and ends it, with nothing printed, at `start_quietly`."""
+    script = textwrap.dedent(
+        """
+        import os, signal
+        os.kill(os.getpid(), signal.SIGINT)  # lands during start-up: still pending, Python's handler not run
+        print("pending", flush=True)
+        from minitrain.train.faults import start_quietly
+        start_quietly()
+        print("after start_quietly", flush=True)
+        """
+    )
+    started: list[subprocess.Popen] = []
+
+    def start() -> subprocess.Popen:
+        cmd = [sys.executable, "-c", script]
+        out = subprocess.PIPE
+        started.append(subprocess.Popen(cmd, env=ENV, stdout=out, stderr=subprocess.STDOUT, text=True))
+        return started[0]
+
+    assert wait_forwarding_signals(start) == (130, None)  # killed by SIGINT: 128 + 2
+    output = started[0].stdout.read()
+    assert output == "pending\n", output  # no traceback, nothing after start_quietly
+    assert signal.pthread_sigmask(signal.SIG_BLOCK, []) & set(STOP_SIGNALS) == set()  # ours let in again
+
+
+def test_children_of_the_torchrun_process_start_blocked_while_it_still_gets_the_signal() -> None:
+    script = textwrap.dedent(
+        """
+        import os, re, signal, subprocess, sys, time
+        from minitrain.train.faults import block_stop_signals_in_children
+        got = []
+        signal.signal(signal.SIGINT, lambda signum, _frame: got.append(signum))
+        block_stop_signals_in_children()
+        status = subprocess.run(["cat", "/proc/self/status"], capture_output=True, text=True).stdout
+        blocked = int(re.search(r"SigBlk:\\s*(\\w+)", status).group(1), 16)
+        os.kill(os.getpid(), signal.SIGINT)
+        deadline = time.monotonic() + 30
+        while not got and time.monotonic() < deadline:
+            time.sleep(0.01)
+        print(blocked & (1 << (signal.SIGINT - 1)) != 0, blocked & (1 << (signal.SIGTERM - 1)) != 0, got)
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script], env=ENV, capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip() == f"True True [{int(signal.SIGINT)}]", done.stdout + done.stderr
 
 
 def test_a_worker_dies_with_its_parent(tmp_path: Path) -> None:

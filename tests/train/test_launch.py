@@ -1,5 +1,6 @@
-"""minitrain/train/launch.py: the torchrun command line (asserted, not spawned), exit codes, signal
-forwarding, detection of an outer launcher, and the parent's refusals before anything is spawned."""
+"""minitrain/train/launch.py: the torchrun command line (asserted, not spawned), exit codes, detection of
+an outer launcher, and the parent's refusals before anything is spawned. Its signals (forwarding, Ctrl+C at
+start-up) are tests/train/test_launch_signals.py."""
 
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import orjson
@@ -21,7 +21,7 @@ from minitrain.errors import UserError
 from minitrain.rundir import read_training_params, write_training_params
 from minitrain.train.launch import run_command, torchrun_command, torchrun_env
 from minitrain.train.preflight import check_inputs, in_launched_env, preflight
-from tests.conftest import SMOLLM2, needs_fixtures, tiny_llama_config
+from tests.conftest import SMOLLM2, in_process_if_one_rank, needs_fixtures, tiny_llama_config
 from tests.train.test_loop import write_tokenized
 
 
@@ -74,32 +74,6 @@ def test_exit_codes_pass_through():
     assert run_command([sys.executable, "-c", "raise SystemExit(3)"]) == 3
     kill = "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"
     assert run_command([sys.executable, "-c", kill]) == 128 + signal.SIGKILL
-
-
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_signals_are_forwarded_to_the_child(tmp_path, signum):
-    child = textwrap.dedent(f"""
-        import pathlib, signal, sys, time
-        def stop(signum, frame):
-            pathlib.Path({str(tmp_path / "got")!r}).write_text(str(signum))
-            sys.exit(1)  # as torchrun does when interrupted
-        signal.signal(signal.SIGTERM, stop)
-        signal.signal(signal.SIGINT, stop)
-        pathlib.Path({str(tmp_path / "ready")!r}).touch()
-        time.sleep(60)
-    """)
-    parent = (
-        "import sys; from minitrain.train.launch import run_command; "
-        f"sys.exit(run_command([sys.executable, '-c', {child!r}]))"
-    )
-    proc = subprocess.Popen([sys.executable, "-c", parent], cwd=Path(__file__).resolve().parents[2])
-    deadline = time.monotonic() + 30
-    while not (tmp_path / "ready").exists():
-        assert time.monotonic() < deadline and proc.poll() is None
-        time.sleep(0.05)
-    proc.send_signal(signum)
-    assert proc.wait(timeout=30) == 128 + signum  # 130 for Ctrl+C, 143 for SIGTERM, whatever the child said
-    assert (tmp_path / "got").read_text() == str(int(signum))
 
 
 # --- the parent refuses before spawning ---------------------------------------------------------------
@@ -388,62 +362,6 @@ def test_a_params_file_from_before_the_history_becomes_its_first_launch(tmp_path
     assert [x["created"] for x in launches][0] == "2026-01-01T00:00:00+00:00" and len(launches) == 2
 
 
-# --- Ctrl+C at any moment of start-up: our one line, exit 130, no traceback ---------------------------------
-
-
-def _importing_torch(pid: int, module: str) -> bool:
-    """True when process `pid` runs `-m module` and has started importing torch (libtorch is mapped)."""
-    try:
-        if module not in Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode():
-            return False
-        return "libtorch" in Path(f"/proc/{pid}/maps").read_text()
-    except OSError:
-        return False
-
-
-@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the child processes in /proc (Linux)")
-@pytest.mark.parametrize(
-    "moment",
-    ["torchrun-importing-torch", "ranks-importing-torch"],
-)
-def test_ctrl_c_during_start_up_is_one_line_and_exit_130(tmp_path, moment):
-    """SIGINT to `minitrain train` (as a terminal's Ctrl+C reaches it) while torchrun's process, or a rank's,
-    is importing torch: a KeyboardInterrupt there used to print a 45-line traceback."""
-    from minitrain.train.faults import _descendants, kill_process_tree
-
-    data = write_tokenized(tmp_path / "d.jsonl", num=8, vocab=100, seed=0)
-    model = _model(tmp_path, 128)
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "TORCHELASTIC_RUN_ID")
-    }
-    cmd = [
-        sys.executable, "-m", "minitrain", "train", "--data-path", str(data),
-        "--model-name-or-path", str(model), "--output-dir", str(tmp_path / "o"), "--from-scratch",
-        "--nproc", "2", "--batch-size", "4",
-    ]  # fmt: skip
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env | {"OMP_NUM_THREADS": "1"},
-        cwd=Path(__file__).resolve().parents[2],
-    )  # fmt: skip
-    wanted = "minitrain.train.launch" if moment.startswith("torchrun") else "minitrain.train.worker"
-    try:
-        deadline = time.monotonic() + 120
-        while not any(_importing_torch(p, wanted) for p in _descendants(proc.pid)):
-            assert proc.poll() is None and time.monotonic() < deadline, "the process never started"
-            time.sleep(0.005)
-        proc.send_signal(signal.SIGINT)
-        output, _ = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            kill_process_tree(proc.pid)
-            proc.wait()
-    assert proc.returncode == 130, output
-    assert "Traceback" not in output and "KeyboardInterrupt" not in output, output
-    assert output.rstrip("\n").splitlines()[-1] == "minitrain: training interrupted (exit 130)", output
-
-
 def test_a_truncated_run_trains_every_sample_cut_to_the_budget(tmp_path):
     """One real step over the whole data with --truncate: every sample is in it, at min(length, budget)
     tokens."""
@@ -464,8 +382,8 @@ def test_a_truncated_run_trains_every_sample_cut_to_the_budget(tmp_path):
          str(_model(tmp_path, 128)), "--output-dir", str(out), "--from-scratch", "--nproc", "1",
          "--batch-size", "8", "--max-tokens-per-gpu", "12", "--truncate", "--max-steps", "1",
          "--num-warmup-steps", "0"],
-        capture_output=True, text=True, env=env | {"OMP_NUM_THREADS": "1"}, timeout=300,
-        cwd=Path(__file__).resolve().parents[2],
+        capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parents[2],
+        env=in_process_if_one_rank(["--nproc", "1"], env | {"OMP_NUM_THREADS": "1"}),  # no torchrun needed
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     [record] = [orjson.loads(x) for x in (out / "training_metrics_0.jsonl").read_bytes().splitlines()]

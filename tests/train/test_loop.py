@@ -22,7 +22,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from tests.conftest import tiny_llama_config
+from tests.conftest import in_process_if_one_rank, tiny_llama_config
 
 pytestmark = pytest.mark.slow
 
@@ -59,9 +59,11 @@ def _args(data: Path, model: Path, out: Path, budget: int) -> list[str]:
 
 
 def _run(cmd: list[str], cwd: Path, timeout: float = 300) -> None:
+    """Run `cmd` outside any launcher; a `--nproc 1` run trains in the CLI's own process (no torchrun)."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "TORCHELASTIC_RUN_ID"):
         env.pop(var, None)
+    env = in_process_if_one_rank(cmd, env)
     done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
