@@ -25,6 +25,41 @@ MESSAGES_FILES = sorted(DATA.glob("*.messages.jsonl"))
 needs_fixtures = pytest.mark.skipif(not FIXTURES.is_dir(), reason=f"fixtures folder {FIXTURES} is absent")
 
 
+# The modules that train models, longest first (`--durations` on 2 workers). `--dist loadfile` hands whole
+# modules to the xdist workers in collection order; collected alphabetically, the longest (tests/train/...)
+# came last and one worker ran them alone at the end. Longest first, the short modules fill in around them.
+LONGEST_FIRST = (
+    "tests/train/test_dpo.py",
+    "tests/test_resume.py",
+    "tests/train/test_qlora_runs.py",
+    "tests/train/test_adapter_runs.py",
+    "tests/train/test_compile.py",
+    "tests/train/test_loop.py",
+    "tests/cli/test_train.py",
+    "tests/train/test_checkpoint.py",
+    "tests/train/test_launch_signals.py",
+    "tests/train/test_eval_runs.py",
+    "tests/test_e2e.py",
+    "tests/train/test_faults.py",
+    "tests/test_demo.py",
+    "tests/cli/test_configopt.py",
+    "tests/test_bad_input.py",
+    "tests/train/test_trackers.py",
+    "tests/train/test_launch.py",
+    "tests/train/test_sharding.py",
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Run the LONGEST_FIRST modules first, in that order; every module's tests stay together and in order."""
+    rank = {module: i for i, module in enumerate(LONGEST_FIRST)}
+
+    def module_rank(item: pytest.Item) -> int:
+        return rank.get(Path(item.path).relative_to(REPO).as_posix(), len(rank))
+
+    items.sort(key=module_rank)  # stable: the rest keep their collection order
+
+
 @pytest.fixture(scope="session")
 def fixtures_dir() -> Path:
     if not FIXTURES.is_dir():
