@@ -60,8 +60,13 @@ def require_compiler(device_type: str) -> None:
         ) from None
 
 
-def compile_blocks(blocks: nn.ModuleList) -> None:
-    """Compile each block's forward in place, with the token dimension dynamic (see the module docstring)."""
+def compile_blocks(blocks: nn.ModuleList, *, backend: str = "inductor") -> None:
+    """Compile each block's forward in place, with the token dimension dynamic (see the module docstring).
+
+    `backend` is torch.compile's: training uses inductor; tests of how compiled blocks compose with FSDP2,
+    activation checkpointing and adapters (dynamo's tracing and AOT autograd, where composition breaks) may
+    pass "aot_eager", which traces the same graphs without generating kernels.
+    """
     for block in blocks:
         # the bound method of this instance: hooks (FSDP2's) and the module tree stay untouched
-        block.forward = torch.compile(block.forward, dynamic=True)
+        block.forward = torch.compile(block.forward, dynamic=True, backend=backend)

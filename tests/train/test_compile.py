@@ -78,12 +78,15 @@ def test_compiled_blocks_match_eager_and_compile_once_for_every_pack() -> None:
 
 
 def test_compile_composes_with_lora_fsdp2_and_activation_checkpointing(one_rank_group) -> None:  # noqa: F811
+    """Dynamo's tracing and AOT autograd through LoRA layers, FSDP2's hooks and checkpointing: the aot_eager
+    backend traces the very graphs inductor would get (inductor's own kernels are checked above and through
+    the CLI below) without generating and building C++ kernels for them."""
     from minitrain.train.adapters import add_adapters
 
     _fresh_dynamo()
     lm = add_adapters(build_lm(PACKED_ATTENTION, num_hidden_layers=1), LoraSettings(rank=4))
     plain = copy.deepcopy(lm)
-    compile_blocks(decoder_blocks(lm))
+    compile_blocks(decoder_blocks(lm), backend="aot_eager")
     model = shard_model(
         CausalLMWithLoss(lm, use_liger=False, chunk_size=8), dist=CPU1, strategy="FULL_SHARD",
         mixed_precision=False, master_dtype=torch.float32, cpu_offload=False, activation_checkpointing=True,
@@ -105,17 +108,17 @@ def _metrics(run: Path) -> list[dict]:
 
 
 def test_train_compile_through_the_cli_matches_eager_losses_and_weights(tmp_path) -> None:
-    """`minitrain train --compile` (1 rank, activation checkpointing, eval) against the same run without."""
+    """`minitrain train --compile` (1 rank) against the same run without: the flag reaches the worker and
+    the run's numbers are eager's. Checkpointing and adapters are the test above; each extra mode here (eval's
+    no-grad graphs, checkpointing) is another compile of a minute on a cold cache."""
     from safetensors.torch import load_file
 
     data = write_tokenized(tmp_path / "data.jsonl", num=8, vocab=128, seed=3)
-    evaluation = write_tokenized(tmp_path / "eval.jsonl", num=3, vocab=128, seed=4)
     tiny_llama_config(vocab_size=128, num_hidden_layers=1).save_pretrained(tmp_path / "model")
     command = [
         sys.executable, "-m", "minitrain", "train", "--data-path", str(data), "--model-name-or-path",
         str(tmp_path / "model"), "--from-scratch", "--batch-size", "8", "--max-tokens-per-gpu", "128",
         "--max-steps", str(STEPS), "--learning-rate", "1e-2", "--num-warmup-steps", "0", "--nproc", "1",
-        "--activation-checkpointing", "--eval-data-path", str(evaluation), "--eval-every-samples", "16",
     ]  # fmt: skip
     runs = {name: tmp_path / name for name in ("eager", "compiled")}
     _run([*command, "--output-dir", str(runs["eager"])], tmp_path)
@@ -123,13 +126,10 @@ def test_train_compile_through_the_cli_matches_eager_losses_and_weights(tmp_path
     params = orjson.loads((runs["compiled"] / "training_params.json").read_bytes())
     assert params["compile"] is True
     eager, compiled = _metrics(runs["eager"]), _metrics(runs["compiled"])
-    losses = [[r["loss"] for r in m if "loss" in r] for m in (eager, compiled)]
-    evals = [[r["eval_loss"] for r in m if "eval_loss" in r] for m in (eager, compiled)]
-    assert len(losses[0]) == STEPS and len(evals[0]) >= 2
-    for key, (want, got) in {"loss": losses, "eval_loss": evals}.items():
-        assert len(got) == len(want), key
-        for step, (a, b) in enumerate(zip(want, got, strict=True)):
-            assert b == pytest.approx(a, rel=1e-5), (key, step)
+    want, got = ([r["loss"] for r in m if "loss" in r] for m in (eager, compiled))
+    assert len(want) == len(got) == STEPS
+    for step, (a, b) in enumerate(zip(want, got, strict=True)):
+        assert b == pytest.approx(a, rel=1e-5), step
     final = f"samples_{8 * STEPS}"
     want = load_file(runs["eager"] / "hf_format" / final / "model.safetensors")
     got = load_file(runs["compiled"] / "hf_format" / final / "model.safetensors")
