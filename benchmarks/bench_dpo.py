@@ -41,12 +41,13 @@ import argparse
 import json
 import os
 import random
-import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from rss import current_rss, peak_rss, reset_peak_rss  # benchmarks/rss.py, beside this script
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO.parent / "shared" / "fixtures"
@@ -57,28 +58,6 @@ MODEL = dict(
     vocab_size=32000, hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
     num_key_value_heads=2, head_dim=64, max_position_embeddings=4096, use_cache=False,
 )  # fmt: skip
-
-
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _reset_peak() -> bool:
-    """Reset this process's peak RSS (VmHWM) to its current RSS (Linux: `clear_refs` 5); False if refused."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak() -> int:
-    """Peak RSS since start or since `_reset_peak`, in bytes (VmHWM; else ru_maxrss)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def tokenize(workdir: Path) -> Path:
@@ -247,15 +226,15 @@ def child(args) -> dict:
     ]
     ref_cpu, _ = _timed(reference_pass)  # over the steps' pairs and the warm-up's
     step(0)  # warm-up: allocator and optimizer state
-    base = _rss()
-    since_base = _reset_peak()  # else the peak may be set-up's (TRL's dataset preparation), not the steps'
+    base = current_rss()
+    since_base = reset_peak_rss()  # else the peak may be set-up's (TRL's dataset preparation), not the steps'
     cpu = [float("inf")] * args.steps
     wall = [float("inf")] * args.steps
     for _ in range(args.repeats):  # the fastest of the repeats counts (a shared, loaded machine)
         for i in range(1, args.steps + 1):
             c, w = _timed(lambda i=i: step(i))
             cpu[i - 1], wall[i - 1] = min(cpu[i - 1], c), min(wall[i - 1], w)
-    peak = _peak()
+    peak = peak_rss()
     tokens = sum(useful[1:])
     return {
         "tokens_per_s": tokens / sum(cpu),

@@ -37,7 +37,6 @@ import importlib.util
 import json
 import os
 import random
-import resource
 import subprocess
 import sys
 import tempfile
@@ -53,24 +52,8 @@ FOUR_BIT = {"qlora r8"}
 SAMPLE = list[tuple[list[int], list[int]]]
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_train import _rss, load_samples, pack  # noqa: E402  (the same fixture batches as bench_train)
-
-
-def _reset_peak() -> bool:
-    """Reset this process's RSS high-water mark (Linux >= 4.0); False where the kernel refuses."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak(reset_ok: bool) -> int:
-    if reset_ok:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # since process start
+from bench_train import load_samples, pack  # noqa: E402  (the same fixture batches as bench_train)
+from rss import current_rss, peak_rss, reset_peak_rss  # noqa: E402
 
 
 def build(rank: int | None, layers: int, four_bit: bool = False):
@@ -129,9 +112,9 @@ def child(args) -> dict:
     variants = args.variants.split(",")
     if args.child == "memory":
         (v,) = variants
-        before = _rss()
+        before = current_rss()
         model, opt = build(VARIANTS[v], args.layers, v in FOUR_BIT)
-        base = _rss()  # parameters (+ adapters), no gradients, no optimizer state yet
+        base = current_rss()  # parameters (+ adapters), no gradients, no optimizer state yet
         grad_bytes = 0
 
         def step(b) -> None:
@@ -142,11 +125,11 @@ def child(args) -> dict:
             opt.zero_grad(set_to_none=True)
 
         step(batches[0])  # warm-up: allocates the optimizer state
-        steady = _rss()  # between steps: parameters + optimizer state
-        reset_ok = _reset_peak()
+        steady = current_rss()  # between steps: parameters + optimizer state
+        reset_ok = reset_peak_rss()
         for b in batches[1:]:  # the timed batches
             step(b)
-        peak = _peak(reset_ok)
+        peak = peak_rss()
         optim_bytes = _bytes(t for s in opt.state.values() for t in s.values() if torch.is_tensor(t))
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         total = sum(logical_numel(p) for p in model.parameters())

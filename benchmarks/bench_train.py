@@ -41,6 +41,8 @@ import sys
 import time
 from pathlib import Path
 
+from rss import current_rss, peak_rss, reset_peak_rss  # benchmarks/rss.py, beside this script
+
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO.parent / "shared" / "fixtures"
 MB = 1024 * 1024
@@ -49,23 +51,6 @@ MODELS = {
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4),
     "moderate": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4),
 }
-
-
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _reset_peak_rss() -> None:
-    """Start VmHWM (the peak RSS) again from the current RSS (Linux >= 4.0)."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
-
-def _peak_rss() -> int:
-    with open("/proc/self/status") as f:
-        line = next(x for x in f if x.startswith("VmHWM:"))
-    return int(line.split()[1]) * 1024
 
 
 def load_samples(max_len: int) -> list[tuple[list[int], list[int]]]:
@@ -222,10 +207,10 @@ def child(args) -> dict:
         (variant,) = variants
         step = make_step(variant, args.model, args.vocab, batches, args.micro_batch)
         step(0)  # warm-up (and compile): its peak is not the step's
-        _reset_peak_rss()
-        base = _rss()
+        reset_peak_rss()
+        base = current_rss()
         step(1)
-        peak = _peak_rss()
+        peak = peak_rss()
         return {variant: max(peak - base, 0) / MB}
     steps = {v: make_step(v, args.model, args.vocab, batches, args.micro_batch) for v in variants}
     warmup = {}
