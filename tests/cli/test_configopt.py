@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 
@@ -19,7 +20,7 @@ from minitrain.config import TrainConfig
 from minitrain.configfile import TRAINING_PARAMS_EXTRAS
 from minitrain.errors import UserError
 from minitrain.rundir import read_metrics
-from tests.conftest import DATA, SMOLLM2, needs_fixtures, tiny_llama_config
+from tests.conftest import DATA, SMOLLM2, in_process_if_one_rank, needs_fixtures, tiny_llama_config
 from tests.train.test_loop import write_tokenized
 
 
@@ -81,7 +82,11 @@ def test_a_bad_key_in_the_file_is_one_line_before_anything_runs(launched, tmp_pa
 
 
 def _train(*args: str) -> None:
-    done = subprocess.run([sys.executable, "-m", "minitrain", "train", *args], capture_output=True, text=True)
+    """`minitrain train ARGS`; with --nproc 1 in its own process, no torchrun (not the point here)."""
+    env = in_process_if_one_rank(args, os.environ)
+    done = subprocess.run(
+        [sys.executable, "-m", "minitrain", "train", *args], capture_output=True, text=True, env=env
+    )
     assert done.returncode == 0, done.stderr
 
 

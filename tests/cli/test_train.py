@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from minitrain.cli import app
-from tests.conftest import tiny_llama_config
+from tests.conftest import in_process_if_one_rank, tiny_llama_config
 from tests.train.test_loop import write_tokenized
 
 FLAGS = {
@@ -308,7 +309,11 @@ def test_qlora_without_a_gpu_is_refused_before_spawning(tmp_path):
 
 
 def _run(*args: str) -> list[dict]:
-    done = subprocess.run([sys.executable, "-m", "minitrain", "train", *args], capture_output=True, text=True)
+    """The step lines of `minitrain train ARGS`, run in its own process (--nproc 1: no torchrun needed)."""
+    env = in_process_if_one_rank(args, os.environ)
+    done = subprocess.run(
+        [sys.executable, "-m", "minitrain", "train", *args], capture_output=True, text=True, env=env
+    )
     assert done.returncode == 0, done.stderr
     from minitrain.rundir import read_metrics
 
