@@ -12,7 +12,7 @@ Owns four small pieces, one per fault:
   checkpoint.
 - `die_with_parent()` (in every worker): the kernel sends SIGKILL to the worker if its parent (torchrun)
   dies, so killing the launcher never leaves orphans training on.
-- `wait_forwarding_signals(proc)` (in the launcher): the first SIGINT/SIGTERM is forwarded to torchrun (which
+- `wait_forwarding_signals(start)` (in the launcher): the first SIGINT/SIGTERM is forwarded to torchrun (which
   forwards it to every rank); a second one kills torchrun and every process under it at once.
 - Start-up (a signal in the first ~0.2 s of a process, while Python imports `site` or our modules): a
   process ends in a `KeyboardInterrupt` traceback (or "Fatal Python error: init_import_site") if SIGINT
@@ -172,19 +172,20 @@ def block_stop_signals_in_children() -> None:
 
 
 def wait_forwarding_signals(
-    proc: subprocess.Popen | Callable[[], subprocess.Popen], *, notify: Callable[[str], None] | None = None
+    start: Callable[[], subprocess.Popen], *, notify: Callable[[str], None] | None = None
 ) -> tuple[int, int | None]:
-    """Wait for `proc`, forwarding the first SIGINT/SIGTERM to it and killing its tree on the second.
+    """Start the child (`start()`), wait for it, forwarding the first SIGINT/SIGTERM to it and killing its
+    tree on the second.
 
     Returns (exit code, first signal or None). The code is the child's, or 128 + N for death by signal N;
     when the user sent a signal and the child exited non-zero, it is 128 + that signal (torchrun itself
-    reports a forwarded signal as a plain failure). Start `proc` with `start_new_session=True` so a terminal
-    Ctrl+C reaches it only through here. Pass a function that starts it instead, and it is started after
-    the handlers are in place, with SIGINT/SIGTERM blocked (inherited by the child, whose entry point calls
-    `start_quietly`); a signal that arrives meanwhile is forwarded as soon as the child exists.
+    reports a forwarded signal as a plain failure). `start` should pass `start_new_session=True`, so a
+    terminal Ctrl+C reaches the child only through here. It is called after the handlers are in place, with
+    SIGINT/SIGTERM blocked (inherited by the child, whose entry point calls `start_quietly`); a signal that
+    arrives meanwhile is forwarded as soon as the child exists.
     """
     received: list[int] = []
-    child: list[subprocess.Popen] = [proc] if isinstance(proc, subprocess.Popen) else []
+    child: list[subprocess.Popen] = []  # filled by start(); the handler may run before it exists
 
     def handle(signum: int, _frame: FrameType | None) -> None:
         received.append(signum)
@@ -203,16 +204,15 @@ def wait_forwarding_signals(
 
     previous = {sig: signal.signal(sig, handle) for sig in STOP_SIGNALS}
     try:
-        if not child:
-            mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-            try:
-                child.append(proc())
-            finally:
-                signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # what came meanwhile is handled here
-            if received and child[0].poll() is None:  # it came before the child existed: forward it now
-                child[0].send_signal(received[0])
-                if len(received) > 1:
-                    kill_process_tree(child[0].pid)
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            child.append(start())
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # what came meanwhile is handled here
+        if received and child[0].poll() is None:  # it came before the child existed: forward it now
+            child[0].send_signal(received[0])
+            if len(received) > 1:
+                kill_process_tree(child[0].pid)
         code = child[0].wait()
     finally:
         for sig, handler in previous.items():

@@ -148,7 +148,7 @@ def test_the_launcher_forwards_the_first_signal_and_kills_the_tree_on_the_second
     _wait_for(tmp_path / "worker.pid")
     worker = int((tmp_path / "worker.pid").read_text())
     _send_to_self_when_forwarding([signal.SIGTERM])
-    assert wait_forwarding_signals(proc) == (143, signal.SIGTERM)
+    assert wait_forwarding_signals(lambda: proc) == (143, signal.SIGTERM)
     kill_process_tree(worker)
 
     # the child ignores the first one (a graceful stop in progress); the second kills it and its worker
@@ -159,7 +159,7 @@ def test_the_launcher_forwards_the_first_signal_and_kills_the_tree_on_the_second
     notes: list[str] = []
     _send_to_self_when_forwarding([signal.SIGINT, signal.SIGINT])
     started = time.monotonic()
-    assert wait_forwarding_signals(proc, notify=notes.append) == (130, signal.SIGINT)
+    assert wait_forwarding_signals(lambda: proc, notify=notes.append) == (130, signal.SIGINT)
     assert time.monotonic() - started < 20
     deadline = time.monotonic() + 10
     while _alive(worker) and time.monotonic() < deadline:
@@ -291,7 +291,7 @@ def test_sigterm_stops_every_rank_at_the_same_step_saves_and_exits_143(tmp_path:
         _send_to_self_when_forwarding(
             [signal.SIGTERM], gap=0
         )  # as if a scheduler preempted `minitrain train`
-        code, first = wait_forwarding_signals(proc)
+        code, first = wait_forwarding_signals(lambda: proc)
     output = (tmp_path / "torchrun.log").read_text()
     assert (code, first) == (143, signal.SIGTERM), output[-4000:]
     stopped = [json.loads((run_dir / f"stopped_{r}.json").read_text()) for r in range(2)]
