@@ -25,16 +25,18 @@ weights) plus the merged copy in the export dtype, on rank 0's host, at every ch
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import orjson
 import torch
 import torch.distributed as torch_dist
 from torch import nn
 
-from minitrain.rundir import export_dir
+from minitrain.rundir import BEST_INFO_FILE, best_export_dir, export_dir, read_best
 from minitrain.train.dist import DistInfo, print0
 
 if TYPE_CHECKING:
@@ -155,16 +157,10 @@ def keep_best(evaluate_now, config: TrainConfig, model, state, dist: DistInfo, *
     to OUT/hf_format/best with best_val_loss.json (replaced whole). eval_loss is all-reduced, so every rank
     takes the same decision and joins the same collective export. A resumed run starts from the recorded
     best, so it never replaces a better one."""
-    import math
-
-    import orjson
-
-    from minitrain.rundir import BEST_INFO_FILE, best_export_dir, read_best
-
     recorded = read_best(config.output_dir) if config.resume is not None and dist.is_main else None
     best = [recorded["eval_loss"] if recorded else math.inf]
     if dist.world_size > 1:  # rank 0's record: every rank must take the same save decisions
-        torch.distributed.broadcast_object_list(best, src=0)
+        torch_dist.broadcast_object_list(best, src=0)
 
     def evaluate_and_keep() -> dict[str, float]:
         values = evaluate_now()
