@@ -14,8 +14,9 @@ read by the parent before the workers start; lines of the other kind are rejecte
 Outputs are written atomically (temporary files renamed at the end): an interrupted or failed run
 leaves no partial OUT. The trade-off: one tokenizer per worker process (pickled once for all workers,
 unpickled by each: 0.2 CPU-s for SmolLM2, 0.8 for Qwen3), a forkserver that imports the worker modules
-once, and output bytes pickled between processes: 6% more CPU per sample than one process on 9,990
-SmolLM2 samples (benchmarks/bench_tokenize.py, which counts the workers' CPU), in exchange for every core.
+once, and output bytes pickled between processes: 2 workers spent 10.1 CPU-s where 1 process spent 8.1 on
+9,990 SmolLM2 samples (benchmarks/bench_tokenize.py, which counts the workers' CPU), for 1.6x the wall
+throughput on 2 cores.
 """
 
 from __future__ import annotations
@@ -272,12 +273,12 @@ _WORKER: tuple[ChatEncoder, Policy] | None = None
 _WORKER_MODULES = ("__main__", __name__, "tokenizers", "jinja2.sandbox", "jinja2.ext")
 
 
-def _init_worker(state: bytes | None) -> None:
+def _init_worker(state: bytes) -> None:
     """Worker start: the pickled (encoder, policy), pickled once by the parent for all workers."""
     global _WORKER
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and terminates the pool
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the pool's terminate() kills the worker outright
-    _WORKER = pickle.loads(state) if state is not None else None
+    _WORKER = pickle.loads(state)
 
 
 def _encode_chunk(lines: list[tuple[int, bytes]]) -> ChunkResult:

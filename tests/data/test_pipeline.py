@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pickle
+
 import pytest
 
 from minitrain.config import TokenizeConfig
@@ -180,7 +182,8 @@ def test_workers_die_on_sigterm_instead_of_inheriting_the_parents_handler():
     saved = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     try:
         signal.signal(signal.SIGTERM, lambda *_: None)
-        pipeline._init_worker(None)
+        pipeline._init_worker(pickle.dumps(("encoder", "policy")))
+        assert pipeline._WORKER == ("encoder", "policy")
         assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
         assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
     finally:
