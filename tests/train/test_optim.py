@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from minitrain.train.optim import build_optimizer, build_scheduler
+from minitrain.train.optim import build_optimizer, build_scheduler, trainer_factor
 
 
 def _rates(name: str, warmup: int, total: int | None, steps: int) -> list[float]:
@@ -88,3 +88,49 @@ def test_scheduler_kwargs_reach_the_schedule():
         scheduler.step()
     reference = [max(0.0, 0.5 * (1 + math.cos(2 * math.pi * k / 8))) for k in range(8)]
     assert rates == pytest.approx(reference, abs=1e-12)
+
+
+@pytest.mark.parametrize("name", ["constant_with_warmup", "cosine", "linear", "constant"])
+def test_the_factors_are_the_trainers_exactly(name: str):
+    """trainer_factor against transformers' own get_scheduler, at every index past the end: == not approx."""
+    from transformers import get_scheduler
+
+    param = torch.nn.Parameter(torch.zeros(2))
+    for warmup, total, cycles in [
+        (0, 10, 0.5),
+        (1, 10, 0.5),
+        (4, 10, 0.5),
+        (3, 7, 1.0),
+        (5, 5, 0.25),
+        (7, 97, 2.5),
+    ]:
+        kwargs = {} if name == "constant" else {"num_warmup_steps": warmup}
+        if name in ("cosine", "linear"):
+            kwargs["num_training_steps"] = total
+        specific = {"num_cycles": cycles} if name == "cosine" else None
+        optimizer = torch.optim.AdamW([param], lr=1.0)
+        trainer = get_scheduler(name, optimizer, scheduler_specific_kwargs=specific, **kwargs).lr_lambdas[0]
+        ours = trainer_factor(name, warmup, total, **(specific or {}))
+        assert [ours(k) for k in range(total + 3)] == [float(trainer(k)) for k in range(total + 3)], (
+            warmup,
+            total,
+            cycles,
+        )
+
+
+def test_a_plain_run_does_not_import_peft_or_bitsandbytes():
+    """The schedule is built without transformers.optimization (it imports PEFT and bitsandbytes: 2.7 CPU-s
+    per rank); a subprocess, since this test process may have imported them already."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch\n"
+        "from minitrain.train.optim import build_scheduler\n"
+        "opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.0)\n"
+        "build_scheduler(opt, name='cosine', num_warmup_steps=2, num_training_steps=5)\n"
+        "names = ('peft', 'bitsandbytes', 'transformers.optimization')\n"
+        "print(sorted(m for m in names if m in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]", done.stdout + done.stderr
