@@ -395,7 +395,7 @@ def test_the_reference_is_cached_beside_the_run_and_reused_on_resume(runs):
 @pytest.fixture(scope="module")
 def adapter_runs(tmp_path_factory) -> dict[str, Path]:
     """DPO runs of a saved tiny model through the CLI: LoRA (2 ranks, eval pairs), a DPO adapter stacked on an
-    SFT adapter (2 ranks), QLoRA on bitsandbytes' CPU backend (1 rank), full fine-tuning (2 ranks, eval)."""
+    SFT adapter (1 rank), QLoRA on bitsandbytes' CPU backend (1 rank), full fine-tuning (1 rank, eval)."""
     root = tmp_path_factory.mktemp("dpo_adapter_runs")
     data = write_pairs(root / "pairs.jsonl", num=NUM_PAIRS, vocab=VOCAB, seed=11)
     write_pairs(root / "eval.jsonl", num=6, vocab=VOCAB, seed=12)
@@ -408,8 +408,9 @@ def adapter_runs(tmp_path_factory) -> dict[str, Path]:
     common = [*full, "--lora-rank", "4", "--learning-rate", "5e-2"]
     evaluated = ["--eval-data-path", str(root / "eval.jsonl"), "--eval-every-samples", "8"]
     _run([*common, *evaluated, "--output-dir", str(out["lora"]), "--nproc", "2"], root)
-    _run([*full, *evaluated, "--output-dir", str(out["full"]), "--nproc", "2"], root)
-    _run([*common, "--output-dir", str(out["stacked"]), "--nproc", "2", "--base-adapter", str(sft)], root)
+    # 1 rank each (in the CLI's process): 2 ranks of DPO are the `runs` above and the LoRA run here
+    _run([*full, *evaluated, "--output-dir", str(out["full"]), "--nproc", "1"], root)
+    _run([*common, "--output-dir", str(out["stacked"]), "--nproc", "1", "--base-adapter", str(sft)], root)
     with pytest.MonkeyPatch.context() as env:
         env.setenv(CPU_QLORA_ENV, "1")
         _run([*common, "--output-dir", str(out["qlora"]), "--nproc", "1", "--load-in-4bit"], root)
