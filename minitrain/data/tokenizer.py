@@ -19,10 +19,38 @@ unreachable; the fix the message names (download the model once, pass its folder
 retries it replaces cost 30-56 s on every typo. The connection probe uses only the standard library, in a
 daemon thread the caller stops waiting for at the deadline (a DNS lookup has no timeout of its own), so
 an unreachable Hub costs neither huggingface_hub's HTTP client import (about 0.4 s) nor a hung resolver.
+
+Loading without torch. `AutoTokenizer.from_pretrained` imports torch (transformers' tokenization_auto ->
+configuration_auto -> configuration_utils -> modeling_rope_utils), about 2-3.5 CPU-s of a `minitrain
+tokenize` start-up that never needs torch. `load_tokenizer` therefore calls the tokenizer class itself where
+transformers 5.x's `AutoTokenizer.from_pretrained` provably picks that class without looking at anything a
+file read cannot tell, and with the same arguments (`_from_auto=True`, revision None, so an identical load);
+every other case goes to `AutoTokenizer` unchanged. The fast path needs all of (`fast_tokenizer_class`):
+
+- a local folder (a Hub id's files and revision are AutoTokenizer's business);
+- no `config.json` in it: AutoTokenizer then decides on an empty config (model type "", no name), so the
+  model-type overrides (a Hub class registered as wrong for the model type, Mistral's tekken, a model id
+  forced to TokenizersBackend, the per-model-type mapping) cannot apply. Reading a config's `model_type`
+  would need transformers' model-type tables, which live in the module that imports torch; so a model
+  folder with config.json takes the slow path. Trade-off: exact always, fast for tokenizer folders only;
+- a `tokenizer_config.json` holding an object with a `tokenizer_class` string and no `auto_map` (remote
+  code is decided by AutoTokenizer and --trust-remote-code);
+- that class name (its `Fast` suffix dropped, then with `Fast` added, as AutoTokenizer tries them) exported
+  by transformers as a real tokenizer class of transformers' own, and none of the names AutoTokenizer
+  rewrites: `Bloom*` (-> TokenizersBackend), `MistralCommonBackend` (mistral-common's probe); `PythonBackend`
+  (`PreTrainedTokenizer`) becomes `TokenizersBackend` exactly as AutoTokenizer does. A name transformers
+  lacks (AutoTokenizer falls back to TokenizersBackend) takes the slow path;
+- not the ByteLevel override: a declared `LlamaTokenizer` whose tokenizer.json is ByteLevel (AutoTokenizer
+  loads TokenizersBackend then) takes the slow path; transformers' own check decides, on the file.
+
+Nothing is registered in minitrain's process (`AutoTokenizer.register`), so transformers' name lookup and
+its top-level export name the same class; tests/data/test_tokenizer.py proves that for every class name
+transformers maps, and the same class, fingerprint, ids and rendered template for every fixture.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
@@ -153,6 +181,45 @@ def resolve_model_path(name: str | Path, what: str = "--model-name-or-path") -> 
     return name
 
 
+_REWRITTEN_BY_AUTO = ("BloomTokenizer", "MistralCommonBackend")  # AutoTokenizer decides these itself
+
+
+def fast_tokenizer_class(source: str) -> type | None:
+    """The tokenizer class `AutoTokenizer.from_pretrained(source)` would load, when the module docstring's
+    conditions prove it from the files alone (no torch); None where AutoTokenizer must decide."""
+    folder = Path(source)
+    if not folder.is_dir() or (folder / "config.json").exists():
+        return None
+    try:
+        config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # absent or broken: AutoTokenizer's path (and its error message)
+        return None
+    if not isinstance(config, dict) or "auto_map" in config:
+        return None
+    declared = config.get("tokenizer_class")
+    if not isinstance(declared, str) or not declared:
+        return None
+    import transformers
+    from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+    name = declared.removesuffix("Fast")
+    if name in _REWRITTEN_BY_AUTO:
+        return None
+    try:  # transformers' lazy module imports the class's module here
+        found = getattr(transformers, name, None) or getattr(transformers, name + "Fast", None)
+    except Exception:  # noqa: BLE001 - a class whose module fails to import: AutoTokenizer's path decides
+        return None
+    if not (isinstance(found, type) and issubclass(found, PreTrainedTokenizerBase)):
+        return None  # not transformers' (AutoTokenizer would use TokenizersBackend), or a missing backend
+    if not found.__module__.startswith("transformers.") or found.__name__ in _REWRITTEN_BY_AUTO:
+        return None
+    if found.__name__ == "PythonBackend":  # AutoTokenizer's own rewrite of the pure-Python base
+        found = transformers.TokenizersBackend
+    if name == "LlamaTokenizer" and transformers.TokenizersBackend._tokenizer_json_has_byte_level(source):
+        return None  # AutoTokenizer's ByteLevel override (Llama-3-style vocabulary declared as Llama)
+    return found
+
+
 def load_tokenizer(
     name: str | Path, what: str = "--model-name-or-path", *, trust_remote_code: bool = False
 ) -> Any:
@@ -165,9 +232,12 @@ def load_tokenizer(
             f"cannot load a tokenizer from {name}: the folder has no tokenizer.json; pass the folder "
             "of the model's tokenizer"
         )
-    from transformers import AutoTokenizer
-
     try:
+        fast = fast_tokenizer_class(source)
+        if fast is not None:  # the class AutoTokenizer would pick, loaded as it would load it: no torch
+            return fast.from_pretrained(source, _from_auto=True, revision=None)
+        from transformers import AutoTokenizer
+
         return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     except Exception as err:  # transformers raises OSError, ValueError, ... for a missing or broken tokenizer
         if "custom code" in str(err) and not trust_remote_code:

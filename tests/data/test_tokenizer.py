@@ -21,7 +21,7 @@ import pytest
 
 from minitrain.data import tokenizer as tk
 from minitrain.errors import UserError
-from tests.conftest import SMOLLM2
+from tests.conftest import DATA, SMOLLM2, TOKENIZERS
 
 CACHED_SNAPSHOT = tk._cached_snapshot  # kept before the `hub` fixture replaces it
 
@@ -261,3 +261,177 @@ def test_train_checks_the_data_against_a_remote_code_tokenizer_only_with_the_fla
     check_tokenizer_matches(meta, str(folder), tmp_path / "d.jsonl")  # skipped: no tokenizer to compare
     with pytest.raises(UserError, match="was tokenized with elsewhere"):
         check_tokenizer_matches(meta, str(folder), tmp_path / "d.jsonl", trust_remote_code=True)
+
+
+# The torch-free load: `fast_tokenizer_class` against `AutoTokenizer.from_pretrained` itself (the reference).
+
+FIXTURE_TOKENIZERS = sorted(TOKENIZERS.glob("*/")) if TOKENIZERS.is_dir() else []
+TEXTS = ("Hello world!", "  leading spaces\n\ttabs and ünïcödé 中文", "<|im_end|> <think>x</think></s><s>")
+CHAT = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "What is 2+2?"},
+    {"role": "assistant", "content": "4"},
+    {"role": "user", "content": "And 3+3?"},
+]
+
+
+def auto_tokenizer(folder: Path, **kwargs):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(folder), **kwargs)
+
+
+def assert_same_tokenizer(ours, reference) -> None:
+    """Same class, vocabulary, special tokens, ids and rendered chat template."""
+    from minitrain.data.chat import tokenizer_fingerprint
+
+    assert type(ours) is type(reference)
+    assert tokenizer_fingerprint(ours) == tokenizer_fingerprint(reference)
+    assert repr(ours).split("(", 1)[1] == repr(reference).split("(", 1)[1]  # specials, added tokens, flags
+    for text in TEXTS:
+        assert ours(text)["input_ids"] == reference(text)["input_ids"]
+        assert (
+            ours(text, add_special_tokens=False)["input_ids"]
+            == reference(text, add_special_tokens=False)["input_ids"]
+        )
+    if reference.chat_template is not None:
+        for prompt in (False, True):
+            rendered = reference.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=prompt)
+            assert ours.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=prompt) == rendered
+
+
+@pytest.mark.parametrize("folder", FIXTURE_TOKENIZERS, ids=lambda p: p.name)
+def test_every_fixture_tokenizer_takes_the_fast_path_and_loads_what_autotokenizer_loads(folder: Path, hub):
+    fast = tk.fast_tokenizer_class(str(folder))
+    assert fast is not None, f"{folder.name}: expected the torch-free path"
+    reference = auto_tokenizer(folder)
+    assert fast is type(reference)
+    assert_same_tokenizer(tk.load_tokenizer(folder), reference)
+
+
+def copy_tokenizer(source: Path, folder: Path, **changes) -> Path:
+    """A copy of a fixture tokenizer folder with tokenizer_config.json keys changed (None removes one)."""
+    import shutil
+
+    shutil.copytree(source, folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    for key, value in changes.items():
+        if value is None:
+            config.pop(key, None)
+        else:
+            config[key] = value
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("fixture", "changes", "config_json", "fast_class"),
+    [
+        # no tokenizer_class: AutoTokenizer decides (from the empty config: TokenizersBackend)
+        ("smollm2-135m-instruct", {"tokenizer_class": None}, None, None),
+        # a class transformers does not have: AutoTokenizer falls back to TokenizersBackend
+        ("smollm2-135m-instruct", {"tokenizer_class": "NoSuchTokenizerFast"}, None, None),
+        # Bloom: AutoTokenizer rewrites it to TokenizersBackend
+        ("smollm2-135m-instruct", {"tokenizer_class": "BloomTokenizerFast"}, None, None),
+        # declared Llama, but tokenizer.json is ByteLevel: AutoTokenizer's override picks TokenizersBackend
+        ("smollm2-135m-instruct", {"tokenizer_class": "LlamaTokenizerFast"}, None, None),
+        # a config.json whose model type maps to a generic backend: AutoTokenizer ignores the declared class
+        ("smollm2-135m-instruct", {}, {"model_type": "phi3"}, None),
+        # a config.json that does not change the choice still takes the slow path (no model-type tables)
+        ("smollm2-135m-instruct", {}, {"model_type": "gpt2"}, None),
+        # PreTrainedTokenizerFast -> PreTrainedTokenizer (PythonBackend) -> TokenizersBackend, as Auto does
+        ("smollm2-135m-instruct", {"tokenizer_class": "PreTrainedTokenizerFast"}, None, "TokenizersBackend"),
+        ("smollm2-135m-instruct", {"tokenizer_class": "GPT2TokenizerFast"}, None, "GPT2Tokenizer"),
+        ("tinyllama-1.1b-chat-v1.0", {"tokenizer_class": "LlamaTokenizerFast"}, None, "LlamaTokenizer"),
+    ],
+)
+def test_built_folders_take_the_fast_path_only_where_autotokenizer_agrees(
+    tmp_path: Path, hub, fixture: str, changes: dict, config_json: dict | None, fast_class: str | None
+):
+    if not (TOKENIZERS / fixture).is_dir():
+        pytest.skip(f"fixture tokenizer {fixture} is absent")
+    folder = copy_tokenizer(TOKENIZERS / fixture, tmp_path / "tok", **changes)
+    if config_json is not None:
+        (folder / "config.json").write_text(json.dumps(config_json))
+    fast = tk.fast_tokenizer_class(str(folder))
+    assert (fast and fast.__name__) == fast_class
+    assert_same_tokenizer(tk.load_tokenizer(folder), auto_tokenizer(folder))
+
+
+def test_a_phi3_config_is_why_a_model_folder_takes_the_slow_path(tmp_path: Path, hub):
+    """The declared class alone would be wrong here: AutoTokenizer reads the model type and picks another."""
+    if not SMOLLM2.is_dir():
+        pytest.skip(f"fixture tokenizer {SMOLLM2} is absent")
+    folder = copy_tokenizer(SMOLLM2, tmp_path / "tok")  # declares GPT2Tokenizer
+    (folder / "config.json").write_text(json.dumps({"model_type": "phi3"}))
+    assert type(auto_tokenizer(folder)).__name__ == "TokenizersBackend"
+    assert type(tk.load_tokenizer(folder)).__name__ == "TokenizersBackend"
+
+
+def test_an_auto_map_folder_takes_the_slow_path_and_runs_the_repositorys_class(tmp_path: Path, hub):
+    folder = remote_code_tokenizer(tmp_path / "custom")
+    assert tk.fast_tokenizer_class(str(folder)) is None
+    ours = tk.load_tokenizer(folder, trust_remote_code=True)
+    reference = auto_tokenizer(folder, trust_remote_code=True)
+    assert type(ours).__name__ == type(reference).__name__ == "MiniTokenizerFast"
+    assert type(ours).__module__ == type(reference).__module__
+    assert_same_tokenizer(ours, reference)
+
+
+def class_names_transformers_maps() -> list[str]:
+    from transformers.models.auto.tokenization_auto import TOKENIZER_MAPPING_NAMES
+
+    names = {name for name in TOKENIZER_MAPPING_NAMES.values() if name}
+    extra = {"PreTrainedTokenizer", "PreTrainedTokenizerFast", "PythonBackend", "BloomTokenizer", "NoSuchTok"}
+    return sorted(names | {name + "Fast" for name in names} | extra)
+
+
+def test_for_every_class_name_the_fast_path_picks_what_autotokenizer_picks(tmp_path: Path, hub, monkeypatch):
+    """The reference is AutoTokenizer's own decision: every tokenizer class's `from_pretrained` is replaced by
+    one that returns the class and the arguments, so AutoTokenizer and `load_tokenizer` each report what
+    they would load, for a tokenizer_config.json naming each class transformers maps (and its Fast name)."""
+    from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+    monkeypatch.setattr(
+        PreTrainedTokenizerBase,
+        "from_pretrained",
+        classmethod(lambda cls, *args, **kwargs: (cls, args, kwargs)),
+    )
+    fast_names = []
+    for name in class_names_transformers_maps():
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": name}))
+        try:
+            reference = auto_tokenizer(folder)
+        except Exception:  # noqa: BLE001 - a class with its own from_pretrained (RagTokenizer), a dummy ...
+            reference = None
+        fast = tk.fast_tokenizer_class(str(folder))
+        if fast is None:
+            continue
+        fast_names.append(name)
+        assert reference is not None and fast is reference[0], name
+        cls, args, kwargs = tk.load_tokenizer(folder)
+        kwargs.pop("_commit_hash", None), reference[2].pop("_commit_hash")  # unread by from_pretrained (5.x)
+        assert (cls, args, kwargs) == reference, name
+    assert len(fast_names) > 100  # nearly every name takes the fast path: the comparison above is not empty
+
+
+def test_minitrain_tokenize_does_not_import_torch(tmp_path: Path):
+    """`python -X importtime` lists every module each process imports (the forkserver and its workers write
+    to the same stderr): torch must not be among them, while transformers and the tokenizer are."""
+    if not (TOKENIZERS / "qwen3").is_dir() or not (DATA / "alpaca_en_demo.messages.jsonl").is_file():
+        pytest.skip("fixture tokenizer or data is absent")
+    data = tmp_path / "in.jsonl"
+    data.write_text("".join((DATA / "alpaca_en_demo.messages.jsonl").read_text().splitlines(True)[:40]))
+    env = {**os.environ, "PYTHONPATH": str(Path(tk.__file__).resolve().parents[2]), "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-X", "importtime", "-m", "minitrain", "tokenize", str(data)]
+    command += ["-o", str(tmp_path / "out.jsonl"), "--model-name-or-path", str(TOKENIZERS / "qwen3")]
+    done = subprocess.run(
+        command + ["--num-workers", "2"], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    imported = {line.rsplit("|", 1)[1].strip() for line in done.stderr.splitlines() if "import time:" in line}
+    assert {"transformers.tokenization_utils_tokenizers", "tokenizers", "jinja2"} <= imported
+    assert (tmp_path / "out.jsonl").stat().st_size > 0
+    assert not {name for name in imported if name == "torch" or name.startswith("torch.")}
