@@ -15,13 +15,16 @@ from pathlib import Path
 import orjson
 import pytest
 
-from tests.conftest import DATA, SMOLLM2, needs_fixtures, tiny_llama_config
+from tests.conftest import DATA, SMOLLM2, in_process_if_one_rank, needs_fixtures, tiny_llama_config
 
 pytestmark = [pytest.mark.slow, needs_fixtures]
 
 
 def _minitrain(*args: str | Path, cwd: Path) -> subprocess.CompletedProcess:
+    """`python -m minitrain ARGS`; a `--nproc 1` train runs in the CLI's own process (the srun path), without
+    torchrun: the 2-rank run below is the one through torchrun."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env = in_process_if_one_rank([str(a) for a in args], env)
     done = subprocess.run(
         [sys.executable, "-m", "minitrain", *map(str, args)], cwd=cwd, env=env, capture_output=True,
         text=True, timeout=300,

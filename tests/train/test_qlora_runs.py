@@ -7,7 +7,7 @@ evaluation, export and resume are all exercised here. Three real runs on a saved
     two      `--nproc 2 --lora-rank 8 --load-in-4bit --eval-data-path ... --eval-every-samples 32`
     no_eval  the same without evaluation (evaluating must not change training)
     resumed  the same on 1 process: half the steps, then `--resume`
-    stacked  a second adapter (`--lora-rank 4 --base-adapter <two's adapter>`) on the same 4-bit base
+    stacked  a second adapter (`--lora-rank 4 --base-adapter <two's adapter>`) on the same 4-bit base, 1 rank
 
 References: stock transformers + PEFT loading the base in NF4 and the saved adapter, each eval sample run
 alone; and the runs against each other (2 ranks vs 1, interrupted vs not, eval vs none).
@@ -52,7 +52,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
         _run([*half, "--resume"], root)
         first = _final_checkpoint(root / "two")
         _run(
-            [*common, *evaluated, "--output-dir", str(root / "stacked"), "--nproc", "2", "--lora-rank", "4",
+            [*common, *evaluated, "--output-dir", str(root / "stacked"), "--nproc", "1", "--lora-rank", "4",
              "--lora-target-modules", "q_proj,v_proj", "--base-adapter", str(first)],
             root,
         )  # fmt: skip
