@@ -221,6 +221,10 @@ def _build_environment() -> Any:
                     return self.undefined(obj=obj, name=attribute)
             # A remembered verdict: the sandbox's own path, less its checks (str.format is left to it).
             verdict = self.verdicts.get((kind, attribute))
+            if verdict and kind is Namespace:  # `ns.index`: its attribute dict, read without two calls
+                attrs = object.__getattribute__(obj, "_Namespace__attrs")
+                if attribute in attrs:
+                    return attrs[attribute]
             if verdict is not None and attribute not in ("format", "format_map"):
                 try:
                     value = getattr(obj, attribute)
@@ -232,7 +236,8 @@ def _build_environment() -> Any:
         def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805
             # A builtin method (`content.split`, `messages.items`) is safely callable and takes no context:
             # the sandbox's and the context's checks both pass it straight through; done here directly.
-            if type(__obj) is not builtin_method:
+            # `namespace(...)` (Jinja's Namespace class, once per render): safe, takes no context either.
+            if type(__obj) is not builtin_method and __obj is not Namespace:
                 return super().call(__context, __obj, *args, **kwargs)
             kwargs.pop("_block_vars", None)
             kwargs.pop("_loop_vars", None)
@@ -337,13 +342,19 @@ class ChatEncoder:
         """The template's text for `messages` (as `apply_chat_template(..., tokenize=False)` renders it)."""
         template = self._template
         # What Template.render does (globals, then the special tokens, then the call's names), with the
-        # globals merged here instead of through a ChainMap on every call: several renders per sample.
+        # globals merged once per encoder instead of through a ChainMap on every call, and the Context
+        # built directly (Template.new_context would turn that ChainMap into a set each time): several
+        # renders per sample.
         variables = {**self._globals, **self.template_kwargs}
         variables.update(
             messages=messages, tools=tools, documents=None, add_generation_prompt=add_generation_prompt
         )
+        environment = template.environment
+        context = environment.context_class(
+            environment, variables, template.name, template.blocks, self._globals
+        )
         try:
-            return "".join(template.root_render_func(template.new_context(variables, shared=True)))
+            return "".join(template.root_render_func(context))
         except Exception:
             return template.environment.handle_exception()  # Jinja's own traceback rewrite; re-raises
 
