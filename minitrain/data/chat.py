@@ -129,6 +129,93 @@ _PROBE_CONTENTS = (
 )
 
 
+# Filters that build text from their input only through its own str methods (which _Traced flags), return
+# it unchanged, or build no text from it; `join`, `replace`, `format`, `e`, `map` (any filter by name) ... can
+# copy a content in C code, past the trace: a template using a filter outside this set is never traced.
+_TRACEABLE_FILTERS = frozenset(
+    {
+        "abs", "attr", "batch", "capitalize", "center", "count", "d", "default", "dictsort", "first", "float",
+        "groupby", "int", "items", "last", "length", "list", "lower", "max", "min", "reject", "rejectattr",
+        "reverse", "round", "select", "selectattr", "slice", "sort", "string", "sum", "tojson", "trim",
+        "truncate", "unique", "upper", "wordcount",
+    }
+)  # fmt: skip
+# Statements whose output Jinja joins in C before it is written (macros, call/filter blocks, block sets), and
+# `~`, which joins in C too: a template with one is never traced.
+_UNTRACEABLE_NODES = (
+    "Concat", "Macro", "CallBlock", "FilterBlock", "AssignBlock", "Include", "Import", "FromImport",
+    "Extends", "Block",
+)  # fmt: skip
+# str methods that make text out of a string (not only inspect it): a traced content that meets one is lost.
+_TEXT_MAKERS = (
+    "__format__", "__getitem__", "__iter__", "__mod__", "__mul__", "__repr__", "__rmod__", "__rmul__",
+    "capitalize", "casefold", "center", "encode", "expandtabs", "format", "format_map", "join", "ljust",
+    "lower", "lstrip", "partition", "removeprefix", "removesuffix", "replace", "rjust", "rpartition",
+    "rsplit", "rstrip", "split", "splitlines", "strip", "swapcase", "title", "translate", "upper", "zfill",
+    "__getnewargs__",
+)  # fmt: skip
+
+
+class _Traced(str):
+    """A message content that knows where its characters go, for `ChatEncoder._traced_render`.
+
+    Equal to the content in value (every test, comparison and method answers as the plain string does), so
+    a render with traced contents is the render. `+` keeps track: `spans` holds (offset, message index) of
+    each traced content inside the string. Any other way of making text out of it (a slice, `strip`,
+    `%`, `format`, `tojson`, ...) sets `lost[0]`, and the render's positions are then not used.
+    """
+
+    spans: tuple[tuple[int, int], ...]
+    lost: list[bool]
+
+    def __add__(self, other: Any) -> Any:
+        if not isinstance(other, str):
+            return NotImplemented
+        out = _Traced(str.__add__(self, other))
+        out.lost = self.lost
+        out.spans = self.spans
+        if type(other) is _Traced:
+            out.spans += tuple((at + len(self), j) for at, j in other.spans)
+        return out
+
+    def __radd__(self, other: Any) -> Any:
+        if not isinstance(other, str):
+            return NotImplemented
+        out = _Traced(str.__add__(other, self))
+        out.lost = self.lost
+        out.spans = tuple((at + len(other), j) for at, j in self.spans)
+        return out
+
+    def __str__(self) -> str:
+        return self  # Jinja outputs `str(expression)`: the trace goes with it
+
+
+def _lose(name: str) -> Any:
+    method = getattr(str, name)
+
+    def lose(self: _Traced, *args: Any, **kwargs: Any) -> Any:
+        self.lost[0] = True
+        return method(self, *args, **kwargs)
+
+    return lose
+
+
+for _name in _TEXT_MAKERS:
+    setattr(_Traced, _name, _lose(_name))
+
+
+def _flag_traced(value: Any) -> None:
+    """Mark the traces inside `value` lost (it is about to be made into text by C code: json, `%`)."""
+    if type(value) is _Traced:
+        value.lost[0] = True
+    elif isinstance(value, dict):
+        for item in value.values():
+            _flag_traced(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            _flag_traced(item)
+
+
 class SampleRejected(Exception):
     """A record that cannot be turned into a sample; `reason` is one of REJECT_REASONS."""
 
@@ -177,6 +264,7 @@ def _build_environment() -> Any:
         separators: Any = None,
         sort_keys: bool = False,
     ) -> str:
+        _flag_traced((x, indent, separators))  # json copies strings in C
         return json.dumps(
             x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
         )
@@ -185,7 +273,9 @@ def _build_environment() -> Any:
     from jinja2.utils import Namespace
 
     # Exact types whose attributes' safety depends on (type, name) alone: what JSON records and loops hold.
-    plain_types = frozenset({str, dict, list, tuple, int, float, bool, type(None), LoopContext, Namespace})
+    plain_types = frozenset(
+        {str, _Traced, dict, list, tuple, int, float, bool, type(None), LoopContext, Namespace}
+    )
     dict_attributes = frozenset(dir({}))
     builtin_method = type("".split)
 
@@ -199,9 +289,16 @@ def _build_environment() -> Any:
         the same value, without the AttributeError).
         """
 
+        intercepted_binops = frozenset({"%"})  # `fmt % (content,)`: C code makes the text (see _Traced)
+
         def __init__(self, **kwargs: Any) -> None:
             super().__init__(**kwargs)
             self.verdicts: dict[tuple[type, str], bool] = {}
+            self.tracing = False  # True during ChatEncoder._traced_render
+
+        def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+            _flag_traced(right)
+            return super().call_binop(context, operator, left, right)
 
         def is_safe_attribute(self, obj: Any, attr: str, value: Any) -> bool:
             key = (type(obj), attr)
@@ -214,6 +311,8 @@ def _build_environment() -> Any:
 
         def getattr(self, obj: Any, attribute: str) -> Any:
             kind = type(obj)
+            if kind is _Traced and attribute in _TEXT_MAKERS:
+                obj.lost[0] = True  # `content.format(...)`: the sandbox formats it in C, past the override
             if kind is dict and attribute not in dict_attributes:
                 try:
                     return obj[attribute]
@@ -234,6 +333,9 @@ def _build_environment() -> Any:
             return super().getattr(obj, attribute)
 
         def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805
+            if __self.tracing:  # `sep.join(...)`, `text.replace(x, content)`: C code copies a traced argument
+                _flag_traced(args)
+                _flag_traced([v for k, v in kwargs.items() if k not in ("_loop_vars", "_block_vars")])
             # A builtin method (`content.split`, `messages.items`) is safely callable and takes no context:
             # the sandbox's and the context's checks both pass it straight through; done here directly.
             # `namespace(...)` (Jinja's Namespace class, once per render): safe, takes no context either.
@@ -357,6 +459,68 @@ class ChatEncoder:
             return "".join(template.root_render_func(context))
         except Exception:
             return template.environment.handle_exception()  # Jinja's own traceback rewrite; re-raises
+
+    def _traced_render(
+        self, real: list[dict[str, Any]], tools: Any, traced: list[int]
+    ) -> tuple[str, dict[int, list[int]] | None]:
+        """(text, where each traced message's content starts in it), from ONE render: the render itself.
+
+        The contents of messages `traced` are passed as `_Traced` strings (equal in value, so the text is
+        exactly `render(real)`), and each output piece tells where they landed. The positions are None (not
+        known; the caller falls back to a marked render) when a traced content was made into text by anything
+        but `+` (a str method, `%`, a call that takes it, `tojson`: flagged as they happen), or did not reach
+        the text. What cannot be flagged as it happens (`~`, `join`, macros and blocks, which copy text in C)
+        is refused up front: such a template is not traced at all (see _traceable).
+        """
+        if not self._traceable():
+            return self._render_or_reject(real, tools), None
+        lost = [False]
+        messages = list(real)
+        for j in traced:
+            content = _Traced(real[j]["content"])
+            content.lost, content.spans = lost, ((0, j),)
+            messages[j] = {**real[j], "content": content}
+        template = self._template
+        variables = {**self._globals, **self.template_kwargs}
+        variables.update(messages=messages, tools=tools, documents=None, add_generation_prompt=False)
+        environment = template.environment
+        context = environment.context_class(
+            environment, variables, template.name, template.blocks, self._globals
+        )
+        pieces: list[str] = []
+        opens: dict[int, list[int]] = {}
+        length = 0
+        environment.tracing = True
+        try:
+            for piece in template.root_render_func(context):
+                if type(piece) is _Traced:
+                    for at, j in piece.spans:
+                        opens.setdefault(j, []).append(length + at)
+                    piece = str.__str__(piece)  # a plain str: nothing traced leaves this function
+                pieces.append(piece)
+                length += len(piece)
+        except Exception:
+            return self._render_or_reject(real, tools), None  # the plain render raises it (or not) as itself
+        finally:
+            environment.tracing = False
+        text = "".join(pieces)
+        if lost[0] or any(j not in opens for j in traced):
+            return text, None
+        return text, opens
+
+    def _traceable(self) -> bool:
+        """True when the template uses only _TRACEABLE_FILTERS and none of _UNTRACEABLE_NODES (decided once
+        per template, from its syntax tree)."""
+        verdict = self.__dict__.get("_traceable_verdict")
+        if verdict is None:
+            import jinja2.nodes
+
+            ast = self._template.environment.parse(self.template_source)
+            verdict = all(
+                node.name in _TRACEABLE_FILTERS for node in ast.find_all(jinja2.nodes.Filter)
+            ) and not any(ast.find(getattr(jinja2.nodes, name)) for name in _UNTRACEABLE_NODES)
+            self._traceable_verdict = verdict
+        return verdict
 
     def _render_or_reject(
         self, messages: list[dict[str, Any]], tools: Any, add_generation_prompt: bool = False
@@ -546,11 +710,6 @@ class ChatEncoder:
     ) -> EncodedSample:
         self._check_messages(messages)
         real = [_template_message(m, m.get("content")) for m in messages]
-        text = self._render_or_reject(real, tools)
-        if _MARK_LEAD in text:
-            raise SampleRejected(
-                ALIGNMENT_FAILURE, "the text contains U+10FFF0, which minitrain uses as a marker"
-            )
         trained = [
             i
             for i, m in enumerate(messages)
@@ -559,12 +718,28 @@ class ChatEncoder:
         if train_on == "last":
             last = max(i for i, m in enumerate(messages) if m["role"] == "assistant") if trained else -1
             trained = [i for i in trained if i == last]
+        # Where each non-assistant message's content sits: a later message bounds a turn's search for its end.
+        # Only needed when such a message follows a trained turn (not for one-turn conversations). Found by
+        # the render itself when its contents can be traced, else by one more render with markers.
+        needed = sorted(
+            {
+                next(j for j in range(i + 1, len(messages)) if messages[j]["role"] != "assistant")
+                for i in trained
+                if any(m["role"] != "assistant" for m in messages[i + 1 :])
+            }
+        )
+        opens = None
+        if needed and self.has_generation_prompt and all(real[j].get("content") for j in needed):
+            text, opens = self._traced_render(real, tools, needed)
+        else:
+            text = self._render_or_reject(real, tools)
+        if _MARK_LEAD in text:
+            raise SampleRejected(
+                ALIGNMENT_FAILURE, "the text contains U+10FFF0, which minitrain uses as a marker"
+            )
         if not self.has_generation_prompt:
             return self._encode_by_content(messages, tools, text, trained)
-        # Where each non-assistant message's content sits: a later message bounds a turn's search for its end.
-        # Only needed when such a message follows a trained turn (not for one-turn conversations).
-        opens = None
-        if trained and any(m["role"] != "assistant" for m in messages[trained[0] + 1 :]):
+        if needed and opens is None:
             located = self._marked_render(messages, tools, text, False, "assistant") or self._marked_render(
                 messages, tools, text, True, "assistant"
             )
