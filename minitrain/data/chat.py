@@ -311,8 +311,6 @@ def _build_environment() -> Any:
 
         def getattr(self, obj: Any, attribute: str) -> Any:
             kind = type(obj)
-            if kind is _Traced and attribute in _TEXT_MAKERS:
-                obj.lost[0] = True  # `content.format(...)`: the sandbox formats it in C, past the override
             if kind is dict and attribute not in dict_attributes:
                 try:
                     return obj[attribute]
@@ -332,10 +330,20 @@ def _build_environment() -> Any:
                 return value if verdict else self.unsafe_undefined(obj, attribute)
             return super().getattr(obj, attribute)
 
+        def wrap_str_format(self, value: Any) -> Any:
+            owner = getattr(value, "__self__", None)
+            if type(owner) is _Traced and getattr(value, "__name__", "") in ("format", "format_map"):
+                owner.lost[0] = True  # `content.format(...)`: formatted in C, past the override
+            return super().wrap_str_format(value)
+
         def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805
             if __self.tracing:  # `sep.join(...)`, `text.replace(x, content)`: C code copies a traced argument
-                _flag_traced(args)
-                _flag_traced([v for k, v in kwargs.items() if k not in ("_loop_vars", "_block_vars")])
+                for value in args:
+                    if type(value) is not str:
+                        _flag_traced(value)
+                for key, value in kwargs.items():
+                    if type(value) is not str and key != "_loop_vars" and key != "_block_vars":
+                        _flag_traced(value)
             # A builtin method (`content.split`, `messages.items`) is safely callable and takes no context:
             # the sandbox's and the context's checks both pass it straight through; done here directly.
             # `namespace(...)` (Jinja's Namespace class, once per render): safe, takes no context either.

@@ -813,6 +813,7 @@ COPY_ROUTES = {
     "slice": "m['content'][0:]",
     "percent": "'%s' % (m['content'],)",
     "format": "'{}'.format(m['content'])",
+    "format of the content": "m['content'].format()",
     "join method": "''.join([m['content']])",
     "argument of a method": "'@'.replace('@', m['content'])",
     "tojson": "m['content'] | tojson",
