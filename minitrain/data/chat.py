@@ -19,9 +19,11 @@ How a mask is computed, every step checked (a mask is never guessed):
        part, after the header. Else: "generation prompt not a prefix".
     3. end of turn: the last turn-ending token (probed once per template: the first added token after a
        middle and a final assistant content, and right after a tool call's arguments) before the next
-       message begins. Where the next message begins is known from one more render with the contents of
-       system/user/tool messages wrapped in private-use markers (U+10FFF0 j U+10FFF1 ... U+10FFF2; the
-       stripped render must equal `text`, retried with markers inside `| trim`med whitespace). "Last", not
+       message begins. Where the next message begins is known from the render of `text` itself, its
+       contents traced (`_Traced`: equal in value, followed through `+`; any other way of making text out
+       of them gives the trace up), else from one more render with the contents of system/user/tool
+       messages wrapped in private-use markers (U+10FFF0 j U+10FFF1 ... U+10FFF2; the stripped render must
+       equal `text`, retried with markers inside `| trim`med whitespace). "Last", not
        "first": gpt-oss closes its analysis channel with `<|end|>` inside the turn. No token: "no end of
        turn" - except the last turn of a template that leaves it open (GLM-4), which is closed with the
        token that ends its other turns (the model's stop token), appended and trained.
@@ -46,9 +48,10 @@ Templates without a generation prompt (add_generation_prompt adds nothing) have 
 turn is then found by its content (all contents marked) and trained from it through the end-of-turn text
 probed after it - the rule minitrain used before, kept for such templates.
 
-The trade-off: per sample, one render of the text, one marked render and one prefix render per assistant
-turn (cheap next to tokenization for a few turns; multi-turn samples cost more) buy exactness on any
-template; the one encode per sample keeps the cost within a small factor of "render + encode".
+The trade-off: per sample, one render of the text (traced where a later message bounds a turn; a marked
+render more when the trace is given up) and one prefix render per assistant turn (cheap next to
+tokenization for a few turns; multi-turn samples cost more) buy exactness on any template; the one encode
+per sample keeps the cost within a small factor of "render + encode".
 Records of shape `pretrain` and `prompt`/`generation` need no template: the text is encoded once and the
 same span rule applies, with EOS appended and trained.
 """

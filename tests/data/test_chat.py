@@ -778,7 +778,8 @@ def _bounding(messages: list[dict]) -> list[int]:
 
 def test_traced_render_is_the_render_and_finds_what_the_markers_find(qwen3, smollm2, tinyllama):
     """One render with traced contents gives the plain render's text and, for each message that bounds a
-    turn, the positions the marked render gives; every fixture record and the Qwen3 shapes, three templates."""
+    turn, the positions the marked render gives: every fixture record and the Qwen3 shapes, three
+    templates."""
     from tests.data.test_chat_templates import SHAPES, TOOL_SHAPE, TOOLS
 
     records = [orjson.loads(line) for p in MESSAGES_FILES for line in p.read_bytes().splitlines()]
@@ -822,7 +823,9 @@ COPY_ROUTES = {
 UNTRACEABLE = {
     "tilde": "'<|im_start|>' ~ m['role'] ~ '\\n' ~ m['content'] ~ '<|im_end|>\\n'",
     "join filter": "['<|im_start|>', m['role'], '\\n', m['content'], '<|im_end|>\\n'] | join",
-    "replace filter": "'<|im_start|>' + m['role'] + '\\n' + ('@' | replace('@', m['content'])) + '<|im_end|>\\n'",
+    "replace filter": (
+        "'<|im_start|>' + m['role'] + '\\n' + ('@' | replace('@', m['content'])) + '<|im_end|>\\n'"
+    ),
 }
 
 
