@@ -282,6 +282,22 @@ def _build_environment() -> Any:
     dict_attributes = frozenset(dir({}))
     builtin_method = type("".split)
 
+    from jinja2.compiler import CodeGenerator, optimizeconst
+
+    class Generator(CodeGenerator):
+        """`message.role` on a dict that has the key compiles to the lookup itself (what Sandbox.getattr
+        returns for it, less a Python call: ~40 per render); anything else goes to Sandbox.getattr."""
+
+        @optimizeconst
+        def visit_Getattr(self, node: Any, frame: Any) -> None:
+            if self.environment.is_async or node.attr in dict_attributes:
+                return CodeGenerator.visit_Getattr.__wrapped__(self, node, frame)
+            self.write(f"(_mt_obj[{node.attr!r}] if type(_mt_obj := ")
+            self.visit(node.node, frame)
+            self.write(
+                f") is dict and {node.attr!r} in _mt_obj else environment.getattr(_mt_obj, {node.attr!r}))"
+            )
+
     class Sandbox(ImmutableSandboxedEnvironment):
         """transformers' sandbox, with the same verdicts found faster (renders are most of tokenize's CPU).
 
@@ -293,6 +309,14 @@ def _build_environment() -> Any:
         """
 
         intercepted_binops = frozenset({"%"})  # `fmt % (content,)`: C code makes the text (see _Traced)
+        code_generator_class = Generator
+
+        def compile(self, *args: Any, **kwargs: Any) -> Any:
+            try:
+                return super().compile(*args, **kwargs)
+            except SyntaxError:  # a `:=` where Python refuses one (none known): the stock code generator
+                self.code_generator_class = CodeGenerator
+                return super().compile(*args, **kwargs)
 
         def __init__(self, **kwargs: Any) -> None:
             super().__init__(**kwargs)
@@ -361,32 +385,6 @@ def _build_environment() -> Any:
                     "value was undefined because a callable raised a StopIteration exception"
                 )
 
-    from jinja2.compiler import CodeGenerator, optimizeconst
-
-    class Generator(CodeGenerator):
-        """`message.role` on a dict that has the key compiles to the lookup itself (what Sandbox.getattr
-        returns for it, less a Python call: ~40 per render); anything else goes to Sandbox.getattr."""
-
-        @optimizeconst
-        def visit_Getattr(self, node: Any, frame: Any) -> None:
-            if self.environment.is_async or node.attr in dict_attributes:
-                return CodeGenerator.visit_Getattr.__wrapped__(self, node, frame)
-            self.write(f"(_mt_obj[{node.attr!r}] if type(_mt_obj := ")
-            self.visit(node.node, frame)
-            self.write(
-                f") is dict and {node.attr!r} in _mt_obj else environment.getattr(_mt_obj, {node.attr!r}))"
-            )
-
-    Sandbox.code_generator_class = Generator
-
-    def compile_template(env: Any, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return ImmutableSandboxedEnvironment.compile(env, *args, **kwargs)
-        except SyntaxError:  # a `:=` where Python refuses one (none known): the stock code generator
-            env.code_generator_class = CodeGenerator
-            return ImmutableSandboxedEnvironment.compile(env, *args, **kwargs)
-
-    Sandbox.compile = compile_template
     env = Sandbox(trim_blocks=True, lstrip_blocks=True, extensions=[GenerationTag, loopcontrols])
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
@@ -537,6 +535,7 @@ class ChatEncoder:
                 pieces.append(piece)
                 length += len(piece)
         except Exception:
+            environment.tracing = False
             return self._render_or_reject(real, tools), None  # the plain render raises it (or not) as itself
         finally:
             environment.tracing = False
