@@ -19,9 +19,11 @@ How a mask is computed, every step checked (a mask is never guessed):
        part, after the header. Else: "generation prompt not a prefix".
     3. end of turn: the last turn-ending token (probed once per template: the first added token after a
        middle and a final assistant content, and right after a tool call's arguments) before the next
-       message begins. Where the next message begins is known from one more render with the contents of
-       system/user/tool messages wrapped in private-use markers (U+10FFF0 j U+10FFF1 ... U+10FFF2; the
-       stripped render must equal `text`, retried with markers inside `| trim`med whitespace). "Last", not
+       message begins. Where the next message begins is known from the render of `text` itself, its
+       contents traced (`_Traced`: equal in value, followed through `+`; any other way of making text out
+       of them gives the trace up), else from one more render with the contents of system/user/tool
+       messages wrapped in private-use markers (U+10FFF0 j U+10FFF1 ... U+10FFF2; the stripped render must
+       equal `text`, retried with markers inside `| trim`med whitespace). "Last", not
        "first": gpt-oss closes its analysis channel with `<|end|>` inside the turn. No token: "no end of
        turn" - except the last turn of a template that leaves it open (GLM-4), which is closed with the
        token that ends its other turns (the model's stop token), appended and trained.
@@ -46,9 +48,10 @@ Templates without a generation prompt (add_generation_prompt adds nothing) have 
 turn is then found by its content (all contents marked) and trained from it through the end-of-turn text
 probed after it - the rule minitrain used before, kept for such templates.
 
-The trade-off: per sample, one render of the text, one marked render and one prefix render per assistant
-turn (cheap next to tokenization for a few turns; multi-turn samples cost more) buy exactness on any
-template; the one encode per sample keeps the cost within a small factor of "render + encode".
+The trade-off: per sample, one render of the text (traced where a later message bounds a turn; a marked
+render more when the trace is given up) and one prefix render per assistant turn (cheap next to
+tokenization for a few turns; multi-turn samples cost more) buy exactness on any template; the one encode
+per sample keeps the cost within a small factor of "render + encode".
 Records of shape `pretrain` and `prompt`/`generation` need no template: the text is encoded once and the
 same span rule applies, with EOS appended and trained.
 """
@@ -129,6 +132,93 @@ _PROBE_CONTENTS = (
 )
 
 
+# Filters that build text from their input only through its own str methods (which _Traced flags), return
+# it unchanged, or build no text from it; `join`, `replace`, `format`, `e`, `map` (any filter by name) ... can
+# copy a content in C code, past the trace: a template using a filter outside this set is never traced.
+_TRACEABLE_FILTERS = frozenset(
+    {
+        "abs", "attr", "batch", "capitalize", "center", "count", "d", "default", "dictsort", "first", "float",
+        "groupby", "int", "items", "last", "length", "list", "lower", "max", "min", "reject", "rejectattr",
+        "reverse", "round", "select", "selectattr", "slice", "sort", "string", "sum", "tojson", "trim",
+        "truncate", "unique", "upper", "wordcount",
+    }
+)  # fmt: skip
+# Statements whose output Jinja joins in C before it is written (macros, call/filter blocks, block sets), and
+# `~`, which joins in C too: a template with one is never traced.
+_UNTRACEABLE_NODES = (
+    "Concat", "Macro", "CallBlock", "FilterBlock", "AssignBlock", "Include", "Import", "FromImport",
+    "Extends", "Block",
+)  # fmt: skip
+# str methods that make text out of a string (not only inspect it): a traced content that meets one is lost.
+_TEXT_MAKERS = (
+    "__format__", "__getitem__", "__iter__", "__mod__", "__mul__", "__repr__", "__rmod__", "__rmul__",
+    "capitalize", "casefold", "center", "encode", "expandtabs", "format", "format_map", "join", "ljust",
+    "lower", "lstrip", "partition", "removeprefix", "removesuffix", "replace", "rjust", "rpartition",
+    "rsplit", "rstrip", "split", "splitlines", "strip", "swapcase", "title", "translate", "upper", "zfill",
+    "__getnewargs__",
+)  # fmt: skip
+
+
+class _Traced(str):
+    """A message content that knows where its characters go, for `ChatEncoder._traced_render`.
+
+    Equal to the content in value (every test, comparison and method answers as the plain string does), so
+    a render with traced contents is the render. `+` keeps track: `spans` holds (offset, message index) of
+    each traced content inside the string. Any other way of making text out of it (a slice, `strip`,
+    `%`, `format`, `tojson`, ...) sets `lost[0]`, and the render's positions are then not used.
+    """
+
+    spans: tuple[tuple[int, int], ...]
+    lost: list[bool]
+
+    def __add__(self, other: Any) -> Any:
+        if not isinstance(other, str):
+            return NotImplemented
+        out = _Traced(str.__add__(self, other))
+        out.lost = self.lost
+        out.spans = self.spans
+        if type(other) is _Traced:
+            out.spans += tuple((at + len(self), j) for at, j in other.spans)
+        return out
+
+    def __radd__(self, other: Any) -> Any:
+        if not isinstance(other, str):
+            return NotImplemented
+        out = _Traced(str.__add__(other, self))
+        out.lost = self.lost
+        out.spans = tuple((at + len(other), j) for at, j in self.spans)
+        return out
+
+    def __str__(self) -> str:
+        return self  # Jinja outputs `str(expression)`: the trace goes with it
+
+
+def _lose(name: str) -> Any:
+    method = getattr(str, name)
+
+    def lose(self: _Traced, *args: Any, **kwargs: Any) -> Any:
+        self.lost[0] = True
+        return method(self, *args, **kwargs)
+
+    return lose
+
+
+for _name in _TEXT_MAKERS:
+    setattr(_Traced, _name, _lose(_name))
+
+
+def _flag_traced(value: Any) -> None:
+    """Mark the traces inside `value` lost (it is about to be made into text by C code: json, `%`)."""
+    if type(value) is _Traced:
+        value.lost[0] = True
+    elif isinstance(value, dict):
+        for item in value.values():
+            _flag_traced(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            _flag_traced(item)
+
+
 class SampleRejected(Exception):
     """A record that cannot be turned into a sample; `reason` is one of REJECT_REASONS."""
 
@@ -177,6 +267,7 @@ def _build_environment() -> Any:
         separators: Any = None,
         sort_keys: bool = False,
     ) -> str:
+        _flag_traced((x, indent, separators))  # json copies strings in C
         return json.dumps(
             x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
         )
@@ -185,9 +276,27 @@ def _build_environment() -> Any:
     from jinja2.utils import Namespace
 
     # Exact types whose attributes' safety depends on (type, name) alone: what JSON records and loops hold.
-    plain_types = frozenset({str, dict, list, tuple, int, float, bool, type(None), LoopContext, Namespace})
+    plain_types = frozenset(
+        {str, _Traced, dict, list, tuple, int, float, bool, type(None), LoopContext, Namespace}
+    )
     dict_attributes = frozenset(dir({}))
     builtin_method = type("".split)
+
+    from jinja2.compiler import CodeGenerator, optimizeconst
+
+    class Generator(CodeGenerator):
+        """`message.role` on a dict that has the key compiles to the lookup itself (what Sandbox.getattr
+        returns for it, less a Python call: ~40 per render); anything else goes to Sandbox.getattr."""
+
+        @optimizeconst
+        def visit_Getattr(self, node: Any, frame: Any) -> None:
+            if self.environment.is_async or node.attr in dict_attributes:
+                return CodeGenerator.visit_Getattr.__wrapped__(self, node, frame)
+            self.write(f"(_mt_obj[{node.attr!r}] if type(_mt_obj := ")
+            self.visit(node.node, frame)
+            self.write(
+                f") is dict and {node.attr!r} in _mt_obj else environment.getattr(_mt_obj, {node.attr!r}))"
+            )
 
     class Sandbox(ImmutableSandboxedEnvironment):
         """transformers' sandbox, with the same verdicts found faster (renders are most of tokenize's CPU).
@@ -199,9 +308,24 @@ def _build_environment() -> Any:
         the same value, without the AttributeError).
         """
 
+        intercepted_binops = frozenset({"%"})  # `fmt % (content,)`: C code makes the text (see _Traced)
+        code_generator_class = Generator
+
+        def compile(self, *args: Any, **kwargs: Any) -> Any:
+            try:
+                return super().compile(*args, **kwargs)
+            except SyntaxError:  # a `:=` where Python refuses one (none known): the stock code generator
+                self.code_generator_class = CodeGenerator
+                return super().compile(*args, **kwargs)
+
         def __init__(self, **kwargs: Any) -> None:
             super().__init__(**kwargs)
             self.verdicts: dict[tuple[type, str], bool] = {}
+            self.tracing = False  # True during ChatEncoder._traced_render
+
+        def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+            _flag_traced(right)
+            return super().call_binop(context, operator, left, right)
 
         def is_safe_attribute(self, obj: Any, attr: str, value: Any) -> bool:
             key = (type(obj), attr)
@@ -221,6 +345,10 @@ def _build_environment() -> Any:
                     return self.undefined(obj=obj, name=attribute)
             # A remembered verdict: the sandbox's own path, less its checks (str.format is left to it).
             verdict = self.verdicts.get((kind, attribute))
+            if verdict and kind is Namespace:  # `ns.index`: its attribute dict, read without two calls
+                attrs = object.__getattribute__(obj, "_Namespace__attrs")
+                if attribute in attrs:
+                    return attrs[attribute]
             if verdict is not None and attribute not in ("format", "format_map"):
                 try:
                     value = getattr(obj, attribute)
@@ -229,10 +357,24 @@ def _build_environment() -> Any:
                 return value if verdict else self.unsafe_undefined(obj, attribute)
             return super().getattr(obj, attribute)
 
+        def wrap_str_format(self, value: Any) -> Any:
+            owner = getattr(value, "__self__", None)
+            if type(owner) is _Traced and getattr(value, "__name__", "") in ("format", "format_map"):
+                owner.lost[0] = True  # `content.format(...)`: formatted in C, past the override
+            return super().wrap_str_format(value)
+
         def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805
+            if __self.tracing:  # `sep.join(...)`, `text.replace(x, content)`: C code copies a traced argument
+                for value in args:
+                    if type(value) is not str:
+                        _flag_traced(value)
+                for key, value in kwargs.items():
+                    if type(value) is not str and key != "_loop_vars" and key != "_block_vars":
+                        _flag_traced(value)
             # A builtin method (`content.split`, `messages.items`) is safely callable and takes no context:
             # the sandbox's and the context's checks both pass it straight through; done here directly.
-            if type(__obj) is not builtin_method:
+            # `namespace(...)` (Jinja's Namespace class, once per render): safe, takes no context either.
+            if type(__obj) is not builtin_method and __obj is not Namespace:
                 return super().call(__context, __obj, *args, **kwargs)
             kwargs.pop("_block_vars", None)
             kwargs.pop("_loop_vars", None)
@@ -337,15 +479,84 @@ class ChatEncoder:
         """The template's text for `messages` (as `apply_chat_template(..., tokenize=False)` renders it)."""
         template = self._template
         # What Template.render does (globals, then the special tokens, then the call's names), with the
-        # globals merged here instead of through a ChainMap on every call: several renders per sample.
+        # globals merged once per encoder instead of through a ChainMap on every call, and the Context
+        # built directly (Template.new_context would turn that ChainMap into a set each time): several
+        # renders per sample.
         variables = {**self._globals, **self.template_kwargs}
         variables.update(
             messages=messages, tools=tools, documents=None, add_generation_prompt=add_generation_prompt
         )
+        environment = template.environment
+        context = environment.context_class(
+            environment, variables, template.name, template.blocks, self._globals
+        )
         try:
-            return "".join(template.root_render_func(template.new_context(variables, shared=True)))
+            return "".join(template.root_render_func(context))
         except Exception:
             return template.environment.handle_exception()  # Jinja's own traceback rewrite; re-raises
+
+    def _traced_render(
+        self, real: list[dict[str, Any]], tools: Any, traced: list[int]
+    ) -> tuple[str, dict[int, list[int]] | None]:
+        """(text, where each traced message's content starts in it), from ONE render: the render itself.
+
+        The contents of messages `traced` are passed as `_Traced` strings (equal in value, so the text is
+        exactly `render(real)`), and each output piece tells where they landed. The positions are None (not
+        known; the caller falls back to a marked render) when a traced content was made into text by anything
+        but `+` (a str method, `%`, a call that takes it, `tojson`: flagged as they happen), or did not reach
+        the text. What cannot be flagged as it happens (`~`, `join`, macros and blocks, which copy text in C)
+        is refused up front: such a template is not traced at all (see _traceable).
+        """
+        if not self._traceable():
+            return self._render_or_reject(real, tools), None
+        lost = [False]
+        messages = list(real)
+        for j in traced:
+            content = _Traced(real[j]["content"])
+            content.lost, content.spans = lost, ((0, j),)
+            messages[j] = {**real[j], "content": content}
+        template = self._template
+        variables = {**self._globals, **self.template_kwargs}
+        variables.update(messages=messages, tools=tools, documents=None, add_generation_prompt=False)
+        environment = template.environment
+        context = environment.context_class(
+            environment, variables, template.name, template.blocks, self._globals
+        )
+        pieces: list[str] = []
+        opens: dict[int, list[int]] = {}
+        length = 0
+        environment.tracing = True
+        try:
+            for piece in template.root_render_func(context):
+                if type(piece) is _Traced:
+                    for at, j in piece.spans:
+                        opens.setdefault(j, []).append(length + at)
+                    piece = str.__str__(piece)  # a plain str: nothing traced leaves this function
+                pieces.append(piece)
+                length += len(piece)
+        except Exception:
+            environment.tracing = False
+            return self._render_or_reject(real, tools), None  # the plain render raises it (or not) as itself
+        finally:
+            environment.tracing = False
+        text = "".join(pieces)
+        if lost[0] or any(j not in opens for j in traced):
+            return text, None
+        return text, opens
+
+    def _traceable(self) -> bool:
+        """True when the template uses only _TRACEABLE_FILTERS and none of _UNTRACEABLE_NODES (decided once
+        per template, from its syntax tree)."""
+        verdict = self.__dict__.get("_traceable_verdict")
+        if verdict is None:
+            import jinja2.nodes
+
+            ast = self._template.environment.parse(self.template_source)
+            verdict = all(
+                node.name in _TRACEABLE_FILTERS for node in ast.find_all(jinja2.nodes.Filter)
+            ) and not any(ast.find(getattr(jinja2.nodes, name)) for name in _UNTRACEABLE_NODES)
+            self._traceable_verdict = verdict
+        return verdict
 
     def _render_or_reject(
         self, messages: list[dict[str, Any]], tools: Any, add_generation_prompt: bool = False
@@ -535,11 +746,6 @@ class ChatEncoder:
     ) -> EncodedSample:
         self._check_messages(messages)
         real = [_template_message(m, m.get("content")) for m in messages]
-        text = self._render_or_reject(real, tools)
-        if _MARK_LEAD in text:
-            raise SampleRejected(
-                ALIGNMENT_FAILURE, "the text contains U+10FFF0, which minitrain uses as a marker"
-            )
         trained = [
             i
             for i, m in enumerate(messages)
@@ -548,12 +754,28 @@ class ChatEncoder:
         if train_on == "last":
             last = max(i for i, m in enumerate(messages) if m["role"] == "assistant") if trained else -1
             trained = [i for i in trained if i == last]
+        # Where each non-assistant message's content sits: a later message bounds a turn's search for its end.
+        # Only needed when such a message follows a trained turn (not for one-turn conversations). Found by
+        # the render itself when its contents can be traced, else by one more render with markers.
+        needed = sorted(
+            {
+                next(j for j in range(i + 1, len(messages)) if messages[j]["role"] != "assistant")
+                for i in trained
+                if any(m["role"] != "assistant" for m in messages[i + 1 :])
+            }
+        )
+        opens = None
+        if needed and self.has_generation_prompt and all(real[j].get("content") for j in needed):
+            text, opens = self._traced_render(real, tools, needed)
+        else:
+            text = self._render_or_reject(real, tools)
+        if _MARK_LEAD in text:
+            raise SampleRejected(
+                ALIGNMENT_FAILURE, "the text contains U+10FFF0, which minitrain uses as a marker"
+            )
         if not self.has_generation_prompt:
             return self._encode_by_content(messages, tools, text, trained)
-        # Where each non-assistant message's content sits: a later message bounds a turn's search for its end.
-        # Only needed when such a message follows a trained turn (not for one-turn conversations).
-        opens = None
-        if trained and any(m["role"] != "assistant" for m in messages[trained[0] + 1 :]):
+        if needed and opens is None:
             located = self._marked_render(messages, tools, text, False, "assistant") or self._marked_render(
                 messages, tools, text, True, "assistant"
             )

@@ -762,3 +762,106 @@ def test_sandbox_verdicts_match_jinjas_own(source):
     assert type(ours) is not ImmutableSandboxedEnvironment
     expected = outcome(stock)
     assert outcome(ours) == expected and outcome(ours) == expected
+
+
+# ------------------------------------------------------------- where a message begins, from the render itself
+
+
+def _bounding(messages: list[dict]) -> list[int]:
+    """The non-assistant messages that follow an assistant message (each bounds a turn's end)."""
+    return [
+        j
+        for j, m in enumerate(messages)
+        if m["role"] != "assistant" and any(a["role"] == "assistant" for a in messages[:j])
+    ]
+
+
+def test_traced_render_is_the_render_and_finds_what_the_markers_find(qwen3, smollm2, tinyllama):
+    """One render with traced contents gives the plain render's text and, for each message that bounds a
+    turn, the positions the marked render gives: every fixture record and the Qwen3 shapes, three
+    templates."""
+    from tests.data.test_chat_templates import SHAPES, TOOL_SHAPE, TOOLS
+
+    records = [orjson.loads(line) for p in MESSAGES_FILES for line in p.read_bytes().splitlines()]
+    records += [{"messages": m} for m in SHAPES.values()] + [{"messages": TOOL_SHAPE, "tools": TOOLS}]
+    for encoder in (qwen3[0].encoder, smollm2.encoder, tinyllama.encoder):
+        traced = 0
+        for record in records:
+            messages, tools = record["messages"], record.get("tools")
+            needed = _bounding(messages)
+            if not needed:
+                continue
+            real = [chat._template_message(m, m.get("content")) for m in messages]
+            text, opens = encoder._traced_render(real, tools, needed)
+            assert text == encoder.render(real, tools)
+            assert type(text) is str
+            located = encoder._marked_render(messages, tools, text, False, "assistant")
+            marked = located[0] if located is not None else {}
+            if any(j not in marked for j in needed):  # the template drops it (a tool message on TinyLlama)
+                assert opens is None
+                continue
+            assert opens is not None
+            assert {j: opens[j] for j in needed} == {j: marked[j] for j in needed}
+            traced += 1
+        assert traced > 300
+
+
+# Each makes text out of the user's content by something other than `+`, then writes the content again
+# with `+` after the user's end of turn: a trace that missed the first would put the user message after
+# its own <|im_end|>, and the turn before it would be trained through the user's text.
+COPY_ROUTES = {
+    "str method": "m['content'].strip()",
+    "slice": "m['content'][0:]",
+    "percent": "'%s' % (m['content'],)",
+    "format": "'{}'.format(m['content'])",
+    "format of the content": "m['content'].format()",
+    "join method": "''.join([m['content']])",
+    "argument of a method": "'@'.replace('@', m['content'])",
+    "tojson": "m['content'] | tojson",
+}
+# Templates that copy text in C where no trace can see it: never traced (the marked render locates).
+UNTRACEABLE = {
+    "tilde": "'<|im_start|>' ~ m['role'] ~ '\\n' ~ m['content'] ~ '<|im_end|>\\n'",
+    "join filter": "['<|im_start|>', m['role'], '\\n', m['content'], '<|im_end|>\\n'] | join",
+    "replace filter": (
+        "'<|im_start|>' + m['role'] + '\\n' + ('@' | replace('@', m['content'])) + '<|im_end|>\\n'"
+    ),
+}
+
+
+def _chatml_with_user(expression: str) -> str:
+    return (
+        "{% for m in messages %}{% if m['role'] == 'assistant' %}"
+        "{{ '<|im_start|>assistant\\n' + m['content'] + '<|im_end|>\\n' }}"
+        "{% else %}{{ " + expression + " }}{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    )
+
+
+TWO_EXCHANGES = [
+    {"role": "user", "content": "Name a colour."},
+    {"role": "assistant", "content": "Blue."},
+    {"role": "user", "content": "Another one?"},
+    {"role": "assistant", "content": "Green."},
+]
+
+
+@pytest.mark.parametrize("route", [*COPY_ROUTES, *UNTRACEABLE])
+def test_a_content_copied_past_the_trace_falls_back_to_the_marked_render(route, tmp_path):
+    from transformers import AutoTokenizer
+
+    if route in COPY_ROUTES:
+        user = (
+            "'<|im_start|>' + m['role'] + '\\n' + " + COPY_ROUTES[route] + " + '<|im_end|>\\n' + "
+            "m['content'] + '\\n'"
+        )
+    else:
+        user = UNTRACEABLE[route]
+    folder = write_tokenizer(tmp_path, SMOLLM2, _chatml_with_user(user))
+    loaded, tok = load_chat_encoder(str(folder)), AutoTokenizer.from_pretrained(str(folder))
+    real = [chat._template_message(m, m["content"]) for m in TWO_EXCHANGES]
+    text, opens = loaded.encoder._traced_render(real, None, [2])
+    assert text == loaded.encoder.render(real)
+    assert opens is None
+    assert loaded.encoder._traceable() is (route in COPY_ROUTES)
+    assert_generation_rule(loaded, tok, TWO_EXCHANGES, ("<|im_end|>",))
