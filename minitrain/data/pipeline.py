@@ -32,6 +32,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
@@ -75,7 +76,9 @@ from minitrain.errors import UserError, signal_exit_code
 
 CHUNK_LINES = 64  # lines per task sent to a worker
 CHUNK_BYTES = 1 << 20  # ... or fewer when the lines are long
-IN_FLIGHT_PER_WORKER = 4  # chunks queued per worker: enough to keep workers busy, little memory
+QUEUED_PER_WORKER = 2  # chunks waiting per worker process: it never runs dry while the parent encodes one
+MAX_IN_FLIGHT_PER_WORKER = 4  # chunks sent or done but not yet written, per encoder: bounded memory
+PIPE_BYTES = 1 << 20  # each worker's pipes are grown to this (Linux): neither side waits on the other
 
 
 @dataclass
@@ -265,7 +268,7 @@ def detect_kind(lines: Iterator[tuple[int, bytes]], mapping: FieldMapping | None
     return KIND_SFT
 
 
-# Worker-process state: set once by the pool initializer.
+# Worker-process state: set once by `_init_worker`.
 _WORKER: tuple[ChatEncoder, Policy] | None = None
 
 
@@ -276,14 +279,23 @@ _WORKER_MODULES = ("__main__", __name__, "tokenizers", "jinja2.sandbox", "jinja2
 def _init_worker(state: bytes) -> None:
     """Worker start: the pickled (encoder, policy), pickled once by the parent for all workers."""
     global _WORKER
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and terminates the pool
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the pool's terminate() kills the worker outright
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and terminates the workers
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the parent's terminate() kills the worker outright
     _WORKER = pickle.loads(state)
 
 
-def _encode_chunk(lines: list[tuple[int, bytes]]) -> ChunkResult:
-    assert _WORKER is not None, "worker not initialised"
-    return encode_lines(_WORKER[0], _WORKER[1], lines)
+def _worker_main(state: bytes, tasks: Connection, results: Connection) -> None:
+    """A worker process: pickled chunks in, pickled ChunkResults out, in the order received; stops at EOF."""
+    _init_worker(state)
+    assert _WORKER is not None
+    encoder, policy = _WORKER
+    while True:
+        try:
+            data = tasks.recv_bytes()
+        except EOFError:  # the parent closed the task pipe: no more chunks
+            return
+        result = encode_lines(encoder, policy, pickle.loads(data))
+        results.send_bytes(pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL))
 
 
 def _read_chunks(path: Path) -> Iterator[list[tuple[int, bytes]]]:
@@ -321,33 +333,134 @@ def _worker_context() -> Any:
     return ctx
 
 
+@dataclass
+class _Worker:
+    """The parent's side of one worker process: its two pipes and the chunks it has not answered yet."""
+
+    process: Any
+    tasks: Connection  # parent -> worker: pickled chunks
+    results: Connection  # worker -> parent: pickled ChunkResults, in the order the chunks were sent
+    budget: int  # bytes of chunks that may wait in `tasks` (half its buffer): a send within it never blocks
+    queued: deque[int] = field(default_factory=deque)  # pickled sizes of the unanswered chunks, oldest first
+
+    def can_take(self, size: int) -> bool:
+        """True when a chunk of `size` pickled bytes may be sent now without risk of blocking for long.
+
+        An idle worker takes any chunk (it is reading, so the send completes). A busy one takes it only
+        while its queue is short and the bytes fit in the pipe's buffer: a parent blocked on a full task
+        pipe while the worker is blocked on a full result pipe would be a deadlock.
+        """
+        if not self.queued:
+            return True
+        return len(self.queued) < QUEUED_PER_WORKER and sum(self.queued) + size <= self.budget
+
+
+def _grow_pipe(conn: Connection) -> int:
+    """Grow a pipe's buffer to PIPE_BYTES where the OS allows it (Linux); its size in bytes, 0 if unknown."""
+    try:
+        import fcntl
+
+        fcntl.fcntl(conn.fileno(), fcntl.F_SETPIPE_SZ, PIPE_BYTES)
+        return fcntl.fcntl(conn.fileno(), fcntl.F_GETPIPE_SZ)
+    except (ImportError, AttributeError, OSError):  # not Linux, or over the user's pipe limits
+        return 0
+
+
+def _start_workers(ctx: Any, state: bytes, n: int) -> list[_Worker]:
+    """Start `n` worker processes from the forkserver, each with its own task and result pipe."""
+    workers: list[_Worker] = []
+    try:
+        for _ in range(n):
+            task_r, task_w = ctx.Pipe(duplex=False)
+            result_r, result_w = ctx.Pipe(duplex=False)
+            capacity = _grow_pipe(task_w)
+            _grow_pipe(result_w)  # the worker's send of a result rarely waits for the parent to read it
+            process = ctx.Process(target=_worker_main, args=(state, task_r, result_w), daemon=True)
+            workers.append(_Worker(process, task_w, result_r, capacity // 2))
+            process.start()
+            task_r.close()  # the worker holds these ends now: EOF on `results` means the worker is gone
+            result_w.close()
+    except BaseException:
+        _stop_workers(workers, terminate=True)
+        raise
+    return workers
+
+
+def _stop_workers(workers: list[_Worker], *, terminate: bool) -> None:
+    """Normal end: close the task pipes (each worker exits at EOF) and wait. Otherwise kill them first."""
+    for worker in workers:
+        worker.tasks.close()
+        if terminate and worker.process.pid is not None:
+            worker.process.terminate()  # SIGTERM: the worker's default handler ends it at once
+    for worker in workers:
+        if worker.process.pid is not None:
+            worker.process.join()
+        worker.results.close()
+
+
+def _receive(worker: _Worker) -> ChunkResult:
+    """The worker's answer to its oldest unanswered chunk (waits for it)."""
+    try:
+        data = worker.results.recv_bytes()
+    except EOFError:
+        worker.process.join(timeout=5)
+        raise RuntimeError(
+            f"tokenize worker process {worker.process.pid} ended without an answer "
+            f"(exit code {worker.process.exitcode}; killed for memory?); "
+            "run again, with fewer --num-workers if memory is short"
+        ) from None
+    worker.queued.popleft()
+    return pickle.loads(data)
+
+
 def _results_in_order(
     encoder: ChatEncoder, policy: Policy, chunks: Iterator[list[tuple[int, bytes]]], workers: int
 ) -> Iterator[ChunkResult]:
-    """ChunkResults in input order; a bounded number of chunks in flight (streaming, constant memory)."""
+    """ChunkResults in input order from this process and `workers - 1` worker processes.
+
+    The workers' queues are kept QUEUED_PER_WORKER deep; a chunk that finds them all full is encoded
+    here, so this process is one of the `workers` encoders and only needs N-1 tokenizer copies. At most
+    MAX_IN_FLIGHT_PER_WORKER x `workers` chunks are in flight (streaming, constant memory).
+    """
     if workers == 1:
         for chunk in chunks:
             yield encode_lines(encoder, policy, chunk)
         return
     ctx = _worker_context()
     # The tokenizer pickles as its whole JSON (1.5 MB for SmolLM2, 5 MB for Qwen3): serialised once here,
-    # not once per worker by the pool.
+    # not once per worker.
     state = pickle.dumps((encoder, policy), protocol=pickle.HIGHEST_PROTOCOL)
-    pool = ctx.Pool(workers, initializer=_init_worker, initargs=(state,))
+    pool = _start_workers(ctx, state, workers - 1)
+    pending: deque[ChunkResult | _Worker] = deque()  # in input order: a result, or the worker encoding it
+
+    def head_ready() -> bool:
+        head = pending[0]
+        return not isinstance(head, _Worker) or head.results.poll()
+
+    def pop_head() -> ChunkResult:
+        head = pending.popleft()
+        return _receive(head) if isinstance(head, _Worker) else head
+
     try:
-        pending: deque[Any] = deque()
         for chunk in chunks:
-            pending.append(pool.apply_async(_encode_chunk, (chunk,)))
-            if len(pending) >= workers * IN_FLIGHT_PER_WORKER:
-                yield pending.popleft().get()
+            while pending and head_ready():
+                yield pop_head()
+            data = pickle.dumps(chunk, protocol=pickle.HIGHEST_PROTOCOL)
+            worker = min(pool, key=lambda w: len(w.queued))
+            if worker.can_take(len(data)):
+                worker.tasks.send_bytes(data)
+                worker.queued.append(len(data))
+                pending.append(worker)
+            else:  # every worker has enough queued: this process encodes the chunk itself
+                pending.append(encode_lines(encoder, policy, chunk))
+            while len(pending) >= MAX_IN_FLIGHT_PER_WORKER * workers:
+                yield pop_head()
         while pending:
-            yield pending.popleft().get()
-        pool.close()  # normal end: workers exit on their own
+            yield pop_head()
     except BaseException:  # error, Ctrl-C, --strict stop, generator closed early: stop the workers now
-        pool.terminate()
+        _stop_workers(pool, terminate=True)
         raise
-    finally:
-        pool.join()
+    _stop_workers(pool, terminate=False)
 
 
 def _progress(console: Any, total: int) -> Any:
