@@ -398,19 +398,33 @@ def _stop_workers(workers: list[_Worker], *, terminate: bool) -> None:
         worker.results.close()
 
 
+def _send(worker: _Worker, data: bytes) -> None:
+    """Queue a pickled chunk on the worker."""
+    try:
+        worker.tasks.send_bytes(data)
+    except BrokenPipeError:
+        raise _worker_gone(worker) from None
+    worker.queued.append(len(data))
+
+
 def _receive(worker: _Worker) -> ChunkResult:
     """The worker's answer to its oldest unanswered chunk (waits for it)."""
     try:
         data = worker.results.recv_bytes()
     except EOFError:
-        worker.process.join(timeout=5)
-        raise RuntimeError(
-            f"tokenize worker process {worker.process.pid} ended without an answer "
-            f"(exit code {worker.process.exitcode}; killed for memory?); "
-            "run again, with fewer --num-workers if memory is short"
-        ) from None
+        raise _worker_gone(worker) from None
     worker.queued.popleft()
     return pickle.loads(data)
+
+
+def _worker_gone(worker: _Worker) -> RuntimeError:
+    """The error for a worker that died (killed by the OS for memory, a native crash): never a hang."""
+    worker.process.join(timeout=5)
+    return RuntimeError(
+        f"tokenize worker process {worker.process.pid} ended without an answer (exit code "
+        f"{worker.process.exitcode}; killed for memory?); run again, with fewer --num-workers "
+        "if memory is short"
+    )
 
 
 def _results_in_order(
@@ -448,8 +462,7 @@ def _results_in_order(
             data = pickle.dumps(chunk, protocol=pickle.HIGHEST_PROTOCOL)
             worker = min(pool, key=lambda w: len(w.queued))
             if worker.can_take(len(data)):
-                worker.tasks.send_bytes(data)
-                worker.queued.append(len(data))
+                _send(worker, data)
                 pending.append(worker)
             else:  # every worker has enough queued: this process encodes the chunk itself
                 pending.append(encode_lines(encoder, policy, chunk))
