@@ -1,22 +1,34 @@
 """The `tokenize` stage: records in; tokenized JSONL, rejects and sidecar out (format: `format.py`).
 
-    INPUT.jsonl --(reader: chunks of raw lines)--> workers (sources.to_chat_record, ChatEncoder.encode;
-                                                            pairs: sources.to_pair_record, encode_pair)
+    INPUT.jsonl --(reader: chunks of raw lines)--> encoders (sources.to_chat_record, ChatEncoder.encode;
+                                                             pairs: sources.to_pair_record, encode_pair)
     (Parquet, Arrow, save_to_disk, --dataset: `sources.read_row_chunks`, one JSON line per row)
                 --(results, in input order)--> OUT.jsonl + OUT.rejects.jsonl --> OUT.meta.json
 
-Streaming: the reader keeps at most a few chunks per worker in flight, so memory does not grow with the
-input. Workers do everything per line (UTF-8, JSON, encode, length check, serialising the output line);
-the parent only writes bytes in order. Every non-blank input line ends up written, dropped (longer than
-`max_sample_num_tokens`) or rejected with a reason, so `read == written + dropped + rejected`.
+Streaming: at most a few chunks per encoder are in flight, so memory does not grow with the input. An
+encoder does everything per line (UTF-8, JSON, encode, length check, serialising the output line); every
+non-blank input line ends up written, dropped (longer than `max_sample_num_tokens`) or rejected with a
+reason, so `read == written + dropped + rejected`.
 The file's kind (SFT samples or preference pairs) is decided by its first line that parses as a JSON object,
 read by the parent before the workers start; lines of the other kind are rejected ("mixed kinds").
 Outputs are written atomically (temporary files renamed at the end): an interrupted or failed run
-leaves no partial OUT. The trade-off: one tokenizer per worker process (pickled once for all workers,
-unpickled by each: 0.2 CPU-s for SmolLM2, 0.8 for Qwen3), a forkserver that imports the worker modules
-once, and output bytes pickled between processes: 2 workers spent 10.1 CPU-s where 1 process spent 8.1 on
-9,990 SmolLM2 samples (benchmarks/bench_tokenize.py, which counts the workers' CPU), for 1.6x the wall
-throughput on 2 cores.
+leaves no partial OUT.
+
+Workers: `--num-workers N` is this process and N-1 worker processes (forked from a forkserver, never from
+this possibly threaded process). Each worker has its own task and result pipe (grown to 1 MiB on Linux)
+and QUEUED_PER_WORKER chunks queued; a chunk that finds every queue full is encoded here, between reading
+the input and writing the results in order, so no core waits while this process only shuffles bytes and
+one tokenizer copy is saved. No Pool and no threads: a worker's answer is read when it is the next to
+write, and a busy worker is sent a chunk only while it fits in its pipe's buffer (else the chunk waits
+for an idle worker or is encoded here), so the two sides never wait on each other for good; a worker that
+dies is an error, not a hang.
+The trade-off: N-1 tokenizer copies (pickled once, unpickled by each worker: 0.2 CPU-s for SmolLM2, 0.8
+for Qwen3), a forkserver that imports the worker modules once (0.35 CPU-s, started while this process
+loads the tokenizer), chunks and results pickled through pipes, and up to QUEUED_PER_WORKER chunks per
+worker still to finish when the input ends. Measured on 9,990 SmolLM2 samples (9,990 lines; 2 cores,
+shared, benchmarks/bench_tokenize.py and the split of a run): 2 encoders spend 0.1 CPU-s (this process)
+and 0.25 CPU-s (the worker's start) more than 1 process, against 2.0 CPU-s with the Pool of 2 workers
+and an idle parent that this design replaces; each encoded about half of the 157 chunks.
 """
 
 from __future__ import annotations
