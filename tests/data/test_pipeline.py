@@ -270,6 +270,53 @@ def test_ctrl_c_while_the_parent_encodes_stops_the_workers(tmp_path, monkeypatch
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]  # no output, no temporary files
 
 
+_TOKENIZE_IN_A_PROCESS = """
+import sys
+from pathlib import Path
+from minitrain.config import TokenizeConfig
+from minitrain.data.pipeline import tokenize_file
+inp, out, tokenizer = sys.argv[1:]
+tokenize_file(TokenizeConfig(input_file=Path(inp), output_file=Path(out), model_name_or_path=tokenizer,
+                             num_workers=2))
+"""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_mid_run_stops_the_workers_and_leaves_no_output(tmp_path, signum):
+    """SIGTERM (a scheduler) or SIGINT (Ctrl-C) while this process and a worker encode: the process ends,
+    the worker and the forkserver with it, and no output or temporary file is left."""
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    inp = tmp_path / "in.jsonl"
+    inp.write_bytes((GOOD + b"\n") * 200_000)  # a minute of work: the signal lands mid-run
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _TOKENIZE_IN_A_PROCESS, str(inp), str(tmp_path / "out.jsonl"), str(SMOLLM2)],
+        env={**os.environ, "PYTHONPATH": str(pipeline.Path(pipeline.__file__).parents[2])},
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while len(list(tmp_path.iterdir())) == 1 and time.monotonic() < deadline:  # OUT's temporary file
+            time.sleep(0.2)
+        time.sleep(1.0)  # this process and the worker encode now
+        # the resource tracker, the forkserver and the worker (a child of the forkserver)
+        descendants = psutil.Process(proc.pid).children(recursive=True)
+        assert len(descendants) == 3 and proc.poll() is None
+        proc.send_signal(signum)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    expected = 128 + signum if signum == signal.SIGTERM else -signal.SIGINT  # KeyboardInterrupt re-raised
+    assert proc.returncode == expected, stderr.decode()[-500:]
+    _, alive = psutil.wait_procs(descendants, timeout=30)
+    assert not alive  # no worker (or forkserver) outlives the run
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
+
+
 def test_a_worker_that_dies_is_an_error_not_a_hang(tmp_path, monkeypatch):
     """A worker killed (as the OS does when memory runs out) ends the run with a one-line error."""
     inp = tmp_path / "in.jsonl"
