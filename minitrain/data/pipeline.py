@@ -19,16 +19,18 @@ this possibly threaded process). Each worker has its own task and result pipe (g
 and QUEUED_PER_WORKER chunks queued; a chunk that finds every queue full is encoded here, between reading
 the input and writing the results in order, so no core waits while this process only shuffles bytes and
 one tokenizer copy is saved. No Pool and no threads: a worker's answer is read when it is the next to
-write, and a busy worker is sent a chunk only while it fits in its pipe's buffer (else the chunk waits
-for an idle worker or is encoded here), so the two sides never wait on each other for good; a worker that
-dies is an error, not a hang.
+write, and a busy worker is sent a chunk only while it fits in its pipe's buffer (else this process
+encodes it), so the two sides never wait on each other for good; a worker that dies is an error, not a
+hang.
 The trade-off: N-1 tokenizer copies (pickled once, unpickled by each worker: 0.2 CPU-s for SmolLM2, 0.8
 for Qwen3), a forkserver that imports the worker modules once (0.35 CPU-s, started while this process
 loads the tokenizer), chunks and results pickled through pipes, and up to QUEUED_PER_WORKER chunks per
-worker still to finish when the input ends. Measured on 9,990 SmolLM2 samples (9,990 lines; 2 cores,
-shared, benchmarks/bench_tokenize.py and the split of a run): 2 encoders spend 0.1 CPU-s (this process)
-and 0.25 CPU-s (the worker's start) more than 1 process, against 2.0 CPU-s with the Pool of 2 workers
-and an idle parent that this design replaces; each encoded about half of the 157 chunks.
+worker still to finish when the input ends. Measured on 9,990 SmolLM2 samples (157 chunks; 2 shared
+cores; the split from instrumenting runs): this process spends 0.1 CPU-s on pipes and pickling and the
+worker 0.2-0.25 CPU-s on its start, where the Pool of 2 workers with an idle parent spent 2.0 CPU-s more
+than 1 process; each side encoded about half of the chunks. On the loaded machine each encode also cost
+15-40% more CPU while both cores were busy (0-40% for two independent processes side by side), so the
+wall ratio there (0.65-1.21x, benchmarks/bench_tokenize.py) says little; measure it on an idle machine.
 """
 
 from __future__ import annotations
