@@ -80,7 +80,7 @@ class TokenizeConfig:
             raise UserError("--chat-template is empty; give a built-in name (chatml) or a Jinja file")
 
     def workers(self) -> int:
-        """Worker processes to use: `num_workers`, or every core this process may run on."""
+        """Processes that tokenize (this one and N-1 workers): `num_workers`, or every usable core."""
         return self.num_workers if self.num_workers is not None else usable_cores()
 
     def to_dict(self) -> dict[str, Any]:

@@ -73,7 +73,11 @@ def tokenize(
     ] = None,
     num_workers: Annotated[
         int | None,
-        typer.Option("--num-workers", help="Worker processes (default: all cores).", show_default=False),
+        typer.Option(
+            "--num-workers",
+            help="Processes that tokenize: this one and N-1 workers (default: all cores).",
+            show_default=False,
+        ),
     ] = None,
     strict: Annotated[
         bool,

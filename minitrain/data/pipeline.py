@@ -1,22 +1,36 @@
 """The `tokenize` stage: records in; tokenized JSONL, rejects and sidecar out (format: `format.py`).
 
-    INPUT.jsonl --(reader: chunks of raw lines)--> workers (sources.to_chat_record, ChatEncoder.encode;
-                                                            pairs: sources.to_pair_record, encode_pair)
+    INPUT.jsonl --(reader: chunks of raw lines)--> encoders (sources.to_chat_record, ChatEncoder.encode;
+                                                             pairs: sources.to_pair_record, encode_pair)
     (Parquet, Arrow, save_to_disk, --dataset: `sources.read_row_chunks`, one JSON line per row)
                 --(results, in input order)--> OUT.jsonl + OUT.rejects.jsonl --> OUT.meta.json
 
-Streaming: the reader keeps at most a few chunks per worker in flight, so memory does not grow with the
-input. Workers do everything per line (UTF-8, JSON, encode, length check, serialising the output line);
-the parent only writes bytes in order. Every non-blank input line ends up written, dropped (longer than
-`max_sample_num_tokens`) or rejected with a reason, so `read == written + dropped + rejected`.
+Streaming: at most a few chunks per encoder are in flight, so memory does not grow with the input. An
+encoder does everything per line (UTF-8, JSON, encode, length check, serialising the output line); every
+non-blank input line ends up written, dropped (longer than `max_sample_num_tokens`) or rejected with a
+reason, so `read == written + dropped + rejected`.
 The file's kind (SFT samples or preference pairs) is decided by its first line that parses as a JSON object,
 read by the parent before the workers start; lines of the other kind are rejected ("mixed kinds").
 Outputs are written atomically (temporary files renamed at the end): an interrupted or failed run
-leaves no partial OUT. The trade-off: one tokenizer per worker process (pickled once for all workers,
-unpickled by each: 0.2 CPU-s for SmolLM2, 0.8 for Qwen3), a forkserver that imports the worker modules
-once, and output bytes pickled between processes: 2 workers spent 10.1 CPU-s where 1 process spent 8.1 on
-9,990 SmolLM2 samples (benchmarks/bench_tokenize.py, which counts the workers' CPU), for 1.6x the wall
-throughput on 2 cores.
+leaves no partial OUT.
+
+Workers: `--num-workers N` is this process and N-1 worker processes (forked from a forkserver, never from
+this possibly threaded process). Each worker has its own task and result pipe (grown to 1 MiB on Linux)
+and QUEUED_PER_WORKER chunks queued; a chunk that finds every queue full is encoded here, between reading
+the input and writing the results in order, so no core waits while this process only shuffles bytes and
+one tokenizer copy is saved. No Pool and no threads: a worker's answer is read when it is the next to
+write, and a busy worker is sent a chunk only while it fits in its pipe's buffer (else this process
+encodes it), so the two sides never wait on each other for good; a worker that dies is an error, not a
+hang.
+The trade-off: N-1 tokenizer copies (pickled once, unpickled by each worker: 0.2 CPU-s for SmolLM2, 0.8
+for Qwen3), a forkserver that imports the worker modules once (0.35 CPU-s, started while this process
+loads the tokenizer), chunks and results pickled through pipes, and up to QUEUED_PER_WORKER chunks per
+worker still to finish when the input ends. Measured on 9,990 SmolLM2 samples (157 chunks; 2 shared
+cores; the split from instrumenting runs): this process spends 0.1 CPU-s on pipes and pickling and the
+worker 0.2-0.25 CPU-s on its start, where the Pool of 2 workers with an idle parent spent 2.0 CPU-s more
+than 1 process; each side encoded about half of the chunks. On the loaded machine each encode also cost
+15-40% more CPU while both cores were busy (0-40% for two independent processes side by side), so the
+wall ratio there (0.65-1.21x, benchmarks/bench_tokenize.py) says little; measure it on an idle machine.
 """
 
 from __future__ import annotations
@@ -32,6 +46,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
@@ -75,7 +90,9 @@ from minitrain.errors import UserError, signal_exit_code
 
 CHUNK_LINES = 64  # lines per task sent to a worker
 CHUNK_BYTES = 1 << 20  # ... or fewer when the lines are long
-IN_FLIGHT_PER_WORKER = 4  # chunks queued per worker: enough to keep workers busy, little memory
+QUEUED_PER_WORKER = 2  # chunks waiting per worker process: it never runs dry while the parent encodes one
+MAX_IN_FLIGHT_PER_WORKER = 4  # chunks sent or done but not yet written, per encoder: bounded memory
+PIPE_BYTES = 1 << 20  # each worker's pipes are grown to this (Linux): neither side waits on the other
 
 
 @dataclass
@@ -265,7 +282,7 @@ def detect_kind(lines: Iterator[tuple[int, bytes]], mapping: FieldMapping | None
     return KIND_SFT
 
 
-# Worker-process state: set once by the pool initializer.
+# Worker-process state: set once by `_init_worker`.
 _WORKER: tuple[ChatEncoder, Policy] | None = None
 
 
@@ -276,14 +293,23 @@ _WORKER_MODULES = ("__main__", __name__, "tokenizers", "jinja2.sandbox", "jinja2
 def _init_worker(state: bytes) -> None:
     """Worker start: the pickled (encoder, policy), pickled once by the parent for all workers."""
     global _WORKER
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and terminates the pool
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the pool's terminate() kills the worker outright
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and terminates the workers
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the parent's terminate() kills the worker outright
     _WORKER = pickle.loads(state)
 
 
-def _encode_chunk(lines: list[tuple[int, bytes]]) -> ChunkResult:
-    assert _WORKER is not None, "worker not initialised"
-    return encode_lines(_WORKER[0], _WORKER[1], lines)
+def _worker_main(state: bytes, tasks: Connection, results: Connection) -> None:
+    """A worker process: pickled chunks in, pickled ChunkResults out, in the order received; stops at EOF."""
+    _init_worker(state)
+    assert _WORKER is not None
+    encoder, policy = _WORKER
+    while True:
+        try:
+            data = tasks.recv_bytes()
+        except EOFError:  # the parent closed the task pipe: no more chunks
+            return
+        result = encode_lines(encoder, policy, pickle.loads(data))
+        results.send_bytes(pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL))
 
 
 def _read_chunks(path: Path) -> Iterator[list[tuple[int, bytes]]]:
@@ -321,33 +347,147 @@ def _worker_context() -> Any:
     return ctx
 
 
+@dataclass
+class _Worker:
+    """The parent's side of one worker process: its two pipes and the chunks it has not answered yet."""
+
+    process: Any
+    tasks: Connection  # parent -> worker: pickled chunks
+    results: Connection  # worker -> parent: pickled ChunkResults, in the order the chunks were sent
+    budget: int  # bytes of chunks that may wait in `tasks` (half its buffer): a send within it never blocks
+    queued: deque[int] = field(default_factory=deque)  # pickled sizes of the unanswered chunks, oldest first
+
+    def can_take(self, size: int) -> bool:
+        """True when a chunk of `size` pickled bytes may be sent now without risk of blocking for long.
+
+        An idle worker takes any chunk (it is reading, so the send completes). A busy one takes it only
+        while its queue is short and the bytes fit in the pipe's buffer: a parent blocked on a full task
+        pipe while the worker is blocked on a full result pipe would be a deadlock.
+        """
+        if not self.queued:
+            return True
+        return len(self.queued) < QUEUED_PER_WORKER and sum(self.queued) + size <= self.budget
+
+
+def _grow_pipe(conn: Connection) -> int:
+    """Grow a pipe's buffer to PIPE_BYTES where the OS allows it (Linux); its size in bytes, 0 if unknown."""
+    try:
+        import fcntl
+
+        fcntl.fcntl(conn.fileno(), fcntl.F_SETPIPE_SZ, PIPE_BYTES)
+        return fcntl.fcntl(conn.fileno(), fcntl.F_GETPIPE_SZ)
+    except (ImportError, AttributeError, OSError):  # not Linux, or over the user's pipe limits
+        return 0
+
+
+def _start_workers(ctx: Any, state: bytes, n: int) -> list[_Worker]:
+    """Start `n` worker processes from the forkserver, each with its own task and result pipe."""
+    workers: list[_Worker] = []
+    try:
+        for _ in range(n):
+            task_r, task_w = ctx.Pipe(duplex=False)
+            result_r, result_w = ctx.Pipe(duplex=False)
+            capacity = _grow_pipe(task_w)
+            _grow_pipe(result_w)  # the worker's send of a result rarely waits for the parent to read it
+            process = ctx.Process(target=_worker_main, args=(state, task_r, result_w), daemon=True)
+            workers.append(_Worker(process, task_w, result_r, capacity // 2))
+            process.start()
+            task_r.close()  # the worker holds these ends now: EOF on `results` means the worker is gone
+            result_w.close()
+    except BaseException:
+        _stop_workers(workers, terminate=True)
+        raise
+    return workers
+
+
+def _stop_workers(workers: list[_Worker], *, terminate: bool) -> None:
+    """Normal end: close the task pipes (each worker exits at EOF) and wait. Otherwise kill them first."""
+    for worker in workers:
+        worker.tasks.close()
+        if terminate and worker.process.pid is not None:
+            worker.process.terminate()  # SIGTERM: the worker's default handler ends it at once
+    for worker in workers:
+        if worker.process.pid is not None:
+            worker.process.join()
+        worker.results.close()
+
+
+def _send(worker: _Worker, data: bytes) -> None:
+    """Queue a pickled chunk on the worker."""
+    try:
+        worker.tasks.send_bytes(data)
+    except BrokenPipeError:
+        raise _worker_gone(worker) from None
+    worker.queued.append(len(data))
+
+
+def _receive(worker: _Worker) -> ChunkResult:
+    """The worker's answer to its oldest unanswered chunk (waits for it)."""
+    try:
+        data = worker.results.recv_bytes()
+    except EOFError:
+        raise _worker_gone(worker) from None
+    worker.queued.popleft()
+    return pickle.loads(data)
+
+
+def _worker_gone(worker: _Worker) -> RuntimeError:
+    """The error for a worker that died (killed by the OS for memory, a native crash): never a hang."""
+    worker.process.join(timeout=5)
+    return RuntimeError(
+        f"tokenize worker process {worker.process.pid} ended without an answer (exit code "
+        f"{worker.process.exitcode}; killed for memory?); run again, with fewer --num-workers "
+        "if memory is short"
+    )
+
+
 def _results_in_order(
     encoder: ChatEncoder, policy: Policy, chunks: Iterator[list[tuple[int, bytes]]], workers: int
 ) -> Iterator[ChunkResult]:
-    """ChunkResults in input order; a bounded number of chunks in flight (streaming, constant memory)."""
+    """ChunkResults in input order from this process and `workers - 1` worker processes.
+
+    The workers' queues are kept QUEUED_PER_WORKER deep; a chunk that finds them all full is encoded
+    here, so this process is one of the `workers` encoders and only needs N-1 tokenizer copies. At most
+    MAX_IN_FLIGHT_PER_WORKER x `workers` chunks are in flight (streaming, constant memory).
+    """
     if workers == 1:
         for chunk in chunks:
             yield encode_lines(encoder, policy, chunk)
         return
     ctx = _worker_context()
     # The tokenizer pickles as its whole JSON (1.5 MB for SmolLM2, 5 MB for Qwen3): serialised once here,
-    # not once per worker by the pool.
+    # not once per worker.
     state = pickle.dumps((encoder, policy), protocol=pickle.HIGHEST_PROTOCOL)
-    pool = ctx.Pool(workers, initializer=_init_worker, initargs=(state,))
+    pool = _start_workers(ctx, state, workers - 1)
+    pending: deque[ChunkResult | _Worker] = deque()  # in input order: a result, or the worker encoding it
+
+    def head_ready() -> bool:
+        head = pending[0]
+        return not isinstance(head, _Worker) or head.results.poll()
+
+    def pop_head() -> ChunkResult:
+        head = pending.popleft()
+        return _receive(head) if isinstance(head, _Worker) else head
+
     try:
-        pending: deque[Any] = deque()
         for chunk in chunks:
-            pending.append(pool.apply_async(_encode_chunk, (chunk,)))
-            if len(pending) >= workers * IN_FLIGHT_PER_WORKER:
-                yield pending.popleft().get()
+            while pending and head_ready():
+                yield pop_head()
+            data = pickle.dumps(chunk, protocol=pickle.HIGHEST_PROTOCOL)
+            worker = min(pool, key=lambda w: len(w.queued))
+            if worker.can_take(len(data)):
+                _send(worker, data)
+                pending.append(worker)
+            else:  # every worker has enough queued: this process encodes the chunk itself
+                pending.append(encode_lines(encoder, policy, chunk))
+            while len(pending) >= MAX_IN_FLIGHT_PER_WORKER * workers:
+                yield pop_head()
         while pending:
-            yield pending.popleft().get()
-        pool.close()  # normal end: workers exit on their own
+            yield pop_head()
     except BaseException:  # error, Ctrl-C, --strict stop, generator closed early: stop the workers now
-        pool.terminate()
+        _stop_workers(pool, terminate=True)
         raise
-    finally:
-        pool.join()
+    _stop_workers(pool, terminate=False)
 
 
 def _progress(console: Any, total: int) -> Any:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import pickle
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 
@@ -147,12 +151,14 @@ def test_sidecar_has_the_documented_keys(tmp_path):
     assert meta["tokens"] == result.tokens and meta["max_sample_num_tokens"] == 200
 
 
-def test_two_workers_write_the_same_bytes_in_input_order(tmp_path, monkeypatch):
+@pytest.mark.parametrize("workers", [2, 3])
+def test_workers_write_the_same_bytes_in_input_order(tmp_path, monkeypatch, workers):
+    """This process and N-1 workers share the chunks; the output is byte for byte the 1-process one."""
     monkeypatch.setattr(pipeline, "CHUNK_LINES", 7)  # many small chunks, so order across workers is exercised
     inp = tmp_path / "all.jsonl"
     inp.write_bytes(b"".join(p.read_bytes() for p in MESSAGES_FILES) + mixed_file(tmp_path).read_bytes())
     one, out1 = run(tmp_path, inp, workers=1, out_name="one.jsonl", max_sample_num_tokens=1000)
-    two, out2 = run(tmp_path, inp, workers=2, out_name="two.jsonl", max_sample_num_tokens=1000)
+    two, out2 = run(tmp_path, inp, workers=workers, out_name="two.jsonl", max_sample_num_tokens=1000)
     assert out1.read_bytes() == out2.read_bytes()
     assert rejects_path(out1).read_bytes() == rejects_path(out2).read_bytes()
     assert (one.read, one.written, one.dropped, one.rejected_by_reason) == (
@@ -174,11 +180,176 @@ def test_strict_with_workers_stops_them(tmp_path):
     assert not (tmp_path / "out.jsonl").exists()
 
 
+@contextmanager
+def _fails_if_it_hangs(seconds: int = 120) -> Iterator[None]:
+    """A deadlock between the parent and a worker fails the test (TimeoutError) instead of hanging it."""
+
+    def hung(signum, frame):
+        raise TimeoutError(f"tokenize hung for {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _count_parent_encodes(monkeypatch) -> list[int]:
+    """Chunks this process encodes itself (the workers, forked from the forkserver, keep the real one)."""
+    real, calls = pipeline.encode_lines, []
+
+    def counting(encoder, policy, lines):
+        calls.append(len(lines))
+        return real(encoder, policy, lines)
+
+    monkeypatch.setattr(pipeline, "encode_lines", counting)
+    return calls
+
+
+def _record_workers(monkeypatch) -> list:
+    """The workers `_results_in_order` starts, for a test to inspect (or kill)."""
+    started: list = []
+    real = pipeline._start_workers
+
+    def recording(ctx, state, n):
+        started.extend(real(ctx, state, n))
+        return started
+
+    monkeypatch.setattr(pipeline, "_start_workers", recording)
+    return started
+
+
+def test_the_parent_encodes_a_share_of_the_chunks(tmp_path, monkeypatch):
+    """--num-workers 2 is this process and one worker: the worker takes the first chunks (its queue), this
+    process the ones that find the queue full; every chunk is encoded once."""
+    monkeypatch.setattr(pipeline, "CHUNK_LINES", 5)
+    inp = tmp_path / "in.jsonl"
+    inp.write_bytes((GOOD + b"\n") * 400)  # 80 chunks
+    parent = _count_parent_encodes(monkeypatch)
+    workers = _record_workers(monkeypatch)
+    result, _ = run(tmp_path, inp, workers=2)
+    assert len(workers) == 1  # N-1 worker processes
+    assert result.written == 400
+    assert 0 < len(parent) < 80  # both encoded some (the worker's start alone takes 0.2 s)
+    assert all(not w.process.is_alive() and w.process.exitcode == 0 for w in workers)  # exited at EOF
+
+
+def test_chunks_and_results_larger_than_the_pipes_pass_in_order(tmp_path, monkeypatch):
+    """A chunk over the task pipe's budget waits for an idle worker and a result over the result pipe's
+    buffer waits for the parent to read it: both get through, in order, with no deadlock."""
+    monkeypatch.setattr(pipeline, "PIPE_BYTES", 1 << 16)  # 64 KiB pipes: a 32 KiB budget per worker
+    monkeypatch.setattr(pipeline, "CHUNK_LINES", 3)
+    big = b'{"messages": [{"role": "user", "content": "%s"}, {"role": "assistant", "content": "ok"}]}'
+    lines = [big % (b"word%d " % i * 4000) for i in range(12)] + [GOOD] * 30  # 12 lines of ~30 KB
+    inp = tmp_path / "in.jsonl"
+    inp.write_bytes(b"\n".join(lines) + b"\n")
+    _, out1 = run(tmp_path, inp, workers=1, out_name="one.jsonl")
+    assert max(len(line) for line in out1.read_bytes().splitlines()) > 1 << 16  # results over the buffer
+    parent = _count_parent_encodes(monkeypatch)
+    with _fails_if_it_hangs():
+        _, out2 = run(tmp_path, inp, workers=2, out_name="two.jsonl")
+    assert out1.read_bytes() == out2.read_bytes()
+    assert len(parent) < 14  # the worker encoded some of the 14 chunks
+
+
+def test_ctrl_c_while_the_parent_encodes_stops_the_workers(tmp_path, monkeypatch):
+    monkeypatch.setattr(pipeline, "CHUNK_LINES", 5)
+    inp = tmp_path / "in.jsonl"
+    inp.write_bytes((GOOD + b"\n") * 400)
+
+    def interrupted(encoder, policy, lines):
+        raise KeyboardInterrupt  # as if Ctrl-C arrived while this process encodes a chunk
+
+    monkeypatch.setattr(pipeline, "encode_lines", interrupted)
+    workers = _record_workers(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, inp, workers=2)
+    assert workers and all(not w.process.is_alive() for w in workers)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]  # no output, no temporary files
+
+
+_TOKENIZE_IN_A_PROCESS = """
+import sys
+from pathlib import Path
+from minitrain.config import TokenizeConfig
+from minitrain.data.pipeline import tokenize_file
+inp, out, tokenizer = sys.argv[1:]
+tokenize_file(TokenizeConfig(input_file=Path(inp), output_file=Path(out), model_name_or_path=tokenizer,
+                             num_workers=2))
+"""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_mid_run_stops_the_workers_and_leaves_no_output(tmp_path, signum):
+    """SIGTERM (a scheduler) or SIGINT (Ctrl-C) while this process and a worker encode: the process ends,
+    the worker and the forkserver with it, and no output or temporary file is left."""
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    inp = tmp_path / "in.jsonl"
+    inp.write_bytes((GOOD + b"\n") * 200_000)  # a minute of work: the signal lands mid-run
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _TOKENIZE_IN_A_PROCESS, str(inp), str(tmp_path / "out.jsonl"), str(SMOLLM2)],
+        env={**os.environ, "PYTHONPATH": str(pipeline.Path(pipeline.__file__).parents[2])},
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while len(list(tmp_path.iterdir())) == 1 and time.monotonic() < deadline:  # OUT's temporary file
+            time.sleep(0.2)
+        time.sleep(1.0)  # this process and the worker encode now
+        # the resource tracker, the forkserver and the worker (a child of the forkserver)
+        descendants = psutil.Process(proc.pid).children(recursive=True)
+        assert len(descendants) == 3 and proc.poll() is None
+        proc.send_signal(signum)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    expected = 128 + signum if signum == signal.SIGTERM else -signal.SIGINT  # KeyboardInterrupt re-raised
+    assert proc.returncode == expected, stderr.decode()[-500:]
+    _, alive = psutil.wait_procs(descendants, timeout=30)
+    assert not alive  # no worker (or forkserver) outlives the run
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
+
+
+def test_a_worker_that_dies_is_an_error_not_a_hang(tmp_path, monkeypatch):
+    """A worker killed (as the OS does when memory runs out) ends the run with a one-line error."""
+    inp = tmp_path / "in.jsonl"
+    inp.write_bytes((GOOD + b"\n") * 400)
+    real = pipeline._start_workers
+
+    def killed(ctx, state, n):
+        workers = real(ctx, state, n)
+        os.kill(workers[0].process.pid, signal.SIGKILL)
+        workers[0].process.join()
+        return workers
+
+    monkeypatch.setattr(pipeline, "_start_workers", killed)
+    says = r"worker process \d+ ended without an answer \(exit code -9"
+    with _fails_if_it_hangs(), pytest.raises(RuntimeError, match=says):
+        run(tmp_path, inp, workers=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
+
+
+def test_a_busy_worker_takes_a_chunk_only_within_its_queue_and_pipe_budget():
+    """The rule that keeps the parent's sends from blocking on a worker that is blocked on its results."""
+    worker = pipeline._Worker(process=None, tasks=None, results=None, budget=1000)
+    assert worker.can_take(10**9)  # idle: it is reading, any size gets through
+    worker.queued.append(600)
+    assert worker.can_take(400) and not worker.can_take(401)  # bytes: within the budget only
+    worker.queued.append(100)
+    assert not worker.can_take(1)  # queue: QUEUED_PER_WORKER chunks at most
+    assert pipeline.QUEUED_PER_WORKER == 2
+
+
 def test_workers_die_on_sigterm_instead_of_inheriting_the_parents_handler():
     """Regression: a forked worker kept tokenize's SIGTERM handler and could hang in the pool's
     terminate()."""
-    import signal
-
     saved = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     try:
         signal.signal(signal.SIGTERM, lambda *_: None)
