@@ -10,8 +10,9 @@ Variants, side by side (samples/s, tokens/s, and per CPU-second):
   floor                  one template render + one batched encode per sample, no mask, nothing written
   minitrain (1 worker)   the real stage, `tokenize_file`, in a fresh process (parse, mask, verify, write);
                          the tokenizer load is timed apart and left out of the row
-  minitrain (N workers)  the same with N worker processes; CPU = the parent's + the workers' (reaped
+  minitrain (N workers)  the same with N encoding processes; CPU = the parent's + the workers' (reaped
                          through the forkserver), with the split per sample shown; --repeats: median
+  ceiling (printed)      N independent 1-worker runs at once: the most N workers can gain on this machine
   naive                  per sample `apply_chat_template(tokenize=True)` + per-turn prefix renders to find
                          each assistant turn (the approach peers use; it assumes prefix renders are prefixes)
   CLI (end to end)       `python -m minitrain tokenize` as a user runs it: start-up, imports, load, run
@@ -125,6 +126,32 @@ def bench_minitrain(inp: Path, out: Path, workers: int, tokenizer: Path = SMOLLM
     median = dict(runs[len(runs) // 2])
     median["repeats_seconds"] = [run["seconds"] for run in runs]
     return median
+
+
+def bench_ceiling(inp: Path, tmp: Path, workers: int, tokenizer: Path, repeats: int = 1) -> list[float]:
+    """`workers` independent 1-worker runs started together (no pipes, nothing shared): the streaming
+    seconds of the slowest, per repeat. What N encoders at once cost on this machine, whatever the code:
+    N x (1 worker alone) / this is the most N workers could gain here (shared caches, SMT siblings,
+    neighbours of a virtual machine)."""
+    slowest = []
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    for _ in range(repeats):
+        procs = [
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    __file__,
+                    "--child",
+                    orjson.dumps([str(inp), str(tmp / f"ceiling{i}.jsonl"), 1, str(tokenizer)]).decode(),
+                ],
+                stdout=subprocess.PIPE,
+                env=env,
+            )
+            for i in range(workers)
+        ]
+        runs = [orjson.loads(proc.communicate()[0].splitlines()[-1]) for proc in procs]
+        slowest.append(max(run["seconds"] for run in runs))
+    return sorted(slowest)
 
 
 # `python -m minitrain ARGS`, then the forkserver stopped and waited for, so that its CPU and its
@@ -323,6 +350,7 @@ def main() -> None:
                 lines[:: max(1, len(lines) // args.naive_samples)], tokenizer
             ),
         }
+        ceiling = bench_ceiling(inp, Path(tmp), args.workers, tokenizer, args.repeats)
         rows[CLI] = bench_cli(inp, Path(tmp) / "cli.jsonl", args.workers, tokenizer)
         mini = bench_mini_trainer(
             inp, Path(tmp) / "mini_trainer.jsonl", tokenizer, args.mini_trainer_path, args.workers
@@ -383,6 +411,12 @@ def main() -> None:
         f"(streaming seconds, 1 worker {rows[one]['repeats_seconds']}, "
         f"{args.workers} workers {rows[many]['repeats_seconds']})"
     )
+    alone, together = rows[one]["seconds"], ceiling[len(ceiling) // 2]
+    print(
+        f"this machine's ceiling for {args.workers} workers: {args.workers} independent 1-worker runs at "
+        f"once took {together:.2f} s (median of {args.repeats}: {[round(x, 2) for x in ceiling]}) where one "
+        f"alone took {alone:.2f} s, so at most {args.workers * alone / together:.2f}x for any code"
+    )
     if MINI_TRAINER in rows:
         mini, cli = rows[MINI_TRAINER], rows[CLI]
         print(
@@ -397,7 +431,12 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_bytes(
         orjson.dumps(
-            {"samples": args.samples, "load_average": os.getloadavg(), "rows": rows},
+            {
+                "samples": args.samples,
+                "load_average": os.getloadavg(),
+                "rows": rows,
+                "ceiling": {"workers": args.workers, "slowest_seconds": ceiling},
+            },
             option=orjson.OPT_INDENT_2,
         )
     )
