@@ -5,8 +5,8 @@ quantizes and runs NF4 there, in fp32 compute) so that loading, sharding around 
 evaluation, export and resume are all exercised here. Three real runs on a saved tiny Llama:
 
     two      `--nproc 2 --lora-rank 8 --load-in-4bit --eval-data-path ... --eval-every-samples 32`
-    no_eval  the same without evaluation (evaluating must not change training)
-    resumed  the same on 1 process: half the steps, then `--resume`
+    resumed  the same on 1 process without evaluation: half the steps, then `--resume` (equal to `two`:
+             neither the ranks, nor the interruption, nor evaluating change training)
     stacked  a second adapter (`--lora-rank 4 --base-adapter <two's adapter>`) on the same 4-bit base, 1 rank
 
 References: stock transformers + PEFT loading the base in NF4 and the saved adapter, each eval sample run
@@ -46,8 +46,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     with pytest.MonkeyPatch.context() as env:
         env.setenv(CPU_QLORA_ENV, "1")  # inherited by the CLI and its ranks
         _run([*common, *evaluated, "--output-dir", str(root / "two"), "--nproc", "2"], root)
-        _run([*common, "--output-dir", str(root / "no_eval"), "--nproc", "2"], root)
-        half = [*common, *evaluated, "--output-dir", str(root / "resumed"), "--nproc", "1"]
+        half = [*common, "--output-dir", str(root / "resumed"), "--nproc", "1"]  # no eval: see below
         _run([*half, "--max-steps", str(STEPS // 2)], root)
         _run([*half, "--resume"], root)
         first = _final_checkpoint(root / "two")
@@ -56,7 +55,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
              "--lora-target-modules", "q_proj,v_proj", "--base-adapter", str(first)],
             root,
         )  # fmt: skip
-    names = ("two", "no_eval", "resumed", "stacked")
+    names = ("two", "resumed", "stacked")
     return {"root": root, "eval": evaluation} | {name: root / name for name in names}
 
 
@@ -84,18 +83,18 @@ def test_qlora_loss_falls_on_two_ranks(runs):
     assert losses[-1] < 0.9 * losses[0], losses
 
 
-def test_evaluating_does_not_change_training(runs):
-    # bitsandbytes' CPU repacking during eval used to drop the gradient through the base afterwards:
-    # grad norms diverged from the step after the first eval. Both runs must be the same run.
-    assert _losses(runs["two"]) == pytest.approx(_losses(runs["no_eval"]), rel=1e-6)
-    assert _grad_norms(runs["two"]) == pytest.approx(_grad_norms(runs["no_eval"]), rel=1e-5)
-
-
-def test_one_rank_resumed_equals_two_ranks(runs):
+def test_one_rank_resumed_without_eval_equals_two_ranks_with_eval(runs):
+    """One comparison for three claims: the rank count, an interruption and evaluating change nothing.
+    bitsandbytes' CPU repacking during eval used to drop the gradient through the base afterwards: grad
+    norms diverged from the step after the first eval (step 4 here), far beyond these tolerances."""
     reference, resumed = _losses(runs["two"]), _losses(runs["resumed"])
     assert sorted(resumed) == list(range(1, STEPS + 1))
+    assert any("eval_loss" in r for r in _metrics(runs["two"]))
+    assert not any("eval_loss" in r for r in _metrics(runs["resumed"]))
+    norms, resumed_norms = _grad_norms(runs["two"]), _grad_norms(runs["resumed"])
     for step in range(1, STEPS + 1):
         assert resumed[step] == pytest.approx(reference[step], rel=1e-5), step
+        assert resumed_norms[step] == pytest.approx(norms[step], rel=1e-4), step
 
 
 def test_saved_adapter_on_a_stock_nf4_base_reproduces_the_eval_loss(runs):
