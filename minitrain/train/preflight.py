@@ -418,6 +418,8 @@ def in_launched_env(env: Mapping[str, str] | None = None) -> bool:
 
 def is_rank0() -> bool:
     """True in the parent, and on rank 0 when this process is one rank of an outer launch."""
+    if not in_launched_env():
+        return True  # the parent: `check_inputs` calls this, and it must not import torch (dist does)
     from minitrain.train.dist import ranks_from_env
 
-    return not in_launched_env() or ranks_from_env(os.environ)[0] == 0
+    return ranks_from_env(os.environ)[0] == 0
