@@ -282,27 +282,20 @@ def detect_kind(lines: Iterator[tuple[int, bytes]], mapping: FieldMapping | None
     return KIND_SFT
 
 
-# Worker-process state: set once by `_init_worker`.
-_WORKER: tuple[ChatEncoder, Policy] | None = None
-
-
 # Imported once by the forkserver, so each worker forked from it starts with them (not once per worker).
 _WORKER_MODULES = ("__main__", __name__, "tokenizers", "jinja2.sandbox", "jinja2.ext")
 
 
-def _init_worker(state: bytes) -> None:
-    """Worker start: the pickled (encoder, policy), pickled once by the parent for all workers."""
-    global _WORKER
+def _init_worker(state: bytes) -> tuple[ChatEncoder, Policy]:
+    """Worker start: its signal handling, and the (encoder, policy) pickled once by the parent for all."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and terminates the workers
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the parent's terminate() kills the worker outright
-    _WORKER = pickle.loads(state)
+    return pickle.loads(state)
 
 
 def _worker_main(state: bytes, tasks: Connection, results: Connection) -> None:
     """A worker process: pickled chunks in, pickled ChunkResults out, in the order received; stops at EOF."""
-    _init_worker(state)
-    assert _WORKER is not None
-    encoder, policy = _WORKER
+    encoder, policy = _init_worker(state)
     while True:
         try:
             data = tasks.recv_bytes()

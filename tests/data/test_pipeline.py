@@ -353,14 +353,12 @@ def test_workers_die_on_sigterm_instead_of_inheriting_the_parents_handler():
     saved = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     try:
         signal.signal(signal.SIGTERM, lambda *_: None)
-        pipeline._init_worker(pickle.dumps(("encoder", "policy")))
-        assert pipeline._WORKER == ("encoder", "policy")
+        assert pipeline._init_worker(pickle.dumps(("encoder", "policy"))) == ("encoder", "policy")
         assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
         assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
     finally:
         signal.signal(signal.SIGINT, saved[0])
         signal.signal(signal.SIGTERM, saved[1])
-        pipeline._WORKER = None
 
 
 def test_fixture_data_reject_counts(tmp_path):
