@@ -424,10 +424,11 @@ def _receive(worker: _Worker) -> ChunkResult:
     return pickle.loads(data)
 
 
-def _worker_gone(worker: _Worker) -> RuntimeError:
-    """The error for a worker that died (killed by the OS for memory, a native crash): never a hang."""
+def _worker_gone(worker: _Worker) -> UserError:
+    """The error for a worker that died (killed by the OS for memory, a native crash): never a hang, and
+    one line with the fix, not a traceback."""
     worker.process.join(timeout=5)
-    return RuntimeError(
+    return UserError(
         f"tokenize worker process {worker.process.pid} ended without an answer (exit code "
         f"{worker.process.exitcode}; killed for memory?); run again, with fewer --num-workers "
         "if memory is short"

@@ -331,7 +331,7 @@ def test_a_worker_that_dies_is_an_error_not_a_hang(tmp_path, monkeypatch):
 
     monkeypatch.setattr(pipeline, "_start_workers", killed)
     says = r"worker process \d+ ended without an answer \(exit code -9"
-    with _fails_if_it_hangs(), pytest.raises(RuntimeError, match=says):
+    with _fails_if_it_hangs(), pytest.raises(UserError, match=says):
         run(tmp_path, inp, workers=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
 
