@@ -33,17 +33,26 @@ def _minitrain(*args: str | Path, cwd: Path) -> subprocess.CompletedProcess:
     return done
 
 
+def _fixture_run_files(tmp_path: Path, fixture: str, name: str) -> Path:
+    """The first 24 lines of a fixture data file as tmp_path/name, and a tiny Llama with SmolLM2's vocabulary
+    and tokenizer files in tmp_path/model (returned)."""
+    from transformers import AutoTokenizer
+
+    rows = (DATA / fixture).read_bytes().splitlines(keepends=True)[:24]
+    (tmp_path / name).write_bytes(b"".join(rows))
+    model = tmp_path / "model"
+    tiny_llama_config(vocab_size=len(AutoTokenizer.from_pretrained(SMOLLM2))).save_pretrained(model)
+    for file in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(SMOLLM2 / file, model / file)
+    return model
+
+
 def test_tokenize_train_plot(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from tests.train.test_metrics import MINI_TRAINER_KEYS
 
-    rows = (DATA / "alpaca_en_demo.messages.jsonl").read_bytes().splitlines(keepends=True)[:24]
-    (tmp_path / "chat.jsonl").write_bytes(b"".join(rows))
-    model = tmp_path / "model"
-    tiny_llama_config(vocab_size=len(AutoTokenizer.from_pretrained(SMOLLM2))).save_pretrained(model)
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        shutil.copy(SMOLLM2 / name, model / name)
+    model = _fixture_run_files(tmp_path, "alpaca_en_demo.messages.jsonl", "chat.jsonl")
 
     _minitrain(
         "tokenize",
@@ -94,16 +103,9 @@ def test_tokenize_fixture_pairs_and_train_dpo_with_truncate(tmp_path):
     cuts about half of them: the run trains, starts at ln 2, and says and records what was cut."""
     import math
 
-    from transformers import AutoTokenizer
-
     from minitrain.data.store import TokenStore, truncate
 
-    rows = (DATA / "dpo_en_demo.preference.jsonl").read_bytes().splitlines(keepends=True)[:24]
-    (tmp_path / "prefs.jsonl").write_bytes(b"".join(rows))
-    model = tmp_path / "model"
-    tiny_llama_config(vocab_size=len(AutoTokenizer.from_pretrained(SMOLLM2))).save_pretrained(model)
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        shutil.copy(SMOLLM2 / name, model / name)
+    model = _fixture_run_files(tmp_path, "dpo_en_demo.preference.jsonl", "prefs.jsonl")
     _minitrain("tokenize", "prefs.jsonl", "-o", "pairs.jsonl", "--model-name-or-path", model,
                "--num-workers", "1", cwd=tmp_path)  # fmt: skip
     meta = orjson.loads((tmp_path / "pairs.meta.json").read_bytes())
