@@ -30,8 +30,8 @@ from pathlib import Path
 import orjson
 import pytest
 
-from tests.conftest import in_process_if_one_rank, tiny_llama_config
-from tests.train.test_loop import write_tokenized
+from tests.conftest import in_process_if_one_rank
+from tests.train.test_loop import write_run_files
 
 pytestmark = pytest.mark.slow
 
@@ -90,10 +90,7 @@ def _latest(run: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("resume")
-    write_tokenized(root / "data.jsonl", num=NUM_SAMPLES, vocab=VOCAB, seed=3)
-    tiny_llama_config(vocab_size=VOCAB).save_pretrained(root / "model")
-    return root
+    return write_run_files(tmp_path_factory.mktemp("resume"), num=NUM_SAMPLES, vocab=VOCAB, seed=3)
 
 
 @pytest.fixture(scope="module")

@@ -17,8 +17,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from tests.conftest import tiny_llama_config
-from tests.train.test_loop import write_tokenized
+from tests.train.test_loop import write_run_files
 
 pytestmark = pytest.mark.slow
 
@@ -46,10 +45,7 @@ def _train(root: Path, out: Path, nproc: int) -> dict:
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("evalruns")
-    write_tokenized(root / "data.jsonl", num=NUM, vocab=VOCAB, seed=4)
-    tiny_llama_config(vocab_size=VOCAB).save_pretrained(root / "model")
-    return root
+    return write_run_files(tmp_path_factory.mktemp("evalruns"), num=NUM, vocab=VOCAB, seed=4)
 
 
 @pytest.fixture(scope="module")

@@ -58,6 +58,13 @@ def _args(data: Path, model: Path, out: Path, budget: int) -> list[str]:
     ]  # fmt: skip
 
 
+def write_run_files(root: Path, *, num: int, vocab: int, seed: int) -> Path:
+    """root/data.jsonl (`write_tokenized`) and root/model (a tiny Llama config) for runs from scratch."""
+    write_tokenized(root / "data.jsonl", num=num, vocab=vocab, seed=seed)
+    tiny_llama_config(vocab_size=vocab).save_pretrained(root / "model")
+    return root
+
+
 def _run(cmd: list[str], cwd: Path, timeout: float = 300) -> None:
     """Run `cmd` outside any launcher; a `--nproc 1` run trains in the CLI's own process (no torchrun)."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
