@@ -118,7 +118,7 @@ def test_the_factors_are_the_trainers_exactly(name: str):
         )
 
 
-def test_a_plain_run_does_not_import_peft_or_bitsandbytes():
+def test_building_a_schedule_imports_neither_peft_nor_bitsandbytes():
     """The schedule is built without transformers.optimization (it imports PEFT and bitsandbytes: 2.7 CPU-s
     per rank); a subprocess, since this test process may have imported them already."""
     import subprocess
