@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Mapping, Sequence
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -82,6 +86,86 @@ def in_process_if_one_rank(args: Sequence[str | Path], env: Mapping[str, str]) -
         port = s.getsockname()[1]
     rank = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"}
     return {**env, **rank, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+
+
+def run_minitrain(
+    args: Sequence[str | Path], *, cwd: str | Path | None = None, env: Mapping[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """`python -m minitrain ARGS` with `minitrain` itself running in this test process: its exit code,
+    stdout and stderr, as `subprocess.run(..., capture_output=True, text=True)` returns them.
+
+    For tests of what a run computes, not of how a process starts or stops. The CLI (and with `--nproc 1`
+    the one rank, see `in_process_if_one_rank`) runs where torch and transformers are imported already:
+    a 1-rank run costs 1-3 CPU-s instead of 8, a 2-rank run's parent nothing instead of 3-5 (its torchrun
+    and ranks are real processes as before). What a run changes in the process is put back: environment
+    (`env` replaces it for the call), working folder, torch's thread count (OMP_NUM_THREADS, as a fresh
+    process reads it) and random state, sys.argv. Both streams go to files through fds 1 and 2, so what
+    the ranks print is captured with the CLI's own lines, in order.
+    Not for a run a test signals or kills, nor one that must not import torch: use a subprocess there.
+    While a test holds a process group of its own here, the run is a subprocess (a run in this process
+    would join that group and destroy it at its end).
+    """
+    import torch
+    import torch.distributed as dist
+
+    from minitrain.cli import main
+
+    words = [str(a) for a in args]
+    env = in_process_if_one_rank(words, os.environ if env is None else env)
+    if dist.is_available() and dist.is_initialized():
+        return subprocess.run(
+            [sys.executable, "-m", "minitrain", *words], cwd=cwd, env=env, capture_output=True, text=True
+        )
+    saved_env, saved_cwd, saved_argv = dict(os.environ), os.getcwd(), sys.argv
+    saved_threads, saved_rng = torch.get_num_threads(), torch.get_rng_state()
+    try:
+        os.environ.clear()
+        os.environ.update(env)
+        os.chdir(cwd or saved_cwd)
+        torch.set_num_threads(int(env.get("OMP_NUM_THREADS") or os.cpu_count() or 1))
+        sys.argv = ["minitrain", *words]
+        with _captured_streams() as captured:
+            try:
+                main()
+                code = 0
+            except SystemExit as stop:
+                code = stop.code if isinstance(stop.code, int) else int(stop.code is not None)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved_env)
+        os.chdir(saved_cwd)
+        sys.argv = saved_argv
+        torch.set_num_threads(saved_threads)
+        torch.set_rng_state(saved_rng)
+    return subprocess.CompletedProcess(["minitrain", *words], code, *captured)
+
+
+@contextmanager
+def _captured_streams() -> Iterator[list[str]]:
+    """fds 1 and 2 (and sys.stdout, sys.stderr over them) into two files while inside; the list yielded
+    holds their texts (stdout, stderr) once outside."""
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = Path(tmp) / "stdout", Path(tmp) / "stderr"
+        captured: list[str] = []
+        streams = sys.stdout, sys.stderr
+        for stream in streams:
+            stream.flush()
+        saved = os.dup(1), os.dup(2)
+        try:
+            with paths[0].open("wb") as out, paths[1].open("wb") as err:
+                os.dup2(out.fileno(), 1)
+                os.dup2(err.fileno(), 2)
+                with (
+                    open(1, "w", encoding="utf-8", buffering=1, closefd=False) as sys.stdout,
+                    open(2, "w", encoding="utf-8", buffering=1, closefd=False) as sys.stderr,
+                ):
+                    yield captured
+        finally:
+            sys.stdout, sys.stderr = streams
+            for fd, kept in zip((1, 2), saved, strict=True):
+                os.dup2(kept, fd)
+                os.close(kept)
+            captured[:] = [path.read_bytes().decode("utf-8", "replace") for path in paths]
 
 
 def tiny_llama_config(vocab_size: int = 512, **overrides):

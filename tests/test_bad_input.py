@@ -31,7 +31,7 @@ from typer.testing import CliRunner
 
 from minitrain.cli import app
 from minitrain.errors import UserError
-from tests.conftest import SMOLLM2, in_process_if_one_rank, tiny_llama_config, tiny_softcapped_config
+from tests.conftest import SMOLLM2, run_minitrain, tiny_llama_config, tiny_softcapped_config
 from tests.data.test_tokenizer import remote_code_tokenizer
 from tests.train.test_loop import write_tokenized
 from tests.train.test_model import remote_code_model
@@ -549,7 +549,9 @@ def cpu_run_with_degraded_flags(ws: Path) -> tuple[subprocess.CompletedProcess, 
     args = ["train", *_train("--from-scratch", "--use-liger-kernels", "--max-steps", "1", "--batch-size", "4",
             "--max-tokens-per-gpu", "24", "--num-warmup-steps", "5", out=str(out))]  # fmt: skip
     filled = _fill(args, ws)
-    done = _minitrain(filled, **in_process_if_one_rank(filled, {}))  # --nproc 1: in the CLI's process
+    outer = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "TORCHELASTIC_RUN_ID", "MINITRAIN_DEBUG")
+    environ = {k: v for k, v in os.environ.items() if k not in outer} | {"OMP_NUM_THREADS": "1"}
+    done = run_minitrain(filled, env=environ)  # --nproc 1: trains in this process
     return done, out
 
 

@@ -30,7 +30,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from tests.conftest import in_process_if_one_rank
+from tests.conftest import run_minitrain
 from tests.train.test_loop import write_run_files
 
 pytestmark = pytest.mark.slow
@@ -47,12 +47,9 @@ RESUME_LR = 5e-3  # the run resumed after SIGTERM lowers --learning-rate: the ne
 
 
 def _cli(args: list[str], cwd: Path, *, ok: bool = True) -> subprocess.CompletedProcess:
-    """`python -m minitrain ARGS` outside any launcher (`--nproc 1`: in the CLI's own process, no torchrun);
-    with `ok`, assert it exited 0."""
-    done = subprocess.run(
-        [sys.executable, "-m", "minitrain", *args], cwd=cwd, env=in_process_if_one_rank(args, _env()),
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    """`python -m minitrain ARGS` outside any launcher, run in this process (`run_minitrain`; `--nproc 1`
+    trains here, no torchrun); with `ok`, assert it exited 0."""
+    done = run_minitrain(args, cwd=cwd, env=_env())
     if ok:
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done

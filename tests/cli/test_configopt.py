@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import subprocess
-import sys
 
 import orjson
 import pytest
@@ -20,7 +17,7 @@ from minitrain.config import TrainConfig
 from minitrain.configfile import TRAINING_PARAMS_EXTRAS
 from minitrain.errors import UserError
 from minitrain.rundir import read_metrics
-from tests.conftest import DATA, SMOLLM2, in_process_if_one_rank, needs_fixtures, tiny_llama_config
+from tests.conftest import DATA, SMOLLM2, needs_fixtures, run_minitrain, tiny_llama_config
 from tests.train.test_loop import write_tokenized
 
 
@@ -83,10 +80,7 @@ def test_a_bad_key_in_the_file_is_one_line_before_anything_runs(launched, tmp_pa
 
 def _train(*args: str) -> None:
     """`minitrain train ARGS`; with --nproc 1 in its own process, no torchrun (not the point here)."""
-    env = in_process_if_one_rank(args, os.environ)
-    done = subprocess.run(
-        [sys.executable, "-m", "minitrain", "train", *args], capture_output=True, text=True, env=env
-    )
+    done = run_minitrain(["train", *args])
     assert done.returncode == 0, done.stderr
 
 

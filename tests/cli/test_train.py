@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from minitrain.cli import app
-from tests.conftest import in_process_if_one_rank, tiny_llama_config
+from tests.conftest import run_minitrain, tiny_llama_config
 from tests.train.test_loop import write_tokenized
 
 FLAGS = {
@@ -310,10 +309,7 @@ def test_qlora_without_a_gpu_is_refused_before_spawning(tmp_path):
 
 def _run(*args: str) -> list[dict]:
     """The step lines of `minitrain train ARGS`, run in its own process (--nproc 1: no torchrun needed)."""
-    env = in_process_if_one_rank(args, os.environ)
-    done = subprocess.run(
-        [sys.executable, "-m", "minitrain", "train", *args], capture_output=True, text=True, env=env
-    )
+    done = run_minitrain(["train", *args])
     assert done.returncode == 0, done.stderr
     from minitrain.rundir import read_metrics
 

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from tests.conftest import tiny_llama_config
+from tests.conftest import run_minitrain, tiny_llama_config
 from tests.train.test_loop import _run, write_tokenized
 
 pytestmark = pytest.mark.slow
@@ -186,7 +186,6 @@ def test_the_training_state_holds_the_adapter_not_the_frozen_base(runs):
 
 
 def test_a_base_adapter_that_does_not_fit_stops_both_ranks_with_one_line_each(runs, tmp_path):
-    import subprocess
 
     from safetensors.torch import save_file
 
@@ -198,10 +197,10 @@ def test_a_base_adapter_that_does_not_fit_stops_both_ranks_with_one_line_each(ru
     save_file({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(3, 3)},
               str(bad / "adapter_model.safetensors"))  # fmt: skip
     command, _ = adapter_run_command(tmp_path)
-    done = subprocess.run(
-        [*command, "--output-dir", str(tmp_path / "out"), "--nproc", "2", "--lora-rank", "4",
+    done = run_minitrain(
+        [*command[3:], "--output-dir", str(tmp_path / "out"), "--nproc", "2", "--lora-rank", "4",
          "--base-adapter", str(bad)],
-        capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"),
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
     )  # fmt: skip
     assert done.returncode == 1, done.stderr[-2000:]
     assert "Traceback" not in done.stderr, done.stderr[-3000:]

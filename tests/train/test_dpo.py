@@ -50,7 +50,7 @@ from minitrain.train.dpo import (
 )
 from minitrain.train.evaluate import evaluate_pairs, plan_pair_eval
 from minitrain.train.model import CausalLMWithLoss
-from tests.conftest import in_process_if_one_rank, tiny_llama_config
+from tests.conftest import run_minitrain, tiny_llama_config
 from tests.train.test_adapters import randomize_new_adapter
 from tests.train.test_model import CPU1, build_lm, grads
 
@@ -322,8 +322,8 @@ def _run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1")
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "TORCHELASTIC_RUN_ID"):
         env.pop(var, None)
-    env = in_process_if_one_rank(cmd, env)  # a --nproc 1 run trains in the CLI's process, without torchrun
-    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert cmd[:3] == [sys.executable, "-m", "minitrain"], cmd
+    done = run_minitrain(cmd[3:], cwd=cwd, env=env)  # in this process; --nproc 1 trains here, no torchrun
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done
 

@@ -10,13 +10,12 @@ transformers, each held-out sample run alone, the mean token cross-entropy over 
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import orjson
 import pytest
 
+from tests.conftest import run_minitrain
 from tests.train.test_loop import write_run_files
 
 pytestmark = pytest.mark.slow
@@ -29,14 +28,14 @@ def _train(root: Path, out: Path, nproc: int) -> dict:
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "TORCHELASTIC_RUN_ID"):
         env.pop(var, None)
     data = root / "data.jsonl"
-    done = subprocess.run(
-        [sys.executable, "-m", "minitrain", "train", "--data-path", str(data), "--model-name-or-path",
+    done = run_minitrain(
+        ["train", "--data-path", str(data), "--model-name-or-path",
          str(root / "model"), "--output-dir", str(out), "--nproc", str(nproc), "--from-scratch", "--seed",
          str(SEED), "--batch-size", str(BATCH), "--max-tokens-per-gpu", "4096", "--learning-rate", "1e-2",
          "--num-warmup-steps", "0", "--max-steps", str(STEPS), "--validation-split", str(SPLIT),
          "--eval-every-samples", "8", "--save-best-val-loss", "--checkpoint-at-epoch",
          "--save-final-checkpoint"],
-        cwd=root, env=env, capture_output=True, text=True, timeout=300,
+        cwd=root, env=env,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     rows = [orjson.loads(line) for line in (out / "training_metrics_0.jsonl").read_bytes().splitlines()]

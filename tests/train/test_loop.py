@@ -22,7 +22,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from tests.conftest import in_process_if_one_rank, tiny_llama_config
+from tests.conftest import run_minitrain, tiny_llama_config
 
 pytestmark = pytest.mark.slow
 
@@ -66,12 +66,15 @@ def write_run_files(root: Path, *, num: int, vocab: int, seed: int) -> Path:
 
 
 def _run(cmd: list[str], cwd: Path, timeout: float = 300) -> None:
-    """Run `cmd` outside any launcher; a `--nproc 1` run trains in the CLI's own process (no torchrun)."""
+    """Run `cmd` outside any launcher. `python -m minitrain ...` runs in this process (`run_minitrain`: a
+    `--nproc 1` run trains here, no torchrun); anything else (torchrun itself) in a subprocess."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "TORCHELASTIC_RUN_ID"):
         env.pop(var, None)
-    env = in_process_if_one_rank(cmd, env)
-    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    if cmd[:3] == [sys.executable, "-m", "minitrain"]:
+        done = run_minitrain(cmd[3:], cwd=cwd, env=env)
+    else:
+        done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
 

@@ -10,8 +10,6 @@ from __future__ import annotations
 import json
 import os
 import struct
-import subprocess
-import sys
 from pathlib import Path
 
 import orjson
@@ -21,7 +19,7 @@ from minitrain.errors import UserError
 from minitrain.rundir import read_metrics
 from minitrain.train.metrics import MetricsWriter
 from minitrain.train.trackers import Trackers, check_trackers, flatten, scalars
-from tests.conftest import REPO, tiny_llama_config
+from tests.conftest import REPO, run_minitrain, tiny_llama_config
 from tests.train.test_loop import write_tokenized
 
 RECORDS = [
@@ -176,10 +174,7 @@ def test_a_real_run_reports_the_jsonl_curve_to_every_tracker(tmp_path):
     args = ["--data-path", data, "--model-name-or-path", model, "--output-dir", out, "--nproc", "2"]
     args += ["--from-scratch", "--max-steps", "3", "--batch-size", "8", "--learning-rate", "1e-2"]
     args += ["--report-to", "tensorboard", "--report-to", "wandb", "--report-to", "mlflow"]
-    done = subprocess.run(
-        [sys.executable, "-m", "minitrain", "train", *map(str, args)], env=env, capture_output=True,
-        text=True, timeout=300,
-    )  # fmt: skip
+    done = run_minitrain(["train", *args], env=env)  # the parent here; its 2 ranks report
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     jsonl = [(r["step"], r["loss"]) for r in read_metrics(out / "training_metrics_0.jsonl") if "loss" in r]
     assert len(jsonl) == 3
