@@ -12,7 +12,8 @@ Variants, side by side (samples/s, tokens/s, and per CPU-second):
   minitrain (1 worker)   the real stage, `tokenize_file`, in a fresh process (parse, mask, verify, write);
                          the tokenizer load is timed apart and left out of the row
   minitrain (N workers)  the same with N encoding processes; CPU = the parent's + the workers' (reaped
-                         through the forkserver), with the split per sample shown; --repeats: median
+                         from the process or through a forkserver), with the split per sample shown;
+                         --repeats: median
   ceiling (printed)      N independent 1-worker runs at once: the most N workers can gain on this machine
   naive                  per sample `apply_chat_template(tokenize=True)` + per-turn prefix renders to find
                          each assistant turn (the approach peers use; it assumes prefix renders are prefixes)
@@ -65,11 +66,17 @@ def _cpu(who: int) -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+# `minitrain tokenize` sets OPENBLAS_NUM_THREADS=1 (numpy's BLAS pool is a thread; with none, the workers
+# fork from the process): the runs of `tokenize_file` here are started as the command starts itself.
+_CHILD_ENV = {**os.environ, "PYTHONPATH": str(REPO), "OPENBLAS_NUM_THREADS": "1"}
+
+
 def run_minitrain(inp: Path, out: Path, workers: int, tokenizer: Path) -> dict:
     """`tokenize_file` in this (fresh) process; the tokenizer load timed apart from the steady run.
 
-    CPU: this process (the parent) and its workers. Workers are children of multiprocessing's forkserver,
-    which reaps them; stopping the forkserver after the run (waited for) brings their CPU, with its own,
+    CPU: this process (the parent) and its workers. Forked from this process, the workers are reaped by it
+    (their CPU is in RUSAGE_CHILDREN); from a forkserver (when this process has threads), the server reaps
+    them, and stopping it after the run (waited for) brings their CPU, with its own,
     into this process's RUSAGE_CHILDREN. The run loads the tokenizer itself; that load is measured on its
     own (a second load, imports and file caches warm) and taken out of the parent's CPU.
     """
@@ -120,7 +127,7 @@ def bench_minitrain(inp: Path, out: Path, workers: int, tokenizer: Path = SMOLLM
             [sys.executable, __file__, "--child", job],
             capture_output=True,
             check=True,
-            env={**os.environ, "PYTHONPATH": str(REPO)},
+            env=_CHILD_ENV,
         )
         runs.append(orjson.loads(proc.stdout.splitlines()[-1]))
     runs.sort(key=lambda run: run["seconds"])
@@ -136,7 +143,7 @@ def bench_ceiling(inp: Path, tmp: Path, workers: int, tokenizer: Path, repeats: 
     N x (1 worker alone) / this is the most N workers could gain here (shared caches, SMT siblings,
     neighbours of a virtual machine)."""
     slowest = []
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = _CHILD_ENV
     for _ in range(repeats):
         procs = [
             subprocess.Popen(

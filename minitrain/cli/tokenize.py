@@ -8,6 +8,7 @@ The heavy imports (transformers, tokenizers, pyarrow, datasets) happen inside th
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -195,6 +196,9 @@ def tokenize(
     if model_name_or_path is None:
         raise UserError("no tokenizer: pass --model-name-or-path with a tokenizer or model folder")
 
+    # numpy's OpenBLAS (imported with transformers) starts a thread per extra core when imported; tokenize
+    # does no linear algebra, and a process with one thread forks its workers (`pipeline._worker_context`)
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     from rich.console import Console
 
     from minitrain.config import TokenizeConfig

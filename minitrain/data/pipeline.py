@@ -14,23 +14,24 @@ read by the parent before the workers start; lines of the other kind are rejecte
 Outputs are written atomically (temporary files renamed at the end): an interrupted or failed run
 leaves no partial OUT.
 
-Workers: `--num-workers N` is this process and N-1 worker processes (forked from a forkserver, never from
-this possibly threaded process). Each worker has its own task and result pipe (grown to 1 MiB on Linux)
-and QUEUED_PER_WORKER chunks queued; a chunk that finds every queue full is encoded here, between reading
-the input and writing the results in order, so no core waits while this process only shuffles bytes and
-one tokenizer copy is saved. No Pool and no threads: a worker's answer is read when it is the next to
-write, and a busy worker is sent a chunk only while it fits in its pipe's buffer (else this process
-encodes it), so the two sides never wait on each other for good; a worker that dies is an error, not a
-hang.
-The trade-off: N-1 tokenizer copies (pickled once, unpickled by each worker: 0.2 CPU-s for SmolLM2, 0.8
-for Qwen3), a forkserver that imports the worker modules once (0.35 CPU-s, started while this process
-loads the tokenizer), chunks and results pickled through pipes, and up to QUEUED_PER_WORKER chunks per
-worker still to finish when the input ends. Measured on 9,990 SmolLM2 samples (157 chunks; 2 shared
-cores; the split from instrumenting runs): this process spends 0.1 CPU-s on pipes and pickling and the
-worker 0.2-0.25 CPU-s on its start, where the Pool of 2 workers with an idle parent spent 2.0 CPU-s more
-than 1 process; each side encoded about half of the chunks. On the loaded machine each encode also cost
-15-40% more CPU while both cores were busy (0-40% for two independent processes side by side), so the
-wall ratio there (0.65-1.21x, benchmarks/bench_tokenize.py) says little; measure it on an idle machine.
+Workers: `--num-workers N` is this process and N-1 worker processes, forked from this process when it has
+a single thread (the `minitrain tokenize` command: a worker then starts in milliseconds with the encoder
+already loaded), else from a forkserver (a library caller with threads: see `_worker_context`). Each
+worker has its own task and result pipe (grown to 1 MiB on Linux) and QUEUED_PER_WORKER chunks queued; a
+chunk that finds every queue full is encoded here, between reading the input and writing the results in
+order, so no core waits while this process only shuffles bytes. No Pool and no threads: a worker's answer
+is read when it is the next to write, and a busy worker is sent a chunk only while it fits in its pipe's
+buffer (else this process encodes it), so the two sides never wait on each other for good; a worker that
+dies is an error, not a hang.
+The trade-off: chunks and results pickled through pipes, and up to QUEUED_PER_WORKER chunks per worker
+still to finish when the input ends; from a forkserver also its start (imports, 0.35 CPU-s) and a
+tokenizer copy per worker (pickled once, unpickled by each: 0.2 CPU-s for SmolLM2, 0.8 for Qwen3).
+Measured on 9,990 SmolLM2 samples (157 chunks; 2 shared cores) with a forkserver: this process spent
+0.1 CPU-s on pipes and pickling and the worker 0.2-0.25 CPU-s on its start, where the Pool of 2 workers
+with an idle parent spent 2.0 CPU-s more than 1 process; each side encoded about half of the chunks.
+While both cores are busy each encode also costs 4-40% more CPU than alone (two independent processes
+side by side measure the same), so the wall ratio says little on a loaded machine: measure it idle
+(benchmarks/bench_tokenize.py prints that ceiling).
 """
 
 from __future__ import annotations
@@ -286,16 +287,26 @@ def detect_kind(lines: Iterator[tuple[int, bytes]], mapping: FieldMapping | None
 _WORKER_MODULES = ("__main__", __name__, "tokenizers", "jinja2.sandbox", "jinja2.ext")
 
 
-def _init_worker(state: bytes) -> tuple[ChatEncoder, Policy]:
-    """Worker start: its signal handling, and the (encoder, policy) pickled once by the parent for all."""
+def _init_worker(
+    state: bytes | tuple[ChatEncoder, Policy], inherited: tuple[Connection, ...] = ()
+) -> tuple[ChatEncoder, Policy]:
+    """Worker start: its signal handling, the parent's pipe ends it inherited closed, and its (encoder,
+    policy): the parent's own objects when forked from it, else pickled once by the parent for all."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and terminates the workers
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the parent's terminate() kills the worker outright
-    return pickle.loads(state)
+    for conn in inherited:  # a copy of a task pipe's write end here would keep that worker from seeing EOF
+        conn.close()
+    return pickle.loads(state) if isinstance(state, bytes) else state
 
 
-def _worker_main(state: bytes, tasks: Connection, results: Connection) -> None:
+def _worker_main(
+    state: bytes | tuple[ChatEncoder, Policy],
+    tasks: Connection,
+    results: Connection,
+    inherited: tuple[Connection, ...] = (),
+) -> None:
     """A worker process: pickled chunks in, pickled ChunkResults out, in the order received; stops at EOF."""
-    encoder, policy = _init_worker(state)
+    encoder, policy = _init_worker(state, inherited)
     while True:
         try:
             data = tasks.recv_bytes()
@@ -322,14 +333,30 @@ def _read_chunks(path: Path) -> Iterator[list[tuple[int, bytes]]]:
         yield chunk
 
 
-def _worker_context() -> Any:
-    """The multiprocessing context of the workers, its forkserver started (it imports `_WORKER_MODULES`).
+def _single_threaded() -> bool:
+    """True when this process has exactly one thread (Linux: counted by the kernel, native threads too)."""
+    try:
+        return len(os.listdir("/proc/self/task")) == 1
+    except OSError:  # not Linux: unknown, so not proven
+        return False
 
-    Not fork: a parent that has started threads (torch's OpenMP pool, a progress bar, tokenizers' Rust
-    threads) can fork a child that deadlocks on a lock held at fork time, and then terminate() hangs
-    (seen: --strict after torch was imported). forkserver forks from a clean single-threaded server.
-    Called early by `tokenize_file`, so the server starts while the parent loads the tokenizer.
+
+def _worker_context() -> Any:
+    """The multiprocessing context of the workers: fork when this process has one thread, else a
+    forkserver (started here; it imports `_WORKER_MODULES`).
+
+    Forked from this process, a worker starts in milliseconds with the encoder already loaded: no
+    interpreter start and imports (0.35 CPU-s) and no unpickled tokenizer copy (0.2 CPU-s for SmolLM2, 0.8
+    for Qwen3). That is safe only while this process has a single thread: a thread that holds a lock at
+    fork time (torch's OpenMP pool, a progress bar, tokenizers' Rust pool) leaves it held forever in the
+    child, which can deadlock, and then terminate() hangs (seen: --strict after torch was imported). So
+    with any other thread (the kernel's count, which sees native threads too) the workers fork from a
+    forkserver, a clean single-threaded process. `minitrain tokenize` has one thread when its workers
+    start (the progress bar's starts after them); a library caller that has imported torch has several.
+    Called early by `tokenize_file`, so a forkserver starts while the parent loads the tokenizer.
     """
+    if _single_threaded() and "fork" in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("fork")
     if "forkserver" not in multiprocessing.get_all_start_methods():
         return multiprocessing.get_context("spawn")
     from multiprocessing import forkserver
@@ -373,16 +400,21 @@ def _grow_pipe(conn: Connection) -> int:
         return 0
 
 
-def _start_workers(ctx: Any, state: bytes, n: int) -> list[_Worker]:
-    """Start `n` worker processes from the forkserver, each with its own task and result pipe."""
+def _start_workers(ctx: Any, state: bytes | tuple[ChatEncoder, Policy], n: int) -> list[_Worker]:
+    """Start `n` worker processes (`_worker_context`), each with its own task and result pipe."""
     workers: list[_Worker] = []
+    forked = ctx.get_start_method() == "fork"
     try:
         for _ in range(n):
             task_r, task_w = ctx.Pipe(duplex=False)
             result_r, result_w = ctx.Pipe(duplex=False)
             capacity = _grow_pipe(task_w)
             _grow_pipe(result_w)  # the worker's send of a result rarely waits for the parent to read it
-            process = ctx.Process(target=_worker_main, args=(state, task_r, result_w), daemon=True)
+            # forked, a worker inherits every fd of this process: this side's ends of its own pipes and of
+            # the earlier workers' (forkserver and spawn pass only the ends given)
+            ours = [task_w, result_r] + [c for w in workers for c in (w.tasks, w.results)] if forked else []
+            args = (state, task_r, result_w, tuple(ours))  # forked: passed as they are, not pickled
+            process = ctx.Process(target=_worker_main, args=args, daemon=True)
             workers.append(_Worker(process, task_w, result_r, capacity // 2))
             process.start()
             task_r.close()  # the worker holds these ends now: EOF on `results` means the worker is gone
@@ -449,9 +481,11 @@ def _results_in_order(
             yield encode_lines(encoder, policy, chunk)
         return
     ctx = _worker_context()
-    # The tokenizer pickles as its whole JSON (1.5 MB for SmolLM2, 5 MB for Qwen3): serialised once here,
-    # not once per worker.
-    state = pickle.dumps((encoder, policy), protocol=pickle.HIGHEST_PROTOCOL)
+    state: bytes | tuple[ChatEncoder, Policy] = (encoder, policy)  # forked: the workers share these
+    if ctx.get_start_method() != "fork":
+        # The tokenizer pickles as its whole JSON (1.5 MB for SmolLM2, 5 MB for Qwen3): serialised once
+        # here, not once per worker.
+        state = pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)
     pool = _start_workers(ctx, state, workers - 1)
     pending: deque[ChunkResult | _Worker] = deque()  # in input order: a result, or the worker encoding it
 
@@ -529,7 +563,7 @@ def tokenize_file(config: TokenizeConfig, *, console: Any = None) -> TokenizeRes
         _check_pair_flags(config, rows.label if rows is not None else inp)
     workers = config.workers()
     if workers > 1:
-        _worker_context()  # the workers' server starts now, while this process loads the tokenizer
+        _worker_context()  # a forkserver (if needed) starts now, while this process loads the tokenizer
     loaded = load_chat_encoder(
         config.model_name_or_path, config.chat_template, trust_remote_code=config.trust_remote_code
     )

@@ -126,6 +126,35 @@ def test_mini_trainer_spelling_as_a_subprocess(tmp_path):
     assert [s["source_line"] for _, s in iter_samples(out)] == [1, 2, 3]
 
 
+_CLI_RECORDING_THE_START = """
+import sys
+from minitrain.cli import main
+from minitrain.data import pipeline
+real, seen = pipeline._worker_context, []
+pipeline._worker_context = lambda: seen.append(real().get_start_method()) or real()
+try:
+    main()
+finally:
+    print(*seen, file=sys.stderr)
+"""
+
+
+def test_the_command_forks_its_workers_from_its_one_thread(tmp_path):
+    """`minitrain tokenize --num-workers 2` in a fresh process: numpy's BLAS pool kept at one thread (the
+    command sets OPENBLAS_NUM_THREADS unless the user did), nothing else starts a thread before the
+    workers, so they fork from the command's process instead of from a forkserver."""
+    inp = tmp_path / "in.jsonl"
+    inp.write_text((GOOD + "\n") * 300)
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"} | {"PYTHONPATH": str(REPO)}
+    args = ["tokenize", str(inp), "-o", str(tmp_path / "out.jsonl"), "--model-name-or-path", str(SMOLLM2)]
+    done = subprocess.run(
+        [sys.executable, "-c", _CLI_RECORDING_THE_START, *args, "--num-workers", "2"],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.split()[-2:] == ["fork", "fork"], done.stderr
+
+
 def test_strict_exit_code_and_one_line_error_through_main(tmp_path, monkeypatch, capsys):
     """`minitrain.cli.main` (the console script) turns the --strict error into one line and exit code 1."""
     from minitrain.cli import main

@@ -295,7 +295,11 @@ def test_a_signal_mid_run_stops_the_workers_and_leaves_no_output(tmp_path, signu
     inp.write_bytes((GOOD + b"\n") * 200_000)  # a minute of work: the signal lands mid-run
     proc = subprocess.Popen(
         [sys.executable, "-c", _TOKENIZE_IN_A_PROCESS, str(inp), str(tmp_path / "out.jsonl"), str(SMOLLM2)],
-        env={**os.environ, "PYTHONPATH": str(pipeline.Path(pipeline.__file__).parents[2])},
+        env={
+            **os.environ,
+            "PYTHONPATH": str(pipeline.Path(pipeline.__file__).parents[2]),
+            "OPENBLAS_NUM_THREADS": "1",  # as `minitrain tokenize` sets it: the process has one thread
+        },
         stderr=subprocess.PIPE,
     )
     try:
@@ -303,9 +307,9 @@ def test_a_signal_mid_run_stops_the_workers_and_leaves_no_output(tmp_path, signu
         while len(list(tmp_path.iterdir())) == 1 and time.monotonic() < deadline:  # OUT's temporary file
             time.sleep(0.2)
         time.sleep(1.0)  # this process and the worker encode now
-        # the resource tracker, the forkserver and the worker (a child of the forkserver)
+        # the worker, forked from the process (single-threaded: see test_a_single_threaded_process_forks...)
         descendants = psutil.Process(proc.pid).children(recursive=True)
-        assert len(descendants) == 3 and proc.poll() is None
+        assert len(descendants) == 1 and proc.poll() is None
         proc.send_signal(signum)
         _, stderr = proc.communicate(timeout=60)
     finally:
@@ -315,6 +319,81 @@ def test_a_signal_mid_run_stops_the_workers_and_leaves_no_output(tmp_path, signu
     _, alive = psutil.wait_procs(descendants, timeout=30)
     assert not alive  # no worker (or forkserver) outlives the run
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
+
+
+_TOKENIZE_RECORDING_THE_START = """
+import sys, threading
+from pathlib import Path
+from minitrain.config import TokenizeConfig
+from minitrain.data import pipeline
+inp, out, tokenizer, workers, thread = sys.argv[1:]
+if thread == "thread":  # as a library caller with a thread of its own (torch's pool, a progress bar)
+    threading.Thread(target=threading.Event().wait, daemon=True).start()
+real, seen = pipeline._worker_context, []
+pipeline._worker_context = lambda: seen.append(real()) or seen[-1]
+pipeline.CHUNK_LINES = 7
+pipeline.tokenize_file(TokenizeConfig(input_file=Path(inp), output_file=Path(out),
+                                      model_name_or_path=tokenizer, num_workers=int(workers)))
+print(" ".join(ctx.get_start_method() for ctx in seen))
+"""
+
+
+def test_a_single_threaded_process_forks_its_workers_and_writes_the_same_bytes(tmp_path):
+    """`minitrain tokenize` has one thread when its workers start: they fork from it (the encoder
+    inherited, nothing unpickled), every pipe end they inherit is closed (or a worker would never see EOF
+    and the run would hang at its end), and the output is the 1-process one byte for byte. With another
+    thread in the process, the workers come from a forkserver instead."""
+    import subprocess
+    import sys
+
+    inp = tmp_path / "all.jsonl"
+    inp.write_bytes(b"".join(p.read_bytes() for p in MESSAGES_FILES) + mixed_file(tmp_path).read_bytes())
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(pipeline.Path(pipeline.__file__).parents[2]),
+        "OPENBLAS_NUM_THREADS": "1",  # as `minitrain tokenize` sets it (numpy's BLAS pool is a thread)
+    }
+    outputs = {}
+    for workers, thread in ((1, "none"), (3, "none"), (2, "thread")):
+        out = tmp_path / f"{workers}-{thread}.jsonl"
+        done = subprocess.run(
+            [sys.executable, "-c", _TOKENIZE_RECORDING_THE_START, str(inp), str(out), str(SMOLLM2),
+             str(workers), thread],
+            env=env, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr[-2000:]
+        outputs[workers, thread] = done.stdout.split(), out.read_bytes(), rejects_path(out).read_bytes()
+    assert outputs[1, "none"][0] == []  # one process: no workers
+    assert outputs[3, "none"][0] == ["fork", "fork"]  # decided early, and again when the workers start
+    assert outputs[2, "thread"][0] == ["forkserver", "forkserver"]
+    assert outputs[1, "none"][1:] == outputs[3, "none"][1:] == outputs[2, "thread"][1:]
+
+
+def test_single_threaded_counts_native_threads_too():
+    """Python's own count misses the threads of native libraries (tokenizers' Rust pool here, torch's
+    OpenMP pool): the kernel's count does not."""
+    import subprocess
+    import sys
+
+    code = (
+        "import threading, tokenizers, sys\n"
+        "from minitrain.data.pipeline import _single_threaded\n"
+        "before = _single_threaded()\n"
+        "tokenizer = tokenizers.Tokenizer.from_file(sys.argv[1])\n"
+        "tokenizer.encode_batch(['some words'] * 2000)  # parallel: starts the Rust pool\n"
+        "print(before, threading.active_count(), _single_threaded())\n"
+    )
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(pipeline.Path(pipeline.__file__).parents[2]),
+        "TOKENIZERS_PARALLELISM": "true",
+        "RAYON_NUM_THREADS": "2",
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(SMOLLM2 / "tokenizer.json")],
+        env=env, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert done.stdout.split() == ["True", "1", "False"]
 
 
 def test_a_worker_that_dies_is_an_error_not_a_hang(tmp_path, monkeypatch):
