@@ -19,7 +19,8 @@ Variants, side by side (samples/s, tokens/s, and per CPU-second):
                          each assistant turn (the approach peers use; it assumes prefix renders are prefixes)
   CLI (end to end)       `python -m minitrain tokenize` as a user runs it: start-up, imports, load, run
   mini_trainer           its `process_data.py` (from --mini-trainer-path; skipped with a note when absent),
-                         end to end, with the shims described at `_MINI_TRAINER_DRIVER`
+                         end to end, with the shims described at `_MINI_TRAINER_DRIVER`; these two rows
+                         run --repeats times each, alternating, and show the median
 The trade-off of this benchmark: it measures throughput on whatever else the machine is doing; the
 ratios in one run are what to compare (CPU-seconds are steadier than wall), not numbers across runs.
 """
@@ -242,7 +243,7 @@ def bench_mini_trainer(inp: Path, out: Path, tokenizer: Path, folder: Path, core
     if not (tokenizer / "tokenizer_config.json").read_text().count("<|im_start|>"):
         print(f"mini_trainer row skipped: {tokenizer.name} is not a ChatML template (the shim gives ChatML)")
         return None
-    cache = out.parent / "hf-datasets-cache"  # fresh: no map results cached from an earlier run
+    cache = Path(tempfile.mkdtemp(dir=out.parent))  # fresh per run: no map results cached from an earlier one
     env = {**os.environ, "PYTHONPATH": str(folder), "HF_DATASETS_CACHE": str(cache)}
     args = ["--input-file", str(inp), "--output-file", str(out), "--model-name-or-path", str(tokenizer)]
     c0, t0 = _cpu(resource.RUSAGE_CHILDREN), time.perf_counter()
@@ -256,10 +257,6 @@ def bench_mini_trainer(inp: Path, out: Path, tokenizer: Path, folder: Path, core
     if proc.returncode:
         print(f"mini_trainer row skipped: process_data.py failed ({proc.stderr.decode()[-300:].strip()})")
         return None
-    print(
-        "mini_trainer process_data.py ran with shims: ChatML delimiters given (its inference asserts on "
-        f"these tokenizers), apply_chat_template ids (transformers 5), num_proc 64 capped at {cores}"
-    )
     samples = tokens = 0
     for line in out.read_bytes().splitlines():
         samples += 1
@@ -372,12 +369,25 @@ def main() -> None:
             ),
         }
         ceiling = bench_ceiling(inp, Path(tmp), args.workers, tokenizer, args.repeats)
-        rows[CLI] = bench_cli(inp, Path(tmp) / "cli.jsonl", args.workers, tokenizer)
-        mini = bench_mini_trainer(
-            inp, Path(tmp) / "mini_trainer.jsonl", tokenizer, args.mini_trainer_path, args.workers
-        )
-        if mini is not None:
-            rows[MINI_TRAINER] = mini
+        # end to end, --repeats runs of each, alternating (a disturbance hits both sides alike): the median
+        ends: dict[str, list[dict]] = {CLI: [], MINI_TRAINER: []}
+        for _ in range(args.repeats):
+            ends[CLI].append(bench_cli(inp, Path(tmp) / "cli.jsonl", args.workers, tokenizer))
+            mini = bench_mini_trainer(
+                inp, Path(tmp) / "mini_trainer.jsonl", tokenizer, args.mini_trainer_path, args.workers
+            )
+            if mini is not None:
+                ends[MINI_TRAINER].append(mini)
+        if ends[MINI_TRAINER]:
+            print(
+                "mini_trainer process_data.py ran with shims: ChatML delimiters given (its inference "
+                "asserts on these tokenizers), apply_chat_template ids (transformers 5), num_proc 64 "
+                f"capped at {args.workers}"
+            )
+        for name, runs in ends.items():
+            if runs:
+                runs.sort(key=lambda run: run["seconds"])
+                rows[name] = dict(runs[len(runs) // 2], repeats_seconds=[run["seconds"] for run in runs])
     for row in rows.values():
         row["samples_per_s"] = row["samples"] / row["seconds"]
         row["tokens_per_s"] = row["tokens"] / row["seconds"]
@@ -448,9 +458,11 @@ def main() -> None:
     if MINI_TRAINER in rows:
         mini, cli = rows[MINI_TRAINER], rows[CLI]
         print(
-            f"minitrain tokenize vs mini_trainer process_data.py, both end to end on the same cores: wall "
-            f"{cli['samples_per_s'] / mini['samples_per_s']:.1f}x, per CPU-second "
-            f"{cli['samples_per_cpu_s'] / mini['samples_per_cpu_s']:.1f}x"
+            f"minitrain tokenize vs mini_trainer process_data.py, both end to end on the same cores (median "
+            f"of {args.repeats} each): wall {cli['samples_per_s'] / mini['samples_per_s']:.2f}x, per "
+            f"CPU-second {cli['samples_per_cpu_s'] / mini['samples_per_cpu_s']:.2f}x (seconds: minitrain "
+            f"{[round(x, 2) for x in cli['repeats_seconds']]}, mini_trainer "
+            f"{[round(x, 2) for x in mini['repeats_seconds']]})"
         )
     print(
         "minitrain (1 worker) vs naive, per CPU-second: "
