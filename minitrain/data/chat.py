@@ -477,23 +477,26 @@ class ChatEncoder:
         self, messages: list[dict[str, Any]], tools: Any = None, add_generation_prompt: bool = False
     ) -> str:
         """The template's text for `messages` (as `apply_chat_template(..., tokenize=False)` renders it)."""
-        template = self._template
-        # What Template.render does (globals, then the special tokens, then the call's names), with the
-        # globals merged once per encoder instead of through a ChainMap on every call, and the Context
-        # built directly (Template.new_context would turn that ChainMap into a set each time): several
-        # renders per sample.
+        context = self._context(messages, tools, add_generation_prompt)
+        try:
+            return "".join(self._template.root_render_func(context))
+        except Exception:
+            return self._template.environment.handle_exception()  # Jinja's traceback rewrite; re-raises
+
+    def _context(self, messages: list[dict[str, Any]], tools: Any, add_generation_prompt: bool) -> Any:
+        """The Jinja context of one render: what Template.render builds (globals, then the special tokens,
+        then the call's names), with the globals merged once per encoder instead of through a ChainMap on
+        every call, and the Context built directly (Template.new_context would turn that ChainMap into a
+        set each time): several renders per sample."""
         variables = {**self._globals, **self.template_kwargs}
         variables.update(
             messages=messages, tools=tools, documents=None, add_generation_prompt=add_generation_prompt
         )
+        template = self._template
         environment = template.environment
-        context = environment.context_class(
+        return environment.context_class(
             environment, variables, template.name, template.blocks, self._globals
         )
-        try:
-            return "".join(template.root_render_func(context))
-        except Exception:
-            return template.environment.handle_exception()  # Jinja's own traceback rewrite; re-raises
 
     def _traced_render(
         self, real: list[dict[str, Any]], tools: Any, traced: list[int]
@@ -515,19 +518,14 @@ class ChatEncoder:
             content = _Traced(real[j]["content"])
             content.lost, content.spans = lost, ((0, j),)
             messages[j] = {**real[j], "content": content}
-        template = self._template
-        variables = {**self._globals, **self.template_kwargs}
-        variables.update(messages=messages, tools=tools, documents=None, add_generation_prompt=False)
-        environment = template.environment
-        context = environment.context_class(
-            environment, variables, template.name, template.blocks, self._globals
-        )
+        context = self._context(messages, tools, add_generation_prompt=False)
+        environment = self._template.environment
         pieces: list[str] = []
         opens: dict[int, list[int]] = {}
         length = 0
         environment.tracing = True
         try:
-            for piece in template.root_render_func(context):
+            for piece in self._template.root_render_func(context):
                 if type(piece) is _Traced:
                     for at, j in piece.spans:
                         opens.setdefault(j, []).append(length + at)
