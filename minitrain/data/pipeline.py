@@ -29,9 +29,9 @@ tokenizer copy per worker (pickled once, unpickled by each: 0.2 CPU-s for SmolLM
 Measured on 9,990 SmolLM2 samples (157 chunks; 2 shared cores) with a forkserver: this process spent
 0.1 CPU-s on pipes and pickling and the worker 0.2-0.25 CPU-s on its start, where the Pool of 2 workers
 with an idle parent spent 2.0 CPU-s more than 1 process; each side encoded about half of the chunks.
-While both cores are busy each encode also costs 4-40% more CPU than alone (two independent processes
-side by side measure the same), so the wall ratio says little on a loaded machine: measure it idle
-(benchmarks/bench_tokenize.py prints that ceiling).
+While both cores are busy each encode also costs 15-40% more CPU than alone (0-40% for two independent
+processes side by side: the machine, not the code), so the wall ratio says little on a loaded machine:
+measure it idle (benchmarks/bench_tokenize.py prints that ceiling).
 """
 
 from __future__ import annotations
