@@ -75,6 +75,18 @@ def fixtures_dir() -> Path:
     return FIXTURES
 
 
+# What a launcher (torchrun, srun) or a debugging user may have set: a test's `minitrain` starts without them.
+OUTER_LAUNCH = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "TORCHELASTIC_RUN_ID", "MINITRAIN_DEBUG")
+
+
+def outside_any_launch(**extra: str) -> dict[str, str]:
+    """This process's environment as a shell outside any launcher would give it to `minitrain`: no rank
+    variables, no MINITRAIN_DEBUG (errors stay one line), one OpenMP thread per process (2 cores shared by
+    the two pytest workers), then `extra`."""
+    env = {k: v for k, v in os.environ.items() if k not in OUTER_LAUNCH}
+    return {**env, "OMP_NUM_THREADS": "1", **extra}
+
+
 def in_process_if_one_rank(args: Sequence[str | Path], env: Mapping[str, str]) -> dict[str, str]:
     """`env` for `python -m minitrain ARGS`; with `--nproc 1`, that of rank 0 of 1 of an outer launch.
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -31,7 +30,13 @@ from typer.testing import CliRunner
 
 from minitrain.cli import app
 from minitrain.errors import UserError
-from tests.conftest import SMOLLM2, run_minitrain, tiny_llama_config, tiny_softcapped_config
+from tests.conftest import (
+    SMOLLM2,
+    outside_any_launch,
+    run_minitrain,
+    tiny_llama_config,
+    tiny_softcapped_config,
+)
 from tests.data.test_tokenizer import remote_code_tokenizer
 from tests.train.test_loop import write_tokenized
 from tests.train.test_model import remote_code_model
@@ -503,11 +508,10 @@ def test_row(row: Row, ws: Path, no_launch, monkeypatch):
 
 
 def _minitrain(args: list[str], **env: str) -> subprocess.CompletedProcess:
-    outer = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "TORCHELASTIC_RUN_ID", "MINITRAIN_DEBUG")
-    environ = {k: v for k, v in os.environ.items() if k not in outer} | {"OMP_NUM_THREADS": "1", **env}
     return subprocess.run(
-        [sys.executable, "-m", "minitrain", *args], capture_output=True, text=True, env=environ, timeout=300
-    )
+        [sys.executable, "-m", "minitrain", *args], capture_output=True, text=True,
+        env=outside_any_launch(**env), timeout=300,
+    )  # fmt: skip
 
 
 @pytest.mark.parametrize("row", [r for r in ROWS if r.id in RENDERED], ids=lambda r: r.id)
@@ -549,9 +553,7 @@ def cpu_run_with_degraded_flags(ws: Path) -> tuple[subprocess.CompletedProcess, 
     args = ["train", *_train("--from-scratch", "--use-liger-kernels", "--max-steps", "1", "--batch-size", "4",
             "--max-tokens-per-gpu", "24", "--num-warmup-steps", "5", out=str(out))]  # fmt: skip
     filled = _fill(args, ws)
-    outer = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "TORCHELASTIC_RUN_ID", "MINITRAIN_DEBUG")
-    environ = {k: v for k, v in os.environ.items() if k not in outer} | {"OMP_NUM_THREADS": "1"}
-    done = run_minitrain(filled, env=environ)  # --nproc 1: trains in this process
+    done = run_minitrain(filled, env=outside_any_launch())  # --nproc 1: trains in this process
     return done, out
 
 

@@ -18,7 +18,6 @@ Warm-up is 4 steps, so the resumed step 4 runs at lr 0.0075 only if the schedule
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import signal
@@ -30,7 +29,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from tests.conftest import run_minitrain
+from tests.conftest import outside_any_launch, run_minitrain
 from tests.train.test_loop import write_run_files
 
 pytestmark = pytest.mark.slow
@@ -56,10 +55,7 @@ def _cli(args: list[str], cwd: Path, *, ok: bool = True) -> subprocess.Completed
 
 
 def _env() -> dict[str, str]:
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "TORCHELASTIC_RUN_ID", "MINITRAIN_DEBUG"):
-        env.pop(var, None)
-    return env
+    return outside_any_launch(HF_HUB_OFFLINE="1")
 
 
 def _args(root: Path, out: Path, *extra: str | int | float) -> list[str]:

@@ -50,7 +50,7 @@ from minitrain.train.dpo import (
 )
 from minitrain.train.evaluate import evaluate_pairs, plan_pair_eval
 from minitrain.train.model import CausalLMWithLoss
-from tests.conftest import run_minitrain, tiny_llama_config
+from tests.conftest import outside_any_launch, run_minitrain, tiny_llama_config
 from tests.train.test_adapters import randomize_new_adapter
 from tests.train.test_model import CPU1, build_lm, grads
 
@@ -317,13 +317,10 @@ def _args(data: Path, model: Path, out: Path, budget: int) -> list[str]:
 
 
 def _run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    import os
-
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "TORCHELASTIC_RUN_ID"):
-        env.pop(var, None)
     assert cmd[:3] == [sys.executable, "-m", "minitrain"], cmd
-    done = run_minitrain(cmd[3:], cwd=cwd, env=env)  # in this process; --nproc 1 trains here, no torchrun
+    done = run_minitrain(
+        cmd[3:], cwd=cwd, env=outside_any_launch()
+    )  # in this process; --nproc 1 trains here, no torchrun
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done
 

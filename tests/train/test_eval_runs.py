@@ -9,13 +9,12 @@ transformers, each held-out sample run alone, the mean token cross-entropy over 
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import orjson
 import pytest
 
-from tests.conftest import run_minitrain
+from tests.conftest import outside_any_launch, run_minitrain
 from tests.train.test_loop import write_run_files
 
 pytestmark = pytest.mark.slow
@@ -24,9 +23,6 @@ VOCAB, NUM, SPLIT, SEED, BATCH, STEPS = 64, 20, 0.2, 7, 4, 6
 
 
 def _train(root: Path, out: Path, nproc: int) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "TORCHELASTIC_RUN_ID"):
-        env.pop(var, None)
     data = root / "data.jsonl"
     done = run_minitrain(
         ["train", "--data-path", str(data), "--model-name-or-path",
@@ -35,7 +31,7 @@ def _train(root: Path, out: Path, nproc: int) -> dict:
          "--num-warmup-steps", "0", "--max-steps", str(STEPS), "--validation-split", str(SPLIT),
          "--eval-every-samples", "8", "--save-best-val-loss", "--checkpoint-at-epoch",
          "--save-final-checkpoint"],
-        cwd=root, env=env,
+        cwd=root, env=outside_any_launch(),
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     rows = [orjson.loads(line) for line in (out / "training_metrics_0.jsonl").read_bytes().splitlines()]

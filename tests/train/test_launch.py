@@ -21,7 +21,7 @@ from minitrain.errors import UserError
 from minitrain.rundir import read_training_params, write_training_params
 from minitrain.train.launch import run_command, torchrun_command, torchrun_env
 from minitrain.train.preflight import check_inputs, in_launched_env, preflight
-from tests.conftest import SMOLLM2, needs_fixtures, run_minitrain, tiny_llama_config
+from tests.conftest import SMOLLM2, needs_fixtures, outside_any_launch, run_minitrain, tiny_llama_config
 from tests.train.test_loop import write_tokenized
 
 
@@ -372,17 +372,12 @@ def test_a_truncated_run_trains_every_sample_cut_to_the_budget(tmp_path):
     lengths = store.lengths.tolist()
     assert any(n > 12 for n in lengths) and any(n <= 12 for n in lengths)
     out = tmp_path / "o"
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "TORCHELASTIC_RUN_ID")
-    }
     done = run_minitrain(
         ["train", "--data-path", str(data), "--model-name-or-path",
          str(_model(tmp_path, 128)), "--output-dir", str(out), "--from-scratch", "--nproc", "1",
          "--batch-size", "8", "--max-tokens-per-gpu", "12", "--truncate", "--max-steps", "1",
          "--num-warmup-steps", "0"],
-        env=env | {"OMP_NUM_THREADS": "1"},  # --nproc 1: trains in this process, no torchrun needed
+        env=outside_any_launch(),  # --nproc 1: trains in this process, no torchrun needed
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     [record] = [orjson.loads(x) for x in (out / "training_metrics_0.jsonl").read_bytes().splitlines()]

@@ -13,7 +13,6 @@ the exported weights must agree to 1e-5 (relative) across all three (gradient no
 
 from __future__ import annotations
 
-import os
 import random
 import subprocess
 import sys
@@ -22,7 +21,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from tests.conftest import run_minitrain, tiny_llama_config
+from tests.conftest import outside_any_launch, run_minitrain, tiny_llama_config
 
 pytestmark = pytest.mark.slow
 
@@ -68,9 +67,7 @@ def write_run_files(root: Path, *, num: int, vocab: int, seed: int) -> Path:
 def _run(cmd: list[str], cwd: Path, timeout: float = 300) -> None:
     """Run `cmd` outside any launcher. `python -m minitrain ...` runs in this process (`run_minitrain`: a
     `--nproc 1` run trains here, no torchrun); anything else (torchrun itself) in a subprocess."""
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "TORCHELASTIC_RUN_ID"):
-        env.pop(var, None)
+    env = outside_any_launch()
     if cmd[:3] == [sys.executable, "-m", "minitrain"]:
         done = run_minitrain(cmd[3:], cwd=cwd, env=env)
     else:
