@@ -28,6 +28,7 @@ TOKENIZERS = FIXTURES / "tokenizers"
 DATA = FIXTURES / "data"
 SMOLLM2 = TOKENIZERS / "smollm2-135m-instruct"
 TINYLLAMA = TOKENIZERS / "tinyllama-1.1b-chat-v1.0"
+QWEN3 = TOKENIZERS / "qwen3"
 MESSAGES_FILES = sorted(DATA.glob("*.messages.jsonl"))
 
 needs_fixtures = pytest.mark.skipif(not FIXTURES.is_dir(), reason=f"fixtures folder {FIXTURES} is absent")

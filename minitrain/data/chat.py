@@ -64,6 +64,7 @@ import json
 import re
 from dataclasses import dataclass
 from datetime import datetime
+from functools import cached_property
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -1136,27 +1137,48 @@ def has_generation_prompt(encoder: ChatEncoder) -> bool:
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
     """sha256 of the vocabulary in id order (added tokens included): equal fingerprints mean equal id
-    meanings."""
+    meanings.
+
+    The hashed text is one `"{id}\t{token}\n"` line per entry of `get_vocab()`, sorted by id (a stable
+    sort: tokens sharing an id keep the dict's order). Where the ids are exactly 0..n-1, each token is put
+    at its id instead of sorting (the same text, 0.4 s instead of 0.6 s for Qwen3's 151k entries).
+    """
     vocab = tokenizer.get_vocab()
-    digest = hashlib.sha256()
-    for token, idx in sorted(vocab.items(), key=lambda item: item[1]):
-        digest.update(f"{idx}\t{token}\n".encode("utf-8", "surrogatepass"))
-    return "sha256:" + digest.hexdigest()
+    by_id: list[str | None] = [None] * len(vocab)
+    try:
+        for token, idx in vocab.items():
+            by_id[idx] = token  # an id past the end raises; a shared id leaves a hole (n tokens, n slots)
+    except (IndexError, TypeError):
+        by_id = [None]
+    if None in by_id or min(vocab.values(), default=0) < 0:  # holes, shared or negative ids: the sort
+        lines = (f"{idx}\t{token}\n" for token, idx in sorted(vocab.items(), key=lambda item: item[1]))
+    else:
+        lines = (f"{idx}\t{token}\n" for idx, token in enumerate(by_id))
+    text = "".join(lines)
+    return "sha256:" + hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 @dataclass(frozen=True)
 class LoadedTokenizer:
-    """What the tokenize stage needs from a tokenizer: the encoder plus facts for the sidecar."""
+    """What the tokenize stage needs from a tokenizer: the encoder plus facts for the sidecar.
+
+    The fingerprint is computed when first read (0.4 s for a 151k vocabulary): the tokenize stage reads
+    it once its workers are busy, so it is not on the path to the first encoded line.
+    """
 
     encoder: ChatEncoder
+    tokenizer: Any  # the transformers tokenizer (this process only; workers get the encoder)
     tokenizer_class: str
     vocab_size: int
     bos_token_id: int | None
     eos_token_id: int
     pad_token_id: int | None
-    fingerprint: str
     template_source: str
     template_origin: str
+
+    @cached_property
+    def fingerprint(self) -> str:
+        return tokenizer_fingerprint(self.tokenizer)
 
     @property
     def template_sha256(self) -> str:
@@ -1166,7 +1188,7 @@ class LoadedTokenizer:
     def end_of_turn_token_ids(self) -> list[int]:
         return list(self.encoder.eot_ids)
 
-    @property
+    @cached_property
     def turn_token_ids(self) -> list[int]:
         """Added tokens the template writes in the model's voice (`<think>`, `<|channel|>` ...): trained."""
         return voice_token_ids(self.encoder)
@@ -1217,12 +1239,12 @@ def load_chat_encoder(
     encoder.has_generation_prompt = has_generation_prompt(encoder)
     return LoadedTokenizer(
         encoder=encoder,
+        tokenizer=tokenizer,
         tokenizer_class=type(tokenizer).__name__,
         vocab_size=len(tokenizer),
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        fingerprint=tokenizer_fingerprint(tokenizer),
         template_source=source,
         template_origin=origin,
     )

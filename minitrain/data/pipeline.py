@@ -43,7 +43,7 @@ import signal
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -468,17 +468,27 @@ def _worker_gone(worker: _Worker) -> UserError:
 
 
 def _results_in_order(
-    encoder: ChatEncoder, policy: Policy, chunks: Iterator[list[tuple[int, bytes]]], workers: int
+    encoder: ChatEncoder,
+    policy: Policy,
+    chunks: Iterator[list[tuple[int, bytes]]],
+    workers: int,
+    side_task: Callable[[], Any] | None = None,
 ) -> Iterator[ChunkResult]:
     """ChunkResults in input order from this process and `workers - 1` worker processes.
 
     The workers' queues are kept QUEUED_PER_WORKER deep; a chunk that finds them all full is encoded
     here, so this process is one of the `workers` encoders and only needs N-1 tokenizer copies. At most
     MAX_IN_FLIGHT_PER_WORKER x `workers` chunks are in flight (streaming, constant memory).
+
+    `side_task` (work for the sidecar, such as the tokenizer's fingerprint) runs here once, the first time
+    every worker has chunks queued, so it overlaps their encoding; with no workers (or a short input) it
+    runs after the last chunk.
     """
     if workers == 1:
         for chunk in chunks:
             yield encode_lines(encoder, policy, chunk)
+        if side_task is not None:
+            side_task()
         return
     ctx = _worker_context()
     state: bytes | tuple[ChatEncoder, Policy] = (encoder, policy)  # forked: the workers share these
@@ -507,9 +517,14 @@ def _results_in_order(
                 _send(worker, data)
                 pending.append(worker)
             else:  # every worker has enough queued: this process encodes the chunk itself
+                if side_task is not None:
+                    side_task, task = None, side_task
+                    task()
                 pending.append(encode_lines(encoder, policy, chunk))
             while len(pending) >= MAX_IN_FLIGHT_PER_WORKER * workers:
                 yield pop_head()
+        if side_task is not None:
+            side_task()
         while pending:
             yield pop_head()
     except BaseException:  # error, Ctrl-C, --strict stop, generator closed early: stop the workers now
@@ -652,7 +667,10 @@ def _write_outputs(
             policy = Policy(
                 config.max_sample_num_tokens, config.train_on, config.split_turns, mapping, result.kind
             )
-            results = _results_in_order(loaded.encoder, policy, chunks, result.num_workers)
+            def sidecar_facts() -> None:  # computed (and cached) while the workers encode
+                loaded.fingerprint, loaded.turn_token_ids  # noqa: B018
+
+            results = _results_in_order(loaded.encoder, policy, chunks, result.num_workers, sidecar_facts)
             first = next(results, None)
             task = None
             if progress is not None:

@@ -16,7 +16,7 @@ import pytest
 from minitrain.data import chat
 from minitrain.data.chat import IGNORE_INDEX, SampleRejected, load_chat_encoder
 from minitrain.errors import UserError
-from tests.conftest import MESSAGES_FILES, SMOLLM2, TINYLLAMA, needs_fixtures
+from tests.conftest import MESSAGES_FILES, QWEN3, SMOLLM2, TINYLLAMA, needs_fixtures
 
 pytestmark = needs_fixtures
 
@@ -546,6 +546,58 @@ def test_encoder_survives_pickling(smollm2):
 def test_fingerprint_is_stable_and_distinguishes_tokenizers(hf_tokenizers, smollm2, tinyllama):
     assert chat.tokenizer_fingerprint(hf_tokenizers[SMOLLM2]) == smollm2.fingerprint
     assert smollm2.fingerprint != tinyllama.fingerprint
+
+
+def _fingerprint_by_sort(tokenizer) -> str:
+    """The fingerprint's definition, written plainly: every entry's line, sorted by id, hashed."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for token, idx in sorted(tokenizer.get_vocab().items(), key=lambda item: item[1]):
+        digest.update(f"{idx}\t{token}\n".encode("utf-8", "surrogatepass"))
+    return "sha256:" + digest.hexdigest()
+
+
+# Written into every sidecar and compared by `train` with the model's: a change of these values would
+# refuse every dataset tokenized before it.
+FIXTURE_FINGERPRINTS = {
+    SMOLLM2: "sha256:46c0542294848967a4ec3aa5a35e5ac8509637d09a1919a3e1c27b7f7e235f93",
+    TINYLLAMA: "sha256:fe56f82cb0368a695de548846e10be3ba13a71bebd2f1a5f65a3dcbc51f73eab",
+    QWEN3: "sha256:1c26410abd5642b735b24941f770906bfd8efb1f98b7fb15f2e38180c0c99ee0",
+}
+
+
+@pytest.mark.parametrize("folder", list(FIXTURE_FINGERPRINTS), ids=lambda p: p.name)
+def test_fingerprint_keeps_its_values_and_its_definition(folder):
+    tokenizer = load_chat_encoder(str(folder)).tokenizer
+    assert (
+        chat.tokenizer_fingerprint(tokenizer)
+        == FIXTURE_FINGERPRINTS[folder]
+        == _fingerprint_by_sort(tokenizer)
+    )
+
+
+class _Vocab:
+    def __init__(self, vocab: dict) -> None:
+        self.vocab = vocab
+
+    def get_vocab(self) -> dict:
+        return dict(self.vocab)
+
+
+@pytest.mark.parametrize(
+    "vocab",
+    [
+        {"c": 2, "a": 0, "b": 1},  # dense: placed by id
+        {"a": 0, "c": 5, "b": 1},  # a hole, and an id past the end
+        {"a": 0, "b": 1, "B": 1},  # two tokens share an id: the dict's order is kept
+        {"x": -1, "a": 0, "b": 1},  # a negative id fills the slots by wrap-around: must still sort
+        {"a": 0, "b": 2, "c": -1},  # a negative id with a hole
+        {},
+    ],
+)
+def test_fingerprint_equals_the_sorted_definition_for_odd_vocabularies(vocab):
+    assert chat.tokenizer_fingerprint(_Vocab(vocab)) == _fingerprint_by_sort(_Vocab(vocab))
 
 
 # ------------------------------------------------------------------ the generation rule, against transformers

@@ -17,11 +17,10 @@ import pytest
 
 from minitrain.data import chat
 from minitrain.data.chat import IGNORE_INDEX, SampleRejected, load_chat_encoder
-from tests.conftest import TOKENIZERS, needs_fixtures
+from tests.conftest import QWEN3, needs_fixtures
 
 pytestmark = needs_fixtures
 
-QWEN3 = TOKENIZERS / "qwen3"
 
 LLAMA3 = (
     "{{- bos_token }}{%- for m in messages %}"

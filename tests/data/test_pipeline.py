@@ -236,6 +236,33 @@ def test_the_parent_encodes_a_share_of_the_chunks(tmp_path, monkeypatch):
     assert all(not w.process.is_alive() and w.process.exitcode == 0 for w in workers)  # exited at EOF
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_the_tokenizer_fingerprint_is_computed_once_while_the_workers_encode(tmp_path, monkeypatch, workers):
+    """The sidecar's fingerprint (0.4 s for Qwen3) is off the path to the first encoded line: with workers it
+    is computed when every worker has chunks queued and before this process encodes one; alone, after the
+    last chunk. Either way once, and the sidecar holds it."""
+    monkeypatch.setattr(pipeline, "CHUNK_LINES", 5)
+    inp = tmp_path / "in.jsonl"
+    inp.write_bytes((GOOD + b"\n") * 400)  # 80 chunks
+    parent = _count_parent_encodes(monkeypatch)
+    started = _record_workers(monkeypatch)
+    real, seen = chat.tokenizer_fingerprint, []
+
+    def recording(tokenizer):
+        seen.append((len(parent), [len(w.queued) for w in started]))
+        return real(tokenizer)
+
+    monkeypatch.setattr(chat, "tokenizer_fingerprint", recording)
+    result, out = run(tmp_path, inp, workers=workers)
+    assert result.written == 400 and len(seen) == 1
+    encoded_here, queued = seen[0]
+    if workers == 1:
+        assert encoded_here == 80 and queued == []
+    else:
+        assert encoded_here == 0 and len(queued) == 1 and queued[0] > 0
+    assert read_sidecar(out)["tokenizer"]["fingerprint"] == real(load_chat_encoder(str(SMOLLM2)).tokenizer)
+
+
 def test_chunks_and_results_larger_than_the_pipes_pass_in_order(tmp_path, monkeypatch):
     """A chunk over the task pipe's budget waits for an idle worker and a result over the result pipe's
     buffer waits for the parent to read it: both get through, in order, with no deadlock."""

@@ -10,11 +10,10 @@ from minitrain.data.chat import SampleRejected, load_chat_encoder
 from minitrain.data.format import IGNORE_INDEX
 from minitrain.data.preference import encode_pair
 from minitrain.data.sources import is_pair_record, to_pair_record
-from tests.conftest import SMOLLM2, needs_fixtures
+from tests.conftest import QWEN3, SMOLLM2, needs_fixtures
 
 pytestmark = needs_fixtures
 
-QWEN3 = SMOLLM2.parent / "qwen3"
 EOT = "<|im_end|>"  # both fixture templates end a turn with it
 
 

@@ -21,11 +21,10 @@ from minitrain.data.chat import SampleRejected, load_chat_encoder
 from minitrain.data.format import read_sidecar, rejects_path
 from minitrain.data.sources import FieldMapping, to_chat_record
 from minitrain.errors import UserError
-from tests.conftest import DATA, REPO, SMOLLM2, TOKENIZERS, needs_fixtures
+from tests.conftest import DATA, QWEN3, REPO, SMOLLM2, needs_fixtures
 
 pytestmark = needs_fixtures
 pa = pytest.importorskip("pyarrow", reason="the `datasets` extra (pyarrow) is not installed")
-QWEN3 = TOKENIZERS / "qwen3"
 SYSTEM = "You are a terse assistant."
 
 
