@@ -3,6 +3,7 @@ config."""
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
 import subprocess
@@ -148,6 +149,7 @@ def run_minitrain(
             except SystemExit as stop:
                 code = stop.code if isinstance(stop.code, int) else int(stop.code is not None)
     finally:
+        gc.unfreeze()  # main() freezes the heap for its process's exit; this process goes on
         os.environ.clear()
         os.environ.update(saved_env)
         os.chdir(saved_cwd)
