@@ -10,7 +10,8 @@ Variants, side by side (samples/s, tokens/s, and per CPU-second):
   floor                  one template render + one batched encode per sample, no mask, nothing written;
                          --repeats passes (the median shown; the least disturbed also compared)
   minitrain (1 worker)   the real stage, `tokenize_file`, in a fresh process (parse, mask, verify, write);
-                         the tokenizer load is timed apart and left out of the row
+                         the tokenizer load is timed apart and left out of the row; each run is followed
+                         by a floor pass in the same process, and their CPU ratio printed (paired)
   minitrain (N workers)  the same with N encoding processes; CPU = the parent's + the workers' (reaped
                          from the process or through a forkserver), with the split per sample shown;
                          --repeats: median
@@ -104,6 +105,9 @@ def run_minitrain(inp: Path, out: Path, workers: int, tokenizer: Path) -> dict:
     parent_cpu = _cpu(resource.RUSAGE_SELF) - self0 - load_cpu
     workers_cpu = _cpu(resource.RUSAGE_CHILDREN) - kids0
     assert result.rejected == 0 and result.dropped == 0
+    # The floor right after, in this process (a fresh tokenizer: its word cache cold, as the run's was):
+    # the same machine state as the run, so the pair's ratio is steadier than rows timed minutes apart.
+    floor_cpu = floor_pass(inp.read_bytes().splitlines(), tokenizer)[0] if workers == 1 else None
     return {
         "samples": result.written,
         "tokens": result.tokens,
@@ -115,6 +119,7 @@ def run_minitrain(inp: Path, out: Path, workers: int, tokenizer: Path) -> dict:
         "workers_cpu_seconds": workers_cpu,
         "cpu_seconds": parent_cpu + workers_cpu,
         "cores": workers,
+        "paired_floor_cpu_seconds": floor_cpu,
     }
 
 
@@ -135,6 +140,10 @@ def bench_minitrain(inp: Path, out: Path, workers: int, tokenizer: Path = SMOLLM
     median = dict(runs[len(runs) // 2])
     median["repeats_seconds"] = [run["seconds"] for run in runs]
     median["best_cpu_seconds"] = min(run["cpu_seconds"] for run in runs)  # the least disturbed run
+    if workers == 1:  # each run's CPU over its paired floor's
+        median["paired_floor_ratios"] = sorted(
+            run["cpu_seconds"] / run["paired_floor_cpu_seconds"] for run in runs
+        )
     return median
 
 
@@ -295,23 +304,26 @@ def bench_naive(lines: list[bytes], tokenizer: Path = SMOLLM2) -> dict:
     }
 
 
+def floor_pass(lines: list[bytes], tokenizer: Path, batch: int = 64) -> tuple[float, float, int]:
+    """(CPU-s, wall s, tokens) of one render and one batched encode per line, with a freshly loaded
+    tokenizer (the load not timed)."""
+    from minitrain.data.chat import load_chat_encoder
+
+    encoder = load_chat_encoder(str(tokenizer)).encoder
+    tokens = 0
+    t0, c0 = time.perf_counter(), time.process_time()
+    for i in range(0, len(lines), batch):
+        texts = [encoder.render(orjson.loads(raw)["messages"]) for raw in lines[i : i + batch]]
+        tokens += sum(len(e.ids) for e in encoder.backend.encode_batch(texts, add_special_tokens=False))
+    return time.process_time() - c0, time.perf_counter() - t0, tokens
+
+
 def bench_floor(lines: list[bytes], batch: int = 64, tokenizer: Path = SMOLLM2, repeats: int = 1) -> dict:
     """One render and one (batched) encode per sample, nothing else; `repeats` passes, each with a freshly
     loaded tokenizer (its word cache cold, as in a minitrain run's fresh process: a second pass over the
     same texts would encode from a warm cache); the row is the median pass by CPU, `best_cpu_seconds` the
     least disturbed one."""
-    from minitrain.data.chat import load_chat_encoder
-
-    passes = []
-    for _ in range(repeats):
-        encoder = load_chat_encoder(str(tokenizer)).encoder
-        tokens = 0
-        t0, c0 = time.perf_counter(), time.process_time()
-        for i in range(0, len(lines), batch):
-            texts = [encoder.render(orjson.loads(raw)["messages"]) for raw in lines[i : i + batch]]
-            tokens += sum(len(e.ids) for e in encoder.backend.encode_batch(texts, add_special_tokens=False))
-        passes.append((time.process_time() - c0, time.perf_counter() - t0, tokens))
-    passes.sort()
+    passes = sorted(floor_pass(lines, tokenizer, batch) for _ in range(repeats))
     cpu, wall, tokens = passes[len(passes) // 2]
     return {
         "samples": len(lines),
@@ -448,6 +460,11 @@ def main() -> None:
         f"machine's CPU-seconds swing by a third between runs): 1 worker "
         f"{rows[one]['best_cpu_seconds'] / floor_row['best_cpu_seconds']:.2f}x, {args.workers} workers "
         f"{rows[many]['best_cpu_seconds'] / floor_row['best_cpu_seconds']:.2f}x"
+    )
+    paired = rows[one]["paired_floor_ratios"]
+    print(
+        f"cost vs the floor per CPU-second, each 1-worker run over a floor pass right after it in the same "
+        f"process: median {paired[len(paired) // 2]:.2f}x (runs: {[round(x, 2) for x in paired]})"
     )
     alone, together = rows[one]["seconds"], ceiling[len(ceiling) // 2]
     print(
