@@ -129,9 +129,12 @@ def test_mini_trainer_spelling_as_a_subprocess(tmp_path):
 _CLI_RECORDING_THE_START = """
 import sys
 from minitrain.cli import main
-from minitrain.data import pipeline
-real, seen = pipeline._worker_context, []
-pipeline._worker_context = lambda: seen.append(real().get_start_method()) or real()
+from minitrain.data import pipeline, workers
+real, seen = workers.worker_context, []
+def recording(*args):
+    seen.append(real(*args).get_start_method())
+    return real(*args)
+pipeline.worker_context = workers.worker_context = recording  # the early call and the workers' start
 try:
     main()
 finally:
