@@ -197,7 +197,7 @@ def tokenize(
         raise UserError("no tokenizer: pass --model-name-or-path with a tokenizer or model folder")
 
     # numpy's OpenBLAS (imported with transformers) starts a thread per extra core when imported; tokenize
-    # does no linear algebra, and a process with one thread forks its workers (`pipeline._worker_context`)
+    # does no linear algebra, and a process with one thread forks its workers (`workers.worker_context`)
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     from rich.console import Console
 
