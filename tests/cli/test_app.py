@@ -79,3 +79,28 @@ def test_command_line_mistakes_are_one_line_and_exit_2(args, message):
 def test_bare_minitrain_prints_the_help():
     out = subprocess.run([sys.executable, "-m", "minitrain"], capture_output=True, text=True)
     assert out.returncode == 2 and "Usage" in out.stdout and "train" in out.stdout, out.stderr
+
+
+def test_a_finished_command_freezes_the_heap_and_run_minitrain_thaws_it():
+    """`main()` freezes the garbage collector's heap once the command is done (the interpreter's last
+    collections would walk every imported object for nothing); an error exit does not need it. In the test
+    process, `run_minitrain` puts it back."""
+    import gc
+
+    from tests.conftest import run_minitrain
+
+    code = (
+        "import gc, sys\n"
+        "from minitrain.cli import main\n"
+        "sys.argv = ['minitrain', *sys.argv[1:]]\n"
+        "try:\n"
+        "    main()\n"
+        "except SystemExit as stop:\n"
+        "    print(stop.code, gc.get_freeze_count() > 0)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code, "plot", "--help"], capture_output=True, text=True)
+    assert done.stdout.split()[-2:] == ["0", "True"], done.stderr
+    done = subprocess.run([sys.executable, "-c", code, "plot", "--nope"], capture_output=True, text=True)
+    assert done.stdout.split()[-2:] == ["2", "False"], done.stderr
+    assert run_minitrain(["plot", "--help"]).returncode == 0
+    assert gc.get_freeze_count() == 0
