@@ -20,10 +20,11 @@ How a mask is computed, every step checked (a mask is never guessed):
     3. end of turn: the last turn-ending token (probed once per template: the first added token after a
        middle and a final assistant content, and right after a tool call's arguments) before the next
        message begins. Where the next message begins is known from the render of `text` itself, its
-       contents traced (`_Traced`: equal in value, followed through `+`; any other way of making text out
-       of them gives the trace up), else from one more render with the contents of system/user/tool
-       messages wrapped in private-use markers (U+10FFF0 j U+10FFF1 ... U+10FFF2; the stripped render must
-       equal `text`, retried with markers inside `| trim`med whitespace). "Last", not
+       contents traced (`Traced`, minitrain/data/template.py: equal in value, followed through `+`; any
+       other way of making text out of them gives the trace up), else from one more render with the
+       contents of system/user/tool messages wrapped in private-use markers (U+10FFF0 j U+10FFF1 ...
+       U+10FFF2; the stripped render must equal `text`, retried with markers inside `| trim`med
+       whitespace). "Last", not
        "first": gpt-oss closes its analysis channel with `<|end|>` inside the turn. No token: "no end of
        turn" - except the last turn of a template that leaves it open (GLM-4), which is closed with the
        token that ends its other turns (the model's stop token), appended and trained.
@@ -60,16 +61,15 @@ from __future__ import annotations
 
 import bisect
 import hashlib
-import json
 import re
 from dataclasses import dataclass
-from datetime import datetime
 from functools import cached_property
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from minitrain.data.format import IGNORE_INDEX
+from minitrain.data.template import Traced, build_environment, traceable
 from minitrain.data.tokenizer import load_tokenizer
 from minitrain.errors import UserError
 
@@ -133,93 +133,6 @@ _PROBE_CONTENTS = (
 )
 
 
-# Filters that build text from their input only through its own str methods (which _Traced flags), return
-# it unchanged, or build no text from it; `join`, `replace`, `format`, `e`, `map` (any filter by name) ... can
-# copy a content in C code, past the trace: a template using a filter outside this set is never traced.
-_TRACEABLE_FILTERS = frozenset(
-    {
-        "abs", "attr", "batch", "capitalize", "center", "count", "d", "default", "dictsort", "first", "float",
-        "groupby", "int", "items", "last", "length", "list", "lower", "max", "min", "reject", "rejectattr",
-        "reverse", "round", "select", "selectattr", "slice", "sort", "string", "sum", "tojson", "trim",
-        "truncate", "unique", "upper", "wordcount",
-    }
-)  # fmt: skip
-# Statements whose output Jinja joins in C before it is written (macros, call/filter blocks, block sets), and
-# `~`, which joins in C too: a template with one is never traced.
-_UNTRACEABLE_NODES = (
-    "Concat", "Macro", "CallBlock", "FilterBlock", "AssignBlock", "Include", "Import", "FromImport",
-    "Extends", "Block",
-)  # fmt: skip
-# str methods that make text out of a string (not only inspect it): a traced content that meets one is lost.
-_TEXT_MAKERS = (
-    "__format__", "__getitem__", "__iter__", "__mod__", "__mul__", "__repr__", "__rmod__", "__rmul__",
-    "capitalize", "casefold", "center", "encode", "expandtabs", "format", "format_map", "join", "ljust",
-    "lower", "lstrip", "partition", "removeprefix", "removesuffix", "replace", "rjust", "rpartition",
-    "rsplit", "rstrip", "split", "splitlines", "strip", "swapcase", "title", "translate", "upper", "zfill",
-    "__getnewargs__",
-)  # fmt: skip
-
-
-class _Traced(str):
-    """A message content that knows where its characters go, for `ChatEncoder._traced_render`.
-
-    Equal to the content in value (every test, comparison and method answers as the plain string does), so
-    a render with traced contents is the render. `+` keeps track: `spans` holds (offset, message index) of
-    each traced content inside the string. Any other way of making text out of it (a slice, `strip`,
-    `%`, `format`, `tojson`, ...) sets `lost[0]`, and the render's positions are then not used.
-    """
-
-    spans: tuple[tuple[int, int], ...]
-    lost: list[bool]
-
-    def __add__(self, other: Any) -> Any:
-        if not isinstance(other, str):
-            return NotImplemented
-        out = _Traced(str.__add__(self, other))
-        out.lost = self.lost
-        out.spans = self.spans
-        if type(other) is _Traced:
-            out.spans += tuple((at + len(self), j) for at, j in other.spans)
-        return out
-
-    def __radd__(self, other: Any) -> Any:
-        if not isinstance(other, str):
-            return NotImplemented
-        out = _Traced(str.__add__(other, self))
-        out.lost = self.lost
-        out.spans = tuple((at + len(other), j) for at, j in self.spans)
-        return out
-
-    def __str__(self) -> str:
-        return self  # Jinja outputs `str(expression)`: the trace goes with it
-
-
-def _lose(name: str) -> Any:
-    method = getattr(str, name)
-
-    def lose(self: _Traced, *args: Any, **kwargs: Any) -> Any:
-        self.lost[0] = True
-        return method(self, *args, **kwargs)
-
-    return lose
-
-
-for _name in _TEXT_MAKERS:
-    setattr(_Traced, _name, _lose(_name))
-
-
-def _flag_traced(value: Any) -> None:
-    """Mark the traces inside `value` lost (it is about to be made into text by C code: json, `%`)."""
-    if type(value) is _Traced:
-        value.lost[0] = True
-    elif isinstance(value, dict):
-        for item in value.values():
-            _flag_traced(item)
-    elif isinstance(value, (list, tuple)):
-        for item in value:
-            _flag_traced(item)
-
-
 class SampleRejected(Exception):
     """A record that cannot be turned into a sample; `reason` is one of REJECT_REASONS."""
 
@@ -237,160 +150,6 @@ class EncodedSample:
     labels: list[int]
     reasoning_dropped_turns: int = 0  # assistant turns whose reasoning the template does not render
     reasoning_dropped_tokens: int = 0  # tokens of that reasoning (encoded alone)
-
-
-def _build_environment() -> Any:
-    """A Jinja environment that renders like transformers' `apply_chat_template` (sandboxed, same filters)."""
-    import jinja2
-    from jinja2.ext import Extension, loopcontrols
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    class GenerationTag(Extension):
-        # `{% generation %}...{% endgeneration %}` (transformers' assistant-mask tag) renders its body
-        # unchanged.
-        tags = {"generation"}
-
-        def parse(self, parser: Any) -> Any:
-            lineno = next(parser.stream).lineno
-            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-            return jinja2.nodes.CallBlock(self.call_method("_render"), [], [], body).set_lineno(lineno)
-
-        def _render(self, caller: Any) -> str:
-            return caller()
-
-    def raise_exception(message: str) -> None:
-        raise jinja2.exceptions.TemplateError(message)
-
-    def tojson(
-        x: Any,
-        ensure_ascii: bool = False,
-        indent: Any = None,
-        separators: Any = None,
-        sort_keys: bool = False,
-    ) -> str:
-        _flag_traced((x, indent, separators))  # json copies strings in C
-        return json.dumps(
-            x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
-        )
-
-    from jinja2.runtime import LoopContext
-    from jinja2.utils import Namespace
-
-    # Exact types whose attributes' safety depends on (type, name) alone: what JSON records and loops hold.
-    plain_types = frozenset(
-        {str, _Traced, dict, list, tuple, int, float, bool, type(None), LoopContext, Namespace}
-    )
-    dict_attributes = frozenset(dir({}))
-    builtin_method = type("".split)
-
-    from jinja2.compiler import CodeGenerator, optimizeconst
-
-    class Generator(CodeGenerator):
-        """`message.role` on a dict that has the key compiles to the lookup itself (what Sandbox.getattr
-        returns for it, less a Python call: ~40 per render); anything else goes to Sandbox.getattr."""
-
-        @optimizeconst
-        def visit_Getattr(self, node: Any, frame: Any) -> None:
-            if self.environment.is_async or node.attr in dict_attributes:
-                return CodeGenerator.visit_Getattr.__wrapped__(self, node, frame)
-            self.write(f"(_mt_obj[{node.attr!r}] if type(_mt_obj := ")
-            self.visit(node.node, frame)
-            self.write(
-                f") is dict and {node.attr!r} in _mt_obj else environment.getattr(_mt_obj, {node.attr!r}))"
-            )
-
-    class Sandbox(ImmutableSandboxedEnvironment):
-        """transformers' sandbox, with the same verdicts found faster (renders are most of tokenize's CPU).
-
-        The sandbox decides every attribute access (`content.split`, `loop.last`, `ns.index`) anew through
-        a dozen isinstance checks; for the plain types above the verdict depends only on (type, name), so
-        it is computed once by the sandbox itself and remembered. `message.role` on a dict looks the key up
-        directly when dict has no such attribute (the sandbox tries the attribute first and then the key:
-        the same value, without the AttributeError).
-        """
-
-        intercepted_binops = frozenset({"%"})  # `fmt % (content,)`: C code makes the text (see _Traced)
-        code_generator_class = Generator
-
-        def compile(self, *args: Any, **kwargs: Any) -> Any:
-            try:
-                return super().compile(*args, **kwargs)
-            except SyntaxError:  # a `:=` where Python refuses one (none known): the stock code generator
-                self.code_generator_class = CodeGenerator
-                return super().compile(*args, **kwargs)
-
-        def __init__(self, **kwargs: Any) -> None:
-            super().__init__(**kwargs)
-            self.verdicts: dict[tuple[type, str], bool] = {}
-            self.tracing = False  # True during ChatEncoder._traced_render
-
-        def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
-            _flag_traced(right)
-            return super().call_binop(context, operator, left, right)
-
-        def is_safe_attribute(self, obj: Any, attr: str, value: Any) -> bool:
-            key = (type(obj), attr)
-            verdict = self.verdicts.get(key)
-            if verdict is None:
-                verdict = super().is_safe_attribute(obj, attr, value)
-                if key[0] in plain_types:
-                    self.verdicts[key] = verdict
-            return verdict
-
-        def getattr(self, obj: Any, attribute: str) -> Any:
-            kind = type(obj)
-            if kind is dict and attribute not in dict_attributes:
-                try:
-                    return obj[attribute]
-                except KeyError:
-                    return self.undefined(obj=obj, name=attribute)
-            # A remembered verdict: the sandbox's own path, less its checks (str.format is left to it).
-            verdict = self.verdicts.get((kind, attribute))
-            if verdict and kind is Namespace:  # `ns.index`: its attribute dict, read without two calls
-                attrs = object.__getattribute__(obj, "_Namespace__attrs")
-                if attribute in attrs:
-                    return attrs[attribute]
-            if verdict is not None and attribute not in ("format", "format_map"):
-                try:
-                    value = getattr(obj, attribute)
-                except AttributeError:
-                    return super().getattr(obj, attribute)
-                return value if verdict else self.unsafe_undefined(obj, attribute)
-            return super().getattr(obj, attribute)
-
-        def wrap_str_format(self, value: Any) -> Any:
-            owner = getattr(value, "__self__", None)
-            if type(owner) is _Traced and getattr(value, "__name__", "") in ("format", "format_map"):
-                owner.lost[0] = True  # `content.format(...)`: formatted in C, past the override
-            return super().wrap_str_format(value)
-
-        def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805
-            if __self.tracing:  # `sep.join(...)`, `text.replace(x, content)`: C code copies a traced argument
-                for value in args:
-                    if type(value) is not str:
-                        _flag_traced(value)
-                for key, value in kwargs.items():
-                    if type(value) is not str and key != "_loop_vars" and key != "_block_vars":
-                        _flag_traced(value)
-            # A builtin method (`content.split`, `messages.items`) is safely callable and takes no context:
-            # the sandbox's and the context's checks both pass it straight through; done here directly.
-            # `namespace(...)` (Jinja's Namespace class, once per render): safe, takes no context either.
-            if type(__obj) is not builtin_method and __obj is not Namespace:
-                return super().call(__context, __obj, *args, **kwargs)
-            kwargs.pop("_block_vars", None)
-            kwargs.pop("_loop_vars", None)
-            try:
-                return __obj(*args, **kwargs)
-            except StopIteration:
-                return __self.undefined(
-                    "value was undefined because a callable raised a StopIteration exception"
-                )
-
-    env = Sandbox(trim_blocks=True, lstrip_blocks=True, extensions=[GenerationTag, loopcontrols])
-    env.filters["tojson"] = tojson
-    env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    return env
 
 
 def _template_message(message: dict[str, Any], content: Any) -> dict[str, Any]:
@@ -460,7 +219,7 @@ class ChatEncoder:
         # GLM-4: the template ends a turn with the next role token, so the last turn ends with nothing; the
         # model generates this token there (it is a stop token), so it is appended and trained
         self.final_turn_ender = final_turn_ender
-        self._template = _build_environment().from_string(template_source)
+        self._template = build_environment().from_string(template_source)
         self._globals = dict(self._template.globals)  # a ChainMap in Jinja: merged once, not per render
 
     def __getstate__(self) -> dict[str, Any]:
@@ -470,7 +229,7 @@ class ChatEncoder:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        self._template = _build_environment().from_string(self.template_source)
+        self._template = build_environment().from_string(self.template_source)
         self._globals = dict(self._template.globals)
 
     # ---------------------------------------------------------------- rendering
@@ -504,19 +263,19 @@ class ChatEncoder:
     ) -> tuple[str, dict[int, list[int]] | None]:
         """(text, where each traced message's content starts in it), from ONE render: the render itself.
 
-        The contents of messages `traced` are passed as `_Traced` strings (equal in value, so the text is
+        The contents of messages `traced` are passed as `Traced` strings (equal in value, so the text is
         exactly `render(real)`), and each output piece tells where they landed. The positions are None (not
         known; the caller falls back to a marked render) when a traced content was made into text by anything
         but `+` (a str method, `%`, a call that takes it, `tojson`: flagged as they happen), or did not reach
         the text. What cannot be flagged as it happens (`~`, `join`, macros and blocks, which copy text in C)
-        is refused up front: such a template is not traced at all (see _traceable).
+        is refused up front: such a template is not traced at all (see _traceable, template.py).
         """
         if not self._traceable():
             return self._render_or_reject(real, tools), None
         lost = [False]
         messages = list(real)
         for j in traced:
-            content = _Traced(real[j]["content"])
+            content = Traced(real[j]["content"])
             content.lost, content.spans = lost, ((0, j),)
             messages[j] = {**real[j], "content": content}
         context = self._context(messages, tools, add_generation_prompt=False)
@@ -527,7 +286,7 @@ class ChatEncoder:
         environment.tracing = True
         try:
             for piece in self._template.root_render_func(context):
-                if type(piece) is _Traced:
+                if type(piece) is Traced:
                     for at, j in piece.spans:
                         opens.setdefault(j, []).append(length + at)
                     piece = str.__str__(piece)  # a plain str: nothing traced leaves this function
@@ -544,16 +303,10 @@ class ChatEncoder:
         return text, opens
 
     def _traceable(self) -> bool:
-        """True when the template uses only _TRACEABLE_FILTERS and none of _UNTRACEABLE_NODES (decided once
-        per template, from its syntax tree)."""
+        """template.traceable of this template (decided once per template, from its syntax tree)."""
         verdict = self.__dict__.get("_traceable_verdict")
         if verdict is None:
-            import jinja2.nodes
-
-            ast = self._template.environment.parse(self.template_source)
-            verdict = all(
-                node.name in _TRACEABLE_FILTERS for node in ast.find_all(jinja2.nodes.Filter)
-            ) and not any(ast.find(getattr(jinja2.nodes, name)) for name in _UNTRACEABLE_NODES)
+            verdict = traceable(self._template.environment.parse(self.template_source))
             self._traceable_verdict = verdict
         return verdict
 

@@ -17,6 +17,7 @@ from minitrain.data import chat
 from minitrain.data.chat import IGNORE_INDEX, SampleRejected, load_chat_encoder
 from minitrain.errors import UserError
 from tests.conftest import MESSAGES_FILES, QWEN3, SMOLLM2, TINYLLAMA, needs_fixtures
+from tests.data.test_template import COPY_ROUTES, TWO_EXCHANGES, UNTRACEABLE, copying_template
 
 pytestmark = needs_fixtures
 
@@ -783,39 +784,6 @@ def test_renders_equal_transformers_on_every_fixture_record_and_prefix(qwen3, sm
                 )
 
 
-@pytest.mark.parametrize(
-    "source",
-    [
-        "{{ messages.append(1) }}{{ messages | length }}",  # mutating a list: SecurityError
-        "{{ messages[0].update({'a': 1}) }}",  # mutating a dict
-        "{{ messages[0].clear }}",
-        "{{ messages.__class__ }}",  # internals
-        "{{ ''.__class__.__mro__ }}",
-        "{% for m in messages %}{{ loop.__class__ }}{{ loop.index0 }}{% endfor %}",
-        "{% set ns = namespace(a=1) %}{{ ns.a }}{{ ns.__init__ }}",
-        "{{ messages[0].role }}{{ messages[0].items() | list }}{{ messages[0].nope is defined }}",
-        "{{ 'a{0}'.format(messages[0].role) }}{{ messages[0].content.split(' ')[0].upper() }}",
-    ],
-)
-def test_sandbox_verdicts_match_jinjas_own(source):
-    """Each access is allowed or refused exactly as jinja's ImmutableSandboxedEnvironment decides, also
-    the second time (when the verdict is remembered)."""
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    def outcome(env):
-        messages = [{"role": "user", "content": "hello there"}]
-        try:
-            return env.from_string(source).render(messages=messages)
-        except Exception as err:
-            return type(err).__name__
-
-    stock = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    ours = chat._build_environment()
-    assert type(ours) is not ImmutableSandboxedEnvironment
-    expected = outcome(stock)
-    assert outcome(ours) == expected and outcome(ours) == expected
-
-
 # ------------------------------------------------------------- where a message begins, from the render itself
 
 
@@ -858,58 +826,11 @@ def test_traced_render_is_the_render_and_finds_what_the_markers_find(qwen3, smol
         assert traced > 300
 
 
-# Each makes text out of the user's content by something other than `+`, then writes the content again
-# with `+` after the user's end of turn: a trace that missed the first would put the user message after
-# its own <|im_end|>, and the turn before it would be trained through the user's text.
-COPY_ROUTES = {
-    "str method": "m['content'].strip()",
-    "slice": "m['content'][0:]",
-    "percent": "'%s' % (m['content'],)",
-    "format": "'{}'.format(m['content'])",
-    "format of the content": "m['content'].format()",
-    "join method": "''.join([m['content']])",
-    "argument of a method": "'@'.replace('@', m['content'])",
-    "tojson": "m['content'] | tojson",
-}
-# Templates that copy text in C where no trace can see it: never traced (the marked render locates).
-UNTRACEABLE = {
-    "tilde": "'<|im_start|>' ~ m['role'] ~ '\\n' ~ m['content'] ~ '<|im_end|>\\n'",
-    "join filter": "['<|im_start|>', m['role'], '\\n', m['content'], '<|im_end|>\\n'] | join",
-    "replace filter": (
-        "'<|im_start|>' + m['role'] + '\\n' + ('@' | replace('@', m['content'])) + '<|im_end|>\\n'"
-    ),
-}
-
-
-def _chatml_with_user(expression: str) -> str:
-    return (
-        "{% for m in messages %}{% if m['role'] == 'assistant' %}"
-        "{{ '<|im_start|>assistant\\n' + m['content'] + '<|im_end|>\\n' }}"
-        "{% else %}{{ " + expression + " }}{% endif %}{% endfor %}"
-        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-    )
-
-
-TWO_EXCHANGES = [
-    {"role": "user", "content": "Name a colour."},
-    {"role": "assistant", "content": "Blue."},
-    {"role": "user", "content": "Another one?"},
-    {"role": "assistant", "content": "Green."},
-]
-
-
 @pytest.mark.parametrize("route", [*COPY_ROUTES, *UNTRACEABLE])
 def test_a_content_copied_past_the_trace_falls_back_to_the_marked_render(route, tmp_path):
     from transformers import AutoTokenizer
 
-    if route in COPY_ROUTES:
-        user = (
-            "'<|im_start|>' + m['role'] + '\\n' + " + COPY_ROUTES[route] + " + '<|im_end|>\\n' + "
-            "m['content'] + '\\n'"
-        )
-    else:
-        user = UNTRACEABLE[route]
-    folder = write_tokenizer(tmp_path, SMOLLM2, _chatml_with_user(user))
+    folder = write_tokenizer(tmp_path, SMOLLM2, copying_template(route))
     loaded, tok = load_chat_encoder(str(folder)), AutoTokenizer.from_pretrained(str(folder))
     real = [chat._template_message(m, m["content"]) for m in TWO_EXCHANGES]
     text, opens = loaded.encoder._traced_render(real, None, [2])
