@@ -85,8 +85,8 @@ def run_minitrain(inp: Path, out: Path, workers: int, tokenizer: Path) -> dict:
     import multiprocessing.forkserver
 
     from minitrain.config import TokenizeConfig
-    from minitrain.data.chat import load_chat_encoder
     from minitrain.data.pipeline import tokenize_file
+    from minitrain.data.probe import load_chat_encoder
 
     load_chat_encoder(str(tokenizer))  # imports, file caches
     t0, c0 = time.perf_counter(), _cpu(resource.RUSAGE_SELF)
@@ -307,7 +307,7 @@ def bench_naive(lines: list[bytes], tokenizer: Path = SMOLLM2) -> dict:
 def floor_pass(lines: list[bytes], tokenizer: Path, batch: int = 64) -> tuple[float, float, int]:
     """(CPU-s, wall s, tokens) of one render and one batched encode per line, with a freshly loaded
     tokenizer (the load not timed)."""
-    from minitrain.data.chat import load_chat_encoder
+    from minitrain.data.probe import load_chat_encoder
 
     encoder = load_chat_encoder(str(tokenizer)).encoder
     tokens = 0

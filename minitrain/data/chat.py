@@ -17,17 +17,16 @@ How a mask is computed, every step checked (a mask is never guessed):
        text; the turn starts at len(prompt_i). The one exact alternative: a prompt whose tail the text does
        not repeat (DeepSeek-R1 opens `<think>\n` in the prompt only) - the turn then starts where the two
        part, after the header. Else: "generation prompt not a prefix".
-    3. end of turn: the last turn-ending token (probed once per template: the first added token after a
-       middle and a final assistant content, and right after a tool call's arguments) before the next
-       message begins. Where the next message begins is known from the render of `text` itself, its
-       contents traced (`Traced`, minitrain/data/template.py: equal in value, followed through `+`; any
-       other way of making text out of them gives the trace up), else from one more render with the
-       contents of system/user/tool messages wrapped in private-use markers (U+10FFF0 j U+10FFF1 ...
-       U+10FFF2; the stripped render must equal `text`, retried with markers inside `| trim`med
-       whitespace). "Last", not
-       "first": gpt-oss closes its analysis channel with `<|end|>` inside the turn. No token: "no end of
-       turn" - except the last turn of a template that leaves it open (GLM-4), which is closed with the
-       token that ends its other turns (the model's stop token), appended and trained.
+    3. end of turn: the last turn-ending token (probed once per template, minitrain/data/probe.py: the first
+       added token after a middle and a final assistant content, and right after a tool call's arguments)
+       before the next message begins. Where the next message begins is known from the render of `text`
+       itself, its contents traced (`Traced`, minitrain/data/template.py: equal in value, followed through
+       `+`; any other way of making text out of them gives the trace up), else from one more render with the
+       contents of system/user/tool messages wrapped in private-use markers (U+10FFF0 j U+10FFF1 ... U+10FFF2;
+       the stripped render must equal `text`, retried with markers inside `| trim`med whitespace). "Last", not
+       "first": gpt-oss closes its analysis channel with `<|end|>` inside the turn. No token: "no end of turn"
+       - except the last turn of a template that leaves it open (GLM-4), which is closed with the token that
+       ends its other turns (the model's stop token), appended and trained.
     4. contents: the turn's answer, its tool calls' names and its reasoning (a `reasoning_content`,
        `reasoning` or `thinking` field, or inline `<think>...</think>`) must lie in the trained text, else
        "content outside its turn" / "template error" (tool calls not rendered). Reasoning that the template
@@ -60,21 +59,14 @@ same span rule applies, with EOS appended and trained.
 from __future__ import annotations
 
 import bisect
-import hashlib
 import re
 from dataclasses import dataclass
-from functools import cached_property
-from importlib import resources
-from pathlib import Path
 from typing import Any
 
 from minitrain.data.format import IGNORE_INDEX
 from minitrain.data.template import Traced, build_environment, traceable
-from minitrain.data.tokenizer import load_tokenizer
-from minitrain.errors import UserError
 
 CHAT_ROLES = frozenset({"system", "user", "assistant", "tool"})
-BUILTIN_TEMPLATES = ("chatml",)
 
 # Reasons a line is rejected (the rejects file and the summary use these exact strings).
 MALFORMED_JSON = "malformed JSON"
@@ -125,12 +117,6 @@ TOO_LONG = "too long"  # the one reason a line is dropped
 # Markers: U+10FFF0 <index> U+10FFF1 opens message <index>'s content, U+10FFF0 <index> U+10FFF2 closes it.
 _MARK_LEAD, _MARK_OPEN, _MARK_CLOSE = "\U0010fff0", "\U0010fff1", "\U0010fff2"
 _MARK_RE = re.compile("\U0010fff0(\\d+)([\U0010fff1\U0010fff2])")
-_PROBE_CONTENTS = (
-    "minitrain probe one",
-    "minitrain probe two",
-    "minitrain probe three",
-    "minitrain probe four",
-)
 
 
 class SampleRejected(Exception):
@@ -184,8 +170,8 @@ def _strip_markers(marked: str) -> tuple[str, dict[int, list[int]], dict[int, li
 class ChatEncoder:
     """Encodes records for one tokenizer and chat template; picklable for worker processes.
 
-    Build it with `load_chat_encoder`. It holds only the fast tokenizer backend, the template source and a
-    few facts found once (BOS handling, the end-of-turn text and ids), so workers need no transformers.
+    Build it with `probe.load_chat_encoder`. It holds only the fast tokenizer backend, the template source
+    and a few facts found once (BOS handling, the end-of-turn text and ids), so workers need no transformers.
     """
 
     def __init__(
@@ -741,263 +727,3 @@ def _straddles(text: str, offsets: list[tuple[int, int]], start: int) -> bool:
         return False
     lo, hi = offsets[k]
     return lo < start < hi and bool(text[lo:start].strip(" "))
-
-
-# -------------------------------------------------------------------- loading
-
-
-def resolve_chat_template(tokenizer: Any, chat_template: str | None) -> tuple[str, str]:
-    """(template source, where it came from): the tokenizer's own, a built-in name, or a Jinja file."""
-    if chat_template is None:
-        source = getattr(tokenizer, "chat_template", None)
-        if isinstance(source, dict):
-            source = source.get("default")
-        if not source:
-            raise UserError(
-                "the tokenizer has no chat template; pass --chat-template chatml (built in) or "
-                "--chat-template PATH.jinja"
-            )
-        return source, "tokenizer"
-    if chat_template in BUILTIN_TEMPLATES:
-        return resources.files("minitrain").joinpath(
-            f"assets/chat_templates/{chat_template}.jinja"
-        ).read_text("utf-8"), chat_template
-    path = Path(chat_template)
-    if not path.is_file():
-        raise UserError(
-            f"--chat-template {chat_template}: not a built-in template ({', '.join(BUILTIN_TEMPLATES)}) "
-            "and no such file"
-        )
-    return path.read_text("utf-8"), str(path)
-
-
-def _leading_added_tokens(text: str, pos: int, added: list[str]) -> tuple[str, list[str]]:
-    """(whitespace, run of added-token strings) at text[pos:]; longest token first."""
-    rest = text[pos:]
-    ws = rest[: len(rest) - len(rest.lstrip())]
-    cursor = pos + len(ws)
-    run: list[str] = []
-    while (token := next((t for t in added if text.startswith(t, cursor)), None)) is not None:
-        run.append(token)
-        cursor += len(token)
-    return ws, run
-
-
-def find_end_of_turn(encoder: ChatEncoder, added_tokens: list[str]) -> tuple[str, list[str], list[str], bool]:
-    """(end-of-turn text, its added tokens, every token that ends a turn, last turn left open), probed.
-
-    Probed on a two-exchange conversation (with and without a system message). The end-of-turn text is the
-    common run of added tokens right after the middle and the final assistant content, e.g. `<|im_end|>`
-    (ChatML), `</s>` (zephyr), `<|eot_id|>` (Llama 3) - not the next header that may follow it without a
-    separator; it is used only by templates without a generation prompt. The tokens that end a turn are the
-    first added token after each of the two contents: one token for most templates, two for gpt-oss
-    (`<|end|>` mid-conversation, `<|return|>` at the end), GLM's next role token (nothing ends its last turn).
-    A template where no token follows any content is not refused here: each line is rejected with its reason.
-    "Last turn left open": a token follows the middle content but nothing follows the final one (GLM-4).
-    """
-    added = sorted(added_tokens, key=len, reverse=True)
-    u1, a1, u2, a2 = _PROBE_CONTENTS
-    probes = [
-        [
-            {"role": "user", "content": u1},
-            {"role": "assistant", "content": a1},
-            {"role": "user", "content": u2},
-            {"role": "assistant", "content": a2},
-        ],
-    ]
-    probes.append([{"role": "system", "content": "minitrain probe system"}, *probes[0]])
-    errors = []
-    for messages in probes:
-        try:
-            text = encoder.render(messages)
-        except Exception as err:
-            errors.append(f"{type(err).__name__}: {err}")
-            continue
-        if text.count(a1) != 1 or text.count(a2) != 1:
-            errors.append("the template does not render assistant contents verbatim")
-            continue
-        mid_end, last_end = text.index(a1) + len(a1), text.index(a2) + len(a2)
-        (mid_ws, mid), (last_ws, last) = (
-            _leading_added_tokens(text, mid_end, added),
-            _leading_added_tokens(text, last_end, added),
-        )
-        common: list[str] = []
-        for x, y in zip(mid, last, strict=False):
-            if x != y:
-                break
-            common.append(x)
-        enders = list(dict.fromkeys(run[0] for run in (mid, last) if run))
-        # GLM: the next role token ends a turn, so nothing follows the last one
-        open_final = bool(mid) and not last and not text[last_end:].strip()
-        if not common or mid_ws != last_ws:
-            return "", [], enders, open_final
-        return last_ws + "".join(common), common, enders, open_final
-    raise UserError(
-        f"the chat template cannot render a plain user/assistant conversation ({'; '.join(errors)[:200]})"
-    )
-
-
-def tool_call_enders(encoder: ChatEncoder, added_tokens: list[str]) -> list[str]:
-    """The added token right after a tool call's arguments, when one is (gpt-oss's `<|call|>`); else none."""
-    call = {
-        "type": "function",
-        "function": {"name": "minitrain_probe", "arguments": {"p": "minitrain probe"}},
-    }
-    messages = [
-        {"role": "user", "content": _PROBE_CONTENTS[0]},
-        {"role": "assistant", "content": "", "tool_calls": [call]},
-        {"role": "tool", "content": _PROBE_CONTENTS[1]},
-    ]
-    try:
-        text = encoder.render(messages)
-    except Exception:
-        return []
-    at = text.find('"minitrain probe"}')
-    if at < 0:
-        return []
-    after = at + len('"minitrain probe"}')
-    return [t for t in sorted(added_tokens, key=len, reverse=True) if text.startswith(t, after)][:1]
-
-
-def voice_token_ids(encoder: ChatEncoder) -> list[int]:
-    """Ids of added tokens that the generation rule trains inside a turn (not its end), found on probes
-    with reasoning and with a tool call; `inspect --audit` accepts these as trained special tokens."""
-    call = {"type": "function", "function": {"name": "minitrain_probe", "arguments": {"p": "probe"}}}
-    user = {"role": "user", "content": _PROBE_CONTENTS[0]}
-    probes = [
-        [user, {"role": "assistant", "content": _PROBE_CONTENTS[1], "reasoning_content": _PROBE_CONTENTS[2]}],
-        [user, {"role": "assistant", "content": "", "tool_calls": [call]}, {"role": "tool", "content": "x"}],
-    ]
-    added = set(encoder.backend.get_added_tokens_decoder())
-    found: set[int] = set()
-    for messages in probes:
-        try:
-            sample = encoder.encode({"messages": messages})
-        except SampleRejected:
-            continue
-        found.update(label for label in sample.labels if label in added)
-    return sorted(found - set(encoder.eot_ids))
-
-
-def has_generation_prompt(encoder: ChatEncoder) -> bool:
-    """True when add_generation_prompt=True adds text after a user message (the assistant header)."""
-    messages = [{"role": "user", "content": _PROBE_CONTENTS[0]}]
-    try:
-        return encoder.render(messages, add_generation_prompt=True) != encoder.render(messages)
-    except Exception:
-        return False
-
-
-def tokenizer_fingerprint(tokenizer: Any) -> str:
-    """sha256 of the vocabulary in id order (added tokens included): equal fingerprints mean equal id
-    meanings.
-
-    The hashed text is one `"{id}\t{token}\n"` line per entry of `get_vocab()`, sorted by id (a stable
-    sort: tokens sharing an id keep the dict's order). Where the ids are exactly 0..n-1, each token is put
-    at its id instead of sorting (the same text, 0.4 s instead of 0.6 s for Qwen3's 151k entries).
-    """
-    vocab = tokenizer.get_vocab()
-    by_id: list[str | None] = [None] * len(vocab)
-    try:
-        for token, idx in vocab.items():
-            by_id[idx] = token  # an id past the end raises; a shared id leaves a hole (n tokens, n slots)
-    except (IndexError, TypeError):
-        by_id = [None]
-    if None in by_id or min(vocab.values(), default=0) < 0:  # holes, shared or negative ids: the sort
-        lines = (f"{idx}\t{token}\n" for token, idx in sorted(vocab.items(), key=lambda item: item[1]))
-    else:
-        lines = (f"{idx}\t{token}\n" for idx, token in enumerate(by_id))
-    text = "".join(lines)
-    return "sha256:" + hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
-
-
-@dataclass(frozen=True)
-class LoadedTokenizer:
-    """What the tokenize stage needs from a tokenizer: the encoder plus facts for the sidecar.
-
-    The fingerprint is computed when first read (0.4 s for a 151k vocabulary): the tokenize stage reads
-    it once its workers are busy, so it is not on the path to the first encoded line.
-    """
-
-    encoder: ChatEncoder
-    tokenizer: Any  # the transformers tokenizer (this process only; workers get the encoder)
-    tokenizer_class: str
-    vocab_size: int
-    bos_token_id: int | None
-    eos_token_id: int
-    pad_token_id: int | None
-    template_source: str
-    template_origin: str
-
-    @cached_property
-    def fingerprint(self) -> str:
-        return tokenizer_fingerprint(self.tokenizer)
-
-    @property
-    def template_sha256(self) -> str:
-        return hashlib.sha256(self.template_source.encode("utf-8")).hexdigest()
-
-    @property
-    def end_of_turn_token_ids(self) -> list[int]:
-        return list(self.encoder.eot_ids)
-
-    @cached_property
-    def turn_token_ids(self) -> list[int]:
-        """Added tokens the template writes in the model's voice (`<think>`, `<|channel|>` ...): trained."""
-        return voice_token_ids(self.encoder)
-
-
-def load_chat_encoder(
-    model_name_or_path: str, chat_template: str | None = None, *, trust_remote_code: bool = False
-) -> LoadedTokenizer:
-    """Load a (fast) tokenizer, resolve its chat template and probe it; user mistakes raise UserError."""
-    tokenizer = load_tokenizer(model_name_or_path, trust_remote_code=trust_remote_code)
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
-        raise UserError(
-            f"{model_name_or_path}: the tokenizer has no fast (tokenizer.json) backend, "
-            "which tokenize needs for character offsets"
-        )
-    if tokenizer.eos_token_id is None:
-        raise UserError(
-            f"{model_name_or_path}: the tokenizer has no EOS token; set eos_token in tokenizer_config.json"
-        )
-    source, origin = resolve_chat_template(tokenizer, chat_template)
-    with_specials = backend.encode("a", add_special_tokens=True).ids
-    plain = backend.encode("a", add_special_tokens=False).ids
-    # What the tokenizer puts in front of a text (BOS for Llama-style tokenizers); anything it appends is
-    # ignored.
-    at = next((j for j in range(len(with_specials)) if with_specials[j : j + len(plain)] == plain), 0)
-    try:
-        encoder = ChatEncoder(
-            backend=backend,
-            template_source=source,
-            template_kwargs=dict(tokenizer.special_tokens_map),
-            bos_text=tokenizer.bos_token,
-            prefix_ids=list(with_specials[:at]),
-            eos_id=tokenizer.eos_token_id,
-            eot_text="",
-            eot_ids=[],
-        )
-    except Exception as err:
-        raise UserError(f"the chat template ({origin}) does not compile: {str(err)[:200]}") from None
-    added = [t.content for t in tokenizer.added_tokens_decoder.values()]
-    eot_text, _, enders, open_final = find_end_of_turn(encoder, added)
-    enders = list(dict.fromkeys([*enders, *tool_call_enders(encoder, added)]))
-    encoder.eot_text = eot_text
-    encoder.eot_tokens = tuple(enders)
-    encoder.eot_ids = [tokenizer.convert_tokens_to_ids(t) for t in enders]
-    if open_final and len(enders) >= 1:
-        encoder.final_turn_ender = enders[0]
-    encoder.has_generation_prompt = has_generation_prompt(encoder)
-    return LoadedTokenizer(
-        encoder=encoder,
-        tokenizer=tokenizer,
-        tokenizer_class=type(tokenizer).__name__,
-        vocab_size=len(tokenizer),
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        template_source=source,
-        template_origin=origin,
-    )

@@ -44,7 +44,6 @@ from minitrain.data.chat import (
     TOO_LONG,
     ChatEncoder,
     SampleRejected,
-    load_chat_encoder,
 )
 from minitrain.data.format import (
     FORMAT_NAME,
@@ -56,6 +55,7 @@ from minitrain.data.format import (
     sidecar_path,
 )
 from minitrain.data.preference import encode_pair
+from minitrain.data.probe import load_chat_encoder
 from minitrain.data.sources import (
     FieldMapping,
     RowSource,

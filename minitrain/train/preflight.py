@@ -295,7 +295,7 @@ def check_tokenizer_matches(
         (model_dir / f).exists() for f in ("tokenizer.json", "tokenizer.model")
     ):
         return  # a bare config (e.g. --from-scratch): the data's tokenizer is the only one there is
-    from minitrain.data.chat import tokenizer_fingerprint
+    from minitrain.data.probe import tokenizer_fingerprint
 
     try:
         tokenizer = load_tokenizer(model_name_or_path, trust_remote_code=trust_remote_code)

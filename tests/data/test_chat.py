@@ -14,8 +14,8 @@ import orjson
 import pytest
 
 from minitrain.data import chat
-from minitrain.data.chat import IGNORE_INDEX, SampleRejected, load_chat_encoder
-from minitrain.errors import UserError
+from minitrain.data.chat import IGNORE_INDEX, SampleRejected
+from minitrain.data.probe import load_chat_encoder
 from tests.conftest import MESSAGES_FILES, QWEN3, SMOLLM2, TINYLLAMA, needs_fixtures
 from tests.data.test_template import COPY_ROUTES, TWO_EXCHANGES, UNTRACEABLE, copying_template
 
@@ -491,49 +491,7 @@ def test_template_raise_exception_is_a_template_error(tmp_path):
     assert err.value.reason == chat.TEMPLATE_ERROR and "no system role" in err.value.detail
 
 
-# ---------------------------------------------------------------------------------- templates chosen up front
-
-
-def test_tokenizer_without_template_is_refused_with_a_hint(tmp_path, hf_tokenizers):
-    folder = write_tokenizer(tmp_path, SMOLLM2, None)
-    with pytest.raises(UserError, match="--chat-template"):
-        load_chat_encoder(str(folder))
-    builtin = load_chat_encoder(str(folder), "chatml")
-    assert builtin.template_origin == "chatml" and builtin.encoder.eot_text == "<|im_end|>"
-    record = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
-    sample = builtin.encoder.encode(record)
-    assert (
-        hf_tokenizers[SMOLLM2].decode(sample.input_ids)
-        == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello<|im_end|>\n"
-    )
-    assert_exact(sample, hf_tokenizers[SMOLLM2], ["Hello"], "<|im_end|>")
-    jinja = tmp_path / "mine.jinja"
-    jinja.write_text(
-        "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + eos_token + '\\n' }}{% endfor %}"
-    )
-    from_file = load_chat_encoder(str(folder), str(jinja))
-    assert from_file.template_origin == str(jinja) and from_file.encoder.eot_text == "<|im_end|>"
-
-
-def test_unknown_template_name_and_template_without_end_of_turn_token(tmp_path):
-    with pytest.raises(UserError, match="not a built-in template"):
-        load_chat_encoder(str(SMOLLM2), "vicuna")
-    jinja = tmp_path / "plain.jinja"
-    jinja.write_text("{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\\n\\n' }}{% endfor %}")
-    plain = load_chat_encoder(
-        str(SMOLLM2), str(jinja)
-    )  # no token ends a turn: each line says so, not the file
-    with pytest.raises(SampleRejected) as err:
-        plain.encoder.encode(
-            {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
-        )
-    assert err.value.reason == chat.NO_END_OF_TURN
-    broken = tmp_path / "broken.jinja"
-    broken.write_text("{% for m in messages %}{{ m.content }")
-    with pytest.raises(UserError, match="does not compile"):
-        load_chat_encoder(str(SMOLLM2), str(broken))
-    with pytest.raises(UserError, match="missing: no such folder"):
-        load_chat_encoder(str(tmp_path / "missing"))
+# ------------------------------------------------------------------------------------ pickled for the workers
 
 
 def test_encoder_survives_pickling(smollm2):
@@ -544,66 +502,8 @@ def test_encoder_survives_pickling(smollm2):
     assert clone.encode(record) == smollm2.encoder.encode(record)
 
 
-def test_fingerprint_is_stable_and_distinguishes_tokenizers(hf_tokenizers, smollm2, tinyllama):
-    assert chat.tokenizer_fingerprint(hf_tokenizers[SMOLLM2]) == smollm2.fingerprint
-    assert smollm2.fingerprint != tinyllama.fingerprint
-
-
-def _fingerprint_by_sort(tokenizer) -> str:
-    """The fingerprint's definition, written plainly: every entry's line, sorted by id, hashed."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    for token, idx in sorted(tokenizer.get_vocab().items(), key=lambda item: item[1]):
-        digest.update(f"{idx}\t{token}\n".encode("utf-8", "surrogatepass"))
-    return "sha256:" + digest.hexdigest()
-
-
-# Written into every sidecar and compared by `train` with the model's: a change of these values would
-# refuse every dataset tokenized before it.
-FIXTURE_FINGERPRINTS = {
-    SMOLLM2: "sha256:46c0542294848967a4ec3aa5a35e5ac8509637d09a1919a3e1c27b7f7e235f93",
-    TINYLLAMA: "sha256:fe56f82cb0368a695de548846e10be3ba13a71bebd2f1a5f65a3dcbc51f73eab",
-    QWEN3: "sha256:1c26410abd5642b735b24941f770906bfd8efb1f98b7fb15f2e38180c0c99ee0",
-}
-
-
-@pytest.mark.parametrize("folder", list(FIXTURE_FINGERPRINTS), ids=lambda p: p.name)
-def test_fingerprint_keeps_its_values_and_its_definition(folder):
-    tokenizer = load_chat_encoder(str(folder)).tokenizer
-    assert (
-        chat.tokenizer_fingerprint(tokenizer)
-        == FIXTURE_FINGERPRINTS[folder]
-        == _fingerprint_by_sort(tokenizer)
-    )
-
-
-class _Vocab:
-    def __init__(self, vocab: dict) -> None:
-        self.vocab = vocab
-
-    def get_vocab(self) -> dict:
-        return dict(self.vocab)
-
-
-@pytest.mark.parametrize(
-    "vocab",
-    [
-        {"c": 2, "a": 0, "b": 1},  # dense: placed by id
-        {"a": 0, "c": 5, "b": 1},  # a hole, and an id past the end
-        {"a": 0, "b": 1, "B": 1},  # two tokens share an id: the dict's order is kept
-        {"x": -1, "a": 0, "b": 1},  # a negative id fills the slots by wrap-around: must still sort
-        {"a": 0, "b": 2, "c": -1},  # a negative id with a hole
-        {},
-    ],
-)
-def test_fingerprint_equals_the_sorted_definition_for_odd_vocabularies(vocab):
-    assert chat.tokenizer_fingerprint(_Vocab(vocab)) == _fingerprint_by_sort(_Vocab(vocab))
-
-
 # ------------------------------------------------------------------ the generation rule, against transformers
 
-QWEN3 = SMOLLM2.parent / "qwen3"
 REASON_A = "The user greets me.\nI should greet back."
 REASON_B = "Two plus two.\nThat is four."
 

@@ -16,7 +16,8 @@ import re
 import pytest
 
 from minitrain.data import chat
-from minitrain.data.chat import IGNORE_INDEX, SampleRejected, load_chat_encoder
+from minitrain.data.chat import IGNORE_INDEX, SampleRejected
+from minitrain.data.probe import load_chat_encoder
 from tests.conftest import QWEN3, needs_fixtures
 
 pytestmark = needs_fixtures

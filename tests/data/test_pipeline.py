@@ -10,10 +10,10 @@ from contextlib import contextmanager
 import pytest
 
 from minitrain.config import TokenizeConfig
-from minitrain.data import chat, pipeline
+from minitrain.data import chat, pipeline, probe
 from minitrain.data import workers as pool
-from minitrain.data.chat import load_chat_encoder
 from minitrain.data.format import iter_samples, read_sidecar, rejects_path, sidecar_path
+from minitrain.data.probe import load_chat_encoder
 from minitrain.errors import UserError
 from tests.conftest import MESSAGES_FILES, SMOLLM2, TINYLLAMA, needs_fixtures
 
@@ -246,13 +246,13 @@ def test_the_tokenizer_fingerprint_is_computed_once_while_the_workers_encode(tmp
     inp.write_bytes((GOOD + b"\n") * 400)  # 80 chunks
     parent = _count_parent_encodes(monkeypatch)
     started = _record_workers(monkeypatch)
-    real, seen = chat.tokenizer_fingerprint, []
+    real, seen = probe.tokenizer_fingerprint, []
 
     def recording(tokenizer):
         seen.append((len(parent), [len(w.queued) for w in started]))
         return real(tokenizer)
 
-    monkeypatch.setattr(chat, "tokenizer_fingerprint", recording)
+    monkeypatch.setattr(probe, "tokenizer_fingerprint", recording)
     result, out = run(tmp_path, inp, workers=workers)
     assert result.written == 400 and len(seen) == 1
     encoded_here, queued = seen[0]

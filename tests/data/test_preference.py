@@ -6,9 +6,10 @@ from __future__ import annotations
 import pytest
 
 from minitrain.data import chat
-from minitrain.data.chat import SampleRejected, load_chat_encoder
+from minitrain.data.chat import SampleRejected
 from minitrain.data.format import IGNORE_INDEX
 from minitrain.data.preference import encode_pair
+from minitrain.data.probe import load_chat_encoder
 from minitrain.data.sources import is_pair_record, to_pair_record
 from tests.conftest import QWEN3, SMOLLM2, needs_fixtures
 

@@ -17,8 +17,9 @@ import pytest
 
 from minitrain.config import TokenizeConfig
 from minitrain.data import chat, pipeline
-from minitrain.data.chat import SampleRejected, load_chat_encoder
+from minitrain.data.chat import SampleRejected
 from minitrain.data.format import read_sidecar, rejects_path
+from minitrain.data.probe import load_chat_encoder
 from minitrain.data.sources import FieldMapping, to_chat_record
 from minitrain.errors import UserError
 from tests.conftest import DATA, QWEN3, REPO, SMOLLM2, needs_fixtures

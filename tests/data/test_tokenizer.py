@@ -283,7 +283,7 @@ def auto_tokenizer(folder: Path, **kwargs):
 
 def assert_same_tokenizer(ours, reference) -> None:
     """Same class, vocabulary, special tokens, ids and rendered chat template."""
-    from minitrain.data.chat import tokenizer_fingerprint
+    from minitrain.data.probe import tokenizer_fingerprint
 
     assert type(ours) is type(reference)
     assert tokenizer_fingerprint(ours) == tokenizer_fingerprint(reference)

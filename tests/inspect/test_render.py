@@ -256,7 +256,7 @@ def test_reasoning_has_its_own_style_trained_or_masked() -> None:
     """Qwen3: a trained reasoning block and a masked one are styled apart from the answer and each other."""
     from transformers import AutoTokenizer
 
-    from minitrain.data.chat import load_chat_encoder
+    from minitrain.data.probe import load_chat_encoder
 
     qwen3 = SMOLLM2.parent / "qwen3"
     tok = AutoTokenizer.from_pretrained(str(qwen3))

@@ -135,7 +135,7 @@ def test_refuses_data_tokenized_with_another_tokenizer(tmp_path):
     # the same file with the model's own fingerprint passes, and checkpoints will copy the model's tokenizer
     from transformers import AutoTokenizer
 
-    from minitrain.data.chat import tokenizer_fingerprint
+    from minitrain.data.probe import tokenizer_fingerprint
 
     meta["tokenizer"]["fingerprint"] = tokenizer_fingerprint(AutoTokenizer.from_pretrained(model))
     sidecar_path(data).write_bytes(orjson.dumps(meta))
