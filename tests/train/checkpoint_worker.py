@@ -245,6 +245,7 @@ def main(argv: list[str]) -> int:
     torch.set_num_threads(1)
     mode, run_dir = argv[0], Path(argv[1])
     dist = init_distributed()
+    finished = False
     try:
         if mode == "train":
             run_train(run_dir, dist)
@@ -256,8 +257,12 @@ def main(argv: list[str]) -> int:
             return run_hang(run_dir, dist)
         else:
             raise SystemExit(f"unknown mode {mode}")
+        finished = True
     finally:
-        close_distributed()
+        # as the real worker does: on success every rank waits for the others before tearing down gloo (a
+        # rank that leaves while a peer still finishes the last collective can abort it: "terminate called
+        # without an active exception", seen in CI in the 2-rank resume)
+        close_distributed(synchronize=finished)
     return 0
 
 
