@@ -23,7 +23,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 from minitrain.train.attention import register_packed_attention  # noqa: E402
-from minitrain.train.dist import init_distributed  # noqa: E402
+from minitrain.train.dist import close_distributed, init_distributed  # noqa: E402
 from minitrain.train.loss import scale_for_fsdp  # noqa: E402
 from minitrain.train.model import CausalLMWithLoss, load_model, shard_model  # noqa: E402
 from tests.train.test_model import grads, make_samples, pack  # noqa: E402
@@ -43,7 +43,7 @@ def main(model_dirs: list[str]) -> None:
     register_packed_attention()
     for model_dir in model_dirs:
         check_model(model_dir, dist)
-    torch_dist.destroy_process_group()
+    close_distributed(synchronize=True)  # both ranks done before gloo is torn down (else a peer can abort)
 
 
 def check_model(model_dir: str, dist) -> None:
