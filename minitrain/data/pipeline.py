@@ -579,10 +579,10 @@ def render_summary(result: TokenizeResult, console: Any) -> None:
     table.add_row("tokens", f"{result.tokens:,}")
     table.add_row("trained tokens", f"{result.trained_tokens:,}")
     if result.reasoning_dropped_turns:
+        turns, tokens = result.reasoning_dropped_turns, result.reasoning_dropped_tokens
         table.add_row(
             "reasoning dropped by the template",
-            f"[yellow]{result.reasoning_dropped_turns:,} turns, "
-            f"{result.reasoning_dropped_tokens:,} tokens[/yellow]",
+            f"[yellow]{turns:,} turn{'s' * (turns != 1)}, {tokens:,} token{'s' * (tokens != 1)}[/yellow]",
         )
     table.add_row("samples/s", f"{result.samples_per_s:,.0f}")
     table.add_row("tokens/s", f"{result.tokens_per_s:,.0f}")

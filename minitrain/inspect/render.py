@@ -360,7 +360,10 @@ def render_stats(stats: DatasetStats, console: Console) -> None:
     totals.add_row("samples with zero trained tokens", f"{stats.zero_trained:,}")
     if stats.reasoning_dropped is not None:
         turns, tokens = stats.reasoning_dropped.get("turns", 0), stats.reasoning_dropped.get("tokens", 0)
-        totals.add_row("reasoning dropped by the template", f"{turns:,} turns, {tokens:,} tokens")
+        totals.add_row(
+            "reasoning dropped by the template",
+            f"{turns:,} turn{'s' * (turns != 1)}, {tokens:,} token{'s' * (tokens != 1)}",
+        )
     console.print(totals)
     if stats.zero_trained:
         console.print(

@@ -565,7 +565,7 @@ def test_reasoning_dropped_by_the_template_is_counted_in_summary_and_sidecar(tmp
     console = Console(record=True, width=120)
     pipeline.render_summary(result, console)
     row = next(line for line in console.export_text().splitlines() if "reasoning dropped" in line)
-    assert f"1 turns, {expected_tokens} tokens" in row
+    assert f"1 turn, {expected_tokens} tokens" in row
 
 
 def test_split_turns_writes_one_sample_per_turn_and_counts_lines_and_samples(tmp_path):
