@@ -262,7 +262,6 @@ def detect_kind(lines: Iterator[tuple[int, bytes]], mapping: FieldMapping | None
     return KIND_SFT
 
 
-# Imported once by the forkserver, so each worker forked from it starts with them (not once per worker).
 # Imported once by a forkserver, so each worker forked from it starts with them (not once per worker).
 _WORKER_MODULES = ("__main__", __name__, "tokenizers", "jinja2.sandbox", "jinja2.ext")
 
