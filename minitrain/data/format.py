@@ -93,6 +93,11 @@ def read_sidecar(out: Path) -> dict[str, Any] | None:
     return meta
 
 
+def reasoning_dropped_text(turns: int, tokens: int) -> str:
+    """The sidecar's reasoning_dropped_by_template as the summary and `inspect --stats` say it."""
+    return f"{turns:,} turn{'s' * (turns != 1)}, {tokens:,} token{'s' * (tokens != 1)}"
+
+
 def _parse_object(raw: bytes, path: Path, line: int) -> dict[str, Any]:
     """One line of a tokenized file as a JSON object; errors name `FILE:LINE`."""
     try:

@@ -51,6 +51,7 @@ from minitrain.data.format import (
     IGNORE_INDEX,
     KIND_PREFERENCE,
     KIND_SFT,
+    reasoning_dropped_text,
     rejects_path,
     sidecar_path,
 )
@@ -423,17 +424,14 @@ def _write_outputs(
             policy = Policy(
                 config.max_sample_num_tokens, config.train_on, config.split_turns, mapping, result.kind
             )
-
-            def sidecar_facts() -> None:  # computed (and cached) while the workers encode
-                loaded.fingerprint, loaded.turn_token_ids  # noqa: B018
-
             results = results_in_order(
                 _encode_chunk,
                 (loaded.encoder, policy),
                 chunks,
                 result.num_workers,
                 preload=_WORKER_MODULES,
-                side_task=sidecar_facts,
+                # the sidecar's costly facts, computed (and cached) while the workers encode
+                side_task=lambda: (loaded.fingerprint, loaded.turn_token_ids),
             )
             first = next(results, None)
             task = None
@@ -578,11 +576,8 @@ def render_summary(result: TokenizeResult, console: Any) -> None:
     table.add_row("tokens", f"{result.tokens:,}")
     table.add_row("trained tokens", f"{result.trained_tokens:,}")
     if result.reasoning_dropped_turns:
-        turns, tokens = result.reasoning_dropped_turns, result.reasoning_dropped_tokens
-        table.add_row(
-            "reasoning dropped by the template",
-            f"[yellow]{turns:,} turn{'s' * (turns != 1)}, {tokens:,} token{'s' * (tokens != 1)}[/yellow]",
-        )
+        dropped = reasoning_dropped_text(result.reasoning_dropped_turns, result.reasoning_dropped_tokens)
+        table.add_row("reasoning dropped by the template", f"[yellow]{dropped}[/yellow]")
     table.add_row("samples/s", f"{result.samples_per_s:,.0f}")
     table.add_row("tokens/s", f"{result.tokens_per_s:,.0f}")
     table.add_row("workers", str(result.num_workers))

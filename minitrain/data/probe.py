@@ -201,20 +201,15 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     meanings.
 
     The hashed text is one `"{id}\t{token}\n"` line per entry of `get_vocab()`, sorted by id (a stable
-    sort: tokens sharing an id keep the dict's order). Where the ids are exactly 0..n-1, each token is put
+    sort: tokens sharing an id keep the dict's order). Where the ids are exactly 0..n-1, each token is read
     at its id instead of sorting (the same text, 0.4 s instead of 0.6 s for Qwen3's 151k entries).
     """
     vocab = tokenizer.get_vocab()
-    by_id: list[str | None] = [None] * len(vocab)
-    try:
-        for token, idx in vocab.items():
-            by_id[idx] = token  # an id past the end raises; a shared id leaves a hole (n tokens, n slots)
-    except (IndexError, TypeError):
-        by_id = [None]
-    if None in by_id or min(vocab.values(), default=0) < 0:  # holes, shared or negative ids: the sort
+    by_id = {idx: token for token, idx in vocab.items()}
+    if len(by_id) == len(vocab) and min(by_id, default=0) == 0 and max(by_id, default=-1) == len(by_id) - 1:
+        lines = (f"{idx}\t{by_id[idx]}\n" for idx in range(len(by_id)))  # ids exactly 0..n-1, each once
+    else:  # holes, shared or negative ids: the sort
         lines = (f"{idx}\t{token}\n" for token, idx in sorted(vocab.items(), key=lambda item: item[1]))
-    else:
-        lines = (f"{idx}\t{token}\n" for idx, token in enumerate(by_id))
     text = "".join(lines)
     return "sha256:" + hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 

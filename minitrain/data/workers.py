@@ -139,7 +139,7 @@ def _grow_pipe(conn: Connection) -> int:
 
 
 def _start_workers(ctx: Any, job: bytes | tuple[Callable, Any], n: int) -> list[_Worker]:
-    """Start `n` worker processes (`_worker_context`), each with its own task and result pipe."""
+    """Start `n` worker processes (`worker_context`), each with its own task and result pipe."""
     workers: list[_Worker] = []
     forked = ctx.get_start_method() == "fork"
     try:
@@ -259,9 +259,9 @@ def results_in_order(
                 _send(worker, data)
                 pending.append(worker)
             else:  # every worker has enough queued: this process encodes the chunk itself
-                if side_task is not None:
-                    side_task, task = None, side_task
-                    task()
+                if side_task is not None:  # first, once: the workers are busy now
+                    side_task()
+                    side_task = None
                 pending.append(work(state, chunk))
             while len(pending) >= MAX_IN_FLIGHT_PER_WORKER * workers:
                 yield pop_head()

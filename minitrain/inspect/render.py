@@ -30,7 +30,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from minitrain.data.format import IGNORE_INDEX
+from minitrain.data.format import IGNORE_INDEX, reasoning_dropped_text
 from minitrain.errors import UserError
 
 if TYPE_CHECKING:
@@ -360,10 +360,7 @@ def render_stats(stats: DatasetStats, console: Console) -> None:
     totals.add_row("samples with zero trained tokens", f"{stats.zero_trained:,}")
     if stats.reasoning_dropped is not None:
         turns, tokens = stats.reasoning_dropped.get("turns", 0), stats.reasoning_dropped.get("tokens", 0)
-        totals.add_row(
-            "reasoning dropped by the template",
-            f"{turns:,} turn{'s' * (turns != 1)}, {tokens:,} token{'s' * (tokens != 1)}",
-        )
+        totals.add_row("reasoning dropped by the template", reasoning_dropped_text(turns, tokens))
     console.print(totals)
     if stats.zero_trained:
         console.print(

@@ -132,8 +132,9 @@ from minitrain.cli import main
 from minitrain.data import pipeline, workers
 real, seen = workers.worker_context, []
 def recording(*args):
-    seen.append(real(*args).get_start_method())
-    return real(*args)
+    ctx = real(*args)
+    seen.append(ctx.get_start_method())
+    return ctx
 pipeline.worker_context = workers.worker_context = recording  # the early call and the workers' start
 try:
     main()

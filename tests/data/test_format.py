@@ -77,3 +77,11 @@ def test_a_pair_read_as_an_sft_sample_names_the_flag(tmp_path):
     path.write_bytes(orjson.dumps(PAIR) + b"\n")
     with pytest.raises(UserError, match=r"p.jsonl:1: a preference pair .* train it with --objective dpo"):
         list(iter_samples(path))
+
+
+def test_reasoning_dropped_text_counts_in_words():
+    from minitrain.data.format import reasoning_dropped_text
+
+    assert reasoning_dropped_text(1, 1) == "1 turn, 1 token"
+    assert reasoning_dropped_text(2, 1_234) == "2 turns, 1,234 tokens"
+    assert reasoning_dropped_text(0, 0) == "0 turns, 0 tokens"

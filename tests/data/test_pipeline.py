@@ -16,6 +16,7 @@ from minitrain.data.format import iter_samples, read_sidecar, rejects_path, side
 from minitrain.data.probe import load_chat_encoder
 from minitrain.errors import UserError
 from tests.conftest import MESSAGES_FILES, SMOLLM2, TINYLLAMA, needs_fixtures
+from tests.data.test_workers import record_workers
 
 pytestmark = needs_fixtures
 
@@ -208,19 +209,6 @@ def _count_parent_encodes(monkeypatch) -> list[int]:
     return calls
 
 
-def _record_workers(monkeypatch) -> list:
-    """The workers `_results_in_order` starts, for a test to inspect (or kill)."""
-    started: list = []
-    real = pool._start_workers
-
-    def recording(ctx, state, n):
-        started.extend(real(ctx, state, n))
-        return started
-
-    monkeypatch.setattr(pool, "_start_workers", recording)
-    return started
-
-
 def test_the_parent_encodes_a_share_of_the_chunks(tmp_path, monkeypatch):
     """--num-workers 2 is this process and one worker: the worker takes the first chunks (its queue), this
     process the ones that find the queue full; every chunk is encoded once."""
@@ -228,7 +216,7 @@ def test_the_parent_encodes_a_share_of_the_chunks(tmp_path, monkeypatch):
     inp = tmp_path / "in.jsonl"
     inp.write_bytes((GOOD + b"\n") * 400)  # 80 chunks
     parent = _count_parent_encodes(monkeypatch)
-    workers = _record_workers(monkeypatch)
+    workers = record_workers(monkeypatch)
     result, _ = run(tmp_path, inp, workers=2)
     assert len(workers) == 1  # N-1 worker processes
     assert result.written == 400
@@ -245,7 +233,7 @@ def test_the_tokenizer_fingerprint_is_computed_once_while_the_workers_encode(tmp
     inp = tmp_path / "in.jsonl"
     inp.write_bytes((GOOD + b"\n") * 400)  # 80 chunks
     parent = _count_parent_encodes(monkeypatch)
-    started = _record_workers(monkeypatch)
+    started = record_workers(monkeypatch)
     real, seen = probe.tokenizer_fingerprint, []
 
     def recording(tokenizer):
@@ -290,7 +278,7 @@ def test_ctrl_c_while_the_parent_encodes_stops_the_workers(tmp_path, monkeypatch
         raise KeyboardInterrupt  # as if Ctrl-C arrived while this process encodes a chunk
 
     monkeypatch.setattr(pipeline, "encode_lines", interrupted)
-    workers = _record_workers(monkeypatch)
+    workers = record_workers(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path, inp, workers=2)
     assert workers and all(not w.process.is_alive() for w in workers)
