@@ -99,8 +99,16 @@ class FieldMapping:
     roles: tuple[tuple[str, str], ...] = ()
 
     @property
-    def is_default(self) -> bool:
-        return self == FieldMapping()
+    def is_default(self) -> bool:  # asked once per line: the fields themselves, no instance built
+        return (
+            self.messages_field is None
+            and self.role_field is None
+            and self.content_field is None
+            and not self.roles
+        )
+
+
+DEFAULT_MAPPING = FieldMapping()  # the default layouts (messages, ShareGPT, Alpaca, prompt/generation)
 
 
 def field_mapping(config: TokenizeConfig) -> FieldMapping:
@@ -113,9 +121,11 @@ def field_mapping(config: TokenizeConfig) -> FieldMapping:
 
 def to_chat_record(record: Any, mapping: FieldMapping | None = None) -> Any:
     """Any supported record shape -> the record `ChatEncoder.encode` reads; SampleRejected when none fits."""
-    mapping = mapping or FieldMapping()
+    mapping = mapping or DEFAULT_MAPPING
     if not isinstance(record, dict):
         raise SampleRejected(NO_KNOWN_SHAPE, f"expected a JSON object, got {type(record).__name__}")
+    if "messages" in record and mapping.is_default:
+        return record  # our own shape: unchanged (extra keys are ignored by the encoder)
     roles = {**ROLE_ALIASES, **dict(mapping.roles)}
     if mapping.messages_field is not None:
         if mapping.messages_field not in record:
@@ -125,8 +135,6 @@ def to_chat_record(record: Any, mapping: FieldMapping | None = None) -> Any:
         turns = _turns(record[mapping.messages_field], mapping, roles)
         return _with_system_and_tools({"messages": turns}, record)
     if "messages" in record:
-        if mapping.is_default:
-            return record  # our own shape: unchanged (extra keys are ignored by the encoder)
         return {**record, "messages": _turns(record["messages"], mapping, roles)}
     if "conversations" in record:
         return _with_system_and_tools({"messages": _turns(record["conversations"], mapping, roles)}, record)
@@ -154,7 +162,7 @@ def to_pair_record(record: dict[str, Any], mapping: FieldMapping | None = None) 
 
     Shape checks only; the roles of the response messages and the tokens are checked by the encoder.
     """
-    mapping = mapping or FieldMapping()
+    mapping = mapping or DEFAULT_MAPPING
     missing = [k for k in SIDE_KEYS if record.get(k) is None]
     if missing:
         raise SampleRejected(MISSING_SIDE, f"no `{missing[0]}`; a pair needs both `chosen` and `rejected`")

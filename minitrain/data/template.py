@@ -9,10 +9,12 @@ TemplateError) and `strftime_now`. `chat.ChatEncoder` compiles its template here
 The fast paths. Renders are most of tokenize's CPU, and the stock sandbox decides every attribute access
 (`content.split`, `loop.last`, `ns.index`) anew through a dozen isinstance checks. For the plain types that
 JSON records and loops hold, the verdict depends only on (type, name): it is asked of the sandbox once and
-remembered. `message.role` on a dict that has the key compiles to the lookup itself; builtin methods and
-`namespace(...)` are called directly. Each path gives what the sandbox gives - the same value, and the same
-refusal where the sandbox refuses, since every remembered verdict is the sandbox's own answer - so a template
-renders (or fails) exactly as in transformers; tests/data/test_template.py holds the verdicts to Jinja's.
+remembered. `message.role` on a dict that has the key compiles to the lookup itself, and so do `loop.index0`
+(Jinja's loop attributes) and `ns.last_query_index` (a namespace's attribute, names without `_`), which the
+sandbox allows whatever their value; builtin methods and `namespace(...)` are called directly. Each path
+gives what the sandbox gives - the same value, and the same refusal where the sandbox refuses, since every
+remembered verdict is the sandbox's own answer - so a template renders (or fails) exactly as in
+transformers; tests/data/test_template.py holds the verdicts to Jinja's.
 
 Tracing (for the masks of chat.py, which must know where each message's content lands in the text). A
 content passed as a `Traced` string is equal to it in value, so the render is the render. `+` carries its
@@ -172,23 +174,36 @@ def build_environment() -> Any:
         {str, Traced, dict, list, tuple, int, float, bool, type(None), LoopContext, Namespace}
     )
     dict_attributes = frozenset(dir({}))
+    loop_attributes = frozenset(
+        {"index0", "index", "revindex0", "revindex", "first", "last", "length", "depth", "depth0",
+         "previtem", "nextitem"}
+    )  # fmt: skip
     builtin_method = type("".split)
 
     from jinja2.compiler import CodeGenerator, optimizeconst
 
     class Generator(CodeGenerator):
         """`message.role` on a dict that has the key compiles to the lookup itself (what Sandbox.getattr
-        returns for it, less a Python call: ~40 per render); anything else goes to Sandbox.getattr."""
+        returns for it, less a Python call: ~40 per render), as do a loop's attributes (`loop.index0`, ...)
+        and a namespace's (`ns.index`, held in its attribute dict): the sandbox allows both whatever the
+        value, so its answer is the value itself. Anything else goes to Sandbox.getattr."""
 
         @optimizeconst
         def visit_Getattr(self, node: Any, frame: Any) -> None:
             if self.environment.is_async or node.attr in dict_attributes:
                 return CodeGenerator.visit_Getattr.__wrapped__(self, node, frame)
-            self.write(f"(_mt_obj[{node.attr!r}] if type(_mt_obj := ")
+            key = repr(node.attr)
+            self.write(f"(_mt_obj[{key}] if (_mt_type := type(_mt_obj := ")
             self.visit(node.node, frame)
-            self.write(
-                f") is dict and {node.attr!r} in _mt_obj else environment.getattr(_mt_obj, {node.attr!r}))"
-            )
+            self.write(f")) is dict and {key} in _mt_obj else ")
+            if node.attr in loop_attributes:
+                self.write(f"_mt_obj.{node.attr} if _mt_type is LoopContext else ")
+            if not node.attr.startswith("_"):
+                self.write(
+                    f"_mt_attrs[{key}] if _mt_type is Namespace and {key} in "
+                    "(_mt_attrs := object.__getattribute__(_mt_obj, '_Namespace__attrs')) else "
+                )
+            self.write(f"environment.getattr(_mt_obj, {key}))")
 
     class Sandbox(ImmutableSandboxedEnvironment):
         """transformers' sandbox, with the same verdicts found faster (renders are most of tokenize's CPU).
@@ -230,11 +245,8 @@ def build_environment() -> Any:
 
         def getattr(self, obj: Any, attribute: str) -> Any:
             kind = type(obj)
-            if kind is dict and attribute not in dict_attributes:
-                try:
-                    return obj[attribute]
-                except KeyError:
-                    return self.undefined(obj=obj, name=attribute)
+            if kind is dict and attribute not in dict_attributes:  # a missing key: asked, not raised
+                return obj[attribute] if attribute in obj else self.undefined(obj=obj, name=attribute)
             # A remembered verdict: the sandbox's own path, less its checks (str.format is left to it).
             verdict = self.verdicts.get((kind, attribute))
             if verdict and kind is Namespace:  # `ns.index`: its attribute dict, read without two calls

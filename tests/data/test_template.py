@@ -106,6 +106,16 @@ def plain_render(source: str) -> str:
         "{% set ns = namespace(a=1) %}{{ ns.a }}{{ ns.__init__ }}",
         "{{ messages[0].role }}{{ messages[0].items() | list }}{{ messages[0].nope is defined }}",
         "{{ 'a{0}'.format(messages[0].role) }}{{ messages[0].content.split(' ')[0].upper() }}",
+        # loop and namespace attributes, read in the compiled code itself (Generator): the sandbox's values
+        "{% for m in messages * 3 %}{{ loop.index0 }}{{ loop.index }}{{ loop.revindex0 }}{{ loop.revindex }}"
+        "{{ loop.first }}{{ loop.last }}{{ loop.length }}{{ loop.depth }}{{ loop.depth0 }}"
+        "{{ loop.previtem is defined }}{{ loop.nextitem is defined }}{{ loop.cycle('a', 'b') }}"
+        "{{ loop.nope is defined }}{{ loop._peek_next }}{% endfor %}",
+        "{% set ns = namespace(a=1, b=none) %}{% set ns.c = messages %}{{ ns.a }}{{ ns.b }}"
+        "{{ ns.c | length }}{{ ns.nope is defined }}{{ ns._Namespace__attrs }}",
+        "{% set ns = {'a': 1} %}{% set loop = {'index0': 7} %}{{ ns.a }}{{ loop.index0 }}"
+        "{{ ns.b is defined }}",
+        "{% set ns = namespace(f='{}!'.format) %}{{ ns.f('x') }}",
     ],
 )
 def test_sandbox_verdicts_match_jinjas_own(source):
