@@ -38,6 +38,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the floor must stay on one core
@@ -315,12 +316,18 @@ def floor_pass(lines: list[bytes], tokenizer: Path, batch: int = 64) -> tuple[fl
     from minitrain.data.probe import load_chat_encoder
 
     encoder = load_chat_encoder(str(tokenizer)).encoder
-    tokens = 0
     t0, c0 = time.perf_counter(), time.process_time()
+    tokens = floor_work(encoder, lines, batch)
+    return time.process_time() - c0, time.perf_counter() - t0, tokens
+
+
+def floor_work(encoder: Any, lines: list[bytes], batch: int = 64) -> int:
+    """The floor itself: one render and one batched encode per line, no mask; returns the token count."""
+    tokens = 0
     for i in range(0, len(lines), batch):
         texts = [encoder.render(orjson.loads(raw)["messages"]) for raw in lines[i : i + batch]]
         tokens += sum(len(e.ids) for e in encoder.backend.encode_batch(texts, add_special_tokens=False))
-    return time.process_time() - c0, time.perf_counter() - t0, tokens
+    return tokens
 
 
 def bench_floor(lines: list[bytes], batch: int = 64, tokenizer: Path = SMOLLM2, repeats: int = 1) -> dict:
