@@ -61,6 +61,7 @@ from __future__ import annotations
 import bisect
 import re
 from dataclasses import dataclass
+from operator import itemgetter
 from typing import Any
 
 from minitrain.data.format import IGNORE_INDEX
@@ -116,6 +117,7 @@ TOO_LONG = "too long"  # the one reason a line is dropped
 
 # Markers: U+10FFF0 <index> U+10FFF1 opens message <index>'s content, U+10FFF0 <index> U+10FFF2 closes it.
 _MARK_LEAD, _MARK_OPEN, _MARK_CLOSE = "\U0010fff0", "\U0010fff1", "\U0010fff2"
+_START, _END = itemgetter(0), itemgetter(1)  # of a token's (start, end) char offsets: bisect keys
 _MARK_RE = re.compile("\U0010fff0(\\d+)([\U0010fff1\U0010fff2])")
 
 
@@ -144,10 +146,11 @@ def _template_message(message: dict[str, Any], content: Any) -> dict[str, Any]:
     out = {k: v for k, v in message.items() if v is not None and k != "content"}
     if content is not None:
         out["content"] = content
-    reasoning = next((out[k] for k in REASONING_KEYS if k in out), None)
-    if reasoning is not None:
-        out.setdefault("thinking", reasoning)
-        out.setdefault("reasoning_content", reasoning)
+    for key in REASONING_KEYS:
+        if key in out:
+            out.setdefault("thinking", out[key])
+            out.setdefault("reasoning_content", out[key])
+            break
     return out
 
 
@@ -374,8 +377,8 @@ class ChatEncoder:
         labels = [IGNORE_INDEX] * len(ids)
         prev_hi = 0
         for start, end in spans:
-            lo = bisect.bisect_right(offsets, start, key=lambda o: o[1])  # first token ending after `start`
-            hi = bisect.bisect_left(offsets, end, key=lambda o: o[0])  # first token starting at/after `end`
+            lo = bisect.bisect_right(offsets, start, key=_END)  # first token ending after `start`
+            hi = bisect.bisect_left(offsets, end, key=_START)  # first token starting at/after `end`
             if lo >= hi or lo < prev_hi:
                 raise SampleRejected(
                     ALIGNMENT_FAILURE, f"no tokens for the trained text at chars {start}..{end}"
@@ -495,13 +498,14 @@ class ChatEncoder:
         # Where each non-assistant message's content sits: a later message bounds a turn's search for its end.
         # Only needed when such a message follows a trained turn (not for one-turn conversations). Found by
         # the render itself when its contents can be traced, else by one more render with markers.
-        needed = sorted(
-            {
-                next(j for j in range(i + 1, len(messages)) if messages[j]["role"] != "assistant")
-                for i in trained
-                if any(m["role"] != "assistant" for m in messages[i + 1 :])
-            }
-        )
+        follower: dict[int, int] = {}  # trained turn -> the first non-assistant message after it
+        later = None
+        for j in range(len(messages) - 1, -1, -1):
+            if later is not None:
+                follower[j] = later
+            if messages[j]["role"] != "assistant":
+                later = j
+        needed = sorted({follower[i] for i in trained if i in follower})
         opens = None
         if needed and self.has_generation_prompt and all(real[j].get("content") for j in needed):
             text, opens = self._traced_render(real, tools, needed)
@@ -535,9 +539,8 @@ class ChatEncoder:
                         TEMPLATE_ERROR, f"message {i}: the chat template does not render `tool_calls`"
                     )
             bound = min((e for j, e in prompt_ends.items() if j > i), default=len(text))
-            for j in range(i + 1, len(messages)):
-                if messages[j]["role"] == "assistant":
-                    continue
+            j = follower.get(i)
+            if j is not None:
                 at = (opens or {}).get(j)
                 if not at:
                     raise SampleRejected(
@@ -546,7 +549,6 @@ class ChatEncoder:
                         f"so the end of turn {i} is unknown",
                     )
                 bound = min(bound, at[0])
-                break
             if (
                 bound == len(text)
                 and self.final_turn_ender
@@ -642,7 +644,7 @@ class ChatEncoder:
             ids, labels = [*ids, ender], [*labels, ender]
             spans = spans[:-1]
         for _, end in spans:
-            hi = bisect.bisect_left(offsets, end, key=lambda o: o[0]) + shift
+            hi = bisect.bisect_left(offsets, end, key=_START) + shift
             if ids[hi - 1] not in eot_ids:
                 raise SampleRejected(
                     NO_END_OF_TURN,
@@ -722,7 +724,7 @@ def _straddles(text: str, offsets: list[tuple[int, int]], start: int) -> bool:
     Spaces before the start are allowed (SentencePiece's "▁Hello" after `[/INST] ` carries the template's
     space): the token is the one the model generates there too.
     """
-    k = bisect.bisect_right(offsets, start, key=lambda o: o[1])
+    k = bisect.bisect_right(offsets, start, key=_END)
     if k >= len(offsets):
         return False
     lo, hi = offsets[k]
