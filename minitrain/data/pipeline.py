@@ -114,6 +114,7 @@ class TokenizeResult:
     reasoning_dropped_turns: int = 0
     reasoning_dropped_tokens: int = 0
     elapsed_s: float = 0.0
+    replaced: bool = False  # OUT existed before this run: the new file took its place (said in the summary)
 
     @property
     def rejected(self) -> int:
@@ -346,6 +347,7 @@ def tokenize_file(config: TokenizeConfig, *, console: Any = None) -> TokenizeRes
         sidecar_file=sidecar_path(out),
         num_workers=workers,
         kind=kind,
+        replaced=out.exists(),
     )
     with _sigterm_raises():
         _write_outputs(config, loaded, result, _progress(console, total), total, rows)
@@ -582,7 +584,8 @@ def render_summary(result: TokenizeResult, console: Any) -> None:
     table.add_row("tokens/s", f"{result.tokens_per_s:,.0f}")
     table.add_row("workers", str(result.num_workers))
     console.print(table)
-    console.print(f"wrote {result.output_file} (sidecar: {result.sidecar_file.name})")
+    replaced = ", replacing the previous one" if result.replaced else ""
+    console.print(f"wrote {result.output_file}{replaced} (sidecar: {result.sidecar_file.name})")
     if result.dropped or result.rejected:
         console.print(f"dropped and rejected lines (line number + reason): {result.rejects_file}")
 

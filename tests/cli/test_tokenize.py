@@ -64,6 +64,22 @@ def test_positional_spelling(tmp_path):
     assert read_sidecar(out)["counts"]["written"] == 100
 
 
+def test_a_second_run_says_it_replaced_the_output(tmp_path):
+    """tokenize writes OUT without a flag; when OUT was there, the summary says the new one replaced it."""
+    out, inp = tmp_path / "out.jsonl", tmp_path / "in.jsonl"
+    inp.write_text(GOOD + "\n")
+    args = ["tokenize", str(inp), "-o", str(out), "--model-name-or-path", str(SMOLLM2), "--num-workers", "1"]
+    wide = {"COLUMNS": "400"}  # the summary's console wraps at the terminal's width, paths included
+    first = runner.invoke(app, args, env=wide)
+    assert first.exit_code == 0, first.output
+    assert f"wrote {out} (sidecar" in first.output and "replacing" not in first.output
+    inp.write_text(GOOD + "\n" + GOOD + "\n")
+    second = runner.invoke(app, args, env=wide)
+    assert second.exit_code == 0, second.output
+    assert f"wrote {out}, replacing the previous one (sidecar" in second.output
+    assert sum(1 for _ in iter_samples(out)) == 2
+
+
 def test_trust_remote_code_reaches_the_tokenizer(tmp_path, monkeypatch):
     """A tokenizer with its own class: refused in one line without the flag, tokenized with it."""
     from tests.data.test_tokenizer import remote_code_tokenizer
