@@ -522,10 +522,15 @@ class ChatEncoder:
                 messages, tools, text, True, "assistant"
             )
             opens = located[0] if located is not None else None
+        # Where each assistant turn starts (its generation prompt proven a prefix): the trained turns', and
+        # the later turns' that bound them. A turn before every trained one cannot change the mask, so its
+        # prompt is not rendered (`--train-on last`, `--split-turns`: one prompt render per sample, not one
+        # per turn).
+        first = min(trained, default=0)
         prompt_ends = {
             i: self._turn_start(real, tools, text, i)
             for i, m in enumerate(messages)
-            if m["role"] == "assistant"
+            if m["role"] == "assistant" and i >= first
         }
         spans = []
         dropped_turns = dropped_tokens = 0

@@ -271,6 +271,49 @@ def test_template_that_renders_the_last_turn_differently(tmp_path, hf_tokenizers
     )
 
 
+def test_a_turn_before_every_trained_turn_is_not_proven(tmp_path, hf_tokenizers):
+    """A template whose one-message prompt is not a prefix of the text (it opens with `[single]`): the first
+    turn has no exact start, so training it rejects the line. Trained only from a later turn on (`train`
+    false, `--train-on last`, `--split-turns`' samples), the first turn cannot change the mask: the line is
+    exact, and that turn's prompt is not rendered at all."""
+    template = (
+        "{% if add_generation_prompt and messages | length == 1 %}[single]{% endif %}"
+        "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    )
+    encoder = load_chat_encoder(str(write_tokenizer(tmp_path, SMOLLM2, template))).encoder
+    messages = [
+        {"role": "user", "content": "a"},
+        {"role": "assistant", "content": "first"},
+        {"role": "user", "content": "b"},
+        {"role": "assistant", "content": "second"},
+    ]
+    with pytest.raises(SampleRejected) as err:
+        encoder.encode({"messages": messages})
+    assert err.value.reason == chat.PREFIX_MISMATCH and "message 1" in err.value.detail
+    tok = hf_tokenizers[SMOLLM2]
+    untrained = [{**messages[1], "train": False}, *messages[2:]]
+    for sample in (
+        encoder.encode({"messages": messages}, "last"),
+        encoder.encode({"messages": [messages[0], *untrained]}),
+    ):
+        assert sample.input_ids == reference_ids(tok, messages, chat_template=template)
+        assert_exact(sample, tok, ["second"], "<|im_end|>")
+    rendered = []
+    original = encoder.render
+
+    def recording(messages, tools=None, add_generation_prompt=False):
+        rendered.append((len(messages), add_generation_prompt))
+        return original(messages, tools, add_generation_prompt)
+
+    encoder.render = recording
+    encoder.encode({"messages": messages}, "last")
+    assert (1, True) not in rendered and (3, True) in rendered  # the first turn's prompt: never rendered
+    # --split-turns: the first sample trains turn 1 (rejected as above); the line is one unit
+    with pytest.raises(SampleRejected):
+        encoder.encode_turns({"messages": messages})
+
+
 def test_template_that_drops_earlier_reasoning_is_counted_not_rejected(tmp_path, hf_tokenizers):
     """Qwen3-style: earlier assistant turns lose their reasoning. The mask follows the render, and says so."""
     template = (
