@@ -53,14 +53,18 @@ MINI_TRAINER = "mini_trainer process_data.py (end to end)"
 CLI = "minitrain tokenize CLI (end to end)"
 
 
-def build_input(path: Path, samples: int, data: str = "") -> list[bytes]:
-    lines = [
+def fixture_lines(data: str = "") -> list[bytes]:
+    """The non-blank lines of the fixture's messages files whose name starts with `data` (all: "")."""
+    return [
         line
         for f in sorted((FIXTURES / "data").glob(f"{data}*.messages.jsonl"))
         for line in f.read_bytes().splitlines()
         if line.strip()
     ]
-    chosen = list(itertools.islice(itertools.cycle(lines), samples))
+
+
+def build_input(path: Path, samples: int, data: str = "") -> list[bytes]:
+    chosen = list(itertools.islice(itertools.cycle(fixture_lines(data)), samples))
     path.write_bytes(b"\n".join(chosen) + b"\n")
     return chosen
 

@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from bench_tokenize import FIXTURES, floor_work  # noqa: E402
+from bench_tokenize import FIXTURES, fixture_lines, floor_work  # noqa: E402
 
 
 def child(mode: str, passes: int, encoder_file: Path, data: str) -> None:
@@ -38,12 +38,7 @@ def child(mode: str, passes: int, encoder_file: Path, data: str) -> None:
     from minitrain.data.pipeline import Policy, encode_lines
 
     encoder = pickle.loads(encoder_file.read_bytes())
-    lines = [
-        line
-        for f in sorted((FIXTURES / "data").glob(f"{data}*.messages.jsonl"))
-        for line in f.read_bytes().splitlines()
-        if line.strip()
-    ]
+    lines = fixture_lines(data)
     for _ in range(passes):
         if mode == "floor":
             floor_work(encoder, lines)
@@ -59,8 +54,11 @@ def instructions(mode: str, passes: int, encoder_file: Path, data: str) -> tuple
         run = subprocess.run(
             ["valgrind", "--tool=cachegrind", "--cache-sim=no", f"--cachegrind-out-file={out.name}",
              sys.executable, __file__, "--child", mode, str(passes), str(encoder_file), "--data", data],
-            capture_output=True, text=True, check=True,
+            capture_output=True, text=True,
         )  # fmt: skip
+        if run.returncode:  # the child's own last line (its error), not this process's traceback
+            last = (run.stderr.strip() or "no message").splitlines()[-1]
+            sys.exit(f"bench_tokenize_instructions: the {mode} run failed: {last}")
         summary = next(
             line for line in Path(out.name).read_text().splitlines() if line.startswith("summary:")
         )
@@ -91,6 +89,10 @@ def main() -> None:
     tokenizer = Path(args.tokenizer)
     if not tokenizer.is_dir():
         tokenizer = FIXTURES / "tokenizers" / args.tokenizer
+    if not tokenizer.is_dir():
+        sys.exit(
+            f"bench_tokenize_instructions: no tokenizer folder {args.tokenizer} (nor in {tokenizer.parent})"
+        )
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         encoder_file = Path(tmp) / "encoder.pkl"

@@ -498,7 +498,7 @@ class ChatEncoder:
         # Where each non-assistant message's content sits: a later message bounds a turn's search for its end.
         # Only needed when such a message follows a trained turn (not for one-turn conversations). Found by
         # the render itself when its contents can be traced, else by one more render with markers.
-        follower: dict[int, int] = {}  # trained turn -> the first non-assistant message after it
+        follower: dict[int, int] = {}  # message index -> the first non-assistant message after it
         later = None
         for j in range(len(messages) - 1, -1, -1):
             if later is not None:

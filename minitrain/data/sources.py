@@ -99,13 +99,8 @@ class FieldMapping:
     roles: tuple[tuple[str, str], ...] = ()
 
     @property
-    def is_default(self) -> bool:  # asked once per line: the fields themselves, no instance built
-        return (
-            self.messages_field is None
-            and self.role_field is None
-            and self.content_field is None
-            and not self.roles
-        )
+    def is_default(self) -> bool:
+        return self == DEFAULT_MAPPING
 
 
 DEFAULT_MAPPING = FieldMapping()  # the default layouts (messages, ShareGPT, Alpaca, prompt/generation)
