@@ -76,6 +76,7 @@ NO_KNOWN_SHAPE = "no known shape"
 UNKNOWN_ROLE = "unknown role"
 NON_STRING_CONTENT = "non-string content"
 EMPTY_ASSISTANT = "empty assistant content"
+REASONING_TWICE = "reasoning given twice"  # two differing reasoning fields, or a field and inline <think>
 PRETRAIN_MIXED = "pretrain mixed with roles"
 TEMPLATE_ERROR = "template error"
 ALIGNMENT_FAILURE = "alignment failure"  # the text holds minitrain's marker, or a trained span has no tokens
@@ -98,6 +99,7 @@ REJECT_REASONS = (
     UNKNOWN_ROLE,
     NON_STRING_CONTENT,
     EMPTY_ASSISTANT,
+    REASONING_TWICE,
     PRETRAIN_MIXED,
     TEMPLATE_ERROR,
     ALIGNMENT_FAILURE,
@@ -444,6 +446,8 @@ class ChatEncoder:
                     EMPTY_ASSISTANT,
                     f"message {i}: assistant content is empty and there are no tool_calls and no reasoning",
                 )
+            if role == "assistant":
+                _check_reasoning(i, message, content)
             if not isinstance(message.get("train", True), bool):
                 raise SampleRejected(NO_KNOWN_SHAPE, f"message {i}: `train` must be true or false")
             if message.get("tool_calls") is not None and not isinstance(message["tool_calls"], list):
@@ -707,6 +711,26 @@ class ChatEncoder:
                 )
         labels = self._labels(text, ids, offsets, shift, spans)
         return EncodedSample(ids, labels)
+
+
+def _check_reasoning(i: int, message: dict[str, Any], content: str | None) -> None:
+    """One source of reasoning per assistant message, or the line is rejected (REASONING_TWICE).
+
+    Two reasoning fields that differ: templates read different ones (Qwen3 `reasoning_content`, gpt-oss
+    `thinking`), so one would be lost without a word. A field (even empty) and an inline
+    `<think>...</think>` in the content: a template that reads the field renders the content whole, and the
+    model would learn two reasoning blocks in one turn (Qwen3: `<think>..</think>` then the inline one).
+    """
+    fields = [key for key in REASONING_KEYS if isinstance(message.get(key), str)]
+    if len({message[key] for key in fields}) > 1:
+        named = " and ".join(f"`{key}`" for key in fields)
+        raise SampleRejected(REASONING_TWICE, f"message {i}: {named} differ; keep one reasoning field")
+    if fields and content and "</think>" in content:
+        raise SampleRejected(
+            REASONING_TWICE,
+            f"message {i}: reasoning both in `{fields[0]}` and inline (<think>...</think>) in content;"
+            " keep one (an empty field counts: templates then render the content whole)",
+        )
 
 
 def assistant_parts(message: dict[str, Any]) -> tuple[str, str]:

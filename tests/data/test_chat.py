@@ -636,6 +636,39 @@ def test_qwen3_inline_think_in_content(qwen3):
     assert sample.reasoning_dropped_turns == 1
 
 
+def test_reasoning_given_twice_is_rejected_not_half_lost(qwen3):
+    loaded, tok = qwen3
+    single = _ua("Hi", "Hello!")
+    single[1]["reasoning_content"] = REASON_A
+    expected = loaded.encoder.encode({"messages": single})
+    # two fields that agree: one reasoning, the same sample as one field
+    agree = _ua("Hi", "Hello!")
+    agree[1].update(reasoning_content=REASON_A, thinking=REASON_A)
+    assert loaded.encoder.encode({"messages": agree}) == expected
+    # two fields that differ: Qwen3 reads `reasoning_content`, gpt-oss `thinking`; one would be lost
+    differ = _ua("Hi", "Hello!")
+    differ[1].update(reasoning_content=REASON_A, thinking=REASON_B)
+    with pytest.raises(SampleRejected) as err:
+        loaded.encoder.encode({"messages": differ})
+    assert err.value.reason == chat.REASONING_TWICE
+    assert err.value.detail.startswith("message 1: `reasoning_content` and `thinking` differ")
+    # a field and inline <think> in the content: Qwen3 renders both blocks in one turn
+    for field in (REASON_A, ""):
+        both = _ua("Hi", f"<think>\n{REASON_A}\n</think>\n\nHello!")
+        both[1]["reasoning"] = field
+        text = tok.apply_chat_template(both, tokenize=False)
+        assert text.count("</think>") == 2  # what would have been trained
+        with pytest.raises(SampleRejected) as err:
+            loaded.encoder.encode({"messages": both})
+        assert err.value.reason == chat.REASONING_TWICE
+        assert "`reasoning` and inline" in err.value.detail
+    # the same on a turn of a longer conversation names its message
+    later = _ua("Hi", "Hello!", "2+2?", "<think>add</think>4")
+    later[3]["reasoning_content"] = REASON_B
+    with pytest.raises(SampleRejected, match="message 3: reasoning both in `reasoning_content`"):
+        loaded.encoder.encode({"messages": later})
+
+
 def test_qwen3_tool_call_tool_and_answer(qwen3):
     loaded, tok = qwen3
     messages = [
