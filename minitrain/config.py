@@ -23,6 +23,8 @@ from minitrain.errors import UserError
 
 RESUME_LATEST = "latest"  # --resume with no path: the latest complete checkpoint
 TRAIN_ON = ("all", "last")  # tokenize --train-on values
+# names the chat template render sets itself: --chat-template-kwargs may not give them
+TEMPLATE_OWN_NAMES = ("messages", "tools", "documents", "add_generation_prompt", "continue_final_message")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -50,9 +52,13 @@ class TokenizeConfig:
     train_on: str = "all"  # "all" assistant turns, or the "last" one only
     split_turns: bool = False  # one sample per trained assistant turn, each rendered as at inference
     trust_remote_code: bool = False  # let the tokenizer repository's own code run (AutoTokenizer)
+    # JSON object of extra names every render of the template sees, as apply_chat_template(**kwargs) and
+    # inference servers' chat_template_kwargs pass them, e.g. {"enable_thinking": false} (Qwen3)
+    chat_template_kwargs: str | None = None
 
     def __post_init__(self) -> None:
         _check_tokenize_input(self)
+        self.template_kwargs()
         if self.train_on not in TRAIN_ON:
             raise UserError(f"--train-on {self.train_on}: expected one of {', '.join(TRAIN_ON)}")
         if self.split_turns and self.train_on == "last":
@@ -78,6 +84,31 @@ class TokenizeConfig:
             )
         if self.chat_template is not None and not self.chat_template.strip():
             raise UserError("--chat-template is empty; give a built-in name (chatml) or a Jinja file")
+
+    def template_kwargs(self) -> dict[str, Any]:
+        """--chat-template-kwargs as a dict, checked: a JSON object whose names the render does not set
+        itself (TEMPLATE_OWN_NAMES)."""
+        if self.chat_template_kwargs is None:
+            return {}
+        try:
+            kwargs = json.loads(self.chat_template_kwargs)
+        except json.JSONDecodeError as err:
+            raise UserError(
+                f"--chat-template-kwargs is not valid JSON ({err.msg} at column {err.colno}); "
+                """write a JSON object such as '{"enable_thinking": false}'"""
+            ) from None
+        if not isinstance(kwargs, dict):
+            raise UserError(
+                "--chat-template-kwargs must be a JSON object of names to values, such as "
+                f"""'{{"enable_thinking": false}}', got {kwargs!r}"""
+            )
+        taken = [name for name in kwargs if name in TEMPLATE_OWN_NAMES]
+        if taken:
+            raise UserError(
+                f"--chat-template-kwargs: {taken[0]!r} is set by tokenize itself for every render "
+                f"({', '.join(TEMPLATE_OWN_NAMES)}); drop it"
+            )
+        return kwargs
 
     def workers(self) -> int:
         """Processes that tokenize (this one and N-1 workers): `num_workers`, or every usable core."""

@@ -148,6 +148,16 @@ def tokenize(
             "(Qwen3, DeepSeek-R1, gpt-oss).",
         ),
     ] = False,
+    chat_template_kwargs: Annotated[
+        str | None,
+        typer.Option(
+            "--chat-template-kwargs",
+            metavar="JSON",
+            help="""Extra names for every render of the template, as a JSON object, e.g. """
+            """'{"enable_thinking": false}' (Qwen3's non-thinking mode): as your inference passes them.""",
+            show_default=False,
+        ),
+    ] = None,
     trust_remote_code: Annotated[
         bool,
         typer.Option(
@@ -222,6 +232,7 @@ def tokenize(
         train_on=train_on,
         split_turns=split_turns,
         trust_remote_code=trust_remote_code,
+        chat_template_kwargs=chat_template_kwargs,
     )
     console = Console(stderr=True)
     result = tokenize_file(config, console=console)

@@ -15,8 +15,10 @@ How a mask is computed, every step checked (a mask is never guessed):
     1. text = render(messages): what is tokenized.
     2. prefix property: prompt_i = render(messages[:i], add_generation_prompt=True) must be a prefix of
        text; the turn starts at len(prompt_i). The one exact alternative: a prompt whose tail the text does
-       not repeat (DeepSeek-R1 opens `<think>\n` in the prompt only) - the turn then starts where the two
-       part, after the header. Else: "generation prompt not a prefix".
+       not repeat (DeepSeek-R1 opens `<think>\n` in the prompt only, Qwen3 with enable_thinking=false
+       closes an empty block there) - the turn then starts where that tail's first added token (`<think>`)
+       starts, after the header, unless the text goes on with that very token (it repeats the tail in
+       part: no exact start). Else: "generation prompt not a prefix".
     3. end of turn: the last turn-ending token (probed once per template, minitrain/data/probe.py: the first
        added token after a middle and a final assistant content, and right after a tool call's arguments)
        before the next message begins. Where the next message begins is known from the render of `text`
@@ -60,6 +62,7 @@ from __future__ import annotations
 
 import bisect
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from operator import itemgetter
 from typing import Any
@@ -193,6 +196,7 @@ class ChatEncoder:
         eot_tokens: tuple[str, ...] = (),
         has_generation_prompt: bool = True,
         final_turn_ender: str | None = None,
+        added_tokens: tuple[str, ...] = (),
     ) -> None:
         self.backend = backend  # tokenizers.Tokenizer
         self.template_source = template_source
@@ -210,6 +214,8 @@ class ChatEncoder:
         # GLM-4: the template ends a turn with the next role token, so the last turn ends with nothing; the
         # model generates this token there (it is a stop token), so it is appended and trained
         self.final_turn_ender = final_turn_ender
+        # the tokenizer's added tokens (`<think>`, role tokens): where a generation prompt's opener may start
+        self.added_tokens = added_tokens
         self._template = build_environment().from_string(template_source)
         self._globals = dict(self._template.globals)  # a ChainMap in Jinja: merged once, not per render
 
@@ -580,7 +586,7 @@ class ChatEncoder:
 
         The prefix property: render(messages[:i], add_generation_prompt=True) must be a prefix of `text`.
         The one exact alternative: a generation prompt whose tail the full render does not repeat (DeepSeek-R1
-        opens `<think>\n` in the prompt only); the turn then starts where the two part, after the header.
+        opens `<think>\n` in the prompt only); the turn then starts where that tail starts, after the header.
         """
         prompt = self._render_or_reject(real[:i], tools, True)
         if text.startswith(prompt):
@@ -589,8 +595,29 @@ class ChatEncoder:
         if text.startswith(before) and prompt.startswith(before):
             header, rest = prompt[len(before) :], text[len(before) :]
             common = next((k for k, (a, b) in enumerate(zip(header, rest, strict=False)) if a != b), 0)
-            if common > 0:
-                return len(before) + common
+            # The opener the text leaves out starts with an added token (`<think>`); the turn starts where
+            # that token starts, not after characters the turn happens to share with it (`<html>` after
+            # `<think>` shares `<`). A text that goes on with that token itself repeats the opener in part
+            # (reasoning rendered where the prompt closed it: Qwen3 with enable_thinking=false): no exact
+            # start, rejected.
+            opener = max(
+                (
+                    (at, token)
+                    for token in self.added_tokens
+                    for at in _find_all(header, token)
+                    if 0 < at <= common
+                ),
+                default=None,
+            )
+            if opener is not None and not rest.startswith(opener[1], opener[0]):
+                return len(before) + opener[0]
+            if opener is not None:
+                raise SampleRejected(
+                    PREFIX_MISMATCH,
+                    f"message {i}: the generation prompt ends with {header[opener[0] :]!r}, and the turn "
+                    f"renders {opener[1]} otherwise (reasoning where the prompt closes it: "
+                    "enable_thinking=false with reasoning data?)",
+                )
         raise SampleRejected(
             PREFIX_MISMATCH,
             f"message {i}: render(messages[:{i}], add_generation_prompt=True) is not a prefix of the "
@@ -745,6 +772,14 @@ def assistant_parts(message: dict[str, Any]) -> tuple[str, str]:
         return content, reasoning or ""
     head, _, answer = content.rpartition("</think>")
     return answer, head.split("<think>")[-1]
+
+
+def _find_all(text: str, sub: str) -> Iterator[int]:
+    """Every index where `sub` occurs in `text` (overlaps included)."""
+    at = text.find(sub)
+    while at >= 0:
+        yield at
+        at = text.find(sub, at + 1)
 
 
 def _straddles(text: str, offsets: list[tuple[int, int]], start: int) -> bool:

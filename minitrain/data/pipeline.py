@@ -338,7 +338,10 @@ def tokenize_file(config: TokenizeConfig, *, console: Any = None) -> TokenizeRes
     if workers > 1:  # a forkserver (if needed) starts now, while this process loads the tokenizer
         worker_context(_WORKER_MODULES)
     loaded = load_chat_encoder(
-        config.model_name_or_path, config.chat_template, trust_remote_code=config.trust_remote_code
+        config.model_name_or_path,
+        config.chat_template,
+        trust_remote_code=config.trust_remote_code,
+        template_kwargs=config.template_kwargs(),
     )
     result = TokenizeResult(
         input_file=inp,

@@ -251,9 +251,17 @@ class LoadedTokenizer:
 
 
 def load_chat_encoder(
-    model_name_or_path: str, chat_template: str | None = None, *, trust_remote_code: bool = False
+    model_name_or_path: str,
+    chat_template: str | None = None,
+    *,
+    trust_remote_code: bool = False,
+    template_kwargs: dict[str, Any] | None = None,
 ) -> LoadedTokenizer:
-    """Load a (fast) tokenizer, resolve its chat template and probe it; user mistakes raise UserError."""
+    """Load a (fast) tokenizer, resolve its chat template and probe it; user mistakes raise UserError.
+
+    `template_kwargs`: extra names every render sees (`{"enable_thinking": False}`), after the special
+    tokens, as `apply_chat_template(**kwargs)` passes them; the probes render with them too.
+    """
     tokenizer = load_tokenizer(model_name_or_path, trust_remote_code=trust_remote_code)
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
@@ -275,7 +283,7 @@ def load_chat_encoder(
         encoder = ChatEncoder(
             backend=backend,
             template_source=source,
-            template_kwargs=dict(tokenizer.special_tokens_map),
+            template_kwargs={**tokenizer.special_tokens_map, **(template_kwargs or {})},
             bos_text=tokenizer.bos_token,
             prefix_ids=list(with_specials[:at]),
             eos_id=tokenizer.eos_token_id,
@@ -285,6 +293,7 @@ def load_chat_encoder(
     except Exception as err:
         raise UserError(f"the chat template ({origin}) does not compile: {str(err)[:200]}") from None
     added = [t.content for t in tokenizer.added_tokens_decoder.values()]
+    encoder.added_tokens = tuple(added)
     eot_text, _, enders, open_final = find_end_of_turn(encoder, added)
     enders = list(dict.fromkeys([*enders, *tool_call_enders(encoder, added)]))
     encoder.eot_text = eot_text

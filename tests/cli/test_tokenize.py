@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from minitrain.cli import app
 from minitrain.data.format import iter_samples, read_sidecar, rejects_path
 from minitrain.errors import UserError
-from tests.conftest import DATA, REPO, SMOLLM2, TINYLLAMA, needs_fixtures
+from tests.conftest import DATA, QWEN3, REPO, SMOLLM2, TINYLLAMA, needs_fixtures
 
 pytestmark = needs_fixtures
 runner = CliRunner()
@@ -43,6 +43,7 @@ def test_help_lists_every_flag():
         "--train-on",
         "--split-turns",
         "--trust-remote-code",
+        "--chat-template-kwargs",
         "--config",
     ):
         assert flag in result.output, flag
@@ -78,6 +79,52 @@ def test_a_second_run_says_it_replaced_the_output(tmp_path):
     assert second.exit_code == 0, second.output
     assert f"wrote {out}, replacing the previous one (sidecar" in second.output
     assert sum(1 for _ in iter_samples(out)) == 2
+
+
+def test_chat_template_kwargs_reach_every_render_and_the_sidecar(tmp_path):
+    """Qwen3 with '{"enable_thinking": false}' (as an inference server passes it): the empty think block
+    is the prompt's, so only the answer is trained; the flag (or a config file's mapping) is recorded."""
+    from transformers import AutoTokenizer
+
+    inp = tmp_path / "in.jsonl"
+    inp.write_text(GOOD + "\n")
+    trained = {}
+    for name, extra in (
+        ("default", []),
+        ("off", ["--chat-template-kwargs", '{"enable_thinking": false}']),
+    ):
+        out = tmp_path / f"{name}.jsonl"
+        args = [
+            "tokenize",
+            str(inp),
+            "-o",
+            str(out),
+            "--model-name-or-path",
+            str(QWEN3),
+            "--num-workers",
+            "1",
+        ]
+        result = runner.invoke(app, [*args, *extra])
+        assert result.exit_code == 0, result.output
+        ((_, sample),) = iter_samples(out)
+        trained[name] = [
+            t for t, label in zip(sample["input_ids"], sample["labels"], strict=True) if label >= 0
+        ]
+        assert read_sidecar(out)["config"]["chat_template_kwargs"] == (extra[1] if extra else None)
+    tok = AutoTokenizer.from_pretrained(str(QWEN3))
+    assert tok.decode(trained["default"]).startswith("<think>\n\n</think>\n\n")  # the model writes it
+    assert "<think>" not in tok.decode(trained["off"])  # the prompt holds it
+    assert tok.decode(trained["default"]).endswith(tok.decode(trained["off"]))
+    config = tmp_path / "c.yaml"
+    config.write_text("chat_template_kwargs:\n  enable_thinking: false\n")
+    out = tmp_path / "from-config.jsonl"
+    args = ["tokenize", str(inp), "-o", str(out), "--model-name-or-path", str(QWEN3), "--num-workers", "1"]
+    result = runner.invoke(app, [*args, "--config", str(config)])
+    assert result.exit_code == 0, result.output
+    assert (out.read_bytes(), read_sidecar(out)["config"]["chat_template_kwargs"]) == (
+        (tmp_path / "off.jsonl").read_bytes(),
+        '{"enable_thinking": false}',
+    )
 
 
 def test_trust_remote_code_reaches_the_tokenizer(tmp_path, monkeypatch):

@@ -669,6 +669,36 @@ def test_reasoning_given_twice_is_rejected_not_half_lost(qwen3):
         loaded.encoder.encode({"messages": later})
 
 
+def test_qwen3_non_thinking_mode_masks_the_prompts_empty_think_block(qwen3):
+    """enable_thinking=false (--chat-template-kwargs): Qwen3's generation prompt holds the empty
+    `<think>\n\n</think>\n\n`, so it is prompt, not trained; reasoning data contradicts it: rejected."""
+    _, tok = qwen3
+    loaded = load_chat_encoder(str(QWEN3), template_kwargs={"enable_thinking": False})
+    off = {"enable_thinking": False}
+    one = _ua("Hi", "Hello!")
+    sample = loaded.encoder.encode({"messages": one})
+    assert sample.input_ids == reference_ids(tok, one, **off)
+    assert [tok.decode(r) for r in trained_runs(sample)] == ["Hello!<|im_end|>"]
+    prompt = tok.apply_chat_template(one[:1], tokenize=False, add_generation_prompt=True, **off)
+    assert prompt.endswith("<think>\n\n</think>\n\n")  # what inference puts before the answer
+    # earlier turns: the text has no think block where the prompt has one; each turn starts after the
+    # header, as the model generates it (not after a `<` it shares with `<think>`)
+    three = _ua("a", "<b>one</b>", "b", "two", "c", "three")
+    sample = loaded.encoder.encode({"messages": three})
+    assert sample.input_ids == reference_ids(tok, three, **off)
+    assert [tok.decode(r) for r in trained_runs(sample)] == [
+        "<b>one</b><|im_end|>",
+        "two<|im_end|>",
+        "three<|im_end|>",
+    ]
+    reasoning = _ua("Hi", "Hello!")
+    reasoning[1]["reasoning_content"] = REASON_A
+    with pytest.raises(SampleRejected) as err:
+        loaded.encoder.encode({"messages": reasoning})
+    assert err.value.reason == chat.PREFIX_MISMATCH
+    assert "enable_thinking=false with reasoning data?" in err.value.detail
+
+
 def test_qwen3_tool_call_tool_and_answer(qwen3):
     loaded, tok = qwen3
     messages = [

@@ -246,6 +246,20 @@ def test_every_family_every_shape_is_exact(family, shape):
     assert trained_texts(tok, sample) == expected
 
 
+@pytest.mark.parametrize("family", ["deepseek-r1"], indirect=True)
+def test_r1_turn_that_begins_like_the_opener_starts_after_the_header(family):
+    """R1's prompt ends `<｜Assistant｜><think>\n`, the text `<｜Assistant｜><html>`: they share `<`, but the
+    turn starts after the header, where the added token `<think>` would be; the whole answer is trained."""
+    _, loaded, tok, _ = family
+    messages = _ua("Write a page.", "<html>ok</html>", "And a tag?", "<t>x</t>")
+    sample = loaded.encoder.encode({"messages": messages})
+    assert sample.input_ids == list(tok.apply_chat_template(messages, tokenize=True, return_dict=False))
+    assert trained_texts(tok, sample) == [
+        "<html>ok</html><｜end▁of▁sentence｜>",
+        "<t>x</t><｜end▁of▁sentence｜>",
+    ]
+
+
 # TRL-style training template: {% generation %} marks what the assistant generates; transformers turns it
 # into an assistant mask, a second opinion that owes nothing to minitrain's rule.
 GENERATION_MARKED = (
