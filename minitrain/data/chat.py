@@ -299,6 +299,16 @@ class ChatEncoder:
             return text, None
         return text, opens
 
+    def _added_tokens_in(self, text: str) -> Iterator[tuple[int, str]]:
+        """(index, token) of each added token in `text`, left to right, longest first where they overlap (as
+        the tokenizer splits them out); one pattern of them all, compiled once per process."""
+        pattern = self.__dict__.get("_added_pattern")
+        if pattern is None:
+            tokens = sorted(self.added_tokens, key=len, reverse=True)
+            pattern = re.compile("|".join(map(re.escape, tokens)) if tokens else "(?!)")
+            self._added_pattern = pattern
+        return ((match.start(), match.group()) for match in pattern.finditer(text))
+
     def _traceable(self) -> bool:
         """template.traceable of this template (decided once per template, from its syntax tree)."""
         verdict = self.__dict__.get("_traceable_verdict")
@@ -601,13 +611,7 @@ class ChatEncoder:
             # (reasoning rendered where the prompt closed it: Qwen3 with enable_thinking=false): no exact
             # start, rejected.
             opener = max(
-                (
-                    (at, token)
-                    for token in self.added_tokens
-                    for at in _find_all(header, token)
-                    if 0 < at <= common
-                ),
-                default=None,
+                ((at, token) for at, token in self._added_tokens_in(header) if 0 < at <= common), default=None
             )
             if opener is not None and not rest.startswith(opener[1], opener[0]):
                 return len(before) + opener[0]
@@ -772,14 +776,6 @@ def assistant_parts(message: dict[str, Any]) -> tuple[str, str]:
         return content, reasoning or ""
     head, _, answer = content.rpartition("</think>")
     return answer, head.split("<think>")[-1]
-
-
-def _find_all(text: str, sub: str) -> Iterator[int]:
-    """Every index where `sub` occurs in `text` (overlaps included)."""
-    at = text.find(sub)
-    while at >= 0:
-        yield at
-        at = text.find(sub, at + 1)
 
 
 def _straddles(text: str, offsets: list[tuple[int, int]], start: int) -> bool:

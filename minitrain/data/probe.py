@@ -279,6 +279,7 @@ def load_chat_encoder(
     # What the tokenizer puts in front of a text (BOS for Llama-style tokenizers); anything it appends is
     # ignored.
     at = next((j for j in range(len(with_specials)) if with_specials[j : j + len(plain)] == plain), 0)
+    added = [t.content for t in tokenizer.added_tokens_decoder.values()]
     try:
         encoder = ChatEncoder(
             backend=backend,
@@ -289,11 +290,10 @@ def load_chat_encoder(
             eos_id=tokenizer.eos_token_id,
             eot_text="",
             eot_ids=[],
+            added_tokens=tuple(added),
         )
     except Exception as err:
         raise UserError(f"the chat template ({origin}) does not compile: {str(err)[:200]}") from None
-    added = [t.content for t in tokenizer.added_tokens_decoder.values()]
-    encoder.added_tokens = tuple(added)
     eot_text, _, enders, open_final = find_end_of_turn(encoder, added)
     enders = list(dict.fromkeys([*enders, *tool_call_enders(encoder, added)]))
     encoder.eot_text = eot_text
