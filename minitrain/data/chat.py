@@ -67,6 +67,7 @@ from dataclasses import dataclass
 from operator import itemgetter
 from typing import Any
 
+from minitrain.config import TEMPLATE_OWN_NAMES
 from minitrain.data.format import IGNORE_INDEX
 from minitrain.data.template import Traced, build_environment, traceable
 
@@ -335,6 +336,9 @@ class ChatEncoder:
         """
         if not isinstance(record, dict):
             raise SampleRejected(NO_KNOWN_SHAPE, f"expected a JSON object, got {type(record).__name__}")
+        if record.get("chat_template_kwargs") is not None:
+            rest = {k: v for k, v in record.items() if k != "chat_template_kwargs"}
+            return self._with_kwargs(record["chat_template_kwargs"]).encode(rest, train_on)
         messages = record.get("messages")
         if messages is not None:
             if (
@@ -354,6 +358,23 @@ class ChatEncoder:
         if "prompt" in record and "generation" in record:
             return self._encode_prompt_generation(record["prompt"], record["generation"])
         raise SampleRejected(NO_KNOWN_SHAPE, "expected `messages`, or `prompt` and `generation`")
+
+    def _with_kwargs(self, kwargs: Any) -> ChatEncoder:
+        """This encoder with a record's `chat_template_kwargs` over the run's (--chat-template-kwargs): the
+        same compiled template and facts, its renders given those names too. The probes ran without them."""
+        if not isinstance(kwargs, dict):
+            raise SampleRejected(
+                NO_KNOWN_SHAPE, f"`chat_template_kwargs` must be an object, got {type(kwargs).__name__}"
+            )
+        taken = [name for name in kwargs if name in TEMPLATE_OWN_NAMES]
+        if taken:
+            raise SampleRejected(
+                NO_KNOWN_SHAPE, f"`chat_template_kwargs` names {taken[0]!r}, which tokenize sets itself"
+            )
+        view = object.__new__(ChatEncoder)  # not copy.copy: __setstate__ would compile the template again
+        view.__dict__.update(self.__dict__)
+        view.template_kwargs = {**self.template_kwargs, **kwargs}
+        return view
 
     def encode_turns(self, record: Any) -> list[EncodedSample]:
         """One sample per trained assistant turn (`--split-turns`): the conversation up to and including

@@ -73,7 +73,11 @@ def encode_pair(encoder: ChatEncoder, pair: dict[str, Any]) -> EncodedPair:
                         f"`{key}` message {i} has `train`: {message['train']!r}; "
                         "a pair trains its whole response",
                     )
-            record = {"messages": [*context, *pair[key]], "tools": pair.get("tools")}
+            record = {
+                "messages": [*context, *pair[key]],
+                "tools": pair.get("tools"),
+                "chat_template_kwargs": pair.get("chat_template_kwargs"),
+            }
             sides.append(encoder.encode(record))
     chosen, rejected = sides
     starts = [_first_trained(side.labels) for side in sides]

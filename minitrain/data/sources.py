@@ -27,7 +27,8 @@ Role names (ShareGPT and mapped layouts; `--user-role` & co add more):
 
 Alpaca: user = instruction, then a blank line and `input` when `input` is not empty; assistant = output;
 `history` pairs come first, `system` (when not empty) before them. A ShareGPT `tools` string (LLaMA-Factory
-stores a JSON string) is parsed into the list the chat template receives.
+stores a JSON string) is parsed into the list the chat template receives. A `chat_template_kwargs` object on
+a line of any chat shape (pairs too) goes with it: the encoder renders that line with those names.
 
 Field mapping for other layouts (axolotl's `field_messages` / `message_property_mappings` / `roles`):
 `--messages-field` names the list of turns, `--role-field`/`--content-field` the keys inside each turn
@@ -251,7 +252,8 @@ def _tool_calls(i: int, value: Any) -> list[dict[str, Any]]:
 
 
 def _with_system_and_tools(out: dict[str, Any], record: dict[str, Any]) -> dict[str, Any]:
-    """Add a record-level `system` prompt (first message) and `tools` (JSON text parsed) to `out`."""
+    """Add a record-level `system` prompt (first message), `tools` (JSON text parsed) and
+    `chat_template_kwargs` (checked by the encoder) to `out`."""
     system = record.get("system")
     if system not in (None, ""):
         if not isinstance(system, str):
@@ -265,6 +267,8 @@ def _with_system_and_tools(out: dict[str, Any], record: dict[str, Any]) -> dict[
             raise SampleRejected(NO_KNOWN_SHAPE, "`tools` is a string but not JSON") from None
     if tools:
         out["tools"] = tools
+    if record.get("chat_template_kwargs") is not None:
+        out["chat_template_kwargs"] = record["chat_template_kwargs"]
     return out
 
 
@@ -283,7 +287,8 @@ def _alpaca(record: dict[str, Any]) -> dict[str, Any]:
         messages += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
     user = f"{instruction}\n\n{extra}" if extra else instruction
     messages += [{"role": "user", "content": user}, {"role": "assistant", "content": record["output"]}]
-    return _with_system_and_tools({"messages": messages}, {"system": record.get("system")})
+    keep = {key: record.get(key) for key in ("system", "chat_template_kwargs")}  # Alpaca's `tools`: none
+    return _with_system_and_tools({"messages": messages}, keep)
 
 
 # ------------------------------------------------------------------------------------------------- readers

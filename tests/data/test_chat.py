@@ -699,6 +699,47 @@ def test_qwen3_non_thinking_mode_masks_the_prompts_empty_think_block(qwen3):
     assert "enable_thinking=false with reasoning data?" in err.value.detail
 
 
+def test_a_record_s_chat_template_kwargs_reach_its_renders_only(qwen3):
+    """`chat_template_kwargs` on a line (hybrid data: thinking and non-thinking samples in one file) is
+    rendered with that line alone, over the run's; every shape carries it: messages, ShareGPT, pairs."""
+    from minitrain.data.preference import encode_pair
+    from minitrain.data.sources import to_chat_record, to_pair_record
+
+    loaded, tok = qwen3
+    off = {"enable_thinking": False}
+    messages = _ua("Hi", "Hello!")
+    plain = loaded.encoder.encode({"messages": messages})
+    sample = loaded.encoder.encode({"messages": messages, "chat_template_kwargs": off})
+    assert sample.input_ids == reference_ids(tok, messages, **off)
+    assert [tok.decode(r) for r in trained_runs(sample)] == ["Hello!<|im_end|>"]
+    assert [tok.decode(r) for r in trained_runs(plain)] == ["<think>\n\n</think>\n\nHello!<|im_end|>"]
+    assert loaded.encoder.encode({"messages": messages}) == plain  # the encoder itself is unchanged
+    sharegpt = {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello!"}]}
+    assert loaded.encoder.encode(to_chat_record({**sharegpt, "chat_template_kwargs": off})) == sample
+    alpaca = {"instruction": "Hi", "output": "Hello!", "chat_template_kwargs": off}
+    assert loaded.encoder.encode(to_chat_record(alpaca)) == sample
+    assert loaded.encoder.encode_turns({"messages": messages, "chat_template_kwargs": off}) == [sample]
+    pair = to_pair_record(
+        {
+            "prompt": messages[:1],
+            "chosen": messages[1:],
+            "rejected": _ua("", "Bye.")[1:],
+            "chat_template_kwargs": off,
+        }
+    )
+    chosen = encode_pair(loaded.encoder, pair).chosen
+    assert (chosen.input_ids, chosen.labels) == (sample.input_ids, sample.labels)
+    # the run's kwargs (--chat-template-kwargs) are the base a line's override
+    run_off = load_chat_encoder(str(QWEN3), template_kwargs=off)
+    assert run_off.encoder.encode({"messages": messages}) == sample
+    on = {"messages": messages, "chat_template_kwargs": {"enable_thinking": True}}
+    assert run_off.encoder.encode(on) == plain
+    for bad, says in (("yes", "must be an object, got str"), ({"messages": []}, "names 'messages'")):
+        with pytest.raises(SampleRejected) as err:
+            loaded.encoder.encode({"messages": messages, "chat_template_kwargs": bad})
+        assert err.value.reason == chat.NO_KNOWN_SHAPE and says in err.value.detail
+
+
 def test_qwen3_tool_call_tool_and_answer(qwen3):
     loaded, tok = qwen3
     messages = [
