@@ -27,6 +27,23 @@ TRAIN_ON = ("all", "last")  # tokenize --train-on values
 TEMPLATE_OWN_NAMES = ("messages", "tools", "documents", "add_generation_prompt", "continue_final_message")
 
 
+def json_object(flag: str, text: str, example: str) -> dict[str, Any]:
+    """A flag's JSON-object value (`--lr-scheduler-kwargs '{"num_cycles": 0.5}'`), parsed; else a UserError
+    naming the flag and showing `example`."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise UserError(
+            f"{flag} is not valid JSON ({err.msg} at column {err.colno}); "
+            f"write a JSON object such as '{example}'"
+        ) from None
+    if not isinstance(value, dict):
+        raise UserError(
+            f"{flag} must be a JSON object of names to values, such as '{example}', got {value!r}"
+        )
+    return value
+
+
 @dataclass(frozen=True, kw_only=True)
 class TokenizeConfig:
     """Everything `minitrain tokenize` needs; saved in the sidecar (OUT.meta.json) of the file it writes.
@@ -90,18 +107,9 @@ class TokenizeConfig:
         itself (TEMPLATE_OWN_NAMES)."""
         if self.chat_template_kwargs is None:
             return {}
-        try:
-            kwargs = json.loads(self.chat_template_kwargs)
-        except json.JSONDecodeError as err:
-            raise UserError(
-                f"--chat-template-kwargs is not valid JSON ({err.msg} at column {err.colno}); "
-                """write a JSON object such as '{"enable_thinking": false}'"""
-            ) from None
-        if not isinstance(kwargs, dict):
-            raise UserError(
-                "--chat-template-kwargs must be a JSON object of names to values, such as "
-                f"""'{{"enable_thinking": false}}', got {kwargs!r}"""
-            )
+        kwargs = json_object(
+            "--chat-template-kwargs", self.chat_template_kwargs, '{"enable_thinking": false}'
+        )
         taken = [name for name in kwargs if name in TEMPLATE_OWN_NAMES]
         if taken:
             raise UserError(
@@ -393,17 +401,7 @@ class TrainConfig:
         """--lr-scheduler-kwargs as a dict, checked: a JSON object of the schedule's own arguments."""
         if self.lr_scheduler_kwargs is None:
             return {}
-        try:
-            kwargs = json.loads(self.lr_scheduler_kwargs)
-        except json.JSONDecodeError as err:
-            raise UserError(
-                f"--lr-scheduler-kwargs is not valid JSON ({err.msg} at column {err.colno}); "
-                """write a JSON object such as '{"num_cycles": 0.5}'"""
-            ) from None
-        if not isinstance(kwargs, dict):
-            raise UserError(
-                f"--lr-scheduler-kwargs must be a JSON object of argument names to values, got {kwargs!r}"
-            )
+        kwargs = json_object("--lr-scheduler-kwargs", self.lr_scheduler_kwargs, '{"num_cycles": 0.5}')
         allowed = LR_SCHEDULER_KWARGS[self.lr_scheduler]
         for key in kwargs:
             if key not in allowed:
