@@ -193,6 +193,9 @@ def tokenize(
 --max-sample-num-tokens 32768
 
       minitrain tokenize reasoning.jsonl -o r.tok.jsonl --model-name-or-path ./qwen3 --split-turns
+
+      minitrain tokenize chats.jsonl -o c.tok.jsonl --model-name-or-path ./qwen3 \
+--chat-template-kwargs '{"enable_thinking": false}'
     """
     if input_path is not None and input_file is not None:
         raise UserError("give the input once: either INPUT.jsonl or --input-file, not both")
