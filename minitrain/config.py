@@ -27,6 +27,11 @@ TRAIN_ON = ("all", "last")  # tokenize --train-on values
 TEMPLATE_OWN_NAMES = ("messages", "tools", "documents", "add_generation_prompt", "continue_final_message")
 
 
+def own_template_name(kwargs: dict[str, Any]) -> str | None:
+    """The first name of `kwargs` that the chat template render sets itself (TEMPLATE_OWN_NAMES), if any."""
+    return next((name for name in kwargs if name in TEMPLATE_OWN_NAMES), None)
+
+
 def json_object(flag: str, text: str, example: str) -> dict[str, Any]:
     """A flag's JSON-object value (`--lr-scheduler-kwargs '{"num_cycles": 0.5}'`), parsed; else a UserError
     naming the flag and showing `example`."""
@@ -110,10 +115,10 @@ class TokenizeConfig:
         kwargs = json_object(
             "--chat-template-kwargs", self.chat_template_kwargs, '{"enable_thinking": false}'
         )
-        taken = [name for name in kwargs if name in TEMPLATE_OWN_NAMES]
+        taken = own_template_name(kwargs)
         if taken:
             raise UserError(
-                f"--chat-template-kwargs: {taken[0]!r} is set by tokenize itself for every render "
+                f"--chat-template-kwargs: {taken!r} is set by tokenize itself for every render "
                 f"({', '.join(TEMPLATE_OWN_NAMES)}); drop it"
             )
         return kwargs

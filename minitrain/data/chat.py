@@ -67,7 +67,7 @@ from dataclasses import dataclass
 from operator import itemgetter
 from typing import Any
 
-from minitrain.config import TEMPLATE_OWN_NAMES
+from minitrain.config import own_template_name
 from minitrain.data.format import IGNORE_INDEX
 from minitrain.data.template import Traced, build_environment, traceable
 
@@ -217,18 +217,22 @@ class ChatEncoder:
         self.final_turn_ender = final_turn_ender
         # the tokenizer's added tokens (`<think>`, role tokens): where a generation prompt's opener may start
         self.added_tokens = added_tokens
-        self._template = build_environment().from_string(template_source)
+        self._compile()
+
+    def _compile(self) -> None:
+        self._template = build_environment().from_string(self.template_source)
         self._globals = dict(self._template.globals)  # a ChainMap in Jinja: merged once, not per render
+        # facts about the template found when first needed, one dict shared with `_with_kwargs` views
+        self._found: dict[str, Any] = {}
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        del state["_template"], state["_globals"]  # compiled Jinja is not picklable; recompiled on arrival
-        return state
+        del state["_template"], state["_globals"], state["_found"]  # Jinja code is not picklable: compiled
+        return state  # again on arrival
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        self._template = build_environment().from_string(self.template_source)
-        self._globals = dict(self._template.globals)
+        self._compile()
 
     # ---------------------------------------------------------------- rendering
     def render(
@@ -303,19 +307,19 @@ class ChatEncoder:
     def _added_tokens_in(self, text: str) -> Iterator[tuple[int, str]]:
         """(index, token) of each added token in `text`, left to right, longest first where they overlap (as
         the tokenizer splits them out); one pattern of them all, compiled once per process."""
-        pattern = self.__dict__.get("_added_pattern")
+        pattern = self._found.get("added_pattern")
         if pattern is None:
             tokens = sorted(self.added_tokens, key=len, reverse=True)
             pattern = re.compile("|".join(map(re.escape, tokens)) if tokens else "(?!)")
-            self._added_pattern = pattern
+            self._found["added_pattern"] = pattern
         return ((match.start(), match.group()) for match in pattern.finditer(text))
 
     def _traceable(self) -> bool:
         """template.traceable of this template (decided once per template, from its syntax tree)."""
-        verdict = self.__dict__.get("_traceable_verdict")
+        verdict = self._found.get("traceable")
         if verdict is None:
             verdict = traceable(self._template.environment.parse(self.template_source))
-            self._traceable_verdict = verdict
+            self._found["traceable"] = verdict
         return verdict
 
     def _render_or_reject(
@@ -366,12 +370,14 @@ class ChatEncoder:
             raise SampleRejected(
                 NO_KNOWN_SHAPE, f"`chat_template_kwargs` must be an object, got {type(kwargs).__name__}"
             )
-        taken = [name for name in kwargs if name in TEMPLATE_OWN_NAMES]
+        taken = own_template_name(kwargs)
         if taken:
             raise SampleRejected(
-                NO_KNOWN_SHAPE, f"`chat_template_kwargs` names {taken[0]!r}, which tokenize sets itself"
+                NO_KNOWN_SHAPE, f"`chat_template_kwargs` names {taken!r}, which tokenize sets itself"
             )
-        view = object.__new__(ChatEncoder)  # not copy.copy: __setstate__ would compile the template again
+        # not copy.copy: __setstate__ would compile the template again; the view shares the compiled template
+        # and `_found`, so what one line's view finds about the template is found once for all
+        view = object.__new__(ChatEncoder)
         view.__dict__.update(self.__dict__)
         view.template_kwargs = {**self.template_kwargs, **kwargs}
         return view

@@ -8,6 +8,7 @@ tokens must give exactly one assistant content followed by the end-of-turn token
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 
 import orjson
@@ -734,6 +735,12 @@ def test_a_record_s_chat_template_kwargs_reach_its_renders_only(qwen3):
     assert run_off.encoder.encode({"messages": messages}) == sample
     on = {"messages": messages, "chat_template_kwargs": {"enable_thinking": True}}
     assert run_off.encoder.encode(on) == plain
+    # what a line's view finds about the template (traceable? its added-token pattern) is found for all
+    fresh = load_chat_encoder(str(QWEN3)).encoder
+    three = {"messages": _ua("a", "one", "b", "<b>two</b>"), "chat_template_kwargs": off}
+    fresh.encode(three)
+    assert {"traceable", "added_pattern"} <= set(fresh._found)
+    assert pickle.loads(pickle.dumps(fresh)).encode(three) == fresh.encode(three)  # as a worker gets it
     for bad, says in (("yes", "must be an object, got str"), ({"messages": []}, "names 'messages'")):
         with pytest.raises(SampleRejected) as err:
             loaded.encoder.encode({"messages": messages, "chat_template_kwargs": bad})
