@@ -3,6 +3,7 @@
     python benchmarks/bench_tokenize.py [--samples 20000] [--naive-samples 2000] [--workers N] [--repeats 3]
                                         [--tokenizer smollm2-135m-instruct|qwen3|...] [--data alpaca|fastchat]
                                         [--mini-trainer-path DIR] [--out PATH]
+    python benchmarks/bench_tokenize.py --scale 1499,10000,30000 [--workers N] [--repeats 3] [...]
 
 Data: ../shared/fixtures/data/*.messages.jsonl (or only those whose name starts with --data: alpaca is
 single-turn, fastchat multi-turn) replicated to --samples lines; tokenizer: a fixture folder (SmolLM2).
@@ -23,6 +24,11 @@ Variants, side by side (samples/s, tokens/s, and per CPU-second):
   mini_trainer           its `process_data.py` (from --mini-trainer-path; skipped with a note when absent),
                          end to end, with the shims described at `_MINI_TRAINER_DRIVER`; these two rows
                          run --repeats times each, alternating, and show the median
+--scale N1,N2,...: only the two end-to-end rows, at each size (alternating, --repeats each), and the
+floor. A straight line through each tool's median seconds gives its start-up (the seconds at no data)
+and its seconds per sample; their ratio is the end-to-end ratio on a large file. The floor's CPU per
+sample, spread perfectly over the cores, gives the most any tool that renders and encodes each sample
+once could reach against mini_trainer on a large file (its ceiling).
 The trade-off of this benchmark: it measures throughput on whatever else the machine is doing; the
 ratios in one run are what to compare (CPU-seconds are steadier than wall), not numbers across runs.
 """
@@ -351,6 +357,88 @@ def bench_floor(lines: list[bytes], batch: int = 64, tokenizer: Path = SMOLLM2, 
     }
 
 
+def _line(points: list[tuple[int, float]]) -> tuple[float, float]:
+    """(intercept, slope) of the least-squares line through (samples, seconds)."""
+    n = len(points)
+    mx, my = sum(x for x, _ in points) / n, sum(y for _, y in points) / n
+    slope = sum((x - mx) * (y - my) for x, y in points) / sum((x - mx) ** 2 for x, _ in points)
+    return my - slope * mx, slope
+
+
+def bench_scale(sizes: list[int], args: argparse.Namespace, tokenizer: Path) -> None:
+    """The end-to-end rows at each size, the floor once: start-up, seconds per sample, the large-file ratio
+    and the floor's ceiling against mini_trainer (see the module docstring)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    per_size: dict[int, dict[str, dict]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for size in sizes:
+            inp = Path(tmp) / f"bench_{size}.jsonl"
+            lines = build_input(inp, size, args.data)
+            runs: dict[str, list[dict]] = {CLI: [], MINI_TRAINER: []}
+            for _ in range(args.repeats):
+                runs[CLI].append(bench_cli(inp, Path(tmp) / "cli.jsonl", args.workers, tokenizer))
+                mini = bench_mini_trainer(
+                    inp, Path(tmp) / "mini_trainer.jsonl", tokenizer, args.mini_trainer_path, args.workers
+                )
+                if mini is None:
+                    return
+                runs[MINI_TRAINER].append(mini)
+            per_size[size] = {}
+            for name, done in runs.items():
+                done.sort(key=lambda run: run["seconds"])
+                seconds = [run["seconds"] for run in done]
+                per_size[size][name] = dict(done[len(done) // 2], repeats_seconds=seconds)
+            print(
+                f"{size:,} samples: minitrain {per_size[size][CLI]['repeats_seconds']} s, mini_trainer "
+                f"{per_size[size][MINI_TRAINER]['repeats_seconds']} s",
+                flush=True,
+            )
+        floor = bench_floor(lines, tokenizer=tokenizer, repeats=args.repeats)  # the largest size's lines
+    floor_per_sample = floor["cpu_seconds"] / floor["samples"] / args.workers  # perfectly spread: wall
+
+    table = Table(
+        title=f"tokenize end to end, {args.tokenizer}, {args.data or 'all'} data, {args.workers} cores "
+        f"(load {os.getloadavg()[0]:.1f}); seconds: median of {args.repeats}"
+    )
+    for col in ("samples", "minitrain s", "mini_trainer s", "minitrain / mini_trainer throughput"):
+        table.add_column(col, justify="right")
+    for size, rows in per_size.items():
+        ours, theirs = rows[CLI]["seconds"], rows[MINI_TRAINER]["seconds"]
+        table.add_row(f"{size:,}", f"{ours:.2f}", f"{theirs:.2f}", f"{theirs / ours:.2f}x")
+    Console(width=170).print(table)
+    fits = {
+        name: _line([(size, rows[name]["seconds"]) for size, rows in per_size.items()])
+        for name in (CLI, MINI_TRAINER)
+    }
+    for name, (start, per) in fits.items():
+        print(f"{name}: start-up {start:.2f} s, then {per * 1000:.3f} ms per sample")
+    ours, theirs = fits[CLI][1], fits[MINI_TRAINER][1]
+    print(
+        f"on a large file (per-sample seconds only): minitrain {theirs / ours:.2f}x mini_trainer's "
+        f"throughput; the floor (one render + one batched encode per sample, "
+        f"{floor_per_sample * 1000:.3f} ms per sample: its CPU over {args.workers} cores, nothing else) "
+        f"would be {theirs / floor_per_sample:.2f}x"
+    )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_bytes(
+        orjson.dumps(
+            {
+                "sizes": per_size,
+                "fits": {name: {"startup_s": a, "s_per_sample": b} for name, (a, b) in fits.items()},
+                "floor": floor,
+                "floor_wall_s_per_sample": floor_per_sample,
+                "large_file_ratio": theirs / ours,
+                "floor_ceiling_ratio": theirs / floor_per_sample,
+                "load_average": os.getloadavg(),
+            },
+            option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS,
+        )
+    )
+    print(f"wrote {args.out}")
+
+
 def main() -> None:
     if len(sys.argv) == 3 and sys.argv[1] == "--child":  # one minitrain run, for bench_minitrain
         inp, out, workers, tokenizer = orjson.loads(sys.argv[2])
@@ -378,8 +466,18 @@ def main() -> None:
         default=Path("/work/mt-pkgs"),
         help="a folder with mini_trainer's process_data.py (run with it on PYTHONPATH); absent: row skipped",
     )
+    parser.add_argument(
+        "--scale",
+        default="",
+        help="comma-separated sizes: only the end-to-end rows at each, their start-up and per-sample fit",
+    )
     args = parser.parse_args()
     tokenizer = FIXTURES / "tokenizers" / args.tokenizer
+    if args.scale:
+        if args.out == parser.get_default("out"):
+            args.out = args.out.with_name("tokenize_scale.json")
+        bench_scale([int(size) for size in args.scale.split(",")], args, tokenizer)
+        return
 
     with tempfile.TemporaryDirectory() as tmp:
         inp = Path(tmp) / "bench.jsonl"

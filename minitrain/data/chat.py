@@ -69,7 +69,7 @@ from typing import Any
 
 from minitrain.config import own_template_name
 from minitrain.data.format import IGNORE_INDEX
-from minitrain.data.template import Traced, build_environment, traceable
+from minitrain.data.template import Traced, build_environment, names_read, traceable
 
 CHAT_ROLES = frozenset({"system", "user", "assistant", "tool"})
 
@@ -321,6 +321,21 @@ class ChatEncoder:
             verdict = traceable(self._template.environment.parse(self.template_source))
             self._found["traceable"] = verdict
         return verdict
+
+    def names_read(self) -> frozenset[str]:
+        """The names this template reads from its render's context (template.names_read, once per
+        template)."""
+        reads = self._found.get("reads")
+        if reads is None:
+            reads = names_read(self._template.environment.parse(self.template_source))
+            self._found["reads"] = reads
+        return reads
+
+    def unread_names(self, kwargs: dict[str, Any]) -> list[str]:
+        """The names of `kwargs` (chat_template_kwargs) this template never reads: passing them changes
+        nothing."""
+        reads = self.names_read()
+        return [name for name in kwargs if name not in reads]
 
     def _render_or_reject(
         self, messages: list[dict[str, Any]], tools: Any, add_generation_prompt: bool = False

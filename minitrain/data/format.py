@@ -79,7 +79,9 @@ def read_sidecar(out: Path) -> dict[str, Any] | None:
     chat_template_sha256, max_sample_num_tokens, kind ("sft" or "preference"; absent before it was added:
     "sft"), counts {read, written (lines), samples (output lines: more than written with --split-turns),
     pairs (preference files), dropped, rejected, rejected_by_reason {reason: n}}, tokens,
-    trained_tokens, reasoning_dropped_by_template {turns, tokens}, config (with train_on, split_turns).
+    trained_tokens, reasoning_dropped_by_template {turns, tokens}, chat_template_kwargs_unread {name: lines
+    whose chat_template_kwargs give that name, which the template never reads; absent before it was added},
+    config (with train_on, split_turns).
     """
     path = sidecar_path(out)
     if not path.exists():
@@ -96,6 +98,11 @@ def read_sidecar(out: Path) -> dict[str, Any] | None:
 def reasoning_dropped_text(turns: int, tokens: int) -> str:
     """The sidecar's reasoning_dropped_by_template as the summary and `inspect --stats` say it."""
     return f"{turns:,} turn{'s' * (turns != 1)}, {tokens:,} token{'s' * (tokens != 1)}"
+
+
+def unread_kwargs_text(counts: dict[str, int]) -> str:
+    """The sidecar's chat_template_kwargs_unread as the summary and `inspect --stats` say it."""
+    return ", ".join(f"{name} ({n:,} line{'s' * (n != 1)})" for name, n in sorted(counts.items()))
 
 
 def _parse_object(raw: bytes, path: Path, line: int) -> dict[str, Any]:

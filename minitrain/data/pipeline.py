@@ -54,6 +54,7 @@ from minitrain.data.format import (
     reasoning_dropped_text,
     rejects_path,
     sidecar_path,
+    unread_kwargs_text,
 )
 from minitrain.data.preference import encode_pair
 from minitrain.data.probe import load_chat_encoder
@@ -89,6 +90,7 @@ class ChunkResult:
     trained_tokens: int = 0
     reasoning_dropped_turns: int = 0
     reasoning_dropped_tokens: int = 0
+    unread_template_kwargs: dict[str, int] = field(default_factory=dict)  # name -> written lines giving it
     num_bytes: int = 0
 
 
@@ -113,6 +115,9 @@ class TokenizeResult:
     # assistant turns (in written samples) whose reasoning the chat template does not render, and its tokens
     reasoning_dropped_turns: int = 0
     reasoning_dropped_tokens: int = 0
+    # a line's chat_template_kwargs names that the template never reads (rendered without effect): name ->
+    # written lines
+    unread_template_kwargs: dict[str, int] = field(default_factory=dict)
     elapsed_s: float = 0.0
     replaced: bool = False  # OUT existed before this run: the new file took its place (said in the summary)
 
@@ -200,12 +205,21 @@ def encode_lines(encoder: ChatEncoder, policy: Policy, lines: list[tuple[int, by
             result.trained_tokens += trained
             result.reasoning_dropped_turns += sample.reasoning_dropped_turns
             result.reasoning_dropped_tokens += sample.reasoning_dropped_tokens
+        _count_unread(encoder, record, result.unread_template_kwargs)
         result.written += 1
         result.samples += len(samples)
     if out:
         out.append(b"")
         result.out = b"\n".join(out)
     return result
+
+
+def _count_unread(encoder: ChatEncoder, record: Any, counts: dict[str, int]) -> None:
+    """Count the names of a written line's `chat_template_kwargs` that the template never reads."""
+    kwargs = record.get("chat_template_kwargs") if isinstance(record, dict) else None
+    if isinstance(kwargs, dict):
+        for name in encoder.unread_names(kwargs):
+            counts[name] = counts.get(name, 0) + 1
 
 
 def _mixed_detail(kind: str) -> str:
@@ -218,7 +232,8 @@ def _encode_pair_line(
     encoder: ChatEncoder, policy: Policy, line_no: int, record: Any, result: ChunkResult, out: list[bytes]
 ) -> None:
     """One pair line -> one output line (format.py), or a reject; SampleRejected passes through."""
-    pair = encode_pair(encoder, to_pair_record(record, policy.mapping))
+    record = to_pair_record(record, policy.mapping)
+    pair = encode_pair(encoder, record)
     sides = {"chosen": pair.chosen, "rejected": pair.rejected}
     longest = max(len(side.input_ids) for side in sides.values())
     if policy.max_tokens is not None and longest > policy.max_tokens:
@@ -248,6 +263,7 @@ def _encode_pair_line(
     line["prompt_len"] = pair.prompt_len
     line["source_line"] = line_no
     out.append(orjson.dumps(line))
+    _count_unread(encoder, record, result.unread_template_kwargs)
     result.written += 1
     result.samples += 1
 
@@ -472,6 +488,8 @@ def _write_outputs(
                     result.trained_tokens += chunk.trained_tokens
                     result.reasoning_dropped_turns += chunk.reasoning_dropped_turns
                     result.reasoning_dropped_tokens += chunk.reasoning_dropped_tokens
+                    for name, n in chunk.unread_template_kwargs.items():
+                        result.unread_template_kwargs[name] = result.unread_template_kwargs.get(name, 0) + n
                     if progress is not None:
                         done = chunk.written + chunk.blank + len(chunk.rejects) if rows else chunk.num_bytes
                         progress.update(task, advance=done, samples=result.written)
@@ -549,6 +567,7 @@ def _sidecar(
             "turns": result.reasoning_dropped_turns,
             "tokens": result.reasoning_dropped_tokens,
         },
+        "chat_template_kwargs_unread": dict(sorted(result.unread_template_kwargs.items())),
         "elapsed_s": round(result.elapsed_s, 3),
         "num_workers": result.num_workers,
         "config": config.to_dict(),
@@ -583,6 +602,9 @@ def render_summary(result: TokenizeResult, console: Any) -> None:
     if result.reasoning_dropped_turns:
         dropped = reasoning_dropped_text(result.reasoning_dropped_turns, result.reasoning_dropped_tokens)
         table.add_row("reasoning dropped by the template", f"[yellow]{dropped}[/yellow]")
+    if result.unread_template_kwargs:
+        unread = unread_kwargs_text(result.unread_template_kwargs)
+        table.add_row("chat_template_kwargs unread by the template", f"[yellow]{unread}[/yellow]")
     table.add_row("samples/s", f"{result.samples_per_s:,.0f}")
     table.add_row("tokens/s", f"{result.tokens_per_s:,.0f}")
     table.add_row("workers", str(result.num_workers))

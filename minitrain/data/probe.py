@@ -41,7 +41,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from minitrain.config import TEMPLATE_OWN_NAMES
 from minitrain.data.chat import ChatEncoder, SampleRejected
+from minitrain.data.template import build_environment
 from minitrain.data.tokenizer import load_tokenizer
 from minitrain.errors import UserError
 
@@ -250,6 +252,25 @@ class LoadedTokenizer:
         return voice_token_ids(self.encoder)
 
 
+def _unread_names_error(encoder: ChatEncoder, unread: list[str], origin: str, specials: dict) -> str:
+    """--chat-template-kwargs names the template never reads: the message, with the names it does read."""
+    import jinja2.nodes
+
+    ast = build_environment().parse(encoder.template_source)
+    # the names worth suggesting: not the render's own, not ones the template also sets itself (`content`)
+    own = {
+        *TEMPLATE_OWN_NAMES,
+        *specials,
+        *(n.name for n in ast.find_all(jinja2.nodes.Name) if n.ctx == "store"),
+    }
+    reads = sorted(name for name in encoder.names_read() if name not in own)
+    return (
+        f"--chat-template-kwargs: the chat template ({origin}) never reads "
+        f"{', '.join(map(repr, unread))}, so the render would be the same without it; "
+        + (f"the names it reads: {', '.join(reads)}" if reads else "it reads no names besides the messages")
+    )
+
+
 def load_chat_encoder(
     model_name_or_path: str,
     chat_template: str | None = None,
@@ -294,6 +315,9 @@ def load_chat_encoder(
         )
     except Exception as err:
         raise UserError(f"the chat template ({origin}) does not compile: {str(err)[:200]}") from None
+    unread = encoder.unread_names(template_kwargs or {})
+    if unread:
+        raise UserError(_unread_names_error(encoder, unread, origin, tokenizer.special_tokens_map))
     eot_text, _, enders, open_final = find_end_of_turn(encoder, added)
     enders = list(dict.fromkeys([*enders, *tool_call_enders(encoder, added)]))
     encoder.eot_text = eot_text

@@ -132,6 +132,15 @@ def traceable(ast: Any) -> bool:
     )
 
 
+def names_read(ast: Any) -> frozenset[str]:
+    """The names a parsed template reads from its render's context (Jinja's own analysis): a name passed to
+    the render that is not among them cannot change the text (a sandboxed template has no other way to
+    reach its context)."""
+    import jinja2.meta
+
+    return frozenset(jinja2.meta.find_undeclared_variables(ast))
+
+
 def build_environment() -> Any:
     """A Jinja environment that renders like transformers' `apply_chat_template` (sandboxed, same filters)."""
     import jinja2

@@ -106,7 +106,12 @@ def inspect_file(config: InspectConfig) -> InspectResult:
             seed=config.seed,
             collected=acc,  # with --audit, its pass collected them
         )
+    if result.stats is not None:  # what the sidecar counted of the rendering (absent in older sidecars)
         dropped = (meta or {}).get("reasoning_dropped_by_template")
-        if isinstance(dropped, dict):
-            result.stats = dataclasses.replace(result.stats, reasoning_dropped=dropped)
+        unread = (meta or {}).get("chat_template_kwargs_unread")
+        result.stats = dataclasses.replace(
+            result.stats,
+            reasoning_dropped=dropped if isinstance(dropped, dict) else None,
+            template_kwargs_unread=unread if isinstance(unread, dict) and unread else None,
+        )
     return result

@@ -30,7 +30,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from minitrain.data.format import IGNORE_INDEX, reasoning_dropped_text
+from minitrain.data.format import IGNORE_INDEX, reasoning_dropped_text, unread_kwargs_text
 from minitrain.errors import UserError
 
 if TYPE_CHECKING:
@@ -332,8 +332,20 @@ def render_pair_stats(stats: PairStats, console: Console) -> None:
     totals.add_row("pairs whose chosen side trains more tokens", f"{stats.chosen_longer:,}")
     totals.add_row("pairs whose rejected side trains more tokens", f"{stats.rejected_longer:,}")
     totals.add_row("pairs with a side that trains nothing", f"{stats.zero_trained:,}")
+    _rendering_rows(stats, totals)
     console.print(totals)
     console.print(table)
+
+
+def _rendering_rows(stats: DatasetStats | PairStats, totals: Table) -> None:
+    """What the sidecar counted of the template's rendering: reasoning it dropped, kwargs it never reads."""
+    if stats.reasoning_dropped is not None:
+        turns, tokens = stats.reasoning_dropped.get("turns", 0), stats.reasoning_dropped.get("tokens", 0)
+        totals.add_row("reasoning dropped by the template", reasoning_dropped_text(turns, tokens))
+    if stats.template_kwargs_unread:
+        totals.add_row(
+            "chat_template_kwargs unread by the template", unread_kwargs_text(stats.template_kwargs_unread)
+        )
 
 
 def _bar(count: int, peak: int, width: int = 40) -> str:
@@ -358,9 +370,7 @@ def render_stats(stats: DatasetStats, console: Console) -> None:
     for q, v in stats.percentiles.items():
         totals.add_row(f"length p{q}", f"{v:,}")
     totals.add_row("samples with zero trained tokens", f"{stats.zero_trained:,}")
-    if stats.reasoning_dropped is not None:
-        turns, tokens = stats.reasoning_dropped.get("turns", 0), stats.reasoning_dropped.get("tokens", 0)
-        totals.add_row("reasoning dropped by the template", reasoning_dropped_text(turns, tokens))
+    _rendering_rows(stats, totals)
     console.print(totals)
     if stats.zero_trained:
         console.print(

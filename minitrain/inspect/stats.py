@@ -56,6 +56,8 @@ class DatasetStats:
     packing: PackingStats | None = None
     # from the sidecar: {"turns", "tokens"} of reasoning the chat template did not render; None without one
     reasoning_dropped: dict[str, int] | None = None
+    # from the sidecar: {name: lines} of chat_template_kwargs names the template never reads
+    template_kwargs_unread: dict[str, int] | None = None
 
 
 @dataclass
@@ -212,6 +214,8 @@ class PairStats:
     chosen_longer: int  # pairs whose chosen side has more trained tokens than the rejected one
     rejected_longer: int
     zero_trained: int  # pairs with a side that trains nothing
+    reasoning_dropped: dict[str, int] | None = None  # from the sidecar, as DatasetStats'
+    template_kwargs_unread: dict[str, int] | None = None  # from the sidecar, as DatasetStats'
 
 
 def _side_stats(lengths: np.ndarray, trained: np.ndarray) -> SideStats:

@@ -15,7 +15,7 @@ from minitrain.data import workers as pool
 from minitrain.data.format import iter_samples, read_sidecar, rejects_path, sidecar_path
 from minitrain.data.probe import load_chat_encoder
 from minitrain.errors import UserError
-from tests.conftest import MESSAGES_FILES, SMOLLM2, TINYLLAMA, needs_fixtures
+from tests.conftest import MESSAGES_FILES, QWEN3, SMOLLM2, TINYLLAMA, needs_fixtures
 from tests.data.test_workers import record_workers
 
 pytestmark = needs_fixtures
@@ -712,3 +712,48 @@ def test_the_fixture_preference_file(tmp_path):
             for key in ("chosen", "rejected"):
                 ids, labels, prompt_len = reference_side(tok, record["prompt"], record[key])
                 assert (pair[key]["input_ids"], pair[key]["labels"], k) == (ids, labels, prompt_len)
+
+
+def test_chat_template_kwargs_the_template_never_reads_are_an_error_or_counted(tmp_path):
+    """--chat-template-kwargs naming what the template never reads (a typo, another family's switch) would
+    change nothing: a one-line error. A line's own such names are rendered as transformers renders them
+    (without effect) and counted by name and line in the result, the sidecar and the summary; the lines
+    are the same bytes as without the key."""
+    from rich.console import Console
+
+    def run_qwen3(inp, out_name, **kwargs):
+        config = TokenizeConfig(
+            input_file=inp, output_file=tmp_path / out_name, model_name_or_path=str(QWEN3), num_workers=1,
+            **kwargs,
+        )  # fmt: skip
+        return pipeline.tokenize_file(config), config.output_file
+
+    inp = tmp_path / "in.jsonl"
+    inp.write_bytes(GOOD + b"\n")
+    with pytest.raises(UserError) as err:
+        run_qwen3(inp, "flag.jsonl", chat_template_kwargs='{"enable_thinkng": false}')
+    assert "never reads 'enable_thinkng'" in str(err.value)
+    assert "the names it reads: enable_thinking" in str(err.value)  # not the template's own `content`
+    assert not (tmp_path / "flag.jsonl").exists()
+    run_qwen3(inp, "read.jsonl", chat_template_kwargs='{"enable_thinking": false}')  # a name it reads
+
+    kwargs_lines = [
+        b'{"messages": %s, "chat_template_kwargs": {"enable_thinkng": false}}',
+        b'{"messages": %s, "chat_template_kwargs": {"enable_thinking": true, "enable_thinkng": 1, "x": 2}}',
+        b'{"messages": %s}',
+    ]
+    messages = GOOD[len(b'{"messages": ') : -1]
+    inp.write_bytes(b"\n".join(line % messages for line in kwargs_lines) + b"\n")
+    result, out = run_qwen3(inp, "lines.jsonl")
+    assert result.unread_template_kwargs == {"enable_thinkng": 2, "x": 1}
+    assert read_sidecar(out)["chat_template_kwargs_unread"] == {"enable_thinkng": 2, "x": 1}
+    plain = tmp_path / "plain.jsonl"
+    plain.write_bytes((GOOD + b"\n") * 3)
+    assert out.read_bytes() == run_qwen3(plain, "plain-out.jsonl")[1].read_bytes()
+    console = Console(record=True, width=200)
+    pipeline.render_summary(result, console)
+    assert "chat_template_kwargs unread by the template │ enable_thinkng (2 lines), x (1 line)" in (
+        console.export_text()
+    )
+    clean, clean_out = run_qwen3(plain, "clean.jsonl")
+    assert clean.unread_template_kwargs == {} and read_sidecar(clean_out)["chat_template_kwargs_unread"] == {}

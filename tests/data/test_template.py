@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 
-from minitrain.data.template import Traced, build_environment, traceable
+from minitrain.data.template import Traced, build_environment, names_read, traceable
 
 # Each makes text out of the user's content by something other than `+`, then writes the content again
 # with `+` after the user's end of turn: a trace that missed the first would put the user message after
@@ -162,3 +162,41 @@ def test_any_copy_but_plus_gives_the_trace_up_or_the_template_is_refused(route):
     else:
         assert not lost and 2 not in landed
         assert not traceable(build_environment().parse(source))
+
+
+# ------------------------------------------------------------------------------------------ names read
+
+# Where a template can read a name passed to its render: each of these reads `flag`, so the render with
+# flag=True differs from the render without it; a template that only sets `flag` itself, or never
+# mentions it, renders the same whatever is passed.
+READS_FLAG = {
+    "if": "{% if flag %}on{% endif %}",
+    "is defined": "{% if flag is defined and flag is false %}off{% endif %}",
+    "inside a loop": "{% for m in messages %}{{ m['content'] }}{% if flag %}!{% endif %}{% endfor %}",
+    "inside a macro": "{% macro say(x) %}{{ x }}{{ flag }}{% endmacro %}{{ say('a') }}",
+    "filter argument": "{{ messages | length > 0 and flag }}",
+    "set from it": "{% set mode = flag %}{{ mode }}",
+    "namespace": "{% set ns = namespace(on=flag) %}{{ ns.on }}",
+    "read before set": "{{ flag }}{% set flag = 'x' %}",
+}
+IGNORES_FLAG = {
+    "set first": "{% set flag = 'mine' %}{{ flag }}",
+    "loop variable": "{% for flag in messages %}{{ flag['content'] }}{% endfor %}",
+    "macro argument": "{% macro say(flag) %}{{ flag }}{% endmacro %}{{ say('a') }}",
+    "never mentioned": "{% for m in messages %}{{ m['content'] }}{% endfor %}",
+}
+
+
+@pytest.mark.parametrize("route", [*READS_FLAG, *IGNORES_FLAG])
+def test_names_read_is_exactly_what_can_change_the_render(route):
+    """`names_read` (what --chat-template-kwargs is checked against) holds a name when, and here only when,
+    passing it changes the text: a name it leaves out provably renders the same."""
+    source = {**READS_FLAG, **IGNORES_FLAG}[route]
+    template = build_environment().from_string(source)
+    messages = [{"role": "user", "content": "hi"}]
+    renders = {
+        template.render(messages=messages, **kwargs) for kwargs in ({}, {"flag": True}, {"flag": False})
+    }
+    read = "flag" in names_read(build_environment().parse(source))
+    assert read == (route in READS_FLAG)
+    assert (len(renders) > 1) == read, renders

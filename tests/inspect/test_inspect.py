@@ -8,6 +8,7 @@ audit, written as plainly as possible, must agree with the vectorised one on ran
 
 from __future__ import annotations
 
+import io
 import json
 import random
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any
 import numpy as np
 import orjson
 import pytest
+from rich.console import Console
 
 from minitrain.config import InspectConfig
 from minitrain.data.format import read_sidecar
@@ -759,3 +761,34 @@ def test_pair_audit_is_clean_and_finds_each_broken_pair(pair_file, tmp_path):
     assert [e.index for e in report.examples["prompt_mismatch"]] == [1]
     assert [e.index for e in report.examples["trained_in_prompt"]] == [4, 7]
     assert report.counts["prompt_mismatch"] == 1 and report.counts["trained_in_prompt"] == 2 and not report.ok
+
+
+def test_stats_say_what_the_template_dropped_or_never_read_for_sft_and_pairs(tmp_path: Path) -> None:
+    """`inspect --stats` shows the sidecar's counts of the rendering: reasoning the template dropped and
+    chat_template_kwargs names it never reads, for SFT files and preference files alike."""
+    from minitrain.config import TokenizeConfig
+    from minitrain.data.pipeline import tokenize_file
+    from minitrain.inspect.render import render_pair_stats, render_stats
+
+    user = {"role": "user", "content": "Hi"}
+    early = {"role": "assistant", "content": "Hello.", "reasoning_content": "Greet first."}
+    last = {"role": "assistant", "content": "Fine.", "reasoning_content": "Answer."}
+    sft = {"messages": [user, early, {"role": "user", "content": "How are you?"}, last]}
+    pair = {"prompt": [user, early, {"role": "user", "content": "And?"}], "chosen": [last],
+            "rejected": [{"role": "assistant", "content": "No."}]}  # fmt: skip
+    for name, line in (("sft", sft), ("pairs", pair)):
+        inp = tmp_path / f"{name}.jsonl"
+        inp.write_bytes(orjson.dumps({**line, "chat_template_kwargs": {"enable_thinkng": False}}) + b"\n")
+        out = tmp_path / f"{name}-out.jsonl"
+        tokenize_file(
+            TokenizeConfig(input_file=inp, output_file=out, model_name_or_path=str(QWEN3_DIR), num_workers=1)
+        )
+        stats = inspect_file(InspectConfig(path=out, stats=True)).stats
+        assert stats.template_kwargs_unread == {"enable_thinkng": 1}
+        assert stats.reasoning_dropped["turns"] == (1 if name == "sft" else 0)  # a pair trains its last
+        text = io.StringIO()
+        console = Console(file=text, no_color=True, color_system=None, width=160)
+        (render_stats if name == "sft" else render_pair_stats)(stats, console)
+        assert "chat_template_kwargs unread by the template" in text.getvalue()
+        assert "enable_thinkng (1 line)" in text.getvalue()
+        assert "reasoning dropped by the template" in text.getvalue()
