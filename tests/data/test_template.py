@@ -178,6 +178,10 @@ READS_FLAG = {
     "set from it": "{% set mode = flag %}{{ mode }}",
     "namespace": "{% set ns = namespace(on=flag) %}{{ ns.on }}",
     "read before set": "{{ flag }}{% set flag = 'x' %}",
+    "macro default": "{% macro say(x=flag) %}{{ x }}{% endmacro %}{{ say() }}",
+    "call block": "{% macro box() %}[{{ caller() }}]{% endmacro %}{% call box() %}{{ flag }}{% endcall %}",
+    "block set": "{% set x %}{{ flag }}{% endset %}{{ x }}",
+    "generation tag": "{% generation %}{{ flag }}{% endgeneration %}",
 }
 IGNORES_FLAG = {
     "set first": "{% set flag = 'mine' %}{{ flag }}",
