@@ -154,7 +154,8 @@ def tokenize(
             "--chat-template-kwargs",
             metavar="JSON",
             help="""Extra names for every render of the template, as a JSON object, e.g. """
-            """'{"enable_thinking": false}' (Qwen3's non-thinking mode): as your inference passes them.""",
+            """'{"enable_thinking": false}' (Qwen3's non-thinking mode): as your inference passes them. """
+            """A name the template never reads is an error.""",
             show_default=False,
         ),
     ] = None,
