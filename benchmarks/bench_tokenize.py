@@ -372,6 +372,17 @@ def floors_at_once(inp: Path, processes: int, tokenizer: Path) -> float:
     return max(orjson.loads(proc.communicate()[0].splitlines()[-1])["seconds"] for proc in procs)
 
 
+def _sizes(text: str) -> list[int]:
+    """--scale's value: distinct positive sizes, ascending (a line needs two; the floor runs on the last)."""
+    try:
+        sizes = sorted({int(size) for size in text.split(",")})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give sizes such as 1499,10000,30000") from None
+    if len(sizes) < 2 or sizes[0] < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give two or more different positive sizes")
+    return sizes
+
+
 def _line(points: list[tuple[int, float]]) -> tuple[float, float]:
     """(intercept, slope) of the least-squares line through (samples, seconds)."""
     n = len(points)
@@ -410,7 +421,7 @@ def bench_scale(sizes: list[int], args: argparse.Namespace, tokenizer: Path) -> 
                 f"{per_size[size][MINI_TRAINER]['repeats_seconds']} s",
                 flush=True,
             )
-        floor = bench_floor(lines, tokenizer=tokenizer, repeats=args.repeats)  # the largest size's lines
+        floor = bench_floor(lines, tokenizer=tokenizer, repeats=args.repeats)  # the largest size (last)
         together = sorted(floors_at_once(inp, args.workers, tokenizer) for _ in range(args.repeats))
     floor_per_sample = floor["cpu_seconds"] / floor["samples"] / args.workers  # perfectly spread: wall
     # the floor as it runs on this machine: one process per core at once, each on its share of the lines
@@ -495,15 +506,17 @@ def main() -> None:
     )
     parser.add_argument(
         "--scale",
-        default="",
-        help="comma-separated sizes: only the end-to-end rows at each, their start-up and per-sample fit",
+        type=_sizes,
+        default=None,
+        help="two or more comma-separated sizes: only the end-to-end rows at each, and their start-up and "
+        "per-sample fit",
     )
     args = parser.parse_args()
     tokenizer = FIXTURES / "tokenizers" / args.tokenizer
     if args.scale:
         if args.out == parser.get_default("out"):
             args.out = args.out.with_name("tokenize_scale.json")
-        bench_scale([int(size) for size in args.scale.split(",")], args, tokenizer)
+        bench_scale(args.scale, args, tokenizer)
         return
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -62,7 +62,7 @@ from __future__ import annotations
 
 import bisect
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from operator import itemgetter
 from typing import Any
@@ -307,29 +307,32 @@ class ChatEncoder:
     def _added_tokens_in(self, text: str) -> Iterator[tuple[int, str]]:
         """(index, token) of each added token in `text`, left to right, longest first where they overlap (as
         the tokenizer splits them out); one pattern of them all, compiled once per process."""
-        pattern = self._found.get("added_pattern")
-        if pattern is None:
-            tokens = sorted(self.added_tokens, key=len, reverse=True)
-            pattern = re.compile("|".join(map(re.escape, tokens)) if tokens else "(?!)")
-            self._found["added_pattern"] = pattern
+        pattern = self._fact("added_pattern", self._added_pattern)
         return ((match.start(), match.group()) for match in pattern.finditer(text))
+
+    def _added_pattern(self) -> re.Pattern[str]:
+        tokens = sorted(self.added_tokens, key=len, reverse=True)
+        return re.compile("|".join(map(re.escape, tokens)) if tokens else "(?!)")
+
+    def _fact(self, key: str, find: Callable[[], Any]) -> Any:
+        """A fact about the template, found by `find` the first time it is asked for in this process and
+        kept in `_found` (shared with the `_with_kwargs` views)."""
+        if key not in self._found:
+            self._found[key] = find()
+        return self._found[key]
+
+    def syntax(self) -> Any:
+        """The template's Jinja syntax tree, parsed once per process (the facts below are read from it)."""
+        return self._fact("syntax", lambda: self._template.environment.parse(self.template_source))
 
     def _traceable(self) -> bool:
         """template.traceable of this template (decided once per template, from its syntax tree)."""
-        verdict = self._found.get("traceable")
-        if verdict is None:
-            verdict = traceable(self._template.environment.parse(self.template_source))
-            self._found["traceable"] = verdict
-        return verdict
+        return self._fact("traceable", lambda: traceable(self.syntax()))
 
     def names_read(self) -> frozenset[str]:
         """The names this template reads from its render's context (template.names_read, once per
         template)."""
-        reads = self._found.get("reads")
-        if reads is None:
-            reads = names_read(self._template.environment.parse(self.template_source))
-            self._found["reads"] = reads
-        return reads
+        return self._fact("reads", lambda: names_read(self.syntax()))
 
     def unread_names(self, kwargs: dict[str, Any]) -> list[str]:
         """The names of `kwargs` (chat_template_kwargs) this template never reads: passing them changes

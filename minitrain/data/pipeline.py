@@ -90,7 +90,7 @@ class ChunkResult:
     trained_tokens: int = 0
     reasoning_dropped_turns: int = 0
     reasoning_dropped_tokens: int = 0
-    unread_template_kwargs: dict[str, int] = field(default_factory=dict)  # name -> written lines giving it
+    unread_template_kwargs: Counter[str] = field(default_factory=Counter)  # name -> written lines giving it
     num_bytes: int = 0
 
 
@@ -117,7 +117,7 @@ class TokenizeResult:
     reasoning_dropped_tokens: int = 0
     # a line's chat_template_kwargs names that the template never reads (rendered without effect): name ->
     # written lines
-    unread_template_kwargs: dict[str, int] = field(default_factory=dict)
+    unread_template_kwargs: Counter[str] = field(default_factory=Counter)
     elapsed_s: float = 0.0
     replaced: bool = False  # OUT existed before this run: the new file took its place (said in the summary)
 
@@ -214,12 +214,11 @@ def encode_lines(encoder: ChatEncoder, policy: Policy, lines: list[tuple[int, by
     return result
 
 
-def _count_unread(encoder: ChatEncoder, record: Any, counts: dict[str, int]) -> None:
+def _count_unread(encoder: ChatEncoder, record: Any, counts: Counter[str]) -> None:
     """Count the names of a written line's `chat_template_kwargs` that the template never reads."""
     kwargs = record.get("chat_template_kwargs") if isinstance(record, dict) else None
     if isinstance(kwargs, dict):
-        for name in encoder.unread_names(kwargs):
-            counts[name] = counts.get(name, 0) + 1
+        counts.update(encoder.unread_names(kwargs))
 
 
 def _mixed_detail(kind: str) -> str:
@@ -488,8 +487,7 @@ def _write_outputs(
                     result.trained_tokens += chunk.trained_tokens
                     result.reasoning_dropped_turns += chunk.reasoning_dropped_turns
                     result.reasoning_dropped_tokens += chunk.reasoning_dropped_tokens
-                    for name, n in chunk.unread_template_kwargs.items():
-                        result.unread_template_kwargs[name] = result.unread_template_kwargs.get(name, 0) + n
+                    result.unread_template_kwargs.update(chunk.unread_template_kwargs)
                     if progress is not None:
                         done = chunk.written + chunk.blank + len(chunk.rejects) if rows else chunk.num_bytes
                         progress.update(task, advance=done, samples=result.written)

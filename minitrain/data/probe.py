@@ -43,7 +43,7 @@ from typing import Any
 
 from minitrain.config import TEMPLATE_OWN_NAMES
 from minitrain.data.chat import ChatEncoder, SampleRejected
-from minitrain.data.template import build_environment
+from minitrain.data.template import names_set
 from minitrain.data.tokenizer import load_tokenizer
 from minitrain.errors import UserError
 
@@ -254,15 +254,8 @@ class LoadedTokenizer:
 
 def _unread_names_error(encoder: ChatEncoder, unread: list[str], origin: str, specials: dict) -> str:
     """--chat-template-kwargs names the template never reads: the message, with the names it does read."""
-    import jinja2.nodes
-
-    ast = build_environment().parse(encoder.template_source)
     # the names worth suggesting: not the render's own, not ones the template also sets itself (`content`)
-    own = {
-        *TEMPLATE_OWN_NAMES,
-        *specials,
-        *(n.name for n in ast.find_all(jinja2.nodes.Name) if n.ctx == "store"),
-    }
+    own = {*TEMPLATE_OWN_NAMES, *specials, *names_set(encoder.syntax())}
     reads = sorted(name for name in encoder.names_read() if name not in own)
     return (
         f"--chat-template-kwargs: the chat template ({origin}) never reads "

@@ -141,6 +141,13 @@ def names_read(ast: Any) -> frozenset[str]:
     return frozenset(jinja2.meta.find_undeclared_variables(ast))
 
 
+def names_set(ast: Any) -> frozenset[str]:
+    """The names a parsed template assigns itself (`{% set content = ... %}`, loop variables)."""
+    import jinja2.nodes
+
+    return frozenset(node.name for node in ast.find_all(jinja2.nodes.Name) if node.ctx == "store")
+
+
 def build_environment() -> Any:
     """A Jinja environment that renders like transformers' `apply_chat_template` (sandboxed, same filters)."""
     import jinja2

@@ -70,11 +70,11 @@ def mixed_file(tmp_path):
     return path
 
 
-def run(tmp_path, inp, *, workers=1, out_name="out.jsonl", **kwargs):
+def run(tmp_path, inp, *, workers=1, out_name="out.jsonl", model=SMOLLM2, **kwargs):
     config = TokenizeConfig(
         input_file=inp,
         output_file=tmp_path / out_name,
-        model_name_or_path=str(SMOLLM2),
+        model_name_or_path=str(model),
         num_workers=workers,
         **kwargs,
     )
@@ -722,11 +722,7 @@ def test_chat_template_kwargs_the_template_never_reads_are_an_error_or_counted(t
     from rich.console import Console
 
     def run_qwen3(inp, out_name, **kwargs):
-        config = TokenizeConfig(
-            input_file=inp, output_file=tmp_path / out_name, model_name_or_path=str(QWEN3), num_workers=1,
-            **kwargs,
-        )  # fmt: skip
-        return pipeline.tokenize_file(config), config.output_file
+        return run(tmp_path, inp, out_name=out_name, model=QWEN3, **kwargs)
 
     inp = tmp_path / "in.jsonl"
     inp.write_bytes(GOOD + b"\n")
