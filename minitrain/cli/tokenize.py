@@ -213,6 +213,9 @@ def tokenize(
     # numpy's OpenBLAS (imported with transformers) starts a thread per extra core when imported; tokenize
     # does no linear algebra, and a process with one thread forks its workers (`workers.worker_context`)
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    # the workers are processes: tokenizers' own thread pool would only contend with them, and with it off
+    # each text's ids come without the offsets conversion where that is exact (minitrain/data/offsets.py)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from rich.console import Console
 
     from minitrain.config import TokenizeConfig

@@ -64,11 +64,11 @@ import bisect
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from operator import itemgetter
 from typing import Any
 
 from minitrain.config import own_template_name
 from minitrain.data.format import IGNORE_INDEX
+from minitrain.data.offsets import Offsets, TokenBytes, encode_with_offsets
 from minitrain.data.template import Traced, build_environment, names_read, traceable
 
 CHAT_ROLES = frozenset({"system", "user", "assistant", "tool"})
@@ -123,7 +123,6 @@ TOO_LONG = "too long"  # the one reason a line is dropped
 
 # Markers: U+10FFF0 <index> U+10FFF1 opens message <index>'s content, U+10FFF0 <index> U+10FFF2 closes it.
 _MARK_LEAD, _MARK_OPEN, _MARK_CLOSE = "\U0010fff0", "\U0010fff1", "\U0010fff2"
-_START, _END = itemgetter(0), itemgetter(1)  # of a token's (start, end) char offsets: bisect keys
 _MARK_RE = re.compile("\U0010fff0(\\d+)([\U0010fff1\U0010fff2])")
 
 
@@ -419,41 +418,42 @@ class ChatEncoder:
             return [self.encode(record)]
         return [self.encode({**record, "messages": messages[: i + 1]}, "last") for i in turns]
 
-    def _ids_with_prefix(self, text: str) -> tuple[list[int], list[tuple[int, int]], int]:
+    def _ids_with_prefix(self, text: str) -> tuple[list[int], Offsets, int]:
         """(ids, char offsets of the text's tokens, number of prefix ids in front) from ONE encode."""
-        enc = self.backend.encode(text, add_special_tokens=False)
-        ids = enc.ids
+        tokens = self._fact("token_bytes", lambda: TokenBytes.of(self.backend))
+        ids, offsets = encode_with_offsets(self.backend, text, tokens)
         if self.prefix_ids and not (self.bos_text and text.startswith(self.bos_text)):
-            return self.prefix_ids + ids, enc.offsets, len(self.prefix_ids)
-        return ids, enc.offsets, 0
+            return self.prefix_ids + ids, offsets, len(self.prefix_ids)
+        return ids, offsets, 0
 
     def _labels(
         self,
         text: str,
         ids: list[int],
-        offsets: list[tuple[int, int]],
+        offsets: Offsets,
         shift: int,
         spans: list[tuple[int, int]],
     ) -> list[int]:
         """Label the tokens overlapping the trained char spans; reject on any token that crosses a
         boundary."""
         labels = [IGNORE_INDEX] * len(ids)
+        starts, ends = offsets
         prev_hi = 0
         for start, end in spans:
-            lo = bisect.bisect_right(offsets, start, key=_END)  # first token ending after `start`
-            hi = bisect.bisect_left(offsets, end, key=_START)  # first token starting at/after `end`
+            lo = bisect.bisect_right(ends, start)  # first token ending after `start`
+            hi = bisect.bisect_left(starts, end)  # first token starting at/after `end`
             if lo >= hi or lo < prev_hi:
                 raise SampleRejected(
                     ALIGNMENT_FAILURE, f"no tokens for the trained text at chars {start}..{end}"
                 )
-            first, last = offsets[lo], offsets[hi - 1]
+            first, last = starts[lo], ends[hi - 1]
             # A word token may carry the space before it ("▁Hello", "ĠHello"): trained. Anything else, e.g. a
             # header newline merged into the content's first token, has no exact mask.
-            if first[0] < start and text[first[0] : start].strip(" "):
+            if first < start and text[first:start].strip(" "):
                 raise SampleRejected(
                     TOKEN_STRADDLE, f"a token crosses the start of the trained text at char {start}"
                 )
-            if last[1] > end and not text[end : last[1]].isspace():
+            if last > end and not text[end:last].isspace():
                 raise SampleRejected(
                     TOKEN_STRADDLE, f"a token crosses the end of the trained text at char {end}"
                 )
@@ -729,7 +729,7 @@ class ChatEncoder:
             ids, labels = [*ids, ender], [*labels, ender]
             spans = spans[:-1]
         for _, end in spans:
-            hi = bisect.bisect_left(offsets, end, key=_START) + shift
+            hi = bisect.bisect_left(offsets[0], end) + shift
             if ids[hi - 1] not in eot_ids:
                 raise SampleRejected(
                     NO_END_OF_TURN,
@@ -737,11 +737,11 @@ class ChatEncoder:
                 )
         return EncodedSample(ids, labels)
 
-    def _ids_in_pieces(self, text: str, cuts: list[int]) -> tuple[list[int], list[tuple[int, int]], int]:
+    def _ids_in_pieces(self, text: str, cuts: list[int]) -> tuple[list[int], Offsets, int]:
         """`_ids_with_prefix`, but text[a:b] encoded alone between cuts; each later piece must decode to
         itself."""
         bounds = [0, *sorted(set(cuts)), len(text)]
-        ids, offsets, shift = self._ids_with_prefix(text[: bounds[1]])
+        ids, (starts, ends), shift = self._ids_with_prefix(text[: bounds[1]])
         for a, b in zip(bounds[1:-1], bounds[2:], strict=True):
             enc = self.backend.encode(text[a:b], add_special_tokens=False)
             if self.backend.decode(enc.ids, skip_special_tokens=False) != text[a:b]:
@@ -751,8 +751,9 @@ class ChatEncoder:
                     " not encode alone to itself",
                 )
             ids = ids + enc.ids
-            offsets = offsets + [(x + a, y + a) for x, y in enc.offsets]
-        return ids, offsets, shift
+            starts = [*starts, *(x + a for x, _ in enc.offsets)]
+            ends = [*ends, *(y + a for _, y in enc.offsets)]
+        return ids, (starts, ends), shift
 
     def _encode_by_content(
         self, messages: list[dict[str, Any]], tools: Any, text: str, trained: list[int]
@@ -823,14 +824,15 @@ def assistant_parts(message: dict[str, Any]) -> tuple[str, str]:
     return answer, head.split("<think>")[-1]
 
 
-def _straddles(text: str, offsets: list[tuple[int, int]], start: int) -> bool:
+def _straddles(text: str, offsets: Offsets, start: int) -> bool:
     """True when one token holds text on both sides of `start`, the outside part not only spaces.
 
     Spaces before the start are allowed (SentencePiece's "▁Hello" after `[/INST] ` carries the template's
     space): the token is the one the model generates there too.
     """
-    k = bisect.bisect_right(offsets, start, key=_END)
-    if k >= len(offsets):
+    starts, ends = offsets
+    k = bisect.bisect_right(ends, start)
+    if k >= len(ends):
         return False
-    lo, hi = offsets[k]
+    lo, hi = starts[k], ends[k]
     return lo < start < hi and bool(text[lo:start].strip(" "))

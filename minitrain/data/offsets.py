@@ -1,0 +1,126 @@
+"""A text's token ids and the character offsets of its tokens, from one encode: the mask's raw material.
+
+`Tokenizer.encode` gives both, but it converts every token's byte offsets into character offsets through
+a map it builds for each text (an entry per byte) and hands them to Python as a list of tuples: about a
+quarter of the encode's CPU with Qwen3's tokenizer on the fixture data, and the encode is most of
+tokenize's. For a byte-level BPE vocabulary (GPT-2's alphabet: Qwen, Llama 3, SmolLM, gpt-oss, ...) that
+work can be skipped where it provably changes nothing:
+
+- each token id stands for fixed bytes: its vocabulary string read through the ByteLevel alphabet (an added
+  token: its content), found once per id and kept for the process (`TokenBytes`);
+- `encode_batch_fast` gives the same ids without offsets; when the bytes of those ids, joined, are exactly
+  the text's bytes, token k covers the bytes between the sum of the lengths before it and the sum through
+  it. Checked for every text: a normalizer or a prefix space that changed the text, an added token that
+  strips the spaces around it, a token outside the alphabet, all fail it, and the text takes `encode`;
+- for an ASCII text a byte is a character, so those are the character offsets `encode` reports, unless
+  the tokenizer's post-processor trims them (ByteLevel or RoBERTa `trim_offsets`): such a tokenizer always
+  takes `encode`, as does any tokenizer whose decoder is not ByteLevel (SentencePiece's `▁`, byte fallback)
+  and every text with a non-ASCII character.
+
+The trade-off: a per-id bytes table (filled as ids are met: a few MB for a 150k vocabulary) and a join and
+a compare per text, for about a fifth less CPU per encoded text (benchmarks/bench_tokenize.py). The batch
+call runs on the calling thread only when tokenizers' parallelism is off (TOKENIZERS_PARALLELISM=false,
+which `minitrain tokenize` sets): otherwise it would hand each text to a Rayon thread pool, so `encode` is
+used. tests/data/test_offsets.py holds both ways to the same ids and offsets on every fixture tokenizer.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from itertools import accumulate
+from typing import Any
+
+Offsets = tuple[Sequence[int], Sequence[int]]  # each token's first character, and the one after its last
+_NOT_BYTES = b"\xff"  # a vocabulary string outside the alphabet: never in UTF-8, so the text's check fails
+_SERIAL = frozenset({"", "off", "false", "f", "no", "n", "0"})  # tokenizers' own reading of its variable
+
+
+def byte_alphabet() -> dict[str, int]:
+    """The ByteLevel alphabet: the character standing for each byte in a byte-level BPE vocabulary (GPT-2's
+    table: printable Latin-1 bytes stand for themselves, the other 68 for U+0100 onwards, in byte order)."""
+    printable = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), 256)}
+    alphabet: dict[str, int] = {}
+    moved = 0
+    for byte in range(256):
+        if byte in printable:
+            alphabet[chr(byte)] = byte
+        else:
+            alphabet[chr(256 + moved)] = byte
+            moved += 1
+    return alphabet
+
+
+class TokenBytes:
+    """id -> the bytes the token stands for, for one byte-level BPE tokenizer; filled as ids are met."""
+
+    def __init__(self, backend: Any) -> None:
+        self.backend = backend
+        self.added = {i: t.content.encode("utf-8") for i, t in backend.get_added_tokens_decoder().items()}
+        size = max(backend.get_vocab_size(with_added_tokens=True), max(self.added, default=-1) + 1)
+        self.table: list[bytes | None] = [None] * size
+        self.alphabet = byte_alphabet()
+
+    @classmethod
+    def of(cls, backend: Any) -> TokenBytes | None:
+        """The table for `backend`, or None when its offsets cannot be derived this way (see the module
+        docstring): not a BPE model with a ByteLevel decoder, or a post-processor that trims offsets."""
+        from tokenizers import decoders, models, processors
+
+        post = backend.post_processor
+        trims = post is not None and not isinstance(post, processors.TemplateProcessing)
+        if isinstance(post, processors.ByteLevel):
+            trims = post.trim_offsets
+        if trims or not isinstance(backend.model, models.BPE):
+            return None
+        return cls(backend) if isinstance(backend.decoder, decoders.ByteLevel) else None
+
+    def _fill(self, ids: list[int]) -> None:
+        alphabet = self.alphabet
+        if max(ids) >= len(self.table):  # an id past the vocabulary's count (ids with gaps)
+            self.table += [None] * (max(ids) + 1 - len(self.table))
+        for i in ids:
+            if self.table[i] is None:
+                token = self.backend.id_to_token(i)
+                if i in self.added:
+                    self.table[i] = self.added[i]
+                elif token is not None and all(c in alphabet for c in token):
+                    self.table[i] = bytes(alphabet[c] for c in token)
+                else:
+                    self.table[i] = _NOT_BYTES
+
+    def offsets(self, text: str, ids: list[int]) -> Offsets | None:
+        """The character offsets of `ids`' tokens in the ASCII `text`, or None when their bytes, joined, are
+        not exactly the text's."""
+        table = self.table
+        try:
+            parts = [table[i] for i in ids]
+            joined = b"".join(parts)  # type: ignore[arg-type]
+        except (TypeError, IndexError):  # an id met for the first time
+            self._fill(ids)
+            parts = [self.table[i] for i in ids]
+            joined = b"".join(parts)  # type: ignore[arg-type]
+        if joined != text.encode("ascii"):
+            return None
+        ends = list(accumulate(map(len, parts)))  # type: ignore[arg-type]
+        starts = [0, *ends]
+        starts.pop()  # each token starts where the one before it ends
+        return starts, ends
+
+
+def serial() -> bool:
+    """True when tokenizers' batch calls run on the calling thread (TOKENIZERS_PARALLELISM off)."""
+    return os.environ.get("TOKENIZERS_PARALLELISM", "true").lower() in _SERIAL
+
+
+def encode_with_offsets(backend: Any, text: str, tokens: TokenBytes | None) -> tuple[list[int], Offsets]:
+    """(ids, (starts, ends)) of `text`'s tokens in characters, special tokens not added: the tokenizer's own
+    `encode`, or the same from `encode_batch_fast` and `tokens` where that is proven for this text."""
+    if tokens is not None and text.isascii() and serial():
+        ids = backend.encode_batch_fast([text], add_special_tokens=False)[0].ids
+        offsets = tokens.offsets(text, ids)
+        if offsets is not None:
+            return ids, offsets
+    enc = backend.encode(text, add_special_tokens=False)
+    starts, ends = zip(*enc.offsets, strict=True) if enc.ids else ((), ())
+    return enc.ids, (starts, ends)
