@@ -34,8 +34,8 @@ How a mask is computed, every step checked (a mask is never guessed):
        "content outside its turn" / "template error" (tool calls not rendered). Reasoning that the template
        does not render at all (Qwen3 before the last user query, DeepSeek-R1, gpt-oss) is the template's
        meaning: not an error, counted per sample (turns and tokens) for the summary, sidecar and --stats.
-    5. encode `text` ONCE with character offsets; a token is trained iff it overlaps a trained span. The
-       last trained token of a turn must be a turn-ending id.
+    5. encode `text` ONCE with character offsets (minitrain/data/offsets.py); a token is trained iff it
+       overlaps a trained span. The last trained token of a turn must be a turn-ending id.
 
 Leading whitespace (a token straddling the start of a turn): decided as inference sees it. At inference the
 prompt is tokenized alone and the model generates from a fresh token, so when a token holds text on both

@@ -2,8 +2,8 @@
 
 `Tokenizer.encode` gives both, but it converts every token's byte offsets into character offsets through
 a map it builds for each text (an entry per byte) and hands them to Python as a list of tuples: about a
-quarter of the encode's CPU with Qwen3's tokenizer on the fixture data, and the encode is most of
-tokenize's. For a byte-level BPE vocabulary (GPT-2's alphabet: Qwen, Llama 3, SmolLM, gpt-oss, ...) that
+tenth to a fifth of the encode's CPU with Qwen3's tokenizer on the fixture data, and the encode is most
+of tokenize's. For a byte-level BPE vocabulary (GPT-2's alphabet: Qwen, Llama 3, SmolLM, gpt-oss, ...) that
 work can be skipped where it provably changes nothing:
 
 - each token id stands for fixed bytes: its vocabulary string read through the ByteLevel alphabet (an added
@@ -12,13 +12,16 @@ work can be skipped where it provably changes nothing:
   the text's bytes, token k covers the bytes between the sum of the lengths before it and the sum through
   it. Checked for every text: a normalizer or a prefix space that changed the text, an added token that
   strips the spaces around it, a token outside the alphabet, all fail it, and the text takes `encode`;
-- for an ASCII text a byte is a character, so those are the character offsets `encode` reports, unless
-  the tokenizer's post-processor trims them (ByteLevel or RoBERTa `trim_offsets`): such a tokenizer always
-  takes `encode`, as does any tokenizer whose decoder is not ByteLevel (SentencePiece's `▁`, byte fallback)
-  and every text with a non-ASCII character.
+- bytes to characters: in an ASCII text a byte is a character; otherwise every token must hold whole
+  UTF-8 characters (its bytes decode alone: a merge inside a character fails the text), and then each
+  boundary between tokens is one between characters, counted as `encode` counts it. Those are the
+  offsets `encode` reports unless the tokenizer's post-processor trims them (ByteLevel or RoBERTa
+  `trim_offsets`): such a tokenizer always takes `encode`, as does any tokenizer whose decoder is not
+  ByteLevel (SentencePiece's `▁`, byte fallback).
 
-The trade-off: a per-id bytes table (filled as ids are met: a few MB for a 150k vocabulary) and a join and
-a compare per text, for about a fifth less CPU per encoded text (benchmarks/bench_tokenize.py). The batch
+The trade-off: per-id tables of bytes and character counts (filled as ids are met: a few MB for a 150k
+vocabulary) and a join and a compare per text, for 5-8% less CPU per tokenized line with Qwen3's tokenizer
+on the fixture data and 13% with SmolLM2's (tokenize's whole work per line, paired in one process). The batch
 call runs on the calling thread only when tokenizers' parallelism is off (TOKENIZERS_PARALLELISM=false,
 which `minitrain tokenize` sets): otherwise it would hand each text to a Rayon thread pool, so `encode` is
 used. tests/data/test_offsets.py holds both ways to the same ids and offsets on every fixture tokenizer.
@@ -59,6 +62,7 @@ class TokenBytes:
         self.added = {i: t.content.encode("utf-8") for i, t in backend.get_added_tokens_decoder().items()}
         size = max(backend.get_vocab_size(with_added_tokens=True), max(self.added, default=-1) + 1)
         self.table: list[bytes | None] = [None] * size
+        self.chars: list[int] = [-1] * size  # characters in those bytes, -1: not whole UTF-8 characters
         self.alphabet = byte_alphabet()
 
     @classmethod
@@ -79,19 +83,25 @@ class TokenBytes:
         alphabet = self.alphabet
         if max(ids) >= len(self.table):  # an id past the vocabulary's count (ids with gaps)
             self.table += [None] * (max(ids) + 1 - len(self.table))
+            self.chars += [-1] * (len(self.table) - len(self.chars))
         for i in ids:
             if self.table[i] is None:
                 token = self.backend.id_to_token(i)
                 if i in self.added:
-                    self.table[i] = self.added[i]
+                    data = self.added[i]
                 elif token is not None and all(c in alphabet for c in token):
-                    self.table[i] = bytes(alphabet[c] for c in token)
+                    data = bytes(alphabet[c] for c in token)
                 else:
-                    self.table[i] = _NOT_BYTES
+                    data = _NOT_BYTES
+                self.table[i] = data
+                try:
+                    self.chars[i] = len(data.decode("utf-8"))
+                except UnicodeDecodeError:  # part of a character (a byte-level merge inside one)
+                    self.chars[i] = -1
 
     def offsets(self, text: str, ids: list[int]) -> Offsets | None:
-        """The character offsets of `ids`' tokens in the ASCII `text`, or None when their bytes, joined, are
-        not exactly the text's."""
+        """The character offsets of `ids`' tokens in `text`, or None when their bytes, joined, are not
+        exactly the text's, or a token holds part of a character."""
         table = self.table
         try:
             parts = [table[i] for i in ids]
@@ -100,9 +110,19 @@ class TokenBytes:
             self._fill(ids)
             parts = [self.table[i] for i in ids]
             joined = b"".join(parts)  # type: ignore[arg-type]
-        if joined != text.encode("ascii"):
+        try:
+            data = text.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate: no bytes to compare with
             return None
-        ends = list(accumulate(map(len, parts)))  # type: ignore[arg-type]
+        if joined != data:
+            return None
+        if len(data) == len(text):  # ASCII: a byte is a character
+            lengths: Any = map(len, parts)  # type: ignore[arg-type]
+        else:  # each token whole characters, so a byte boundary is a character boundary
+            lengths = [self.chars[i] for i in ids]
+            if -1 in lengths:
+                return None
+        ends = list(accumulate(lengths))
         starts = [0, *ends]
         starts.pop()  # each token starts where the one before it ends
         return starts, ends
@@ -116,7 +136,7 @@ def serial() -> bool:
 def encode_with_offsets(backend: Any, text: str, tokens: TokenBytes | None) -> tuple[list[int], Offsets]:
     """(ids, (starts, ends)) of `text`'s tokens in characters, special tokens not added: the tokenizer's own
     `encode`, or the same from `encode_batch_fast` and `tokens` where that is proven for this text."""
-    if tokens is not None and text.isascii() and serial():
+    if tokens is not None and serial():
         ids = backend.encode_batch_fast([text], add_special_tokens=False)[0].ids
         offsets = tokens.offsets(text, ids)
         if offsets is not None:

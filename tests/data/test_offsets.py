@@ -32,6 +32,8 @@ TRICKY = [
     "<|im_start|>assistant\n<think>\n\n</think>\n\nok<|im_end|>\n",
     "<|im_end|><|im_end|>x<|im_start|>",
     "~!@#$%^&*()_+`-=[]{}|;':\",./<>?",
+    "naïve café ☕ 日本語 Ελληνικά и русский",
+    "e\u0301 (not NFC) \u00a0nbsp 👍🏽 👨‍👩‍👧 ﷺ",
 ]
 
 
@@ -72,14 +74,14 @@ def test_derived_offsets_are_the_tokenizers_own(path):
     backend = encoder.backend
     tokens = TokenBytes.of(backend)
     assert tokens is not None
-    proven = 0
+    proven = {True: 0, False: 0}  # ASCII or not: texts whose offsets were derived, not fallen back
     for text in fixture_texts(encoder):
         ids, (starts, ends) = encode_with_offsets(backend, text, tokens)
         assert (ids, [list(starts), list(ends)]) == own(backend, text), text[:80]
-        if text.isascii():
-            assert tokens.offsets(text, ids) is not None, text[:80]  # the path was taken, not fallen back
-            proven += 1
-    assert proven > 500
+        derived = tokens.offsets(text, ids) is not None
+        assert derived or not text.isascii(), text[:80]
+        proven[text.isascii()] += derived
+    assert proven[True] > 500 and proven[False] > 10
 
 
 def test_sentencepiece_and_trimming_tokenizers_always_take_encode():
@@ -105,9 +107,13 @@ def test_a_text_its_bytes_do_not_prove_takes_encode():
     assert tokens.offsets(text, ids) is None
     got_ids, (starts, ends) = encode_with_offsets(prefixed, text, tokens)
     assert (got_ids, [list(starts), list(ends)]) == own(prefixed, text)
-    # non-ASCII text: characters are not bytes, so encode's own offsets
-    text = "naïve café ☕ 日本語"
-    got_ids, (starts, ends) = encode_with_offsets(smol, text, TokenBytes.of(smol))
+    # a token holding part of a character (a byte-level merge inside "☕"): no character boundary there
+    tokens = TokenBytes.of(smol)
+    text = "coffee ☕"
+    ids = smol.encode_batch_fast([text], add_special_tokens=False)[0].ids
+    assert any("\ufffd" in smol.decode([i]) for i in ids)  # SmolLM2 writes "☕" as three tokens
+    assert tokens.offsets(text, ids) is None
+    got_ids, (starts, ends) = encode_with_offsets(smol, text, tokens)
     assert (got_ids, [list(starts), list(ends)]) == own(smol, text)
     # an id first met in a text (the table fills) and an id past the table's end (ids with gaps)
     tokens = TokenBytes.of(smol)
