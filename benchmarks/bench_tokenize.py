@@ -4,11 +4,13 @@
                                         [--tokenizer smollm2-135m-instruct|qwen3|...] [--data alpaca|fastchat]
                                         [--mini-trainer-path DIR] [--out PATH]
     python benchmarks/bench_tokenize.py --scale 1499,10000,30000 [--workers N] [--repeats 3] [...]
+    python benchmarks/bench_tokenize.py --steps [--samples 1500] [--repeats 6] [--tokenizer ...] [--data ...]
 
 Data: ../shared/fixtures/data/*.messages.jsonl (or only those whose name starts with --data: alpaca is
 single-turn, fastchat multi-turn) replicated to --samples lines; tokenizer: a fixture folder (SmolLM2).
 Variants, side by side (samples/s, tokens/s, and per CPU-second):
-  floor                  one template render + one batched encode per sample, no mask, nothing written;
+  floor                  one template render + one batched encode per sample (ids only, no offsets:
+                         `encode_batch_fast`, the cheapest encode), no mask, nothing written;
                          --repeats passes (the median shown; the least disturbed also compared)
   minitrain (1 worker)   the real stage, `tokenize_file`, in a fresh process (parse, mask, verify, write);
                          the tokenizer load and the once-per-run facts (vocabulary fingerprint, voice
@@ -24,6 +26,9 @@ Variants, side by side (samples/s, tokens/s, and per CPU-second):
   mini_trainer           its `process_data.py` (from --mini-trainer-path; skipped with a note when absent),
                          end to end, with the shims described at `_MINI_TRAINER_DRIVER`; these two rows
                          run --repeats times each, alternating, and show the median
+--steps: only the stage built up from the floor one cost at a time (one encode call per text, the
+character offsets, the generation-prompt renders, then the whole per-line stage), in one process,
+interleaved chunk by chunk: where the stage's cost beyond the floor goes.
 --scale N1,N2,...: only the two end-to-end rows, at each size (alternating, --repeats each), and the
 floor. A straight line through each tool's median seconds gives its start-up (the seconds at no data)
 and its seconds per sample; their ratio is the end-to-end ratio on a large file. The floor's CPU per
@@ -44,6 +49,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -337,7 +343,9 @@ def floor_work(encoder: Any, lines: list[bytes], batch: int = 64) -> int:
     tokens = 0
     for i in range(0, len(lines), batch):
         texts = [encoder.render(orjson.loads(raw)["messages"]) for raw in lines[i : i + batch]]
-        tokens += sum(len(e.ids) for e in encoder.backend.encode_batch(texts, add_special_tokens=False))
+        # ids only (`encode_batch_fast`: no offsets), the cheapest encode tokenizers offers; on one thread
+        encoded = encoder.backend.encode_batch_fast(texts, add_special_tokens=False)
+        tokens += sum(len(e.ids) for e in encoded)
     return tokens
 
 
@@ -356,6 +364,66 @@ def bench_floor(lines: list[bytes], batch: int = 64, tokenizer: Path = SMOLLM2, 
         "best_cpu_seconds": passes[0][0],
         "cores": 1,
     }
+
+
+def step_work(encoder: Any) -> dict[str, Any]:
+    """The stage built up from the floor one cost at a time, each step doing what the ones above it do and
+    one thing more: {name: work on a list of raw lines}."""
+    from minitrain.data.offsets import TokenBytes, encode_with_offsets
+    from minitrain.data.pipeline import Policy, encode_lines
+
+    backend, tokens = encoder.backend, TokenBytes.of(encoder.backend)
+
+    def texts(lines: list[bytes]) -> Iterator[tuple[list[dict], str]]:
+        for raw in lines:
+            messages = orjson.loads(raw)["messages"]
+            yield messages, encoder.render(messages)
+
+    def single_calls(lines: list[bytes]) -> int:
+        return sum(
+            len(backend.encode_batch_fast([text], add_special_tokens=False)[0].ids)
+            for _, text in texts(lines)
+        )
+
+    def with_offsets(lines: list[bytes]) -> None:
+        for _, text in texts(lines):
+            encode_with_offsets(backend, text, tokens)
+
+    def with_prompts(lines: list[bytes]) -> None:
+        for messages, text in texts(lines):
+            for i, message in enumerate(messages):
+                if message["role"] == "assistant":
+                    encoder.render(messages[:i], None, True)
+            encode_with_offsets(backend, text, tokens)
+
+    return {
+        "floor: one render + batched ids-only encode": lambda lines: floor_work(encoder, lines),
+        "+ one encode call per text": single_calls,
+        "+ character offsets (minitrain/data/offsets.py)": with_offsets,
+        "+ a generation-prompt render per assistant turn": with_prompts,
+        "the stage (encode_lines: parse, checks, masks, JSON)": lambda lines: encode_lines(
+            encoder, Policy(), list(enumerate(lines, 1))
+        ),
+    }
+
+
+def bench_steps(lines: list[bytes], tokenizer: Path, repeats: int, chunk: int = 64) -> dict[str, float]:
+    """CPU ms per line of each step of `step_work`, in one process, interleaved chunk by chunk (the order
+    reversed every pass, so a disturbance hits every step alike; every step's word cache equally warm)."""
+    from minitrain.data.probe import load_chat_encoder
+
+    steps = step_work(load_chat_encoder(str(tokenizer)).encoder)
+    for work in steps.values():  # warm-up: the word cache and the per-id tables, for all alike
+        work(lines[:chunk])
+    spent = dict.fromkeys(steps, 0.0)
+    chunks = [lines[i : i + chunk] for i in range(0, len(lines), chunk)]
+    for rep in range(repeats):
+        for part in chunks:
+            for name in list(steps) if rep % 2 else reversed(list(steps)):
+                start = time.process_time()
+                steps[name](part)
+                spent[name] += time.process_time() - start
+    return {name: seconds * 1000 / (repeats * len(lines)) for name, seconds in spent.items()}
 
 
 def floors_at_once(inp: Path, processes: int, tokenizer: Path) -> float:
@@ -472,6 +540,42 @@ def bench_scale(sizes: list[int], args: argparse.Namespace, tokenizer: Path) -> 
     print(f"wrote {args.out}")
 
 
+def report_steps(args: argparse.Namespace, tokenizer: Path) -> None:
+    """--steps: the table and the JSON of bench_steps."""
+    from rich.console import Console
+    from rich.table import Table
+
+    with tempfile.TemporaryDirectory() as tmp:
+        lines = build_input(Path(tmp) / "bench.jsonl", args.samples, args.data)
+    spent = bench_steps(lines, tokenizer, max(args.repeats, 1))
+    floor = next(iter(spent.values()))
+    table = Table(title=f"tokenize built up from the floor, {tokenizer.name}, {args.data or 'all'} data")
+    columns = ("step (each does the ones above it too)", "CPU ms per line", "vs the floor", "the step adds")
+    for column in columns:
+        table.add_column(column, justify="left" if column.startswith("step") else "right")
+    before = 0.0
+    for name, ms in spent.items():
+        added = f"{(ms - before) / floor:+.0%}" if before else ""
+        table.add_row(name, f"{ms:.4f}", f"{ms / floor:.2f}x", added)
+        before = ms
+    Console(width=130).print(table)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_bytes(
+        orjson.dumps(
+            {
+                "tokenizer": tokenizer.name,
+                "data": args.data or "all",
+                "lines": len(lines),
+                "repeats": args.repeats,
+                "cpu_ms_per_line": spent,
+                "load_average": os.getloadavg(),
+            },
+            option=orjson.OPT_INDENT_2,
+        )
+    )
+    print(f"wrote {args.out}")
+
+
 def main() -> None:
     if len(sys.argv) == 3 and sys.argv[1] == "--floor-child":  # one share of floors_at_once
         inp, k, processes, tokenizer = orjson.loads(sys.argv[2])
@@ -511,8 +615,18 @@ def main() -> None:
         help="two or more comma-separated sizes: only the end-to-end rows at each, and their start-up and "
         "per-sample fit",
     )
+    parser.add_argument(
+        "--steps",
+        action="store_true",
+        help="only the stage built up from the floor one cost at a time, in one process (--samples lines)",
+    )
     args = parser.parse_args()
     tokenizer = FIXTURES / "tokenizers" / args.tokenizer
+    if args.steps:
+        if args.out == parser.get_default("out"):
+            args.out = args.out.with_name("tokenize_steps.json")
+        report_steps(args, tokenizer)
+        return
     if args.scale:
         if args.out == parser.get_default("out"):
             args.out = args.out.with_name("tokenize_scale.json")
