@@ -145,6 +145,18 @@ class EncodedSample:
     reasoning_dropped_tokens: int = 0  # tokens of that reasoning (encoded alone)
 
 
+@dataclass(frozen=True)
+class PlannedSample:
+    """A chat record rendered and its trained spans located and checked: all of `encode` but the encode
+    itself and the labels, which `ChatEncoder.finish` adds."""
+
+    text: str
+    spans: list[tuple[int, int]]  # trained character spans of `text`
+    append: bool  # the last turn is left open by the template (GLM-4): its ending token is appended
+    reasoning_dropped_turns: int = 0
+    reasoning_dropped_tokens: int = 0
+
+
 def _template_message(message: dict[str, Any], content: Any) -> dict[str, Any]:
     """The message as a template sees it: None-valued keys dropped (as transformers does), reasoning
     aliased."""
@@ -355,11 +367,34 @@ class ChatEncoder:
         `train_on`: "all" trains every assistant turn (except `"train": false` ones), "last" only the last
         assistant message of the conversation.
         """
+        return self.finish(self.plan(record, train_on))
+
+    def finish(self, planned: PlannedSample | EncodedSample) -> EncodedSample:
+        """A planned sample encoded and labelled (one encoded already, as it is); raises SampleRejected."""
+        if isinstance(planned, EncodedSample):
+            return planned
+        sample = self._encode_spans(planned.text, planned.spans, planned.append)
+        return EncodedSample(
+            sample.input_ids,
+            sample.labels,
+            planned.reasoning_dropped_turns,
+            planned.reasoning_dropped_tokens,
+        )
+
+    def plan(self, record: Any, train_on: str = "all") -> PlannedSample | EncodedSample:
+        """`encode` up to the encode: a chat record rendered, its turns located and checked (the rejections
+        of these steps raised here); `finish` encodes and labels it. Records that need no template, and
+        templates without a generation prompt, come back encoded.
+
+        The split lets `pipeline.encode_lines` run a chunk's encodes together, after all its renders:
+        interleaved with the renders and checks, the same encodes took 9-12% more CPU (the tokenizer's
+        tables no longer hot in the CPU caches; benchmarks/bench_tokenize.py --steps).
+        """
         if not isinstance(record, dict):
             raise SampleRejected(NO_KNOWN_SHAPE, f"expected a JSON object, got {type(record).__name__}")
         if record.get("chat_template_kwargs") is not None:
             rest = {k: v for k, v in record.items() if k != "chat_template_kwargs"}
-            return self._with_kwargs(record["chat_template_kwargs"]).encode(rest, train_on)
+            return self._with_kwargs(record["chat_template_kwargs"]).plan(rest, train_on)
         messages = record.get("messages")
         if messages is not None:
             if (
@@ -375,7 +410,7 @@ class ChatEncoder:
                         PRETRAIN_MIXED, "a `pretrain` message must be the only role on its line"
                     )
                 return self._encode_pretrain(messages)
-            return self._encode_chat(messages, record.get("tools"), train_on)
+            return self._plan_chat(messages, record.get("tools"), train_on)
         if "prompt" in record and "generation" in record:
             return self._encode_prompt_generation(record["prompt"], record["generation"])
         raise SampleRejected(NO_KNOWN_SHAPE, "expected `messages`, or `prompt` and `generation`")
@@ -404,10 +439,14 @@ class ChatEncoder:
         that turn, rendered as the model sees it there (its reasoning is the last turn's, so templates that
         drop earlier reasoning keep it), trained on that turn only. Other records: one sample, as `encode`.
         """
+        return [self.finish(planned) for planned in self.plan_turns(record)]
+
+    def plan_turns(self, record: Any) -> list[PlannedSample | EncodedSample]:
+        """`encode_turns` up to the encodes (as `plan` is to `encode`)."""
         messages = record.get("messages") if isinstance(record, dict) else None
         roles = [m.get("role") for m in messages if isinstance(m, dict)] if isinstance(messages, list) else []
         if not roles or "pretrain" in roles or len(roles) != len(messages):
-            return [self.encode(record)]
+            return [self.plan(record)]
         self._check_messages(messages)
         turns = [
             i
@@ -415,8 +454,8 @@ class ChatEncoder:
             if m["role"] == "assistant" and m.get("train", True) is not False
         ]
         if len(turns) <= 1:
-            return [self.encode(record)]
-        return [self.encode({**record, "messages": messages[: i + 1]}, "last") for i in turns]
+            return [self.plan(record)]
+        return [self.plan({**record, "messages": messages[: i + 1]}, "last") for i in turns]
 
     def _ids_with_prefix(self, text: str) -> tuple[list[int], Offsets, int]:
         """(ids, char offsets of the text's tokens, number of prefix ids in front) from ONE encode."""
@@ -547,9 +586,9 @@ class ChatEncoder:
             return None
         return (opens, closes) if plain == text else None
 
-    def _encode_chat(
+    def _plan_chat(
         self, messages: list[dict[str, Any]], tools: Any, train_on: str = "all"
-    ) -> EncodedSample:
+    ) -> PlannedSample | EncodedSample:
         self._check_messages(messages)
         real = [_template_message(m, m.get("content")) for m in messages]
         trained = [
@@ -633,8 +672,7 @@ class ChatEncoder:
                 dropped_turns += 1
                 dropped_tokens += len(self.backend.encode(dropped, add_special_tokens=False).ids)
             spans.append((start, end))
-        sample = self._encode_spans(text, spans, append)
-        return EncodedSample(sample.input_ids, sample.labels, dropped_turns, dropped_tokens)
+        return PlannedSample(text, spans, append, dropped_turns, dropped_tokens)
 
     def _turn_start(self, real: list[dict[str, Any]], tools: Any, text: str, i: int) -> int:
         """Where assistant message i's generated text starts: the end of its generation prompt in `text`.

@@ -29,6 +29,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,8 @@ from minitrain.data.chat import (
     NOT_UTF8,
     TOO_LONG,
     ChatEncoder,
+    EncodedSample,
+    PlannedSample,
     SampleRejected,
 )
 from minitrain.data.format import (
@@ -146,10 +149,15 @@ class Policy:
 
 
 def encode_lines(encoder: ChatEncoder, policy: Policy, lines: list[tuple[int, bytes]]) -> ChunkResult:
-    """Encode raw input lines (1-based line number, bytes) into output bytes, rejects and counts."""
+    """Encode raw input lines (1-based line number, bytes) into output bytes, rejects and counts.
+
+    Two passes: every line parsed, rendered and its turns located (`ChatEncoder.plan`), then every planned
+    sample encoded, labelled and written in line order (`ChatEncoder.finish`): the encodes run together,
+    not each between two renders (see `plan`). Rejects of both passes are put back in line order.
+    """
     result = ChunkResult()
     out: list[bytes] = []
-    max_tokens = policy.max_tokens
+    planned: list[tuple[int, list[PlannedSample | EncodedSample], Any]] = []  # (line, its samples, record)
     for line_no, raw in lines:
         result.num_bytes += len(raw)
         if not raw.strip():
@@ -166,52 +174,65 @@ def encode_lines(encoder: ChatEncoder, policy: Policy, lines: list[tuple[int, by
                 raise SampleRejected(MALFORMED_JSON, str(err)) from None
             if is_pair_record(record, policy.mapping) != (policy.kind == KIND_PREFERENCE):
                 raise SampleRejected(MIXED_KINDS, _mixed_detail(policy.kind))
-            if policy.kind == KIND_PREFERENCE:
+            if policy.kind == KIND_PREFERENCE:  # a pair file has no SFT lines: its lines stay in order
                 _encode_pair_line(encoder, policy, line_no, record, result, out)
                 continue
             record = to_chat_record(record, policy.mapping)  # ShareGPT, Alpaca, ... -> messages
             if policy.split_turns:
-                samples = encoder.encode_turns(record)
+                planned.append((line_no, encoder.plan_turns(record), record))
             else:
-                samples = [encoder.encode(record, policy.train_on)]
+                planned.append((line_no, [encoder.plan(record, policy.train_on)], record))
+        except SampleRejected as rej:
+            result.rejects.append((line_no, "rejected", rej.reason, rej.detail))
+    for line_no, plans, record in planned:
+        try:
+            samples = [encoder.finish(plan) for plan in plans]
         except SampleRejected as rej:
             result.rejects.append((line_no, "rejected", rej.reason, rej.detail))
             continue
-        longest = max(len(sample.input_ids) for sample in samples)
-        if max_tokens is not None and longest > max_tokens:
-            # a line is one unit: with --split-turns, one sample too long drops the line's samples
-            what = (
-                f"{longest} tokens" if len(samples) == 1 else f"its longest turn sample has {longest} tokens"
-            )
-            result.rejects.append(
-                (line_no, "dropped", TOO_LONG, f"{what} > --max-sample-num-tokens {max_tokens}")
-            )
+        if not _write_samples(policy, line_no, samples, result, out):
             continue
-        for sample in samples:
-            n = len(sample.input_ids)
-            trained = n - sample.labels.count(IGNORE_INDEX)
-            out.append(
-                orjson.dumps(
-                    {
-                        "input_ids": sample.input_ids,
-                        "labels": sample.labels,
-                        "len": n,
-                        "num_loss_counted_tokens": trained,
-                        "source_line": line_no,
-                    }
-                )
-            )
-            result.tokens += n
-            result.trained_tokens += trained
-            result.reasoning_dropped_turns += sample.reasoning_dropped_turns
-            result.reasoning_dropped_tokens += sample.reasoning_dropped_tokens
         _count_unread(encoder, record, result.unread_template_kwargs)
         result.written += 1
         result.samples += len(samples)
+    result.rejects.sort(key=itemgetter(0))  # one entry per line at most
     if out:
         out.append(b"")
         result.out = b"\n".join(out)
     return result
+
+
+def _write_samples(
+    policy: Policy, line_no: int, samples: list[EncodedSample], result: ChunkResult, out: list[bytes]
+) -> bool:
+    """One line's samples to `out` with their counts (True), or the line recorded as dropped (too long)."""
+    longest = max(len(sample.input_ids) for sample in samples)
+    if policy.max_tokens is not None and longest > policy.max_tokens:
+        # a line is one unit: with --split-turns, one sample too long drops the line's samples
+        what = f"{longest} tokens" if len(samples) == 1 else f"its longest turn sample has {longest} tokens"
+        result.rejects.append(
+            (line_no, "dropped", TOO_LONG, f"{what} > --max-sample-num-tokens {policy.max_tokens}")
+        )
+        return False
+    for sample in samples:
+        n = len(sample.input_ids)
+        trained = n - sample.labels.count(IGNORE_INDEX)
+        out.append(
+            orjson.dumps(
+                {
+                    "input_ids": sample.input_ids,
+                    "labels": sample.labels,
+                    "len": n,
+                    "num_loss_counted_tokens": trained,
+                    "source_line": line_no,
+                }
+            )
+        )
+        result.tokens += n
+        result.trained_tokens += trained
+        result.reasoning_dropped_turns += sample.reasoning_dropped_turns
+        result.reasoning_dropped_tokens += sample.reasoning_dropped_tokens
+    return True
 
 
 def _count_unread(encoder: ChatEncoder, record: Any, counts: Counter[str]) -> None:

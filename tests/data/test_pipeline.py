@@ -103,6 +103,47 @@ def test_every_line_is_written_dropped_or_rejected(tmp_path):
     assert result.trained_tokens == sum(s["num_loss_counted_tokens"] for _, s in samples)
 
 
+@pytest.mark.parametrize("split_turns", [False, True], ids=["whole", "split-turns"])
+def test_a_chunk_is_its_lines_encoded_one_by_one(monkeypatch, split_turns):
+    """encode_lines plans every line of a chunk, then encodes them (chat.ChatEncoder.plan): the bytes, the
+    counts and the rejects must be those of each line encoded alone, rejects in line order even when the
+    second pass rejects or drops a line before one the first pass rejected."""
+    encoder = load_chat_encoder(str(QWEN3)).encoder
+    lines = [raw for path in MESSAGES_FILES for raw in path.read_bytes().splitlines()[:12]]
+    lines[1:1] = [
+        LONG,
+        b"{not json",
+        GOOD.replace(b"Hello there.", b"REJECT AT ENCODE"),
+        b"",
+        BAD_LINES[3][0],
+    ]
+    numbered = list(enumerate(lines, 1))
+    finish = chat.ChatEncoder.finish
+
+    def failing(self, planned):  # a rejection only the encode finds (none in the fixture data)
+        if isinstance(planned, chat.PlannedSample) and "REJECT AT ENCODE" in planned.text:
+            raise chat.SampleRejected(chat.NO_END_OF_TURN, "made up for the test")
+        return finish(self, planned)
+
+    monkeypatch.setattr(chat.ChatEncoder, "finish", failing)
+    policy = pipeline.Policy(max_tokens=120, split_turns=split_turns)
+    chunk = pipeline.encode_lines(encoder, policy, numbered)
+    alone = [pipeline.encode_lines(encoder, policy, [line]) for line in numbered]
+    assert chunk.out == b"".join(result.out for result in alone)
+    assert chunk.rejects == [reject for result in alone for reject in result.rejects]
+    reasons = {line: reason for line, _, reason, _ in chunk.rejects}
+    assert [line for line, *_ in chunk.rejects] == sorted(reasons)  # one entry per line, in line order
+    assert [reasons[line] for line in (2, 3, 4, 6)] == [
+        chat.TOO_LONG,  # dropped by the second pass, before the first pass's rejects below
+        chat.MALFORMED_JSON,
+        chat.NO_END_OF_TURN,
+        chat.UNKNOWN_ROLE,
+    ]
+    for key in ("written", "samples", "blank", "tokens", "trained_tokens", "num_bytes"):
+        assert getattr(chunk, key) == sum(getattr(result, key) for result in alone), key
+    assert chunk.written > 10
+
+
 def test_byte_order_mark_and_crlf_are_accepted(tmp_path):
     inp = tmp_path / "bom.jsonl"
     inp.write_bytes(b"\xef\xbb\xbf" + GOOD + b"\r\n" + GOOD + b"\r\n")
