@@ -27,8 +27,9 @@ Variants, side by side (samples/s, tokens/s, and per CPU-second):
                          end to end, with the shims described at `_MINI_TRAINER_DRIVER`; these two rows
                          run --repeats times each, alternating, and show the median
 --steps: only the stage built up from the floor one cost at a time (one encode call per text, the
-character offsets, the generation-prompt renders, then the whole per-line stage), in one process,
-interleaved chunk by chunk: where the stage's cost beyond the floor goes.
+character offsets, the generation-prompt renders, then the whole per-line stage; aside, what encoding
+each text right after its render would cost), in one process, interleaved chunk by chunk: where the
+stage's cost beyond the floor goes.
 --scale N1,N2,...: only the two end-to-end rows, at each size (alternating, --repeats each), and the
 floor. A straight line through each tool's median seconds gives its start-up (the seconds at no data)
 and its seconds per sample; their ratio is the end-to-end ratio on a large file. The floor's CPU per
@@ -49,7 +50,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -368,39 +368,40 @@ def bench_floor(lines: list[bytes], batch: int = 64, tokenizer: Path = SMOLLM2, 
 
 def step_work(encoder: Any) -> dict[str, Any]:
     """The stage built up from the floor one cost at a time, each step doing what the ones above it do and
-    one thing more: {name: work on a list of raw lines}."""
+    one thing more: {name: work on a chunk of raw lines}. As the stage does (`pipeline.encode_lines`), each
+    step renders all the chunk's lines first and then encodes them; "interleaved" is the one step that
+    encodes each text right after its render, for what that order costs."""
     from minitrain.data.offsets import TokenBytes, encode_with_offsets
     from minitrain.data.pipeline import Policy, encode_lines
 
     backend, tokens = encoder.backend, TokenBytes.of(encoder.backend)
 
-    def texts(lines: list[bytes]) -> Iterator[tuple[list[dict], str]]:
+    def rendered(lines: list[bytes], prompts: bool = False) -> list[str]:
+        texts = []
         for raw in lines:
             messages = orjson.loads(raw)["messages"]
-            yield messages, encoder.render(messages)
-
-    def single_calls(lines: list[bytes]) -> int:
-        return sum(
-            len(backend.encode_batch_fast([text], add_special_tokens=False)[0].ids)
-            for _, text in texts(lines)
-        )
-
-    def with_offsets(lines: list[bytes]) -> None:
-        for _, text in texts(lines):
-            encode_with_offsets(backend, text, tokens)
-
-    def with_prompts(lines: list[bytes]) -> None:
-        for messages, text in texts(lines):
-            for i, message in enumerate(messages):
+            texts.append(encoder.render(messages))
+            for i, message in enumerate(messages if prompts else ()):
                 if message["role"] == "assistant":
                     encoder.render(messages[:i], None, True)
+        return texts
+
+    def one_call_each(texts: list[str]) -> int:
+        return sum(len(backend.encode_batch_fast([text], add_special_tokens=False)[0].ids) for text in texts)
+
+    def interleaved(lines: list[bytes]) -> int:
+        return sum(one_call_each(rendered([raw])) for raw in lines)
+
+    def with_offsets(lines: list[bytes], prompts: bool = False) -> None:
+        for text in rendered(lines, prompts):
             encode_with_offsets(backend, text, tokens)
 
     return {
         "floor: one render + batched ids-only encode": lambda lines: floor_work(encoder, lines),
-        "+ one encode call per text": single_calls,
+        "+ one encode call per text": lambda lines: one_call_each(rendered(lines)),
+        "  (interleaved: each text encoded right after its render)": interleaved,
         "+ character offsets (minitrain/data/offsets.py)": with_offsets,
-        "+ a generation-prompt render per assistant turn": with_prompts,
+        "+ a generation-prompt render per assistant turn": lambda lines: with_offsets(lines, prompts=True),
         "the stage (encode_lines: parse, checks, masks, JSON)": lambda lines: encode_lines(
             encoder, Policy(), list(enumerate(lines, 1))
         ),
@@ -557,7 +558,8 @@ def report_steps(args: argparse.Namespace, tokenizer: Path) -> None:
     for name, ms in spent.items():
         added = f"{(ms - before) / floor:+.0%}" if before else ""
         table.add_row(name, f"{ms:.4f}", f"{ms / floor:.2f}x", added)
-        before = ms
+        if not name.startswith(" "):  # an aside ("  (interleaved ...)") is not built upon
+            before = ms
     Console(width=130).print(table)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_bytes(
