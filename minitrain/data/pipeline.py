@@ -215,24 +215,24 @@ def _write_samples(
         )
         return False
     for sample in samples:
-        n = len(sample.input_ids)
-        trained = n - sample.labels.count(IGNORE_INDEX)
-        out.append(
-            orjson.dumps(
-                {
-                    "input_ids": sample.input_ids,
-                    "labels": sample.labels,
-                    "len": n,
-                    "num_loss_counted_tokens": trained,
-                    "source_line": line_no,
-                }
-            )
-        )
-        result.tokens += n
-        result.trained_tokens += trained
-        result.reasoning_dropped_turns += sample.reasoning_dropped_turns
-        result.reasoning_dropped_tokens += sample.reasoning_dropped_tokens
+        out.append(orjson.dumps({**_counted_fields(sample, result), "source_line": line_no}))
     return True
+
+
+def _counted_fields(sample: EncodedSample, result: ChunkResult) -> dict[str, Any]:
+    """A sample's fields in the output format (format.py), its tokens added to `result`'s counts."""
+    n = len(sample.input_ids)
+    trained = n - sample.labels.count(IGNORE_INDEX)
+    result.tokens += n
+    result.trained_tokens += trained
+    result.reasoning_dropped_turns += sample.reasoning_dropped_turns
+    result.reasoning_dropped_tokens += sample.reasoning_dropped_tokens
+    return {
+        "input_ids": sample.input_ids,
+        "labels": sample.labels,
+        "len": n,
+        "num_loss_counted_tokens": trained,
+    }
 
 
 def _count_unread(encoder: ChatEncoder, record: Any, counts: Counter[str]) -> None:
@@ -266,20 +266,7 @@ def _encode_pair_line(
             )
         )
         return
-    line: dict[str, Any] = {}
-    for key, side in sides.items():
-        n = len(side.input_ids)
-        trained = n - side.labels.count(IGNORE_INDEX)
-        line[key] = {
-            "input_ids": side.input_ids,
-            "labels": side.labels,
-            "len": n,
-            "num_loss_counted_tokens": trained,
-        }
-        result.tokens += n
-        result.trained_tokens += trained
-        result.reasoning_dropped_turns += side.reasoning_dropped_turns
-        result.reasoning_dropped_tokens += side.reasoning_dropped_tokens
+    line: dict[str, Any] = {key: _counted_fields(side, result) for key, side in sides.items()}
     line["prompt_len"] = pair.prompt_len
     line["source_line"] = line_no
     out.append(orjson.dumps(line))
