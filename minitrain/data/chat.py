@@ -387,8 +387,8 @@ class ChatEncoder:
         templates without a generation prompt, come back encoded.
 
         The split lets `pipeline.encode_lines` run a chunk's encodes together, after all its renders:
-        interleaved with the renders and checks, the same encodes took 9-12% more CPU (the tokenizer's
-        tables no longer hot in the CPU caches; benchmarks/bench_tokenize.py --steps).
+        interleaved with the renders, the same encodes took 6-11% of the floor's CPU more (the tokenizer's
+        tables no longer hot in the CPU caches; the aside row of benchmarks/bench_tokenize.py --steps).
         """
         if not isinstance(record, dict):
             raise SampleRejected(NO_KNOWN_SHAPE, f"expected a JSON object, got {type(record).__name__}")

@@ -24,7 +24,9 @@ vocabulary) and a join and a compare per text, for 5-8% less CPU per tokenized l
 on the fixture data and 13% with SmolLM2's (tokenize's whole work per line, paired in one process). The batch
 call runs on the calling thread only when tokenizers' parallelism is off (TOKENIZERS_PARALLELISM=false,
 which `minitrain tokenize` sets): otherwise it would hand each text to a Rayon thread pool, so `encode` is
-used. tests/data/test_offsets.py holds both ways to the same ids and offsets on every fixture tokenizer.
+used. A text whose offsets cannot be derived is encoded a second time, by `encode`; where that happens to
+more than one text in eight, the process stops trying (`TokenBytes.worth_trying`). tests/data/test_offsets.py
+holds both ways to the same ids and offsets on every fixture tokenizer.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from typing import Any
 
 Offsets = tuple[Sequence[int], Sequence[int]]  # each token's first character, and the one after its last
 _NOT_BYTES = b"\xff"  # a vocabulary string outside the alphabet: never in UTF-8, so the text's check fails
+_FAILURES_ALLOWED = 8  # see TokenBytes.worth_trying
 _SERIAL = frozenset({"", "off", "false", "f", "no", "n", "0"})  # tokenizers' own reading of its variable
 
 
@@ -64,6 +67,7 @@ class TokenBytes:
         self.table: list[bytes | None] = [None] * size
         self.chars: list[int] = [-1] * size  # characters in those bytes, -1: not whole UTF-8 characters
         self.alphabet = byte_alphabet()
+        self.tried = self.failed = 0  # texts `offsets` was asked for, and those it could not derive
 
     @classmethod
     def of(cls, backend: Any) -> TokenBytes | None:
@@ -80,28 +84,41 @@ class TokenBytes:
         return cls(backend) if isinstance(backend.decoder, decoders.ByteLevel) else None
 
     def _fill(self, ids: list[int]) -> None:
-        alphabet = self.alphabet
         if max(ids) >= len(self.table):  # an id past the vocabulary's count (ids with gaps)
             self.table += [None] * (max(ids) + 1 - len(self.table))
             self.chars += [-1] * (len(self.table) - len(self.chars))
         for i in ids:
             if self.table[i] is None:
-                token = self.backend.id_to_token(i)
-                if i in self.added:
-                    data = self.added[i]
-                elif token is not None and all(c in alphabet for c in token):
-                    data = bytes(alphabet[c] for c in token)
-                else:
-                    data = _NOT_BYTES
-                self.table[i] = data
+                data = self.table[i] = self._bytes_of(i)
                 try:
                     self.chars[i] = len(data.decode("utf-8"))
                 except UnicodeDecodeError:  # part of a character (a byte-level merge inside one)
                     self.chars[i] = -1
 
+    def _bytes_of(self, i: int) -> bytes:
+        if i in self.added:
+            return self.added[i]
+        token = self.backend.id_to_token(i)
+        if token is None or not all(c in self.alphabet for c in token):
+            return _NOT_BYTES
+        return bytes(self.alphabet[c] for c in token)
+
+    def worth_trying(self) -> bool:
+        """False once the derived offsets have failed on more than one text in eight (after eight failures):
+        each failure costs the text a second encode. SmolLM2's vocabulary splits most CJK and Cyrillic
+        characters into several tokens, so on such data every text would be encoded twice (1.8x the
+        encode's CPU); a prefix-space pre-tokenizer fails every text."""
+        return self.failed < _FAILURES_ALLOWED or self.failed * _FAILURES_ALLOWED < self.tried
+
     def offsets(self, text: str, ids: list[int]) -> Offsets | None:
         """The character offsets of `ids`' tokens in `text`, or None when their bytes, joined, are not
-        exactly the text's, or a token holds part of a character."""
+        exactly the text's, or a token holds part of a character (counted for `worth_trying`)."""
+        offsets = self._derive(text, ids)
+        self.tried += 1
+        self.failed += offsets is None
+        return offsets
+
+    def _derive(self, text: str, ids: list[int]) -> Offsets | None:
         table = self.table
         try:
             parts = [table[i] for i in ids]
@@ -136,7 +153,7 @@ def serial() -> bool:
 def encode_with_offsets(backend: Any, text: str, tokens: TokenBytes | None) -> tuple[list[int], Offsets]:
     """(ids, (starts, ends)) of `text`'s tokens in characters, special tokens not added: the tokenizer's own
     `encode`, or the same from `encode_batch_fast` and `tokens` where that is proven for this text."""
-    if tokens is not None and serial():
+    if tokens is not None and tokens.worth_trying() and serial():
         ids = backend.encode_batch_fast([text], add_special_tokens=False)[0].ids
         offsets = tokens.offsets(text, ids)
         if offsets is not None:

@@ -122,6 +122,53 @@ def test_a_text_its_bytes_do_not_prove_takes_encode():
     assert tokens.offsets("Hello world", ids) == ([0, 5], [5, 11])
 
 
+class CountingBackend:
+    """A tokenizer backend that counts its batch calls (the derived path's encode)."""
+
+    def __init__(self, backend):
+        self.backend, self.batch_calls = backend, 0
+
+    def encode_batch_fast(self, *args, **kwargs):
+        self.batch_calls += 1
+        return self.backend.encode_batch_fast(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.backend, name)
+
+
+CJK = [
+    f"<|im_start|>user\n问题{i}：今天天气怎么样？<|im_end|>\n<|im_start|>assistant\n很好。<|im_end|>\n"
+    for i in range(40)
+]
+
+
+def test_a_tokenizer_the_derivation_keeps_failing_on_stops_being_tried(monkeypatch):
+    """SmolLM2 writes most CJK characters as several tokens: every such text would be encoded twice."""
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+    for path, derived in ((SMOLLM2, False), (QWEN3, True)):
+        backend = CountingBackend(load_chat_encoder(str(path)).encoder.backend)
+        tokens = TokenBytes.of(backend)
+        for text in CJK:
+            ids, (starts, ends) = encode_with_offsets(backend, text, tokens)
+            assert (ids, [list(starts), list(ends)]) == own(backend.backend, text)
+        if derived:  # Qwen3's vocabulary holds these characters whole
+            assert backend.batch_calls == len(CJK) and tokens.failed == 0
+        else:  # tried until eight texts failed, then never again
+            assert backend.batch_calls == tokens.failed == offsets._FAILURES_ALLOWED
+
+
+def test_with_tokenizers_parallelism_on_the_batch_call_is_not_made(monkeypatch):
+    backend = CountingBackend(load_chat_encoder(str(QWEN3)).encoder.backend)
+    tokens = TokenBytes.of(backend)
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "true")
+    ids, (starts, ends) = encode_with_offsets(backend, "Hello world", tokens)
+    assert (ids, [list(starts), list(ends)]) == own(backend.backend, "Hello world")
+    assert backend.batch_calls == 0
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+    encode_with_offsets(backend, "Hello world", tokens)
+    assert backend.batch_calls == 1
+
+
 @pytest.mark.parametrize(
     ("value", "serial"),
     [(None, False), ("true", False), ("1", False), ("false", True), ("0", True), ("off", True), ("", True)],
