@@ -28,8 +28,9 @@ Variants, side by side (samples/s, tokens/s, and per CPU-second):
                          run --repeats times each, alternating, and show the median
 --steps: only the stage built up from the floor one cost at a time (one encode call per text, the
 character offsets, the generation-prompt renders, then the whole per-line stage; aside, what encoding
-each text right after its render would cost), in one process, interleaved chunk by chunk: where the
-stage's cost beyond the floor goes.
+each text right after its render would cost, and the floor as issue 14 words it: one render and
+tokenizers' `encode`, which computes character offsets too), in one process, interleaved chunk by chunk:
+where the stage's cost beyond the floor goes.
 --scale N1,N2,...: only the two end-to-end rows, at each size (alternating, --repeats each), and the
 floor. A straight line through each tool's median seconds gives its start-up (the seconds at no data)
 and its seconds per sample; their ratio is the end-to-end ratio on a large file. The floor's CPU per
@@ -63,6 +64,7 @@ sys.path.insert(0, str(REPO))
 FIXTURES = REPO.parent / "shared" / "fixtures"
 SMOLLM2 = FIXTURES / "tokenizers" / "smollm2-135m-instruct"
 MINI_TRAINER = "mini_trainer process_data.py (end to end)"
+ISSUE_FLOOR = "  (one render + tokenizers' `encode`, with offsets)"  # --steps: the floor as issue 14 words it
 CLI = "minitrain tokenize CLI (end to end)"
 
 
@@ -400,6 +402,9 @@ def step_work(encoder: Any) -> dict[str, Any]:
     def one_call_each(texts: list[str]) -> int:
         return sum(len(backend.encode_batch_fast([text], add_special_tokens=False)[0].ids) for text in texts)
 
+    def plain_encode(lines: list[bytes]) -> int:  # tokenizers' `encode`: ids and character offsets
+        return sum(len(backend.encode(text, add_special_tokens=False).ids) for text in rendered(lines))
+
     def interleaved(lines: list[bytes]) -> int:
         return sum(one_call_each(rendered([raw])) for raw in lines)
 
@@ -410,6 +415,7 @@ def step_work(encoder: Any) -> dict[str, Any]:
     return {
         "floor: one render + batched ids-only encode": lambda lines: floor_work(encoder, lines),
         "+ one encode call per text": lambda lines: one_call_each(rendered(lines)),
+        ISSUE_FLOOR: plain_encode,
         "  (interleaved: each text encoded right after its render)": interleaved,
         "+ character offsets (minitrain/data/offsets.py)": with_offsets,
         "+ a generation-prompt render per assistant turn": lambda lines: with_offsets(lines, prompts=True),
@@ -572,6 +578,9 @@ def report_steps(args: argparse.Namespace, tokenizer: Path) -> None:
         if not name.startswith(" "):  # an aside ("  (interleaved ...)") is not built upon
             before = ms
     Console(width=130).print(table)
+    stage = list(spent.values())[-1]
+    issue = stage / spent[ISSUE_FLOOR]
+    print(f"the stage against the issue's floor (one render + tokenizers' encode): {issue:.2f}x")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_bytes(
         orjson.dumps(
