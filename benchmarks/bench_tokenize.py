@@ -242,7 +242,7 @@ def bench_cli(inp: Path, out: Path, workers: int, tokenizer: Path) -> dict:
 # alpaca sample, 300x its labelling otherwise); the check is given the answer it means (are the three
 # gpt-oss tokens in the vocabulary). Its own code is not copied: it is imported from FOLDER.
 _MINI_TRAINER_DRIVER = """
-import sys
+import functools, sys
 import datasets, transformers
 import process_data
 
@@ -251,12 +251,10 @@ def chatml_delimiters(tok):
     return [tok.encode(s, add_special_tokens=False) for s in delimiters]
 
 process_data.infer_special_token_sequences = chatml_delimiters
-gpt_oss = {}
+@functools.cache  # asked once per sample; the vocabulary read once per process
 def has_gpt_oss_tokens(tok):
-    if id(tok) not in gpt_oss:
-        vocab = tok.get_vocab()
-        gpt_oss[id(tok)] = all(t in vocab for t in ("<|start|>", "<|channel|>", "<|message|>"))
-    return gpt_oss[id(tok)]
+    vocab = tok.get_vocab()
+    return all(t in vocab for t in ("<|start|>", "<|channel|>", "<|message|>"))
 process_data.is_gpt_oss_model = has_gpt_oss_tokens
 base = transformers.PreTrainedTokenizerBase.apply_chat_template
 def ids_not_dict(self, *args, **kwargs):
@@ -530,14 +528,18 @@ def bench_scale(sizes: list[int], args: argparse.Namespace, tokenizer: Path) -> 
     for name, (start, per) in fits.items():
         print(f"{name}: start-up {start:.2f} s, then {per * 1000:.3f} ms per sample")
     ours, theirs = fits[CLI][1], fits[MINI_TRAINER][1]
-    print(
-        f"on a large file (per-sample seconds only): minitrain {theirs / ours:.2f}x mini_trainer's "
-        f"throughput; the floor (one render + one batched encode per sample, "
-        f"{floor_per_sample * 1000:.3f} ms per sample: its CPU over {args.workers} cores, nothing else) "
-        f"would be {theirs / floor_per_sample:.2f}x; run as {args.workers} processes at once on this machine "
-        f"({floor_at_once * 1000:.3f} ms per sample, median of {args.repeats}) "
-        f"{theirs / floor_at_once:.2f}x"
-    )
+    rises = ours > 0 and theirs > 0  # sizes too close for the machine's noise can give a falling line
+    if rises:
+        print(
+            f"on a large file (per-sample seconds only): minitrain {theirs / ours:.2f}x mini_trainer's "
+            f"throughput; the floor (one render + one batched encode per sample, "
+            f"{floor_per_sample * 1000:.3f} ms per sample: its CPU over {args.workers} cores, nothing else) "
+            f"would be {theirs / floor_per_sample:.2f}x; run as {args.workers} processes at once on this "
+            f"machine ({floor_at_once * 1000:.3f} ms per sample, median of {args.repeats}) "
+            f"{theirs / floor_at_once:.2f}x"
+        )
+    else:
+        print("no per-sample ratio: a fitted line falls (give sizes further apart, e.g. 1499,10000,30000)")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_bytes(
         orjson.dumps(
@@ -546,10 +548,10 @@ def bench_scale(sizes: list[int], args: argparse.Namespace, tokenizer: Path) -> 
                 "fits": {name: {"startup_s": a, "s_per_sample": b} for name, (a, b) in fits.items()},
                 "floor": floor,
                 "floor_wall_s_per_sample": floor_per_sample,
-                "large_file_ratio": theirs / ours,
-                "floor_ceiling_ratio": theirs / floor_per_sample,
+                "large_file_ratio": theirs / ours if rises else None,
+                "floor_ceiling_ratio": theirs / floor_per_sample if rises else None,
                 "floor_at_once_s_per_sample": floor_at_once,
-                "floor_at_once_ratio": theirs / floor_at_once,
+                "floor_at_once_ratio": theirs / floor_at_once if rises else None,
                 "load_average": os.getloadavg(),
             },
             option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS,
